@@ -1,0 +1,74 @@
+"""Meta-Curvature (Park & Oliva 2019)."""
+
+import math
+from typing import List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from compiledopt.transforms.base import Transform, check_grad_shape
+from compiledopt.transforms.shapes import check_supported, curvature_modes
+
+
+class MetaCurvatureTransform(Transform):
+    r"""Learned curvature matrices acting on each mode of the gradient tensor.
+
+    Update rule, with ``G`` the gradient and ``lr`` a fixed (non-learnable) scale:
+
+    * 0-D and 1-D parameters: element-wise, ``U = lr · m ⊙ G`` with ``m`` of the parameter's shape;
+    * 2-D ``(o, i)``: ``U = lr · M_out G M_in``;
+    * 3-D to 5-D ``(o, i, k...)``, viewed as ``(o, i, f)`` with ``f = prod(k...)``:
+      ``U[a, b, c] = lr · Σ M_out[a, x] G[x, y, z] M_in[y, b] M_fan[z, c]``.
+
+    All factors start at the identity (``m`` at ones), so a fresh transform returns ``lr · G``.
+    Stateless. Weights: ``scale`` (element-wise case) or ``out_curvature``, ``in_curvature`` and,
+    for rank 3+, ``fan_curvature``.
+
+    Args:
+        param (Tensor): the parameter whose gradients will be transformed (shape, dtype, device).
+        lr (float, optional): fixed scale of the update. (default: 1.0)
+
+    Reference:
+        Park & Oliva. 2019. "Meta-Curvature."
+
+    Example:
+        >>> classifier = torch.nn.Linear(784, 10, bias=False)
+        >>> metacurvature_update = MetaCurvatureTransform(classifier.weight)
+        >>> g = torch.randn(10, 784)
+        >>> torch.allclose(metacurvature_update(g), g)
+        True
+    """
+
+    def __init__(self, param: Tensor, lr: float = 1.0) -> None:
+        super().__init__()
+        check_supported(param, "MetaCurvatureTransform")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+            raise ValueError(f"Invalid lr: {lr}")
+        self.lr = float(lr)
+        self.param_shape: List[int] = list(param.shape)
+        like = {"dtype": param.dtype, "device": param.device}
+        if param.dim() < 2:
+            self.scale = nn.Parameter(torch.ones(param.shape, **like))
+        else:
+            out, inner, fan = curvature_modes(param.shape)
+            self.out_curvature = nn.Parameter(torch.eye(out, **like))
+            self.in_curvature = nn.Parameter(torch.eye(inner, **like))
+            if param.dim() > 2:
+                self.fan_curvature = nn.Parameter(torch.eye(fan, **like))
+
+    @torch.jit.export
+    def update(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        check_grad_shape(grad, self.param_shape)
+        # hasattr is resolved when the module is compiled: each instance keeps one branch.
+        if hasattr(self, "scale"):
+            return self.lr * (self.scale * grad), state
+        if hasattr(self, "fan_curvature"):
+            out, inner = self.out_curvature.shape[0], self.in_curvature.shape[0]
+            fan = self.fan_curvature.shape[0]
+            u = (self.out_curvature @ grad.reshape(out, inner * fan)).reshape(out, inner, fan)
+            u = torch.matmul(u.transpose(1, 2), self.in_curvature).transpose(1, 2)
+            u = u @ self.fan_curvature
+            return self.lr * u.reshape(grad.shape), state
+        return self.lr * (self.out_curvature @ grad @ self.in_curvature), state
