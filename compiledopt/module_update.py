@@ -52,7 +52,9 @@ def update_module(module: nn.Module, updates: Iterable[Optional[Tensor]]) -> nn.
         if update is None:
             continue
         if not isinstance(update, Tensor):
-            raise TypeError(f"update for parameter {name!r} is {type(update).__name__}, not a Tensor")
+            raise TypeError(
+                f"update for parameter {name!r} is {type(update).__name__}, not a Tensor"
+            )
         if update.shape != param.shape:
             raise ValueError(
                 f"update of shape {tuple(update.shape)} for parameter {name!r} of shape "
@@ -68,7 +70,7 @@ def update_module(module: nn.Module, updates: Iterable[Optional[Tensor]]) -> nn.
 
 
 def clone_module(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose parameters and buffers are differentiable clones of the original's.
+    """A copy of ``module`` whose parameters and buffers are differentiable clones of the original.
 
     Gradients of anything computed with the copy flow back to the original parameters. Shared
     parameters and shared submodules stay shared in the copy. The copy's hook dictionaries are
@@ -85,7 +87,9 @@ def clone_module(module: nn.Module) -> nn.Module:
     return _clone(module, {}, {})
 
 
-def _clone(module: nn.Module, tensors: Dict[int, Tensor], modules: Dict[int, nn.Module]) -> nn.Module:
+def _clone(
+    module: nn.Module, tensors: Dict[int, Tensor], modules: Dict[int, nn.Module]
+) -> nn.Module:
     if id(module) in modules:
         return modules[id(module)]
     clone = module.__class__.__new__(module.__class__)

@@ -5,8 +5,8 @@ one needs ``n² + m²``: it multiplies the ``(n, m)`` matrix ``X`` by a left fac
 right factor ``R (m, m)``, ``Y = L X R``, which equals ``(L ⊗ Rᵀ) vec(X)`` (Arnold et al. 2019,
 "When MAML can adapt fast and how to assist when it cannot").
 
-Every layer here follows one explicit-state interface, so :class:`~compiledopt.optim.KroneckerTransform`
-can drive stateless and recurrent layers alike:
+Every layer here follows one explicit-state interface, so
+:class:`~compiledopt.optim.KroneckerTransform` can drive stateless and recurrent layers alike:
 
 * ``init_state(x) -> List[Tensor]`` — the initial state for an input shaped like ``x``;
 * ``step(x, state) -> (y, new_state)`` — one application;
@@ -33,9 +33,9 @@ class KroneckerLinear(nn.Module):
     r"""``Y = L' X R' + B`` on the ``(n, m)`` view ``X`` of the input.
 
     With ``psd=True`` the factors are ``L' = LᵀL`` and ``R' = RᵀR``, positive semi-definite for any
-    ``L, R``; otherwise ``L' = L`` and ``R' = R``. Factors start at ``init_scale`` times the identity
-    (``sqrt(init_scale)`` for ``L`` when ``psd``, so that ``L'`` is the same) and the bias at zero,
-    so a fresh layer with ``init_scale=1`` is the identity map.
+    ``L, R``; otherwise ``L' = L`` and ``R' = R``. Factors start at ``init_scale`` times the
+    identity (``sqrt(init_scale)`` for ``L`` when ``psd``, so that ``L'`` is the same) and the bias
+    at zero, so a fresh layer with ``init_scale=1`` is the identity map.
 
     Args:
         n (int): rows of the matrix view.

@@ -70,7 +70,9 @@ class LearnableOptimizer(nn.Module):
     def __init__(self, model: nn.Module, transform: object, lr: float = 1.0) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"LearnableOptimizer expects an nn.Module model, got {type(model).__name__}")
+            raise TypeError(
+                f"LearnableOptimizer expects an nn.Module model, got {type(model).__name__}"
+            )
         self.lr = check_lr(lr, "LearnableOptimizer")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
@@ -155,7 +157,9 @@ class LearnableOptimizer(nn.Module):
         with torch.enable_grad():
             weights = {f"transform.{n}": w.detach().requires_grad_() for n, w in snapshot.items()}
             direction, _ = torch.func.functional_call(
-                UpdateFunction(transform), weights, (record.grad, record.param, record.state, record.step)
+                UpdateFunction(transform),
+                weights,
+                (record.grad, record.param, record.state, record.step),
             )
             if not direction.requires_grad:
                 return

@@ -41,9 +41,7 @@ class ParameterUpdate(nn.Module):
         ...     opt.step()                       # meta-update of the transforms
     """
 
-    def __init__(
-        self, parameters: Union[Iterable[Tensor], nn.Module], transform: object
-    ) -> None:
+    def __init__(self, parameters: Union[Iterable[Tensor], nn.Module], transform: object) -> None:
         super().__init__()
         if isinstance(parameters, nn.Module):
             named = list(parameters.named_parameters())
@@ -66,7 +64,7 @@ class ParameterUpdate(nn.Module):
         loss: Tensor,
         parameters: Iterable[Tensor],
         create_graph: bool = False,
-        retain_graph: bool = False,
+        retain_graph: Optional[bool] = None,
         allow_unused: bool = False,
         allow_nograd: bool = False,
     ) -> List[Optional[Tensor]]:
@@ -77,7 +75,8 @@ class ParameterUpdate(nn.Module):
             parameters (iterable of Tensor): the tensors to differentiate with respect to, shaped
                 like the constructor's parameters (e.g. a clone's parameters).
             create_graph (bool, optional): as in ``torch.autograd.grad``. (default: False)
-            retain_graph (bool, optional): as in ``torch.autograd.grad``. (default: False)
+            retain_graph (bool, optional): as in ``torch.autograd.grad``: ``None`` means
+                ``create_graph``, which a differentiable inner loop needs. (default: None)
             allow_unused (bool, optional): as in ``torch.autograd.grad``; unused parameters get
                 ``None``. (default: False)
             allow_nograd (bool, optional): skip parameters that don't require grad; their update is

@@ -1,7 +1,8 @@
 """The transform contract that every part of compiledopt derives from.
 
 A transform maps a gradient (and optionally the parameter, the transform's own state for that
-parameter and the step count) to an update *direction*; the caller applies ``p <- p - lr * direction``.
+parameter and the step count) to an update *direction*; the caller applies
+``p <- p - lr * direction``.
 State is explicit, a ``List[Tensor]``, so one signature serves TorchScript, ``torch.compile``,
 ``torch.export`` and ONNX alike::
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 
 def check_grad_shape(grad: Tensor, expected: List[int]) -> None:
-    """Raise ``ValueError`` naming both shapes when ``grad`` does not have the ``expected`` shape."""
+    """Raise ``ValueError`` naming both shapes unless ``grad`` has the ``expected`` shape."""
     if list(grad.shape) != expected:
         raise ValueError(
             f"gradient of shape {list(grad.shape)} given to a transform bound to shape {expected}"
@@ -74,8 +75,8 @@ class Transform(nn.Module):
 class UpdateFunction(nn.Module):
     """Exposes ``transform.update`` as ``forward``.
 
-    ``torch.export`` and ``torch.func.functional_call`` call ``forward``; this adapter lets them reach
-    the explicit-state step without a second implementation of it.
+    ``torch.export`` and ``torch.func.functional_call`` call ``forward``; this adapter lets them
+    reach the explicit-state step without a second implementation of it.
     """
 
     def __init__(self, transform: Transform) -> None:

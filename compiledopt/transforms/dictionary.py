@@ -42,10 +42,14 @@ class TransformDictionary:
             if not isinstance(key, Tensor):
                 raise TypeError(f"TransformDictionary keys must be parameters, got {key!r}")
             if not callable(value):
-                raise TypeError(f"TransformDictionary value for shape {tuple(key.shape)} "
-                                f"is not a transform or factory: {value!r}")
+                raise TypeError(
+                    f"TransformDictionary value for shape {tuple(key.shape)} "
+                    f"is not a transform or factory: {value!r}"
+                )
         if default is not None and not callable(default):
-            raise TypeError(f"TransformDictionary default is not a transform or factory: {default!r}")
+            raise TypeError(
+                f"TransformDictionary default is not a transform or factory: {default!r}"
+            )
         # Tensors hash by identity, which is exactly the lookup wanted here.
         self.param_to_transform = dict(param_to_transform)
         self.default = default

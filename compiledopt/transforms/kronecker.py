@@ -30,7 +30,8 @@ class KroneckerUpdate(Transform):
             if not callable(getattr(layer, method, None)):
                 raise TypeError(
                     f"KroneckerTransform needs a layer with init_state(x) and step(x, state) "
-                    f"(see compiledopt.nn.KroneckerLinear); {type(layer).__name__} has no {method}()"
+                    f"(see compiledopt.nn.KroneckerLinear); "
+                    f"{type(layer).__name__} has no {method}()"
                 )
         self.layer = layer
         self.param_shape: List[int] = [int(d) for d in param_shape]
@@ -85,7 +86,9 @@ class KroneckerTransform:
         self, kronecker_cls: Callable[..., nn.Module], bias: bool = False, psd: bool = True
     ) -> None:
         if not callable(kronecker_cls):
-            raise TypeError(f"KroneckerTransform expects a callable kronecker_cls, got {kronecker_cls!r}")
+            raise TypeError(
+                f"KroneckerTransform expects a callable kronecker_cls, got {kronecker_cls!r}"
+            )
         self.kronecker_cls = kronecker_cls
         self.bias = bool(bias)
         self.psd = bool(psd)

@@ -74,8 +74,9 @@ class ModuleTransform:
     parameter's size (a 784×10 weight needs a 7840×7840 matrix, 245 MB). For large layers use
     :class:`KroneckerTransform`, whose cost is ``n² + m²``.
 
-    Starting from the identity: ``nn.Linear`` initialises randomly, so ``ModuleTransform(nn.Linear)``
-    starts as a random map. Pass a constructor that starts at the identity instead::
+    Starting from the identity: ``nn.Linear`` initialises randomly, so
+    ``ModuleTransform(nn.Linear)`` starts as a random map. Pass a constructor that starts at the
+    identity instead::
 
         def identity_linear(n, m):
             layer = torch.nn.Linear(n, m)
