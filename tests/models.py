@@ -1,9 +1,11 @@
 """Small float64 models and data shared by the optimizer tests."""
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor, nn
+
+import compiledopt as co
 
 
 def conv_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -23,3 +25,19 @@ def batch(seed: int, dtype: torch.dtype = torch.float64) -> Tuple[Tensor, Tensor
 
 def mse(output: Tensor, target: Tensor) -> Tensor:
     return ((output - target) ** 2).mean()
+
+
+class ScalarScale(co.transforms.Transform):
+    """direction = exp(log_scale) · g: a user-written shape-agnostic transform, one weight."""
+
+    shape_agnostic = True
+
+    def __init__(self, log_scale: float = 0.0, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(log_scale, dtype=dtype))
+
+    @torch.jit.export
+    def update(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        return torch.exp(self.log_scale) * grad, state

@@ -2,32 +2,17 @@
 
 import copy
 import io
-from typing import List, Tuple
 
 import pytest
 import torch
-from models import batch, conv_model, mse
+from models import ScalarScale, batch, conv_model, mse
 from registry import REGISTRY, REGISTRY_IDS
-from torch import Tensor, nn
+from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import compiledopt as co
 
 KRONECKER_PSD = co.optim.KroneckerTransform(co.nn.KroneckerLinear, psd=True)
-
-
-class ScalarScale(co.transforms.Transform):
-    """direction = exp(log_scale) · g: one learnable scalar for any parameter shape."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-    @torch.jit.export
-    def update(
-        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
-    ) -> Tuple[Tensor, List[Tensor]]:
-        return torch.exp(self.log_scale) * grad, state
 
 
 def _loop(model, metaopt, opt, iterations, meta_first=False, step=None):

@@ -37,9 +37,13 @@ class Transform(nn.Module):
     Attributes:
         reads_param (bool): whether :meth:`update` reads ``param``. Callers that only have a
             gradient (the seed's ``transform(grad)``) may then pass the gradient in its place.
+        shape_agnostic (bool): whether one instance serves parameters of any shape (shared
+            across a model and transferable to other models), as meta-training requires.
+            Shape-bound transforms are built per parameter by a factory.
     """
 
     reads_param: bool = False
+    shape_agnostic: bool = False
 
     @torch.jit.export
     def init_state(self, param: Tensor) -> List[Tensor]:
