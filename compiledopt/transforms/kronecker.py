@@ -24,6 +24,8 @@ class KroneckerUpdate(Transform):
         param_shape (sequence of int): the parameter shape this transform is bound to.
     """
 
+    param_shape: List[int]
+
     def __init__(self, layer: nn.Module, param_shape: List[int]) -> None:
         super().__init__()
         for method in ("init_state", "step"):
@@ -34,13 +36,14 @@ class KroneckerUpdate(Transform):
                     f"{type(layer).__name__} has no {method}()"
                 )
         self.layer = layer
-        self.param_shape: List[int] = [int(d) for d in param_shape]
+        self.param_shape = [int(d) for d in param_shape]
         n, m = kronecker_factors(self.param_shape)
         self.n = n
         self.m = m
 
     @torch.jit.export
     def init_state(self, param: Tensor) -> List[Tensor]:
+        check_grad_shape(param, self.param_shape)
         return self.layer.init_state(param.reshape(self.n, self.m))
 
     @torch.jit.export

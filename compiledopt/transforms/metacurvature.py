@@ -39,13 +39,15 @@ class MetaCurvatureTransform(Transform):
         True
     """
 
+    param_shape: List[int]
+
     def __init__(self, param: Tensor, lr: float = 1.0) -> None:
         super().__init__()
         check_supported(param, "MetaCurvatureTransform")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
             raise ValueError(f"Invalid lr: {lr}")
         self.lr = float(lr)
-        self.param_shape: List[int] = list(param.shape)
+        self.param_shape = list(param.shape)
         like = {"dtype": param.dtype, "device": param.device}
         if param.dim() < 2:
             self.scale = nn.Parameter(torch.ones(param.shape, **like))

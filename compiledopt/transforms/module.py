@@ -37,6 +37,9 @@ class ReshapedTransform(Transform):
         torch.Size([3, 4])
     """
 
+    shape: List[int]
+    param_shape: List[int]
+
     def __init__(
         self,
         transform: nn.Module,
@@ -45,9 +48,9 @@ class ReshapedTransform(Transform):
     ) -> None:
         super().__init__()
         self.transform = _as_module(transform, transform, "ReshapedTransform")
-        self.shape: List[int] = [int(d) for d in shape]
+        self.shape = [int(d) for d in shape]
         self.check_shape = param_shape is not None
-        self.param_shape: List[int] = [] if param_shape is None else [int(d) for d in param_shape]
+        self.param_shape = [] if param_shape is None else [int(d) for d in param_shape]
         if self.check_shape and math.prod(self.param_shape) != math.prod(self.shape):
             raise ValueError(
                 f"ReshapedTransform: shape {tuple(self.shape)} does not hold a parameter of shape "
