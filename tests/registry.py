@@ -64,6 +64,23 @@ REGISTRY = [
     Entry("kronecker_lstm", co.optim.KroneckerTransform(co.nn.KroneckerLSTM, bias=True)),
     Entry("metacurvature", co.optim.MetaCurvatureTransform),
     Entry("metacurvature_lr", functools.partial(co.optim.MetaCurvatureTransform, lr=0.5)),
+    # Shape-agnostic transforms (one instance serves any shape); float64 like the parameters.
+    Entry("coordinate_mlp", lambda p: co.transforms.CoordinateMLP(hidden_sizes=(8,)).to(p.dtype)),
+    Entry("coordinate_lstm", lambda p: co.transforms.CoordinateLSTM(hidden_size=6).to(p.dtype)),
+    Entry("learned_step_size", lambda p: co.transforms.LearnedStepSize().to(p.dtype)),
+    Entry("learned_step_size_per_element", co.transforms.LearnedStepSize.per_element),
+    Entry("hypergradient_descent", lambda p: co.transforms.HypergradientDescent().to(p.dtype)),
+    Entry(
+        "hypergradient_descent_per_element",
+        lambda p: co.transforms.HypergradientDescent(1.0, 1e-3, True).to(p.dtype),
+    ),
+    Entry("idbd", lambda p: co.transforms.IDBD().to(p.dtype)),
+    # Non-learned baselines (no weights: the meta-gradient tests skip them).
+    Entry("sgd_momentum", lambda p: co.transforms.SGD(0.9)),
+    Entry("sgd_nesterov_wd", lambda p: co.transforms.SGD(0.9, 0.0, True, 1e-2)),
+    Entry("adam", lambda p: co.transforms.Adam()),
+    Entry("adam_amsgrad_wd", lambda p: co.transforms.Adam((0.9, 0.999), 1e-8, 1e-2, True)),
+    Entry("adamw", lambda p: co.transforms.AdamW()),
 ]
 
 REGISTRY_IDS = [entry.name for entry in REGISTRY]
@@ -73,3 +90,12 @@ def example_param(rank: int, dtype: torch.dtype = torch.float64, seed: int = 0) 
     """A parameter of the registry's example shape for ``rank``."""
     generator = torch.Generator().manual_seed(seed)
     return nn.Parameter(torch.randn(SHAPES[rank], generator=generator, dtype=dtype))
+
+
+def _has_weights(entry: Entry) -> bool:
+    return any(True for _ in entry.build(example_param(1)).parameters())
+
+
+# The entries with learnable weights (meta-gradient tests need something to differentiate).
+LEARNED = [entry for entry in REGISTRY if _has_weights(entry)]
+LEARNED_IDS = [entry.name for entry in LEARNED]

@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 from models import ScalarScale, batch, conv_model, mse
-from registry import REGISTRY, REGISTRY_IDS
+from registry import LEARNED, LEARNED_IDS
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -34,7 +34,7 @@ def _loop(model, metaopt, opt, iterations, meta_first=False, step=None):
     return losses
 
 
-@pytest.mark.parametrize("entry", REGISTRY, ids=REGISTRY_IDS)
+@pytest.mark.parametrize("entry", LEARNED, ids=LEARNED_IDS)
 def test_model_parameters_stay_leaf_parameters(entry):
     model = conv_model()
     metaopt = co.optim.LearnableOptimizer(model, lambda p: entry.build(p), lr=0.1)

@@ -5,7 +5,7 @@ from typing import Dict, List
 import pytest
 import torch
 from models import batch, conv_model, mse
-from registry import REGISTRY, REGISTRY_IDS, Entry
+from registry import LEARNED, LEARNED_IDS, Entry
 from torch import Tensor
 from torch.func import functional_call
 
@@ -77,7 +77,7 @@ def _run(entry: Entry, steps: int):
     return metaopt, reference
 
 
-@pytest.mark.parametrize("entry", REGISTRY, ids=REGISTRY_IDS)
+@pytest.mark.parametrize("entry", LEARNED, ids=LEARNED_IDS)
 @pytest.mark.parametrize("steps", [1, 2])
 def test_one_step_metagradient_matches_reference(entry: Entry, steps: int):
     metaopt, reference = _run(entry, steps)

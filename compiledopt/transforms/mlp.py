@@ -1,0 +1,371 @@
+"""A per-coordinate MLP learned optimizer (small_fc_lopt class; Metz et al. 2022).
+
+One :class:`CoordinateMLP` is shared by every parameter of a model, whatever its shape (rank 0
+to 5): the same small MLP maps each coordinate's features to that coordinate's update.
+
+State layout (one list per parameter ``p``; ``K = len(momentum_decays)``; the same length and
+order for every rank, so one schema describes all parameters):
+
+=========  ========================  ========================  ===================================
+index      name                      shape                     meaning
+=========  ========================  ========================  ===================================
+0 … K-1    ``momentum_{β}``          ``p.shape``               ``m ← β·m + (1-β)·g``, one per decay
+K          ``second_moment``         ``p.shape``               ``v ← β₂·v + (1-β₂)·g²``
+K+1        ``factored_row``          ``(d0,)`` or ``(1,)``     ``r ← β₂·r + (1-β₂)·mean_j G²[i, j]``
+K+2        ``factored_col``          ``(n,)`` or ``(1,)``      ``c ← β₂·c + (1-β₂)·mean_i G²[i, j]``
+=========  ========================  ========================  ===================================
+
+For rank ≥ 2 the gradient is viewed as ``G`` of shape ``(d0, n)``, ``n = prod(p.shape[1:])``
+(Adafactor's factorisation, Shazeer & Stern 2018); for rank 0 and 1 the two factored entries are
+one-element placeholders that are carried unchanged, and the unfactored ``second_moment`` takes
+the factored estimate's place. All state has the gradient's dtype and device; every accumulator
+is kept whatever the feature set, so the schema depends only on ``momentum_decays``.
+"""
+
+import itertools
+import math
+import numbers
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from compiledopt.transforms.base import Transform
+
+#: Feature groups, in the order their columns appear in the feature matrix.
+FEATURE_GROUPS = ("grad", "param", "momentum", "rms", "momentum_rsqrt", "factored", "time")
+INITS = ("adam", "sgd", "random")
+
+
+def _check_decay(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid {what}: {value!r} (needs a number in [0, 1))")
+    if not (0.0 <= float(value) < 1.0):
+        raise ValueError(f"Invalid {what}: {value!r} (needs a number in [0, 1))")
+    return float(value)
+
+
+def _check_positive(value: object, what: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid {what}: {value!r} (needs a finite number)")
+    v = float(value)
+    if not math.isfinite(v) or v < 0.0 or (v == 0.0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"Invalid {what}: {value!r} (needs a finite number {bound})")
+    return v
+
+
+def check_shapes(grad: Tensor, param: Tensor, state: List[Tensor], count: int) -> None:
+    """Raise ``ValueError`` unless ``grad`` has ``param``'s shape and ``state`` has ``count``
+    tensors. Shared by the shape-agnostic transforms."""
+    if list(grad.shape) != list(param.shape):
+        raise ValueError(
+            f"gradient of shape {list(grad.shape)} given for a parameter of shape "
+            f"{list(param.shape)}"
+        )
+    if len(state) != count:
+        raise ValueError(f"expected a state of {count} tensors, got {len(state)}")
+
+
+class CoordinateMLP(Transform):
+    r"""Per-coordinate MLP learned optimizer with Adafactor features (small_fc_lopt class).
+
+    For every coordinate of a parameter the transform builds a feature vector, normalises each
+    feature over the tensor, and applies one shared MLP with a two-unit head ``(d, m)``:
+
+    .. math::
+
+        \text{direction} = d \cdot \exp(m \cdot \text{exp\_mult}) \cdot \text{step\_mult}
+
+    (the caller then applies ``p ← p − lr · direction``). Accumulators are updated with the
+    current gradient first, then read (``β`` in ``momentum_decays``, ``β₂ = second_moment_decay``,
+    ``ε = eps``):
+
+    ======================  ==========================================================  ======
+    feature group           columns                                                     count
+    ======================  ==========================================================  ======
+    ``"grad"``              ``g``                                                       1
+    ``"param"``             ``p``                                                       1
+    ``"momentum"``          ``m_β``                                                     K
+    ``"rms"``               ``sqrt(v + ε)``                                             1
+    ``"momentum_rsqrt"``    ``m_β · rsqrt(v + ε)``                                      K
+    ``"factored"``          ``g · rsqrt(v̂ + ε)``, ``m_β · rsqrt(v̂ + ε)``               1 + K
+    ``"time"``              ``tanh(step / τ)`` for ``τ`` in ``timescales``              T
+    ======================  ==========================================================  ======
+
+    ``v̂`` is Adafactor's factored second moment ``v̂[i, j] = r[i] · c[j] / (mean(r) + ε)`` for
+    rank ≥ 2 (the gradient viewed as ``(d0, prod(rest))``) and ``v`` for rank 0 and 1, so every
+    rank has the same feature count. Every per-coordinate column ``x`` is normalised over the
+    tensor, ``x / sqrt(mean(x²) + norm_eps)``. The time columns are constant over a tensor and are
+    not normalised (normalising a constant column would turn it into ``±1``). No bias correction:
+    it scales a column by a per-tensor constant, which the normalisation cancels.
+
+    Formulation: features are computed elementwise and stacked into an ``(N, F)`` matrix
+    (``N = p.numel()``); the MLP is ``nn.Linear`` layers (matmuls) on that matrix, with ReLU. This
+    is the training path: cheap in eager mode and under autograd, and it scripts, compiles and
+    exports as is. The time columns enter the first layer as a per-tensor bias
+    ``W[:, time] @ tanh(step / τ)`` rather than as ``N`` repeated rows. A frozen fast path can
+    evaluate the same maths in cache-sized blocks of coordinates once the per-tensor statistics
+    (the normalisers and ``mean(r)``) are known.
+
+    Initialisation (``init``):
+
+    * ``"adam"`` (default): hidden units 0 and 1 of the first layer compute ``relu(±x)`` of the
+      ``momentum_rsqrt`` column whose decay is closest to 0.9, later hidden layers copy units 0
+      and 1, the ``d`` head reads ``unit0 − unit1`` and every other head weight (the ``m`` head
+      included) starts at zero. A fresh transform therefore returns
+      ``step_mult · normalise(m_β · rsqrt(v + ε))``: Adam's direction (β₁ ≈ 0.9,
+      β₂ = ``second_moment_decay``) rescaled to unit RMS per tensor, so with ``lr = 1`` a fresh
+      optimizer moves each tensor by an RMS of ``step_mult`` per step. The other hidden units keep
+      ``nn.Linear``'s random init, so meta-training can recruit them.
+    * ``"sgd"``: the same, reading the normalised ``grad`` column (normalised gradient descent).
+    * ``"random"``: ``nn.Linear``'s default init everywhere, as small_fc_lopt starts.
+
+    Args:
+        hidden_sizes (sequence of int, optional): widths of the hidden layers. (default: (32,))
+        features (sequence of str, optional): the feature groups to use, any of
+            :data:`FEATURE_GROUPS`. (default: all of them)
+        momentum_decays (sequence of float, optional): momentum decays, each in [0, 1).
+            (default: (0.5, 0.9, 0.99))
+        second_moment_decay (float, optional): decay of the unfactored and factored second-moment
+            accumulators, in [0, 1). (default: 0.999)
+        timescales (sequence of float, optional): step-embedding timescales, each > 0.
+            (default: (1, 10, 100, 1000, 10000))
+        exp_mult (float, optional): scale of the magnitude head ``m``. (default: 0.001)
+        step_mult (float, optional): scale of the direction, > 0. (default: 0.001)
+        eps (float, optional): added to second moments before a square root. (default: 1e-8)
+        norm_eps (float, optional): added to the mean square of the per-tensor feature
+            normaliser. (default: 1e-10)
+        init (str, optional): ``"adam"``, ``"sgd"`` or ``"random"`` (see above). (default: "adam")
+
+    References:
+        Metz, Harrison, Freeman, Nado, Sohl-Dickstein. 2022. "Practical tradeoffs between memory,
+        compute, and performance in learned optimizers" (small_fc_lopt / adafac_mlp_lopt).
+        Shazeer & Stern. 2018. "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost."
+
+    Example:
+        >>> opt = CoordinateMLP()  # one instance for every parameter
+        >>> w, g = torch.randn(4, 3), torch.randn(4, 3)
+        >>> direction, state = opt.update(g, w, opt.init_state(w), torch.tensor(0))
+        >>> bool((direction * g > 0).all())  # a fresh transform descends (first step ≈ sign(g))
+        True
+        >>> opt.state_names()[:4]
+        ['momentum_0.5', 'momentum_0.9', 'momentum_0.99', 'second_moment']
+    """
+
+    momentum_decays: List[float]
+    timescales: List[float]
+
+    shape_agnostic = True
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int] = (32,),
+        features: Sequence[str] = FEATURE_GROUPS,
+        momentum_decays: Sequence[float] = (0.5, 0.9, 0.99),
+        second_moment_decay: float = 0.999,
+        timescales: Sequence[float] = (1.0, 10.0, 100.0, 1000.0, 10000.0),
+        exp_mult: float = 0.001,
+        step_mult: float = 0.001,
+        eps: float = 1e-8,
+        norm_eps: float = 1e-10,
+        init: str = "adam",
+    ) -> None:
+        super().__init__()
+        hidden = list(hidden_sizes) if isinstance(hidden_sizes, (list, tuple)) else None
+        if not hidden or any(
+            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden
+        ):
+            raise ValueError(
+                f"Invalid hidden_sizes: {hidden_sizes!r} (needs a non-empty sequence of ints >= 1)"
+            )
+        if isinstance(features, str) or not features:
+            raise ValueError(f"Invalid features: {features!r} (needs a non-empty sequence)")
+        unknown = [f for f in features if f not in FEATURE_GROUPS]
+        if unknown or len(set(features)) != len(features):
+            raise ValueError(
+                f"Invalid features: {features!r} (each of {FEATURE_GROUPS} at most once)"
+            )
+        if isinstance(momentum_decays, (str, numbers.Real)) or not momentum_decays:
+            raise ValueError(
+                f"Invalid momentum_decays: {momentum_decays!r} (needs a non-empty sequence)"
+            )
+        decays = [_check_decay(b, "momentum_decays entry") for b in momentum_decays]
+        if len(set(decays)) != len(decays):
+            raise ValueError(f"Invalid momentum_decays: {momentum_decays!r} (duplicates)")
+        if isinstance(timescales, (str, numbers.Real)) or not timescales:
+            raise ValueError(f"Invalid timescales: {timescales!r} (needs a non-empty sequence)")
+        scales = [_check_positive(t, "timescales entry") for t in timescales]
+        if len(set(scales)) != len(scales):
+            raise ValueError(f"Invalid timescales: {timescales!r} (duplicates)")
+        if isinstance(exp_mult, bool) or not isinstance(exp_mult, numbers.Real):
+            raise ValueError(f"Invalid exp_mult: {exp_mult!r} (needs a finite number)")
+        if not math.isfinite(float(exp_mult)):
+            raise ValueError(f"Invalid exp_mult: {exp_mult!r} (needs a finite number)")
+        if init not in INITS:
+            raise ValueError(f"Invalid init: {init!r} (one of {INITS})")
+        if init == "adam" and "momentum_rsqrt" not in features:
+            raise ValueError(f"Invalid init: {init!r} needs the 'momentum_rsqrt' features")
+        if init == "sgd" and "grad" not in features:
+            raise ValueError(f"Invalid init: {init!r} needs the 'grad' feature")
+        if init != "random" and min(hidden) < 2:
+            raise ValueError(
+                f"Invalid hidden_sizes: {hidden_sizes!r} (init {init!r} needs widths >= 2)"
+            )
+
+        self.features: List[str] = [f for f in FEATURE_GROUPS if f in features]
+        self.hidden_sizes: List[int] = hidden
+        self.momentum_decays = decays
+        self.second_moment_decay = _check_decay(second_moment_decay, "second_moment_decay")
+        self.timescales = scales
+        self.exp_mult = float(exp_mult)
+        self.step_mult = _check_positive(step_mult, "step_mult")
+        self.eps = _check_positive(eps, "eps")
+        self.norm_eps = _check_positive(norm_eps, "norm_eps")
+        self.init = init
+        self.use_grad = "grad" in features
+        self.use_param = "param" in features
+        self.use_momentum = "momentum" in features
+        self.use_rms = "rms" in features
+        self.use_momentum_rsqrt = "momentum_rsqrt" in features
+        self.use_factored = "factored" in features
+        self.use_time = "time" in features
+        self.reads_param = self.use_param
+
+        names = self.feature_names()
+        self.num_time_features = len(scales) if self.use_time else 0
+        self.num_coordinate_features = len(names) - self.num_time_features
+        self.input_layer = nn.Linear(len(names), hidden[0])
+        self.hidden_layers = nn.ModuleList([nn.Linear(a, b) for a, b in itertools.pairwise(hidden)])
+        self.head = nn.Linear(hidden[-1], 2)
+        if init != "random":
+            self._init_baseline(names)
+
+    def _init_baseline(self, names: List[str]) -> None:
+        if self.init == "adam":
+            closest = min(self.momentum_decays, key=lambda b: abs(b - 0.9))
+            column = names.index(f"momentum_rsqrt_{closest}")
+        else:
+            column = names.index("grad")
+        with torch.no_grad():
+            first = self.input_layer
+            first.weight[:2].zero_()
+            first.bias[:2].zero_()
+            first.weight[0, column] = 1.0
+            first.weight[1, column] = -1.0
+            for layer in self.hidden_layers:
+                layer.weight[:2].zero_()
+                layer.bias[:2].zero_()
+                layer.weight[0, 0] = 1.0
+                layer.weight[1, 1] = 1.0
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            self.head.weight[0, 0] = 1.0
+            self.head.weight[0, 1] = -1.0
+
+    def feature_names(self) -> List[str]:
+        """Names of the feature columns, in the order the first layer's weight reads them."""
+        moms = [str(b) for b in self.momentum_decays]
+        by_group = {
+            "grad": ["grad"],
+            "param": ["param"],
+            "momentum": [f"momentum_{b}" for b in moms],
+            "rms": ["rms"],
+            "momentum_rsqrt": [f"momentum_rsqrt_{b}" for b in moms],
+            "factored": ["factored_grad"] + [f"factored_momentum_{b}" for b in moms],
+            "time": [f"time_{t}" for t in self.timescales],
+        }
+        return [name for group in self.features for name in by_group[group]]
+
+    def state_names(self) -> List[str]:
+        """Names of the state tensors, in the order of :meth:`init_state` (see the module doc)."""
+        moms = [f"momentum_{b}" for b in self.momentum_decays]
+        return [*moms, "second_moment", "factored_row", "factored_col"]
+
+    @torch.jit.export
+    def init_state(self, param: Tensor) -> List[Tensor]:
+        state: List[Tensor] = []
+        for _ in self.momentum_decays:
+            state.append(torch.zeros_like(param, memory_format=torch.contiguous_format))
+        state.append(torch.zeros_like(param, memory_format=torch.contiguous_format))
+        if param.dim() >= 2:
+            rows = param.shape[0]
+            cols = param.flatten(1).shape[1]
+        else:
+            rows = 1
+            cols = 1
+        state.append(torch.zeros([rows], dtype=param.dtype, device=param.device))
+        state.append(torch.zeros([cols], dtype=param.dtype, device=param.device))
+        return state
+
+    @torch.jit.export
+    def update(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        count = len(self.momentum_decays)
+        check_shapes(grad, param, state, count + 3)
+        beta2 = self.second_moment_decay
+        eps = self.eps
+
+        # Accumulators (elementwise, in the gradient's dtype).
+        momenta: List[Tensor] = []
+        for k, beta in enumerate(self.momentum_decays):
+            momenta.append(state[k] * beta + grad * (1.0 - beta))
+        grad_sq = grad * grad
+        second = state[count] * beta2 + grad_sq * (1.0 - beta2)
+        if grad.dim() >= 2:
+            matrix = grad_sq.flatten(1)
+            row = state[count + 1] * beta2 + matrix.mean(1) * (1.0 - beta2)
+            col = state[count + 2] * beta2 + matrix.mean(0) * (1.0 - beta2)
+            factored = row.unsqueeze(1) * col.unsqueeze(0) / (row.mean() + eps)
+            factored = factored.reshape(grad.shape)
+        else:
+            row = state[count + 1].clone()
+            col = state[count + 2].clone()
+            factored = second
+        new_state = momenta + [second, row, col]  # noqa: RUF005 (no starred lists in TorchScript)
+
+        # Per-coordinate feature columns, in FEATURE_GROUPS order.
+        columns: List[Tensor] = []
+        if self.use_grad:
+            columns.append(grad)
+        if self.use_param:
+            columns.append(param)
+        if self.use_momentum:
+            columns.extend(momenta)
+        if self.use_rms:
+            columns.append(torch.sqrt(second + eps))
+        if self.use_momentum_rsqrt:
+            rsqrt = torch.rsqrt(second + eps)
+            for m in momenta:
+                columns.append(m * rsqrt)
+        if self.use_factored:
+            factored_rsqrt = torch.rsqrt(factored + eps)
+            columns.append(grad * factored_rsqrt)
+            for m in momenta:
+                columns.append(m * factored_rsqrt)
+
+        weight = self.input_layer.weight
+        x = torch.stack([c.reshape(-1) for c in columns], dim=1).to(weight.dtype)
+        x = x * torch.rsqrt(x.square().mean(0, keepdim=True) + self.norm_eps)
+
+        # First layer; the time columns are the same for every coordinate: a per-tensor bias.
+        coordinate = self.num_coordinate_features
+        bias = self.input_layer.bias
+        if self.use_time:
+            t = step.to(weight.dtype)
+            time = torch.stack([torch.tanh(t / tau) for tau in self.timescales])
+            bias = bias + weight[:, coordinate:] @ time
+        h = torch.relu(torch.addmm(bias, x, weight[:, :coordinate].t()))
+        for layer in self.hidden_layers:
+            h = torch.relu(layer(h))
+        out = self.head(h)
+        direction = out[:, 0] * torch.exp(out[:, 1] * self.exp_mult) * self.step_mult
+        return direction.reshape(grad.shape).to(grad.dtype), new_state
+
+    def extra_repr(self) -> str:
+        return (
+            f"features={self.features}, momentum_decays={self.momentum_decays}, "
+            f"second_moment_decay={self.second_moment_decay}, timescales={self.timescales}, "
+            f"exp_mult={self.exp_mult}, step_mult={self.step_mult}, init={self.init!r}"
+        )
