@@ -138,6 +138,9 @@ class MetaTrainer:
         transform (Transform): a shape-agnostic transform (``shape_agnostic = True``).
         family (TaskFamily): where training and held-out tasks come from.
         config (MetaTrainConfig, optional): the run's settings. (default: ``MetaTrainConfig()``)
+        metadata (dict, optional): saved with every checkpoint, e.g. the transform's catalog spec
+            ``{"name": ..., "kwargs": ...}`` (numbers, strings, lists and dicts only).
+            (default: None)
 
     Example:
         >>> trainer = MetaTrainer(CoordinateMLP(), RegressionFamily(seed=0),
@@ -146,13 +149,18 @@ class MetaTrainer:
     """
 
     def __init__(
-        self, transform: Transform, family: TaskFamily, config: Optional[MetaTrainConfig] = None
+        self,
+        transform: Transform,
+        family: TaskFamily,
+        config: Optional[MetaTrainConfig] = None,
+        metadata: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.transform = check_shape_agnostic(transform, "MetaTrainer")
         if not isinstance(family, TaskFamily):
             raise TypeError(f"MetaTrainer expects a TaskFamily, got {type(family).__name__}")
         self.family = family
         self.config = (config or MetaTrainConfig()).validate()
+        self.metadata = dict(metadata or {})
         self.transform.to(family.device)
         self.rank, self.world = (
             (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
@@ -308,6 +316,7 @@ class MetaTrainer:
             "config": dataclasses.asdict(self.config),
             "family": {"name": self.family.name, "seed": self.family.seed},
             "transform_class": type(self.transform).__name__,
+            "metadata": self.metadata,
             "transform": self.transform.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "meta_step": self.meta_step,
