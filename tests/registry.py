@@ -7,13 +7,14 @@ Kronecker layer exists in the package without an entry here.
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 import compiledopt as co
 from compiledopt.transforms import Transform
+from compiledopt.transforms.catalog import build_transform
 
 # rank -> an example parameter shape: scalar, bias, Linear, Conv1d, Conv2d, Conv3d weights.
 SHAPES: Dict[int, Tuple[int, ...]] = {
@@ -40,6 +41,9 @@ class Entry:
 
     name: str
     factory: Callable[[Tensor], nn.Module]
+    spec: Optional[Dict[str, Any]] = (
+        None  # how compiledopt.export rebuilds it (None: not exportable)
+    )
 
     def build(self, param: Tensor, perturb: float = 0.1, seed: int = 0) -> Transform:
         """The transform for ``param``, weights moved off their identity start."""
@@ -52,35 +56,49 @@ class Entry:
         return transform
 
 
+def agnostic(name: str, catalog_name: str, **kwargs: Any) -> Entry:
+    """A shape-agnostic catalog transform: one instance serves any shape."""
+    spec = {"kind": "shape_agnostic", "name": catalog_name, "kwargs": kwargs}
+    return Entry(name, lambda p: build_transform(catalog_name, kwargs).to(p.dtype), spec)
+
+
+def kronecker(name: str, layer: str, bias: bool = False, psd: bool = True) -> Entry:
+    factory = co.optim.KroneckerTransform(getattr(co.nn, layer), bias=bias, psd=psd)
+    return Entry(name, factory, {"kind": "kronecker", "layer": layer, "bias": bias, "psd": psd})
+
+
 REGISTRY = [
-    Entry("module_linear", co.optim.ModuleTransform(nn.Linear)),
+    Entry(
+        "module_linear", co.optim.ModuleTransform(nn.Linear), {"kind": "module", "module": "Linear"}
+    ),
     Entry("module_identity", co.optim.ModuleTransform(identity_linear)),
-    Entry("kronecker_linear", co.optim.KroneckerTransform(co.nn.KroneckerLinear)),
+    kronecker("kronecker_linear", "KroneckerLinear"),
+    kronecker("kronecker_linear_bias", "KroneckerLinear", bias=True, psd=False),
+    kronecker("kronecker_rnn", "KroneckerRNN"),
+    kronecker("kronecker_lstm", "KroneckerLSTM", bias=True),
+    Entry("metacurvature", co.optim.MetaCurvatureTransform, {"kind": "metacurvature", "lr": 1.0}),
     Entry(
-        "kronecker_linear_bias",
-        co.optim.KroneckerTransform(co.nn.KroneckerLinear, bias=True, psd=False),
+        "metacurvature_lr",
+        functools.partial(co.optim.MetaCurvatureTransform, lr=0.5),
+        {"kind": "metacurvature", "lr": 0.5},
     ),
-    Entry("kronecker_rnn", co.optim.KroneckerTransform(co.nn.KroneckerRNN)),
-    Entry("kronecker_lstm", co.optim.KroneckerTransform(co.nn.KroneckerLSTM, bias=True)),
-    Entry("metacurvature", co.optim.MetaCurvatureTransform),
-    Entry("metacurvature_lr", functools.partial(co.optim.MetaCurvatureTransform, lr=0.5)),
-    # Shape-agnostic transforms (one instance serves any shape); float64 like the parameters.
-    Entry("coordinate_mlp", lambda p: co.transforms.CoordinateMLP(hidden_sizes=(8,)).to(p.dtype)),
-    Entry("coordinate_lstm", lambda p: co.transforms.CoordinateLSTM(hidden_size=6).to(p.dtype)),
-    Entry("learned_step_size", lambda p: co.transforms.LearnedStepSize().to(p.dtype)),
-    Entry("learned_step_size_per_element", co.transforms.LearnedStepSize.per_element),
-    Entry("hypergradient_descent", lambda p: co.transforms.HypergradientDescent().to(p.dtype)),
     Entry(
-        "hypergradient_descent_per_element",
-        lambda p: co.transforms.HypergradientDescent(1.0, 1e-3, True).to(p.dtype),
+        "learned_step_size_per_element",
+        co.transforms.LearnedStepSize.per_element,
+        {"kind": "per_element_step_size", "step_size": 1.0},
     ),
-    Entry("idbd", lambda p: co.transforms.IDBD().to(p.dtype)),
+    agnostic("coordinate_mlp", "coordinate-mlp", hidden_sizes=[8]),
+    agnostic("coordinate_lstm", "coordinate-lstm", hidden_size=6),
+    agnostic("learned_step_size", "learned-step-size"),
+    agnostic("hypergradient_descent", "hypergradient"),
+    agnostic("hypergradient_descent_per_element", "hypergradient", per_element=True),
+    agnostic("idbd", "idbd"),
     # Non-learned baselines (no weights: the meta-gradient tests skip them).
-    Entry("sgd_momentum", lambda p: co.transforms.SGD(0.9)),
-    Entry("sgd_nesterov_wd", lambda p: co.transforms.SGD(0.9, 0.0, True, 1e-2)),
-    Entry("adam", lambda p: co.transforms.Adam()),
-    Entry("adam_amsgrad_wd", lambda p: co.transforms.Adam((0.9, 0.999), 1e-8, 1e-2, True)),
-    Entry("adamw", lambda p: co.transforms.AdamW()),
+    agnostic("sgd_momentum", "sgd", momentum=0.9),
+    agnostic("sgd_nesterov_wd", "sgd", momentum=0.9, nesterov=True, weight_decay=1e-2),
+    agnostic("adam", "adam"),
+    agnostic("adam_amsgrad_wd", "adam", weight_decay=1e-2, amsgrad=True),
+    agnostic("adamw", "adamw"),
 ]
 
 REGISTRY_IDS = [entry.name for entry in REGISTRY]

@@ -7,6 +7,7 @@ it back into a module, so loading a trained optimizer never unpickles code.
 from typing import Any, Callable, Dict, Mapping, NamedTuple
 
 from compiledopt.transforms.base import Transform
+from compiledopt.transforms.baselines import SGD, Adam, AdamW
 from compiledopt.transforms.lstm import CoordinateLSTM
 from compiledopt.transforms.mlp import CoordinateMLP
 from compiledopt.transforms.step_sizes import IDBD, HypergradientDescent, LearnedStepSize
@@ -34,7 +35,13 @@ CATALOG: Dict[str, CatalogEntry] = {
         HypergradientDescent, 0.1, "hypergradient descent (Baydin et al. 2017)"
     ),
     "idbd": CatalogEntry(IDBD, 0.1, "Incremental Delta-Bar-Delta (Sutton 1992)"),
+    "sgd": CatalogEntry(SGD, 0.1, "SGD with optional momentum (not learned)"),
+    "adam": CatalogEntry(Adam, 1e-3, "Adam (not learned)"),
+    "adamw": CatalogEntry(AdamW, 1e-3, "AdamW (not learned)"),
 }
+
+# The transforms that are meta-trained (the rest are fixed baselines).
+LEARNED = ("coordinate-mlp", "coordinate-lstm", "learned-step-size", "hypergradient", "idbd")
 
 
 def build_transform(name: str, kwargs: Mapping[str, Any] | None = None) -> Transform:

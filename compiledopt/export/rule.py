@@ -1,0 +1,114 @@
+"""Frozen update rules: the graphs that artifacts export.
+
+* :class:`ModelRule` — the whole-model rule of DESIGN.md: one module mapping the gradients,
+  parameters and (flattened) states of *all* bound parameters and the step count to all update
+  directions and new states, so that a step is one call.
+* :class:`TensorRule` — a shape-agnostic transform on one tensor of any size (exported per rank
+  with dynamic sizes, so it applies to parameters of any model).
+
+Freezing detaches every weight, switches off autograd, and folds constants: a positive
+semi-definite Kronecker layer stores ``LᵀL`` and ``RᵀR`` once instead of recomputing them on every
+call. The caller applies ``p <- p - lr · direction``.
+"""
+
+import copy
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from compiledopt.nn.kronecker import KroneckerLinear
+from compiledopt.transforms.base import Transform
+
+
+def freeze_transform(transform: nn.Module) -> nn.Module:
+    """A frozen copy of ``transform``: detached weights, no grad, eval mode, constants folded."""
+    frozen = copy.deepcopy(transform)
+    with torch.no_grad():
+        for module in frozen.modules():
+            if isinstance(module, KroneckerLinear) and module.psd:
+                left, right = module.factors()
+                module.left.copy_(left)
+                module.right.copy_(right)
+                module.psd = False
+    frozen.requires_grad_(False)
+    return frozen.eval()
+
+
+class ModelRule(nn.Module):
+    """All parameters' updates in one call.
+
+    ``forward(grads, params, states, step) -> (directions, new_states)``: ``grads``, ``params`` and
+    ``directions`` hold one tensor per bound parameter; ``states`` is the concatenation of every
+    parameter's state list, in binding order (``state_counts[i]`` tensors for parameter ``i``).
+
+    Args:
+        transforms (sequence of Transform): one per parameter (the same module may repeat).
+        state_counts (sequence of int): how many state tensors each transform carries.
+    """
+
+    state_counts: List[int]
+
+    def __init__(self, transforms: Sequence[Transform], state_counts: Sequence[int]) -> None:
+        super().__init__()
+        if len(transforms) != len(state_counts):
+            raise ValueError(f"{len(transforms)} transforms but {len(state_counts)} state counts")
+        self.transforms = nn.ModuleList([freeze_transform(t) for t in _dedup(transforms)[0]])
+        self.index: List[int] = _dedup(transforms)[1]
+        self.state_counts = [int(c) for c in state_counts]
+
+    def forward(
+        self, grads: List[Tensor], params: List[Tensor], states: List[Tensor], step: Tensor
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        directions: List[Tensor] = []
+        new_states: List[Tensor] = []
+        offset = 0
+        for i in range(len(self.index)):
+            count = self.state_counts[i]
+            direction, state = self._update(
+                self.index[i], grads[i], params[i], states[offset : offset + count], step
+            )
+            directions.append(direction)
+            new_states.extend(state)
+            offset += count
+        return directions, new_states
+
+    def _update(
+        self, which: int, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        # TorchScript calls submodules of a ModuleList only in a loop over the list itself.
+        out = (grad, state)
+        for j, transform in enumerate(self.transforms):
+            if j == which:
+                out = transform.update(grad, param, state, step)
+        return out
+
+
+class TensorRule(nn.Module):
+    """A frozen shape-agnostic transform on one tensor: ``forward(grad, param, state, step)``."""
+
+    def __init__(self, transform: Transform) -> None:
+        super().__init__()
+        if not transform.shape_agnostic:
+            raise ValueError(f"{type(transform).__name__} is shape-bound: use ModelRule")
+        self.transform = freeze_transform(transform)
+
+    def forward(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        return self.transform.update(grad, param, state, step)
+
+
+def _dedup(transforms: Sequence[Transform]) -> Tuple[List[Transform], List[int]]:
+    """Unique transforms (by identity) and, per parameter, the index of its transform."""
+    unique: List[Transform] = []
+    index: List[int] = []
+    for transform in transforms:
+        for j, seen in enumerate(unique):
+            if seen is transform:
+                index.append(j)
+                break
+        else:
+            index.append(len(unique))
+            unique.append(transform)
+    return unique, index
