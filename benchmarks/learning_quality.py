@@ -3,9 +3,10 @@
 For a task family, the learned optimizers (CoordinateMLP and CoordinateLSTM) are meta-trained on
 training tasks within a wall-clock budget each (or loaded from checkpoints written by
 ``compiledopt train``), then every optimizer runs ``--steps`` inner steps on ``--tasks`` held-out
-tasks. SGD and Adam each get the learning rate with the lowest mean final loss from a sweep —
-chosen on the same held-out tasks, which favours the baselines. Reports mean ± std of the final
-evaluation loss over tasks; writes JSON and a PNG of the loss curves.
+tasks. SGD and Adam each get the learning rate with the lowest geometric-mean final loss from a
+sweep, chosen on the same held-out tasks (which favours the baselines). Reports the final loss
+(mean ± std, geometric mean), the mean loss over all steps (speed), and on how many tasks each
+optimizer ends below the better of SGD and Adam; writes JSON and a PNG of the loss curves.
 
     python benchmarks/learning_quality.py --family regression --budget-minutes 4
 """
@@ -37,9 +38,10 @@ def curves(transform: Transform, family: TaskFamily, tasks: int, steps: int, lr:
 
 
 def final_score(c: "torch.Tensor") -> float:
-    """Mean final loss; a run that diverged (nan/inf) scores +inf."""
+    """Geometric-mean final loss (tasks differ by orders of magnitude); a run that diverged
+    (nan/inf) scores +inf."""
     last = c[:, -1]
-    return float(last.mean()) if bool(torch.isfinite(last).all()) else math.inf
+    return float(last.log().mean().exp()) if bool(torch.isfinite(last).all()) else math.inf
 
 
 def meta_train(
@@ -148,11 +150,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         }
 
     summary = {}
+    best_baseline = torch.minimum(results["SGD"]["curves"][:, -1], results["Adam"]["curves"][:, -1])
     for label, r in results.items():
         last = r["curves"][:, -1]
         summary[label] = {
             "final_loss_mean": float(last.mean()),
             "final_loss_std": float(last.std()),
+            "final_loss_geomean": float(last.log().mean().exp()),
+            "mean_loss_over_steps": float(r["curves"].mean()),
+            "tasks_beating_best_baseline": int((last < best_baseline).sum()),
             "lr": r["lr"],
             **{k: v for k, v in r.items() if k not in ("curves", "lr")},
             "curve_mean": [float(x) for x in r["curves"].mean(0)],
@@ -173,14 +179,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     _plot(results, args, out.with_suffix(".png"))
-    print(
-        f"\n{args.family}: final held-out loss after {args.steps} steps, "
-        f"mean ± std over {args.tasks} held-out tasks"
-    )
+    print(f"\n{args.family}: held-out loss after {args.steps} steps over {args.tasks} tasks")
+    header = ("optimizer", "final mean ± std", "geo-mean", "mean over steps", "beats best", "lr")
+    print("  {:<15} {:>20} {:>9} {:>16} {:>11}  {}".format(*header))
     for label, s in summary.items():
+        spread = f"{s['final_loss_mean']:.4g} ± {s['final_loss_std']:.2g}"
+        wins = f"{s['tasks_beating_best_baseline']}/{args.tasks}"
         print(
-            f"  {label:<15} {s['final_loss_mean']:.4g} ± {s['final_loss_std']:.3g}"
-            f"   (lr {s['lr']:g})"
+            f"  {label:<15} {spread:>20} {s['final_loss_geomean']:>9.4g}"
+            f" {s['mean_loss_over_steps']:>16.4g} {wins:>11}  {s['lr']:g}"
         )
     return report
 
@@ -193,15 +200,15 @@ def _plot(results: Dict[str, Dict[str, object]], args: argparse.Namespace, path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, r in results.items():
-        c = r["curves"]
-        mean, std = c.mean(0), c.std(0)
+        log_curves = r["curves"].log()  # tasks differ by orders of magnitude: average in log space
+        mean, std = log_curves.mean(0), log_curves.std(0)
         steps = torch.arange(len(mean))
-        ax.plot(steps, mean, label=f"{label} (lr {r['lr']:g})")
-        ax.fill_between(steps, (mean - std).clamp_min(1e-12), mean + std, alpha=0.15)
+        ax.plot(steps, mean.exp(), label=f"{label} (lr {r['lr']:g})")
+        ax.fill_between(steps, (mean - std).exp(), (mean + std).exp(), alpha=0.12)
     ax.set_yscale("log")
     ax.set_xlabel("inner step")
     ax.set_ylabel("held-out evaluation loss")
-    ax.set_title(f"{args.family}: mean ± std over {args.tasks} held-out tasks")
+    ax.set_title(f"{args.family}: geometric mean ×/÷ geometric std over {args.tasks} tasks")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
