@@ -319,8 +319,14 @@ class Artifact:
         by_rank = {int(f.split("_rank")[1].split(".")[0]): f for f in files}
         return _RankDispatch(self.path, by_rank, module)
 
-    def check_bindings(self, named_params: Sequence[Tuple[str, Tensor]]) -> None:
-        """Raise :class:`ArtifactError` naming the first parameter that doesn't fit the bindings."""
+    def check_bindings(
+        self,
+        named_params: Sequence[Tuple[str, Tensor]],
+        check_dtype: bool = True,
+        check_names: bool = False,
+    ) -> None:
+        """Raise :class:`ArtifactError` naming the first parameter that doesn't fit the bindings
+        (count, shape, dtype unless ``check_dtype`` is False, and names if ``check_names``)."""
         if self.kind != "bound":
             return
         if len(named_params) != len(self.bindings):
@@ -328,10 +334,12 @@ class Artifact:
                 f"{self.path} is bound to {len(self.bindings)} parameters, got {len(named_params)}"
             )
         for binding, (name, param) in zip(self.bindings, named_params):
-            if (
-                list(param.shape) != binding["shape"]
-                or _dtype_name(param.dtype) != binding["dtype"]
-            ):
+            if check_names and name != binding["name"]:
+                raise ArtifactError(
+                    f"parameter {name!r} is where {self.path} binds {binding['name']!r}"
+                )
+            dtype = str(param.dtype).removeprefix("torch.")
+            if list(param.shape) != binding["shape"] or (check_dtype and dtype != binding["dtype"]):
                 raise ArtifactError(
                     f"parameter {name!r} has shape {tuple(param.shape)} and dtype {param.dtype}, "
                     f"but {self.path} binds {binding['name']!r} of shape {tuple(binding['shape'])}"
