@@ -290,3 +290,17 @@ def test_bad_input(artifacts, tmp_path):
     with pytest.raises(RuntimeError, match="sparse gradients"):
         optimizer.step()
     assert torch.equal(sparse.weight, before)
+
+
+@pytest.mark.slow
+def test_distributed_data_parallel_keeps_ranks_identical(artifacts, tmp_path):
+    import torch.multiprocessing as mp
+    from ddp_worker import worker
+
+    args = (2, str(tmp_path / "init"), str(artifacts["mlp"]), str(tmp_path))
+    mp.spawn(worker, args=args, nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    start = list(_model().parameters())
+    for a, b, p0 in zip(*ranks, start):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, p0.detach())
