@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Learned optimizers written once, run anywhere.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_pipeline(commands)
     demo = commands.add_parser(
-        "demo",
+        "meta-descent",
         help="meta-train a learned optimizer online on a synthetic task and compare it with SGD",
         description=(
             "Train a small MLP on a synthetic regression task (no downloads) with a "
@@ -149,7 +150,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train(commands)
     _add_export(commands)
+    _add_finetune(commands)
     return parser
+
+
+def _add_pipeline(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from compiledopt.export.artifact import BACKENDS
+
+    demo = commands.add_parser(
+        "demo",
+        help="the main job end to end: meta-train -> export -> verify -> fine-tune vs AdamW",
+        description="Meta-train a CoordinateMLP on built-in tasks, export it (TorchScript, ONNX, "
+        "AOTInductor), verify every backend, and fine-tune a pre-trained model with the frozen "
+        "optimizer against AdamW. No downloads; a few minutes on 2 CPU cores.",
+    )
+    demo.add_argument("--workdir", default="runs/demo", help="checkpoint and artifact go here")
+    demo.add_argument("--meta-steps", type=_positive_int, default=150)
+    demo.add_argument("--finetune-steps", type=_positive_int, default=200)
+    demo.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help=f"comma-separated subset of {','.join(BACKENDS)} (default: all)",
+    )
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _add_finetune(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune a pre-trained model with an artifact's frozen optimizer vs AdamW",
+        description="Pre-train an MLP on digits 0-4, fine-tune it on digits 5-9 with the "
+        "artifact's FrozenOptimizer on each backend and with AdamW (best of an lr sweep); print "
+        "loss, accuracy and step time.",
+    )
+    finetune.add_argument("artifact", help="an artifact directory")
+    finetune.add_argument("--steps", type=_positive_int, default=200)
+    finetune.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated FrozenOptimizer backends (default: eager, "
+        "compiled and every backend in the artifact)",
+    )
+    finetune.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="the frozen optimizer's lr (default: the artifact's)",
+    )
+    finetune.add_argument("--seed", type=int, default=0)
 
 
 def _add_export(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -349,6 +398,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args = build_parser().parse_args(None if argv is None else list(argv))
     if args.command == "demo":
+        from compiledopt.pipeline import run_pipeline
+
+        backends = [b for b in args.backends.split(",") if b]
+        run_pipeline(
+            args.workdir,
+            args.meta_steps,
+            backends=backends,
+            finetune_steps=args.finetune_steps,
+            seed=args.seed,
+            out=sys.stdout,
+            progress=not args.no_progress,
+        )
+        return 0
+    if args.command == "finetune":
+        from compiledopt.finetune import run_finetune
+
+        backends = [b for b in args.backends.split(",") if b] if args.backends else None
+        run_finetune(args.artifact, args.steps, backends, args.lr, args.seed, sys.stdout)
+        return 0
+    if args.command == "meta-descent":
         try:
             run_demo(steps=args.steps, seed=args.seed, transform=args.transform, out=sys.stdout)
         except BrokenPipeError:

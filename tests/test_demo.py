@@ -96,7 +96,7 @@ def test_run_demo_rejects_bad_arguments(kwargs, message):
 
 
 def test_cli_demo_returns_zero(capsys):
-    assert main(["demo", "--steps", "20", "--seed", "2", "--transform", "kronecker"]) == 0
+    assert main(["meta-descent", "--steps", "20", "--seed", "2", "--transform", "kronecker"]) == 0
     text = capsys.readouterr().out
     assert "seed 2" in text
     assert "learned / SGD" in text
@@ -106,19 +106,19 @@ def test_cli_demo_returns_zero(capsys):
 @pytest.mark.parametrize("steps", ["0", "-3", "ten"])
 def test_cli_rejects_bad_steps(capsys, steps):
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--steps", steps])
+        main(["meta-descent", "--steps", steps])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: compiledopt demo")
+    assert err.startswith("usage: compiledopt meta-descent")
     assert "--steps" in err and "must be a positive integer" in err
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["demo", "--transform", "adam"], "invalid choice: 'adam'"),
+        (["meta-descent", "--transform", "adam"], "invalid choice: 'adam'"),
         ([], "required: COMMAND"),
-        (["train"], "invalid choice: 'train'"),
+        (["fly"], "invalid choice: 'fly'"),
     ],
 )
 def test_cli_rejects_bad_arguments(capsys, argv, message):
@@ -130,7 +130,7 @@ def test_cli_rejects_bad_arguments(capsys, argv, message):
 
 def test_python_dash_m_compiledopt():
     completed = subprocess.run(
-        [sys.executable, "-m", "compiledopt", "demo", "--steps", "5"],
+        [sys.executable, "-m", "compiledopt", "meta-descent", "--steps", "5"],
         capture_output=True,
         text=True,
         timeout=120,
