@@ -1,14 +1,47 @@
-"""Argument checks shared by the public constructors."""
+"""Argument checks shared by the public constructors: ``ValueError("Invalid <name>: <value>")``."""
 
 import math
 import numbers
 
 
+def check_real(
+    value: object,
+    what: str,
+    low: float = -math.inf,
+    high: float = math.inf,
+    include_low: bool = True,
+    include_high: bool = False,
+) -> float:
+    """``value`` as a float, or ``ValueError(f"Invalid {what}: {value!r} (...)")`` unless it is a
+    finite real number (not a bool) in the interval from ``low`` to ``high``."""
+    lower = "[" if include_low else "("
+    upper = "]" if include_high else ")"
+    expected = f"expected a finite number in {lower}{low:g}, {high:g}{upper}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid {what}: {value!r} ({expected})")
+    number = float(value)
+    above = number >= low if include_low else number > low
+    below = number <= high if include_high else number < high
+    if not (math.isfinite(number) and above and below):
+        raise ValueError(f"Invalid {what}: {value!r} ({expected})")
+    return number
+
+
+def check_positive(value: object, what: str) -> float:
+    """A finite number > 0."""
+    return check_real(value, what, 0.0, include_low=False)
+
+
+def check_flag(value: object, what: str) -> bool:
+    """A bool (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {what}: {value!r} (expected a bool)")
+    return value
+
+
 def check_lr(lr: object, owner: str) -> float:
     """Return ``lr`` as a float, or raise ``ValueError`` unless it is a finite number > 0."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise ValueError(f"Invalid lr: {lr!r} ({owner} needs a positive finite number)")
-    value = float(lr)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"Invalid lr: {lr!r} ({owner} needs a positive finite number)")
-    return value
+    try:
+        return check_positive(lr, "lr")
+    except ValueError:
+        raise ValueError(f"Invalid lr: {lr!r} ({owner} needs a positive finite number)") from None

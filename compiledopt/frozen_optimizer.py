@@ -1,8 +1,6 @@
 """FrozenOptimizer: apply an exported learned optimizer in any training loop."""
 
 import logging
-import math
-import numbers
 import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -10,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from compiledopt._validation import check_real
 from compiledopt.export.artifact import BACKENDS, Artifact, ArtifactError, load_artifact
 from compiledopt.export.rule import ModelRule, TensorRule
 
@@ -73,8 +72,8 @@ class FrozenOptimizer(Optimizer):
     ) -> None:
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         lr = float(self.artifact.manifest["lr"]) if lr is None else lr
-        _check_number(lr, "lr")
-        _check_number(weight_decay, "weight_decay")
+        check_real(lr, "lr", 0.0)
+        check_real(weight_decay, "weight_decay", 0.0)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (one of {NONFINITE_POLICIES})")
         if backend != "auto" and backend not in RUNTIME_BACKENDS:
@@ -107,7 +106,7 @@ class FrozenOptimizer(Optimizer):
             )
         for key in ("lr", "weight_decay"):
             if key in param_group:
-                _check_number(param_group[key], key)
+                check_real(param_group[key], key, 0.0)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group["params"] = params
@@ -302,10 +301,3 @@ def _index(flat: List[Tensor], param: Tensor) -> int:
         if p is param:
             return i
     raise KeyError("parameter not in the optimizer")
-
-
-def _check_number(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"Invalid {name}: {value!r}")
-    if not math.isfinite(float(value)) or float(value) < 0:
-        raise ValueError(f"Invalid {name}: {value!r}")

@@ -23,7 +23,6 @@ graphs with their own loaders, so nothing is unpickled.
 
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -35,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from compiledopt._validation import check_positive
 from compiledopt.export import spec as specs
 from compiledopt.export.rule import ModelRule, TensorRule
 from compiledopt.transforms.base import Transform
@@ -188,7 +188,7 @@ def export_bound(
         "kind": "bound",
         "transform": spec,
         "dtype": _dtype_name(dtype),
-        "lr": _check_lr(lr),
+        "lr": check_positive(lr, "lr"),
         "bindings": bindings,
     }
     return _write(Path(directory), manifest, unique.state_dict(), graphs, overwrite)
@@ -231,7 +231,7 @@ def export_shape_agnostic(
         "kind": "shape_agnostic",
         "transform": spec,
         "dtype": _dtype_name(dtype),
-        "lr": _check_lr(lr),
+        "lr": check_positive(lr, "lr"),
         "ranks": ranks,
         "state_names": transform.state_names(),
     }
@@ -248,16 +248,6 @@ def _check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"Unknown backend: {name!r} (choose from {BACKENDS})")
     return name
-
-
-def _check_lr(lr: float) -> float:
-    if (
-        isinstance(lr, bool)
-        or not isinstance(lr, (int, float))
-        or not (math.isfinite(lr) and lr > 0)
-    ):
-        raise ValueError(f"Invalid lr: {lr!r}")
-    return float(lr)
 
 
 # -- loading ----------------------------------------------------------------------------------

@@ -21,31 +21,21 @@ Adam(W)    ``[exp_avg, exp_avg_sq, max_exp_avg_sq]``       ``amsgrad=True``
 """
 
 import math
-import numbers
 from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from compiledopt._validation import check_real
 from compiledopt.transforms.base import Transform, check_grad_shape
-
-
-def _check_number(value: object, what: str, low: float = 0.0, high: float = math.inf) -> float:
-    """``value`` as a float; ``ValueError("Invalid {what}: ...")`` unless low <= value < high."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"Invalid {what}: {value!r}")
-    number = float(value)
-    if not (math.isfinite(number) and low <= number < high):
-        raise ValueError(f"Invalid {what}: {value}")
-    return number
 
 
 def _check_betas(betas: object) -> Tuple[float, float]:
     if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats)")
     return (
-        _check_number(betas[0], "beta parameter at index 0", 0.0, 1.0),
-        _check_number(betas[1], "beta parameter at index 1", 0.0, 1.0),
+        check_real(betas[0], "beta parameter at index 0", 0.0, 1.0),
+        check_real(betas[1], "beta parameter at index 1", 0.0, 1.0),
     )
 
 
@@ -102,9 +92,9 @@ class SGD(Transform):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
-        self.momentum = _check_number(momentum, "momentum value")
-        self.dampening = _check_number(dampening, "dampening value", -math.inf)
-        self.weight_decay = _check_number(weight_decay, "weight_decay value")
+        self.momentum = check_real(momentum, "momentum value", 0.0)
+        self.dampening = check_real(dampening, "dampening value", -math.inf)
+        self.weight_decay = check_real(weight_decay, "weight_decay value", 0.0)
         if not isinstance(nesterov, bool):
             raise ValueError(f"Invalid nesterov: {nesterov!r} (expected a bool)")
         if nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
@@ -199,8 +189,8 @@ class Adam(Transform):
     ) -> None:
         super().__init__()
         self.beta1, self.beta2 = _check_betas(betas)
-        self.eps = _check_number(eps, "epsilon value")
-        self.weight_decay = _check_number(weight_decay, "weight_decay value")
+        self.eps = check_real(eps, "epsilon value", 0.0)
+        self.weight_decay = check_real(weight_decay, "weight_decay value", 0.0)
         for name, flag in (
             ("amsgrad", amsgrad),
             ("decoupled_weight_decay", decoupled_weight_decay),

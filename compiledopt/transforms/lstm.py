@@ -18,12 +18,12 @@ index  name          shape       meaning
 """
 
 import math
-import numbers
 from typing import List, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from compiledopt._validation import check_flag, check_positive
 from compiledopt.transforms.base import Transform
 from compiledopt.transforms.mlp import check_shapes
 
@@ -117,20 +117,10 @@ class CoordinateLSTM(Transform):
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"Invalid hidden_size: {hidden_size!r} (needs an int >= 1)")
-        if not isinstance(preprocess, bool):
-            raise ValueError(f"Invalid preprocess: {preprocess!r} (needs a bool)")
-        for name, value in (("preprocess_p", preprocess_p), ("output_scale", output_scale)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Real)
-                or not math.isfinite(float(value))
-                or float(value) <= 0.0
-            ):
-                raise ValueError(f"Invalid {name}: {value!r} (needs a finite number > 0)")
         self.hidden_size = hidden_size
-        self.preprocess = preprocess
-        self.preprocess_p = float(preprocess_p)
-        self.output_scale = float(output_scale)
+        self.preprocess = check_flag(preprocess, "preprocess")
+        self.preprocess_p = check_positive(preprocess_p, "preprocess_p")
+        self.output_scale = check_positive(output_scale, "output_scale")
         # Preprocessing constants, computed once: threshold e^-p and small-gradient scale e^p.
         self.min_magnitude = math.exp(-self.preprocess_p)
         self.small_scale = math.exp(self.preprocess_p)

@@ -30,6 +30,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from compiledopt._validation import check_positive, check_real
 from compiledopt.transforms.base import Transform
 
 #: Feature groups, in the order their columns appear in the feature matrix.
@@ -38,21 +39,7 @@ INITS = ("adam", "sgd", "random")
 
 
 def _check_decay(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"Invalid {what}: {value!r} (needs a number in [0, 1))")
-    if not (0.0 <= float(value) < 1.0):
-        raise ValueError(f"Invalid {what}: {value!r} (needs a number in [0, 1))")
-    return float(value)
-
-
-def _check_positive(value: object, what: str, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"Invalid {what}: {value!r} (needs a finite number)")
-    v = float(value)
-    if not math.isfinite(v) or v < 0.0 or (v == 0.0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"Invalid {what}: {value!r} (needs a finite number {bound})")
-    return v
+    return check_real(value, what, 0.0, 1.0)
 
 
 def check_shapes(grad: Tensor, param: Tensor, state: List[Tensor], count: int) -> None:
@@ -195,7 +182,7 @@ class CoordinateMLP(Transform):
             raise ValueError(f"Invalid momentum_decays: {momentum_decays!r} (duplicates)")
         if isinstance(timescales, (str, numbers.Real)) or not timescales:
             raise ValueError(f"Invalid timescales: {timescales!r} (needs a non-empty sequence)")
-        scales = [_check_positive(t, "timescales entry") for t in timescales]
+        scales = [check_positive(t, "timescales entry") for t in timescales]
         if len(set(scales)) != len(scales):
             raise ValueError(f"Invalid timescales: {timescales!r} (duplicates)")
         if isinstance(exp_mult, bool) or not isinstance(exp_mult, numbers.Real):
@@ -219,9 +206,9 @@ class CoordinateMLP(Transform):
         self.second_moment_decay = _check_decay(second_moment_decay, "second_moment_decay")
         self.timescales = scales
         self.exp_mult = float(exp_mult)
-        self.step_mult = _check_positive(step_mult, "step_mult")
-        self.eps = _check_positive(eps, "eps")
-        self.norm_eps = _check_positive(norm_eps, "norm_eps")
+        self.step_mult = check_positive(step_mult, "step_mult")
+        self.eps = check_positive(eps, "eps")
+        self.norm_eps = check_positive(norm_eps, "norm_eps")
         self.init = init
         self.use_grad = "grad" in features
         self.use_param = "param" in features

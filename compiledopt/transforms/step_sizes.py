@@ -36,23 +36,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from compiledopt._validation import check_flag, check_positive
 from compiledopt.transforms.base import Transform, check_grad_shape
-
-
-def _check_positive(value: object, what: str) -> float:
-    """``value`` as a float, or ``ValueError(f"Invalid {what}: {value}")`` unless finite and > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"Invalid {what}: {value!r} (expected a positive finite number)")
-    number = float(value)
-    if not (math.isfinite(number) and number > 0.0):
-        raise ValueError(f"Invalid {what}: {value} (expected a positive finite number)")
-    return number
-
-
-def _check_flag(value: object, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {what}: {value!r} (expected a bool)")
-    return value
 
 
 def _scalar_weight(value: float) -> nn.Parameter:
@@ -100,7 +85,7 @@ class LearnedStepSize(Transform):
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
-        step_size = _check_positive(step_size, "step_size")
+        step_size = check_positive(step_size, "step_size")
         self.shape_agnostic = shape is None
         size: Tuple[int, ...] = ()
         if shape is not None:
@@ -203,9 +188,9 @@ class HypergradientDescent(Transform):
         self, step_size: float = 1.0, hyper_lr: float = 1e-3, per_element: bool = False
     ) -> None:
         super().__init__()
-        self.log_lr = _scalar_weight(_check_positive(step_size, "step_size"))
-        self.log_hyper_lr = _scalar_weight(_check_positive(hyper_lr, "hyper_lr"))
-        self.per_element = _check_flag(per_element, "per_element")
+        self.log_lr = _scalar_weight(check_positive(step_size, "step_size"))
+        self.log_hyper_lr = _scalar_weight(check_positive(hyper_lr, "hyper_lr"))
+        self.per_element = check_flag(per_element, "per_element")
 
     @torch.jit.export
     def init_state(self, param: Tensor) -> List[Tensor]:
@@ -303,8 +288,8 @@ class IDBD(Transform):
 
     def __init__(self, step_size: float = 1.0, meta_lr: float = 1e-2) -> None:
         super().__init__()
-        self.log_lr = _scalar_weight(_check_positive(step_size, "step_size"))
-        self.log_meta_lr = _scalar_weight(_check_positive(meta_lr, "meta_lr"))
+        self.log_lr = _scalar_weight(check_positive(step_size, "step_size"))
+        self.log_meta_lr = _scalar_weight(check_positive(meta_lr, "meta_lr"))
 
     @torch.jit.export
     def init_state(self, param: Tensor) -> List[Tensor]:
