@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from compiledopt._validation import check_real
 from compiledopt.export.artifact import BACKENDS, Artifact, ArtifactError, load_artifact
-from compiledopt.export.rule import ModelRule, TensorRule
+from compiledopt.export.rule import ModelRule
 
 logger = logging.getLogger("compiledopt")
 
@@ -155,7 +155,8 @@ class FrozenOptimizer(Optimizer):
         if backend == "eager":
             return transforms[0].update
         if backend == "compiled":
-            return torch.compile(TensorRule(transforms[0]), fullgraph=True, dynamic=None)
+            # One graph for the whole model (built at the first step, when the shapes are known).
+            return _CompiledWholeModel(transforms[0])
         return self.artifact.runner(backend)
 
     # -- the step ---------------------------------------------------------------------------
@@ -227,7 +228,7 @@ class FrozenOptimizer(Optimizer):
     def _directions(self, flat: List[Tensor], active: List[Tensor], indices: List[int]):
         dtype = self.artifact.dtype
         out: Dict[int, Tensor] = {}
-        if self.artifact.kind == "shape_agnostic":
+        if self.artifact.kind == "shape_agnostic" and self.backend != "compiled":
             for p in active:
                 direction, values = self._run(
                     p.grad.to(dtype),
@@ -244,19 +245,23 @@ class FrozenOptimizer(Optimizer):
         for p in active:
             by_step.setdefault(int(self.state[p]["step"]), []).append(p)
         for step, members in by_step.items():
-            grads, params, states = [], [], []
+            grads, params, states, counts = [], [], [], []
             for i, p in enumerate(flat):
-                if not self.state[p]:
-                    self.state[p] = self._init_state(i, p)
+                # Parameters outside this call still feed the graph (a zero gradient and their
+                # state, or a throw-away initial state); their results are discarded.
+                known = p in self.state and self.state[p]
+                values = (
+                    self._state_values(p) if known else list(self._init_state(i, p).values())[1:]
+                )
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 grads.append(grad.to(dtype))
                 params.append(p.detach().to(dtype))
-                states.extend(self._state_values(p))
+                states.extend(values)
+                counts.append(len(values))
             directions, new_states = self._run(grads, params, states, torch.tensor(step))
             offset = 0
             member_ids = {id(p) for p in members}
-            for p, direction in zip(flat, directions):
-                count = len(self._state_values(p))
+            for p, direction, count in zip(flat, directions, counts):
                 if id(p) in member_ids:
                     out[id(p)] = direction
                     self._store(p, list(new_states[offset : offset + count]))
@@ -277,6 +282,26 @@ class FrozenOptimizer(Optimizer):
                     self.state[param][key] = value.to(
                         device=param.device, dtype=self.artifact.dtype
                     )
+
+
+class _CompiledWholeModel:
+    """``torch.compile`` of one :class:`ModelRule` sharing a shape-agnostic transform across all
+    parameters: one graph and one call per step for the whole model, rebuilt only if the list of
+    parameter shapes changes (``add_param_group``)."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+        self.shapes: Optional[List[Tuple[int, ...]]] = None
+        self.compiled: Optional[Callable] = None
+
+    def __call__(self, grads, params, states, step):
+        shapes = [tuple(p.shape) for p in params]
+        if shapes != self.shapes:
+            counts = [len(self.transform.init_state(p)) for p in params]
+            rule = ModelRule([self.transform] * len(params), counts)
+            self.compiled = torch.compile(rule, fullgraph=True)
+            self.shapes = shapes
+        return self.compiled(grads, params, states, step)
 
 
 class _EagerBound:

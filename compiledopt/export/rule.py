@@ -56,6 +56,7 @@ class ModelRule(nn.Module):
         self.transforms = nn.ModuleList([freeze_transform(t) for t in _dedup(transforms)[0]])
         self.index: List[int] = _dedup(transforms)[1]
         self.state_counts = [int(c) for c in state_counts]
+        self.eval()
 
     def forward(
         self, grads: List[Tensor], params: List[Tensor], states: List[Tensor], step: Tensor
@@ -92,6 +93,7 @@ class TensorRule(nn.Module):
         if not transform.shape_agnostic:
             raise ValueError(f"{type(transform).__name__} is shape-bound: use ModelRule")
         self.transform = freeze_transform(transform)
+        self.eval()
 
     def forward(
         self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor

@@ -1,0 +1,193 @@
+"""ONNX backend: a frozen update rule as a self-contained ``.onnx`` graph run by onnxruntime.
+
+``save`` traces the rule with :func:`torch.export.export` (the same trace as the AOTInductor
+backend, see :mod:`compiledopt.export.aoti` for how dynamic sizes are handled), converts it with
+``torch.onnx.export(..., dynamo=True)``, checks it with :func:`onnx.checker.check_model` and
+writes one file with the weights embedded. ``load`` opens it in an
+:class:`onnxruntime.InferenceSession` (``CPUExecutionProvider``) and returns a runner with the
+rule's own call signature:
+
+* a :class:`~compiledopt.export.rule.ModelRule`: ``runner(grads, params, states, step) ->
+  (directions, new_states)``; graph inputs ``grad_0.., param_0.., state_0.., step``, outputs
+  ``direction_0.., new_state_0..``;
+* a :class:`~compiledopt.export.rule.TensorRule` (one graph per rank, every size dynamic):
+  ``runner(grad, param, state, step) -> (direction, new_state)``; inputs
+  ``grad, param, state_0.., step``, outputs ``direction, new_state_0..``.
+
+The graph keeps the exported dtypes (float32 or float64; ``step`` is int64); the runner takes and
+returns CPU torch tensors and checks each call against the rule's signature, stored in the model's
+metadata (``compiledopt.signature``, see :mod:`compiledopt.export.aoti`).
+
+Two exporter defects (torch 2.13, onnxscript 0.7) are worked around here rather than shipped:
+
+* ``optimize=True`` runs onnxscript's rewrite rules, whose no-op patterns match constants with a
+  tolerance: ``x + c`` with ``|c| <= 1e-8`` and ``x * c`` with ``c`` within 1e-5 of 1 are
+  replaced by ``x``. Adam's ``+ eps`` (1e-8) and ``CoordinateMLP``'s ``+ eps`` vanish, and a
+  zero gradient then gives NaN instead of 0. Only the exact passes run (:func:`_exact_optimize`).
+* torchlib builds the Python-float constants of ``aten.scalar_tensor`` and ``aten.pow.Scalar``
+  in float32 and casts them, so a float64 graph computes with float32-rounded ``β``, ``ε`` …
+  (Adam's direction off by 7e-6 relative). :data:`_TRANSLATIONS` builds them in their dtype.
+"""
+
+import logging
+import os
+from typing import Any, List, Tuple
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common
+import onnxscript.optimizer
+import torch
+from onnxscript.onnx_opset import opset18 as op
+from onnxscript.onnx_types import TensorType
+from torch import Tensor, nn
+
+from compiledopt.export.aoti import SIGNATURE_KEY, Runner, _quiet, _Signature, _trace
+
+__all__ = ["load", "save"]
+
+# Exporter chatter: onnxscript's and onnx_ir's per-pass INFO logs, and the registry's
+# "torchvision is not installed. Skipping torchvision::nms" notices (WARNING level). Other
+# warnings and all errors still come through.
+_CHATTY_LOGGERS = {
+    "onnxscript": logging.WARNING,
+    "onnx_ir": logging.WARNING,
+    "torch.onnx._internal.exporter._registration": logging.ERROR,
+}
+
+
+# Exact constants. torchlib (onnxscript 0.7) lowers ``aten.scalar_tensor(s, dtype=float64)`` and
+# ``aten.pow.Scalar(s, x)`` by making ``s`` a float32 constant and casting it, so every Python
+# float of a float64 rule (β = 0.999, ε, time scales…) is rounded to float32 (relative error up
+# to 6e-8, 1e-5 after ``1 − β``). These translations make the constant in its final dtype.
+def _scalar_tensor(
+    s: float, dtype: int = 1, layout: str = "", device: str = "", pin_memory: bool = False
+) -> TensorType:
+    data_type = ir.DataType(1 if dtype == -1 else dtype)
+    return op.Constant(value=ir.tensor(np.asarray(s, dtype=data_type.numpy())))
+
+
+def _pow_scalar(self: float, exponent: TensorType) -> TensorType:
+    if isinstance(self, int) or exponent.dtype.is_floating_point():
+        base = ir.tensor(np.asarray(self, dtype=exponent.dtype.numpy()))
+        return op.Pow(op.Constant(value=base), exponent)
+    # A float base and an integral exponent: torch computes in the default dtype (float32).
+    base = ir.tensor(np.asarray(self, dtype=np.float32))
+    return op.Pow(op.Constant(value=base), op.Cast(exponent, to=ir.DataType.FLOAT))
+
+
+_TRANSLATIONS = {
+    torch.ops.aten.scalar_tensor.default: _scalar_tensor,
+    torch.ops.aten.pow.Scalar: _pow_scalar,
+}
+
+
+def _exact_optimize(model: ir.Model) -> None:
+    """The value-preserving part of the exporter's ``optimize=True``: inline functions, fold
+    constants, drop unused nodes.
+
+    The rest of it, onnxscript's pattern rewrites, is left out on purpose: its no-op rules match
+    constants with a tolerance (``math.isclose(c, 0, abs_tol=1e-8)``, ``rel_tol=1e-5`` near 1),
+    so ``x + 1e-8`` becomes ``x`` and Adam's ``sqrt(v) + eps`` divides by zero where a gradient
+    is zero. onnxruntime applies its own (exact) graph optimizations when it loads the file.
+    """
+    onnxscript.optimizer.inline(model)
+    onnxscript.optimizer.fold_constants(model)
+    onnxscript.optimizer.remove_unused_nodes(model)
+
+
+def _name_io(model: ir.Model, inputs: List[str], outputs: List[str]) -> None:
+    """Name the graph's inputs and outputs (renaming any inner value that holds one of those
+    names), after making every output a value of its own.
+
+    A rule can return an input unchanged (``SGD`` returns the gradient) or one value twice
+    (``SGD`` with momentum returns the buffer as the direction and as the new state); ONNX
+    needs an ``Identity`` for each, or naming the output would rename the input too.
+    """
+    graph = model.graph
+    if len(graph.inputs) != len(inputs) or len(graph.outputs) != len(outputs):
+        raise RuntimeError(
+            f"the ONNX graph has {len(graph.inputs)} inputs and {len(graph.outputs)} outputs; "
+            f"the rule has {len(inputs)} and {len(outputs)}"
+        )
+    onnx_ir.passes.common.OutputFixPass()(model)
+    wanted = set(inputs) | set(outputs)
+    io = {id(v) for v in [*graph.inputs, *graph.outputs]}
+    inner = [*graph.initializers.values()]
+    for node in graph:
+        inner.extend(node.outputs)
+    for value in inner:
+        if id(value) not in io and value.name in wanted:
+            value.name = f"{value.name}_inner"
+    for value, name in zip([*graph.inputs, *graph.outputs], [*inputs, *outputs]):
+        value.name = name
+
+
+def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
+    """Export ``rule`` to a self-contained ONNX file at ``path``.
+
+    Args:
+        rule (nn.Module): a ``ModelRule`` (``example = (grads, params, states, step)``) or a
+            ``TensorRule`` (``example = (grad, param, state, step)``).
+        example (tuple): example inputs; their dtypes (and, with ``dynamic=False``, their
+            shapes) are baked in.
+        path (str): the ``.onnx`` file to write; its folder must exist.
+        dynamic (bool): every size of the gradients, parameters and states dynamic (``step``
+            stays a static 0-d tensor); ``False`` fixes every shape to the example's.
+    """
+    with _quiet(_CHATTY_LOGGERS):
+        program, args, signature = _trace(rule, example, dynamic)
+        onnx_program = torch.onnx.export(
+            program,
+            args,
+            dynamo=True,
+            verbose=False,
+            external_data=False,
+            optimize=False,  # see _exact_optimize
+            custom_translation_table=_TRANSLATIONS,
+        )
+        model = onnx_program.model
+        _exact_optimize(model)
+        _name_io(model, signature.input_names, signature.output_names)
+        model.metadata_props[SIGNATURE_KEY] = signature.to_json()
+        # Serialised here rather than by ONNXProgram.save, so the weights are always embedded.
+        proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save_model(proto, os.fspath(path), save_as_external_data=False)
+
+
+def load(path: str) -> Runner:
+    """A runner for the ONNX graph at ``path``, with the saved rule's call signature.
+
+    Returns ``runner(grads, params, states, step) -> (directions, new_states)`` for a
+    ``ModelRule`` graph and ``runner(grad, param, state, step) -> (direction, new_state)`` for a
+    ``TensorRule`` graph; CPU torch tensors of the exported dtypes in and out. A call whose
+    tensors do not fit the graph (count, dtype, rank or size) raises ``ValueError`` naming the
+    input.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only (warnings are about unused initializers)
+    session = onnxruntime.InferenceSession(
+        os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    metadata = session.get_modelmeta().custom_metadata_map
+    if SIGNATURE_KEY not in metadata:
+        raise ValueError(f"{path} is not a compiledopt update-rule graph (no signature)")
+    signature = _Signature.from_json(metadata[SIGNATURE_KEY], os.fspath(path))
+    inputs = signature.input_names
+    outputs = signature.output_names
+    if [i.name for i in session.get_inputs()] != inputs:
+        raise ValueError(
+            f"{path}: graph inputs {[i.name for i in session.get_inputs()]} do not "
+            f"match its signature {inputs}"
+        )
+
+    def runner(grads: Any, params: Any, states: Any, step: Any) -> Tuple[Any, List[Tensor]]:
+        flat = signature.flatten(grads, params, states, step)
+        feed = {name: t.detach().contiguous().numpy() for name, t in zip(inputs, flat)}
+        return signature.unflatten([torch.from_numpy(a) for a in session.run(outputs, feed)])
+
+    return runner
