@@ -150,7 +150,7 @@ class FrozenOptimizer(Optimizer):
                     len(t.init_state(torch.zeros(b["shape"], dtype=self.artifact.dtype)))
                     for t, b in zip(transforms, self.artifact.bindings)
                 ]
-                return torch.compile(ModelRule(transforms, counts), fullgraph=True)
+                return torch.compile(ModelRule(transforms, counts, fused=True), fullgraph=True)
             return self.artifact.runner(backend)
         if backend == "eager":
             return transforms[0].update
@@ -298,7 +298,7 @@ class _CompiledWholeModel:
         shapes = [tuple(p.shape) for p in params]
         if shapes != self.shapes:
             counts = [len(self.transform.init_state(p)) for p in params]
-            rule = ModelRule([self.transform] * len(params), counts)
+            rule = ModelRule([self.transform] * len(params), counts, fused=True)
             self.compiled = torch.compile(rule, fullgraph=True)
             self.shapes = shapes
         return self.compiled(grads, params, states, step)

@@ -63,7 +63,13 @@ def test_registry_entries_are_exportable():
 @pytest.mark.parametrize("entry", EXPORTABLE, ids=[e.name for e in EXPORTABLE])
 def test_onnx_matches_eager(entry, tmp_path):
     path = _export(entry, tmp_path / "a", backends=("onnx",))
-    assert verify_artifact(path, steps=10)["onnx"] <= 1e-6
+    assert verify_artifact(path, steps=10)["onnx"] <= ONNX_TOLERANCE.get(entry.name, 1e-6)
+
+
+# The one miss of the 1e-6 target, measured: CoordinateLSTM's direction (~1e-3) is a cancellation
+# of output-head terms ~3e-2, so one float32 rounding difference between onnxruntime and torch in
+# those terms is ~2e-6 of the result (eager float32 itself is that far from float64 there).
+ONNX_TOLERANCE = {"coordinate_lstm": 5e-6}
 
 
 # -- damage -------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ WEIGHTS = "weights.safetensors"
 BACKENDS = ("torchscript", "onnx", "aoti")
 _EXTENSIONS = {"torchscript": ".pt", "onnx": ".onnx", "aoti": ".pt2"}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Backends compiled by Inductor get the fused formulations (see freeze_transform).
+_FUSED = ("aoti",)
 
 
 class ArtifactError(ValueError):
@@ -179,11 +181,20 @@ def export_bound(
                 "state": [{"name": n, "shape": list(s.shape)} for n, s in zip(names, state)],
             }
         )
-    rule = ModelRule(transforms, [len(s) for s in states])
+    counts = [len(s) for s in states]
     flat = [s for state in states for s in state]
     example = ([torch.randn_like(p) for p in params], params, flat, torch.tensor(0))
     unique = nn.ModuleList(_unique(transforms))
-    graphs = [(b, "rule" + _EXTENSIONS[_check_backend(b)], rule, example, False) for b in backends]
+    graphs = [
+        (
+            b,
+            "rule" + _EXTENSIONS[_check_backend(b)],
+            ModelRule(transforms, counts, b in _FUSED),
+            example,
+            False,
+        )
+        for b in backends
+    ]
     manifest = {
         "kind": "bound",
         "transform": spec,
@@ -216,10 +227,10 @@ def export_shape_agnostic(
     if not ranks or ranks[0] < 0 or ranks[-1] > 5:
         raise ValueError(f"Invalid ranks: {ranks} (a non-empty subset of 0..5)")
     transform = transform.to(dtype)
-    rule = TensorRule(transform)
     graphs = []
     for backend in backends:
         extension = _EXTENSIONS[_check_backend(backend)]
+        rule = TensorRule(transform, backend in _FUSED)
         if backend == "torchscript":
             example = _tensor_example(transform, 2, dtype)
             graphs.append((backend, "rule" + extension, rule, example, True))

@@ -21,9 +21,17 @@ from compiledopt.nn.kronecker import KroneckerLinear
 from compiledopt.transforms.base import Transform
 
 
-def freeze_transform(transform: nn.Module) -> nn.Module:
-    """A frozen copy of ``transform``: detached weights, no grad, eval mode, constants folded."""
+def freeze_transform(transform: nn.Module, fused: bool = False) -> nn.Module:
+    """A frozen copy of ``transform``: detached weights, no grad, eval mode, constants folded.
+
+    With ``fused``, transforms that have a compiler-friendly formulation (``CoordinateMLP``'s
+    unrolled hidden units) switch to it: for Inductor (``torch.compile``, AOTInductor), not for
+    TorchScript or ONNX, which run the matmul form faster.
+    """
     frozen = copy.deepcopy(transform)
+    for module in frozen.modules():
+        if fused and hasattr(module, "fused"):
+            module.fused = True
     with torch.no_grad():
         for module in frozen.modules():
             if isinstance(module, KroneckerLinear) and module.psd:
@@ -49,11 +57,14 @@ class ModelRule(nn.Module):
 
     state_counts: List[int]
 
-    def __init__(self, transforms: Sequence[Transform], state_counts: Sequence[int]) -> None:
+    def __init__(
+        self, transforms: Sequence[Transform], state_counts: Sequence[int], fused: bool = False
+    ) -> None:
         super().__init__()
         if len(transforms) != len(state_counts):
             raise ValueError(f"{len(transforms)} transforms but {len(state_counts)} state counts")
-        self.transforms = nn.ModuleList([freeze_transform(t) for t in _dedup(transforms)[0]])
+        unique = _dedup(transforms)[0]
+        self.transforms = nn.ModuleList([freeze_transform(t, fused) for t in unique])
         self.index: List[int] = _dedup(transforms)[1]
         self.state_counts = [int(c) for c in state_counts]
         self.eval()
@@ -88,11 +99,11 @@ class ModelRule(nn.Module):
 class TensorRule(nn.Module):
     """A frozen shape-agnostic transform on one tensor: ``forward(grad, param, state, step)``."""
 
-    def __init__(self, transform: Transform) -> None:
+    def __init__(self, transform: Transform, fused: bool = False) -> None:
         super().__init__()
         if not transform.shape_agnostic:
             raise ValueError(f"{type(transform).__name__} is shape-bound: use ModelRule")
-        self.transform = freeze_transform(transform)
+        self.transform = freeze_transform(transform, fused)
         self.eval()
 
     def forward(

@@ -91,9 +91,13 @@ class CoordinateMLP(Transform):
     (``N = p.numel()``); the MLP is ``nn.Linear`` layers (matmuls) on that matrix, with ReLU. This
     is the training path: cheap in eager mode and under autograd, and it scripts, compiles and
     exports as is. The time columns enter the first layer as a per-tensor bias
-    ``W[:, time] @ tanh(step / τ)`` rather than as ``N`` repeated rows. A frozen fast path can
-    evaluate the same maths in cache-sized blocks of coordinates once the per-tensor statistics
-    (the normalisers and ``mean(r)``) are known.
+    ``W[:, time] @ tanh(step / τ)`` rather than as ``N`` repeated rows.
+
+    Fused formulation (``fused = True``, set by ``compiledopt.export.freeze_transform(...,
+    fused=True)`` for the Inductor backends, one hidden layer only): the same maths with the hidden
+    units unrolled — ``h_j = relu(b_j + Σ_f W_jf x_f)`` accumulated straight into the two outputs —
+    so that a compiler emits one loop over coordinates with no ``(N, hidden)`` intermediate.
+    Eagerly it is slow (``H·F`` small kernels); TorchScript and ONNX keep the matmul form.
 
     Initialisation (``init``):
 
@@ -210,6 +214,7 @@ class CoordinateMLP(Transform):
         self.eps = check_positive(eps, "eps")
         self.norm_eps = check_positive(norm_eps, "norm_eps")
         self.init = init
+        self.fused = False
         self.use_grad = "grad" in features
         self.use_param = "param" in features
         self.use_momentum = "momentum" in features
@@ -333,9 +338,6 @@ class CoordinateMLP(Transform):
                 columns.append(m * factored_rsqrt)
 
         weight = self.input_layer.weight
-        x = torch.stack([c.reshape(-1) for c in columns], dim=1).to(weight.dtype)
-        x = x * torch.rsqrt(x.square().mean(0, keepdim=True) + self.norm_eps)
-
         # First layer; the time columns are the same for every coordinate: a per-tensor bias.
         coordinate = self.num_coordinate_features
         bias = self.input_layer.bias
@@ -343,12 +345,40 @@ class CoordinateMLP(Transform):
             t = step.to(weight.dtype)
             time = torch.stack([torch.tanh(t / tau) for tau in self.timescales])
             bias = bias + weight[:, coordinate:] @ time
+        if self.fused and len(self.hidden_layers) == 0:
+            return self._fused_network(columns, bias, grad), new_state
+
+        x = torch.stack([c.reshape(-1) for c in columns], dim=1).to(weight.dtype)
+        x = x * torch.rsqrt(x.square().mean(0, keepdim=True) + self.norm_eps)
         h = torch.relu(torch.addmm(bias, x, weight[:, :coordinate].t()))
         for layer in self.hidden_layers:
             h = torch.relu(layer(h))
         out = self.head(h)
         direction = out[:, 0] * torch.exp(out[:, 1] * self.exp_mult) * self.step_mult
         return direction.reshape(grad.shape).to(grad.dtype), new_state
+
+    def _fused_network(self, columns: List[Tensor], bias: Tensor, grad: Tensor) -> Tensor:
+        """The one-hidden-layer network with its hidden units unrolled (see the class docs)."""
+        weight = self.input_layer.weight
+        head = self.head.weight
+        xs: List[Tensor] = []
+        for c in columns:
+            c = c.reshape(-1).to(weight.dtype)
+            # Accumulate the normaliser in float64: a compiled float32 reduction over millions of
+            # coordinates drifts by ~1e-5 relative, which would show in every update.
+            second = c.square().mean(dtype=torch.float64).to(c.dtype)
+            xs.append(c * torch.rsqrt(second + self.norm_eps))
+        d = torch.zeros_like(xs[0]) + self.head.bias[0]
+        m = torch.zeros_like(xs[0]) + self.head.bias[1]
+        for j in range(weight.shape[0]):
+            h = xs[0] * weight[j, 0] + bias[j]
+            for f in range(1, len(xs)):
+                h = h + xs[f] * weight[j, f]
+            h = torch.relu(h)
+            d = d + head[0, j] * h
+            m = m + head[1, j] * h
+        direction = d * torch.exp(m * self.exp_mult) * self.step_mult
+        return direction.reshape(grad.shape).to(grad.dtype)
 
     def extra_repr(self) -> str:
         return (
