@@ -143,13 +143,13 @@ class FrozenOptimizer(Optimizer):
     def _make_runner(self, backend: str) -> Callable:
         transforms = self._transforms
         if self.artifact.kind == "bound":
+            counts = [
+                len(t.init_state(torch.zeros(b["shape"], dtype=self.artifact.dtype)))
+                for t, b in zip(transforms, self.artifact.bindings)
+            ]
             if backend == "eager":
-                return _EagerBound(transforms)
+                return _EagerBound(transforms, counts)
             if backend == "compiled":
-                counts = [
-                    len(t.init_state(torch.zeros(b["shape"], dtype=self.artifact.dtype)))
-                    for t, b in zip(transforms, self.artifact.bindings)
-                ]
                 return torch.compile(ModelRule(transforms, counts, fused=True), fullgraph=True)
             return self.artifact.runner(backend)
         if backend == "eager":
@@ -180,6 +180,7 @@ class FrozenOptimizer(Optimizer):
                 loss = closure()
         flat = [p for group in self.param_groups for p in group["params"]]
         names = [n for n, _ in self._named()]
+        position = {id(p): i for i, p in enumerate(flat)}
         active_groups = []
         for group in self.param_groups:
             members = [p for p in group["params"] if p.grad is not None]
@@ -187,14 +188,14 @@ class FrozenOptimizer(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(
                         f"FrozenOptimizer does not support sparse gradients "
-                        f"(parameter {names[_index(flat, p)]})"
+                        f"(parameter {names[position[id(p)]]})"
                     )
             finite = all(bool(torch.isfinite(p.grad).all()) for p in members)
             if not finite:
                 bad = next(p for p in members if not bool(torch.isfinite(p.grad).all()))
                 if self.nonfinite == "raise":
                     raise FloatingPointError(
-                        f"non-finite gradient for parameter {names[_index(flat, bad)]}"
+                        f"non-finite gradient for parameter {names[position[id(bad)]]}"
                     )
                 self.skipped_steps += 1
                 continue
@@ -202,7 +203,7 @@ class FrozenOptimizer(Optimizer):
         active = [p for _, members in active_groups for p in members]
         if not active:
             return loss
-        indices = [_index(flat, p) for p in active]
+        indices = [position[id(p)] for p in active]
         for i, p in zip(indices, active):
             if not self.state[p]:
                 self.state[p] = self._init_state(i, p)
@@ -307,22 +308,15 @@ class _CompiledWholeModel:
 class _EagerBound:
     """The eager reference of a bound rule: one transform call per parameter."""
 
-    def __init__(self, transforms) -> None:
+    def __init__(self, transforms, counts) -> None:
         self.transforms = transforms
+        self.counts = counts
 
     def __call__(self, grads, params, states, step):
         directions, new_states, offset = [], [], 0
-        for transform, grad, param in zip(self.transforms, grads, params):
-            count = len(transform.init_state(param))
+        for transform, grad, param, count in zip(self.transforms, grads, params, self.counts):
             direction, state = transform.update(grad, param, states[offset : offset + count], step)
             directions.append(direction)
             new_states.extend(state)
             offset += count
         return directions, new_states
-
-
-def _index(flat: List[Tensor], param: Tensor) -> int:
-    for i, p in enumerate(flat):
-        if p is param:
-            return i
-    raise KeyError("parameter not in the optimizer")
