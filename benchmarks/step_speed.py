@@ -3,8 +3,8 @@
 Runs :func:`compiledopt.bench.main` (the same as ``compiledopt bench``); results go to
 ``benchmarks/results/`` (``benchmarks/results/quick/`` with ``--quick``) unless ``--out`` is given.
 
-    python benchmarks/step_speed.py            # full run (~25 minutes on 2 cores)
-    python benchmarks/step_speed.py --quick    # under 2 minutes
+    python benchmarks/step_speed.py            # full run (~40 min on 2 cores; compiles dominate)
+    python benchmarks/step_speed.py --quick    # ~1 min with a warm Inductor cache
 """
 
 import sys

@@ -26,8 +26,8 @@ increase, and the optimizer-state bytes per parameter. Outputs under ``--out``:
 ``step_speed.json``, ``step_speed.md``, ``step_speed.png`` (step time vs parameter count per
 backend, log-log) and ``roofline.png``.
 
-    python benchmarks/step_speed.py            # full run (~25 minutes on 2 cores)
-    python benchmarks/step_speed.py --quick    # < 2 minutes; structure only
+    python benchmarks/step_speed.py            # full run (~40 min on 2 cores; compiles dominate)
+    python benchmarks/step_speed.py --quick    # ~1 min with a warm Inductor cache; structure only
 """
 
 import argparse
@@ -456,7 +456,8 @@ def _parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="the smallest model, coordinate-mlp and metacurvature, backends eager/compiled/"
-        "torchscript/onnx, few repetitions: under 2 minutes",
+        "torchscript/onnx, few repetitions, the user's Inductor cache (about a minute once it "
+        "is warm)",
     )
     parser.add_argument(
         "--out",
@@ -477,7 +478,7 @@ def _parser() -> argparse.ArgumentParser:
         "--aoti",
         nargs="*",
         default=None,
-        help="families that get AOTInductor graphs (~17 s of C++ build per graph) "
+        help="families that get AOTInductor graphs (a C++ build per rank: ~30 s or more) "
         "(default: coordinate-mlp; none with --quick)",
     )
     parser.add_argument("--reps", type=int, default=None, help="timed steps (default: 5; 3 quick)")
@@ -522,8 +523,16 @@ def _parser() -> argparse.ArgumentParser:
         "--compile-timeout",
         type=float,
         default=240.0,
-        help="the ResNet-18 runs (there for compile time) go to a child process, stopped after "
-        "this many seconds; a stopped run records the limit as a lower bound (default: 240)",
+        help="the ResNet-18 runs (there for compile time; with --isolate-compiled every compiled "
+        "run) go to a child process, stopped after this many seconds; a stopped run records the "
+        "limit as a lower bound (default: 240)",
+    )
+    parser.add_argument(
+        "--isolate-compiled",
+        action="store_true",
+        help="run every compiled-backend configuration in a child process under "
+        "--compile-timeout, not only the ResNet-18 ones: bounds the run's time when compiles are "
+        "slow",
     )
     parser.add_argument(
         "--no-cuts",
@@ -555,6 +564,7 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
         "max_state_bytes": args.max_state_gb * 2**30,
         "whole_model": not quick and not args.no_whole_model and "resnet18" in models,
         "compile_timeout_s": args.compile_timeout,
+        "isolate_compiled": args.isolate_compiled,
         "cuts": [] if args.no_cuts or quick else list(CUTS),
         "ceilings": {"matmul_n": 2048, "copy_mb": 256, "reps": 3 if quick else 5},
         "inductor_cache": args.inductor_cache or ("shared" if quick else "fresh"),
@@ -758,27 +768,34 @@ def _run_isolated(
     }
     limit = settings["compile_timeout_s"]
     code = "from compiledopt.bench import _child_main; _child_main()"
+    import signal
+
+    # A session of its own, so that a stopped child takes its compile workers with it.
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", code],
-            input=json.dumps(job),
-            capture_output=True,
-            text=True,
-            timeout=limit,
-            check=False,
-        )
+        stdout, stderr = child.communicate(json.dumps(job), timeout=limit)
     except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
         return {
             "status": "timeout",
             "reason": f"timeout: stopped after {limit:.0f} s, before the first step had finished "
             "(compile included)",
             "timeout_s": limit,
         }
-    for line in done.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith(_RESULT):
             return json.loads(line[len(_RESULT) :])
-    tail = " ".join(done.stderr.strip().splitlines()[-3:])
-    return {"status": "error", "reason": f"error: child exited {done.returncode}: {tail}"}
+    tail = " ".join(stderr.strip().splitlines()[-3:])
+    return {"status": "error", "reason": f"error: child exited {child.returncode}: {tail}"}
 
 
 def _child_main() -> None:
@@ -1102,7 +1119,9 @@ def _run_plan(doc: Dict[str, Any], settings: Dict[str, Any], root: Path) -> None
                             )
                         row["build_s"] = _build_seconds(doc, family, model, backend, agnostic)
                         profile = model == profiled and family == "coordinate-mlp"
-                        if model == "resnet18":
+                        if model == "resnet18" or (
+                            backend == "compiled" and settings["isolate_compiled"]
+                        ):
                             row.update(
                                 _run_isolated(model, artifacts[key], backend, settings, profile)
                             )
@@ -1350,17 +1369,21 @@ def targets(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
     whole = doc.get("whole_model_compile", {})
     if "compile_s" in whole and "skipped" not in whole:
         compiles.append(("coordinate-mlp whole-model ModelRule", whole["compile_s"]))
-    result.append(
-        entry(
-            "resnet18_compile_s",
-            "whole-model compile ≤ 60 s for a ResNet-18-sized parameter list",
-            compiles,
-            max,
-            lambda v: v <= 60,
-            "worst of the compiles measured on the ResNet-18 list (Inductor cache: "
-            f"{doc['settings']['inductor_cache']})",
-        )
+    stopped = [value for label, value in compiles if "stopped" in label]
+    compile_target = entry(
+        "resnet18_compile_s",
+        "whole-model compile ≤ 60 s for a ResNet-18-sized parameter list",
+        compiles,
+        max,
+        lambda v: v <= 60,
+        "worst of the compiles measured on the ResNet-18 list (Inductor cache: "
+        f"{doc['settings']['inductor_cache']})"
+        + ("; a stopped run counts as its time limit, a lower bound" if stopped else ""),
     )
+    if stopped and compile_target["met"]:
+        # A run stopped at its limit took longer than that; under 60 s of limit, we don't know.
+        compile_target["met"] = False if max(stopped) >= 60 else None
+    result.append(compile_target)
     result.append(
         entry(
             "coordinate_mlp_state_floats",
