@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 
 from compiledopt._validation import check_real
 from compiledopt.export.artifact import BACKENDS, Artifact, ArtifactError, load_artifact
+from compiledopt.export.inductor import INDUCTOR_OPTIONS, CompiledTensorRule
 from compiledopt.export.rule import ModelRule
 
 logger = logging.getLogger("compiledopt")
@@ -150,13 +151,15 @@ class FrozenOptimizer(Optimizer):
             if backend == "eager":
                 return _EagerBound(transforms, counts)
             if backend == "compiled":
-                return torch.compile(ModelRule(transforms, counts, fused=True), fullgraph=True)
+                rule = ModelRule(transforms, counts, fused=True)
+                return torch.compile(rule, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
             return self.artifact.runner(backend)
         if backend == "eager":
             return transforms[0].update
         if backend == "compiled":
-            # One graph for the whole model (built at the first step, when the shapes are known).
-            return _CompiledWholeModel(transforms[0])
+            # Dynamic sizes: the same graphs (one for vectors, one for matrices) serve every
+            # parameter, so compile time does not grow with the model.
+            return CompiledTensorRule(transforms[0])
         return self.artifact.runner(backend)
 
     # -- the step ---------------------------------------------------------------------------
@@ -229,7 +232,7 @@ class FrozenOptimizer(Optimizer):
     def _directions(self, flat: List[Tensor], active: List[Tensor], indices: List[int]):
         dtype = self.artifact.dtype
         out: Dict[int, Tensor] = {}
-        if self.artifact.kind == "shape_agnostic" and self.backend != "compiled":
+        if self.artifact.kind == "shape_agnostic":
             for p in active:
                 direction, values = self._run(
                     p.grad.to(dtype),
@@ -283,26 +286,6 @@ class FrozenOptimizer(Optimizer):
                     self.state[param][key] = value.to(
                         device=param.device, dtype=self.artifact.dtype
                     )
-
-
-class _CompiledWholeModel:
-    """``torch.compile`` of one :class:`ModelRule` sharing a shape-agnostic transform across all
-    parameters: one graph and one call per step for the whole model, rebuilt only if the list of
-    parameter shapes changes (``add_param_group``)."""
-
-    def __init__(self, transform) -> None:
-        self.transform = transform
-        self.shapes: Optional[List[Tuple[int, ...]]] = None
-        self.compiled: Optional[Callable] = None
-
-    def __call__(self, grads, params, states, step):
-        shapes = [tuple(p.shape) for p in params]
-        if shapes != self.shapes:
-            counts = [len(self.transform.init_state(p)) for p in params]
-            rule = ModelRule([self.transform] * len(params), counts, fused=True)
-            self.compiled = torch.compile(rule, fullgraph=True)
-            self.shapes = shapes
-        return self.compiled(grads, params, states, step)
 
 
 class _EagerBound:

@@ -43,6 +43,8 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from compiledopt.export.inductor import INDUCTOR_OPTIONS
+
 __all__ = ["load", "save"]
 
 #: Key of the JSON signature in the package (and in the ONNX model's metadata).
@@ -360,7 +362,10 @@ def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
         aoti_compile_and_package(
             program,
             package_path=os.fspath(path),
-            inductor_configs={"aot_inductor.metadata": {SIGNATURE_KEY: signature.to_json()}},
+            inductor_configs={
+                **INDUCTOR_OPTIONS,
+                "aot_inductor.metadata": {SIGNATURE_KEY: signature.to_json()},
+            },
         )
 
 

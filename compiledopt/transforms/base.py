@@ -40,10 +40,16 @@ class Transform(nn.Module):
         shape_agnostic (bool): whether one instance serves parameters of any shape (shared
             across a model and transferable to other models), as meta-training requires.
             Shape-bound transforms are built per parameter by a factory.
+        view_invariant (bool): whether the update of a parameter equals the update of its
+            canonical view — ``(numel,)`` for rank 0 and 1, ``(shape[0], prod(shape[1:]))`` for
+            rank ≥ 2 — with the state tensors of the parameter's shape viewed alike (true of
+            elementwise rules and of Adafactor-style row/column statistics). Compiled backends
+            then need one graph per view rank instead of one per parameter rank.
     """
 
     reads_param: bool = False
     shape_agnostic: bool = False
+    view_invariant: bool = False
 
     @torch.jit.export
     def init_state(self, param: Tensor) -> List[Tensor]:

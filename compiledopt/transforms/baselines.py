@@ -83,6 +83,7 @@ class SGD(Transform):
     """
 
     shape_agnostic = True
+    view_invariant = True
 
     def __init__(
         self,
@@ -178,6 +179,7 @@ class Adam(Transform):
     """
 
     shape_agnostic = True
+    view_invariant = True
 
     def __init__(
         self,

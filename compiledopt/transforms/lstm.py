@@ -106,6 +106,7 @@ class CoordinateLSTM(Transform):
     """
 
     shape_agnostic = True
+    view_invariant = True
 
     def __init__(
         self,

@@ -148,6 +148,7 @@ class CoordinateMLP(Transform):
     timescales: List[float]
 
     shape_agnostic = True
+    view_invariant = True
 
     def __init__(
         self,
@@ -358,22 +359,33 @@ class CoordinateMLP(Transform):
         return direction.reshape(grad.shape).to(grad.dtype), new_state
 
     def _fused_network(self, columns: List[Tensor], bias: Tensor, grad: Tensor) -> Tensor:
-        """The one-hidden-layer network with its hidden units unrolled (see the class docs)."""
+        """The one-hidden-layer network with its hidden units unrolled (see the class docs).
+
+        The per-tensor normalisers are folded into the first layer's weights (a ``(hidden, F)``
+        product per tensor), so the per-coordinate loop reads the raw feature columns and does
+        only the MLP's multiply-adds.
+        """
         weight = self.input_layer.weight
         head = self.head.weight
         xs: List[Tensor] = []
+        scales: List[Tensor] = []
         for c in columns:
-            c = c.reshape(-1).to(weight.dtype)
+            # Columns keep the gradient's shape: on a (rows, cols) view the compiler emits a
+            # row loop around a contiguous column loop, so the factored term's per-row and
+            # per-column accumulators are a scalar and a vector load, with no index arithmetic.
+            c = c.to(weight.dtype)
             # Accumulate the normaliser in float64: a compiled float32 reduction over millions of
             # coordinates drifts by ~1e-5 relative, which would show in every update.
             second = c.square().mean(dtype=torch.float64).to(c.dtype)
-            xs.append(c * torch.rsqrt(second + self.norm_eps))
+            xs.append(c)
+            scales.append(torch.rsqrt(second + self.norm_eps))
+        folded = weight[:, : len(xs)] * torch.stack(scales)
         d = torch.zeros_like(xs[0]) + self.head.bias[0]
         m = torch.zeros_like(xs[0]) + self.head.bias[1]
         for j in range(weight.shape[0]):
-            h = xs[0] * weight[j, 0] + bias[j]
+            h = xs[0] * folded[j, 0] + bias[j]
             for f in range(1, len(xs)):
-                h = h + xs[f] * weight[j, f]
+                h = h + xs[f] * folded[j, f]
             h = torch.relu(h)
             d = d + head[0, j] * h
             m = m + head[1, j] * h

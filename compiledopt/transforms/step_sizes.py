@@ -76,6 +76,7 @@ class LearnedStepSize(Transform):
     """
 
     shape_agnostic = True
+    view_invariant = True
 
     def __init__(
         self,
@@ -183,6 +184,7 @@ class HypergradientDescent(Transform):
     """
 
     shape_agnostic = True
+    view_invariant = True
 
     def __init__(
         self, step_size: float = 1.0, hyper_lr: float = 1e-3, per_element: bool = False
@@ -285,6 +287,7 @@ class IDBD(Transform):
     """
 
     shape_agnostic = True
+    view_invariant = True
 
     def __init__(self, step_size: float = 1.0, meta_lr: float = 1e-2) -> None:
         super().__init__()

@@ -1,0 +1,81 @@
+"""Inductor settings and the compiled runner of shape-agnostic rules.
+
+:data:`INDUCTOR_OPTIONS` are the Inductor settings of every graph this library compiles itself
+(the ``compiled`` runtime backend and AOTInductor packages). Inductor's defaults materialise a
+pointwise expression into a buffer once it exceeds ~50 operations or 12 reads, and stop fusing
+at 64 nodes; ``CoordinateMLP``'s unrolled network (≈1,000 operations per coordinate) then splits
+into several loops that write and re-read ``(N,)`` partial sums. Raising the limits keeps the
+whole per-coordinate network in one loop over the coordinates, with the partial sums in
+registers (on a 1M-coordinate tensor: 35 ms → 24 ms per call on one core; see
+``benchmarks/step_speed.py``).
+
+:class:`CompiledTensorRule` compiles a shape-agnostic transform once with dynamic sizes and
+calls it on every parameter: the number of graphs depends on the parameters' ranks, not on their
+number or sizes, so every model (and every later model) reuses the same graphs.
+"""
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.fx.experimental._config as fx_config
+from torch import Tensor
+
+from compiledopt.export.rule import TensorRule
+from compiledopt.transforms.base import Transform
+
+__all__ = ["INDUCTOR_OPTIONS", "CompiledTensorRule", "canonical_shape"]
+
+INDUCTOR_OPTIONS = {
+    "realize_cpu_opcount_threshold": 100_000,
+    "realize_cpu_acc_reads_threshold": 100_000,
+    "max_fusion_size": 100_000,
+}
+
+
+def canonical_shape(shape: Sequence[int]) -> Tuple[int, ...]:
+    """The view a ``view_invariant`` transform is computed on: ``(numel,)`` for rank 0 and 1,
+    ``(shape[0], prod(shape[1:]))`` for rank ≥ 2."""
+    if len(shape) <= 1:
+        return (math.prod(shape),)
+    return (int(shape[0]), math.prod(shape[1:]))
+
+
+class CompiledTensorRule:
+    """``torch.compile`` of a frozen shape-agnostic transform, called once per parameter.
+
+    Sizes are dynamic (sizes of 1 included: they are not specialised), so one graph serves every
+    parameter of a given rank. A ``view_invariant`` transform is moreover computed on each
+    parameter's :func:`canonical_shape` (state tensors of the parameter's shape are viewed alike),
+    so it needs at most two graphs — one for vectors, one for matrices — whatever the model.
+
+    ``rule(grad, param, state, step) -> (direction, new_state)``, shapes as given.
+    """
+
+    def __init__(self, transform: Transform) -> None:
+        if not transform.shape_agnostic:
+            raise ValueError(f"{type(transform).__name__} is shape-bound: compile a ModelRule")
+        self.rule = TensorRule(transform, fused=True)
+        self.view = bool(getattr(transform, "view_invariant", False))
+        self.compiled = torch.compile(
+            self.rule, fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
+        )
+
+    def __call__(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        shape = param.shape
+        viewed = [s.shape == shape for s in state] if self.view else []
+        if self.view:
+            view = canonical_shape(shape)
+            # detach(): a reshaped tensor is a view, and Dynamo guards on a view's base (its
+            # shape and strides), which would compile a graph per base shape.
+            grad, param = grad.reshape(view).detach(), param.reshape(view).detach()
+            state = [s.reshape(view).detach() if same else s for s, same in zip(state, viewed)]
+        # No specialisation of sizes of 1, nor of sizes that happen to be equal.
+        with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+            direction, new_state = self.compiled(grad, param, state, step)
+        if self.view:
+            direction = direction.reshape(shape)
+            new_state = [s.reshape(shape) if same else s for s, same in zip(new_state, viewed)]
+        return direction, list(new_state)
