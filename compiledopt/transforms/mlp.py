@@ -308,9 +308,25 @@ class CoordinateMLP(Transform):
         second = state[count] * beta2 + grad_sq * (1.0 - beta2)
         if grad.dim() >= 2:
             matrix = grad_sq.flatten(1)
-            row = state[count + 1] * beta2 + matrix.mean(1) * (1.0 - beta2)
-            col = state[count + 2] * beta2 + matrix.mean(0) * (1.0 - beta2)
-            factored = row.unsqueeze(1) * col.unsqueeze(0) / (row.mean() + eps)
+            if self.fused:
+                # The same means and outer product as BLAS calls: with dynamic sizes Inductor
+                # generates strided (gathering) loops for a column reduction and integer
+                # division for a broadcast (rows, cols) product; matrix-vector products and a
+                # rank-1 matmul stream contiguous memory instead.
+                ones = torch.ones(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+                row_mean = torch.mv(matrix, ones) / matrix.shape[1]
+                ones = torch.ones(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+                col_mean = torch.mv(matrix.t(), ones) / matrix.shape[0]
+            else:
+                row_mean = matrix.mean(1)
+                col_mean = matrix.mean(0)
+            row = state[count + 1] * beta2 + row_mean * (1.0 - beta2)
+            col = state[count + 2] * beta2 + col_mean * (1.0 - beta2)
+            scaled = row / (row.mean() + eps)
+            if self.fused:
+                factored = torch.mm(scaled.unsqueeze(1), col.unsqueeze(0))
+            else:
+                factored = scaled.unsqueeze(1) * col.unsqueeze(0)
             factored = factored.reshape(grad.shape)
         else:
             row = state[count + 1].clone()
