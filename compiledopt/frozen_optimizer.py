@@ -12,6 +12,7 @@ from compiledopt._validation import check_real
 from compiledopt.export.artifact import BACKENDS, Artifact, ArtifactError, load_artifact
 from compiledopt.export.inductor import INDUCTOR_OPTIONS, CompiledTensorRule
 from compiledopt.export.rule import ModelRule
+from compiledopt.rounding import STATE_DTYPES, round_state
 
 logger = logging.getLogger("compiledopt")
 
@@ -47,10 +48,18 @@ class FrozenOptimizer(Optimizer):
             step for that group (its parameters and state stay as they are; counted in
             ``optimizer.skipped_steps``) or ``"raise"`` ``FloatingPointError`` before any
             parameter is touched. (default: "skip")
+        state_dtype (torch.dtype, optional): storage dtype of the rule's state. ``None`` keeps
+            the artifact's dtype; ``torch.bfloat16`` halves the state's memory (CoordinateMLP:
+            2 instead of 4 floats per parameter): the rule still computes in the artifact's
+            dtype and the new state is stochastically rounded to bfloat16 (unbiased, so slow
+            accumulators such as a 0.999-decay second moment keep tracking; see
+            ``compiledopt.rounding``). On the ``compiled`` backend the conversions and the
+            rounding run inside the compiled graph. (default: None)
 
     Parameters that get no gradient in a step are left untouched, state included. Computation
     runs in the artifact's dtype: a bf16/fp16 model's gradients are upcast, the state is kept in
-    the artifact's dtype (float32), and the update is cast back; ``torch.amp.GradScaler`` works as
+    the artifact's dtype (float32) unless ``state_dtype`` says otherwise, and the update is cast
+    back; ``torch.amp.GradScaler`` works as
     with any optimizer. The learning rate is applied outside the graphs, so LR schedulers never
     cause a recompile.
 
@@ -70,8 +79,15 @@ class FrozenOptimizer(Optimizer):
         backend: str = "auto",
         weight_decay: float = 0.0,
         nonfinite: str = "skip",
+        state_dtype: Optional[torch.dtype] = None,
     ) -> None:
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        if state_dtype is not None and state_dtype not in (self.artifact.dtype, *STATE_DTYPES):
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype!r} (None, the artifact's "
+                f"{self.artifact.dtype}, or one of {STATE_DTYPES})"
+            )
+        self.state_dtype = self.artifact.dtype if state_dtype is None else state_dtype
         lr = float(self.artifact.manifest["lr"]) if lr is None else lr
         check_real(lr, "lr", 0.0)
         check_real(weight_decay, "weight_decay", 0.0)
@@ -159,7 +175,8 @@ class FrozenOptimizer(Optimizer):
         if backend == "compiled":
             # Dynamic sizes: the same graphs (one for vectors, one for matrices) serve every
             # parameter, so compile time does not grow with the model.
-            return CompiledTensorRule(transforms[0])
+            in_graph = self.state_dtype if self.state_dtype != self.artifact.dtype else None
+            return CompiledTensorRule(transforms[0], state_dtype=in_graph)
         return self.artifact.runner(backend)
 
     # -- the step ---------------------------------------------------------------------------
@@ -169,6 +186,7 @@ class FrozenOptimizer(Optimizer):
         dtype = self.artifact.dtype
         with torch.no_grad():
             values = transform.init_state(param.detach().to(dtype))
+            values = [v.to(self.state_dtype) if v.is_floating_point() else v for v in values]
         names = transform.state_names() or [f"state_{j}" for j in range(len(values))]
         state = {"step": torch.zeros((), dtype=torch.int64)}
         state.update(zip(names, values))
@@ -219,13 +237,22 @@ class FrozenOptimizer(Optimizer):
                 p.add_(directions[id(p)].to(p.dtype), alpha=-lr)
         return loss
 
-    def _state_values(self, p: Tensor) -> List[Tensor]:
-        return [v for k, v in self.state[p].items() if k != "step"]
+    def _state_values(self, p: Tensor, stored: bool = False) -> List[Tensor]:
+        """``p``'s state tensors, in the compute dtype (or as ``stored``)."""
+        values = [v for k, v in self.state[p].items() if k != "step"]
+        if stored or self.state_dtype == self.artifact.dtype:
+            return values
+        dtype = self.artifact.dtype
+        return [v.to(dtype) if v.is_floating_point() else v for v in values]
 
-    def _store(self, p: Tensor, values: List[Tensor]) -> None:
+    def _seed(self, index: int, p: Tensor) -> Tensor:
+        """The rounding seed of parameter ``index`` at its current step (see rounding.py)."""
+        return self.state[p]["step"] * 1_000_003 + index * 7_919
+
+    def _store(self, p: Tensor, values: List[Tensor], seed: Tensor) -> None:
         state = self.state[p]
         keys = [k for k in state if k != "step"]
-        for key, value in zip(keys, values):
+        for key, value in zip(keys, round_state(values, self.state_dtype, seed)):
             state[key] = value
         state["step"] = state["step"] + 1
 
@@ -233,15 +260,17 @@ class FrozenOptimizer(Optimizer):
         dtype = self.artifact.dtype
         out: Dict[int, Tensor] = {}
         if self.artifact.kind == "shape_agnostic":
-            for p in active:
-                direction, values = self._run(
-                    p.grad.to(dtype),
-                    p.detach().to(dtype),
-                    self._state_values(p),
-                    self.state[p]["step"],
-                )
+            in_graph = isinstance(self._run, CompiledTensorRule) and self._run.state_dtype
+            for i, p in zip(indices, active):
+                grad, param, step = p.grad.to(dtype), p.detach().to(dtype), self.state[p]["step"]
+                seed = self._seed(i, p)
+                if in_graph:  # the compiled graph converts and rounds the state itself
+                    state = self._state_values(p, stored=True)
+                    direction, values = self._run(grad, param, state, step, seed)
+                else:
+                    direction, values = self._run(grad, param, self._state_values(p), step)
                 out[id(p)] = direction
-                self._store(p, list(values))
+                self._store(p, list(values), seed)
             return out
         # A bound rule updates every parameter at once with one step count; parameters whose
         # counts differ (some missed steps) are computed in separate calls.
@@ -254,8 +283,11 @@ class FrozenOptimizer(Optimizer):
                 # Parameters outside this call still feed the graph (a zero gradient and their
                 # state, or a throw-away initial state); their results are discarded.
                 known = p in self.state and self.state[p]
+                initial = list(self._init_state(i, p).values())[1:]
                 values = (
-                    self._state_values(p) if known else list(self._init_state(i, p).values())[1:]
+                    self._state_values(p)
+                    if known
+                    else [v.to(dtype) if v.is_floating_point() else v for v in initial]
                 )
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 grads.append(grad.to(dtype))
@@ -265,27 +297,25 @@ class FrozenOptimizer(Optimizer):
             directions, new_states = self._run(grads, params, states, torch.tensor(step))
             offset = 0
             member_ids = {id(p) for p in members}
-            for p, direction, count in zip(flat, directions, counts):
+            for i, (p, direction, count) in enumerate(zip(flat, directions, counts)):
                 if id(p) in member_ids:
                     out[id(p)] = direction
-                    self._store(p, list(new_states[offset : offset + count]))
+                    self._store(p, list(new_states[offset : offset + count]), self._seed(i, p))
                 offset += count
         return out
 
     # -- state_dict -------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """torch.optim's loader, except that state keeps the artifact's dtype (not the
-        parameter's), so a bf16 model's float32 state survives a save/load exactly."""
+        """torch.optim's loader, except that state keeps its storage dtype (``state_dtype``,
+        not the parameter's), so a bf16 model's float32 state survives a save/load exactly."""
         super().load_state_dict(state_dict)
         flat = [p for group in self.param_groups for p in group["params"]]
         for index, saved in state_dict["state"].items():
             param = flat[int(index)]
             for key, value in saved.items():
                 if key != "step" and isinstance(value, Tensor):
-                    self.state[param][key] = value.to(
-                        device=param.device, dtype=self.artifact.dtype
-                    )
+                    self.state[param][key] = value.to(device=param.device, dtype=self.state_dtype)
 
 
 class _EagerBound:

@@ -15,13 +15,14 @@ number or sizes, so every model (and every later model) reuses the same graphs.
 """
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx.experimental._config as fx_config
-from torch import Tensor
+from torch import Tensor, nn
 
 from compiledopt.export.rule import TensorRule
+from compiledopt.rounding import STATE_DTYPES, round_state
 from compiledopt.transforms.base import Transform
 
 __all__ = ["INDUCTOR_OPTIONS", "CompiledTensorRule", "canonical_shape"]
@@ -50,20 +51,35 @@ class CompiledTensorRule:
     so it needs at most two graphs — one for vectors, one for matrices — whatever the model.
 
     ``rule(grad, param, state, step) -> (direction, new_state)``, shapes as given.
+
+    With ``state_dtype=torch.bfloat16`` the state is given and returned in bfloat16 and the graph
+    itself converts it to the rule's dtype and stochastically rounds the new state
+    (:func:`compiledopt.rounding.round_state`, seed ``seed``):
+    ``rule(grad, param, state, step, seed)``.
     """
 
-    def __init__(self, transform: Transform) -> None:
+    def __init__(self, transform: Transform, state_dtype: Optional[torch.dtype] = None) -> None:
         if not transform.shape_agnostic:
             raise ValueError(f"{type(transform).__name__} is shape-bound: compile a ModelRule")
-        self.rule = TensorRule(transform, fused=True)
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype!r} (None or one of {STATE_DTYPES})"
+            )
+        self.state_dtype = state_dtype
+        rule = TensorRule(transform, fused=True)
+        self.rule = rule if state_dtype is None else _RoundedRule(rule, state_dtype)
         self.view = bool(getattr(transform, "view_invariant", False))
         self.compiled = torch.compile(
             self.rule, fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
         )
 
     def __call__(
-        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor, *seed: Tensor
     ) -> Tuple[Tensor, List[Tensor]]:
+        if len(seed) != (self.state_dtype is not None):
+            raise TypeError(
+                "a rounding seed is " + ("required" if self.state_dtype else "not accepted")
+            )
         shape = param.shape
         viewed = [s.shape == shape for s in state] if self.view else []
         if self.view:
@@ -74,8 +90,25 @@ class CompiledTensorRule:
             state = [s.reshape(view).detach() if same else s for s, same in zip(state, viewed)]
         # No specialisation of sizes of 1, nor of sizes that happen to be equal.
         with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
-            direction, new_state = self.compiled(grad, param, state, step)
+            direction, new_state = self.compiled(grad, param, state, step, *seed)
         if self.view:
             direction = direction.reshape(shape)
             new_state = [s.reshape(shape) if same else s for s, same in zip(new_state, viewed)]
         return direction, list(new_state)
+
+
+class _RoundedRule(nn.Module):
+    """A rule whose state is stored in ``state_dtype``: converted up on the way in, rounded
+    stochastically on the way out, in the same graph."""
+
+    def __init__(self, rule: nn.Module, state_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.rule = rule
+        self.state_dtype = state_dtype
+
+    def forward(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor, seed: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        state = [s.to(grad.dtype) if s.is_floating_point() else s for s in state]
+        direction, new_state = self.rule(grad, param, state, step)
+        return direction, round_state(new_state, self.state_dtype, seed)
