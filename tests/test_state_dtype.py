@@ -1,4 +1,4 @@
-"""bfloat16 optimizer state: stochastic rounding, and FrozenOptimizer(state_dtype=torch.bfloat16)."""
+"""bfloat16 optimizer state: stochastic rounding and FrozenOptimizer(state_dtype=bfloat16)."""
 
 import io
 
