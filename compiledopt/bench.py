@@ -52,8 +52,11 @@ import torch
 from torch import Tensor, nn
 
 SCHEMA = "compiledopt-bench-step-speed/1"
-BACKENDS = ("eager", "compiled", "torchscript", "onnx", "aoti")
+BACKENDS = ("eager", "compiled", "compiled-bf16", "torchscript", "onnx", "aoti")
 EXPORTED = ("torchscript", "onnx", "aoti")
+#: ``compiled-bf16``: the compiled backend with ``state_dtype=torch.bfloat16`` (families with
+#: per-coordinate state only).
+BF16_FAMILIES = ("coordinate-mlp",)
 FLOAT_BYTES = 4  # every rule here runs in float32
 
 #: The learned transform families: the artifact spec of each.
@@ -173,10 +176,11 @@ def rule_cost(family: str, shapes: Sequence[Sequence[int]], spec: Dict[str, Any]
     * ``coordinate-mlp`` (``K`` momenta, ``F`` per-coordinate features, hidden widths ``h``):
       accumulators ``3K + 4`` (momenta, ``g²``, second moment), Adafactor rows/columns ``+4`` for
       rank ≥ 2; feature columns: ``rms`` 2, ``momentum_rsqrt`` ``2 + K``, ``factored`` ``3 + K``;
-      per-tensor normalisation ``3F``; first layer ``2·F·h₁ + 2h₁`` (matmul, bias, ReLU); later
-      layers ``2·hᵢ·hᵢ₊₁ + 2hᵢ₊₁``; head ``2·h_L·2 + 2``; output ``d·exp(m·c)·c'`` 4. Bytes: ``g``,
+      per-tensor normalisation statistics ``2F`` (square and sum: the scale itself is folded
+      into the first layer's weights once per tensor); first layer ``2·F·h₁ + 2h₁`` (matmul,
+      bias, ReLU); later layers ``2·hᵢ·hᵢ₊₁ + 2hᵢ₊₁``; head ``2·h_L·2 + 2``; output ``d·exp(m·c)·c'`` 4. Bytes: ``g``,
       ``p``, ``K + 1`` full state tensors in and out, ``p`` out (the row/column vectors are
-      negligible): ``4·(3 + 2(K + 1))`` = 44 B for ``K = 3``. Default settings: ~1100 FLOPs.
+      negligible): ``4·(3 + 2(K + 1))`` = 44 B for ``K = 3``. Default settings: ~1090 FLOPs.
     * ``coordinate-lstm`` (hidden ``H``, ``I`` inputs): preprocessing 8; each layer
       ``2·(in + H)·4H`` (the two matmuls) ``+ 17H`` (biases, 3 sigmoids, 2 tanh, cell and hidden
       updates); output ``2H + 2``. Bytes: ``g``, ``p``, 4 state tensors of ``H`` floats in and
@@ -205,7 +209,7 @@ def rule_cost(family: str, shapes: Sequence[Sequence[int]], spec: Dict[str, Any]
         widths = mlp.hidden_sizes
         per = 3 * k + 4
         per += 2 * mlp.use_rms + (2 + k) * mlp.use_momentum_rsqrt + (3 + k) * mlp.use_factored
-        per += 3 * f + 2 * f * widths[0] + 2 * widths[0]
+        per += 2 * f + 2 * f * widths[0] + 2 * widths[0]
         per += sum(2 * a * b + 2 * b for a, b in itertools.pairwise(widths))
         per += 2 * widths[-1] * 2 + 2 + 4 + 2
         per_bytes = FLOAT_BYTES * (3 + 2 * (k + 1))
@@ -592,24 +596,13 @@ def _threads(value: str) -> Dict[str, Any]:
 
 @contextlib.contextmanager
 def _thread_count(threads: int) -> Iterator[None]:
-    """torch's intra-op threads, and onnxruntime's for the sessions FrozenOptimizer opens
-    (``compiledopt.export.onnx.load`` builds its ``SessionOptions`` from the module attribute,
-    which is swapped here for the length of the run)."""
-    import onnxruntime
-
-    saved_threads, saved_options = torch.get_num_threads(), onnxruntime.SessionOptions
-
-    class _Options(saved_options):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            super().__init__()
-            self.intra_op_num_threads = threads
-
+    """torch's intra-op threads for the length of the run (onnxruntime sessions opened by
+    ``compiledopt.export.onnx.load`` take the same count)."""
+    saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    onnxruntime.SessionOptions = _Options
     try:
         yield
     finally:
-        onnxruntime.SessionOptions = saved_options
         torch.set_num_threads(saved_threads)
 
 
@@ -651,6 +644,7 @@ def _plan(settings: Dict[str, Any]) -> List[Tuple[str, ...]]:
                 b
                 for b in settings["backends"]
                 if (b != "aoti" or family in settings["aoti_families"])
+                and (b != "compiled-bf16" or family in BF16_FAMILIES)
                 and (model != "resnet18" or b in RESNET_PLAN["backends"])
             ]
             if FAMILIES[family]["kind"] != "shape_agnostic":
@@ -711,7 +705,7 @@ def _export(
     )
 
     spec = FAMILIES[family]
-    backends = () if backend in ("eager", "compiled") else (backend,)
+    backends = (backend,) if backend in EXPORTED else ()
     torch.manual_seed(0)
     start = time.perf_counter()
     with _quiet():
@@ -731,11 +725,14 @@ def _run_frozen(
 ) -> Dict[str, Any]:
     from compiledopt import FrozenOptimizer
 
-    if backend == "compiled":
+    options: Dict[str, Any] = {"backend": backend}
+    if backend == "compiled-bf16":
+        options = {"backend": "compiled", "state_dtype": torch.bfloat16}
+    if options["backend"] == "compiled":
         torch._dynamo.reset()  # a cold Dynamo cache per configuration: honest compile times
 
     def make() -> torch.optim.Optimizer:
-        return FrozenOptimizer(named, artifact, lr=1e-4, backend=backend)
+        return FrozenOptimizer(named, artifact, lr=1e-4, **options)
 
     with _quiet():
         return time_optimizer(
@@ -1162,7 +1159,7 @@ def _run_plan(doc: Dict[str, Any], settings: Dict[str, Any], root: Path) -> None
                         row["build_s"] = _build_seconds(doc, family, model, backend, agnostic)
                         profile = model == profiled and family == "coordinate-mlp"
                         if model == "resnet18" or (
-                            backend == "compiled" and settings["isolate_compiled"]
+                            backend.startswith("compiled") and settings["isolate_compiled"]
                         ):
                             row.update(
                                 _run_isolated(model, artifacts[key], backend, settings, profile)
@@ -1202,8 +1199,7 @@ def _run_plan(doc: Dict[str, Any], settings: Dict[str, Any], root: Path) -> None
                 )
     doc["notes"] += [
         f"Threads: {settings['threads']} for torch and onnxruntime ({settings['threads_reason']}"
-        "); onnxruntime's count is set by swapping `onnxruntime.SessionOptions` for the run, "
-        "since `compiledopt.export.onnx.load` takes the default (one thread a core).",
+        "); `compiledopt.export.onnx.load` gives its sessions torch's thread count.",
         "Eager is the reference: each transform's own `update` in a Python loop over the "
         "parameters (for Kronecker the unfrozen layers, which recompute LᵀL and RᵀR every call, "
         "as learn2learn does); its floor counts those products too.",
@@ -1417,7 +1413,13 @@ def targets(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
             ],
             max,
             lambda v: v <= 4,
-            "4 full-size tensors (3 momenta, second moment) plus Adafactor row/column vectors",
+            "float32 state: 4 full-size tensors (3 momenta, second moment) plus Adafactor "
+            "row/column vectors; with state_dtype=bfloat16 (compiled-bf16 rows): "
+            + ", ".join(
+                f"{r['model']} {r['state_floats_per_param']:.3g}"
+                for r in rows
+                if r["family"] == "coordinate-mlp" and r["backend"] == "compiled-bf16"
+            ),
         )
     )
     return result
@@ -1587,7 +1589,14 @@ def plot(doc: Dict[str, Any], out: Path) -> None:
     rows = [r for r in doc["results"] if r.get("step_ms") and r["model"] != "resnet18"]
     families = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
     colors = {b: f"C{i}" for i, b in enumerate(BACKENDS)}
-    markers = {"eager": "o", "compiled": "s", "torchscript": "^", "onnx": "D", "aoti": "v"}
+    markers = {
+        "eager": "o",
+        "compiled": "s",
+        "compiled-bf16": "P",
+        "torchscript": "^",
+        "onnx": "D",
+        "aoti": "v",
+    }
     cols = min(3, max(1, len(families)))
     nrows = math.ceil(len(families) / cols) if families else 1
     fig, axes = plt.subplots(

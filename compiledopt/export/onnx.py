@@ -162,7 +162,8 @@ def load(path: str) -> Runner:
 
     Returns ``runner(grads, params, states, step) -> (directions, new_states)`` for a
     ``ModelRule`` graph and ``runner(grad, param, state, step) -> (direction, new_state)`` for a
-    ``TensorRule`` graph; CPU torch tensors of the exported dtypes in and out. A call whose
+    ``TensorRule`` graph; CPU torch tensors of the exported dtypes in and out; the session runs
+    ``torch.get_num_threads()`` intra-op threads (read when the graph is loaded). A call whose
     tensors do not fit the graph (count, dtype, rank or size) raises ``ValueError`` naming the
     input.
     """
@@ -170,6 +171,9 @@ def load(path: str) -> Runner:
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only (warnings are about unused initializers)
+    # The process's intra-op thread budget is torch's (torch.set_num_threads); onnxruntime's
+    # default of one thread per core would oversubscribe cores a training loop already uses.
+    options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(
         os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"]
     )
