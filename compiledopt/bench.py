@@ -179,8 +179,9 @@ def rule_cost(family: str, shapes: Sequence[Sequence[int]], spec: Dict[str, Any]
       per-tensor normalisation statistics ``2F`` (square and sum: the scale itself is folded
       into the first layer's weights once per tensor); first layer ``2·F·h₁ + 2h₁`` (matmul,
       bias, ReLU); later layers ``2·hᵢ·hᵢ₊₁ + 2hᵢ₊₁``; head ``2·h_L·2 + 2``; output
-      ``d·exp(m·c)·c'`` 4. Bytes: ``g``, ``p``, ``K + 1`` full state tensors in and out, ``p`` out (the row/column vectors are
-      negligible): ``4·(3 + 2(K + 1))`` = 44 B for ``K = 3``. Default settings: ~1090 FLOPs.
+      ``d·exp(m·c)·c'`` 4. Bytes: ``g``, ``p``, ``K + 1`` full state tensors in and out, ``p``
+      out (the row/column vectors are negligible): ``4·(3 + 2(K + 1))`` = 44 B for ``K = 3``.
+      Default settings: ~1090 FLOPs.
     * ``coordinate-lstm`` (hidden ``H``, ``I`` inputs): preprocessing 8; each layer
       ``2·(in + H)·4H`` (the two matmuls) ``+ 17H`` (biases, 3 sigmoids, 2 tanh, cell and hidden
       updates); output ``2H + 2``. Bytes: ``g``, ``p``, 4 state tensors of ``H`` floats in and
