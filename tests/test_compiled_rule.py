@@ -9,7 +9,7 @@ from registry import REGISTRY, SHAPES, Entry
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-from compiledopt.export.inductor import CompiledTensorRule, canonical_shape
+from compiledopt.export.inductor import SMALL_VECTOR, CompiledTensorRule, canonical_shape
 
 AGNOSTIC = [e for e in REGISTRY if e.spec is not None and e.spec.get("kind") == "shape_agnostic"]
 
@@ -72,32 +72,38 @@ MODEL_SHAPES: List[tuple] = [
 ]
 
 
+def _float32(transform, shape, seed):
+    grad, param, state = _inputs(transform, shape, seed)
+    return grad.float(), param.float(), [s.float() for s in state]
+
+
+def _check_call(rule, transform, shape, seed) -> None:
+    grad, param, state = _float32(transform, shape, seed)
+    step = torch.tensor(seed)
+    direction, new_state = rule(grad, param, state, step)
+    expected, expected_state = transform.update(grad, param, state, step)
+    torch.testing.assert_close(direction, expected, rtol=2e-5, atol=1e-9)
+    for a, b in zip(new_state, expected_state):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-9)
+
+
 @pytest.mark.slow
-def test_compiled_tensor_rule_two_graphs_for_any_shapes() -> None:
+def test_compiled_tensor_rule_graphs_do_not_grow_with_the_model() -> None:
     torch._dynamo.reset()
     transform = _entry("coordinate_mlp").build(torch.zeros(()))
     rule = CompiledTensorRule(transform)
-    before = counters["stats"]["unique_graphs"]
+    graphs = counters["stats"]["unique_graphs"]
     for i, shape in enumerate(MODEL_SHAPES):
-        grad, param, state = (
-            t.float() if isinstance(t, Tensor) else [s.float() for s in t]
-            for t in _inputs(transform, shape, seed=i)
-        )
-        step = torch.tensor(i)
-        direction, new_state = rule(grad, param, state, step)
-        expected, expected_state = transform.update(grad, param, state, step)
-        torch.testing.assert_close(direction, expected, rtol=2e-5, atol=1e-9)
-        for a, b in zip(new_state, expected_state):
-            assert a.shape == b.shape
-            torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-9)
-    assert counters["stats"]["unique_graphs"] - before == 2  # one for vectors, one for matrices
+        _check_call(rule, transform, shape, seed=i)
+    # one for matrices, one for (small) vectors
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+    _check_call(rule, transform, (SMALL_VECTOR,), seed=9)  # a large vector: fused formulation
+    assert counters["stats"]["unique_graphs"] - graphs == 3
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for shape in [(9, 2, 3), (11,), (1, 1)]:  # a later model reuses the graphs
-            grad, param, state = (
-                t.float() if isinstance(t, Tensor) else [s.float() for s in t]
-                for t in _inputs(transform, shape, seed=0)
-            )
-            rule(grad, param, state, torch.tensor(0))
+        # a later model reuses the graphs
+        for shape in [(9, 2, 3), (11,), (1, 1), (2 * SMALL_VECTOR + 3,)]:
+            rule(*_float32(transform, shape, seed=0), torch.tensor(0))
 
 
 def test_shape_bound_transform_is_refused() -> None:

@@ -25,7 +25,10 @@ from compiledopt.export.rule import TensorRule
 from compiledopt.rounding import STATE_DTYPES, round_state
 from compiledopt.transforms.base import Transform
 
-__all__ = ["INDUCTOR_OPTIONS", "CompiledTensorRule", "canonical_shape"]
+__all__ = ["INDUCTOR_OPTIONS", "SMALL_VECTOR", "CompiledTensorRule", "canonical_shape"]
+
+#: Vectors (canonical rank 1) with fewer elements take the quicker-to-compile matmul formulation.
+SMALL_VECTOR = 1 << 16
 
 INDUCTOR_OPTIONS = {
     "realize_cpu_opcount_threshold": 100_000,
@@ -48,7 +51,14 @@ class CompiledTensorRule:
     Sizes are dynamic (sizes of 1 included: they are not specialised), so one graph serves every
     parameter of a given rank. A ``view_invariant`` transform is moreover computed on each
     parameter's :func:`canonical_shape` (state tensors of the parameter's shape are viewed alike),
-    so it needs at most two graphs — one for vectors, one for matrices — whatever the model.
+    so it needs at most three graphs whatever the model: matrices and vectors of at least
+    :data:`SMALL_VECTOR` elements run the fused formulation, smaller vectors (biases, norm
+    weights: well under 1% of a model's coordinates) the matmul formulation, whose graph compiles
+    in a third of the time (15 s instead of 40 s on two cores) at a similar per-call cost. A
+    typical model (no vector that large) compiles two graphs. One-element parameters run the
+    same matmul formulation uncompiled: its compiled graph assumes at least two rows (a size-1
+    stride special case in Inductor's lowering), and a recompile for them would cost more than
+    they ever will.
 
     ``rule(grad, param, state, step) -> (direction, new_state)``, shapes as given.
 
@@ -66,11 +76,17 @@ class CompiledTensorRule:
                 f"Invalid state_dtype: {state_dtype!r} (None or one of {STATE_DTYPES})"
             )
         self.state_dtype = state_dtype
-        rule = TensorRule(transform, fused=True)
-        self.rule = rule if state_dtype is None else _RoundedRule(rule, state_dtype)
         self.view = bool(getattr(transform, "view_invariant", False))
-        self.compiled = torch.compile(
-            self.rule, fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
+        self.compiled = self._compile(TensorRule(transform, fused=True))
+        self.small = self._compile(TensorRule(transform, fused=False)) if self.view else None
+        self.single = self._wrap(TensorRule(transform, fused=False))
+
+    def _wrap(self, rule: nn.Module) -> nn.Module:
+        return rule if self.state_dtype is None else _RoundedRule(rule, self.state_dtype)
+
+    def _compile(self, rule: nn.Module):
+        return torch.compile(
+            self._wrap(rule), fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
         )
 
     def __call__(
@@ -82,15 +98,18 @@ class CompiledTensorRule:
             )
         shape = param.shape
         viewed = [s.shape == shape for s in state] if self.view else []
+        compiled = self.compiled
         if self.view:
             view = canonical_shape(shape)
+            if len(view) == 1 and view[0] < SMALL_VECTOR:
+                compiled = self.small if view[0] > 1 else self.single
             # detach(): a reshaped tensor is a view, and Dynamo guards on a view's base (its
             # shape and strides), which would compile a graph per base shape.
             grad, param = grad.reshape(view).detach(), param.reshape(view).detach()
             state = [s.reshape(view).detach() if same else s for s, same in zip(state, viewed)]
         # No specialisation of sizes of 1, nor of sizes that happen to be equal.
         with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
-            direction, new_state = self.compiled(grad, param, state, step, *seed)
+            direction, new_state = compiled(grad, param, state, step, *seed)
         if self.view:
             direction = direction.reshape(shape)
             new_state = [s.reshape(shape) if same else s for s, same in zip(new_state, viewed)]
