@@ -59,9 +59,8 @@ class FrozenOptimizer(Optimizer):
     Parameters that get no gradient in a step are left untouched, state included. Computation
     runs in the artifact's dtype: a bf16/fp16 model's gradients are upcast, the state is kept in
     the artifact's dtype (float32) unless ``state_dtype`` says otherwise, and the update is cast
-    back; ``torch.amp.GradScaler`` works as
-    with any optimizer. The learning rate is applied outside the graphs, so LR schedulers never
-    cause a recompile.
+    back; ``torch.amp.GradScaler`` works as with any optimizer. The learning rate is applied
+    outside the graphs, so LR schedulers never cause a recompile.
 
     Example:
         >>> optimizer = FrozenOptimizer(model.parameters(), "export/coordinate-mlp", lr=1e-3)
@@ -173,8 +172,8 @@ class FrozenOptimizer(Optimizer):
         if backend == "eager":
             return transforms[0].update
         if backend == "compiled":
-            # Dynamic sizes: the same graphs (one for vectors, one for matrices) serve every
-            # parameter, so compile time does not grow with the model.
+            # Dynamic sizes: the same two or three graphs (matrices, small vectors, large
+            # vectors) serve every parameter, so compile time does not grow with the model.
             in_graph = self.state_dtype if self.state_dtype != self.artifact.dtype else None
             return CompiledTensorRule(transforms[0], state_dtype=in_graph)
         return self.artifact.runner(backend)
@@ -283,12 +282,11 @@ class FrozenOptimizer(Optimizer):
                 # Parameters outside this call still feed the graph (a zero gradient and their
                 # state, or a throw-away initial state); their results are discarded.
                 known = p in self.state and self.state[p]
-                initial = list(self._init_state(i, p).values())[1:]
-                values = (
-                    self._state_values(p)
-                    if known
-                    else [v.to(dtype) if v.is_floating_point() else v for v in initial]
-                )
+                if known:
+                    values = self._state_values(p)
+                else:
+                    initial = list(self._init_state(i, p).values())[1:]
+                    values = [v.to(dtype) if v.is_floating_point() else v for v in initial]
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 grads.append(grad.to(dtype))
                 params.append(p.detach().to(dtype))
