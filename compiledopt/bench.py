@@ -751,32 +751,24 @@ def _cut(settings: Dict[str, Any], family: str, backend: str, params: int) -> Op
 _RESULT = "COMPILEDOPT-BENCH-RESULT:"
 
 
-def _run_isolated(
-    model: str, artifact: Path, backend: str, settings: Dict[str, Any], profile: bool
-) -> Dict[str, Any]:
-    """:func:`_run_frozen` in a child process (fresh Dynamo state, and a time limit:
-    ``settings["compile_timeout_s"]``); a run past the limit is stopped and recorded as such."""
+def _in_child(
+    entry: str, job: Dict[str, Any], limit: float, env: Optional[Dict[str, str]] = None
+) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """Run ``compiledopt.bench.<entry>()`` in a child process, ``job`` as JSON on its stdin,
+    stopped after ``limit`` seconds. Returns ``(result, None)``, or ``(None, "timeout")``, or
+    ``(None, "child exited N: <last stderr lines>")``."""
+    import signal
     import subprocess
     import sys
 
-    job = {
-        "model": model,
-        "artifact": str(artifact),
-        "backend": backend,
-        "profile": profile,
-        "settings": {k: settings[k] for k in ("reps", "warmup", "slow_step_s", "threads", "seed")},
-    }
-    limit = settings["compile_timeout_s"]
-    code = "from compiledopt.bench import _child_main; _child_main()"
-    import signal
-
     # A session of its own, so that a stopped child takes its compile workers with it.
     child = subprocess.Popen(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", f"from compiledopt.bench import {entry}; {entry}()"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
         start_new_session=True,
     )
     try:
@@ -785,17 +777,38 @@ def _run_isolated(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
         child.communicate()
+        return None, "timeout"
+    for line in stdout.splitlines():
+        if line.startswith(_RESULT):
+            return json.loads(line[len(_RESULT) :]), None
+    tail = " ".join(stderr.strip().splitlines()[-3:])
+    return None, f"child exited {child.returncode}: {tail}"
+
+
+def _run_isolated(
+    model: str, artifact: Path, backend: str, settings: Dict[str, Any], profile: bool
+) -> Dict[str, Any]:
+    """:func:`_run_frozen` in a child process (fresh Dynamo state, and a time limit:
+    ``settings["compile_timeout_s"]``); a run past the limit is stopped and recorded as such."""
+    job = {
+        "model": model,
+        "artifact": str(artifact),
+        "backend": backend,
+        "profile": profile,
+        "settings": {k: settings[k] for k in ("reps", "warmup", "slow_step_s", "threads", "seed")},
+    }
+    limit = settings["compile_timeout_s"]
+    row, failure = _in_child("_child_main", job, limit)
+    if failure == "timeout":
         return {
             "status": "timeout",
             "reason": f"timeout: stopped after {limit:.0f} s, before the first step had finished "
             "(compile included)",
             "timeout_s": limit,
         }
-    for line in stdout.splitlines():
-        if line.startswith(_RESULT):
-            return json.loads(line[len(_RESULT) :])
-    tail = " ".join(stderr.strip().splitlines()[-3:])
-    return {"status": "error", "reason": f"error: child exited {child.returncode}: {tail}"}
+    if failure is not None:
+        return {"status": "error", "reason": f"error: {failure}"}
+    return row
 
 
 def _child_main() -> None:
@@ -860,30 +873,16 @@ def whole_model_compile(named) -> Dict[str, Any]:
 
 def _run_whole_model(settings: Dict[str, Any], model: str = "resnet18") -> Dict[str, Any]:
     """:func:`whole_model_compile` in a child process with an empty Inductor cache."""
-    import subprocess
-    import sys
-
     job = {"model": model, "settings": {k: settings[k] for k in ("threads", "seed")}}
-    code = "from compiledopt.bench import _whole_model_child; _whole_model_child()"
+    limit = settings["compile_timeout_s"]
     with tempfile.TemporaryDirectory(prefix="compiledopt-cold-") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
-        try:
-            done = subprocess.run(
-                [sys.executable, "-c", code],
-                input=json.dumps(job),
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=settings["compile_timeout_s"],
-            )
-        except subprocess.TimeoutExpired:
-            limit = settings["compile_timeout_s"]
-            return {"status": "timeout", "compile_s": limit, "reason": f"stopped after {limit} s"}
-    for line in done.stdout.splitlines():
-        if line.startswith(_RESULT):
-            return json.loads(line[len(_RESULT) :])
-    tail = " ".join(done.stderr.strip().splitlines()[-3:])
-    return {"error": f"child exited {done.returncode}: {tail}"}
+        row, failure = _in_child("_whole_model_child", job, limit, env)
+    if failure == "timeout":
+        return {"status": "timeout", "compile_s": limit, "reason": f"stopped after {limit} s"}
+    if failure is not None:
+        return {"error": failure}
+    return row
 
 
 def _whole_model_child() -> None:

@@ -79,7 +79,7 @@ class CompiledTensorRule:
         self.view = bool(getattr(transform, "view_invariant", False))
         self.compiled = self._compile(TensorRule(transform, fused=True))
         self.small = self._compile(TensorRule(transform, fused=False)) if self.view else None
-        self.single = self._wrap(TensorRule(transform, fused=False))
+        self.single = self._wrap(TensorRule(transform, fused=False)) if self.view else None
 
     def _wrap(self, rule: nn.Module) -> nn.Module:
         return rule if self.state_dtype is None else _RoundedRule(rule, self.state_dtype)
