@@ -1,9 +1,17 @@
 """compiledopt: learned optimizers written once, run anywhere."""
 
-from compiledopt import nn, optim, transforms
-from compiledopt.frozen_optimizer import FrozenOptimizer
+from compiledopt import learned, nn, optim, transforms
 from compiledopt.module_update import clone_module, update_module
+from compiledopt.runtime import FrozenOptimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["FrozenOptimizer", "clone_module", "nn", "optim", "transforms", "update_module"]
+__all__ = [
+    "FrozenOptimizer",
+    "clone_module",
+    "learned",
+    "nn",
+    "optim",
+    "transforms",
+    "update_module",
+]

@@ -203,7 +203,7 @@ def rule_cost(family: str, shapes: Sequence[Sequence[int]], spec: Dict[str, Any]
     coordinates = 0
     kwargs = spec.get("kwargs", {}) if spec.get("kind") == "shape_agnostic" else {}
     if family == "coordinate-mlp":
-        from compiledopt.transforms.mlp import CoordinateMLP
+        from compiledopt.learned.mlp import CoordinateMLP
 
         mlp = CoordinateMLP(**kwargs)
         k, f = len(mlp.momentum_decays), mlp.num_coordinate_features
@@ -836,13 +836,13 @@ def _run_adamw(named, variant: str, settings: Dict[str, Any]) -> Dict[str, Any]:
 def whole_model_compile(named) -> Dict[str, Any]:
     """Cold compile of the compiled backend's CoordinateMLP rule on every tensor of ``named``.
 
-    :class:`~compiledopt.export.inductor.CompiledTensorRule` is called once on every tensor (what
+    :class:`~compiledopt.runtime.compiled.CompiledTensorRule` is called once on every tensor (what
     the first ``optimizer.step()`` does), then once more: the first pass is the compile (Dynamo
     tracing and Inductor's C++ build of each graph), the second the step without it. Run it in a
     fresh process with an empty Inductor cache (:func:`_run_whole_model`) for a cold number.
     """
     from compiledopt.export import build_shape_agnostic
-    from compiledopt.export.inductor import CompiledTensorRule
+    from compiledopt.runtime.compiled import CompiledTensorRule
 
     torch._dynamo.reset()
     transform = build_shape_agnostic(FAMILIES["coordinate-mlp"])
@@ -909,7 +909,7 @@ def bottleneck(named, ceilings: Dict[str, Any], reps: int) -> Dict[str, Any]:
       reading and writing it once.
     """
     from compiledopt.export import build_shape_agnostic
-    from compiledopt.export.inductor import CompiledTensorRule
+    from compiledopt.runtime.compiled import CompiledTensorRule
 
     torch._dynamo.reset()
     transform = build_shape_agnostic(FAMILIES["coordinate-mlp"])

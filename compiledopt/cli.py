@@ -49,7 +49,7 @@ def _json_object(text: str) -> dict:
 def _add_train(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from compiledopt.meta import MetaTrainConfig
     from compiledopt.tasks import FAMILIES
-    from compiledopt.transforms.catalog import LEARNED
+    from compiledopt.learned.catalog import LEARNED
 
     defaults = MetaTrainConfig()
     train = commands.add_parser(
@@ -262,7 +262,7 @@ def run_export(args: argparse.Namespace, out: TextIO) -> int:
     import torch
 
     from compiledopt.export import export_shape_agnostic
-    from compiledopt.transforms.catalog import build_transform
+    from compiledopt.learned.catalog import build_transform
 
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     spec = (state.get("metadata") or {}).get("transform_spec")
@@ -338,7 +338,7 @@ def run_train(args: argparse.Namespace, out: TextIO) -> int:
 
     from compiledopt.meta import MetaTrainConfig, MetaTrainer
     from compiledopt.tasks import get_family
-    from compiledopt.transforms.catalog import CATALOG, build_transform
+    from compiledopt.learned.catalog import CATALOG, build_transform
 
     torch.manual_seed(args.seed)
     spec = {"name": args.transform, "kwargs": args.transform_kwargs}

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from compiledopt.export.artifact import Artifact, load_artifact
-from compiledopt.frozen_optimizer import FrozenOptimizer
+from compiledopt.runtime.frozen_optimizer import FrozenOptimizer
 from compiledopt.tasks.digits import load_digits
 
 ADAMW_SWEEP = (3e-4, 1e-3, 3e-3, 1e-2)

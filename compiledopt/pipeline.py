@@ -21,7 +21,7 @@ from compiledopt.export.verify import verify_artifact
 from compiledopt.finetune import run_finetune
 from compiledopt.meta import MetaTrainConfig, MetaTrainer
 from compiledopt.tasks import get_family
-from compiledopt.transforms.catalog import CATALOG, build_transform
+from compiledopt.learned.catalog import CATALOG, build_transform
 
 TRANSFORM = "coordinate-mlp"
 KWARGS: Dict[str, Any] = {"hidden_sizes": [32]}

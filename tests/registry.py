@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import compiledopt as co
 from compiledopt.transforms import Transform
-from compiledopt.transforms.catalog import build_transform
+from compiledopt.learned.catalog import build_transform
 
 # rank -> an example parameter shape: scalar, bias, Linear, Conv1d, Conv2d, Conv3d weights.
 SHAPES: Dict[int, Tuple[int, ...]] = {
@@ -84,7 +84,7 @@ REGISTRY = [
     ),
     Entry(
         "learned_step_size_per_element",
-        co.transforms.LearnedStepSize.per_element,
+        co.learned.LearnedStepSize.per_element,
         {"kind": "per_element_step_size", "step_size": 1.0},
     ),
     agnostic("coordinate_mlp", "coordinate-mlp", hidden_sizes=[8]),

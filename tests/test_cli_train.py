@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from compiledopt import cli
-from compiledopt.transforms import CoordinateMLP, LearnedStepSize
-from compiledopt.transforms.catalog import CATALOG, build_transform
+from compiledopt.learned import CoordinateMLP, LearnedStepSize
+from compiledopt.learned.catalog import CATALOG, build_transform
 
 SMALL = [
     "--meta-steps",

@@ -9,7 +9,7 @@ from registry import REGISTRY, SHAPES, Entry
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-from compiledopt.export.inductor import SMALL_VECTOR, CompiledTensorRule, canonical_shape
+from compiledopt.runtime.compiled import SMALL_VECTOR, CompiledTensorRule, canonical_shape
 
 AGNOSTIC = [e for e in REGISTRY if e.spec is not None and e.spec.get("kind") == "shape_agnostic"]
 

@@ -21,8 +21,8 @@ from registry import SHAPES
 from torch import Tensor, nn
 
 from compiledopt.transforms.base import Transform, UpdateFunction
-from compiledopt.transforms.lstm import CoordinateLSTM
-from compiledopt.transforms.mlp import CoordinateMLP
+from compiledopt.learned.lstm import CoordinateLSTM
+from compiledopt.learned.mlp import CoordinateMLP
 
 DTYPE = torch.float64
 TOLERANCE = {"atol": 1e-6, "rtol": 1e-5}

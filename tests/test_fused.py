@@ -5,7 +5,7 @@ import torch
 from registry import SHAPES
 
 from compiledopt.export import freeze_transform
-from compiledopt.transforms import CoordinateMLP
+from compiledopt.learned import CoordinateMLP
 
 
 def _perturbed(hidden_sizes):

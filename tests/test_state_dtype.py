@@ -8,7 +8,7 @@ from torch import nn
 
 import compiledopt as co
 from compiledopt.export import build_shape_agnostic, export_shape_agnostic
-from compiledopt.rounding import stochastic_round_bfloat16
+from compiledopt.runtime.rounding import stochastic_round_bfloat16
 
 MLP = {"kind": "shape_agnostic", "name": "coordinate-mlp", "kwargs": {"hidden_sizes": [8]}}
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from compiledopt.export.inductor import INDUCTOR_OPTIONS
+from compiledopt.export.rule import INDUCTOR_OPTIONS
 
 __all__ = ["load", "save"]
 

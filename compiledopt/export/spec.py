@@ -19,11 +19,11 @@ from torch import nn
 
 import compiledopt.nn as cnn
 from compiledopt.transforms.base import Transform
-from compiledopt.transforms.catalog import CATALOG, build_transform
+from compiledopt.learned.catalog import CATALOG, build_transform
 from compiledopt.transforms.kronecker import KroneckerTransform
 from compiledopt.transforms.metacurvature import MetaCurvatureTransform
 from compiledopt.transforms.module import ModuleTransform
-from compiledopt.transforms.step_sizes import LearnedStepSize
+from compiledopt.learned.step_sizes import LearnedStepSize
 
 Spec = Dict[str, Any]
 

@@ -8,9 +8,9 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple
 
 from compiledopt.transforms.base import Transform
 from compiledopt.transforms.baselines import SGD, Adam, AdamW
-from compiledopt.transforms.lstm import CoordinateLSTM
-from compiledopt.transforms.mlp import CoordinateMLP
-from compiledopt.transforms.step_sizes import IDBD, HypergradientDescent, LearnedStepSize
+from compiledopt.learned.lstm import CoordinateLSTM
+from compiledopt.learned.mlp import CoordinateMLP
+from compiledopt.learned.step_sizes import IDBD, HypergradientDescent, LearnedStepSize
 
 
 class CatalogEntry(NamedTuple):

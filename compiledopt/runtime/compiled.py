@@ -1,13 +1,4 @@
-"""Inductor settings and the compiled runner of shape-agnostic rules.
-
-:data:`INDUCTOR_OPTIONS` are the Inductor settings of every graph this library compiles itself
-(the ``compiled`` runtime backend and AOTInductor packages). Inductor's defaults materialise a
-pointwise expression into a buffer once it exceeds ~50 operations or 12 reads, and stop fusing
-at 64 nodes; ``CoordinateMLP``'s unrolled network (≈1,000 operations per coordinate) then splits
-into several loops that write and re-read ``(N,)`` partial sums. Raising the limits keeps the
-whole per-coordinate network in one loop over the coordinates, with the partial sums in
-registers (on a 1M-coordinate tensor: 35 ms → 24 ms per call on one core; see
-``benchmarks/step_speed.py``).
+"""The compiled runner of shape-agnostic rules (the ``compiled`` backend).
 
 :class:`CompiledTensorRule` compiles a shape-agnostic transform once with dynamic sizes and
 calls it on every parameter: the number of graphs depends on the parameters' ranks, not on their
@@ -21,20 +12,14 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor, nn
 
-from compiledopt.export.rule import TensorRule
-from compiledopt.rounding import STATE_DTYPES, round_state
+from compiledopt.export.rule import INDUCTOR_OPTIONS, TensorRule
+from compiledopt.runtime.rounding import STATE_DTYPES, round_state
 from compiledopt.transforms.base import Transform
 
-__all__ = ["INDUCTOR_OPTIONS", "SMALL_VECTOR", "CompiledTensorRule", "canonical_shape"]
+__all__ = ["SMALL_VECTOR", "CompiledTensorRule", "canonical_shape"]
 
 #: Vectors (canonical rank 1) with fewer elements take the quicker-to-compile matmul formulation.
 SMALL_VECTOR = 1 << 16
-
-INDUCTOR_OPTIONS = {
-    "realize_cpu_opcount_threshold": 100_000,
-    "realize_cpu_acc_reads_threshold": 100_000,
-    "max_fusion_size": 100_000,
-}
 
 
 def canonical_shape(shape: Sequence[int]) -> Tuple[int, ...]:
@@ -64,7 +49,7 @@ class CompiledTensorRule:
 
     With ``state_dtype=torch.bfloat16`` the state is given and returned in bfloat16 and the graph
     itself converts it to the rule's dtype and stochastically rounds the new state
-    (:func:`compiledopt.rounding.round_state`, seed ``seed``):
+    (:func:`compiledopt.runtime.rounding.round_state`, seed ``seed``):
     ``rule(grad, param, state, step, seed)``.
     """
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from compiledopt._validation import check_flag, check_positive
 from compiledopt.transforms.base import Transform
-from compiledopt.transforms.mlp import check_shapes
+from compiledopt.learned.mlp import check_shapes
 
 
 def lstm_cell(

@@ -10,9 +10,9 @@ from torch.optim import Optimizer
 
 from compiledopt._validation import check_real
 from compiledopt.export.artifact import BACKENDS, Artifact, ArtifactError, load_artifact
-from compiledopt.export.inductor import INDUCTOR_OPTIONS, CompiledTensorRule
+from compiledopt.runtime.compiled import INDUCTOR_OPTIONS, CompiledTensorRule
 from compiledopt.export.rule import ModelRule
-from compiledopt.rounding import STATE_DTYPES, round_state
+from compiledopt.runtime.rounding import STATE_DTYPES, round_state
 
 logger = logging.getLogger("compiledopt")
 
@@ -53,7 +53,7 @@ class FrozenOptimizer(Optimizer):
             2 instead of 4 floats per parameter): the rule still computes in the artifact's
             dtype and the new state is stochastically rounded to bfloat16 (unbiased, so slow
             accumulators such as a 0.999-decay second moment keep tracking; see
-            ``compiledopt.rounding``). On the ``compiled`` backend the conversions and the
+            ``compiledopt.runtime.rounding``). On the ``compiled`` backend the conversions and the
             rounding run inside the compiled graph. (default: None)
 
     Parameters that get no gradient in a step are left untouched, state included. Computation

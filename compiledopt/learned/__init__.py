@@ -1,0 +1,22 @@
+"""Learned optimizer families: shape-agnostic transforms meta-trained to apply to any model.
+
+Every family is registered once in :mod:`compiledopt.learned.catalog` (by name, with the inner
+learning rate it runs at); the command line, the export spec and the benchmark read it there.
+"""
+
+from compiledopt.learned.catalog import CATALOG, LEARNED, CatalogEntry, build_transform
+from compiledopt.learned.lstm import CoordinateLSTM
+from compiledopt.learned.mlp import CoordinateMLP
+from compiledopt.learned.step_sizes import IDBD, HypergradientDescent, LearnedStepSize
+
+__all__ = [
+    "CATALOG",
+    "IDBD",
+    "LEARNED",
+    "CatalogEntry",
+    "CoordinateLSTM",
+    "CoordinateMLP",
+    "HypergradientDescent",
+    "LearnedStepSize",
+    "build_transform",
+]
