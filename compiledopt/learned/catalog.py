@@ -1,24 +1,39 @@
-"""Shape-agnostic transforms by name, for the command line and for checkpoints.
+"""The catalog: every shape-agnostic rule by name, registered once.
 
-A checkpoint records ``{"name": ..., "kwargs": {...}}`` (a *spec*); :func:`build_transform` turns
-it back into a module, so loading a trained optimizer never unpickles code.
+This is the one place a rule is registered. The command line (``compiledopt train --transform``),
+the export spec (``{"kind": "shape_agnostic", "name": ...}``) and the step-speed benchmark all
+read it, and each rule states its own cost model (:meth:`Transform.cost
+<compiledopt.transforms.Transform.cost>`) next to its update. A checkpoint or an artifact records
+``{"name": ..., "kwargs": {...}}``; :func:`build_transform` turns it back into a module, so
+loading a trained optimizer never unpickles code.
+
+Adding a learned family: write its module in this package (a :class:`Transform` with
+``shape_agnostic = True`` and a ``cost`` method) and add one :class:`CatalogEntry` line below.
 """
 
-from typing import Any, Callable, Dict, Mapping, NamedTuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Tuple
 
-from compiledopt.transforms.base import Transform
-from compiledopt.transforms.baselines import SGD, Adam, AdamW
 from compiledopt.learned.lstm import CoordinateLSTM
 from compiledopt.learned.mlp import CoordinateMLP
 from compiledopt.learned.step_sizes import IDBD, HypergradientDescent, LearnedStepSize
+from compiledopt.transforms.base import Transform
+from compiledopt.transforms.baselines import SGD, Adam, AdamW
 
 
 class CatalogEntry(NamedTuple):
-    """A transform class and the inner learning rate it is meant to run at."""
+    """A registered rule.
+
+    Attributes:
+        build (callable): the transform class (or factory) taking the spec's ``kwargs``.
+        inner_lr (float): the learning rate it is meant to run at.
+        summary (str): one line for listings.
+        learned (bool): meta-trained (a learned family) or a fixed hand-written baseline.
+    """
 
     build: Callable[..., Transform]
     inner_lr: float
     summary: str
+    learned: bool = True
 
 
 CATALOG: Dict[str, CatalogEntry] = {
@@ -35,13 +50,13 @@ CATALOG: Dict[str, CatalogEntry] = {
         HypergradientDescent, 0.1, "hypergradient descent (Baydin et al. 2017)"
     ),
     "idbd": CatalogEntry(IDBD, 0.1, "Incremental Delta-Bar-Delta (Sutton 1992)"),
-    "sgd": CatalogEntry(SGD, 0.1, "SGD with optional momentum (not learned)"),
-    "adam": CatalogEntry(Adam, 1e-3, "Adam (not learned)"),
-    "adamw": CatalogEntry(AdamW, 1e-3, "AdamW (not learned)"),
+    "sgd": CatalogEntry(SGD, 0.1, "SGD with optional momentum (not learned)", learned=False),
+    "adam": CatalogEntry(Adam, 1e-3, "Adam (not learned)", learned=False),
+    "adamw": CatalogEntry(AdamW, 1e-3, "AdamW (not learned)", learned=False),
 }
 
-# The transforms that are meta-trained (the rest are fixed baselines).
-LEARNED = ("coordinate-mlp", "coordinate-lstm", "learned-step-size", "hypergradient", "idbd")
+#: The rules that are meta-trained (the others are fixed baselines), in catalog order.
+LEARNED: Tuple[str, ...] = tuple(name for name, entry in CATALOG.items() if entry.learned)
 
 
 def build_transform(name: str, kwargs: Mapping[str, Any] | None = None) -> Transform:

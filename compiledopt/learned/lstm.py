@@ -18,13 +18,13 @@ index  name          shape       meaning
 """
 
 import math
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from compiledopt._validation import check_flag, check_positive
-from compiledopt.transforms.base import Transform
+from compiledopt.transforms.base import Cost, Transform
 from compiledopt.learned.mlp import check_shapes
 
 
@@ -180,6 +180,16 @@ class CoordinateLSTM(Transform):
         out = torch.addmm(self.output_bias, h1, self.output_weight.t())
         direction = (out * self.output_scale).reshape(grad.shape).to(grad.dtype)
         return direction, [h0, c0, h1, c1]
+
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """Per coordinate (hidden ``H``, ``I`` inputs): preprocessing 8; each of the two layers
+        ``2·(in + H)·4H`` (its two matmuls) ``+ 17H`` (biases, 3 sigmoids, 2 tanh, the cell and
+        hidden updates); output ``2H + 2``; update 2. Bytes: ``g``, ``p``, 4 state tensors of
+        ``H`` values in and out, ``p`` out."""
+        hidden, inputs = self.hidden_size, 2 if self.preprocess else 1
+        flops = 8 + 2 * (inputs + hidden) * 4 * hidden + 17 * hidden
+        flops += 2 * (2 * hidden) * 4 * hidden + 17 * hidden + 2 * hidden + 2 + 2
+        return Cost.elementwise(shape, flops, 3 + 8 * hidden, itemsize)
 
     def extra_repr(self) -> str:
         return (

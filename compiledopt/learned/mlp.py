@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from compiledopt._validation import check_positive, check_real
-from compiledopt.transforms.base import Transform
+from compiledopt.transforms.base import Cost, Transform
 
 #: Feature groups, in the order their columns appear in the feature matrix.
 FEATURE_GROUPS = ("grad", "param", "momentum", "rms", "momentum_rsqrt", "factored", "time")
@@ -408,6 +408,26 @@ class CoordinateMLP(Transform):
             m = m + head[1, j] * h
         direction = d * torch.exp(m * self.exp_mult) * self.step_mult
         return direction.reshape(grad.shape).to(grad.dtype)
+
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """FLOPs and bytes of one fused step (``K`` momenta, ``F`` coordinate features, hidden
+        widths ``h``), per coordinate: accumulators ``3K + 4`` (momenta, ``g²``, second moment);
+        feature columns ``rms`` 2, ``momentum_rsqrt`` ``2 + K``, ``factored`` ``3 + K``; the
+        per-tensor normalisation statistics ``2F`` (square and sum; the scale itself is folded
+        into the first layer once per tensor); first layer ``2·F·h₁ + 2h₁`` (matmul, bias, ReLU);
+        later layers ``2·hᵢ·hᵢ₊₁ + 2hᵢ₊₁``; head ``2·h_L·2 + 2``; output ``d·exp(m·c)·c'`` 4;
+        update 2; Adafactor row/column statistics ``+4`` for rank ≥ 2. Bytes: ``g``, ``p`` and
+        ``K + 1`` full state tensors in, the state and ``p`` out (row/column vectors negligible).
+        """
+        k, f, widths = len(self.momentum_decays), self.num_coordinate_features, self.hidden_sizes
+        flops = 3 * k + 4 + 2 * self.use_rms + (2 + k) * self.use_momentum_rsqrt
+        flops += (3 + k) * self.use_factored
+        flops += 2 * f + 2 * f * widths[0] + 2 * widths[0]
+        flops += sum(2 * a * b + 2 * b for a, b in itertools.pairwise(widths))
+        flops += 2 * widths[-1] * 2 + 2 + 4 + 2
+        if len(shape) >= 2:
+            flops += 4
+        return Cost.elementwise(shape, flops, 3 + 2 * (k + 1), itemsize)
 
     def extra_repr(self) -> str:
         return (

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from compiledopt._validation import check_flag, check_positive
-from compiledopt.transforms.base import Transform, check_grad_shape
+from compiledopt.transforms.base import Cost, Transform, check_grad_shape
 
 
 def _scalar_weight(value: float) -> nn.Parameter:
@@ -132,6 +132,11 @@ class LearnedStepSize(Transform):
         """The step size α (``exp(log_lr)``); ``state`` is unused (``[]``)."""
         return torch.exp(self.log_lr)
 
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """``α·g`` 1 FLOP and the update 2 a coordinate; ``g``, ``p`` in, ``p`` out (and the
+        per-element step sizes read)."""
+        return Cost.elementwise(shape, 3, 3 + (not self.shape_agnostic), itemsize)
+
     def extra_repr(self) -> str:
         return f"shape={None if self.shape_agnostic else tuple(self.log_lr.shape)}"
 
@@ -225,6 +230,14 @@ class HypergradientDescent(Transform):
 
     def state_names(self) -> List[str]:
         return ["hypergradient_sum", "previous_grad"]
+
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """Per coordinate: ``g·g_prev`` and its sum 2 (per element: product and difference 2,
+        ``α`` 2), ``α·g`` 1, update 2. Bytes: ``g``, ``p``, ``g_prev`` in, ``g_prev``, ``p`` out
+        (and the per-element hypergradient sum in and out)."""
+        if self.per_element:
+            return Cost.elementwise(shape, 7, 7, itemsize)
+        return Cost.elementwise(shape, 5, 5, itemsize)
 
     def extra_repr(self) -> str:
         return f"per_element={self.per_element}"
@@ -321,3 +334,9 @@ class IDBD(Transform):
 
     def state_names(self) -> List[str]:
         return ["hypergradient_sum", "trace"]
+
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """Per coordinate: hypergradient sum 2, ``α`` 3 (with its exp), ``α·g`` 1, the trace's
+        decay 4 and update 2, the parameter update 2. Bytes: ``g``, ``p`` and two state tensors
+        in, the state and ``p`` out."""
+        return Cost.elementwise(shape, 14, 7, itemsize)

@@ -9,11 +9,13 @@ State is explicit, a ``List[Tensor]``, so one signature serves TorchScript, ``to
     init_state(param) -> List[Tensor]
     update(grad, param, state, step) -> (direction, new_state)
     forward(grad) -> direction          # the single-argument call of the seed API
+    cost(shape) -> Cost                 # FLOPs and bytes of one step (the roofline's input)
 
 Do not add ``from __future__ import annotations`` here: TorchScript needs real annotations.
 """
 
-from typing import List, Tuple
+import math
+from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +27,30 @@ def check_grad_shape(grad: Tensor, expected: List[int]) -> None:
         raise ValueError(
             f"gradient of shape {list(grad.shape)} given to a transform bound to shape {expected}"
         )
+
+
+class Cost(NamedTuple):
+    """FLOPs and bytes of one optimizer step on one parameter, ``p ← p − lr·d`` included.
+
+    Conventions: a transcendental (exp, sqrt, rsqrt, tanh, sigmoid, log) counts as one FLOP and
+    the update ``p ← p − lr·d`` as two a coordinate. ``bytes`` are those of an ideal fused step:
+    every input (``p``, ``g``, the state) read once, every output (``p``, the new state) written
+    once, the direction never materialised, plus the rule's weights read once per tensor where
+    they are matrices. ``eager_flops`` adds what an eager call recomputes every time (a
+    positive semi-definite Kronecker factor's ``LᵀL``); it equals ``flops`` otherwise.
+    """
+
+    flops: float
+    bytes: float
+    eager_flops: float
+
+    @staticmethod
+    def elementwise(
+        shape: Sequence[int], flops: float, values: float, itemsize: int = 4
+    ) -> "Cost":
+        """The cost of a rule doing ``flops`` FLOPs and moving ``values`` values a coordinate."""
+        numel = math.prod(shape)
+        return Cost(float(flops * numel), float(values * itemsize * numel), float(flops * numel))
 
 
 class Transform(nn.Module):
@@ -80,6 +106,14 @@ class Transform(nn.Module):
     def state_names(self) -> List[str]:
         """Names of the state tensors, in the order of :meth:`init_state` (the state schema)."""
         return []
+
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """FLOPs and bytes of one step on a parameter of ``shape`` (see :class:`Cost`).
+
+        Every transform states its own cost model next to its update, so a roofline never reads
+        an unknown rule as free; this base version raises ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} states no cost model (cost())")
 
 
 class UpdateFunction(nn.Module):

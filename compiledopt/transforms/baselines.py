@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from compiledopt._validation import check_real
-from compiledopt.transforms.base import Transform, check_grad_shape
+from compiledopt.transforms.base import Cost, Transform, check_grad_shape
 
 
 def _check_betas(betas: object) -> Tuple[float, float]:
@@ -130,6 +130,13 @@ class SGD(Transform):
 
     def state_names(self) -> List[str]:
         return [] if self.momentum == 0.0 else ["momentum_buffer"]
+
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """Per coordinate: weight decay 2, momentum 3, Nesterov 2 (each when on), update 2.
+        Bytes: ``g``, ``p`` and the buffer in, the buffer and ``p`` out."""
+        momentum = self.momentum != 0.0
+        flops = 2 * (self.weight_decay != 0.0) + 3 * momentum + 2 * self.nesterov + 2
+        return Cost.elementwise(shape, flops, 3 + 2 * momentum, itemsize)
 
     def extra_repr(self) -> str:
         return (
@@ -237,6 +244,13 @@ class Adam(Transform):
     def state_names(self) -> List[str]:
         names = ["exp_avg", "exp_avg_sq"]
         return [*names, "max_exp_avg_sq"] if self.amsgrad else names
+
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """Per coordinate: the moments 7, ``sqrt``, ``+ ε`` and the division 3 (bias corrections
+        are scalars), weight decay 2 when on, AMSGrad's maximum 1, update 2. Bytes: ``g``,
+        ``p`` and the moments in, the moments and ``p`` out (28 B in float32)."""
+        flops = 7 + 3 + 2 * (self.weight_decay != 0.0) + self.amsgrad + 2
+        return Cost.elementwise(shape, flops, 3 + 2 * len(self.state_names()), itemsize)
 
     def extra_repr(self) -> str:
         return (

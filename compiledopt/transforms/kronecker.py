@@ -1,11 +1,12 @@
 """Kronecker-factored transforms (Arnold et al. 2019)."""
 
-from typing import Callable, List, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from compiledopt.transforms.base import Transform, check_grad_shape
+from compiledopt.nn.kronecker import KroneckerLinear, KroneckerLSTM, KroneckerRNN
+from compiledopt.transforms.base import Cost, Transform, check_grad_shape
 from compiledopt.transforms.module import _as_module
 from compiledopt.transforms.shapes import check_supported, kronecker_factors
 
@@ -57,6 +58,31 @@ class KroneckerUpdate(Transform):
     def state_names(self) -> List[str]:
         count = len(self.layer.init_state(torch.zeros(self.n, self.m)))
         return ["hidden", "cell"][:count]
+
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """On the ``(n, m)`` view, per Kronecker product ``L'·G·R'`` of the layer (frozen:
+        ``psd`` factors folded): ``2nm(n + m)`` FLOPs, a bias ``nm``, the ``n² + m²`` weights
+        read; the recurrent layers' gates ``2nm`` (RNN: sum, tanh) or ``13nm`` (LSTM: four sums,
+        four nonlinearities, cell and hidden updates); update ``2nm``. Bytes: ``g``, ``p``, the
+        state in, the state and ``p`` out. An eager call also forms each ``psd`` layer's ``LᵀL``
+        and ``RᵀR``: ``2n³ + 2m³`` more (``eager_flops``)."""
+        n, m = self.n, self.m
+        numel = n * m
+        products = [k for k in self.layer.modules() if isinstance(k, KroneckerLinear)]
+        flops = eager = 0.0
+        for product in products:
+            flops += 2 * numel * (n + m) + numel * (product.bias is not None)
+            eager += (2 * n**3 + 2 * m**3) * bool(product.psd)
+        gates = {KroneckerLinear: 0, KroneckerRNN: 2, KroneckerLSTM: 13}.get(type(self.layer))
+        if gates is None:
+            raise NotImplementedError(
+                f"KroneckerUpdate has no cost model for a {type(self.layer).__name__} layer"
+            )
+        flops += (gates + 2) * numel
+        states = len(self.state_names())
+        weights = len(products) * (n * n + m * m)
+        total_bytes = itemsize * (weights + (3 + 2 * states) * numel)
+        return Cost(float(flops), float(total_bytes), float(flops + eager))
 
 
 class KroneckerTransform:

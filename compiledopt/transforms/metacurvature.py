@@ -1,12 +1,12 @@
 """Meta-Curvature (Park & Oliva 2019)."""
 
 import math
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from compiledopt.transforms.base import Transform, check_grad_shape
+from compiledopt.transforms.base import Cost, Transform, check_grad_shape
 from compiledopt.transforms.shapes import check_supported, curvature_modes
 
 
@@ -74,3 +74,15 @@ class MetaCurvatureTransform(Transform):
             u = u @ self.fan_curvature
             return self.lr * u.reshape(grad.shape), state
         return self.lr * (self.out_curvature @ grad @ self.in_curvature), state
+
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """Rank < 2: ``lr·(s ⊙ g)`` and the update 4 FLOPs, ``s`` read. ``(o, i)``:
+        ``2oi(o + i)`` for the two products plus ``3oi``; ``(o, i, f)``: ``2oif(o + i + f)``
+        plus ``3oif``; the ``o² + i² (+ f²)`` curvature matrices read. Bytes also: ``g``, ``p``
+        in, ``p`` out."""
+        numel = math.prod(shape)
+        if len(shape) < 2:
+            return Cost.elementwise(shape, 4, 4, itemsize)
+        modes = curvature_modes(shape)[: 2 if len(shape) == 2 else 3]
+        flops = float(2 * numel * sum(modes) + 3 * numel)
+        return Cost(flops, float(itemsize * (sum(d * d for d in modes) + 3 * numel)), flops)

@@ -6,7 +6,7 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from compiledopt.transforms.base import Transform, check_grad_shape
+from compiledopt.transforms.base import Cost, Transform, check_grad_shape
 from compiledopt.transforms.shapes import check_supported
 
 
@@ -64,6 +64,23 @@ class ReshapedTransform(Transform):
         if self.check_shape:
             check_grad_shape(grad, self.param_shape)
         return self.transform(grad.reshape(self.shape)).reshape(grad.shape), state
+
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """The wrapped module's linear layers (``2·in·out`` FLOPs and the weights read, a bias
+        ``out``) and the update 2 a coordinate; ``g``, ``p`` in, ``p`` out. Only modules built of
+        ``nn.Linear`` and parameter-free layers have a cost model."""
+        numel = math.prod(shape)
+        flops, weights = 2.0 * numel, 0
+        for module in self.transform.modules():
+            if isinstance(module, nn.Linear):
+                flops += 2 * module.in_features * module.out_features * (numel // module.in_features)
+                flops += module.out_features * (numel // module.in_features) * (module.bias is not None)
+                weights += module.weight.numel()
+            elif next(module.parameters(recurse=False), None) is not None:
+                raise NotImplementedError(
+                    f"ReshapedTransform has no cost model for {type(module).__name__} weights"
+                )
+        return Cost(flops, float(itemsize * (weights + 3 * numel)), flops)
 
 
 class ModuleTransform:
