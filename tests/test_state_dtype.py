@@ -8,6 +8,7 @@ from torch import nn
 
 import compiledopt as co
 from compiledopt.export import build_shape_agnostic, export_shape_agnostic
+from compiledopt.runtime.compiled import CompiledTensorRule
 from compiledopt.runtime.rounding import stochastic_round_bfloat16
 
 MLP = {"kind": "shape_agnostic", "name": "coordinate-mlp", "kwargs": {"hidden_sizes": [8]}}
@@ -164,7 +165,8 @@ def test_compiled_backend_rounds_in_graph_like_eager(artifact):
     compiled, p_compiled, _ = _accumulate(
         artifact, 20, backend="compiled", state_dtype=torch.bfloat16
     )
-    assert compiled._run.state_dtype == torch.bfloat16  # converted and rounded in the graph
+    rule = compiled._strategy.rule  # converted and rounded in the compiled graph itself
+    assert isinstance(rule, CompiledTensorRule) and rule.state_dtype == torch.bfloat16
     for key, value in eager.state[p_eager].items():
         other = compiled.state[p_compiled][key]
         assert other.dtype == value.dtype

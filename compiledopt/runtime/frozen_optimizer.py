@@ -9,18 +9,28 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from compiledopt._validation import check_real
-from compiledopt.export.artifact import BACKENDS, Artifact, ArtifactError, load_artifact
-from compiledopt.runtime.compiled import INDUCTOR_OPTIONS, CompiledTensorRule
-from compiledopt.export.rule import ModelRule
-from compiledopt.runtime.rounding import STATE_DTYPES, round_state
+from compiledopt.export import BACKENDS, Artifact, ArtifactError, load_artifact
+from compiledopt.runtime.rounding import STATE_DTYPES
+from compiledopt.runtime.strategies import make_strategy
 
 logger = logging.getLogger("compiledopt")
 
-RUNTIME_BACKENDS = ("eager", "compiled", *BACKENDS)
-# "auto" takes the first available, fastest first (PERF-NOTES: AOTInductor ≈ compiled ≫ ONNX
-# Runtime > TorchScript on CPU for per-coordinate rules; eager always works).
-AUTO_ORDER = ("aoti", "compiled", "onnx", "torchscript", "eager")
+#: Backends that need no graph in the artifact: the transform rebuilt from its weights, eagerly
+#: or compiled by ``torch.compile``.
+BUILT_IN_BACKENDS = ("eager", "compiled")
+RUNTIME_BACKENDS = (*BUILT_IN_BACKENDS, *BACKENDS)
+# "auto" takes the first available, fastest first (measured on CPU for per-coordinate rules:
+# AOTInductor ≈ compiled ≫ ONNX Runtime > TorchScript; eager always works). Artifact backends not
+# listed here come after these, in registration order.
+AUTO_PREFERENCE = ("aoti", "compiled", "onnx", "torchscript")
 NONFINITE_POLICIES = ("skip", "raise")
+
+
+def auto_order() -> Tuple[str, ...]:
+    """The order in which ``backend="auto"`` tries the runtime backends."""
+    preferred = [b for b in AUTO_PREFERENCE if b in RUNTIME_BACKENDS]
+    rest = [b for b in RUNTIME_BACKENDS if b not in preferred and b != "eager"]
+    return (*preferred, *rest, "eager")
 
 
 class FrozenOptimizer(Optimizer):
@@ -40,8 +50,9 @@ class FrozenOptimizer(Optimizer):
         lr (float, optional): learning rate (default: the artifact's ``lr``).
         backend (str, optional): ``"eager"`` (the transform rebuilt from the weights),
             ``"compiled"`` (``torch.compile`` of the frozen rule), ``"torchscript"``, ``"onnx"``
-            (ONNX Runtime), ``"aoti"`` (AOTInductor), or ``"auto"``: the first available of
-            ``aoti, compiled, onnx, torchscript, eager``; ``optimizer.backend`` says which.
+            (ONNX Runtime), ``"aoti"`` (AOTInductor), or ``"auto"``: the first available in
+            :func:`auto_order` (``aoti, compiled, onnx, torchscript, eager``);
+            ``optimizer.backend`` says which.
             (default: "auto")
         weight_decay (float, optional): decoupled weight decay. (default: 0.0)
         nonfinite (str, optional): when a group has a NaN or infinite gradient, ``"skip"`` the
@@ -98,12 +109,12 @@ class FrozenOptimizer(Optimizer):
         self.skipped_steps = 0
         self._initialised = False
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
-        self._transforms = self.artifact.transforms()
+        transforms = self.artifact.transforms()
         if self.artifact.kind == "bound":
             named = all(group.get("param_names") for group in self.param_groups)
             self.artifact.check_bindings(self._named(), check_dtype=False, check_names=named)
         self.backend = self._choose(backend)
-        self._run = self._make_runner(self.backend)
+        self._strategy = make_strategy(self.artifact, self.backend, self.state_dtype, transforms)
         self._initialised = True
         logger.info(
             "FrozenOptimizer: %s artifact %s on the %s backend",
@@ -147,53 +158,23 @@ class FrozenOptimizer(Optimizer):
         return named
 
     def _choose(self, backend: str) -> str:
-        available = set(self.artifact.backends) | {"eager", "compiled"}
+        available = set(self.artifact.backends) | set(BUILT_IN_BACKENDS)
         if backend == "auto":
-            return next(b for b in AUTO_ORDER if b in available)
+            return next(b for b in auto_order() if b in available)
         if backend not in available:
             raise ArtifactError(
                 f"{self.artifact.path} has no {backend} graph (it has {self.artifact.backends})"
             )
         return backend
 
-    def _make_runner(self, backend: str) -> Callable:
-        transforms = self._transforms
-        if self.artifact.kind == "bound":
-            counts = [
-                len(t.init_state(torch.zeros(b["shape"], dtype=self.artifact.dtype)))
-                for t, b in zip(transforms, self.artifact.bindings)
-            ]
-            if backend == "eager":
-                return _EagerBound(transforms, counts)
-            if backend == "compiled":
-                rule = ModelRule(transforms, counts, fused=True)
-                return torch.compile(rule, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
-            return self.artifact.runner(backend)
-        if backend == "eager":
-            return transforms[0].update
-        if backend == "compiled":
-            # Dynamic sizes: the same two or three graphs (matrices, small vectors, large
-            # vectors) serve every parameter, so compile time does not grow with the model.
-            in_graph = self.state_dtype if self.state_dtype != self.artifact.dtype else None
-            return CompiledTensorRule(transforms[0], state_dtype=in_graph)
-        return self.artifact.runner(backend)
-
     # -- the step ---------------------------------------------------------------------------
-
-    def _init_state(self, index: int, param: Tensor) -> Dict[str, Tensor]:
-        transform = self._transforms[index if self.artifact.kind == "bound" else 0]
-        dtype = self.artifact.dtype
-        with torch.no_grad():
-            values = transform.init_state(param.detach().to(dtype))
-            values = [v.to(self.state_dtype) if v.is_floating_point() else v for v in values]
-        names = transform.state_names() or [f"state_{j}" for j in range(len(values))]
-        state = {"step": torch.zeros((), dtype=torch.int64)}
-        state.update(zip(names, values))
-        return state
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        """One update of every parameter that has a gradient; returns the closure's loss."""
+        """One update of every parameter that has a gradient; returns the closure's loss.
+
+        Every direction and new state is computed before any parameter or state is written.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -220,87 +201,23 @@ class FrozenOptimizer(Optimizer):
                 self.skipped_steps += 1
                 continue
             active_groups.append((group, members))
-        active = [p for _, members in active_groups for p in members]
+        active = [position[id(p)] for _, members in active_groups for p in members]
         if not active:
             return loss
-        indices = [position[id(p)] for p in active]
-        for i, p in zip(indices, active):
-            if not self.state[p]:
-                self.state[p] = self._init_state(i, p)
-        directions = self._directions(flat, active, indices)
+        states = [self.state[p] if p in self.state else {} for p in flat]
+        for i in active:
+            if not states[i]:
+                states[i] = self._strategy.initial_state(i, flat[i])
+        results = self._strategy.compute(flat, active, states)
         for group, members in active_groups:
             lr, decay = group["lr"], group["weight_decay"]
             for p in members:
+                direction, new_state = results[position[id(p)]]
+                self.state[p] = new_state
                 if decay:
                     p.mul_(1.0 - lr * decay)
-                p.add_(directions[id(p)].to(p.dtype), alpha=-lr)
+                p.add_(direction.to(p.dtype), alpha=-lr)
         return loss
-
-    def _state_values(self, p: Tensor, stored: bool = False) -> List[Tensor]:
-        """``p``'s state tensors, in the compute dtype (or as ``stored``)."""
-        values = [v for k, v in self.state[p].items() if k != "step"]
-        if stored or self.state_dtype == self.artifact.dtype:
-            return values
-        dtype = self.artifact.dtype
-        return [v.to(dtype) if v.is_floating_point() else v for v in values]
-
-    def _seed(self, index: int, p: Tensor) -> Tensor:
-        """The rounding seed of parameter ``index`` at its current step (see rounding.py)."""
-        return self.state[p]["step"] * 1_000_003 + index * 7_919
-
-    def _store(self, p: Tensor, values: List[Tensor], seed: Tensor) -> None:
-        state = self.state[p]
-        keys = [k for k in state if k != "step"]
-        for key, value in zip(keys, round_state(values, self.state_dtype, seed)):
-            state[key] = value
-        state["step"] = state["step"] + 1
-
-    def _directions(self, flat: List[Tensor], active: List[Tensor], indices: List[int]):
-        dtype = self.artifact.dtype
-        out: Dict[int, Tensor] = {}
-        if self.artifact.kind == "shape_agnostic":
-            in_graph = isinstance(self._run, CompiledTensorRule) and self._run.state_dtype
-            for i, p in zip(indices, active):
-                grad, param, step = p.grad.to(dtype), p.detach().to(dtype), self.state[p]["step"]
-                seed = self._seed(i, p)
-                if in_graph:  # the compiled graph converts and rounds the state itself
-                    state = self._state_values(p, stored=True)
-                    direction, values = self._run(grad, param, state, step, seed)
-                else:
-                    direction, values = self._run(grad, param, self._state_values(p), step)
-                out[id(p)] = direction
-                self._store(p, list(values), seed)
-            return out
-        # A bound rule updates every parameter at once with one step count; parameters whose
-        # counts differ (some missed steps) are computed in separate calls.
-        by_step: Dict[int, List[Tensor]] = {}
-        for p in active:
-            by_step.setdefault(int(self.state[p]["step"]), []).append(p)
-        for step, members in by_step.items():
-            grads, params, states, counts = [], [], [], []
-            for i, p in enumerate(flat):
-                # Parameters outside this call still feed the graph (a zero gradient and their
-                # state, or a throw-away initial state); their results are discarded.
-                known = p in self.state and self.state[p]
-                if known:
-                    values = self._state_values(p)
-                else:
-                    initial = list(self._init_state(i, p).values())[1:]
-                    values = [v.to(dtype) if v.is_floating_point() else v for v in initial]
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                grads.append(grad.to(dtype))
-                params.append(p.detach().to(dtype))
-                states.extend(values)
-                counts.append(len(values))
-            directions, new_states = self._run(grads, params, states, torch.tensor(step))
-            offset = 0
-            member_ids = {id(p) for p in members}
-            for i, (p, direction, count) in enumerate(zip(flat, directions, counts)):
-                if id(p) in member_ids:
-                    out[id(p)] = direction
-                    self._store(p, list(new_states[offset : offset + count]), self._seed(i, p))
-                offset += count
-        return out
 
     # -- state_dict -------------------------------------------------------------------------
 
@@ -314,20 +231,3 @@ class FrozenOptimizer(Optimizer):
             for key, value in saved.items():
                 if key != "step" and isinstance(value, Tensor):
                     self.state[param][key] = value.to(device=param.device, dtype=self.state_dtype)
-
-
-class _EagerBound:
-    """The eager reference of a bound rule: one transform call per parameter."""
-
-    def __init__(self, transforms, counts) -> None:
-        self.transforms = transforms
-        self.counts = counts
-
-    def __call__(self, grads, params, states, step):
-        directions, new_states, offset = [], [], 0
-        for transform, grad, param, count in zip(self.transforms, grads, params, self.counts):
-            direction, state = transform.update(grad, param, states[offset : offset + count], step)
-            directions.append(direction)
-            new_states.extend(state)
-            offset += count
-        return directions, new_states

@@ -1,0 +1,248 @@
+"""How a :class:`~compiledopt.FrozenOptimizer` step runs an artifact: one strategy per artifact kind.
+
+A strategy is chosen once, when the optimizer is built, and owns the artifact's runner:
+
+* :class:`TensorStrategy` (``shape_agnostic`` artifacts): one rule call per parameter,
+  ``rule(grad, param, state, step, seed) -> (direction, new_state)``, state in its storage dtype.
+* :class:`ModelStrategy` (``bound`` artifacts): one call of the whole-model rule for every
+  parameter bound to it, ``rule(grads, params, states, step) -> (directions, new_states)``.
+
+Both expose the same two methods, :meth:`~Strategy.initial_state` and :meth:`~Strategy.compute`.
+``compute`` only reads the optimizer's state: it returns every direction and new state, and the
+optimizer writes them once all are computed, so a step that fails leaves nothing half-updated.
+"""
+
+import abc
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from compiledopt.export.artifact import Artifact
+from compiledopt.export.rule import INDUCTOR_OPTIONS, ModelRule
+from compiledopt.runtime.compiled import CompiledTensorRule
+from compiledopt.runtime.rounding import round_state
+from compiledopt.transforms.base import Transform
+
+__all__ = ["ModelStrategy", "Result", "Strategy", "TensorStrategy", "make_strategy"]
+
+# Multipliers of the stochastic-rounding seed: parameter ``index`` at step ``t`` rounds with
+# ``t * STEP_SEED + index * INDEX_SEED``, so every parameter and step draws different bits.
+STEP_SEED = 1_000_003
+INDEX_SEED = 7_919
+
+State = Dict[str, Tensor]
+
+
+class Result(NamedTuple):
+    """One parameter's outcome of a step: its direction (in the compute dtype) and its new state
+    (every entry of ``optimizer.state[param]``, ``step`` advanced)."""
+
+    direction: Tensor
+    state: State
+
+
+class Strategy(abc.ABC):
+    """The computation of a step, independent of param groups, learning rates and weight decay.
+
+    Args:
+        artifact (Artifact): the verified artifact.
+        transforms (list of Transform): its eager transforms (one per binding, or the one shared).
+        backend (str): the runtime backend (``"eager"``, ``"compiled"`` or an artifact backend).
+        state_dtype (torch.dtype): storage dtype of the floating-point state.
+    """
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        transforms: List[Transform],
+        backend: str,
+        state_dtype: torch.dtype,
+    ) -> None:
+        self.artifact = artifact
+        self.transforms = transforms
+        self.backend = backend
+        self.dtype = artifact.dtype
+        self.state_dtype = state_dtype
+
+    def _transform(self, index: int) -> Transform:
+        return self.transforms[0]
+
+    def initial_state(self, index: int, param: Tensor) -> State:
+        """The state of parameter ``index`` before its first step: ``step`` (0-d int64) and the
+        rule's tensors by name, floating-point ones in the storage dtype."""
+        transform = self._transform(index)
+        with torch.no_grad():
+            values = transform.init_state(param.detach().to(self.dtype))
+        values = [v.to(self.state_dtype) if v.is_floating_point() else v for v in values]
+        names = transform.state_names() or [f"state_{j}" for j in range(len(values))]
+        state = {"step": torch.zeros((), dtype=torch.int64)}
+        state.update(zip(names, values))
+        return state
+
+    def _computed(self, values: List[Tensor]) -> List[Tensor]:
+        """Stored state tensors in the compute dtype."""
+        if self.state_dtype == self.dtype:
+            return values
+        return [v.to(self.dtype) if v.is_floating_point() else v for v in values]
+
+    def _advanced(self, state: State, values: List[Tensor], index: int) -> State:
+        """``state`` with the rule's new ``values`` stored (rounded to the storage dtype) and the
+        step count advanced."""
+        keys = [k for k in state if k != "step"]
+        stored = round_state(values, self.state_dtype, _seed(state["step"], index))
+        return {"step": state["step"] + 1, **dict(zip(keys, stored))}
+
+    @abc.abstractmethod
+    def compute(
+        self,
+        params: Sequence[Tensor],
+        active: Sequence[int],
+        states: Sequence[State],
+    ) -> Dict[int, Result]:
+        """Directions and new states of the parameters ``active`` (indices into ``params``, which
+        is every parameter of the optimizer in order; ``states[i]`` is parameter ``i``'s state,
+        ``{}`` before its first step). Gradients are read from ``param.grad``; nothing is
+        written."""
+
+
+class TensorStrategy(Strategy):
+    """A shape-agnostic rule called once per parameter with dynamic sizes.
+
+    Every backend's rule is brought to one signature, ``rule(grad, param, state, step, seed) ->
+    (direction, new_state)`` with the state in its storage dtype: the compiled backend converts
+    and rounds a bfloat16 state inside its graph, the others through :class:`_StoredStateRule`.
+    """
+
+    def __init__(
+        self, artifact: Artifact, transforms: List[Transform], backend: str, state_dtype
+    ) -> None:
+        super().__init__(artifact, transforms, backend, state_dtype)
+        if backend == "compiled" and state_dtype != self.dtype:
+            # Dynamic sizes: the same two or three graphs (matrices, small vectors, large
+            # vectors) serve every parameter, so compile time does not grow with the model.
+            self.rule: Callable = CompiledTensorRule(transforms[0], state_dtype=state_dtype)
+            return
+        if backend == "eager":
+            rule: Callable = transforms[0].update
+        elif backend == "compiled":
+            rule = CompiledTensorRule(transforms[0])
+        else:
+            rule = artifact.runner(backend)
+        self.rule = _StoredStateRule(rule, self.dtype, state_dtype)
+
+    def compute(self, params, active, states):
+        results: Dict[int, Result] = {}
+        for i in active:
+            p, state = params[i], states[i]
+            keys = [k for k in state if k != "step"]
+            step = state["step"]
+            direction, values = self.rule(
+                p.grad.to(self.dtype),
+                p.detach().to(self.dtype),
+                [state[k] for k in keys],
+                step,
+                _seed(step, i),
+            )
+            results[i] = Result(direction, {"step": step + 1, **dict(zip(keys, values))})
+        return results
+
+
+class _StoredStateRule:
+    """A rule computing on compute-dtype state, called with state in its storage dtype: the state
+    is converted up, the rule runs, the new state is rounded back (see rounding.py)."""
+
+    def __init__(self, rule: Callable, dtype: torch.dtype, state_dtype: torch.dtype) -> None:
+        self.rule = rule
+        self.dtype = dtype
+        self.state_dtype = state_dtype
+
+    def __call__(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor, seed: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        if self.state_dtype != self.dtype:
+            state = [s.to(self.dtype) if s.is_floating_point() else s for s in state]
+        direction, new_state = self.rule(grad, param, state, step)
+        return direction, round_state(list(new_state), self.state_dtype, seed)
+
+
+class ModelStrategy(Strategy):
+    """A bound rule: one call maps every bound parameter's gradient to its direction.
+
+    The rule takes one step count for all parameters, so parameters whose counts differ (some
+    missed steps) are computed in separate calls; parameters outside a call still feed the graph
+    (a zero gradient and their state, or a throw-away initial state) and their results are
+    discarded.
+    """
+
+    def __init__(
+        self, artifact: Artifact, transforms: List[Transform], backend: str, state_dtype
+    ) -> None:
+        super().__init__(artifact, transforms, backend, state_dtype)
+        self.counts = [
+            len(t.init_state(torch.zeros(b["shape"], dtype=self.dtype)))
+            for t, b in zip(transforms, artifact.bindings)
+        ]
+        if backend == "eager":
+            self.rule: Callable = _EagerModelRule(transforms, self.counts)
+        elif backend == "compiled":
+            rule = ModelRule(transforms, self.counts, fused=True)
+            self.rule = torch.compile(rule, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
+        else:
+            self.rule = artifact.runner(backend)
+
+    def _transform(self, index: int) -> Transform:
+        return self.transforms[index]
+
+    def compute(self, params, active, states):
+        by_step: Dict[int, List[int]] = {}
+        for i in active:
+            by_step.setdefault(int(states[i]["step"]), []).append(i)
+        results: Dict[int, Result] = {}
+        for step, members in by_step.items():
+            grads, values, counts = [], [], []
+            for i, p in enumerate(params):
+                state = states[i] or self.initial_state(i, p)
+                stored = [v for k, v in state.items() if k != "step"]
+                values.extend(self._computed(stored))
+                counts.append(len(stored))
+                grads.append((p.grad if p.grad is not None else torch.zeros_like(p)).to(self.dtype))
+            inputs = [p.detach().to(self.dtype) for p in params]
+            directions, new_values = self.rule(grads, inputs, values, torch.tensor(step))
+            offsets = [sum(counts[:i]) for i in range(len(counts))]
+            for i in members:
+                own = list(new_values[offsets[i] : offsets[i] + counts[i]])
+                results[i] = Result(directions[i], self._advanced(states[i], own, i))
+        return results
+
+
+class _EagerModelRule:
+    """The eager reference of a bound rule: one transform call per parameter."""
+
+    def __init__(self, transforms: List[Transform], counts: List[int]) -> None:
+        self.transforms = transforms
+        self.counts = counts
+
+    def __call__(self, grads, params, states, step) -> Tuple[List[Tensor], List[Tensor]]:
+        directions, new_states, offset = [], [], 0
+        for transform, grad, param, count in zip(self.transforms, grads, params, self.counts):
+            direction, state = transform.update(grad, param, states[offset : offset + count], step)
+            directions.append(direction)
+            new_states.extend(state)
+            offset += count
+        return directions, new_states
+
+
+def _seed(step: Tensor, index: int) -> Tensor:
+    """The stochastic-rounding seed of parameter ``index`` at ``step`` (see rounding.py)."""
+    return step * STEP_SEED + index * INDEX_SEED
+
+
+STRATEGIES = {"shape_agnostic": TensorStrategy, "bound": ModelStrategy}
+
+
+def make_strategy(
+    artifact: Artifact, backend: str, state_dtype: torch.dtype, transforms: List[Transform]
+) -> Strategy:
+    """The strategy of ``artifact``'s kind, running on ``backend``."""
+    return STRATEGIES[artifact.kind](artifact, transforms, backend, state_dtype)
