@@ -140,3 +140,15 @@ def test_metacurvature_lr():
     for lr in (math.nan, "x"):
         with pytest.raises(ValueError, match="Invalid lr"):
             co.optim.MetaCurvatureTransform(torch.zeros(3), lr=lr)
+
+
+@pytest.mark.parametrize("layer", ["KroneckerLinear", "KroneckerRNN", "KroneckerLSTM"])
+def test_kronecker_layer_input_of_the_wrong_size(layer):
+    # learn2learn raises ValueError here too; a bare reshape RuntimeError names neither shape.
+    module = getattr(co.nn, layer)(3, 4)
+    x = torch.randn(5, 2)
+    with pytest.raises(ValueError, match=r"\(3, 4\) = 12 elements.*shape \[5, 2\]"):
+        if layer == "KroneckerLinear":
+            module(x)
+        else:
+            module.step(x, module.init_state(torch.zeros(3, 4)))

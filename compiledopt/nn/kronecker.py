@@ -23,6 +23,16 @@ import torch
 from torch import Tensor, nn
 
 
+def matrix_view(x: Tensor, n: int, m: int, layer: str) -> Tensor:
+    """``x`` reshaped to ``(n, m)``; ``ValueError`` naming both shapes when it has another size."""
+    if x.numel() != n * m:
+        raise ValueError(
+            f"{layer} works on ({n}, {m}) = {n * m} elements; got an input of shape "
+            f"{list(x.shape)}"
+        )
+    return x.reshape(n, m)
+
+
 def _check_size(n: int, m: int, layer: str) -> None:
     for name, value in (("n", n), ("m", m)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -79,7 +89,7 @@ class KroneckerLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         left, right = self.factors()
-        y = left @ x.reshape(self.n, self.m) @ right
+        y = left @ matrix_view(x, self.n, self.m, "KroneckerLinear") @ right
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(x.shape)
@@ -131,7 +141,7 @@ class KroneckerRNN(nn.Module):
 
     @torch.jit.export
     def step(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
-        x2 = x.reshape(self.n, self.m)
+        x2 = matrix_view(x, self.n, self.m, "KroneckerRNN")
         hidden = torch.tanh(self.input_map(x2) + self.hidden_map(state[0]))
         return self.output_map(hidden).reshape(x.shape), [hidden]
 
@@ -180,7 +190,7 @@ class KroneckerLSTM(nn.Module):
 
     @torch.jit.export
     def step(self, x: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
-        x2 = x.reshape(self.n, self.m)
+        x2 = matrix_view(x, self.n, self.m, "KroneckerLSTM")
         hidden, cell = state[0], state[1]
         i = torch.sigmoid(self.input_gate(x2) + self.input_gate_h(hidden))
         f = torch.sigmoid(self.forget_gate(x2) + self.forget_gate_h(hidden))

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from compiledopt.nn.kronecker import KroneckerLinear, KroneckerLSTM, KroneckerRNN
 from compiledopt.transforms.base import Cost, Transform, check_grad_shape
-from compiledopt.transforms.module import _as_module
+from compiledopt.transforms.module import as_module
 from compiledopt.transforms.shapes import check_supported, kronecker_factors
 
 
@@ -126,7 +126,7 @@ class KroneckerTransform:
         check_supported(param, "KroneckerTransform")
         n, m = kronecker_factors(param.shape)
         layer = self.kronecker_cls(n, m, bias=self.bias, psd=self.psd)
-        layer = _as_module(layer, self.kronecker_cls, "KroneckerTransform")
+        layer = as_module(layer, self.kronecker_cls, "KroneckerTransform")
         layer = layer.to(device=param.device, dtype=param.dtype)
         return KroneckerUpdate(layer, list(param.shape))
 

@@ -10,7 +10,7 @@ from compiledopt.transforms.base import Cost, Transform, check_grad_shape
 from compiledopt.transforms.shapes import check_supported
 
 
-def _as_module(made: object, maker: object, what: str) -> nn.Module:
+def as_module(made: object, maker: object, what: str) -> nn.Module:
     if not isinstance(made, nn.Module):
         raise TypeError(
             f"{what}: {maker!r} returned {type(made).__name__}, expected an nn.Module instance"
@@ -47,7 +47,7 @@ class ReshapedTransform(Transform):
         param_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.transform = _as_module(transform, transform, "ReshapedTransform")
+        self.transform = as_module(transform, transform, "ReshapedTransform")
         self.shape = [int(d) for d in shape]
         self.check_shape = param_shape is not None
         self.param_shape = [] if param_shape is None else [int(d) for d in param_shape]
@@ -124,7 +124,7 @@ class ModuleTransform:
     def __call__(self, param: Tensor) -> ReshapedTransform:
         check_supported(param, "ModuleTransform")
         numel = param.numel()
-        module = _as_module(self.module_cls(numel, numel), self.module_cls, "ModuleTransform")
+        module = as_module(self.module_cls(numel, numel), self.module_cls, "ModuleTransform")
         module = module.to(device=param.device, dtype=param.dtype)
         return ReshapedTransform(module, shape=(1, numel), param_shape=tuple(param.shape))
 

@@ -1,0 +1,199 @@
+"""The package's layout holds: layers only import downwards, no private names cross modules, no
+module grows past a readable size, and every registered rule has a cost model and a test entry.
+
+The layers (docs/architecture.md), lowest first; a module may import its own package and any
+lower layer, never a higher one nor a different package of its own layer.
+"""
+
+import ast
+import importlib
+import inspect
+import math
+import pkgutil
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+import torch
+from registry import REGISTRY
+
+import compiledopt
+from compiledopt.learned.catalog import CATALOG
+from compiledopt.transforms.base import Cost, Transform
+
+PACKAGE = Path(compiledopt.__file__).parent
+
+LAYERS: Dict[str, int] = {
+    "_validation": 0,
+    "_identity": 0,
+    "module_update": 0,
+    "nn": 0,
+    "transforms": 1,
+    "tasks": 1,
+    "learned": 2,
+    "optim": 2,
+    "meta": 3,
+    "export": 3,
+    "runtime": 4,
+    "bench": 5,
+    "cli": 6,
+    "__init__": 7,
+    "__main__": 7,
+}
+MAX_LINES = 500
+
+
+def _modules() -> Iterator[Tuple[str, Path]]:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield ".".join(path.relative_to(PACKAGE).with_suffix("").parts), path
+
+
+def _top(dotted: str) -> str:
+    return dotted.split(".")[0]
+
+
+def _imports(path: Path) -> Iterator[Tuple[int, str, List[str]]]:
+    """``(line, module, names)`` of every import of a compiledopt module, nested ones included."""
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("compiledopt."):
+                    yield node.lineno, alias.name.removeprefix("compiledopt."), []
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [alias.name for alias in node.names]
+            if node.module.startswith("compiledopt."):
+                yield node.lineno, node.module.removeprefix("compiledopt."), names
+            elif node.module == "compiledopt":  # a subpackage, or a name of the top level
+                for name in names:
+                    yield node.lineno, name if name in LAYERS else "__init__", []
+
+
+def test_every_module_has_a_layer() -> None:
+    tops = {_top(name) for name, _ in _modules()}
+    assert tops <= set(LAYERS), f"modules without a layer: {sorted(tops - set(LAYERS))}"
+    assert {"transforms", "learned", "export", "runtime", "cli"} <= tops
+
+
+def test_imports_only_point_down() -> None:
+    wrong = []
+    for name, path in _modules():
+        own = _top(name)
+        for line, target, _ in _imports(path):
+            other = _top(target)
+            if other == own or own in ("__init__", "__main__"):
+                continue
+            if LAYERS[other] >= LAYERS[own]:
+                wrong.append(f"{path.relative_to(PACKAGE)}:{line} ({own}) imports {target}")
+    assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+
+
+def test_no_private_name_crosses_modules() -> None:
+    wrong = [
+        f"{path.relative_to(PACKAGE)}:{line} imports {names} from {target}"
+        for _, path in _modules()
+        for line, target, names in _imports(path)
+        if any(n.startswith("_") for n in names)
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_module_is_too_long() -> None:
+    long = {
+        str(path.relative_to(PACKAGE)): n
+        for _, path in _modules()
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
+    # The checks above must be able to fail: an upward import in a lower layer is reported.
+    fake = tmp_path / "fake.py"
+    fake.write_text("def f():\n    from compiledopt.runtime import FrozenOptimizer\n")
+    assert [(line, target) for line, target, _ in _imports(fake)] == [(2, "runtime")]
+    assert LAYERS["runtime"] > LAYERS["transforms"]
+
+
+# -- the catalog and the cost models ----------------------------------------------------------
+
+
+def _transform_classes() -> List[type]:
+    for info in pkgutil.walk_packages(compiledopt.__path__, "compiledopt."):
+        importlib.import_module(info.name)
+    seen, stack = [], [Transform]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            if sub.__module__.startswith("compiledopt.") and sub not in seen:
+                seen.append(sub)
+                stack.append(sub)
+    return seen
+
+
+def test_every_transform_states_a_cost_model() -> None:
+    classes = _transform_classes()
+    assert {c.__name__ for c in classes} >= {"CoordinateMLP", "KroneckerUpdate", "AdamW"}
+    missing = [c.__name__ for c in classes if c.cost is Transform.cost]
+    assert not missing, f"transforms without a cost model: {missing}"
+
+
+def test_a_rule_without_a_cost_model_is_never_free() -> None:
+    class NoCost(Transform):
+        shape_agnostic = True
+
+    with pytest.raises(NotImplementedError, match="NoCost states no cost model"):
+        NoCost().cost((3, 4))
+
+
+def test_every_catalog_entry_has_a_test_registry_entry() -> None:
+    tested = {entry.spec["name"] for entry in REGISTRY if entry.spec and "name" in entry.spec}
+    missing = set(CATALOG) - tested
+    assert not missing, f"catalog rules without an entry in tests/registry.py: {missing}"
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=[e.name for e in REGISTRY])
+@pytest.mark.parametrize("shape", [(), (7,), (6, 5), (4, 3, 2, 2)], ids=str)
+def test_cost_is_positive_and_grows_with_the_parameter(entry, shape) -> None:
+    param = torch.zeros(shape)
+    try:
+        transform = entry.factory(param)
+    except ValueError:
+        pytest.skip("the transform does not take this rank")
+    cost = transform.cost(shape)
+    assert isinstance(cost, Cost)
+    numel = math.prod(shape)
+    # At least the update p <- p - lr*d (2 FLOPs) and g, p in and p out (12 bytes) a coordinate.
+    assert cost.flops >= 2 * numel and cost.bytes >= 12 * numel
+    assert cost.eager_flops >= cost.flops
+    if transform.shape_agnostic and shape:  # one instance serves any size, at a per-coordinate cost
+        doubled = transform.cost((*shape[:-1], 2 * shape[-1]))
+        assert doubled.flops == 2 * cost.flops and doubled.bytes == 2 * cost.bytes
+
+
+def test_adamw_cost_counts_torch_adamw() -> None:
+    # torch.optim.AdamW's step per coordinate: m (3), v (4), sqrt, + eps, divide (3), decoupled
+    # decay (2), update (2); reads p, g, m, v and writes p, m, v: 7 float32 values.
+    cost = compiledopt.transforms.AdamW(weight_decay=1e-2).cost((10, 10))
+    assert cost == Cost(14 * 100, 28 * 100, 14 * 100)
+    adam = compiledopt.transforms.Adam().cost((10,))
+    assert adam.flops == 12 * 10 and adam.bytes == 28 * 10
+
+
+def test_kronecker_cost_counts_its_products() -> None:
+    # One KroneckerLinear product on the (n, m) view: L'·G is 2·n·n·m FLOPs, (L'G)·R' 2·n·m·m.
+    n, m = 6, 5
+    transform = compiledopt.optim.KroneckerTransform(compiledopt.nn.KroneckerLinear, psd=True)(
+        torch.zeros(n, m)
+    )
+    cost = transform.cost((n, m))
+    assert cost.flops == 2 * n * n * m + 2 * n * m * m + 2 * n * m
+    assert cost.eager_flops - cost.flops == 2 * n**3 + 2 * m**3  # LᵀL and RᵀR, every eager call
+
+
+def test_catalog_lists_learned_families_and_baselines() -> None:
+    learned = {name for name, entry in CATALOG.items() if entry.learned}
+    assert learned == set(compiledopt.learned.LEARNED)
+    assert {"sgd", "adam", "adamw"}.isdisjoint(learned)
+    for name, entry in CATALOG.items():
+        assert inspect.isclass(entry.build) and issubclass(entry.build, Transform), name
+        assert entry.build().shape_agnostic, name
