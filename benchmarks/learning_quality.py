@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from compiledopt.learned.catalog import CATALOG, build_transform
 from compiledopt.meta import MetaTrainConfig, MetaTrainer, evaluate_curve
 from compiledopt.tasks import FAMILIES, TaskFamily, get_family
 from compiledopt.transforms import SGD, Adam, Transform
-from compiledopt.learned.catalog import CATALOG, build_transform
 
 SWEEP = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 

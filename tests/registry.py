@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 import compiledopt as co
-from compiledopt.transforms import Transform
 from compiledopt.learned.catalog import build_transform
+from compiledopt.transforms import Transform
 
 # rank -> an example parameter shape: scalar, bias, Linear, Conv1d, Conv2d, Conv3d weights.
 SHAPES: Dict[int, Tuple[int, ...]] = {

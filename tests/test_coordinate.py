@@ -20,9 +20,9 @@ import torch._dynamo.testing
 from registry import SHAPES
 from torch import Tensor, nn
 
-from compiledopt.transforms.base import Transform, UpdateFunction
 from compiledopt.learned.lstm import CoordinateLSTM
 from compiledopt.learned.mlp import CoordinateMLP
+from compiledopt.transforms.base import Transform, UpdateFunction
 
 DTYPE = torch.float64
 TOLERANCE = {"atol": 1e-6, "rtol": 1e-5}

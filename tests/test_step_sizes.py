@@ -16,9 +16,9 @@ from registry import SHAPES
 from torch import Tensor, nn
 
 import compiledopt as co
+from compiledopt.learned.step_sizes import IDBD, HypergradientDescent, LearnedStepSize
 from compiledopt.transforms import UpdateFunction
 from compiledopt.transforms.baselines import SGD
-from compiledopt.learned.step_sizes import IDBD, HypergradientDescent, LearnedStepSize
 
 DTYPE = torch.float64
 TOLERANCE = {"atol": 1e-6, "rtol": 1e-5}

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from compiledopt._validation import check_flag, check_positive
-from compiledopt.transforms.base import Cost, Transform
 from compiledopt.learned.mlp import check_shapes
+from compiledopt.transforms.base import Cost, Transform
 
 
 def lstm_cell(

@@ -27,8 +27,7 @@ def matrix_view(x: Tensor, n: int, m: int, layer: str) -> Tensor:
     """``x`` reshaped to ``(n, m)``; ``ValueError`` naming both shapes when it has another size."""
     if x.numel() != n * m:
         raise ValueError(
-            f"{layer} works on ({n}, {m}) = {n * m} elements; got an input of shape "
-            f"{list(x.shape)}"
+            f"{layer} works on ({n}, {m}) = {n * m} elements; got an input of shape {list(x.shape)}"
         )
     return x.reshape(n, m)
 

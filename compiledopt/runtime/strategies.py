@@ -1,4 +1,4 @@
-"""How a :class:`~compiledopt.FrozenOptimizer` step runs an artifact: one strategy per artifact kind.
+"""How a FrozenOptimizer step runs an artifact: one strategy per artifact kind.
 
 A strategy is chosen once, when the optimizer is built, and owns the artifact's runner:
 

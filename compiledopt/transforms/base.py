@@ -45,9 +45,7 @@ class Cost(NamedTuple):
     eager_flops: float
 
     @staticmethod
-    def elementwise(
-        shape: Sequence[int], flops: float, values: float, itemsize: int = 4
-    ) -> "Cost":
+    def elementwise(shape: Sequence[int], flops: float, values: float, itemsize: int = 4) -> "Cost":
         """The cost of a rule doing ``flops`` FLOPs and moving ``values`` values a coordinate."""
         numel = math.prod(shape)
         return Cost(float(flops * numel), float(values * itemsize * numel), float(flops * numel))

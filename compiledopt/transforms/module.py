@@ -73,8 +73,12 @@ class ReshapedTransform(Transform):
         flops, weights = 2.0 * numel, 0
         for module in self.transform.modules():
             if isinstance(module, nn.Linear):
-                flops += 2 * module.in_features * module.out_features * (numel // module.in_features)
-                flops += module.out_features * (numel // module.in_features) * (module.bias is not None)
+                flops += (
+                    2 * module.in_features * module.out_features * (numel // module.in_features)
+                )
+                flops += (
+                    module.out_features * (numel // module.in_features) * (module.bias is not None)
+                )
                 weights += module.weight.numel()
             elif next(module.parameters(recurse=False), None) is not None:
                 raise NotImplementedError(
