@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from compiledopt import cli
+from compiledopt.cli import train
 from compiledopt.learned import CoordinateMLP, LearnedStepSize
 from compiledopt.learned.catalog import CATALOG, build_transform
 
@@ -32,7 +33,7 @@ SMALL = [
 def _train(argv):
     args = cli.build_parser().parse_args(["train", *argv])
     out = io.StringIO()
-    assert cli.run_train(args, out) == 0
+    assert train.run(args, out) == 0
     return out.getvalue()
 
 

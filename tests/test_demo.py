@@ -1,4 +1,4 @@
-"""The built-in meta-descent demo and the ``compiledopt`` command line."""
+"""The ``compiledopt meta-descent`` command and the ``compiledopt`` command line."""
 
 import io
 import math
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compiledopt.cli import main
-from compiledopt.demo import TRANSFORMS, run_demo
+from compiledopt.cli.meta_descent import TRANSFORMS, run_demo
 
 
 @pytest.fixture(scope="module")

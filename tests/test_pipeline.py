@@ -3,7 +3,8 @@
 import io
 
 from compiledopt import cli
-from compiledopt.pipeline import run_pipeline
+from compiledopt.cli.demo import run_pipeline
+from compiledopt.cli.finetune import run_finetune
 
 
 def test_pipeline_runs_every_stage(tmp_path):
@@ -39,7 +40,5 @@ def test_pipeline_runs_every_stage(tmp_path):
     args = cli.build_parser().parse_args(
         ["finetune", str(tmp_path / "artifact"), "--steps", "5", "--backends", "eager"]
     )
-    from compiledopt.finetune import run_finetune
-
     runs = run_finetune(args.artifact, args.steps, ["eager"], out=out)
     assert set(runs) == {"frozen/eager", "AdamW"} and "AdamW" in out.getvalue()

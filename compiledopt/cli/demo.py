@@ -1,27 +1,25 @@
-"""The main job end to end on built-in defaults: ``compiledopt demo``.
+"""The ``compiledopt demo`` command: the main job end to end on built-in defaults.
 
 1. **meta-train** a CoordinateMLP on the built-in ``digits`` task family (truncated unrolls);
 2. **export** it as a shape-agnostic artifact (TorchScript, ONNX, AOTInductor);
 3. **verify** every backend against the eager reference over carried-state steps;
 4. **fine-tune** a pre-trained MLP on new classes with the frozen optimizer on every backend,
-   against AdamW.
+   against AdamW (:func:`compiledopt.cli.finetune.run_finetune`).
 
-A few minutes on 2 CPU cores; every stage prints what it did and how long it took.
+A few minutes on 2 CPU cores; every stage prints what it did and how long it took. The digits
+tasks need scikit-learn (the ``tasks`` extra), checked before anything is written.
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, TextIO
 
-import torch
+from compiledopt.cli.arguments import comma_list, positive_int
+from compiledopt.cli.requirements import require, require_task_family
 
-from compiledopt.export.artifact import BACKENDS, export_shape_agnostic
-from compiledopt.export.verify import verify_artifact
-from compiledopt.finetune import run_finetune
-from compiledopt.meta import MetaTrainConfig, MetaTrainer
-from compiledopt.tasks import get_family
-from compiledopt.learned.catalog import CATALOG, build_transform
+__all__ = ["KWARGS", "TRANSFORM", "add_parser", "run", "run_pipeline"]
 
 TRANSFORM = "coordinate-mlp"
 KWARGS: Dict[str, Any] = {"hidden_sizes": [32]}
@@ -31,13 +29,34 @@ def run_pipeline(
     workdir: str = "runs/demo",
     meta_steps: int = 150,
     family: str = "digits",
-    backends: Sequence[str] = BACKENDS,
+    backends: Optional[Sequence[str]] = None,
     finetune_steps: int = 200,
     seed: int = 0,
     out: Optional[TextIO] = None,
     progress: bool = True,
 ) -> Dict[str, Any]:
-    """Run the four stages; returns their results (meta-training, verification, fine-tuning)."""
+    """Run the four stages; returns their results (meta-training, verification, fine-tuning).
+
+    ``backends`` defaults to every export backend. Before writing anything, raises
+    :class:`~compiledopt.cli.requirements.MissingDependencyError` if scikit-learn (which the
+    fine-tuning job and the digits tasks need) is not installed, and ``ValueError`` for an
+    unknown backend.
+    """
+    require_task_family(family)
+    require("sklearn", "tasks")  # the fine-tuning job trains on digits whatever the family
+    import torch
+
+    from compiledopt.cli.finetune import run_finetune
+    from compiledopt.export import BACKENDS, export_shape_agnostic
+    from compiledopt.export.verify import verify_artifact
+    from compiledopt.learned.catalog import CATALOG, build_transform
+    from compiledopt.meta import MetaTrainConfig, MetaTrainer
+    from compiledopt.tasks import get_family
+
+    backends = BACKENDS if backends is None else tuple(backends)
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:  # before minutes of meta-training, not at the export
+        raise ValueError(f"Unknown backend: {unknown[0]!r} (choose from {BACKENDS})")
     out = out or sys.stdout
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -120,3 +139,43 @@ def run_pipeline(
         "timings": timings,
         "artifact": str(artifact),
     }
+
+
+def add_parser(
+    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
+) -> argparse.ArgumentParser:
+    """Add the ``demo`` subparser."""
+    from compiledopt.export import BACKENDS
+
+    parser = commands.add_parser(
+        "demo",
+        help="the main job end to end: meta-train -> export -> verify -> fine-tune vs AdamW",
+        description="Meta-train a CoordinateMLP on built-in tasks, export it (TorchScript, ONNX, "
+        "AOTInductor), verify every backend, and fine-tune a pre-trained model with the frozen "
+        "optimizer against AdamW. No downloads; a few minutes on 2 CPU cores.",
+    )
+    parser.add_argument("--workdir", default="runs/demo", help="checkpoint and artifact go here")
+    parser.add_argument("--meta-steps", type=positive_int, default=150)
+    parser.add_argument("--finetune-steps", type=positive_int, default=200)
+    parser.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help=f"comma-separated subset of {','.join(BACKENDS)} (default: all)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    """The ``demo`` command: :func:`run_pipeline` with the command's options."""
+    run_pipeline(
+        args.workdir,
+        args.meta_steps,
+        backends=comma_list(args.backends),
+        finetune_steps=args.finetune_steps,
+        seed=args.seed,
+        out=out,
+        progress=not args.no_progress,
+    )
+    return 0

@@ -1,27 +1,31 @@
-"""Fine-tuning with a frozen learned optimizer, against AdamW: ``compiledopt finetune``.
+"""The ``compiledopt finetune`` command: fine-tuning with a frozen learned optimizer, against AdamW.
 
 The built-in fine-tuning job needs no downloads: an MLP (64-64-10) is pre-trained with AdamW on
 scikit-learn's handwritten digits 0-4, then fine-tuned on digits 5-9 — once with the artifact's
 :class:`~compiledopt.FrozenOptimizer` on each requested backend, and once with ``torch.optim.AdamW``
 at the best learning rate of a small sweep — from the same pre-trained weights, on the same
 minibatches. The table reports the final training loss, the held-out loss and accuracy on digits
-5-9, and the median step time (optimizer step only) of each.
+5-9, and the median step time (optimizer step only) of each. The digits need scikit-learn (the
+``tasks`` extra), checked before any work.
 """
 
-import copy
+from __future__ import annotations
+
+import argparse
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, TextIO, Tuple
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from compiledopt.cli.arguments import comma_list, positive_float, positive_int
+from compiledopt.cli.requirements import require
 
-from compiledopt.export.artifact import Artifact, load_artifact
-from compiledopt.runtime.frozen_optimizer import FrozenOptimizer
-from compiledopt.tasks.digits import load_digits
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from compiledopt.export import Artifact
+
+__all__ = ["ADAMW_SWEEP", "BATCH", "add_parser", "digits_split", "pretrain", "run", "run_finetune"]
 
 ADAMW_SWEEP = (3e-4, 1e-3, 3e-3, 1e-2)
 BATCH = 64
@@ -29,6 +33,10 @@ BATCH = 64
 
 def digits_split(classes: Sequence[int], seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Train and held-out examples (2/3 : 1/3, shuffled by ``seed``) of the given digit classes."""
+    import torch
+
+    from compiledopt.tasks.digits import load_digits
+
     images, labels = load_digits()
     index = torch.nonzero(torch.isin(labels, torch.tensor(list(classes)))).squeeze(1)
     index = index[torch.randperm(len(index), generator=torch.Generator().manual_seed(seed))]
@@ -38,11 +46,16 @@ def digits_split(classes: Sequence[int], seed: int) -> Tuple[Tensor, Tensor, Ten
 
 
 def _model(seed: int) -> nn.Module:
+    import torch
+    from torch import nn
+
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
 def _batches(x: Tensor, y: Tensor, steps: int, seed: int) -> List[Tuple[Tensor, Tensor]]:
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     picks = [torch.randint(0, len(y), (BATCH,), generator=generator) for _ in range(steps)]
     return [(x[p], y[p]) for p in picks]
@@ -50,6 +63,9 @@ def _batches(x: Tensor, y: Tensor, steps: int, seed: int) -> List[Tuple[Tensor, 
 
 def pretrain(seed: int = 0, steps: int = 300) -> nn.Module:
     """The MLP pre-trained with AdamW on digits 0-4."""
+    import torch
+    import torch.nn.functional as F
+
     x, y, _, _ = digits_split(range(5), seed)
     model = _model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -63,6 +79,12 @@ def pretrain(seed: int = 0, steps: int = 300) -> nn.Module:
 def _finetune(
     start: nn.Module, make_optimizer, batches, held: Tuple[Tensor, Tensor], label: str
 ) -> Dict[str, float]:
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
     model = copy.deepcopy(start)
     optimizer = make_optimizer(model)
     step_times, losses = [], []
@@ -89,7 +111,7 @@ def _finetune(
 
 
 def run_finetune(
-    artifact: "Artifact | str",
+    artifact: Artifact | str,
     steps: int = 200,
     backends: Optional[Sequence[str]] = None,
     lr: Optional[float] = None,
@@ -110,7 +132,18 @@ def run_finetune(
     Returns:
         dict: one entry per run (``"frozen/<backend>"`` and ``"AdamW"``) with ``train_loss``,
         ``heldout_loss``, ``accuracy``, ``step_ms`` (median) and ``first_step_ms``.
+
+    Raises:
+        MissingDependencyError: scikit-learn is not installed (checked first).
+        ArtifactError: ``artifact`` does not load.
+        ValueError: ``steps`` is not a positive integer.
     """
+    require("sklearn", "tasks")  # before the artifact is loaded or anything trained
+    import torch
+
+    from compiledopt.export import Artifact, load_artifact
+    from compiledopt.runtime import FrozenOptimizer
+
     out = out or sys.stdout
     artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -162,3 +195,39 @@ def run_finetune(
             file=out,
         )
     return results
+
+
+def add_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add the ``finetune`` subparser."""
+    parser = commands.add_parser(
+        "finetune",
+        help="fine-tune a pre-trained model with an artifact's frozen optimizer vs AdamW",
+        description="Pre-train an MLP on digits 0-4, fine-tune it on digits 5-9 with the "
+        "artifact's FrozenOptimizer on each backend and with AdamW (best of an lr sweep); print "
+        "loss, accuracy and step time.",
+    )
+    parser.add_argument("artifact", help="an artifact directory")
+    parser.add_argument("--steps", type=positive_int, default=200)
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated FrozenOptimizer backends (default: eager, "
+        "compiled and every backend in the artifact)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="the frozen optimizer's lr (default: the artifact's)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    """The ``finetune`` command: :func:`run_finetune` with the command's options."""
+    backends = comma_list(args.backends) if args.backends else None
+    run_finetune(args.artifact, args.steps, backends, args.lr, args.seed, out)
+    return 0

@@ -1,4 +1,4 @@
-"""A built-in meta-descent demo: a learned optimizer against SGD on a synthetic task.
+"""The ``compiledopt meta-descent`` command: a learned optimizer meta-trained online, against SGD.
 
 The task needs no downloads. A fixed random *teacher* network (8-32-1, tanh) labels Gaussian inputs;
 a *student* of the same architecture learns it by regression (mean squared error) from minibatches.
@@ -21,24 +21,28 @@ Two copies of the student, from the same initialisation and on the same minibatc
 Every transform starts as the identity map (the Kronecker RNN: close to it, for small gradients),
 so the learned optimizer starts as that same SGD and departs from it only as far as the
 meta-gradient takes it. :func:`run_demo` prints the held-out loss of both every few steps and
-returns the numbers; ``python -m compiledopt demo`` calls it.
+returns the numbers; ``compiledopt meta-descent`` (:func:`run`) calls it.
 """
 
+from __future__ import annotations
+
+import argparse
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, TextIO, Tuple
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
 from compiledopt._validation import check_lr
-from compiledopt.nn import KroneckerLinear, KroneckerRNN
-from compiledopt.optim import KroneckerTransform, LearnableOptimizer, MetaCurvatureTransform
+from compiledopt.cli.arguments import positive_int
 
-__all__ = ["DEFAULT_STEPS", "TRANSFORMS", "DemoTransform", "run_demo"]
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+__all__ = ["DEFAULT_STEPS", "TRANSFORMS", "DemoTransform", "add_parser", "run", "run_demo"]
 
 DEFAULT_STEPS = 500
 
@@ -68,21 +72,36 @@ class DemoTransform:
     start: str = "as the identity map"
 
 
+def _kronecker_linear() -> object:
+    from compiledopt.nn import KroneckerLinear
+    from compiledopt.optim import KroneckerTransform
+
+    return KroneckerTransform(KroneckerLinear)
+
+
+def _kronecker_rnn() -> object:
+    from compiledopt.nn import KroneckerRNN
+    from compiledopt.optim import KroneckerTransform
+
+    return KroneckerTransform(KroneckerRNN)
+
+
+def _metacurvature() -> object:
+    from compiledopt.optim import MetaCurvatureTransform
+
+    return MetaCurvatureTransform
+
+
 # Meta learning rates chosen over seeds 0-15 at the default lr and steps: no run diverges; with
 # either Kronecker transform the learned optimizer ends at or below SGD on every seed (final loss
 # 0.14 to 0.97 of SGD's), MetaCurvature (whose factors are not kept psd) about level with it (0.32
 # to 1.04). One-step meta-descent is greedy and keeps raising the step size, so larger meta
 # learning rates can blow up.
 TRANSFORMS: Dict[str, DemoTransform] = {
-    "kronecker": DemoTransform(
-        "KroneckerTransform(KroneckerLinear)", lambda: KroneckerTransform(KroneckerLinear), 0.01
-    ),
-    "metacurvature": DemoTransform("MetaCurvatureTransform", lambda: MetaCurvatureTransform, 3e-4),
+    "kronecker": DemoTransform("KroneckerTransform(KroneckerLinear)", _kronecker_linear, 0.01),
+    "metacurvature": DemoTransform("MetaCurvatureTransform", _metacurvature, 3e-4),
     "kronecker-rnn": DemoTransform(
-        "KroneckerTransform(KroneckerRNN)",
-        lambda: KroneckerTransform(KroneckerRNN),
-        3e-4,
-        start="close to the identity map",
+        "KroneckerTransform(KroneckerRNN)", _kronecker_rnn, 3e-4, start="close to the identity map"
     ),
 }
 
@@ -100,6 +119,8 @@ def _single_threaded() -> Iterator[None]:
     The demo's tensors are tiny: extra threads only add synchronisation, and on a busy machine
     (more runnable threads than cores) they slow a step down by an order of magnitude.
     """
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -108,14 +129,23 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _linear(in_features: int, out_features: int) -> nn.Linear:
+def _architecture() -> nn.Sequential:
+    """An uninitialised 8-32-1 tanh MLP, the teacher's and the student's architecture."""
+    from torch import nn
+
     # skip_init: nn.Linear's own initialisation would draw from (and advance) the global RNG.
-    return nn.utils.skip_init(nn.Linear, in_features, out_features)
+    return nn.Sequential(
+        nn.utils.skip_init(nn.Linear, _INPUTS, _HIDDEN),
+        nn.Tanh(),
+        nn.utils.skip_init(nn.Linear, _HIDDEN, 1),
+    )
 
 
 def _mlp(generator: torch.Generator) -> nn.Sequential:
     """An 8-32-1 tanh MLP with ``nn.Linear``'s default initialisation, drawn from ``generator``."""
-    model = nn.Sequential(_linear(_INPUTS, _HIDDEN), nn.Tanh(), _linear(_HIDDEN, 1))
+    import torch
+
+    model = _architecture()
     with torch.no_grad():
         for layer in (model[0], model[2]):
             bound = 1.0 / math.sqrt(layer.in_features)
@@ -126,8 +156,10 @@ def _mlp(generator: torch.Generator) -> nn.Sequential:
 
 def _make_task(seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, nn.Module]:
     """``(x_train, y_train, x_held_out, y_held_out, student)``; leaves the global RNG alone."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
-    teacher = nn.Sequential(_linear(_INPUTS, _HIDDEN), nn.Tanh(), _linear(_HIDDEN, 1))
+    teacher = _architecture()
     with torch.no_grad():
         for layer in (teacher[0], teacher[2]):
             layer.weight.normal_(0.0, 1.0 / math.sqrt(layer.in_features), generator=generator)
@@ -142,7 +174,7 @@ def _make_task(seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, nn.Module]:
 
 
 def _clone(model: nn.Module) -> nn.Module:
-    clone = nn.Sequential(_linear(_INPUTS, _HIDDEN), nn.Tanh(), _linear(_HIDDEN, 1))
+    clone = _architecture()
     clone.load_state_dict(model.state_dict())
     return clone
 
@@ -215,6 +247,11 @@ def _run(
     log_every: int,
     out: TextIO,
 ) -> Dict[str, object]:
+    import torch
+    from torch import nn
+
+    from compiledopt.optim import LearnableOptimizer
+
     spec = TRANSFORMS[transform]
     start = time.perf_counter()
     x_train, y_train, x_held_out, y_held_out, student = _make_task(seed)
@@ -232,7 +269,7 @@ def _run(
                 loss(baseline(x_held_out), y_held_out).item(),
             )
 
-    print(f"compiledopt demo: meta-descent on a synthetic regression task (seed {seed})", file=out)
+    print(f"compiledopt meta-descent: a synthetic regression task (seed {seed})", file=out)
     print(
         f"  task      8-32-1 tanh MLP fitting a fixed random teacher; {_TRAIN} examples, "
         f"input scales 0.1 to 3.2",
@@ -320,3 +357,51 @@ def _run(
         "diverged": diverged,
         "seconds": seconds,
     }
+
+
+def add_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add the ``meta-descent`` subparser."""
+    parser = commands.add_parser(
+        "meta-descent",
+        help="meta-train a learned optimizer online on a synthetic task and compare it with SGD",
+        description=(
+            "Train a small MLP on a synthetic regression task (no downloads) with a "
+            "LearnableOptimizer whose transform is meta-trained online by Adam, and with plain "
+            "SGD at the same learning rate from the same initialisation; print the held-out "
+            "loss of both."
+        ),
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=DEFAULT_STEPS,
+        help=f"training steps of each optimizer (default: {DEFAULT_STEPS})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the task, the init and the minibatches (default: 0)",
+    )
+    parser.add_argument(
+        "--transform",
+        choices=list(TRANSFORMS),
+        default="kronecker",
+        help="the learnable transform (default: kronecker)",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    """The ``meta-descent`` command: :func:`run_demo` with the command's options."""
+    try:
+        run_demo(steps=args.steps, seed=args.seed, transform=args.transform, out=out)
+    except BrokenPipeError:
+        # The reader went away (``compiledopt meta-descent | head``): stop quietly, as Python's
+        # docs recommend, so that the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return 0

@@ -1,0 +1,175 @@
+"""The ``compiledopt`` command table, optional-dependency checks and one-line user errors."""
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compiledopt import cli
+from compiledopt.cli import COMMANDS, build_parser, command_module, main
+from compiledopt.cli.requirements import MissingDependencyError, require, require_task_family
+
+CLI_DIR = Path(cli.__file__).parent
+# What a command module may import at its top level: light standard modules and its siblings.
+LIGHT = {
+    "__future__",
+    "argparse",
+    "contextlib",
+    "dataclasses",
+    "importlib",
+    "json",
+    "math",
+    "os",
+    "pathlib",
+    "statistics",
+    "sys",
+    "time",
+    "types",
+    "typing",
+    "compiledopt._validation",
+}
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action.choices
+
+
+def test_parser_knows_exactly_the_commands_of_the_table():
+    assert list(_subcommands(build_parser())) == list(COMMANDS)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_each_command_module_adds_its_parser_and_runs(command):
+    module = command_module(command)
+    assert module.__name__ == f"compiledopt.cli.{command.replace('-', '_')}"
+    assert callable(module.add_parser) and callable(module.run)
+    commands = argparse.ArgumentParser(prog="compiledopt").add_subparsers()
+    parser = module.add_parser(commands)
+    assert isinstance(parser, argparse.ArgumentParser)
+    assert list(commands.choices) == [command] and commands.choices[command] is parser
+
+
+@pytest.mark.parametrize("path", sorted(CLI_DIR.glob("*.py")), ids=lambda p: p.name)
+def test_modules_import_light_things_and_no_private_sibling_names(path):
+    tree = ast.parse(path.read_text())
+    for node in tree.body:  # the top level only: run() and friends import the heavy modules
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            assert name in LIGHT or name.startswith("compiledopt.cli."), (path.name, name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("compiledopt.cli"):
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            assert not private, (path.name, node.module, private)
+
+
+# -- optional dependencies ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_sklearn(monkeypatch):
+    """Make ``import sklearn`` fail, as where the ``tasks`` extra is not installed."""
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+
+
+def _fails_for_sklearn(argv, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"compiledopt {argv[0]}: needs scikit-learn")
+    assert "pip install 'compiledopt[tasks]'" in lines[0]
+    assert captured.out == ""
+
+
+def test_demo_without_sklearn_stops_before_writing(no_sklearn, tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    _fails_for_sklearn(["demo", "--workdir", str(workdir), "--no-progress"], capsys)
+    assert not workdir.exists()
+
+
+def test_finetune_without_sklearn_stops_first(no_sklearn, tmp_path, capsys):
+    # the check comes before the artifact is even loaded
+    _fails_for_sklearn(["finetune", str(tmp_path / "no-artifact")], capsys)
+
+
+@pytest.mark.parametrize("family", ["digits", "mixed"])
+def test_train_on_a_family_that_needs_sklearn(no_sklearn, family, tmp_path, capsys):
+    output = tmp_path / "run" / "learned.pt"
+    _fails_for_sklearn(["train", "--family", family, "--output", str(output)], capsys)
+    assert not output.parent.exists()
+
+
+def test_require(no_sklearn):
+    require("json", "tasks")
+    require_task_family("regression")
+    with pytest.raises(MissingDependencyError, match=r"scikit-learn.*compiledopt\[tasks\]"):
+        require_task_family("digits")
+    with pytest.raises(ImportError, match=r"needs not_a_package_at_all, which is not installed"):
+        require("not_a_package_at_all", "bench")
+
+
+# -- user errors: one line and status 2 ---------------------------------------------------------
+
+
+def _one_line_error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"compiledopt {argv[0]}: ")
+    return err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    err = _one_line_error(["export", str(missing), "--output", str(tmp_path / "a")], capsys)
+    assert str(missing) in err and "No such file" in err
+
+
+def test_checkpoint_without_a_transform_spec(tmp_path, capsys):
+    checkpoint = tmp_path / "bare.pt"
+    torch.save({"metadata": {}}, checkpoint)
+    err = _one_line_error(["export", str(checkpoint), "--output", str(tmp_path / "a")], capsys)
+    assert "has no transform spec" in err
+    assert not (tmp_path / "a").exists()
+
+
+def test_missing_artifact(tmp_path, capsys):
+    _one_line_error(["finetune", str(tmp_path / "missing")], capsys)
+    _one_line_error(["verify", str(tmp_path / "missing")], capsys)
+
+
+def test_unknown_backend_stops_the_demo_before_any_work(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    err = _one_line_error(["demo", "--workdir", str(workdir), "--backends", "onnx,tflite"], capsys)
+    assert "Unknown backend: 'tflite'" in err
+    assert not workdir.exists()
+
+
+def test_bad_ranks_are_an_argument_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "x.pt", "--output", str(tmp_path / "a"), "--ranks", "1,two"])
+    assert exit_info.value.code == 2
+    assert "must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_bench_gets_its_arguments_unparsed(monkeypatch):
+    # argparse would take leading options for the main parser's: the benchmark parses them
+    seen = []
+    monkeypatch.setattr(command_module("bench"), "run", lambda args, out: seen.append(args) or 0)
+    assert main(["bench", "--quick", "--out", "x", "--help"]) == 0
+    assert [(a.command, a.args) for a in seen] == [("bench", ["--quick", "--out", "x", "--help"])]
+
+
+def test_meta_descent_names_itself(capsys):
+    assert main(["meta-descent", "--steps", "2"]) == 0
+    assert capsys.readouterr().out.startswith("compiledopt meta-descent: ")
