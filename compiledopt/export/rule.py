@@ -1,8 +1,8 @@
 """Frozen update rules: the graphs that artifacts export.
 
-* :class:`ModelRule` — the whole-model rule of DESIGN.md: one module mapping the gradients,
-  parameters and (flattened) states of *all* bound parameters and the step count to all update
-  directions and new states, so that a step is one call.
+* :class:`ModelRule` — a whole-model rule: one module mapping the gradients, parameters and
+  (flattened) states of *all* bound parameters and the step count to all update directions and
+  new states, so that an optimizer step is one call.
 * :class:`TensorRule` — a shape-agnostic transform on one tensor of any size (exported per rank
   with dynamic sizes, so it applies to parameters of any model).
 
@@ -17,9 +17,9 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from compiledopt._identity import unique_by_identity
 from compiledopt.nn.kronecker import KroneckerLinear
 from compiledopt.transforms.base import Transform
-
 
 #: Inductor settings of every graph this library compiles itself (the runtime's ``compiled``
 #: backend and AOTInductor packages). Inductor's defaults materialise a pointwise expression into a
@@ -77,9 +77,9 @@ class ModelRule(nn.Module):
         super().__init__()
         if len(transforms) != len(state_counts):
             raise ValueError(f"{len(transforms)} transforms but {len(state_counts)} state counts")
-        unique = _dedup(transforms)[0]
+        unique, index = unique_by_identity(transforms)
         self.transforms = nn.ModuleList([freeze_transform(t, fused) for t in unique])
-        self.index: List[int] = _dedup(transforms)[1]
+        self.index: List[int] = index
         self.state_counts = [int(c) for c in state_counts]
         self.eval()
 
@@ -124,18 +124,3 @@ class TensorRule(nn.Module):
         self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
     ) -> Tuple[Tensor, List[Tensor]]:
         return self.transform.update(grad, param, state, step)
-
-
-def _dedup(transforms: Sequence[Transform]) -> Tuple[List[Transform], List[int]]:
-    """Unique transforms (by identity) and, per parameter, the index of its transform."""
-    unique: List[Transform] = []
-    index: List[int] = []
-    for transform in transforms:
-        for j, seen in enumerate(unique):
-            if seen is transform:
-                index.append(j)
-                break
-        else:
-            index.append(len(unique))
-            unique.append(transform)
-    return unique, index

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 import compiledopt.nn as cnn
-from compiledopt.transforms.base import Transform
 from compiledopt.learned.catalog import CATALOG, build_transform
+from compiledopt.learned.step_sizes import LearnedStepSize
+from compiledopt.transforms.base import Transform
 from compiledopt.transforms.kronecker import KroneckerTransform
 from compiledopt.transforms.metacurvature import MetaCurvatureTransform
 from compiledopt.transforms.module import ModuleTransform
-from compiledopt.learned.step_sizes import LearnedStepSize
 
 Spec = Dict[str, Any]
 
@@ -57,10 +57,6 @@ def check_spec(spec: Mapping[str, Any]) -> Spec:
     if kind == "module" and spec.get("module") not in MODULES:
         raise ValueError(f"unknown module {spec.get('module')!r} (one of {sorted(MODULES)})")
     return dict(spec)
-
-
-def is_shape_agnostic(spec: Mapping[str, Any]) -> bool:
-    return check_spec(spec)["kind"] == "shape_agnostic"
 
 
 def build_shape_agnostic(spec: Mapping[str, Any]) -> Transform:

@@ -6,6 +6,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from compiledopt._identity import unique_by_identity
 from compiledopt._validation import check_lr
 from compiledopt.transforms.base import UpdateFunction
 from compiledopt.transforms.binding import bind_transforms
@@ -83,9 +84,7 @@ class LearnableOptimizer(nn.Module):
         self.param_names = [n for n, _ in named]
         self.transforms = nn.ModuleList(bind_transforms(transform, self.params, self.param_names))
         # Parameters sharing one transform share one weight snapshot per step.
-        owners: Dict[int, int] = {}
-        self._owner = [owners.setdefault(id(t), len(owners)) for t in self.transforms]
-        self._unique = [self.transforms[self._owner.index(k)] for k in range(len(owners))]
+        self._unique, self._owner = unique_by_identity(self.transforms)
         with torch.no_grad():
             self._state = [t.init_state(p) for t, p in zip(self.transforms, self.params)]
         self._step = torch.zeros((), dtype=torch.int64, device=self.params[0].device)
