@@ -1,6 +1,19 @@
 """Freezing and exporting transforms as self-describing artifacts (TorchScript, ONNX, AOTI)."""
 
-from compiledopt.export.artifact import (
+from importlib import import_module
+
+from compiledopt.export import backend
+from compiledopt.export.backend import Backend, BackendUnavailableError
+
+# The backends, in this order. A new backend is one module that defines ``BACKEND`` (an instance
+# of a Backend subclass) and one line here; everything else finds it through the registry
+# (compiledopt.export.backend.get, .names).
+backend.register(import_module("compiledopt.export.torchscript").BACKEND)
+backend.register(import_module("compiledopt.export.onnx").BACKEND)
+backend.register(import_module("compiledopt.export.aoti").BACKEND)
+
+# Imported after the registrations: artifact.BACKENDS is the list of registered names.
+from compiledopt.export.artifact import (  # noqa: E402
     BACKENDS,
     Artifact,
     ArtifactError,
@@ -8,13 +21,15 @@ from compiledopt.export.artifact import (
     export_shape_agnostic,
     load_artifact,
 )
-from compiledopt.export.rule import ModelRule, TensorRule, freeze_transform
-from compiledopt.export.spec import build_bound, build_shape_agnostic, check_spec
+from compiledopt.export.rule import ModelRule, TensorRule, freeze_transform  # noqa: E402
+from compiledopt.export.spec import build_bound, build_shape_agnostic, check_spec  # noqa: E402
 
 __all__ = [
     "BACKENDS",
     "Artifact",
     "ArtifactError",
+    "Backend",
+    "BackendUnavailableError",
     "ModelRule",
     "TensorRule",
     "build_bound",

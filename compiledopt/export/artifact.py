@@ -8,34 +8,45 @@ Layout of an artifact directory (format version 1)::
     rule.onnx | rule_rank{r}.onnx    ONNX (bound | shape-agnostic, one per rank, dynamic sizes)
     rule.pt2  | rule_rank{r}.pt2     torch.export + AOTInductor package
 
+A graph file is ``rule`` plus its backend's extension; a shape-agnostic artifact of a backend
+that writes one graph per rank (:attr:`~compiledopt.export.backend.Backend.per_rank`) has
+``rule_rank{r}`` plus the extension for each rank ``r``. Backends are looked up by name in
+:mod:`compiledopt.export.backend`'s registry.
+
 ``manifest.json`` fields: ``format`` (``"compiledopt-artifact"``), ``format_version``, ``kind``
 (``"bound"``: one graph for a fixed list of parameters; ``"shape_agnostic"``: per-tensor graphs for
 parameters of any shape), ``transform`` (the spec that rebuilds it, see
 :mod:`compiledopt.export.spec`), ``dtype``, ``lr`` (suggested learning rate), ``bindings`` (bound:
 ``name``, ``shape``, ``dtype`` and ``state`` — names and shapes — of every parameter), ``ranks`` and
 ``state_names`` (shape-agnostic), ``backends`` (backend -> its files), ``files`` (file -> sha256),
-``producer`` (versions of compiledopt, torch, onnx, onnxruntime, python).
+``producer`` (versions of compiledopt, torch, onnx, onnxruntime, python; ``"not installed"``
+for an absent package).
 
 :func:`load_artifact` verifies everything before any graph is loaded and raises
 :class:`ArtifactError` with one message naming the problem; weights load with safetensors and
 graphs with their own loaders, so nothing is unpickled.
 """
 
+import copy
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from compiledopt._identity import unique_by_identity
 from compiledopt._validation import check_positive
+from compiledopt.export import backend as registry
 from compiledopt.export import spec as specs
+from compiledopt.export.backend import Backend
 from compiledopt.export.rule import ModelRule, TensorRule
 from compiledopt.transforms.base import Transform
 
@@ -43,27 +54,16 @@ FORMAT = "compiledopt-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
-BACKENDS = ("torchscript", "onnx", "aoti")
-_EXTENSIONS = {"torchscript": ".pt", "onnx": ".onnx", "aoti": ".pt2"}
+#: The registered backends' names (:func:`compiledopt.export.backend.names`), read once the
+#: package has registered them.
+BACKENDS: Tuple[str, ...] = registry.names()
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Backends compiled by Inductor get the fused formulations (see freeze_transform).
-_FUSED = ("aoti",)
+# Versions recorded in the manifest: distribution name -> the module it provides.
+_RECORDED = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
 
 
 class ArtifactError(ValueError):
     """An artifact is missing, corrupted, of an unknown format, or does not fit the parameters."""
-
-
-def _backend_module(name: str):
-    if name == "torchscript":
-        from compiledopt.export import torchscript as module
-    elif name == "onnx":
-        from compiledopt.export import onnx as module
-    elif name == "aoti":
-        from compiledopt.export import aoti as module
-    else:
-        raise ValueError(f"Unknown backend: {name!r} (choose from {BACKENDS})")
-    return module
 
 
 def _sha256(path: Path) -> str:
@@ -82,26 +82,52 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _producer() -> Dict[str, str]:
-    import onnx
-    import onnxruntime
-
+    """The versions that wrote an artifact, read from the installed distributions' metadata
+    (nothing is imported: ``"not installed"`` for an absent one)."""
     import compiledopt
 
     return {
         "compiledopt": compiledopt.__version__,
         "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        **{name: _installed_version(name, module) for name, module in _RECORDED.items()},
         "python": platform.python_version(),
     }
 
 
-def _unique(transforms: Sequence[Transform]) -> List[Transform]:
-    unique: List[Transform] = []
-    for transform in transforms:
-        if not any(transform is seen for seen in unique):
-            unique.append(transform)
-    return unique
+def _installed_version(distribution: str, module: str) -> str:
+    """The version of ``distribution``, or of whichever installed distribution provides
+    ``module`` (``onnxruntime`` also ships as ``onnxruntime-gpu``…), or ``"not installed"``."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for other in importlib.metadata.packages_distributions().get(module, []):
+        try:
+            return importlib.metadata.version(other)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def _backends(names: Optional[Sequence[str]]) -> List[Backend]:
+    """The backends called ``names`` (``None``: every registered one), each checked to be
+    known and installed, so an export fails before any work when one is not."""
+    if isinstance(names, str):
+        raise ValueError(f"backends must be a sequence of names, got the string {names!r}")
+    chosen = [registry.get(name) for name in (registry.names() if names is None else names)]
+    for backend in chosen:
+        backend.require()
+    return chosen
+
+
+def _graph_file(backend: Backend, rank: Optional[int] = None) -> str:
+    """``rule`` plus the extension, or ``rule_rank{rank}`` plus the extension."""
+    return ("rule" if rank is None else f"rule_rank{rank}") + backend.extension
+
+
+def _file_rank(filename: str) -> int:
+    """The rank of a per-rank graph file (``rule_rank3.onnx`` -> 3)."""
+    return int(filename.split("_rank")[1].split(".")[0])
 
 
 def _rank_example(rank: int, dtype: torch.dtype) -> Tensor:
@@ -113,7 +139,7 @@ def _write(
     directory: Path,
     manifest: Dict[str, Any],
     weights: Dict[str, Tensor],
-    graphs: List[Tuple[str, str, nn.Module, tuple, bool]],
+    graphs: List[Tuple[Backend, str, nn.Module, tuple, bool]],
     overwrite: bool,
 ) -> Path:
     if directory.exists():
@@ -127,8 +153,8 @@ def _write(
     save_file({k: v.detach().contiguous().clone() for k, v in weights.items()}, staging / WEIGHTS)
     backends: Dict[str, List[str]] = {}
     for backend, filename, rule, example, dynamic in graphs:
-        _backend_module(backend).save(rule, example, str(staging / filename), dynamic)
-        backends.setdefault(backend, []).append(filename)
+        backend.save(rule, example, str(staging / filename), dynamic)
+        backends.setdefault(backend.name, []).append(filename)
     files = [WEIGHTS] + [f for fs in backends.values() for f in fs]
     manifest = {
         "format": FORMAT,
@@ -148,7 +174,7 @@ def export_bound(
     spec: Mapping[str, Any],
     transforms: Sequence[Transform],
     named_params: Sequence[Tuple[str, Tensor]],
-    backends: Sequence[str] = BACKENDS,
+    backends: Optional[Sequence[str]] = None,
     lr: float = 1e-3,
     overwrite: bool = False,
 ) -> Path:
@@ -159,10 +185,17 @@ def export_bound(
         spec: the transform spec that rebuilds ``transforms`` (see :mod:`compiledopt.export.spec`).
         transforms: the trained transforms, one per parameter (a shared one may repeat).
         named_params: ``(name, parameter)`` pairs the rule is bound to, in order.
-        backends: any of ``"torchscript"``, ``"onnx"``, ``"aoti"``.
+        backends: names of registered backends (``"torchscript"``, ``"onnx"``, ``"aoti"``);
+            ``None``: all of them.
         lr: the learning rate recorded as the artifact's suggestion.
+        overwrite: replace an existing ``directory``.
+
+    Raises:
+        BackendUnavailableError: a chosen backend's modules are not installed (before any
+            export work).
     """
     spec = specs.check_spec(spec)
+    chosen = _backends(backends)
     if len(transforms) != len(named_params):
         raise ValueError(f"{len(transforms)} transforms for {len(named_params)} parameters")
     params = [p.detach() for _, p in named_params]
@@ -184,16 +217,9 @@ def export_bound(
     counts = [len(s) for s in states]
     flat = [s for state in states for s in state]
     example = ([torch.randn_like(p) for p in params], params, flat, torch.tensor(0))
-    unique = nn.ModuleList(_unique(transforms))
+    unique = nn.ModuleList(unique_by_identity(transforms)[0])
     graphs = [
-        (
-            b,
-            "rule" + _EXTENSIONS[_check_backend(b)],
-            ModelRule(transforms, counts, b in _FUSED),
-            example,
-            False,
-        )
-        for b in backends
+        (b, _graph_file(b), ModelRule(transforms, counts, b.fused), example, False) for b in chosen
     ]
     manifest = {
         "kind": "bound",
@@ -209,7 +235,7 @@ def export_shape_agnostic(
     directory: str | os.PathLike,
     spec: Mapping[str, Any],
     transform: Transform,
-    backends: Sequence[str] = BACKENDS,
+    backends: Optional[Sequence[str]] = None,
     ranks: Sequence[int] = (0, 1, 2, 3, 4, 5),
     lr: float = 1e-3,
     dtype: torch.dtype = torch.float32,
@@ -217,8 +243,23 @@ def export_shape_agnostic(
 ) -> Path:
     """Export a shape-agnostic transform as per-tensor graphs that apply to any model.
 
-    TorchScript writes one graph for every rank; ONNX and AOTInductor one per rank in ``ranks``,
-    with every size dynamic.
+    A backend with one graph for every rank (TorchScript) writes one graph; the others (ONNX,
+    AOTInductor) one per rank in ``ranks``, with every size dynamic. ``transform`` itself is
+    left as it is (the export converts a copy to ``dtype``).
+
+    Args:
+        directory: where to write the artifact (created; must not exist unless ``overwrite``).
+        spec: the shape-agnostic spec that rebuilds ``transform``.
+        transform: the trained shape-agnostic transform.
+        backends: names of registered backends; ``None``: all of them.
+        ranks: the parameter ranks (0 to 5) that per-rank backends write graphs for.
+        lr: the learning rate recorded as the artifact's suggestion.
+        dtype: the dtype of the graphs and weights (float32 or float64).
+        overwrite: replace an existing ``directory``.
+
+    Raises:
+        BackendUnavailableError: a chosen backend's modules are not installed (before any
+            export work).
     """
     spec = specs.check_spec(spec)
     if spec["kind"] != "shape_agnostic" or not transform.shape_agnostic:
@@ -226,22 +267,24 @@ def export_shape_agnostic(
     ranks = sorted({int(r) for r in ranks})
     if not ranks or ranks[0] < 0 or ranks[-1] > 5:
         raise ValueError(f"Invalid ranks: {ranks} (a non-empty subset of 0..5)")
-    transform = transform.to(dtype)
+    name = _dtype_name(dtype)
+    chosen = _backends(backends)
+    # A copy: Module.to converts in place, and an export must not change its input.
+    transform = copy.deepcopy(transform).to(dtype)
     graphs = []
-    for backend in backends:
-        extension = _EXTENSIONS[_check_backend(backend)]
-        rule = TensorRule(transform, backend in _FUSED)
-        if backend == "torchscript":
+    for backend in chosen:
+        rule = TensorRule(transform, backend.fused)
+        if not backend.per_rank:
             example = _tensor_example(transform, 2, dtype)
-            graphs.append((backend, "rule" + extension, rule, example, True))
+            graphs.append((backend, _graph_file(backend), rule, example, True))
             continue
         for rank in ranks:
             example = _tensor_example(transform, rank, dtype)
-            graphs.append((backend, f"rule_rank{rank}{extension}", rule, example, True))
+            graphs.append((backend, _graph_file(backend, rank), rule, example, True))
     manifest = {
         "kind": "shape_agnostic",
         "transform": spec,
-        "dtype": _dtype_name(dtype),
+        "dtype": name,
         "lr": check_positive(lr, "lr"),
         "ranks": ranks,
         "state_names": transform.state_names(),
@@ -253,12 +296,6 @@ def export_shape_agnostic(
 def _tensor_example(transform: Transform, rank: int, dtype: torch.dtype) -> tuple:
     param = _rank_example(rank, dtype)
     return (torch.randn_like(param), param, transform.init_state(param), torch.tensor(0))
-
-
-def _check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"Unknown backend: {name!r} (choose from {BACKENDS})")
-    return name
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -298,7 +335,7 @@ class Artifact:
             built = specs.build_bound(self.spec, [b["shape"] for b in self.bindings], self.dtype)
         else:
             built = [specs.build_shape_agnostic(self.spec).to(self.dtype)]
-        unique = nn.ModuleList(_unique(built))
+        unique = nn.ModuleList(unique_by_identity(built)[0])
         weights = load_file(str(self.path / WEIGHTS))
         try:
             unique.load_state_dict(weights)
@@ -310,15 +347,23 @@ class Artifact:
 
     def runner(self, backend: str) -> Callable:
         """The loaded graph of ``backend``: a bound rule's or a per-tensor rule's signature
-        (a shape-agnostic ONNX/AOTI artifact dispatches on the tensor's rank)."""
-        files = self.manifest["backends"].get(_check_backend(backend))
+        (a shape-agnostic artifact of a per-rank backend, ONNX or AOTI, dispatches on the
+        tensor's rank).
+
+        Raises:
+            ValueError: ``backend`` is not a registered backend.
+            ArtifactError: the artifact has no graph of ``backend``.
+            BackendUnavailableError: the modules that load ``backend`` are not installed.
+        """
+        chosen = registry.get(backend)
+        files = self.manifest["backends"].get(chosen.name)
         if not files:
             raise ArtifactError(f"{self.path}: no {backend} graph (it has {self.backends})")
-        module = _backend_module(backend)
-        if self.kind == "bound" or backend == "torchscript":
-            return module.load(str(self.path / files[0]))
-        by_rank = {int(f.split("_rank")[1].split(".")[0]): f for f in files}
-        return _RankDispatch(self.path, by_rank, module)
+        chosen.require(loading=True)
+        if self.kind == "bound" or not chosen.per_rank:
+            return chosen.load(str(self.path / files[0]))
+        by_rank = {_file_rank(f): f for f in files}
+        return _RankDispatch(self.path, by_rank, chosen)
 
     def check_bindings(
         self,
@@ -351,8 +396,8 @@ class Artifact:
 class _RankDispatch:
     """Per-tensor runner over one graph per rank, loaded on first use."""
 
-    def __init__(self, path: Path, files: Dict[int, str], module) -> None:
-        self.path, self.files, self.module = path, files, module
+    def __init__(self, path: Path, files: Dict[int, str], backend: Backend) -> None:
+        self.path, self.files, self.backend = path, files, backend
         self.loaded: Dict[int, Callable] = {}
 
     def __call__(self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor):
@@ -362,7 +407,7 @@ class _RankDispatch:
                 f"{self.path} has no graph for rank-{rank} parameters (ranks {sorted(self.files)})"
             )
         if rank not in self.loaded:
-            self.loaded[rank] = self.module.load(str(self.path / self.files[rank]))
+            self.loaded[rank] = self.backend.load(str(self.path / self.files[rank]))
         return self.loaded[rank](grad, param, state, step)
 
 

@@ -1,7 +1,7 @@
 """ONNX backend: a frozen update rule as a self-contained ``.onnx`` graph run by onnxruntime.
 
 ``save`` traces the rule with :func:`torch.export.export` (the same trace as the AOTInductor
-backend, see :mod:`compiledopt.export.aoti` for how dynamic sizes are handled), converts it with
+backend, see :mod:`compiledopt.export.tracing` for how dynamic sizes are handled), converts it with
 ``torch.onnx.export(..., dynamo=True)``, checks it with :func:`onnx.checker.check_model` and
 writes one file with the weights embedded. ``load`` opens it in an
 :class:`onnxruntime.InferenceSession` (``CPUExecutionProvider``) and returns a runner with the
@@ -16,7 +16,7 @@ rule's own call signature:
 
 The graph keeps the exported dtypes (float32 or float64; ``step`` is int64); the runner takes and
 returns CPU torch tensors and checks each call against the rule's signature, stored in the model's
-metadata (``compiledopt.signature``, see :mod:`compiledopt.export.aoti`).
+metadata (``compiledopt.signature``, see :mod:`compiledopt.export.signature`).
 
 Two exporter defects (torch 2.13, onnxscript 0.7) are worked around here rather than shipped:
 
@@ -26,26 +26,24 @@ Two exporter defects (torch 2.13, onnxscript 0.7) are worked around here rather 
   zero gradient then gives NaN instead of 0. Only the exact passes run (:func:`_exact_optimize`).
 * torchlib builds the Python-float constants of ``aten.scalar_tensor`` and ``aten.pow.Scalar``
   in float32 and casts them, so a float64 graph computes with float32-rounded ``β``, ``ε`` …
-  (Adam's direction off by 7e-6 relative). :data:`_TRANSLATIONS` builds them in their dtype.
+  (Adam's direction off by 7e-6 relative). :func:`_translations` builds them in their dtype.
 """
 
 import logging
 import os
-from typing import Any, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
-import numpy as np
-import onnx
-import onnx_ir as ir
-import onnx_ir.passes.common
-import onnxscript.optimizer
 import torch
-from onnxscript.onnx_opset import opset18 as op
-from onnxscript.onnx_types import TensorType
 from torch import Tensor, nn
 
-from compiledopt.export.aoti import SIGNATURE_KEY, Runner, _quiet, _Signature, _trace
+from compiledopt.export.backend import Backend
+from compiledopt.export.signature import SIGNATURE_KEY, Runner, Signature
+from compiledopt.export.tracing import quiet, trace
 
-__all__ = ["load", "save"]
+# onnx, onnx_ir, onnxscript and onnxruntime are imported inside the functions that write or run
+# a graph, so that the package and its other backends work without them installed.
+
+__all__ = ["BACKEND", "ONNXBackend", "load", "save"]
 
 # Exporter chatter: onnxscript's and onnx_ir's per-pass INFO logs, and the registry's
 # "torchvision is not installed. Skipping torchvision::nms" notices (WARNING level). Other
@@ -57,54 +55,66 @@ _CHATTY_LOGGERS = {
 }
 
 
-# Exact constants. torchlib (onnxscript 0.7) lowers ``aten.scalar_tensor(s, dtype=float64)`` and
-# ``aten.pow.Scalar(s, x)`` by making ``s`` a float32 constant and casting it, so every Python
-# float of a float64 rule (β = 0.999, ε, time scales…) is rounded to float32 (relative error up
-# to 6e-8, 1e-5 after ``1 − β``). These translations make the constant in its final dtype.
-def _scalar_tensor(
-    s: float, dtype: int = 1, layout: str = "", device: str = "", pin_memory: bool = False
-) -> TensorType:
-    data_type = ir.DataType(1 if dtype == -1 else dtype)
-    return op.Constant(value=ir.tensor(np.asarray(s, dtype=data_type.numpy())))
+def _translations() -> Dict[Any, Callable]:
+    """Exact constants: the exporter's custom translations of ``aten.scalar_tensor`` and
+    ``aten.pow.Scalar``.
+
+    torchlib (onnxscript 0.7) lowers ``aten.scalar_tensor(s, dtype=float64)`` and
+    ``aten.pow.Scalar(s, x)`` by making ``s`` a float32 constant and casting it, so every Python
+    float of a float64 rule (β = 0.999, ε, time scales…) is rounded to float32 (relative error up
+    to 6e-8, 1e-5 after ``1 − β``). These translations make the constant in its final dtype.
+    """
+    import numpy as np
+    import onnx_ir as ir
+    from onnxscript.onnx_opset import opset18 as op
+    from onnxscript.onnx_types import TensorType
+
+    def _scalar_tensor(
+        s: float, dtype: int = 1, layout: str = "", device: str = "", pin_memory: bool = False
+    ) -> TensorType:
+        data_type = ir.DataType(1 if dtype == -1 else dtype)
+        return op.Constant(value=ir.tensor(np.asarray(s, dtype=data_type.numpy())))
+
+    def _pow_scalar(self: float, exponent: TensorType) -> TensorType:
+        if isinstance(self, int) or exponent.dtype.is_floating_point():
+            base = ir.tensor(np.asarray(self, dtype=exponent.dtype.numpy()))
+            return op.Pow(op.Constant(value=base), exponent)
+        # A float base and an integral exponent: torch computes in the default dtype (float32).
+        base = ir.tensor(np.asarray(self, dtype=np.float32))
+        return op.Pow(op.Constant(value=base), op.Cast(exponent, to=ir.DataType.FLOAT))
+
+    return {
+        torch.ops.aten.scalar_tensor.default: _scalar_tensor,
+        torch.ops.aten.pow.Scalar: _pow_scalar,
+    }
 
 
-def _pow_scalar(self: float, exponent: TensorType) -> TensorType:
-    if isinstance(self, int) or exponent.dtype.is_floating_point():
-        base = ir.tensor(np.asarray(self, dtype=exponent.dtype.numpy()))
-        return op.Pow(op.Constant(value=base), exponent)
-    # A float base and an integral exponent: torch computes in the default dtype (float32).
-    base = ir.tensor(np.asarray(self, dtype=np.float32))
-    return op.Pow(op.Constant(value=base), op.Cast(exponent, to=ir.DataType.FLOAT))
-
-
-_TRANSLATIONS = {
-    torch.ops.aten.scalar_tensor.default: _scalar_tensor,
-    torch.ops.aten.pow.Scalar: _pow_scalar,
-}
-
-
-def _exact_optimize(model: ir.Model) -> None:
+def _exact_optimize(model: Any) -> None:
     """The value-preserving part of the exporter's ``optimize=True``: inline functions, fold
-    constants, drop unused nodes.
+    constants, drop unused nodes (``model``: an ``onnx_ir.Model``).
 
     The rest of it, onnxscript's pattern rewrites, is left out on purpose: its no-op rules match
     constants with a tolerance (``math.isclose(c, 0, abs_tol=1e-8)``, ``rel_tol=1e-5`` near 1),
     so ``x + 1e-8`` becomes ``x`` and Adam's ``sqrt(v) + eps`` divides by zero where a gradient
     is zero. onnxruntime applies its own (exact) graph optimizations when it loads the file.
     """
+    import onnxscript.optimizer
+
     onnxscript.optimizer.inline(model)
     onnxscript.optimizer.fold_constants(model)
     onnxscript.optimizer.remove_unused_nodes(model)
 
 
-def _name_io(model: ir.Model, inputs: List[str], outputs: List[str]) -> None:
-    """Name the graph's inputs and outputs (renaming any inner value that holds one of those
-    names), after making every output a value of its own.
+def _name_io(model: Any, inputs: List[str], outputs: List[str]) -> None:
+    """Name the graph's inputs and outputs of ``model`` (an ``onnx_ir.Model``), renaming any
+    inner value that holds one of those names, after making every output a value of its own.
 
     A rule can return an input unchanged (``SGD`` returns the gradient) or one value twice
     (``SGD`` with momentum returns the buffer as the direction and as the new state); ONNX
     needs an ``Identity`` for each, or naming the output would rename the input too.
     """
+    import onnx_ir.passes.common
+
     graph = model.graph
     if len(graph.inputs) != len(inputs) or len(graph.outputs) != len(outputs):
         raise RuntimeError(
@@ -136,8 +146,11 @@ def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
         dynamic (bool): every size of the gradients, parameters and states dynamic (``step``
             stays a static 0-d tensor); ``False`` fixes every shape to the example's.
     """
-    with _quiet(_CHATTY_LOGGERS):
-        program, args, signature = _trace(rule, example, dynamic)
+    import onnx
+    import onnx_ir as ir
+
+    with quiet(_CHATTY_LOGGERS):
+        program, args, signature = trace(rule, example, dynamic)
         onnx_program = torch.onnx.export(
             program,
             args,
@@ -145,7 +158,7 @@ def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
             verbose=False,
             external_data=False,
             optimize=False,  # see _exact_optimize
-            custom_translation_table=_TRANSLATIONS,
+            custom_translation_table=_translations(),
         )
         model = onnx_program.model
         _exact_optimize(model)
@@ -180,7 +193,7 @@ def load(path: str) -> Runner:
     metadata = session.get_modelmeta().custom_metadata_map
     if SIGNATURE_KEY not in metadata:
         raise ValueError(f"{path} is not a compiledopt update-rule graph (no signature)")
-    signature = _Signature.from_json(metadata[SIGNATURE_KEY], os.fspath(path))
+    signature = Signature.from_json(metadata[SIGNATURE_KEY], os.fspath(path))
     inputs = signature.input_names
     outputs = signature.output_names
     if [i.name for i in session.get_inputs()] != inputs:
@@ -195,3 +208,23 @@ def load(path: str) -> Runner:
         return signature.unflatten([torch.from_numpy(a) for a in session.run(outputs, feed)])
 
     return runner
+
+
+class ONNXBackend(Backend):
+    """``rule.onnx`` / ``rule_rank{r}.onnx``: data run by onnxruntime; writing needs onnx,
+    onnxscript (with onnx_ir) and onnxruntime, running only onnxruntime."""
+
+    name = "onnx"
+    extension = ".onnx"
+    per_rank = True
+    carries_code = False
+    fused = False
+    requires = ("onnx", "onnxruntime", "onnxscript", "onnx_ir")
+    load_requires = ("onnxruntime",)
+    install = "onnx onnxruntime onnxscript"
+    # The module's functions above (staticmethod: they take no backend instance).
+    save = staticmethod(save)
+    load = staticmethod(load)
+
+
+BACKEND = ONNXBackend()

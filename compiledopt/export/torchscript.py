@@ -12,6 +12,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from compiledopt.export.backend import Backend
+
+__all__ = ["BACKEND", "TorchScriptBackend", "load", "save"]
+
 
 def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
     """Script ``rule`` and write it to ``path`` (``example`` and ``dynamic`` are not needed)."""
@@ -34,3 +38,20 @@ def _quiet_deprecation() -> Iterator[None]:
             "ignore", message=r".*torch\.jit\.\w+.* is deprecated", category=DeprecationWarning
         )
         yield
+
+
+class TorchScriptBackend(Backend):
+    """``rule.pt``: one scripted program for every rank; needs only torch."""
+
+    name = "torchscript"
+    extension = ".pt"
+    per_rank = False
+    carries_code = True
+    fused = False
+    requires = ()
+    # The module's functions above (staticmethod: they take no backend instance).
+    save = staticmethod(save)
+    load = staticmethod(load)
+
+
+BACKEND = TorchScriptBackend()
