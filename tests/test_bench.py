@@ -1,11 +1,25 @@
-"""The step-speed benchmark's quick mode: it runs and writes well-formed results (not speed)."""
+"""Step speed: the library's ``compiledopt.bench`` API, and the
+project's suite under ``benchmarks/step_speed`` (its quick mode runs and writes well-formed
+results; its roofline reads each rule's own cost model)."""
 
 import json
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from compiledopt import bench
+from compiledopt.transforms import Transform
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the suite is not installed: it lives in the checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.step_speed import measure, models, plan, roofline, runner  # noqa: E402
 
 ROW_KEYS = {
     "model",
@@ -30,13 +44,173 @@ ROW_KEYS = {
 }
 
 
+class NoCost(Transform):
+    """A rule that states no cost model."""
+
+    shape_agnostic = True
+
+    def update(self, grad, param, state, step):
+        return grad, state
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A shape-agnostic learned-step-size artifact without graphs (eager and compiled only)."""
+    from compiledopt.export import build_shape_agnostic, export_shape_agnostic
+
+    spec = {"kind": "shape_agnostic", "name": "learned-step-size", "kwargs": {}}
+    directory = tmp_path_factory.mktemp("bench") / "lss"
+    return export_shape_agnostic(directory, spec, build_shape_agnostic(spec), backends=())
+
+
+# -- the library API ---------------------------------------------------------------------------
+
+
+def test_benchmark_eager_against_both_adamw(artifact):
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    result = bench.benchmark(
+        artifact, model, backends=["eager"], threads=[1], repeats=3, warmup=1, matmul_n=64,
+        copy_mb=1,
+    )  # fmt: skip
+
+    assert result.params == 8 * 6 + 6 + 6 * 2 + 2 and result.tensors == 4
+    assert {r.backend for r in result.rows} == {"eager", "adamw-foreach", "adamw-fused"}
+    for row in result.rows:
+        assert row.threads == 1 and row.step_ms > 0 and len(row.runs_ms) == 3
+        for value in (row.ratio_vs_adamw_fused, row.ratio_vs_adamw_foreach, row.roofline_fraction):
+            assert math.isfinite(value) and value > 0
+        assert row.floor_ms > 0
+    fused = next(r for r in result.rows if r.backend == "adamw-fused")
+    assert fused.ratio_vs_adamw_fused == pytest.approx(1.0)
+    assert set(result.ceilings) == {1} and result.ceilings[1].peak_flops > 0
+    # The model is never touched; the result is plain data that prints as a table.
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    json.dumps(result.to_dict())
+    table = str(result)
+    assert "adamw-fused" in table and "roofline" in table and "eager" in table
+
+
+def test_benchmark_rejects_a_backend_the_artifact_lacks(artifact):
+    with pytest.raises(ValueError, match="onnx"):
+        bench.benchmark(artifact, [torch.zeros(3)], backends=["onnx"], threads=[1])
+
+
+def test_benchmark_without_a_cost_model_has_no_floor(artifact, monkeypatch):
+    from compiledopt.learned import LearnedStepSize
+
+    monkeypatch.setattr(LearnedStepSize, "cost", Transform.cost)
+    result = bench.benchmark(
+        artifact, [torch.randn(5, 3)], backends=["eager"], threads=[1], repeats=2, warmup=0,
+        matmul_n=64, copy_mb=1,
+    )  # fmt: skip
+    eager = next(r for r in result.rows if r.backend == "eager")
+    assert eager.floor_ms is None and eager.roofline_fraction is None  # unknown, never 0
+    assert "LearnedStepSize" in result.cost_note
+    adamw = next(r for r in result.rows if r.backend == "adamw-fused")
+    assert adamw.floor_ms > 0
+
+
+def test_step_cost_raises_for_a_rule_without_a_cost_model():
+    with pytest.raises(NotImplementedError, match="NoCost"):
+        bench.step_cost([NoCost()], [(3, 2)])
+
+
+def test_available_backends_follow_the_export_registry(artifact):
+    from compiledopt.export import BACKENDS, load_artifact
+
+    assert bench.available_backends(load_artifact(artifact)) == ["eager", "compiled"]
+    assert plan.BACKENDS == ("eager", "compiled", "compiled-bf16", *BACKENDS)
+
+
+# -- the suite ---------------------------------------------------------------------------------
+
+
+def test_suite_without_matplotlib_stops_before_running(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(runner, "machine_info", lambda: pytest.fail("ran before the check"))
+    with pytest.raises(SystemExit) as stopped:
+        runner.main(["--quick", "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "compiledopt[bench]" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_learned_catalog_family_is_benchmarked_or_skipped(monkeypatch):
+    from compiledopt.learned.catalog import CATALOG, CatalogEntry
+
+    learned = {name for name, entry in CATALOG.items() if entry.learned}
+    assert learned == (set(plan.FAMILIES) - set(plan.BOUND)) | set(plan.SKIPPED)
+    assert set(plan.LEARNED_KWARGS) | set(plan.SKIPPED) <= learned  # no stale names
+    assert all(plan.SKIPPED.values())  # a skip says why
+    # A newly registered family is benchmarked (with its defaults) ...
+    monkeypatch.setitem(CATALOG, "new-rule", CatalogEntry(NoCost, 0.1, "a new rule"))
+    assert plan.learned_families()["new-rule"]["kwargs"] == {}
+    # ... unless it is skipped with a reason.
+    monkeypatch.setitem(plan.SKIPPED, "new-rule", "not exportable yet")
+    assert "new-rule" not in plan.learned_families()
+
+
+def test_roofline_reads_each_rules_cost():
+    # CoordinateMLP, default settings, a matrix: ~1.1 kFLOP and 44 bytes a coordinate.
+    cost = roofline.rule_cost("coordinate-mlp", [(8, 4)])
+    assert 1000 < cost.flops / 32 < 1200 and cost.bytes / 32 == 44
+    # Kronecker (n, m) = (8, 4): 2nm(n + m) for L'GR' + 2 for the update; eager adds 2n³ + 2m³.
+    cost = roofline.rule_cost("kronecker", [(8, 4)])
+    assert cost.flops == 2 * 32 * 12 + 2 * 32
+    assert cost.eager_flops - cost.flops == 2 * 8**3 + 2 * 4**3
+    # AdamW: 14 FLOPs and 28 bytes a coordinate (p, g, m, v in; p, m, v out).
+    cost = roofline.rule_cost("adamw-fused", [(10,)])
+    assert (cost.flops, cost.bytes) == (140, 280)
+    # Every benchmarked family has a cost model, on every model's shapes.
+    shapes = [s for _, s in models.MODELS["convnet"][0]()]
+    for family in plan.FAMILIES:
+        assert roofline.rule_cost(family, shapes).flops > 0, family
+
+
+def test_roofline_of_a_rule_without_a_cost_model_raises(monkeypatch):
+    from compiledopt.learned.catalog import CATALOG, CatalogEntry
+
+    monkeypatch.setitem(CATALOG, "no-cost", CatalogEntry(NoCost, 0.1, "no cost model"))
+    spec = {"kind": "shape_agnostic", "name": "no-cost", "kwargs": {}}
+    monkeypatch.setitem(plan.FAMILIES, "no-cost", spec)
+    with pytest.raises(NotImplementedError, match="NoCost"):
+        roofline.rule_cost("no-cost", [(4, 3)])
+    row = {"backend": "compiled", "step_ms": 1.0}
+    with pytest.raises(NotImplementedError):
+        roofline.add_cost(row, "no-cost", [(4, 3)], bench.measure_ceilings(64, 1, reps=1))
+    assert "floor_ms" not in row
+
+
+def test_profiler_markers_are_kept_out_and_nothing_else(capfd):
+    def call():
+        os.write(2, b"kept on stderr\n")
+        print("kept on stdout")
+
+    profiled = measure.profile_call(call)
+    assert profiled["wall_ms"] > 0
+    captured = capfd.readouterr()
+    assert "USDT" not in captured.err and "profiler_start" not in captured.err
+    assert "kept on stderr" in captured.err and "kept on stdout" in captured.out
+
+
+def test_resnet18_parameter_list():
+    shapes = models.resnet18_shapes()
+    assert len(shapes) == 62
+    assert sum(math.prod(s) for _, s in shapes) == 11_689_512
+
+
 @pytest.mark.slow
 def test_quick_benchmark_writes_json_markdown_and_plots(tmp_path):
-    doc = bench.main(["--quick", "--out", str(tmp_path)])
+    from benchmarks.step_speed import report
+
+    doc = runner.main(["--quick", "--out", str(tmp_path)])
 
     for name in ("step_speed.json", "step_speed.md", "step_speed.png", "roofline.png"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert json.loads((tmp_path / "step_speed.json").read_text())["schema"] == bench.SCHEMA
+    assert json.loads((tmp_path / "step_speed.json").read_text())["schema"] == report.SCHEMA
 
     assert doc["mode"] == "quick"
     machine = doc["machine"]
@@ -72,22 +246,3 @@ def test_quick_benchmark_writes_json_markdown_and_plots(tmp_path):
     assert doc["bottleneck"]["tensors"] and doc["bottleneck"]["per_coordinate_ns"] is not None
     table = (tmp_path / "step_speed.md").read_text()
     assert "| mlp |" in table and "## Targets" in table
-
-
-def test_rule_cost_counts():
-    # CoordinateMLP, default settings, a matrix: ~1.1 kFLOP and 44 bytes a coordinate.
-    cost = bench.rule_cost("coordinate-mlp", [(8, 4)], bench.FAMILIES["coordinate-mlp"])
-    assert cost["coordinates"] == 32
-    assert 1000 < cost["flops"] / 32 < 1200 and cost["bytes"] / 32 == 44
-    # Kronecker (n, m) = (8, 4): 2nm(n + m) for L'GR' + 2 for the update; eager adds 2n³ + 2m³.
-    cost = bench.rule_cost("kronecker", [(8, 4)], bench.FAMILIES["kronecker"])
-    assert cost["flops"] == 2 * 32 * 12 + 2 * 32
-    assert cost["eager_flops"] - cost["flops"] == 2 * 8**3 + 2 * 4**3
-    # AdamW: 28 bytes a coordinate (p, g, m, v in; p, m, v out).
-    assert bench.rule_cost("adamw", [(10,)], {})["bytes"] == 280
-
-
-def test_resnet18_parameter_list():
-    shapes = bench._resnet18_shapes()
-    assert len(shapes) == 62
-    assert sum(math.prod(s) for _, s in shapes) == 11_689_512
