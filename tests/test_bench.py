@@ -1,7 +1,9 @@
-"""Step speed: the library's ``compiledopt.bench`` API, and the
+"""Step speed: the library's ``compiledopt.bench`` API and ``compiledopt bench`` command, and the
 project's suite under ``benchmarks/step_speed`` (its quick mode runs and writes well-formed
 results; its roofline reads each rule's own cost model)."""
 
+import argparse
+import io
 import json
 import math
 import os
@@ -63,6 +65,13 @@ def artifact(tmp_path_factory):
     return export_shape_agnostic(directory, spec, build_shape_agnostic(spec), backends=())
 
 
+@pytest.fixture
+def small_ceilings(monkeypatch):
+    """Ceilings from a small matmul and copy: the numbers don't matter here, the time does."""
+    measure_ceilings = bench.measure_ceilings
+    monkeypatch.setattr(bench, "measure_ceilings", lambda *a, **k: measure_ceilings(64, 1, reps=1))
+
+
 # -- the library API ---------------------------------------------------------------------------
 
 
@@ -122,6 +131,46 @@ def test_available_backends_follow_the_export_registry(artifact):
 
     assert bench.available_backends(load_artifact(artifact)) == ["eager", "compiled"]
     assert plan.BACKENDS == ("eager", "compiled", "compiled-bf16", *BACKENDS)
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    from compiledopt.cli import bench as command
+
+    parser = argparse.ArgumentParser(prog="compiledopt")
+    command.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_command_prints_the_table_and_writes_json(artifact, tmp_path, small_ceilings):
+    from compiledopt.cli import bench as command
+
+    path = tmp_path / "result.json"
+    args = _bench_args(
+        str(artifact), "--backends", "eager", "--threads", "1", "--repeats", "2", "--warmup", "1",
+        "--json", str(path),
+    )  # fmt: skip
+    out = io.StringIO()
+    assert command.run(args, out) == 0
+    assert "adamw-fused" in out.getvalue() and "mlp model" in out.getvalue()
+    saved = json.loads(path.read_text())
+    assert {r["backend"] for r in saved["rows"]} == {"eager", "adamw-foreach", "adamw-fused"}
+
+
+def test_command_without_matplotlib_exits_2_naming_the_extra(
+    artifact, tmp_path, monkeypatch, capsys
+):
+    from compiledopt.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: pytest.fail("ran before the check"))
+    status = main(["bench", str(artifact), "--plot", str(tmp_path / "plot.png")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "compiledopt[bench]" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "plot.png").exists()
 
 
 # -- the suite ---------------------------------------------------------------------------------
