@@ -162,12 +162,13 @@ def test_bad_ranks_are_an_argument_error(tmp_path, capsys):
     assert "must be comma-separated integers" in capsys.readouterr().err
 
 
-def test_bench_gets_its_arguments_unparsed(monkeypatch):
-    # argparse would take leading options for the main parser's: the benchmark parses them
+def test_bench_parses_its_options_through_the_table(monkeypatch):
     seen = []
     monkeypatch.setattr(command_module("bench"), "run", lambda args, out: seen.append(args) or 0)
-    assert main(["bench", "--quick", "--out", "x", "--help"]) == 0
-    assert [(a.command, a.args) for a in seen] == [("bench", ["--quick", "--out", "x", "--help"])]
+    assert main(["bench", "art", "--model", "convnet", "--threads", "1,2", "--repeats", "3"]) == 0
+    assert [(a.command, a.artifact, a.model, a.threads, a.repeats) for a in seen] == [
+        ("bench", "art", "convnet", [1, 2], 3)
+    ]
 
 
 def test_meta_descent_names_itself(capsys):

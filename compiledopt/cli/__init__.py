@@ -32,11 +32,6 @@ COMMANDS: Dict[str, str] = {
     "bench": "bench",
 }
 
-#: Commands whose own parser reads every argument after the command's name: argparse would take
-#: their leading options (``compiledopt bench --quick``) for the main parser's, so :func:`main`
-#: passes them through as ``args.args`` unparsed.
-PASSTHROUGH = frozenset({"bench"})
-
 #: Errors a user causes with arguments or files (``ArtifactError`` is a ``ValueError``).
 USER_ERRORS = (
     ValueError,
@@ -80,10 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in PASSTHROUGH:
-        args = argparse.Namespace(command=argv[0], args=argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return command_module(args.command).run(args, sys.stdout)
     except USER_ERRORS as error:

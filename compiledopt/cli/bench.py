@@ -76,18 +76,10 @@ def add_parser(
     return parser
 
 
-def _standalone(argv: List[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="compiledopt")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["bench", *argv])
-
-
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``bench`` command: check the optional packages, benchmark, print the table, write
     ``--json`` and ``--plot``. A missing package or an artifact that does not load raises (the
     ``compiledopt`` command prints one line and exits 2)."""
-    if not hasattr(args, "artifact"):  # handed the raw arguments after ``bench``
-        args = _standalone(list(getattr(args, "args", [])))
     if args.plot:
         from compiledopt.cli.requirements import require
 
