@@ -269,7 +269,7 @@ def benchmark(
         ValueError: a backend the artifact does not have, or (``ArtifactError``) a bound artifact
             that does not fit ``params``.
     """
-    from compiledopt import FrozenOptimizer
+    from compiledopt.runtime import FrozenOptimizer
     from compiledopt.export import Artifact, load_artifact
     from compiledopt.transforms import AdamW
 
