@@ -269,8 +269,8 @@ def benchmark(
         ValueError: a backend the artifact does not have, or (``ArtifactError``) a bound artifact
             that does not fit ``params``.
     """
-    from compiledopt.runtime import FrozenOptimizer
     from compiledopt.export import Artifact, load_artifact
+    from compiledopt.runtime import FrozenOptimizer
     from compiledopt.transforms import AdamW
 
     loaded = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
