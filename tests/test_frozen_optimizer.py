@@ -193,6 +193,20 @@ def test_parameters_without_gradient_are_untouched(artifacts):
     assert int(optimizer.state[frozen]["step"]) == 3
 
 
+@pytest.mark.parametrize("name", ["mlp", "kronecker"])
+def test_state_is_updated_in_place(artifacts, name):
+    # As in torch.optim, optimizer.state[p] stays the same dict across steps (references that
+    # schedulers, checkpointing or user code hold keep seeing the current state).
+    model = _model()
+    optimizer = co.FrozenOptimizer(model.parameters(), artifacts[name], backend="eager")
+    _train(model, optimizer, 1)
+    held = {p: optimizer.state[p] for p in model.parameters()}
+    _train(model, optimizer, 2)
+    for p, state in held.items():
+        assert state is optimizer.state[p]
+        assert int(state["step"]) == 3
+
+
 def test_nonfinite_gradients(artifacts):
     model = _model()
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]

@@ -213,7 +213,7 @@ class FrozenOptimizer(Optimizer):
             lr, decay = group["lr"], group["weight_decay"]
             for p in members:
                 direction, new_state = results[position[id(p)]]
-                self.state[p] = new_state
+                self.state[p].update(new_state)  # in place, as torch.optim does
                 if decay:
                     p.mul_(1.0 - lr * decay)
                 p.add_(direction.to(p.dtype), alpha=-lr)
