@@ -24,8 +24,10 @@ derived sizes such as ``prod(shape[1:])``) and raises ``ValueError`` naming the 
 backend shares this signature and these checks.
 """
 
+import json
 import os
-from typing import Any, List, Tuple
+import zipfile
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +37,7 @@ from compiledopt.export.rule import INDUCTOR_OPTIONS
 from compiledopt.export.signature import SIGNATURE_KEY, Runner, Signature
 from compiledopt.export.tracing import quiet, trace
 
-__all__ = ["BACKEND", "AOTIBackend", "load", "save"]
+__all__ = ["BACKEND", "AOTIBackend", "check_runnable", "load", "package_cpu_isa", "save"]
 
 
 def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
@@ -64,6 +66,40 @@ def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
         )
 
 
+#: Where AOTInductor records what a package was compiled for, inside the ``.pt2`` archive.
+_METADATA_SUFFIX = "wrapper_metadata.json"
+
+
+def package_cpu_isa(path: str) -> Optional[str]:
+    """The vector instruction set a package's native code was compiled for (Inductor's name, e.g.
+    ``"avx2"``, ``"avx512 avx512_vnni"``), read from the archive without loading its library;
+    ``None`` if the package does not record one (``ValueError`` if it is not a package)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(_METADATA_SUFFIX)]
+            metadata = json.loads(archive.read(names[0])) if names else {}
+    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not an AOTInductor package ({error})") from None
+    isa = metadata.get("AOTI_CPU_ISA") if isinstance(metadata, dict) else None
+    return isa.lower() if isinstance(isa, str) and isa else None
+
+
+def check_runnable(path: str) -> None:
+    """``ValueError`` if the package's native code needs a vector instruction set that this CPU
+    lacks (running it would die with an illegal instruction); checked before loading it."""
+    from torch._inductor import cpu_vec_isa
+
+    isa = package_cpu_isa(path)
+    known = {str(i).lower() for i in cpu_vec_isa.supported_vec_isa_list}
+    here = {str(i).lower() for i in cpu_vec_isa.valid_vec_isa_list()}
+    if isa in known and isa not in here:
+        raise ValueError(
+            f"{path} was compiled for {isa.upper()}, which this CPU does not support (it has "
+            f"{', '.join(sorted(here)).upper() or 'no vector ISA'}): re-export the artifact's "
+            "aoti graphs on this machine, or use another backend"
+        )
+
+
 def load(path: str) -> Runner:
     """A runner for the package at ``path``, with the saved rule's call signature.
 
@@ -74,6 +110,7 @@ def load(path: str) -> Runner:
     """
     from torch._inductor import aoti_load_package
 
+    check_runnable(os.fspath(path))
     with quiet():
         model = aoti_load_package(os.fspath(path))
     metadata = model.get_metadata()
@@ -105,6 +142,7 @@ class AOTIBackend(Backend):
     # The module's functions above (staticmethod: they take no backend instance).
     save = staticmethod(save)
     load = staticmethod(load)
+    check_runnable = staticmethod(check_runnable)
 
 
 BACKEND = AOTIBackend()

@@ -360,10 +360,22 @@ class Artifact:
         if not files:
             raise ArtifactError(f"{self.path}: no {backend} graph (it has {self.backends})")
         chosen.require(loading=True)
+        self.check_runnable(backend)
         if self.kind == "bound" or not chosen.per_rank:
             return chosen.load(str(self.path / files[0]))
         by_rank = {_file_rank(f): f for f in files}
         return _RankDispatch(self.path, by_rank, chosen)
+
+    def check_runnable(self, backend: str) -> None:
+        """Raise :class:`ArtifactError` if a graph of ``backend`` cannot run on this machine
+        (an AOTInductor package compiled for an instruction set this CPU lacks), before any of
+        them is loaded."""
+        chosen = registry.get(backend)
+        for name in self.manifest["backends"].get(chosen.name, []):
+            try:
+                chosen.check_runnable(str(self.path / name))
+            except ValueError as error:
+                raise ArtifactError(str(error)) from None
 
     def check_bindings(
         self,

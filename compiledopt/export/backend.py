@@ -100,6 +100,13 @@ class Backend(ABC):
                 f"{'is' if len(missing) == 1 else 'are'} not installed (pip install {install})"
             )
 
+    def check_runnable(self, path: str) -> None:
+        """Raise ``ValueError`` saying why the file at ``path`` cannot run on this machine, before
+        anything in it is loaded (native code built for an instruction set this CPU lacks would
+        kill the process). The default accepts every file: graphs that are data run wherever
+        their runtime does."""
+        return None
+
     @abstractmethod
     def save(self, rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
         """Write ``rule`` to the file ``path``.

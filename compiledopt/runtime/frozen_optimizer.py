@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 
 from compiledopt._validation import check_real
 from compiledopt.export import BACKENDS, Artifact, ArtifactError, load_artifact
+from compiledopt.export.backend import get as export_backend
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.strategies import make_strategy
 
@@ -51,8 +52,8 @@ class FrozenOptimizer(Optimizer):
         backend (str, optional): ``"eager"`` (the transform rebuilt from the weights),
             ``"compiled"`` (``torch.compile`` of the frozen rule), ``"torchscript"``, ``"onnx"``
             (ONNX Runtime), ``"aoti"`` (AOTInductor), or ``"auto"``: the first available in
-            :func:`auto_order` (``aoti, compiled, onnx, torchscript, eager``);
-            ``optimizer.backend`` says which.
+            :func:`auto_order` (``aoti, compiled, onnx, torchscript, eager``) whose graphs can
+            run on this machine; ``optimizer.backend`` says which.
             (default: "auto")
         weight_decay (float, optional): decoupled weight decay. (default: 0.0)
         nonfinite (str, optional): when a group has a NaN or infinite gradient, ``"skip"`` the
@@ -159,13 +160,28 @@ class FrozenOptimizer(Optimizer):
 
     def _choose(self, backend: str) -> str:
         available = set(self.artifact.backends) | set(BUILT_IN_BACKENDS)
-        if backend == "auto":
-            return next(b for b in auto_order() if b in available)
+        if backend == "auto":  # eager, last, always runs
+            return next(
+                b
+                for b in auto_order()
+                if b in BUILT_IN_BACKENDS or (b in available and self._runs_here(b))
+            )
         if backend not in available:
             raise ArtifactError(
                 f"{self.artifact.path} has no {backend} graph (it has {self.artifact.backends})"
             )
         return backend
+
+    def _runs_here(self, backend: str) -> bool:
+        """Whether ``backend``'s graphs can be loaded and run on this machine (``auto`` skips,
+        with a log line, those that cannot: a missing package, native code for another CPU)."""
+        try:
+            export_backend(backend).require(loading=True)
+            self.artifact.check_runnable(backend)
+        except (ImportError, ArtifactError) as error:
+            logger.info("FrozenOptimizer: auto skips the %s backend: %s", backend, error)
+            return False
+        return True
 
     # -- the step ---------------------------------------------------------------------------
 
