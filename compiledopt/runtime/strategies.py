@@ -82,9 +82,7 @@ class Strategy(abc.ABC):
 
     def _computed(self, values: List[Tensor]) -> List[Tensor]:
         """Stored state tensors in the compute dtype."""
-        if self.state_dtype == self.dtype:
-            return values
-        return [v.to(self.dtype) if v.is_floating_point() else v for v in values]
+        return _upcast(values, self.dtype, self.state_dtype)
 
     def _advanced(self, state: State, values: List[Tensor], index: int) -> State:
         """``state`` with the rule's new ``values`` stored (rounded to the storage dtype) and the
@@ -160,8 +158,7 @@ class _StoredStateRule:
     def __call__(
         self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor, seed: Tensor
     ) -> Tuple[Tensor, List[Tensor]]:
-        if self.state_dtype != self.dtype:
-            state = [s.to(self.dtype) if s.is_floating_point() else s for s in state]
+        state = _upcast(state, self.dtype, self.state_dtype)
         direction, new_state = self.rule(grad, param, state, step)
         return direction, round_state(list(new_state), self.state_dtype, seed)
 
@@ -231,6 +228,13 @@ class _EagerModelRule:
             new_states.extend(state)
             offset += count
         return directions, new_states
+
+
+def _upcast(values: List[Tensor], dtype: torch.dtype, state_dtype: torch.dtype) -> List[Tensor]:
+    """State stored in ``state_dtype``, its floating-point tensors converted to ``dtype``."""
+    if state_dtype == dtype:
+        return values
+    return [v.to(dtype) if v.is_floating_point() else v for v in values]
 
 
 def _seed(step: Tensor, index: int) -> Tensor:
