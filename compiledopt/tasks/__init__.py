@@ -1,5 +1,6 @@
 """Built-in task families for meta-training and evaluation; none needs a download."""
 
+from compiledopt.tasks.augment import AugmentedFamily, AugmentedTask
 from compiledopt.tasks.base import Task, TaskFamily, task_seed
 from compiledopt.tasks.digits import DigitsFamily, DigitsTask
 from compiledopt.tasks.families import FAMILIES, get_family
@@ -9,6 +10,8 @@ from compiledopt.tasks.regression import RegressionFamily, TeacherRegressionTask
 
 __all__ = [
     "FAMILIES",
+    "AugmentedFamily",
+    "AugmentedTask",
     "BarsFamily",
     "BarsTask",
     "DigitsFamily",
