@@ -179,8 +179,9 @@ def available_backends(artifact: Any) -> List[str]:
     """``eager``, ``compiled`` and the artifact's exported backends, in the export registry's
     order (:data:`compiledopt.export.BACKENDS`)."""
     from compiledopt.export import BACKENDS
+    from compiledopt.runtime.frozen_optimizer import BUILT_IN_BACKENDS
 
-    return ["eager", "compiled", *[b for b in BACKENDS if b in artifact.backends]]
+    return [*BUILT_IN_BACKENDS, *[b for b in BACKENDS if b in artifact.backends]]
 
 
 def frozen_options(backend: str) -> Dict[str, Any]:

@@ -13,6 +13,7 @@ optimizer writes them once all are computed, so a step that fails leaves nothing
 """
 
 import abc
+import itertools
 from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
@@ -206,7 +207,7 @@ class ModelStrategy(Strategy):
                 grads.append((p.grad if p.grad is not None else torch.zeros_like(p)).to(self.dtype))
             inputs = [p.detach().to(self.dtype) for p in params]
             directions, new_values = self.rule(grads, inputs, values, torch.tensor(step))
-            offsets = [sum(counts[:i]) for i in range(len(counts))]
+            offsets = [0, *itertools.accumulate(counts)]
             for i in members:
                 own = list(new_values[offsets[i] : offsets[i] + counts[i]])
                 results[i] = Result(directions[i], self._advanced(states[i], own, i))
