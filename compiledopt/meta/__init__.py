@@ -1,12 +1,19 @@
-"""Meta-training of shape-agnostic transforms over task distributions."""
+"""Meta-training of shape-agnostic transforms over task distributions: truncated
+back-propagation (:class:`MetaTrainer`) or evolution strategies (:class:`ESTrainer`: PES or
+truncated ES, antithetic, vectorized over perturbations, spread over torch.distributed ranks)."""
 
+from compiledopt.meta.es import ESConfig, ESTrainer
 from compiledopt.meta.inner import apply_transform, check_shape_agnostic, evaluate_curve
+from compiledopt.meta.population import Population
 from compiledopt.meta.trainer import MetaTrainConfig, MetaTrainer, MetaTrainResult
 
 __all__ = [
+    "ESConfig",
+    "ESTrainer",
     "MetaTrainConfig",
     "MetaTrainResult",
     "MetaTrainer",
+    "Population",
     "apply_transform",
     "check_shape_agnostic",
     "evaluate_curve",
