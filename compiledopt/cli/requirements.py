@@ -15,7 +15,11 @@ __all__ = ["TASK_FAMILY_MODULES", "MissingDependencyError", "require", "require_
 _DISTRIBUTIONS = {"sklearn": "scikit-learn"}
 
 #: Built-in task families that need an optional package: family -> (import name, extra).
-TASK_FAMILY_MODULES = {"digits": ("sklearn", "tasks"), "mixed": ("sklearn", "tasks")}
+TASK_FAMILY_MODULES = {
+    "digits": ("sklearn", "tasks"),
+    "mixed": ("sklearn", "tasks"),
+    "image-mlp": ("sklearn", "tasks"),
+}
 
 
 class MissingDependencyError(ImportError):

@@ -4,6 +4,7 @@ from compiledopt.tasks.augment import AugmentedFamily, AugmentedTask
 from compiledopt.tasks.base import Task, TaskFamily, task_seed
 from compiledopt.tasks.digits import DigitsFamily, DigitsTask
 from compiledopt.tasks.families import FAMILIES, get_family
+from compiledopt.tasks.image_mlp import ImageMLPFamily, ImageMLPTask
 from compiledopt.tasks.images import BarsFamily, BarsTask
 from compiledopt.tasks.mixed import MixedFamily
 from compiledopt.tasks.regression import RegressionFamily, TeacherRegressionTask
@@ -16,6 +17,8 @@ __all__ = [
     "BarsTask",
     "DigitsFamily",
     "DigitsTask",
+    "ImageMLPFamily",
+    "ImageMLPTask",
     "MixedFamily",
     "RegressionFamily",
     "Task",

@@ -73,6 +73,10 @@ class AugmentedTask(Task):
     def batch(self, step: int) -> Batch:
         return self.task.batch(step)
 
+    def validation_batch(self, step: int) -> Batch:
+        """The original task's ``validation_batch(step)``, for tasks that have one."""
+        return self.task.validation_batch(step)
+
     def evaluation_batch(self) -> Batch:
         return self.task.evaluation_batch()
 

@@ -6,12 +6,14 @@ import torch
 
 from compiledopt.tasks.base import TaskFamily
 from compiledopt.tasks.digits import DigitsFamily
+from compiledopt.tasks.image_mlp import ImageMLPFamily
 from compiledopt.tasks.images import BarsFamily
 from compiledopt.tasks.mixed import MixedFamily
 from compiledopt.tasks.regression import RegressionFamily
 
 FAMILIES: Dict[str, Type[TaskFamily]] = {
-    family.name: family for family in (RegressionFamily, BarsFamily, DigitsFamily, MixedFamily)
+    family.name: family
+    for family in (RegressionFamily, BarsFamily, DigitsFamily, MixedFamily, ImageMLPFamily)
 }
 
 
