@@ -79,10 +79,11 @@ def _digits() -> Tuple[Tensor, Tensor]:
 # -- generated data ---------------------------------------------------------------------------
 
 
-def _grid() -> Tuple[Tensor, Tensor]:
+def _pixels() -> Tensor:
+    """The pixels' coordinates in ``[-1, 1]``, homogeneous: rows x, y and 1, (3, 64)."""
     coords = torch.linspace(-1.0, 1.0, _SIZE)
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    return xx, yy
+    return torch.stack([xx.flatten(), yy.flatten(), torch.ones(_SIZE * _SIZE)])
 
 
 def _prototype_classes(generator: torch.Generator, classes: int) -> Tensor:
@@ -132,19 +133,21 @@ def _shape_examples(
     labels = labels[torch.argsort(kinds[labels] * spec.shape[0] + labels)]
     counts = torch.bincount(kinds[labels], minlength=len(_SHAPES)).tolist()
     _, angle, cx, cy, radius = spec[labels].unbind(1)
-    angle = angle + 0.1 * torch.randn(size, generator=generator)
-    cx = cx + 0.12 * torch.randn(size, generator=generator)
-    cy = cy + 0.12 * torch.randn(size, generator=generator)
-    radius = radius * torch.empty(size).uniform_(0.85, 1.15, generator=generator)
-    amplitude = torch.empty(size, 1, 1).uniform_(0.7, 1.3, generator=generator)
-    xx, yy = _grid()
-    dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
-    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
-    u, v = (dx * cos + dy * sin).abs(), (dy * cos - dx * sin).abs()
+    jitter = torch.randn(3, size, generator=generator)
+    angle = angle + 0.1 * jitter[0]
+    cx, cy = cx + 0.12 * jitter[1], cy + 0.12 * jitter[2]
+    radius = radius[:, None] * torch.empty(size, 1).uniform_(0.85, 1.15, generator=generator)
+    amplitude = torch.empty(size, 1).uniform_(0.7, 1.3, generator=generator)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # Each pixel's coordinates along the example's two axes, from its centre: u and v, (n, 64).
+    along = torch.stack([cos, sin, -cos * cx - sin * cy], 1)
+    across = torch.stack([-sin, cos, sin * cx - cos * cy], 1)
+    pixels = _pixels()
+    u, v = (along @ pixels).abs(), (across @ pixels).abs()
     parts, first = [], 0  # the distance of each pixel to the example's shape, by shape
     for name, count in zip(_SHAPES, counts):
         a, b = u[first : first + count], v[first : first + count]
-        r = radius[first : first + count, None, None]
+        r = radius[first : first + count]
         first += count
         if name == "bar":
             parts.append(a)
@@ -158,8 +161,7 @@ def _shape_examples(
             parts.append((torch.maximum(a, b) - r).abs())
     distance = torch.cat(parts)
     images = amplitude * torch.exp(-((distance / width) ** 2))
-    images = images + noise * torch.randn(images.shape, generator=generator)
-    return images.reshape(size, _SIZE * _SIZE), labels
+    return images + noise * torch.randn(images.shape, generator=generator), labels
 
 
 @functools.lru_cache(maxsize=32)
