@@ -1,0 +1,27 @@
+"""Learning quality of a learned optimizer on held-out tasks.
+
+``python -m benchmarks.learning_quality --optimizer PATH``:
+The learned optimizer under test (an artifact folder, ``--optimizer``) trains eight tasks that no
+meta-training family contains (:mod:`~benchmarks.learning_quality.tasks`: a CNN on 16×16 shapes,
+a character-level transformer on Python's own source, an MLP ten times wider than meta-training's,
+Fourier-series regression, ill-conditioned logistic regression, the demo's fine-tuning job, a
+6-hidden-layer MLP with LayerNorm, and 3,000 steps of the regression task), next to AdamW, SGD with
+momentum and the repository's earlier ``export/coordinate-mlp`` artifact, each swept over learning
+rates (:mod:`~benchmarks.learning_quality.optimizers`), all under one warm-up + cosine schedule.
+
+Reported (:mod:`~benchmarks.learning_quality.analysis`, :mod:`~benchmarks.learning_quality.
+metrics`): final validation losses untuned and tuned, the learned optimizer's final loss over tuned
+AdamW's, its speed-up in steps to tuned AdamW's final loss, divergence, and the Celo papers'
+aggregates (IQM and geometric mean over tasks × seeds; fractions of tasks won), plus a stress check
+(loss ×1e6, gradients of 1e38: parameters must stay finite). Outputs (:mod:`~benchmarks.
+learning_quality.report`, :mod:`~benchmarks.learning_quality.plots`): ``PREFIX.json``,
+``PREFIX.md``, ``PREFIX_curves.png``, ``PREFIX_normalized.png``. Run from the repository root::
+
+    python -m benchmarks.learning_quality --optimizer PATH --estimate-only  # plan + time estimate
+    python -m benchmarks.learning_quality --optimizer PATH    # ~10 min on 2 idle cores, 2 seeds
+    python -m benchmarks.learning_quality --optimizer PATH --quick   # ~1 min: a smoke test
+
+Modules: ``base`` (the task interface), ``tasks`` and ``charlm`` (the tasks), ``optimizers``
+(kinds, sweeps, schedule), ``run`` (one run, the stress check, timing), ``metrics`` (pure
+functions), ``analysis`` (summaries, aggregates), ``options``, ``runner``, ``report``, ``plots``.
+"""

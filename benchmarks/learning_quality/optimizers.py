@@ -1,0 +1,181 @@
+"""The optimizers compared, their learning-rate sweeps, and the schedule they all share.
+
+Four kinds, each run at every lr of its sweep:
+
+* ``learned``: the artifact under test (``--optimizer``) through
+  :class:`~compiledopt.runtime.FrozenOptimizer`, at its default lr (``--optimizer-lr``, else the
+  manifest's) times :data:`LEARNED_FACTORS` (1 is the untuned default);
+* ``old``: the repository's earlier ``export/coordinate-mlp`` artifact at its manifest lr times
+  :data:`OLD_FACTORS`;
+* ``adamw``: ``torch.optim.AdamW`` over :data:`ADAMW_LRS` (1e-3 is the untuned default);
+* ``sgd``: ``torch.optim.SGD`` with momentum 0.9 over :data:`SGD_LRS`.
+
+Every run uses decoupled weight decay 0 and the same schedule (:func:`warmup_cosine`): a linear
+warm-up over the first 5% of the steps, then a cosine decay to 0, through
+``torch.optim.lr_scheduler.LambdaLR``.
+"""
+
+import functools
+import importlib
+import math
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+KINDS = ("learned", "old", "adamw", "sgd")
+LABELS = {
+    "learned": "learned",
+    "old": "coordinate-mlp (old)",
+    "adamw": "AdamW",
+    "sgd": "SGD+momentum",
+}
+ADAMW_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+ADAMW_DEFAULT_LR = 1e-3
+SGD_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+SGD_MOMENTUM = 0.9
+#: Multiples of the learned optimizer's default lr (with lr 1e-3: 3e-4, 1e-3, ..., 3e-2).
+LEARNED_FACTORS = (0.3, 1.0, 3.0, 10.0, 30.0)
+OLD_FACTORS = (0.3, 1.0, 3.0)
+#: ``--quick``: two learning rates per sweep (factors for the learned kinds).
+QUICK_SWEEPS = {
+    "learned": (1.0, 3.0),
+    "old": (1.0, 0.3),
+    "adamw": (1e-3, 1e-2),
+    "sgd": (1e-2, 1e-1),
+}
+WARMUP_FRACTION = 0.05
+#: The earlier learned optimizer of the repository, compared at its manifest lr.
+OLD_ARTIFACT = Path(__file__).resolve().parents[2] / "export" / "coordinate-mlp"
+
+
+def clean_lr(lr: float) -> float:
+    """``lr`` to 4 significant digits, so that ``1e-3 * 3`` and ``3e-3`` are one lr."""
+    return float(f"{lr:.4g}")
+
+
+def resolve_artifact(name_or_path: str) -> str:
+    """The artifact folder ``name_or_path`` names: the folder itself if it exists, else what
+    ``compiledopt.pretrained.resolve`` returns for the name, where that module exists."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return str(path)
+    try:
+        pretrained = importlib.import_module("compiledopt.pretrained")
+    except ModuleNotFoundError as error:
+        if error.name not in ("compiledopt.pretrained", "compiledopt"):
+            raise
+        pretrained = None
+    if pretrained is not None and hasattr(pretrained, "resolve"):
+        return str(pretrained.resolve(name_or_path))
+    raise FileNotFoundError(f"no artifact folder {name_or_path!r} (and no packaged optimizers)")
+
+
+@functools.lru_cache(maxsize=4)
+def artifact(path: str) -> Any:
+    """The artifact at ``path``, loaded once per process."""
+    from compiledopt.export import load_artifact
+
+    return load_artifact(path)
+
+
+def manifest_lr(path: str) -> float:
+    return float(artifact(path).manifest["lr"])
+
+
+def artifact_name(path: str) -> str:
+    spec = artifact(path).spec
+    return str(spec.get("name", spec.get("kind")))
+
+
+def backend_for(path: str, requested: str) -> str:
+    """``requested``, or for ``auto`` TorchScript where the artifact has it, else eager (both
+    deterministic and free of compile time)."""
+    if requested != "auto":
+        return requested
+    return "torchscript" if "torchscript" in artifact(path).backends else "eager"
+
+
+def warmup_cosine(step: int, total: int, warmup_fraction: float = WARMUP_FRACTION) -> float:
+    """The lr multiplier of ``step`` (0-based) of ``total``: ``(step + 1) / w`` over the first
+    ``w = max(1, round(warmup_fraction · total))`` steps, then ``(1 + cos(π·t)) / 2`` with ``t``
+    going from 0 after the warm-up to 1 at step ``total``."""
+    warmup = max(1, round(warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule(optimizer: Optimizer, total: int) -> LambdaLR:
+    """The shared schedule (:func:`warmup_cosine`) of a run of ``total`` steps."""
+    return LambdaLR(optimizer, lambda step: warmup_cosine(step, total))
+
+
+def build(
+    kind: str,
+    params: Iterable[torch.Tensor],
+    lr: float,
+    paths: Dict[str, str],
+    backends: Dict[str, str],
+) -> Optimizer:
+    """An optimizer of ``kind`` at ``lr`` over ``params`` (weight decay 0).
+
+    Args:
+        paths: artifact folder of each learned kind (``learned``, ``old``).
+        backends: FrozenOptimizer backend of each learned kind.
+    """
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=0.0)
+    if kind in ("learned", "old"):
+        from compiledopt.runtime import FrozenOptimizer
+
+        return FrozenOptimizer(
+            params, artifact(paths[kind]), lr=lr, backend=backends[kind], weight_decay=0.0
+        )
+    raise ValueError(f"Unknown optimizer kind: {kind!r} (one of {KINDS})")
+
+
+def sweep(kind: str, default_lr: Optional[float], quick: bool) -> List[float]:
+    """The learning rates ``kind`` runs at (for the learned kinds, multiples of ``default_lr``)."""
+    values: Sequence[float]
+    if quick:
+        values = QUICK_SWEEPS[kind]
+    else:
+        values = {
+            "learned": LEARNED_FACTORS,
+            "old": OLD_FACTORS,
+            "adamw": ADAMW_LRS,
+            "sgd": SGD_LRS,
+        }[kind]
+    if kind in ("learned", "old"):
+        if default_lr is None:
+            raise ValueError(f"{kind} needs its default lr")
+        values = [default_lr * factor for factor in values]
+    return sorted({clean_lr(v) for v in values})
+
+
+def defaults(learned_lr: float, old_lr: Optional[float]) -> Dict[str, float]:
+    """The untuned lr of each kind that has one."""
+    result = {"learned": clean_lr(learned_lr), "adamw": ADAMW_DEFAULT_LR}
+    if old_lr is not None:
+        result["old"] = clean_lr(old_lr)
+    return result
+
+
+def plan(learned_lr: float, old_lr: Optional[float], quick: bool) -> Dict[str, List[float]]:
+    """Every kind's sweep (the ``old`` kind only when ``old_lr`` is given); each includes the
+    kind's default lr."""
+    result = {"learned": sweep("learned", learned_lr, quick)}
+    if old_lr is not None:
+        result["old"] = sweep("old", old_lr, quick)
+    result["adamw"] = sweep("adamw", None, quick)
+    result["sgd"] = sweep("sgd", None, quick)
+    for kind, lr in defaults(learned_lr, old_lr).items():
+        if lr not in result[kind]:
+            result[kind] = sorted([*result[kind], lr])
+    return result

@@ -1,0 +1,149 @@
+"""The command line of the learning-quality suite and the settings it resolves to."""
+
+import argparse
+from typing import Any, Dict, List, Optional, Sequence
+
+from benchmarks.learning_quality import metrics, optimizers, run
+from benchmarks.learning_quality.tasks import TASKS
+
+DEFAULT_OUTPUT = "benchmarks/results/learning_quality"
+QUICK_OUTPUT = "benchmarks/results/quick/learning_quality"
+DEFAULT_SEEDS = 2
+STRESS_STEPS = 20
+QUICK_STRESS_STEPS = 3
+
+
+def _task_list(text: str) -> List[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TASKS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown task(s) {', '.join(unknown) or text!r}: choose from {', '.join(TASKS)}"
+        )
+    return [name for name in TASKS if name in names]  # the suite's order
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"needs a positive integer, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"needs a positive number, got {text!r}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.learning_quality",
+        description="Learning quality of a learned optimizer on held-out tasks it never saw, "
+        "against AdamW and SGD (tuned and untuned) and the earlier coordinate-mlp artifact: "
+        "final validation losses, normalised losses, speed-ups, divergence, a stress check "
+        "(JSON, a table and PNG plots).",
+    )
+    parser.add_argument(
+        "--optimizer",
+        required=True,
+        help="the learned optimizer: an artifact folder, or a packaged name where "
+        "compiledopt.pretrained exists",
+    )
+    parser.add_argument(
+        "--optimizer-lr",
+        type=_positive_float,
+        default=None,
+        help="its untuned lr (default: the artifact's manifest lr); its sweep is this times "
+        f"{', '.join(f'{f:g}' for f in optimizers.LEARNED_FACTORS)}",
+    )
+    parser.add_argument(
+        "--old-optimizer",
+        default=str(optimizers.OLD_ARTIFACT),
+        help="the earlier artifact compared at its manifest lr times "
+        f"{', '.join(f'{f:g}' for f in optimizers.OLD_FACTORS)}, or 'none' "
+        "(default: export/coordinate-mlp)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="FrozenOptimizer backend of both artifacts; auto: torchscript where the artifact "
+        "has it, else eager (default: auto)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a dozen steps per task (24 for long-horizon), 2 lrs per sweep, 1 seed, a 3-step "
+        "stress check: a smoke test of the whole pipeline",
+    )
+    parser.add_argument(
+        "--tasks", type=_task_list, default=None, help=f"comma-separated subset of {list(TASKS)}"
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help=f"output prefix: PREFIX.json, PREFIX.md, PREFIX_curves.png, PREFIX_normalized.png "
+        f"(default: {DEFAULT_OUTPUT}, or {QUICK_OUTPUT} with --quick)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        help=f"seeds per task: 0 .. N-1 (default: {DEFAULT_SEEDS}, 1 with --quick; each seed "
+        "adds about as much time again)",
+    )
+    parser.add_argument(
+        "--steps-scale",
+        type=_positive_float,
+        default=1.0,
+        help="multiply every task's step count (default: 1)",
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, default=1, help="torch threads per worker (default: 1)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=2,
+        help="worker processes; 1 runs everything in this process (default: 2)",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG files")
+    parser.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="print the plan and the time estimate (a few timed steps per task), then stop",
+    )
+    return parser
+
+
+def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return parser().parse_args(list(argv) if argv is not None else None)
+
+
+def settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """What the run does, resolved from the options."""
+    output = args.output or (QUICK_OUTPUT if args.quick else DEFAULT_OUTPUT)
+    old = None if args.old_optimizer.lower() == "none" else args.old_optimizer
+    return {
+        "optimizer": args.optimizer,
+        "optimizer_lr": args.optimizer_lr,
+        "old_optimizer": old,
+        "backend": args.backend,
+        "quick": args.quick,
+        "tasks": args.tasks or list(TASKS),
+        "output": output,
+        "seeds": list(range(args.seeds or (1 if args.quick else DEFAULT_SEEDS))),
+        "steps_scale": args.steps_scale,
+        "threads": args.threads,
+        "jobs": args.jobs,
+        "plots": not args.no_plots,
+        "estimate_only": args.estimate_only,
+        "stress_steps": QUICK_STRESS_STEPS if args.quick else STRESS_STEPS,
+        "eval_fraction": run.EVAL_FRACTION,
+        "divergence_factor": metrics.DIVERGENCE_FACTOR,
+        "tie_tolerance": metrics.TIE_TOLERANCE,
+        "warmup_fraction": optimizers.WARMUP_FRACTION,
+    }

@@ -1,0 +1,309 @@
+"""Learning quality (``benchmarks/learning_quality``): the held-out tasks (deterministic,
+trainable, the char-lm spans disjoint), the metrics against hand-computed values, the divergence
+rule, and a ``--quick`` end-to-end run writing the documented JSON."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the suite is not installed: it lives in the checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.learning_quality import (  # noqa: E402
+    analysis,
+    charlm,
+    metrics,
+    optimizers,
+    report,
+    run,
+    runner,
+    tasks,
+)
+
+NAMES = list(tasks.TASKS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread, as the suite runs (and no oversubscription on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A fresh (not meta-trained) CoordinateMLP artifact with TorchScript only, lr 1."""
+    from compiledopt.export import export_shape_agnostic
+    from compiledopt.learned.catalog import build_transform
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("artifact") / "coordinate-mlp"
+    spec = {"kind": "shape_agnostic", "name": "coordinate-mlp", "kwargs": {}}
+    export_shape_agnostic(path, spec, build_transform("coordinate-mlp"), ["torchscript"], lr=1.0)
+    return str(path)
+
+
+def _needs(name):
+    for module in tasks.TASKS[name].needs:
+        pytest.importorskip(module)
+
+
+# -- tasks ----------------------------------------------------------------------------------------
+
+
+def test_at_least_eight_tasks_and_a_long_horizon():
+    assert len(NAMES) >= 8
+    assert {"cnn", "char-lm", "wide-mlp", "regression", "logistic", "finetune"} <= set(NAMES)
+    assert tasks.TASKS["long-horizon"].default_steps == 3000
+    longest_other = max(t.default_steps for n, t in tasks.TASKS.items() if n != "long-horizon")
+    assert tasks.TASKS["long-horizon"].default_steps >= 10 * longest_other
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_task_is_deterministic(name):
+    _needs(name)
+    first, second = tasks.TASKS[name](3, 20), tasks.TASKS[name](3, 20)
+    initial = first.model().state_dict()
+    tasks._pretrained.cache_clear()  # finetune: pre-train again
+    for a, b in zip(initial.values(), second.model().state_dict().values()):
+        assert torch.equal(a, b)
+    for step in (0, 7):
+        for a, b in zip(first.batch(step), second.batch(step)):
+            assert torch.equal(a, b)
+    for a, b in zip(first.validation(), second.validation()):
+        assert torch.equal(a, b)
+    assert not torch.equal(first.batch(0)[0], first.batch(1)[0])  # a stream, not one batch
+    # model() does not touch the global generator
+    state = torch.random.get_rng_state()
+    first.model()
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_task_loss_decreases_under_adamw(name):
+    _needs(name)
+    task = tasks.TASKS[name](0, 30)
+    model = task.model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    before = run.validation_loss(task, model)
+    for step in range(30):
+        optimizer.zero_grad()
+        inputs, target = task.batch(step)
+        task.loss(model(inputs), target).backward()
+        optimizer.step()
+    after = run.validation_loss(task, model)
+    assert math.isfinite(before) and after < before
+
+
+def test_a_run_is_deterministic_for_adamw_and_the_learned_optimizer(artifact):
+    paths, backends = {"learned": artifact}, {"learned": "torchscript"}
+    for kind, lr in (("adamw", 1e-2), ("learned", 1.0)):
+        job = {"task": "regression", "seed": 1, "steps": 10, "optimizer": kind, "lr": lr}
+        job.update(paths=paths, backends=backends)
+        first, second = run.run_job(job), run.run_job(job)
+        assert first["val_loss"] == second["val_loss"]
+        assert first["train_loss"] == second["train_loss"]
+        assert first["eval_steps"] == list(range(11))
+
+
+def test_char_lm_text_is_large_and_spans_disjoint():
+    text = charlm.corpus()
+    assert len(text) >= 50_000
+    assert "def " in text and "class " in text
+    (train_begin, cut), (val_begin, end) = charlm.spans()
+    assert train_begin == 0 and cut == val_begin and end == len(text)
+    assert end - val_begin >= 5_000
+    task = charlm.CharLM(0, 10)
+    window = task.context + 1
+    for step in range(50):
+        starts = task.train_starts(step)
+        assert int(starts.min()) >= 0 and int(starts.max()) + window <= cut
+    val_starts = task.validation_starts()
+    assert int(val_starts.min()) >= cut and int(val_starts.max()) + window <= end
+    assert len(val_starts) == task.validation_size
+    inputs, target = task.batch(0)
+    assert torch.equal(inputs[:, 1:], target[:, :-1])  # the target is the next character
+    assert inputs.shape == (task.batch_size, task.context)
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def test_iqm_against_hand_computed_values():
+    assert metrics.iqm([1, 2, 3, 4, 5, 6, 7, 8]) == pytest.approx(4.5)  # mean of 3, 4, 5, 6
+    assert metrics.iqm([8, 1, 100, 2, 3]) == pytest.approx(13 / 3)  # cut 1 each end: 2, 3, 8
+    assert metrics.iqm([1, 2, 3, math.inf]) == pytest.approx(2.5)  # inf is trimmed
+    assert metrics.iqm([7.0]) == 7.0
+    assert metrics.iqm([1, 2, math.nan]) == pytest.approx(1.5)  # nan left out
+    assert math.isnan(metrics.iqm([]))
+    stats = pytest.importorskip("scipy.stats")
+    values = [0.3, 1.7, 0.9, 2.5, 1.1, 0.4, 5.0, 0.8, 1.3, 0.2, 0.7]
+    assert metrics.iqm(values) == pytest.approx(stats.trim_mean(values, 0.25))
+
+
+def test_speedup_normalisation_and_steps_to_reach():
+    assert metrics.speedup(300, 100) == 3.0
+    assert metrics.speedup(100, 300) == pytest.approx(1 / 3)
+    assert metrics.speedup(300, None) == 0.0  # never reached
+    assert metrics.speedup(0, 0) == 1.0
+    assert metrics.speedup(60, 0) == math.inf
+    assert math.isnan(metrics.speedup(None, 10))
+    assert metrics.normalized(0.5, 2.0) == 0.25
+    assert metrics.normalized(0.0, 0.0) == 1.0
+    assert metrics.normalized(1.0, 0.0) == math.inf
+    steps, losses = [0, 10, 20, 30], [3.0, math.nan, 1.5, 1.0]
+    assert metrics.steps_to_reach(steps, losses, 1.5) == 20
+    assert metrics.steps_to_reach(steps, losses, 3.0) == 0
+    assert metrics.steps_to_reach(steps, losses, 0.5) is None
+    assert metrics.geomean([1.0, 4.0]) == pytest.approx(2.0)
+    assert metrics.geomean([0.0, 4.0]) == 0.0
+    assert metrics.beats_or_ties(1.0009, 1.0) and not metrics.beats_or_ties(1.0011, 1.0)
+    assert metrics.beats(0.99, 1.0) and not metrics.beats(1.0, 1.0)
+    assert metrics.best_lr({1e-3: [1.0, 3.0], 1e-2: [2.0, 2.0], 1e-1: [5.0, 0.5]}) == 1e-3
+
+
+def test_divergence_rule():
+    assert not metrics.is_diverged(10.0, 1.0)  # exactly 10x is not divergence
+    assert metrics.is_diverged(10.01, 1.0)
+    assert metrics.is_diverged(math.nan, 1.0) and metrics.is_diverged(math.inf, 1.0)
+    assert metrics.counted_final(0.1, 2.0, diverged=True) == 2.0
+    assert metrics.counted_final(0.1, 2.0, diverged=False) == 0.1
+    assert metrics.counted_final(math.nan, 2.0, diverged=False) == 2.0
+
+
+def test_a_diverging_run_stops_and_counts_its_initial_loss():
+    job = {"task": "logistic", "seed": 0, "steps": 40, "optimizer": "sgd", "lr": 1e4}
+    record = run.run_job({**job, "paths": {}, "backends": {}})
+    assert record["diverged"] and record["diverged_step"] < 40
+    assert record["counted_final_val_loss"] == record["initial_val_loss"]
+    assert record["steps_done"] == record["diverged_step"]
+
+
+def test_schedule_warmup_then_cosine_to_zero():
+    total = 100  # warm-up: 5 steps
+    assert optimizers.warmup_cosine(0, total) == pytest.approx(0.2)
+    assert optimizers.warmup_cosine(4, total) == pytest.approx(1.0)
+    assert optimizers.warmup_cosine(5, total) == pytest.approx(1.0)
+    assert optimizers.warmup_cosine(52.5, total) == pytest.approx(0.5)
+    assert optimizers.warmup_cosine(total, total) == pytest.approx(0.0)
+    assert run.evaluation_steps(300) == list(range(0, 301, 6))
+    assert run.evaluation_steps(12) == list(range(13))
+
+
+def test_sweeps_include_the_defaults_and_cover_the_ranges():
+    sweeps = optimizers.plan(1e-3, 10.0, quick=False)
+    assert sweeps["learned"] == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    assert sweeps["old"] == [3.0, 10.0, 30.0]
+    assert len(sweeps["adamw"]) >= 7 and sweeps["adamw"][0] == 1e-4 and sweeps["adamw"][-1] == 0.1
+    assert len(sweeps["sgd"]) >= 5
+    quick = optimizers.plan(0.5, None, quick=True)
+    assert set(quick) == {"learned", "adamw", "sgd"}
+    assert all(len(lrs) == 2 for lrs in quick.values()) and 0.5 in quick["learned"]
+
+
+def _record(task, kind, lr, seed, curve, diverged=False):
+    steps = list(range(0, 10 * len(curve), 10))
+    return {
+        "task": task,
+        "optimizer": kind,
+        "lr": lr,
+        "seed": seed,
+        "eval_steps": steps,
+        "val_loss": curve,
+        "initial_val_loss": curve[0],
+        "counted_final_val_loss": curve[0] if diverged else curve[-1],
+        "diverged": diverged,
+    }
+
+
+def test_task_summary_and_aggregates_by_hand():
+    runs = [
+        _record("t", "adamw", 1e-3, 0, [4.0, 3.0, 2.0, 2.0, 2.0]),
+        _record("t", "adamw", 1e-2, 0, [4.0, 2.0, 1.0, 1.0, 1.0]),  # tuned; reaches 1.0 at 20
+        _record("t", "adamw", 1e-1, 0, [4.0, 50.0], diverged=True),
+        _record("t", "learned", 1.0, 0, [4.0, 1.0, 0.9, 0.8, 0.5]),  # 1.0 at step 10
+        _record("t", "learned", 3.0, 0, [4.0, 0.5, 0.4, 0.3, 0.25]),
+    ]
+    defaults = {"learned": 1.0, "adamw": 1e-3}
+    summary = analysis.summarize(runs, [0], defaults)["t"]
+    assert summary["tuned_lr"] == {"adamw": 1e-2, "learned": 3.0}
+    assert summary["diverged"]["adamw"] == [1e-1]
+    row = summary["per_seed"][0]
+    assert row["target"] == 1.0 and row["adamw_steps"] == 20
+    assert row["learned@default"]["normalized"] == pytest.approx(0.5)
+    assert row["learned@default"]["speedup"] == pytest.approx(2.0)
+    assert row["learned@tuned"]["normalized"] == pytest.approx(0.25)
+    assert row["learned@tuned"]["speedup"] == pytest.approx(2.0)
+    assert summary["wins"]["learned_default_beats_adamw_default"]
+    aggregates = analysis.aggregate({"t": summary}, runs)
+    assert aggregates["learned"]["normalized_final_iqm"]["tuned"] == pytest.approx(0.25)
+    assert aggregates["learned"]["fraction_tuned_beats_or_ties_adamw_tuned"] == 1.0
+    assert aggregates["learned"]["diverged_runs"] == 0 and aggregates["count"]["values"] == 1
+
+
+def test_resolve_artifact(artifact, tmp_path):
+    assert optimizers.resolve_artifact(artifact) == artifact
+    try:
+        import compiledopt.pretrained  # noqa: F401
+    except ModuleNotFoundError:
+        with pytest.raises(FileNotFoundError):
+            optimizers.resolve_artifact(str(tmp_path / "nothing-here"))
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+
+def test_quick_run_writes_the_documented_json(artifact, tmp_path, capsys):
+    prefix = tmp_path / "out" / "lq"
+    argv = ["--optimizer", artifact, "--quick", "--tasks", "logistic,regression"]
+    argv += ["--jobs", "1", "--output", str(prefix)]
+    assert runner.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "estimated wall time" in printed and "aggregates over 2 tasks" in printed
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    doc = json.loads((tmp_path / "out" / "lq.json").read_text(), parse_constant=refuse)
+    assert set(report.TOP_KEYS) <= set(doc)
+    assert doc["schema"] == report.SCHEMA
+    assert list(doc["tasks"]) == ["regression", "logistic"]
+    assert set(doc["sweeps"]) == {"learned", "old", "adamw", "sgd"}
+    assert doc["environment"]["torch"] == torch.__version__
+    assert doc["environment"]["threads_per_worker"] == 1
+    assert doc["command"].endswith("--output " + str(prefix))
+    assert doc["wall_time_s"] > 0 and doc["estimated_s"] > 0
+    for info in doc["tasks"].values():
+        assert {"params", "steps", "validation_size", "summary_of_runs"} <= set(info)
+        summary = info["summary_of_runs"]
+        assert {"learned@default", "learned@tuned", "adamw@default", "adamw@tuned"} <= set(
+            summary["final_val_loss"]
+        )
+    runs = doc["runs"]
+    assert len(runs) == 2 * 8  # 2 tasks x 4 kinds x 2 lrs x 1 seed
+    for record in runs:
+        assert {"eval_steps", "val_loss", "diverged", "counted_final_val_loss"} <= set(record)
+    learned = doc["aggregates"]["learned"]
+    for key in ("normalized_final_iqm", "normalized_final_geomean", "speedup_iqm"):
+        assert set(learned[key]) == {"default", "tuned"}
+    assert "fraction_default_beats_adamw_default" in learned
+    assert "fraction_tuned_beats_or_ties_adamw_tuned" in learned
+    assert set(doc["stress"]) == {"learned", "old", "adamw"}
+    assert all(check["pass"] for check in doc["stress"]["adamw"])  # the reference passes
+    assert (tmp_path / "out" / "lq.md").exists()
+    if "matplotlib" in sys.modules or _importable("matplotlib"):
+        assert (tmp_path / "out" / "lq_curves.png").stat().st_size > 0
+        assert (tmp_path / "out" / "lq_normalized.png").stat().st_size > 0
+
+
+def _importable(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
