@@ -1,6 +1,6 @@
 """compiledopt: learned optimizers written once, run anywhere."""
 
-from compiledopt import learned, nn, optim, transforms
+from compiledopt import learned, nn, optim, pretrained, transforms
 from compiledopt.module_update import clone_module, update_module
 from compiledopt.runtime import FrozenOptimizer
 
@@ -12,6 +12,7 @@ __all__ = [
     "learned",
     "nn",
     "optim",
+    "pretrained",
     "transforms",
     "update_module",
 ]

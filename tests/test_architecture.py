@@ -26,6 +26,7 @@ PACKAGE = Path(compiledopt.__file__).parent
 LAYERS: Dict[str, int] = {
     "_validation": 0,
     "_identity": 0,
+    "schedules": 0,
     "module_update": 0,
     "nn": 0,
     "transforms": 1,
@@ -34,11 +35,12 @@ LAYERS: Dict[str, int] = {
     "optim": 2,
     "meta": 3,
     "export": 3,
-    "runtime": 4,
-    "bench": 5,
-    "cli": 6,
-    "__init__": 7,
-    "__main__": 7,
+    "pretrained": 4,
+    "runtime": 5,
+    "bench": 6,
+    "cli": 7,
+    "__init__": 8,
+    "__main__": 8,
 }
 MAX_LINES = 500
 

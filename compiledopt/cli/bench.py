@@ -41,8 +41,8 @@ def add_parser(
     )
     parser.add_argument(
         "artifact",
-        help="an artifact directory (`compiledopt export`); a bound artifact only fits the "
-        "model it was exported for",
+        help="an artifact directory (`compiledopt export`) or a packaged optimizer's name; a "
+        "bound artifact only fits the model it was exported for",
     )
     parser.add_argument(
         "--model", choices=MODELS, default="mlp", help="the built-in model (default: mlp)"
@@ -85,9 +85,10 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
 
         require("matplotlib", "bench")
     from compiledopt import bench
+    from compiledopt.pretrained import resolve
 
     result = bench.benchmark(
-        args.artifact,
+        resolve(args.artifact),
         bench.example_model(args.model),
         backends=args.backends,
         threads=args.threads,

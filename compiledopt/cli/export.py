@@ -4,7 +4,7 @@ import argparse
 import time
 from typing import List, TextIO
 
-from compiledopt.cli.arguments import comma_list, positive_float
+from compiledopt.cli.arguments import comma_list, json_object, positive_float
 
 __all__ = ["add_parser", "run"]
 
@@ -50,19 +50,31 @@ def add_parser(
         help="suggested learning rate recorded in the manifest "
         "(default: the checkpoint's inner lr)",
     )
+    parser.add_argument(
+        "--training",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help="provenance for the manifest's training block, a JSON object merged over the "
+        "checkpoint's metadata['training'] (task_family, estimator, meta_steps, wall_time_s, "
+        "cpu_count, seed, config, schedule…)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    """The ``export`` command: checkpoint -> shape-agnostic artifact."""
+    """The ``export`` command: checkpoint -> shape-agnostic artifact, its ``training`` block the
+    checkpoint's ``metadata["training"]`` updated with ``--training`` (none if both are absent);
+    the block's ``lr`` is the manifest's (``--lr``, else the block's, else the inner lr)."""
     import torch
 
     from compiledopt.export import export_shape_agnostic
     from compiledopt.learned.catalog import build_transform
 
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    spec = (state.get("metadata") or {}).get("transform_spec")
+    metadata = state.get("metadata") or {}
+    spec = metadata.get("transform_spec")
     if not spec:
         raise ValueError(
             f"{args.checkpoint} has no transform spec (write it with `compiledopt train`)"
@@ -70,7 +82,17 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     transform = build_transform(spec["name"], spec.get("kwargs"))
     transform.load_state_dict(state["transform"])
     backends = comma_list(args.backends)
-    lr = args.lr if args.lr is not None else float(state["config"]["inner_lr"])
+    training = metadata.get("training")
+    if training is not None and not isinstance(training, dict):
+        raise ValueError(f"{args.checkpoint}: metadata['training'] is not a dict: {training!r}")
+    if training is not None or args.training is not None:
+        training = {**(training or {}), **(args.training or {})}
+    lr = args.lr
+    if lr is None and training and "lr" in training:
+        lr = float(training["lr"])
+    lr = lr if lr is not None else float(state["config"]["inner_lr"])
+    if training is not None:
+        training["lr"] = lr
     start = time.perf_counter()
     path = export_shape_agnostic(
         args.output,
@@ -80,6 +102,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         ranks=args.ranks,
         lr=lr,
         overwrite=args.overwrite,
+        training=training,
     )
     print(f"wrote {path} ({', '.join(backends)}) in {time.perf_counter() - start:.1f} s", file=out)
     return 0

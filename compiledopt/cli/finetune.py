@@ -142,10 +142,11 @@ def run_finetune(
     import torch
 
     from compiledopt.export import Artifact, load_artifact
+    from compiledopt.pretrained import resolve
     from compiledopt.runtime import FrozenOptimizer
 
     out = out or sys.stdout
-    artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+    artifact = artifact if isinstance(artifact, Artifact) else load_artifact(resolve(artifact))
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Invalid steps: {steps!r}")
     backends = list(backends or ["eager", "compiled", *artifact.backends])
@@ -208,7 +209,7 @@ def add_parser(
         "artifact's FrozenOptimizer on each backend and with AdamW (best of an lr sweep); print "
         "loss, accuracy and step time.",
     )
-    parser.add_argument("artifact", help="an artifact directory")
+    parser.add_argument("artifact", help="an artifact directory or a packaged optimizer's name")
     parser.add_argument("--steps", type=positive_int, default=200)
     parser.add_argument(
         "--backends",

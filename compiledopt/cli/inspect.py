@@ -1,4 +1,5 @@
-"""The ``compiledopt inspect`` command: a human-readable summary of an artifact's manifest."""
+"""The ``compiledopt inspect`` command: a human-readable summary of an artifact's manifest, or
+(``--list``) of the optimizers packaged with compiledopt."""
 
 import argparse
 import json
@@ -11,16 +12,32 @@ def add_parser(
     commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
 ) -> argparse.ArgumentParser:
     """Add the ``inspect`` subparser."""
-    parser = commands.add_parser("inspect", help="summarise an artifact's manifest")
-    parser.add_argument("artifact", help="an artifact directory")
+    parser = commands.add_parser(
+        "inspect",
+        help="summarise an artifact's manifest, or list the packaged optimizers",
+        description="Verify an artifact's checksums and summarise its manifest (transform, "
+        "backends, how it was meta-trained); with --list, the optimizers packaged with "
+        "compiledopt, which any command or FrozenOptimizer takes by name.",
+    )
+    parser.add_argument(
+        "artifact", nargs="?", help="an artifact directory or a packaged optimizer's name"
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="list the packaged optimizers (name, summary, lr)"
+    )
     return parser
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``inspect`` command: load (and so verify the checksums of) the artifact; summarise it."""
+    from compiledopt import pretrained
     from compiledopt.export import load_artifact
 
-    artifact = load_artifact(args.artifact)
+    if args.list:
+        return _list(out)
+    if args.artifact is None:
+        raise ValueError("name an artifact directory or a packaged optimizer, or pass --list")
+    artifact = load_artifact(pretrained.resolve(args.artifact))
     m = artifact.manifest
     print(f"{artifact.path}: compiledopt artifact, format version {m['format_version']}", file=out)
     print(f"  transform  {json.dumps(m['transform'])}", file=out)
@@ -35,7 +52,26 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         print(f"  state      {', '.join(m['state_names']) or '-'} (per parameter)", file=out)
     for backend, files in m["backends"].items():
         print(f"  {backend:<10} {', '.join(files)}", file=out)
+    if artifact.training:
+        print(f"  training   {pretrained.summary(artifact.training, m['lr'])}", file=out)
+        for key, value in artifact.training.items():
+            print(f"    {key:<22} {json.dumps(value)}", file=out)
     producer = ", ".join(f"{k} {v}" for k, v in m["producer"].items())
     print(f"  producer   {producer}", file=out)
     print("  checksums  verified (sha256 of every file)", file=out)
+    return 0
+
+
+def _list(out: TextIO) -> int:
+    """``inspect --list``: one block per packaged optimizer, the default marked."""
+    from compiledopt import pretrained
+
+    names = pretrained.names()
+    print(f"{len(names)} packaged optimizer(s); use a name wherever an artifact is taken", file=out)
+    for name in names:
+        info = pretrained.info(name)
+        mark = " (default)" if name == pretrained.DEFAULT else ""
+        print(f"  {name}{mark}", file=out)
+        print(f"    {info['summary']}", file=out)
+        print(f"    lr {info['lr']:g}, backends {', '.join(info['backends'])}", file=out)
     return 0

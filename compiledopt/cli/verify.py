@@ -18,7 +18,7 @@ def add_parser(
         description="Check every backend of an artifact against the eager reference rebuilt "
         "from its weights, over several steps with state carried; exit 1 above --tolerance.",
     )
-    parser.add_argument("artifact", help="an artifact directory")
+    parser.add_argument("artifact", help="an artifact directory or a packaged optimizer's name")
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument(
         "--tolerance",
@@ -33,8 +33,9 @@ def add_parser(
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``verify`` command: per-backend max relative error; 1 if any exceeds the tolerance."""
     from compiledopt.export.verify import verify_artifact
+    from compiledopt.pretrained import resolve
 
-    errors = verify_artifact(args.artifact, steps=args.steps, seed=args.seed)
+    errors = verify_artifact(resolve(args.artifact), steps=args.steps, seed=args.seed)
     print(
         f"{args.artifact}: {args.steps} steps with state carried, vs the eager reference", file=out
     )

@@ -20,7 +20,8 @@ parameters of any shape), ``transform`` (the spec that rebuilds it, see
 ``name``, ``shape``, ``dtype`` and ``state`` — names and shapes — of every parameter), ``ranks`` and
 ``state_names`` (shape-agnostic), ``backends`` (backend -> its files), ``files`` (file -> sha256),
 ``producer`` (versions of compiledopt, torch, onnx, onnxruntime, python; ``"not installed"``
-for an absent package).
+for an absent package), and optionally ``training``: a free-form JSON object of provenance (task
+family, estimator, meta-steps, wall time, CPU count, seed, recommended ``lr`` and ``schedule``).
 
 :func:`load_artifact` verifies everything before any graph is loaded and raises
 :class:`ArtifactError` with one message naming the problem; weights load with safetensors and
@@ -109,6 +110,17 @@ def _installed_version(distribution: str, module: str) -> str:
     return "not installed"
 
 
+def check_training(training: Any) -> Dict[str, Any]:
+    """``training`` as a manifest's ``training`` block: a dict of JSON values (str keys; finite
+    numbers), copied; ``ValueError`` naming the field otherwise."""
+    if not isinstance(training, Mapping):
+        raise ValueError(f"'training' must be a JSON object, got {type(training).__name__}")
+    try:
+        return json.loads(json.dumps(dict(training), allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"'training' must hold only JSON values: {error}") from None
+
+
 def _backends(names: Optional[Sequence[str]]) -> List[Backend]:
     """The backends called ``names`` (``None``: every registered one), each checked to be
     known and installed, so an export fails before any work when one is not."""
@@ -177,6 +189,7 @@ def export_bound(
     backends: Optional[Sequence[str]] = None,
     lr: float = 1e-3,
     overwrite: bool = False,
+    training: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """Export the whole-model rule of ``transforms`` (one per parameter) as an artifact.
 
@@ -189,6 +202,7 @@ def export_bound(
             ``None``: all of them.
         lr: the learning rate recorded as the artifact's suggestion.
         overwrite: replace an existing ``directory``.
+        training: provenance recorded as the manifest's ``training`` block (JSON values).
 
     Raises:
         BackendUnavailableError: a chosen backend's modules are not installed (before any
@@ -227,6 +241,7 @@ def export_bound(
         "dtype": _dtype_name(dtype),
         "lr": check_positive(lr, "lr"),
         "bindings": bindings,
+        **({} if training is None else {"training": check_training(training)}),
     }
     return _write(Path(directory), manifest, unique.state_dict(), graphs, overwrite)
 
@@ -240,6 +255,7 @@ def export_shape_agnostic(
     lr: float = 1e-3,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    training: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """Export a shape-agnostic transform as per-tensor graphs that apply to any model.
 
@@ -256,6 +272,7 @@ def export_shape_agnostic(
         lr: the learning rate recorded as the artifact's suggestion.
         dtype: the dtype of the graphs and weights (float32 or float64).
         overwrite: replace an existing ``directory``.
+        training: provenance recorded as the manifest's ``training`` block (JSON values).
 
     Raises:
         BackendUnavailableError: a chosen backend's modules are not installed (before any
@@ -288,6 +305,7 @@ def export_shape_agnostic(
         "lr": check_positive(lr, "lr"),
         "ranks": ranks,
         "state_names": transform.state_names(),
+        **({} if training is None else {"training": check_training(training)}),
     }
     weights = nn.ModuleList([transform]).state_dict()
     return _write(Path(directory), manifest, weights, graphs, overwrite)
@@ -323,6 +341,11 @@ class Artifact:
     @property
     def backends(self) -> List[str]:
         return list(self.manifest["backends"])
+
+    @property
+    def training(self) -> Dict[str, Any]:
+        """The manifest's ``training`` block (provenance; ``{}`` when it has none)."""
+        return self.manifest.get("training", {})
 
     @property
     def bindings(self) -> List[Dict[str, Any]]:
@@ -455,6 +478,8 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
         )
     try:
         specs.check_spec(manifest["transform"])
+        if "training" in manifest:
+            check_training(manifest["training"])
     except ValueError as error:
         raise ArtifactError(f"{path}: {error}") from None
     listed = set(manifest["files"])

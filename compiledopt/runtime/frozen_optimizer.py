@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from compiledopt._validation import check_real
 from compiledopt.export import BACKENDS, Artifact, ArtifactError, load_artifact
 from compiledopt.export.backend import get as export_backend
+from compiledopt.pretrained import resolve as resolve_artifact
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.strategies import make_strategy
 
@@ -45,7 +46,9 @@ class FrozenOptimizer(Optimizer):
         params (iterable): tensors, ``(name, tensor)`` pairs (``model.named_parameters()``), or
             param-group dicts (each may set ``lr`` and ``weight_decay``).
         artifact (str, PathLike or Artifact): an artifact directory (see
-            ``docs/artifact-format.md``). A ``bound`` artifact binds to the parameters by name
+            ``docs/artifact-format.md``), or the name of an optimizer packaged with compiledopt
+            (``compiledopt.pretrained.names()``; an existing path of that name comes first).
+            A ``bound`` artifact binds to the parameters by name
             (when named) and shape, in order, and refuses a mismatch naming the parameter; a
             ``shape_agnostic`` one applies to any parameters.
         lr (float, optional): learning rate (default: the artifact's ``lr``).
@@ -75,7 +78,7 @@ class FrozenOptimizer(Optimizer):
     outside the graphs, so LR schedulers never cause a recompile.
 
     Example:
-        >>> optimizer = FrozenOptimizer(model.parameters(), "export/coordinate-mlp", lr=1e-3)
+        >>> optimizer = FrozenOptimizer(model.parameters(), "coordinate-mlp")  # packaged
         >>> for x, y in loader:
         ...     optimizer.zero_grad()
         ...     loss_fn(model(x), y).backward()
@@ -92,7 +95,9 @@ class FrozenOptimizer(Optimizer):
         nonfinite: str = "skip",
         state_dtype: Optional[torch.dtype] = None,
     ) -> None:
-        self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        if not isinstance(artifact, Artifact):
+            artifact = load_artifact(resolve_artifact(artifact))
+        self.artifact = artifact
         if state_dtype is not None and state_dtype not in (self.artifact.dtype, *STATE_DTYPES):
             raise ValueError(
                 f"Invalid state_dtype: {state_dtype!r} (None, the artifact's "
