@@ -47,7 +47,7 @@ def train_es(settings: Dict[str, Any], progress: bool = True) -> None:
         "family_kwargs": settings["family_kwargs"],
         "estimator": config.estimator,
         "objective": config.objective,
-        "outer_steps": config.outer_steps,
+        "meta_steps": config.outer_steps,
         "truncation": config.truncation,
         "unroll_lengths": [config.min_unroll, config.max_unroll],
         "perturbations_per_task": config.pairs,
@@ -67,11 +67,11 @@ def train_es(settings: Dict[str, Any], progress: bool = True) -> None:
         trainer.load(settings["output"])
     trainer.train(checkpoint=settings["output"], progress=progress)
     training = trainer.metadata["training"]
-    training["wall_seconds"] = round(trainer.elapsed, 1)
-    training["cpu_hours"] = round(
-        trainer.elapsed * torch.get_num_threads() * trainer.world / 3600, 3
-    )
-    training["outer_steps_done"] = trainer.outer_step
+    # Wall time of the training loop summed over resumed runs; CPU time as wall time x the cores
+    # the ranks were given (processes x threads each), an upper bound of the CPU time used.
+    training["wall_time_s"] = round(trainer.elapsed, 1)
+    training["cpu_time_s"] = round(trainer.elapsed * torch.get_num_threads() * trainer.world, 1)
+    training["meta_steps_done"] = trainer.outer_step
     if trainer.evaluations:
         training["heldout_final_loss"] = trainer.evaluations[-1]["final_loss"]
     trainer.save(settings["output"])
