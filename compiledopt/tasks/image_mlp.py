@@ -159,9 +159,8 @@ def _shape_examples(
             parts.append(torch.minimum(a, b))
         else:  # square outline
             parts.append((torch.maximum(a, b) - r).abs())
-    distance = torch.cat(parts)
-    images = amplitude * torch.exp(-((distance / width) ** 2))
-    return images + noise * torch.randn(images.shape, generator=generator), labels
+    images = torch.cat(parts).mul_(1.0 / width).square_().neg_().exp_().mul_(amplitude)
+    return images.add_(torch.randn(images.shape, generator=generator), alpha=noise), labels
 
 
 @functools.lru_cache(maxsize=32)
