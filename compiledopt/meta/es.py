@@ -372,6 +372,8 @@ class ESTrainer:
             disable=not progress or self.rank != 0,
         )
         with bar:
+            if cfg.eval_every and self.outer_step == 0 and not self.evaluations:
+                self.evaluate()  # the starting point of the held-out curve
             while self.outer_step < cfg.outer_steps:
                 started = time.perf_counter()
                 record = self.step()
