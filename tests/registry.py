@@ -89,6 +89,10 @@ REGISTRY = [
     ),
     agnostic("coordinate_mlp", "coordinate-mlp", hidden_sizes=[8]),
     agnostic("coordinate_lstm", "coordinate-lstm", hidden_size=6),
+    agnostic("normalized_mlp", "normalized-mlp"),
+    # orthogonalize is exported and checked in tests/test_normalized.py: Newton–Schulz amplifies
+    # float32 rounding past the shared 1e-6 ONNX target, and its cost grows with the matrix side.
+    agnostic("normalized_mlp_harness", "normalized-mlp", hidden_sizes=[6], adam_vectors=True),
     agnostic("learned_step_size", "learned-step-size"),
     agnostic("hypergradient_descent", "hypergradient"),
     agnostic("hypergradient_descent_per_element", "hypergradient", per_element=True),

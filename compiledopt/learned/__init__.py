@@ -7,6 +7,7 @@ learning rate it runs at); the command line, the export spec and the benchmark r
 from compiledopt.learned.catalog import CATALOG, LEARNED, CatalogEntry, build_transform
 from compiledopt.learned.lstm import CoordinateLSTM
 from compiledopt.learned.mlp import CoordinateMLP
+from compiledopt.learned.normalized import NormalizedMLP
 from compiledopt.learned.step_sizes import IDBD, HypergradientDescent, LearnedStepSize
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "CoordinateMLP",
     "HypergradientDescent",
     "LearnedStepSize",
+    "NormalizedMLP",
     "build_transform",
 ]

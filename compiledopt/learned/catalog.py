@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Tuple
 
 from compiledopt.learned.lstm import CoordinateLSTM
 from compiledopt.learned.mlp import CoordinateMLP
+from compiledopt.learned.normalized import NormalizedMLP
 from compiledopt.learned.step_sizes import IDBD, HypergradientDescent, LearnedStepSize
 from compiledopt.transforms.base import Transform
 from compiledopt.transforms.baselines import SGD, Adam, AdamW
@@ -42,6 +43,9 @@ CATALOG: Dict[str, CatalogEntry] = {
     ),
     "coordinate-lstm": CatalogEntry(
         CoordinateLSTM, 0.1, "coordinate-wise two-layer LSTM (Andrychowicz et al. 2016)"
+    ),
+    "normalized-mlp": CatalogEntry(
+        NormalizedMLP, 1e-3, "odd per-coordinate MLP on scale-free features, unit-RMS output"
     ),
     "learned-step-size": CatalogEntry(
         LearnedStepSize, 0.1, "one learnable log step size shared by all parameters"

@@ -1,0 +1,376 @@
+"""A small odd per-coordinate MLP on overflow-safe, scale-free features, with a unit-RMS output.
+
+One :class:`NormalizedMLP` is shared by every parameter of a model, whatever its shape (rank 0 to
+5). Its features are ratios of gradient statistics (so they do not depend on the gradient's
+scale), its network has no biases and odd activations (so a coordinate with no gradient history
+never moves), and its output is normalised per tensor to an RMS of 1 (so the caller's learning
+rate is the RMS of each tensor's update, as Adam's is).
+
+State layout (one list per parameter ``p``; the same for every rank):
+
+=====  ===================  ===========  ============================================
+index  name                 shape        meaning
+=====  ===================  ===========  ============================================
+0      ``momentum_fast``    ``p.shape``  ``m₁ ← β₁·m₁ + (1-β₁)·g``
+1      ``momentum_slow``    ``p.shape``  ``m₂ ← β₂·m₂ + (1-β₂)·g``
+2      ``abs_moment``       ``p.shape``  ``a ← β₃·a + (1-β₃)·|g|``
+=====  ===================  ===========  ============================================
+
+All state has the gradient's dtype and device.
+"""
+
+import itertools
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from compiledopt._validation import check_flag, check_positive, check_real
+from compiledopt.learned.mlp import check_shapes
+from compiledopt.transforms.base import Cost, Transform
+
+INITS = ("small_mlp", "zero_mlp")
+#: Feature columns, in the order the first layer and the skip weights read them.
+FEATURE_NAMES = ("ratio_fast", "ratio_slow", "ratio_grad", "normalized_grad", "normalized_fast")
+NS_STEPS = 5
+
+
+def _unit_max(x: Tensor) -> Tensor:
+    """``x / max|x|``, or zeros where ``x`` is all zero (no large value is ever squared)."""
+    scale = x.abs().max()
+    return x / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def normalize(x: Tensor, wide: bool = False) -> Tensor:
+    """``x`` rescaled to an RMS of 1 over the whole tensor, or zeros where ``x`` is all zero.
+
+    Overflow-safe: ``y = x / max|x|`` first, then ``y / sqrt(mean(y²))`` (``mean(y²) ≥ 1/numel``
+    whenever ``y`` is not zero). With ``wide`` the mean is accumulated in float64.
+    """
+    y = _unit_max(x)
+    if wide:
+        mean = y.square().mean(dtype=torch.float64).to(y.dtype)
+    else:
+        mean = y.square().mean()
+    return y / torch.sqrt(torch.where(mean > 0, mean, torch.ones_like(mean)))
+
+
+def _ns_rows(x: Tensor, steps: int) -> Tensor:
+    """The quintic step ``X ← aX + (bA + cA²)X`` with ``A = XXᵀ`` (the rows side), ``steps``
+    times."""
+    a, b, c = 3.4445, -4.7750, 2.0315  # locals: TorchScript reads no global floats
+    for _ in range(steps):
+        gram = torch.mm(x, x.t())
+        x = a * x + torch.mm(b * gram + c * torch.mm(gram, gram), x)
+    return x
+
+
+def _ns_cols(x: Tensor, steps: int) -> Tensor:
+    """The same polynomial on the columns side, ``X ← aX + X(bB + cB²)`` with ``B = XᵀX``
+    (``A^k X = X B^k``); no transposed result, so both sides give the same memory layout."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        gram = torch.mm(x.t(), x)
+        x = a * x + torch.mm(x, b * gram + c * torch.mm(gram, gram))
+    return x
+
+
+def _unit_frobenius(matrix: Tensor) -> Tensor:
+    y = _unit_max(matrix)
+    norm = torch.sqrt(y.square().sum())
+    return y / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def newton_schulz(matrix: Tensor, steps: int = NS_STEPS) -> Tensor:
+    """``steps`` quintic Newton–Schulz iterations from ``matrix`` toward the nearest semi-orthogonal
+    matrix, after a safe Frobenius normalisation; the Gram matrix is taken on the smaller side.
+
+    An odd function of ``matrix``: zero stays zero. The singular values end near 1 (within about
+    [0.7, 1.2]), not exactly at 1: the coefficients trade accuracy for speed.
+    """
+    x = _unit_frobenius(matrix)
+    if x.shape[0] > x.shape[1]:
+        return _ns_cols(x, steps)
+    return _ns_rows(x, steps)
+
+
+def _ns_tall(x: Tensor) -> Tensor:
+    return _ns_cols(x, NS_STEPS)
+
+
+def _ns_wide(x: Tensor) -> Tensor:
+    return _ns_rows(x, NS_STEPS)
+
+
+class NormalizedMLP(Transform):
+    r"""Per-coordinate odd MLP on bias-corrected ratio features, normalised to unit RMS per tensor.
+
+    Accumulators are updated with the current gradient first, then read (see the module doc for
+    the state). With ``t = step`` (updates before this one) and ``cₖ = 1 − βₖ^(t+1)`` (computed in
+    float64 from ``step``), the five feature columns are
+
+    ======================  ================================================
+    feature                 value
+    ======================  ================================================
+    ``ratio_fast``          ``r₁ = m₁ / (a + ε) · (c₃ / c₁)``
+    ``ratio_slow``          ``r₂ = m₂ / (a + ε) · (c₃ / c₂)``
+    ``ratio_grad``          ``r₀ = g / (a + ε) · c₃``
+    ``normalized_grad``     ``normalize(g)``
+    ``normalized_fast``     ``normalize(m₁)``
+    ======================  ================================================
+
+    each clamped to ``±feature_clip``. ``normalize(x) = y / sqrt(mean(y²))`` with ``y = x / max|x|``
+    over the tensor (zeros for an all-zero tensor). Overflow safety: no square of a gradient is
+    ever formed (``a`` is an average of ``|g|``, not ``g²``), every accumulator is a convex
+    combination of finite values, the bias corrections multiply ratios that are already bounded
+    (``|m₁/a| ≤ (1-β₁)/(1-β₃)``, ``|m₂/a| ≤ (1-β₂)/(1-β₃)``, ``|g/a| ≤ 1/(1-β₃)`` when ``β₁, β₂ ≤
+    β₃``, as by default; with other decays a ratio may overflow to ``±inf``, never to NaN, and the
+    clamp turns it into ``±feature_clip``) instead of dividing a large value by a small
+    correction, and :func:`normalize` divides by the maximum before squaring. So every finite
+    float32 gradient history gives a finite direction. ``ε = eps`` (default ``1e-37``, a normal
+    float32 and bfloat16 number) keeps ``a + ε`` positive where a coordinate has seen only zeros;
+    elsewhere it shifts the ratios by a relative ``ε/a``: on the first step ``a = (1-β₃)·|g|``,
+    so ``1e-4`` at ``|g| = 1e-30`` and below float32 rounding from ``|g| ≈ 1e-27``. float16 is not
+    supported (``ε`` underflows to zero there).
+
+    Every feature is odd in the gradient history (negating every gradient negates it). The
+    network, one per coordinate, has no biases and ``tanh`` activations, plus a linear skip:
+    ``out = x · skip + head(tanh(… tanh(W₁ x)))``, so it is odd too, and a coordinate whose
+    features are all zero (zero gradient history) gets exactly zero. The direction is
+    ``normalize(out)`` per tensor: the caller's ``p ← p − lr·direction`` moves each tensor by an
+    RMS of exactly ``lr`` (zero for an all-zero ``out``).
+
+    Harness options (off by default; recorded in the constructor's kwargs, so artifacts carry
+    them):
+
+    * ``orthogonalize``: for rank ≥ 2, ``out`` viewed as ``(shape[0], prod(shape[1:]))`` goes
+      through :func:`newton_schulz` (5 quintic iterations toward the nearest semi-orthogonal
+      matrix, as Muon does) before the RMS normalisation. Ranks 0 and 1 are unaffected. Under
+      ``torch.compile``/``torch.export`` the choice of the Gram side is a ``torch.cond`` on the
+      sizes, so one dynamic-shape graph serves tall and wide matrices.
+    * ``adam_vectors``: for rank ≤ 1, the direction is ``clamp(r₁, ±feature_clip)`` (an Adam-like
+      elementwise rule, not normalised per tensor) instead of the network's.
+
+    Formulation: the features are stacked into an ``(N, 5)`` matrix and the network is matmuls
+    (the training path; it scripts, exports and runs under ``torch.func.vmap``). Fused formulation
+    (``fused = True``, set by ``compiledopt.export.freeze_transform(..., fused=True)`` for the
+    Inductor backends): the same maths with the hidden units unrolled into elementwise
+    multiply-adds on tensors of the gradient's shape, so a compiler emits one loop over the
+    coordinates, and the per-tensor mean squares accumulated in float64. There is no
+    data-dependent control flow and no in-place operation on the inputs in either form.
+
+    Initialisation: ``skip = [1, 0, 0, 0, 0]``, the hidden layers ``nn.Linear``'s default (without
+    bias), the head ``N(0, 0.01²)`` from the default generator (``init="small_mlp"``) or zero
+    (``init="zero_mlp"``: a fresh transform then returns exactly ``normalize(clamp(r₁))``, a
+    normalised Adam-like direction).
+
+    Args:
+        hidden_sizes (sequence of int, optional): widths of the hidden layers, at least one.
+            (default: (8, 8))
+        fast_decay (float, optional): ``β₁``, in [0, 1). (default: 0.9)
+        slow_decay (float, optional): ``β₂``, in [0, 1). (default: 0.99)
+        abs_decay (float, optional): ``β₃``, in [0, 1). (default: 0.999)
+        feature_clip (float, optional): features are clamped to ``±feature_clip``, > 0.
+            (default: 10)
+        eps (float, optional): added to ``a`` before dividing, > 0. (default: 1e-37)
+        init (str, optional): ``"small_mlp"`` or ``"zero_mlp"`` (see above).
+            (default: "small_mlp")
+        orthogonalize (bool, optional): Newton–Schulz on matrices (see above). (default: False)
+        adam_vectors (bool, optional): Adam-like rule on ranks 0 and 1 (see above).
+            (default: False)
+
+    Example:
+        >>> opt = NormalizedMLP(init="zero_mlp")
+        >>> w, g = torch.randn(4, 3), torch.randn(4, 3)
+        >>> direction, state = opt.update(g, w, opt.init_state(w), torch.tensor(0))
+        >>> bool((direction * g > 0).all()), round(direction.detach().square().mean().item(), 4)
+        (True, 1.0)
+        >>> opt.state_names()
+        ['momentum_fast', 'momentum_slow', 'abs_moment']
+    """
+
+    shape_agnostic = True
+    view_invariant = True
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int] = (8, 8),
+        fast_decay: float = 0.9,
+        slow_decay: float = 0.99,
+        abs_decay: float = 0.999,
+        feature_clip: float = 10.0,
+        eps: float = 1e-37,
+        init: str = "small_mlp",
+        orthogonalize: bool = False,
+        adam_vectors: bool = False,
+    ) -> None:
+        super().__init__()
+        hidden = list(hidden_sizes) if isinstance(hidden_sizes, (list, tuple)) else None
+        if not hidden or any(
+            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden
+        ):
+            raise ValueError(
+                f"Invalid hidden_sizes: {hidden_sizes!r} (needs a non-empty sequence of ints >= 1)"
+            )
+        if not isinstance(init, str) or init not in INITS:
+            raise ValueError(f"Invalid init: {init!r} (one of {INITS})")
+        self.hidden_sizes: List[int] = hidden
+        self.fast_decay = check_real(fast_decay, "fast_decay", 0.0, 1.0)
+        self.slow_decay = check_real(slow_decay, "slow_decay", 0.0, 1.0)
+        self.abs_decay = check_real(abs_decay, "abs_decay", 0.0, 1.0)
+        self.feature_clip = check_positive(feature_clip, "feature_clip")
+        self.eps = check_positive(eps, "eps")
+        self.init = init
+        self.orthogonalize = check_flag(orthogonalize, "orthogonalize")
+        self.adam_vectors = check_flag(adam_vectors, "adam_vectors")
+        self.fused = False
+        self.reads_param = False
+
+        widths = [len(FEATURE_NAMES), *hidden]
+        self.layers = nn.ModuleList(
+            [nn.Linear(a, b, bias=False) for a, b in itertools.pairwise(widths)]
+        )
+        self.head = nn.Linear(hidden[-1], 1, bias=False)
+        with torch.no_grad():
+            if init == "zero_mlp":
+                self.head.weight.zero_()
+            else:
+                self.head.weight.normal_(0.0, 0.01)
+        skip = torch.zeros(len(FEATURE_NAMES))
+        skip[0] = 1.0
+        self.skip = nn.Parameter(skip)
+
+    def state_names(self) -> List[str]:
+        """Names of the state tensors, in the order of :meth:`init_state` (see the module doc)."""
+        return ["momentum_fast", "momentum_slow", "abs_moment"]
+
+    @torch.jit.export
+    def init_state(self, param: Tensor) -> List[Tensor]:
+        return [
+            torch.zeros_like(param, memory_format=torch.contiguous_format),
+            torch.zeros_like(param, memory_format=torch.contiguous_format),
+            torch.zeros_like(param, memory_format=torch.contiguous_format),
+        ]
+
+    @torch.jit.export
+    def update(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        check_shapes(grad, param, state, 3)
+        beta1, beta2, beta3 = self.fast_decay, self.slow_decay, self.abs_decay
+        fast = state[0] * beta1 + grad * (1.0 - beta1)
+        slow = state[1] * beta2 + grad * (1.0 - beta2)
+        absolute = state[2] * beta3 + grad.abs() * (1.0 - beta3)
+        new_state = [fast, slow, absolute]
+
+        # Bias corrections cₖ = 1 − βₖ^(t+1), per tensor, in float64.
+        t = (step + 1).to(torch.float64)
+        c1 = 1.0 - torch.pow(beta1, t)
+        c2 = 1.0 - torch.pow(beta2, t)
+        c3 = 1.0 - torch.pow(beta3, t)
+        denominator = absolute + self.eps
+        ratio_fast = fast / denominator * (c3 / c1).to(grad.dtype)
+        clip = self.feature_clip
+        if self.adam_vectors and grad.dim() <= 1:
+            return torch.clamp(ratio_fast, -clip, clip), new_state
+
+        raw = [
+            ratio_fast,
+            slow / denominator * (c3 / c2).to(grad.dtype),
+            grad / denominator * c3.to(grad.dtype),
+            normalize(grad, self.fused),
+            normalize(fast, self.fused),
+        ]
+        dtype = self.skip.dtype
+        columns = [torch.clamp(x, -clip, clip).to(dtype) for x in raw]
+        if self.fused:
+            out = self._fused_network(columns)
+        else:
+            out = self._network(columns).reshape(grad.shape)
+        if self.orthogonalize and grad.dim() >= 2:
+            matrix = out.reshape(grad.shape[0], -1)
+            if torch.jit.is_scripting():
+                matrix = newton_schulz(matrix)
+            elif torch.compiler.is_compiling():
+                matrix = self._traced_newton_schulz(matrix)
+            else:
+                matrix = newton_schulz(matrix)
+            out = matrix.reshape(grad.shape)
+        return normalize(out, self.fused).to(grad.dtype), new_state
+
+    def _network(self, columns: List[Tensor]) -> Tensor:
+        """The matmul form: ``(N, 5)`` features through the layers, plus the skip."""
+        x = torch.stack([c.reshape(-1) for c in columns], dim=1)
+        h = x
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.head(h).reshape(-1) + torch.mv(x, self.skip)
+
+    def _fused_network(self, columns: List[Tensor]) -> Tensor:
+        """The same network with every hidden unit unrolled into elementwise multiply-adds on
+        tensors of the gradient's shape (one loop over the coordinates for a compiler)."""
+        units = columns
+        for layer in self.layers:
+            weight = layer.weight
+            hidden: List[Tensor] = []
+            for j in range(weight.shape[0]):
+                h = units[0] * weight[j, 0]
+                for f in range(1, len(units)):
+                    h = h + units[f] * weight[j, f]
+                hidden.append(torch.tanh(h))
+            units = hidden
+        head = self.head.weight
+        out = columns[0] * self.skip[0]
+        for f in range(1, len(columns)):
+            out = out + columns[f] * self.skip[f]
+        for j in range(len(units)):
+            out = out + units[j] * head[0, j]
+        return out
+
+    @torch.jit.unused
+    def _traced_newton_schulz(self, matrix: Tensor) -> Tensor:
+        """:func:`newton_schulz` for ``torch.compile``/``torch.export``: with symbolic sizes the
+        Gram side is chosen by ``torch.cond``, so the graph is not specialised to tall or wide."""
+        rows, cols = matrix.shape[0], matrix.shape[1]
+        tall = rows > cols
+        if statically_known_true(tall) or statically_known_true(rows <= cols):
+            return newton_schulz(matrix)  # static sizes: the branch is fixed anyway
+        return torch.cond(tall, _ns_tall, _ns_wide, (_unit_frobenius(matrix),))
+
+    def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
+        """FLOPs and bytes of one fused step, per coordinate: accumulators 10 (three averages of 3,
+        ``|g|``); ratios 7 (``a + ε``, then a divide and a scale each); the two normalised columns
+        6 each (``|x|``, max, scale, square, sum, scale); clamps 2 per feature, 10; first layer
+        ``2·5·h₁ + h₁`` (multiply-adds, tanh), later layers ``2·hᵢ·hᵢ₊₁ + hᵢ₊₁``, head ``2·h_L``,
+        skip 10; output normalisation 6; update 2. Defaults ``(8, 8)``: 297.
+
+        ``adam_vectors`` on rank ≤ 1: accumulators 10, ``a + ε`` 1, ``r₁`` 2, clamp 2, update 2:
+        17. ``orthogonalize`` on rank ≥ 2 (``r ≤ c`` the smaller and larger side of the matrix
+        view, the Gram matrix ``r × r``): the Frobenius normalisation 6, and per iteration the
+        Gram matrix ``2r``, its square ``2r²/c``, ``bA + cA²`` ``3r/c``, the product with ``X``
+        ``2r`` and ``aX +`` 2.
+        Bytes: ``g``, ``p`` and the three state tensors in, the state and ``p`` out (9 values).
+        """
+        if self.adam_vectors and len(shape) <= 1:
+            return Cost.elementwise(shape, 17, 9, itemsize)
+        widths = [len(FEATURE_NAMES), *self.hidden_sizes]
+        network = sum(2 * a * b + b for a, b in itertools.pairwise(widths))
+        network += 2 * widths[-1] + 2 * len(FEATURE_NAMES)
+        flops: float = 10 + 7 + 12 + 2 * len(FEATURE_NAMES) + network + 6 + 2
+        if self.orthogonalize and len(shape) >= 2:
+            rows = shape[0]
+            cols = math.prod(shape[1:])
+            r, c = min(rows, cols), max(rows, cols)
+            if r > 0:
+                flops += 6 + NS_STEPS * (4 * r + (2 * r * r + 3 * r) / c + 2)
+        return Cost.elementwise(shape, flops, 9, itemsize)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_sizes={self.hidden_sizes}, fast_decay={self.fast_decay}, "
+            f"slow_decay={self.slow_decay}, abs_decay={self.abs_decay}, "
+            f"feature_clip={self.feature_clip}, eps={self.eps}, init={self.init!r}, "
+            f"orthogonalize={self.orthogonalize}, adam_vectors={self.adam_vectors}"
+        )
