@@ -28,8 +28,10 @@ def test_pipeline_runs_every_stage(tmp_path):
         "frozen/compiled",
         "frozen/torchscript",
         "frozen/onnx",
-        "AdamW",
+        "AdamW (best lr)",
+        "AdamW (lr 1e-3)",
     }
+    assert runs["AdamW (lr 1e-3)"]["lr"] == 1e-3
     for name, run in runs.items():
         assert 0.0 <= run["accuracy"] <= 1.0 and run["step_ms"] > 0, name
     # eager and TorchScript run the same kernels: identical fine-tuning
@@ -41,4 +43,5 @@ def test_pipeline_runs_every_stage(tmp_path):
         ["finetune", str(tmp_path / "artifact"), "--steps", "5", "--backends", "eager"]
     )
     runs = run_finetune(args.artifact, args.steps, ["eager"], out=out)
-    assert set(runs) == {"frozen/eager", "AdamW"} and "AdamW" in out.getvalue()
+    assert set(runs) == {"frozen/eager", "AdamW (best lr)", "AdamW (lr 1e-3)"}
+    assert "AdamW" in out.getvalue() and "cosine" in out.getvalue()
