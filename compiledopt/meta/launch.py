@@ -59,7 +59,7 @@ def train_es(settings: Dict[str, Any], progress: bool = True) -> None:
         "machine": platform.processor() or platform.machine(),
         "torch": str(torch.__version__),
         "lr": config.inner_lr,
-        "schedule": {"warmup_fraction": config.warmup_fraction, "decay": "cosine to 0"},
+        "schedule": {"warmup_fraction": config.warmup_fraction, "decay": "cosine"},
     }
     metadata = {"transform_spec": spec, "training": training}
     trainer = ESTrainer(transform, family, config, seed=settings["seed"], metadata=metadata)

@@ -28,7 +28,7 @@ __all__ = ["DEFAULT", "info", "load", "names", "path", "resolve", "summary"]
 
 #: The recommended packaged optimizer, used where none is named: the best general-purpose one
 #: shipped (change it when a better one is added).
-DEFAULT = "coordinate-mlp"
+DEFAULT = "normalized-mlp"
 
 
 def _root() -> Path:
