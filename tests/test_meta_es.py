@@ -254,3 +254,17 @@ def test_cli_config_file_sets_defaults_and_the_command_line_wins(tmp_path, capsy
     config.write_text(json.dumps({"sigmma": 0.2}))
     assert _cli_train([*ES_ARGS, "--config", str(config), "--output", str(out)]) == 2
     assert "sigmma" in capsys.readouterr().err
+
+
+def test_cli_exports_the_result_with_its_training_record(tmp_path) -> None:
+    from compiledopt.export import load_artifact
+
+    artifact = tmp_path / "artifact"
+    argv = [*ES_ARGS, "--output", str(tmp_path / "run.pt"), "--export", str(artifact)]
+    argv += ["--export-backends", "torchscript", "--export-lr", "0.003"]
+    assert _cli_train(argv) == 0
+    loaded = load_artifact(artifact)
+    assert loaded.manifest["lr"] == 0.003 and loaded.backends == ["torchscript"]
+    training = loaded.training
+    assert training["estimator"] == "pes" and training["meta_steps"] == 3
+    assert training["lr"] == 0.003 and training["cpu_time_s"] > 0

@@ -48,6 +48,7 @@ DEFAULTS: Dict[str, Any] = {
     "processes": 1,
     "export": None,
     "export_backends": "torchscript,onnx",
+    "export_lr": None,
 }
 # Option -> field of the evolution-strategies config (ESConfig) and of MetaTrainConfig.
 ES_FIELDS = {
@@ -146,6 +147,12 @@ def add_parser(
     add("--processes", type=positive_int, default=None, help="torch.distributed ranks")
     add("--export", default=None, help="also export the result as an artifact to this folder")
     add("--export-backends", default=None, help="(default: torchscript,onnx)")
+    add(
+        "--export-lr",
+        type=positive_float,
+        default=None,
+        help="the artifact's recommended lr (default: the inner lr)",
+    )
     add("--resume", action="store_true", help="continue from --output")
     add("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -277,7 +284,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             output=values["export"],
             backends=values["export_backends"],
             ranks=[0, 1, 2, 3, 4, 5],
-            lr=None,
+            lr=values["export_lr"],
             training=None,
             overwrite=True,
         )
