@@ -78,7 +78,7 @@ class FrozenOptimizer(Optimizer):
     outside the graphs, so LR schedulers never cause a recompile.
 
     Example:
-        >>> optimizer = FrozenOptimizer(model.parameters(), "coordinate-mlp")  # packaged
+        >>> optimizer = FrozenOptimizer(model.parameters(), "normalized-mlp")  # packaged default
         >>> for x, y in loader:
         ...     optimizer.zero_grad()
         ...     loss_fn(model(x), y).backward()
