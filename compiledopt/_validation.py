@@ -32,6 +32,28 @@ def check_positive(value: object, what: str) -> float:
     return check_real(value, what, 0.0, include_low=False)
 
 
+def check_int(value: object, what: str, minimum: int = 0) -> int:
+    """An int (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {what}: {value!r} (expected an integer >= {minimum})")
+    return value
+
+
+def check_fields(
+    config: object,
+    positive_ints: "tuple[str, ...]" = (),
+    non_negative_ints: "tuple[str, ...]" = (),
+    positive_numbers: "tuple[str, ...]" = (),
+) -> None:
+    """Check the named attributes of a settings object (each error names the field)."""
+    for name in positive_ints:
+        check_int(getattr(config, name), name, 1)
+    for name in non_negative_ints:
+        check_int(getattr(config, name), name, 0)
+    for name in positive_numbers:
+        check_positive(getattr(config, name), name)
+
+
 def check_flag(value: object, what: str) -> bool:
     """A bool (not merely truthy)."""
     if not isinstance(value, bool):

@@ -5,18 +5,27 @@ import json
 import math
 from typing import List
 
-__all__ = ["comma_list", "json_object", "positive_float", "positive_int"]
+__all__ = ["comma_list", "json_object", "non_negative_int", "positive_float", "positive_int"]
+
+
+def _integer(text: str, minimum: int, kind: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {kind}, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """argparse type: a positive integer, or an error naming the value."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+    return _integer(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0, or an error naming the value."""
+    return _integer(text, 0, "an integer >= 0")
 
 
 def positive_float(text: str) -> float:

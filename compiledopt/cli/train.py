@@ -13,7 +13,13 @@ import os
 import time
 from typing import Any, Dict, TextIO
 
-from compiledopt.cli.arguments import comma_list, json_object, positive_float, positive_int
+from compiledopt.cli.arguments import (
+    comma_list,
+    json_object,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from compiledopt.cli.requirements import require_task_family
 
 __all__ = ["add_parser", "run"]
@@ -84,16 +90,6 @@ TBPTT_FIELDS = {
 }
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
 def add_parser(
     commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
 ) -> argparse.ArgumentParser:
@@ -133,10 +129,10 @@ def add_parser(
     add("--inner-lr", type=positive_float, default=None, help="default: the catalog's lr")
     add("--meta-lr", type=positive_float, default=None)
     add("--clip-norm", type=positive_float, default=None)
-    add("--eval-every", type=_non_negative_int, default=None)
+    add("--eval-every", type=non_negative_int, default=None)
     add("--eval-tasks", type=positive_int, default=None)
     add("--eval-steps", type=positive_int, default=None)
-    add("--checkpoint-every", type=_non_negative_int, default=None)
+    add("--checkpoint-every", type=non_negative_int, default=None)
     add("--pairs", type=positive_int, default=None, help="pes/es: antithetic pairs per task")
     add("--sigma", type=positive_float, default=None, help="pes/es: perturbation scale")
     add("--objective", choices=("train", "validation"), default=None, help="pes/es meta-loss")

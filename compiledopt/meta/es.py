@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from compiledopt._validation import check_fields
 from compiledopt.meta.inner import check_shape_agnostic
 from compiledopt.meta.population import Params, Population, States, flat_weights, set_weights
 from compiledopt.schedules import warmup_cosine
@@ -108,24 +109,21 @@ class ESConfig:
             raise ValueError(f"Invalid estimator: {self.estimator!r} (one of {ESTIMATORS})")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"Invalid objective: {self.objective!r} (one of {OBJECTIVES})")
-        positive = ("outer_steps", "truncation", "min_unroll", "max_unroll", "pairs")
-        positive += ("tasks_per_step", "eval_tasks", "eval_steps")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (a positive integer)")
-        for name in ("eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Invalid {name}: {value!r} (a non-negative integer)")
-        for name in ("sigma", "inner_lr", "meta_lr", "clip_norm"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not (math.isfinite(value) and value > 0)
-            ):
-                raise ValueError(f"Invalid {name}: {value!r} (a positive finite number)")
+        check_fields(
+            self,
+            positive_ints=(
+                "outer_steps",
+                "truncation",
+                "min_unroll",
+                "max_unroll",
+                "pairs",
+                "tasks_per_step",
+                "eval_tasks",
+                "eval_steps",
+            ),
+            non_negative_ints=("eval_every", "checkpoint_every"),
+            positive_numbers=("sigma", "inner_lr", "meta_lr", "clip_norm"),
+        )
         if not isinstance(self.antithetic, bool):
             raise ValueError(f"Invalid antithetic: {self.antithetic!r} (True or False)")
         if isinstance(self.warmup_fraction, bool) or not 0 <= self.warmup_fraction < 1:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from compiledopt._validation import check_fields
 from compiledopt.meta.inner import (
     Params,
     States,
@@ -76,30 +77,19 @@ class MetaTrainConfig:
     checkpoint_every: int = 0
 
     def validate(self) -> "MetaTrainConfig":
-        positive_ints = (
-            "meta_steps",
-            "unroll_length",
-            "horizon",
-            "tasks_per_step",
-            "eval_tasks",
-            "eval_steps",
+        check_fields(
+            self,
+            positive_ints=(
+                "meta_steps",
+                "unroll_length",
+                "horizon",
+                "tasks_per_step",
+                "eval_tasks",
+                "eval_steps",
+            ),
+            non_negative_ints=("eval_every", "checkpoint_every"),
+            positive_numbers=("inner_lr", "meta_lr", "clip_norm"),
         )
-        for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (a positive integer)")
-        for name in ("eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Invalid {name}: {value!r} (a non-negative integer)")
-        for name in ("inner_lr", "meta_lr", "clip_norm"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not (math.isfinite(value) and value > 0)
-            ):
-                raise ValueError(f"Invalid {name}: {value!r} (a positive finite number)")
         if self.horizon % self.unroll_length:
             raise ValueError(
                 f"Invalid horizon: {self.horizon} "
