@@ -307,3 +307,37 @@ def _importable(module):
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_relabel_reproduces_a_result_at_its_own_default_and_refuses_unmeasured_lrs(tmp_path):
+    import json
+    from pathlib import Path
+
+    from benchmarks.learning_quality import relabel
+
+    result = Path(__file__).parent.parent / "benchmarks/results/learning_quality.json"
+    original = json.loads(result.read_text())
+    same = original["default_lrs"]["learned"]
+    prefix = str(tmp_path / "same")
+    assert (
+        relabel.main([str(result), "--learned-lr", str(same), "--output", prefix, "--no-plots"])
+        == 0
+    )
+    again = json.loads(Path(prefix + ".json").read_text())
+    assert again["aggregates"] == original["aggregates"]
+    other = next(lr for lr in original["sweeps"]["learned"] if lr != same)
+    prefix = str(tmp_path / "other")
+    assert (
+        relabel.main([str(result), "--learned-lr", str(other), "--output", prefix, "--no-plots"])
+        == 0
+    )
+    moved = json.loads(Path(prefix + ".json").read_text())
+    assert moved["default_lrs"]["learned"] == other
+    assert (
+        moved["aggregates"]["learned"]["normalized_final_iqm"]["tuned"]
+        == (original["aggregates"]["learned"]["normalized_final_iqm"]["tuned"])
+    )
+    assert moved["aggregates"] != original["aggregates"]
+    with pytest.raises(SystemExit) as exit_info:
+        relabel.main([str(result), "--learned-lr", "0.123", "--output", prefix, "--no-plots"])
+    assert exit_info.value.code == 2
