@@ -481,6 +481,7 @@ def test_script_equals_eager(name: str, rank: int) -> None:
     _assert_runs_close(_run(scripted.update, param, scripted.init_state(param), grads), expected)
 
 
+@pytest.mark.slow  # an AOTInductor / Inductor compile: tens of seconds
 def test_one_compiled_graph_serves_tall_and_wide_matrices() -> None:
     """With dynamic sizes the Gram side is a ``torch.cond``, not a guard on the sizes."""
     t = _build("orthogonalize")
