@@ -54,6 +54,14 @@ def check_fields(
         check_positive(getattr(config, name), name)
 
 
+def check_sizes(value: object, what: str) -> "list[int]":
+    """A non-empty list or tuple of ints (not bools) ``>= 1``, as a list."""
+    sizes = list(value) if isinstance(value, (list, tuple)) else None
+    if not sizes or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in sizes):
+        raise ValueError(f"Invalid {what}: {value!r} (needs a non-empty sequence of ints >= 1)")
+    return sizes
+
+
 def check_flag(value: object, what: str) -> bool:
     """A bool (not merely truthy)."""
     if not isinstance(value, bool):

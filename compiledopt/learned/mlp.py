@@ -30,7 +30,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from compiledopt._validation import check_positive, check_real
+from compiledopt._validation import check_positive, check_real, check_sizes
 from compiledopt.transforms.base import Cost, Transform
 
 #: Feature groups, in the order their columns appear in the feature matrix.
@@ -164,13 +164,7 @@ class CoordinateMLP(Transform):
         init: str = "adam",
     ) -> None:
         super().__init__()
-        hidden = list(hidden_sizes) if isinstance(hidden_sizes, (list, tuple)) else None
-        if not hidden or any(
-            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden
-        ):
-            raise ValueError(
-                f"Invalid hidden_sizes: {hidden_sizes!r} (needs a non-empty sequence of ints >= 1)"
-            )
+        hidden = check_sizes(hidden_sizes, "hidden_sizes")
         if isinstance(features, str) or not features:
             raise ValueError(f"Invalid features: {features!r} (needs a non-empty sequence)")
         unknown = [f for f in features if f not in FEATURE_GROUPS]

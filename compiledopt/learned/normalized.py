@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from compiledopt._validation import check_flag, check_positive, check_real
+from compiledopt._validation import check_flag, check_positive, check_real, check_sizes
 from compiledopt.learned.mlp import check_shapes
 from compiledopt.transforms.base import Cost, Transform
 
@@ -207,13 +207,7 @@ class NormalizedMLP(Transform):
         adam_vectors: bool = False,
     ) -> None:
         super().__init__()
-        hidden = list(hidden_sizes) if isinstance(hidden_sizes, (list, tuple)) else None
-        if not hidden or any(
-            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden
-        ):
-            raise ValueError(
-                f"Invalid hidden_sizes: {hidden_sizes!r} (needs a non-empty sequence of ints >= 1)"
-            )
+        hidden = check_sizes(hidden_sizes, "hidden_sizes")
         if not isinstance(init, str) or init not in INITS:
             raise ValueError(f"Invalid init: {init!r} (one of {INITS})")
         self.hidden_sizes: List[int] = hidden

@@ -15,27 +15,14 @@ perturbation is a vector and a meta-gradient estimate is ``Σ ξ·L``.
 from typing import Dict, List, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
 from compiledopt.tasks.base import Batch, Task
-from compiledopt.transforms.base import Transform
+from compiledopt.transforms.base import Transform, UpdateFunction
 
 Params = Dict[str, Tensor]
 States = Dict[str, List[Tensor]]
-
-
-class _Update(nn.Module):
-    """Routes ``forward`` to ``transform.update`` so ``functional_call`` can swap its weights."""
-
-    def __init__(self, transform: Transform) -> None:
-        super().__init__()
-        self.transform = transform
-
-    def forward(
-        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
-    ) -> Tuple[Tensor, List[Tensor]]:
-        return self.transform.update(grad, param, state, step)
 
 
 def flat_weights(transform: Transform) -> Tensor:
@@ -78,7 +65,7 @@ class Population:
         self.transform = transform
         self.task = task
         self.members = members
-        self._update = _Update(transform)
+        self._update = UpdateFunction(transform)
         self._vstep = vmap(self._member_step, in_dims=(0, 0, 0, None, None, None))
         self._vloss = vmap(self._member_loss, in_dims=(0, None))
 
