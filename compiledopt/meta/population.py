@@ -46,9 +46,10 @@ def unflatten(transform: Transform, flat: Tensor) -> Dict[str, Tensor]:
 
 def set_weights(transform: Transform, flat: Tensor) -> None:
     """Copy ``flat`` into the transform's weights."""
+    named = unflatten(transform, flat)
     with torch.no_grad():
         for name, weight in transform.named_parameters():
-            weight.copy_(unflatten(transform, flat)[name])
+            weight.copy_(named[name])
 
 
 class Population:
