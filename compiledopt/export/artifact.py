@@ -48,6 +48,7 @@ from compiledopt._validation import check_positive
 from compiledopt.export import backend as registry
 from compiledopt.export import spec as specs
 from compiledopt.export.backend import Backend
+from compiledopt.export.manifest import ArtifactError
 from compiledopt.export.rule import ModelRule, TensorRule
 from compiledopt.transforms.base import Transform
 
@@ -61,10 +62,6 @@ BACKENDS: Tuple[str, ...] = registry.names()
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Versions recorded in the manifest: distribution name -> the module it provides.
 _RECORDED = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
-
-
-class ArtifactError(ValueError):
-    """An artifact is missing, corrupted, of an unknown format, or does not fit the parameters."""
 
 
 def _sha256(path: Path) -> str:
