@@ -17,12 +17,12 @@ from compiledopt.export.artifact import (  # noqa: E402
     BACKENDS,
     Artifact,
     ArtifactError,
-    export_bound,
-    export_shape_agnostic,
+    UntrustedCodeError,
     load_artifact,
 )
 from compiledopt.export.rule import ModelRule, TensorRule, freeze_transform  # noqa: E402
 from compiledopt.export.spec import build_bound, build_shape_agnostic, check_spec  # noqa: E402
+from compiledopt.export.writer import export_bound, export_shape_agnostic  # noqa: E402
 
 __all__ = [
     "BACKENDS",
@@ -32,6 +32,7 @@ __all__ = [
     "BackendUnavailableError",
     "ModelRule",
     "TensorRule",
+    "UntrustedCodeError",
     "build_bound",
     "build_shape_agnostic",
     "check_spec",

@@ -24,6 +24,7 @@ derived sizes such as ``prod(shape[1:])``) and raises ``ValueError`` naming the 
 backend shares this signature and these checks.
 """
 
+import io
 import json
 import os
 import zipfile
@@ -70,31 +71,35 @@ def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
 _METADATA_SUFFIX = "wrapper_metadata.json"
 
 
-def package_cpu_isa(path: str) -> Optional[str]:
+def package_cpu_isa(path: "str | bytes") -> Optional[str]:
     """The vector instruction set a package's native code was compiled for (Inductor's name, e.g.
     ``"avx2"``, ``"avx512 avx512_vnni"``), read from the archive without loading its library;
-    ``None`` if the package does not record one (``ValueError`` if it is not a package)."""
+    ``None`` if the package does not record one (``ValueError`` if it is not a package).
+    ``path`` may also be the package's bytes."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(path) if isinstance(path, bytes) else path) as archive:
             names = [n for n in archive.namelist() if n.endswith(_METADATA_SUFFIX)]
             metadata = json.loads(archive.read(names[0])) if names else {}
     except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not an AOTInductor package ({error})") from None
+        where = "the package" if isinstance(path, bytes) else path
+        raise ValueError(f"{where} is not an AOTInductor package ({error})") from None
     isa = metadata.get("AOTI_CPU_ISA") if isinstance(metadata, dict) else None
     return isa.lower() if isinstance(isa, str) and isa else None
 
 
-def check_runnable(path: str) -> None:
-    """``ValueError`` if the package's native code needs a vector instruction set that this CPU
-    lacks (running it would die with an illegal instruction); checked before loading it."""
+def check_runnable(path: "str | bytes") -> None:
+    """``ValueError`` if the package (a path, or its bytes) has native code for a vector
+    instruction set that this CPU lacks (running it would die with an illegal instruction);
+    checked before loading it."""
     from torch._inductor import cpu_vec_isa
 
     isa = package_cpu_isa(path)
     known = {str(i).lower() for i in cpu_vec_isa.supported_vec_isa_list}
     here = {str(i).lower() for i in cpu_vec_isa.valid_vec_isa_list()}
     if isa in known and isa not in here:
+        where = "the package" if isinstance(path, bytes) else path
         raise ValueError(
-            f"{path} was compiled for {isa.upper()}, which this CPU does not support (it has "
+            f"{where} was compiled for {isa.upper()}, which this CPU does not support (it has "
             f"{', '.join(sorted(here)).upper() or 'no vector ISA'}): re-export the artifact's "
             "aoti graphs on this machine, or use another backend"
         )

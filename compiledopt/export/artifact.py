@@ -28,83 +28,50 @@ family, estimator, meta-steps, wall time, CPU count, seed, recommended ``lr`` an
 graphs with their own loaders, so nothing is unpickled.
 """
 
-import copy
-import hashlib
-import importlib.metadata
+import dataclasses
 import json
 import os
-import platform
-import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load
 from torch import Tensor, nn
 
 from compiledopt._identity import unique_by_identity
-from compiledopt._validation import check_positive
 from compiledopt.export import backend as registry
+from compiledopt.export import signing
 from compiledopt.export import spec as specs
 from compiledopt.export.backend import Backend
-from compiledopt.export.manifest import ArtifactError
-from compiledopt.export.rule import ModelRule, TensorRule
+from compiledopt.export.layout import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SIGNATURE,
+    WEIGHTS,
+    file_rank,
+    sha256,
+)
+from compiledopt.export.manifest import ArtifactError, check_manifest
 from compiledopt.transforms.base import Transform
 
-FORMAT = "compiledopt-artifact"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.safetensors"
+__all__ = [
+    "BACKENDS",
+    "MANIFEST",
+    "WEIGHTS",
+    "Artifact",
+    "ArtifactError",
+    "UntrustedCodeError",
+    "check_training",
+    "load_artifact",
+]
+
 #: The registered backends' names (:func:`compiledopt.export.backend.names`), read once the
 #: package has registered them.
 BACKENDS: Tuple[str, ...] = registry.names()
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Versions recorded in the manifest: distribution name -> the module it provides.
-_RECORDED = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in _DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"artifacts support float32 and float64, got {dtype}")
-
-
-def _producer() -> Dict[str, str]:
-    """The versions that wrote an artifact, read from the installed distributions' metadata
-    (nothing is imported: ``"not installed"`` for an absent one)."""
-    import compiledopt
-
-    return {
-        "compiledopt": compiledopt.__version__,
-        "torch": torch.__version__,
-        **{name: _installed_version(name, module) for name, module in _RECORDED.items()},
-        "python": platform.python_version(),
-    }
-
-
-def _installed_version(distribution: str, module: str) -> str:
-    """The version of ``distribution``, or of whichever installed distribution provides
-    ``module`` (``onnxruntime`` also ships as ``onnxruntime-gpu``…), or ``"not installed"``."""
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    for other in importlib.metadata.packages_distributions().get(module, []):
-        try:
-            return importlib.metadata.version(other)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "not installed"
 
 
 def check_training(training: Any) -> Dict[str, Any]:
@@ -118,210 +85,46 @@ def check_training(training: Any) -> Dict[str, Any]:
         raise ValueError(f"'training' must hold only JSON values: {error}") from None
 
 
-def _backends(names: Optional[Sequence[str]]) -> List[Backend]:
-    """The backends called ``names`` (``None``: every registered one), each checked to be
-    known and installed, so an export fails before any work when one is not."""
-    if isinstance(names, str):
-        raise ValueError(f"backends must be a sequence of names, got the string {names!r}")
-    chosen = [registry.get(name) for name in (registry.names() if names is None else names)]
-    for backend in chosen:
-        backend.require()
-    return chosen
-
-
-def _graph_file(backend: Backend, rank: Optional[int] = None) -> str:
-    """``rule`` plus the extension, or ``rule_rank{rank}`` plus the extension."""
-    return ("rule" if rank is None else f"rule_rank{rank}") + backend.extension
-
-
-def _file_rank(filename: str) -> int:
-    """The rank of a per-rank graph file (``rule_rank3.onnx`` -> 3)."""
-    return int(filename.split("_rank")[1].split(".")[0])
-
-
-def _rank_example(rank: int, dtype: torch.dtype) -> Tensor:
-    """An example parameter of ``rank`` whose sizes are all different and greater than 1."""
-    return torch.randn((5, 4, 3, 2, 6)[:rank], dtype=dtype)
-
-
-def _write(
-    directory: Path,
-    manifest: Dict[str, Any],
-    weights: Dict[str, Tensor],
-    graphs: List[Tuple[Backend, str, nn.Module, tuple, bool]],
-    overwrite: bool,
-) -> Path:
-    if directory.exists():
-        if not overwrite:
-            raise FileExistsError(f"artifact directory {directory} exists (pass overwrite=True)")
-        shutil.rmtree(directory)
-    staging = directory.with_name(directory.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in weights.items()}, staging / WEIGHTS)
-    backends: Dict[str, List[str]] = {}
-    for backend, filename, rule, example, dynamic in graphs:
-        backend.save(rule, example, str(staging / filename), dynamic)
-        backends.setdefault(backend.name, []).append(filename)
-    files = [WEIGHTS] + [f for fs in backends.values() for f in fs]
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        **manifest,
-        "backends": backends,
-        "files": {name: _sha256(staging / name) for name in files},
-        "producer": _producer(),
-    }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(staging, directory)
-    return directory
-
-
-def export_bound(
-    directory: str | os.PathLike,
-    spec: Mapping[str, Any],
-    transforms: Sequence[Transform],
-    named_params: Sequence[Tuple[str, Tensor]],
-    backends: Optional[Sequence[str]] = None,
-    lr: float = 1e-3,
-    overwrite: bool = False,
-    training: Optional[Mapping[str, Any]] = None,
-) -> Path:
-    """Export the whole-model rule of ``transforms`` (one per parameter) as an artifact.
-
-    Args:
-        directory: where to write the artifact (created; must not exist unless ``overwrite``).
-        spec: the transform spec that rebuilds ``transforms`` (see :mod:`compiledopt.export.spec`).
-        transforms: the trained transforms, one per parameter (a shared one may repeat).
-        named_params: ``(name, parameter)`` pairs the rule is bound to, in order.
-        backends: names of registered backends (``"torchscript"``, ``"onnx"``, ``"aoti"``);
-            ``None``: all of them.
-        lr: the learning rate recorded as the artifact's suggestion.
-        overwrite: replace an existing ``directory``.
-        training: provenance recorded as the manifest's ``training`` block (JSON values).
-
-    Raises:
-        BackendUnavailableError: a chosen backend's modules are not installed (before any
-            export work).
-    """
-    spec = specs.check_spec(spec)
-    chosen = _backends(backends)
-    if len(transforms) != len(named_params):
-        raise ValueError(f"{len(transforms)} transforms for {len(named_params)} parameters")
-    params = [p.detach() for _, p in named_params]
-    dtype = params[0].dtype
-    states = [t.init_state(p) for t, p in zip(transforms, params)]
-    bindings = []
-    for (name, param), transform, state in zip(named_params, transforms, states):
-        if param.dtype != dtype:
-            raise ValueError(f"parameter {name!r} is {param.dtype}, the others {dtype}")
-        names = transform.state_names()
-        bindings.append(
-            {
-                "name": name,
-                "shape": list(param.shape),
-                "dtype": _dtype_name(param.dtype),
-                "state": [{"name": n, "shape": list(s.shape)} for n, s in zip(names, state)],
-            }
-        )
-    counts = [len(s) for s in states]
-    flat = [s for state in states for s in state]
-    example = ([torch.randn_like(p) for p in params], params, flat, torch.tensor(0))
-    unique = nn.ModuleList(unique_by_identity(transforms)[0])
-    graphs = [
-        (b, _graph_file(b), ModelRule(transforms, counts, b.fused), example, False) for b in chosen
-    ]
-    manifest = {
-        "kind": "bound",
-        "transform": spec,
-        "dtype": _dtype_name(dtype),
-        "lr": check_positive(lr, "lr"),
-        "bindings": bindings,
-        **({} if training is None else {"training": check_training(training)}),
-    }
-    return _write(Path(directory), manifest, unique.state_dict(), graphs, overwrite)
-
-
-def export_shape_agnostic(
-    directory: str | os.PathLike,
-    spec: Mapping[str, Any],
-    transform: Transform,
-    backends: Optional[Sequence[str]] = None,
-    ranks: Sequence[int] = (0, 1, 2, 3, 4, 5),
-    lr: float = 1e-3,
-    dtype: torch.dtype = torch.float32,
-    overwrite: bool = False,
-    training: Optional[Mapping[str, Any]] = None,
-) -> Path:
-    """Export a shape-agnostic transform as per-tensor graphs that apply to any model.
-
-    A backend with one graph for every rank (TorchScript) writes one graph; the others (ONNX,
-    AOTInductor) one per rank in ``ranks``, with every size dynamic. ``transform`` itself is
-    left as it is (the export converts a copy to ``dtype``).
-
-    Args:
-        directory: where to write the artifact (created; must not exist unless ``overwrite``).
-        spec: the shape-agnostic spec that rebuilds ``transform``.
-        transform: the trained shape-agnostic transform.
-        backends: names of registered backends; ``None``: all of them.
-        ranks: the parameter ranks (0 to 5) that per-rank backends write graphs for.
-        lr: the learning rate recorded as the artifact's suggestion.
-        dtype: the dtype of the graphs and weights (float32 or float64).
-        overwrite: replace an existing ``directory``.
-        training: provenance recorded as the manifest's ``training`` block (JSON values).
-
-    Raises:
-        BackendUnavailableError: a chosen backend's modules are not installed (before any
-            export work).
-    """
-    spec = specs.check_spec(spec)
-    if spec["kind"] != "shape_agnostic" or not transform.shape_agnostic:
-        raise ValueError(f"{type(transform).__name__} is not shape-agnostic: use export_bound")
-    ranks = sorted({int(r) for r in ranks})
-    if not ranks or ranks[0] < 0 or ranks[-1] > 5:
-        raise ValueError(f"Invalid ranks: {ranks} (a non-empty subset of 0..5)")
-    name = _dtype_name(dtype)
-    chosen = _backends(backends)
-    # A copy: Module.to converts in place, and an export must not change its input.
-    transform = copy.deepcopy(transform).to(dtype)
-    graphs = []
-    for backend in chosen:
-        rule = TensorRule(transform, backend.fused)
-        if not backend.per_rank:
-            example = _tensor_example(transform, 2, dtype)
-            graphs.append((backend, _graph_file(backend), rule, example, True))
-            continue
-        for rank in ranks:
-            example = _tensor_example(transform, rank, dtype)
-            graphs.append((backend, _graph_file(backend, rank), rule, example, True))
-    manifest = {
-        "kind": "shape_agnostic",
-        "transform": spec,
-        "dtype": name,
-        "lr": check_positive(lr, "lr"),
-        "ranks": ranks,
-        "state_names": transform.state_names(),
-        **({} if training is None else {"training": check_training(training)}),
-    }
-    weights = nn.ModuleList([transform]).state_dict()
-    return _write(Path(directory), manifest, weights, graphs, overwrite)
-
-
-def _tensor_example(transform: Transform, rank: int, dtype: torch.dtype) -> tuple:
-    param = _rank_example(rank, dtype)
-    return (torch.randn_like(param), param, transform.init_state(param), torch.tensor(0))
-
-
 # -- loading ----------------------------------------------------------------------------------
 
+#: The largest ``manifest.json`` read (a bound artifact of 100,000 parameters is about 20 MB).
+MAX_MANIFEST_BYTES = 64 << 20
+#: Errors a transform builder raises for arguments it cannot take.
+_BUILD_ERRORS = (
+    TypeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    RuntimeError,
+    NotImplementedError,
+)
 
-@dataclass
+
+class UntrustedCodeError(ArtifactError):
+    """A backend whose graphs are code (TorchScript, AOTInductor) was asked of an artifact that
+    is not trusted to run code (see :func:`load_artifact`)."""
+
+
+@dataclass(frozen=True)
 class Artifact:
-    """A verified artifact on disk. Build it with :func:`load_artifact`."""
+    """A verified artifact on disk. Build it with :func:`load_artifact`.
+
+    Attributes:
+        path: its directory.
+        manifest: its parsed, schema-checked ``manifest.json``.
+        code_trusted: whether graphs that are code (``Backend.carries_code``) may be loaded:
+            the user passed ``trust_code=True`` or the manifest is signed by a trusted key.
+        signed_by: the fingerprint of the trusted key that signed it, or ``None``.
+        manifest_digest: the SHA-256 of the manifest's bytes that were read and verified.
+    """
 
     path: Path
     manifest: Dict[str, Any]
+    code_trusted: bool = False
+    signed_by: Optional[str] = None
+    manifest_digest: str = ""
 
     @property
     def kind(self) -> str:
@@ -333,7 +136,7 @@ class Artifact:
 
     @property
     def dtype(self) -> torch.dtype:
-        return _DTYPES[self.manifest["dtype"]]
+        return DTYPES[self.manifest["dtype"]]
 
     @property
     def backends(self) -> List[str]:
@@ -348,15 +151,62 @@ class Artifact:
     def bindings(self) -> List[Dict[str, Any]]:
         return self.manifest.get("bindings", [])
 
+    def trusting(self, code: bool = True) -> "Artifact":
+        """This artifact with :attr:`code_trusted` set to ``code`` (the user vouches for it)."""
+        return dataclasses.replace(self, code_trusted=bool(code))
+
+    def may_load(self, backend: str) -> bool:
+        """Whether ``backend``'s graphs may be loaded from this artifact: always for graphs that
+        are data (ONNX), only with :attr:`code_trusted` for graphs that are code."""
+        return self.code_trusted or not registry.get(backend).carries_code
+
+    def read(self, name: str) -> bytes:
+        """The bytes of the listed file ``name``, checked against the manifest's digest after
+        they are read: the bytes returned are the bytes that were verified.
+
+        Raises:
+            ArtifactError: the file is missing, unlisted, or its bytes do not match.
+        """
+        digest = self.manifest["files"].get(name)
+        if digest is None:
+            raise ArtifactError(f"{self.path}: {name} is not listed in its {MANIFEST}")
+        try:
+            data = (self.path / name).read_bytes()
+        except OSError as error:
+            raise ArtifactError(f"{self.path}: cannot read {name} ({error.strerror})") from None
+        if sha256(data) != digest:
+            raise ArtifactError(
+                f"{self.path}: checksum mismatch for {name} (the file was modified or truncated)"
+            )
+        return data
+
     def transforms(self) -> List[Transform]:
         """The eager transforms, rebuilt from the spec and the weights (one per binding for a
-        bound artifact; the one shared transform for a shape-agnostic artifact)."""
-        if self.kind == "bound":
-            built = specs.build_bound(self.spec, [b["shape"] for b in self.bindings], self.dtype)
-        else:
-            built = [specs.build_shape_agnostic(self.spec).to(self.dtype)]
+        bound artifact; the one shared transform for a shape-agnostic artifact).
+
+        The weights are read and verified first; the spec is built on the ``meta`` device (no
+        memory) and every tensor it implies is checked against the weights' names and shapes
+        before the real transform is allocated."""
+        weights = load(self.read(WEIGHTS))
+        with torch.device("meta"):
+            implied = nn.ModuleList(unique_by_identity(self._build())[0]).state_dict()
+        if set(implied) != set(weights):
+            missing, extra = (
+                sorted(set(implied) - set(weights)),
+                sorted(set(weights) - set(implied)),
+            )
+            raise ArtifactError(
+                f"{self.path}: weights do not fit the transform spec (missing {missing[:5]}, "
+                f"unexpected {extra[:5]})"
+            )
+        for key, tensor in implied.items():
+            if tuple(tensor.shape) != tuple(weights[key].shape):
+                raise ArtifactError(
+                    f"{self.path}: weights do not fit the transform spec: {key!r} has shape "
+                    f"{tuple(weights[key].shape)}, the spec makes it {tuple(tensor.shape)}"
+                )
+        built = self._build()
         unique = nn.ModuleList(unique_by_identity(built)[0])
-        weights = load_file(str(self.path / WEIGHTS))
         try:
             unique.load_state_dict(weights)
         except RuntimeError as error:
@@ -365,26 +215,53 @@ class Artifact:
             ) from None
         return built
 
+    def _build(self) -> List[Transform]:
+        try:
+            if self.kind == "bound":
+                shapes = [b["shape"] for b in self.bindings]
+                return specs.build_bound(self.spec, shapes, self.dtype)
+            return [specs.build_shape_agnostic(self.spec).to(self.dtype)]
+        except _BUILD_ERRORS as error:
+            raise ArtifactError(
+                f"{self.path}: the transform spec does not build ({type(error).__name__}: {error})"
+            ) from None
+
     def runner(self, backend: str) -> Callable:
         """The loaded graph of ``backend``: a bound rule's or a per-tensor rule's signature
         (a shape-agnostic artifact of a per-rank backend, ONNX or AOTI, dispatches on the
-        tensor's rank).
+        tensor's rank, loading each rank's graph when it is first called). Every graph is loaded
+        from the bytes that were just read and checked against the manifest.
 
         Raises:
             ValueError: ``backend`` is not a registered backend.
-            ArtifactError: the artifact has no graph of ``backend``.
+            UntrustedCodeError: ``backend``'s graphs are code and the artifact is not trusted.
+            ArtifactError: the artifact has no graph of ``backend``, or a file does not verify.
             BackendUnavailableError: the modules that load ``backend`` are not installed.
         """
         chosen = registry.get(backend)
         files = self.manifest["backends"].get(chosen.name)
         if not files:
             raise ArtifactError(f"{self.path}: no {backend} graph (it has {self.backends})")
+        if not self.may_load(chosen.name):
+            raise UntrustedCodeError(
+                f"{self.path}: its {backend} graphs are code, and the artifact is not trusted: "
+                "pass trust_code=True (--trust-code) if you trust its source, or trusted_keys "
+                "(--trusted-key) to accept it signed by a key you trust; the eager, compiled and "
+                "onnx backends run no code from the artifact"
+            )
         chosen.require(loading=True)
         self.check_runnable(backend)
         if self.kind == "bound" or not chosen.per_rank:
-            return chosen.load(str(self.path / files[0]))
-        by_rank = {_file_rank(f): f for f in files}
-        return _RankDispatch(self.path, by_rank, chosen)
+            return self._load(chosen, files[0])
+        return _RankDispatch(self, {file_rank(f): f for f in files}, chosen)
+
+    def _load(self, backend: Backend, name: str) -> Callable:
+        data = self.read(name)
+        try:
+            backend.check_runnable(data)
+        except ValueError as error:
+            raise ArtifactError(f"{self.path / name}: {error}") from None
+        return backend.load_bytes(data, str(self.path / name))
 
     def check_runnable(self, backend: str) -> None:
         """Raise :class:`ArtifactError` if a graph of ``backend`` cannot run on this machine
@@ -393,9 +270,11 @@ class Artifact:
         chosen = registry.get(backend)
         for name in self.manifest["backends"].get(chosen.name, []):
             try:
-                chosen.check_runnable(str(self.path / name))
+                chosen.check_runnable(self.read(name))
             except ValueError as error:
-                raise ArtifactError(str(error)) from None
+                if isinstance(error, ArtifactError):
+                    raise
+                raise ArtifactError(f"{self.path / name}: {error}") from None
 
     def check_bindings(
         self,
@@ -426,42 +305,110 @@ class Artifact:
 
 
 class _RankDispatch:
-    """Per-tensor runner over one graph per rank, loaded on first use."""
+    """Per-tensor runner over one graph per rank, each loaded (from freshly verified bytes) on
+    first use."""
 
-    def __init__(self, path: Path, files: Dict[int, str], backend: Backend) -> None:
-        self.path, self.files, self.backend = path, files, backend
+    def __init__(self, artifact: Artifact, files: Dict[int, str], backend: Backend) -> None:
+        self.artifact, self.files, self.backend = artifact, files, backend
         self.loaded: Dict[int, Callable] = {}
+        self.lock = threading.Lock()
 
     def __call__(self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor):
         rank = grad.dim()
         if rank not in self.files:
             raise ArtifactError(
-                f"{self.path} has no graph for rank-{rank} parameters (ranks {sorted(self.files)})"
+                f"{self.artifact.path} has no graph for rank-{rank} parameters "
+                f"(ranks {sorted(self.files)})"
             )
-        if rank not in self.loaded:
-            self.loaded[rank] = self.backend.load(str(self.path / self.files[rank]))
-        return self.loaded[rank](grad, param, state, step)
+        runner = self.loaded.get(rank)
+        if runner is None:
+            with self.lock:
+                runner = self.loaded.get(rank)
+                if runner is None:
+                    runner = self.artifact._load(self.backend, self.files[rank])
+                    self.loaded[rank] = runner
+        return runner(grad, param, state, step)
 
 
-def load_artifact(path: str | os.PathLike) -> Artifact:
-    """Open and verify the artifact at ``path``; :class:`ArtifactError` names any problem."""
+def load_artifact(
+    path: "str | os.PathLike",
+    *,
+    trust_code: bool = False,
+    trusted_keys: Optional[Sequence["str | os.PathLike | bytes"]] = None,
+) -> Artifact:
+    """Open and verify the artifact at ``path``; :class:`ArtifactError` names any problem.
+
+    The manifest is read once, its signature checked (with ``trusted_keys``), its schema
+    checked, and every listed file hashed. Graphs are not loaded here: each is read again, and
+    its bytes hashed, at the moment it is loaded (:meth:`Artifact.runner`).
+
+    Args:
+        path: the artifact's directory.
+        trust_code: allow loading the artifact's graphs that are code (TorchScript programs,
+            AOTInductor native libraries). Only for artifacts from a source you trust.
+        trusted_keys: Ed25519 public keys (PEM files' paths, or PEM bytes): the artifact must
+            carry a valid signature (``signature.json``) by one of them, checked before anything
+            else is read; a valid signature trusts its code. Needs ``cryptography``.
+    """
     path = Path(path)
+    keys = None
+    if trusted_keys is not None:
+        if isinstance(trusted_keys, (str, bytes, os.PathLike)):
+            raise TypeError("trusted_keys must be a list of keys (paths or PEM bytes)")
+        keys = [signing.load_public_key(k) for k in trusted_keys]
+        if not keys:
+            raise ValueError("trusted_keys is empty: give at least one key, or None")
     if not path.is_dir():
         raise ArtifactError(f"artifact not found: {path} is not a directory")
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
+    data = _read_limited(path / MANIFEST, MAX_MANIFEST_BYTES, path)
+    if data is None:
         raise ArtifactError(f"{path}: missing {MANIFEST}")
+    signed_by = None
+    if keys is not None:
+        signature = _read_limited(path / SIGNATURE, 1 << 16, path)
+        signed_by = signing.verify_manifest(data, signature, keys, str(path))
+    manifest = check_manifest(_parse_json(data, path), str(path))
+    _check_legacy(manifest, path)
+    artifact = Artifact(
+        path, manifest, bool(trust_code) or signed_by is not None, signed_by, sha256(data)
+    )
+    for name in manifest["files"]:
+        artifact.read(name)
+    return artifact
+
+
+def _read_limited(file: Path, limit: int, where: Path) -> Optional[bytes]:
+    """The bytes of ``file`` (``None`` if it does not exist), refusing one over ``limit``."""
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{path}: {MANIFEST} is not valid JSON (truncated?): {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        with open(file, "rb") as handle:
+            data = handle.read(limit + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ArtifactError(f"{where}: cannot read {file.name} ({error.strerror})") from None
+    if len(data) > limit:
+        raise ArtifactError(f"{where}: {file.name} is larger than {limit} bytes")
+    return data
+
+
+def _parse_json(data: bytes, where: Path) -> Any:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        return json.loads(data, parse_constant=refuse)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ArtifactError(
+            f"{where}: {MANIFEST} is not valid JSON (truncated?): {error}"
+        ) from None
+
+
+def _check_legacy(manifest: Dict[str, Any], path: Path) -> None:
+    version = manifest.get("format_version")
+    if manifest.get("format") != FORMAT:
         raise ArtifactError(
             f"{path}: not a compiledopt artifact (format {manifest.get('format')!r})"
-            if isinstance(manifest, dict)
-            else f"{path}: not a compiledopt artifact"
         )
-    version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: unknown format version {version!r} (this compiledopt reads {FORMAT_VERSION})"
@@ -469,7 +416,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     for key in ("kind", "transform", "dtype", "lr", "backends", "files"):
         if key not in manifest:
             raise ArtifactError(f"{path}: {MANIFEST} lacks {key!r}")
-    if manifest["kind"] not in ("bound", "shape_agnostic") or manifest["dtype"] not in _DTYPES:
+    if manifest["kind"] not in ("bound", "shape_agnostic") or manifest["dtype"] not in DTYPES:
         raise ArtifactError(
             f"{path}: unknown kind {manifest['kind']!r} or dtype {manifest['dtype']!r}"
         )
@@ -483,12 +430,6 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     needed = {WEIGHTS} | {f for fs in manifest["backends"].values() for f in fs}
     if not needed <= listed:
         raise ArtifactError(f"{path}: files without a checksum: {sorted(needed - listed)}")
-    for name, digest in manifest["files"].items():
-        file = path / name
-        if Path(name).name != name or not file.is_file():
+    for name in manifest["files"]:
+        if Path(name).name != name or not (path / name).is_file():
             raise ArtifactError(f"{path}: missing file {name}")
-        if _sha256(file) != digest:
-            raise ArtifactError(
-                f"{path}: checksum mismatch for {name} (the file was modified or truncated)"
-            )
-    return Artifact(path, manifest)

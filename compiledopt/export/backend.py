@@ -18,7 +18,9 @@ them; :meth:`Backend.available` tells whether they are installed without importi
 """
 
 import importlib.util
+import os
 import re
+import tempfile
 from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -100,12 +102,26 @@ class Backend(ABC):
                 f"{'is' if len(missing) == 1 else 'are'} not installed (pip install {install})"
             )
 
-    def check_runnable(self, path: str) -> None:
-        """Raise ``ValueError`` saying why the file at ``path`` cannot run on this machine, before
-        anything in it is loaded (native code built for an instruction set this CPU lacks would
-        kill the process). The default accepts every file: graphs that are data run wherever
-        their runtime does."""
+    def check_runnable(self, source: "str | bytes") -> None:
+        """Raise ``ValueError`` saying why the graph (a file's path, or its bytes) cannot run on
+        this machine, before anything in it is loaded (native code built for an instruction set
+        this CPU lacks would kill the process). The default accepts every graph: graphs that are
+        data run wherever their runtime does."""
         return None
+
+    def load_bytes(self, data: bytes, where: str) -> Runner:
+        """A runner for the graph whose file content is ``data`` (``where`` names it in
+        messages): what an artifact calls, so that the bytes it hashed are the bytes that run.
+
+        The default writes ``data`` to a new private temporary folder, calls :meth:`load` on that
+        file and removes the folder; backends whose loader reads bytes override it.
+        """
+        with tempfile.TemporaryDirectory(prefix="compiledopt-load-") as folder:
+            path = os.path.join(folder, "rule" + self.extension)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+            return self.load(path)
 
     @abstractmethod
     def save(self, rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:

@@ -43,7 +43,7 @@ from compiledopt.export.tracing import quiet, trace
 # onnx, onnx_ir, onnxscript and onnxruntime are imported inside the functions that write or run
 # a graph, so that the package and its other backends work without them installed.
 
-__all__ = ["BACKEND", "ONNXBackend", "load", "save"]
+__all__ = ["BACKEND", "ONNXBackend", "load", "load_bytes", "save"]
 
 # Exporter chatter: onnxscript's and onnx_ir's per-pass INFO logs, and the registry's
 # "torchvision is not installed. Skipping torchvision::nms" notices (WARNING level). Other
@@ -180,6 +180,16 @@ def load(path: str) -> Runner:
     tensors do not fit the graph (count, dtype, rank or size) raises ``ValueError`` naming the
     input.
     """
+    return _runner(os.fspath(path), os.fspath(path))
+
+
+def load_bytes(data: bytes, where: str) -> Runner:
+    """:func:`load` of the graph whose file content is ``data`` (onnxruntime reads it from
+    memory; ``where`` names it in messages)."""
+    return _runner(data, where)
+
+
+def _runner(model: "str | bytes", where: str) -> Runner:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -188,17 +198,17 @@ def load(path: str) -> Runner:
     # default of one thread per core would oversubscribe cores a training loop already uses.
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(
-        os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"]
+        model, sess_options=options, providers=["CPUExecutionProvider"]
     )
     metadata = session.get_modelmeta().custom_metadata_map
     if SIGNATURE_KEY not in metadata:
-        raise ValueError(f"{path} is not a compiledopt update-rule graph (no signature)")
-    signature = Signature.from_json(metadata[SIGNATURE_KEY], os.fspath(path))
+        raise ValueError(f"{where} is not a compiledopt update-rule graph (no signature)")
+    signature = Signature.from_json(metadata[SIGNATURE_KEY], where)
     inputs = signature.input_names
     outputs = signature.output_names
     if [i.name for i in session.get_inputs()] != inputs:
         raise ValueError(
-            f"{path}: graph inputs {[i.name for i in session.get_inputs()]} do not "
+            f"{where}: graph inputs {[i.name for i in session.get_inputs()]} do not "
             f"match its signature {inputs}"
         )
 
@@ -225,6 +235,7 @@ class ONNXBackend(Backend):
     # The module's functions above (staticmethod: they take no backend instance).
     save = staticmethod(save)
     load = staticmethod(load)
+    load_bytes = staticmethod(load_bytes)
 
 
 BACKEND = ONNXBackend()

@@ -13,12 +13,13 @@ dtype, device, rank, fixed sizes, sizes shared between inputs, and derived sizes
 import dataclasses
 import functools
 import json
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["SIGNATURE_KEY", "Runner", "Signature", "Size", "parse_size"]
+__all__ = ["SIGNATURE_KEY", "Expression", "Runner", "Signature", "Size", "parse_size"]
 
 #: Key of the JSON signature in an AOTInductor package's and an ONNX model's metadata.
 SIGNATURE_KEY = "compiledopt.signature"
@@ -75,11 +76,38 @@ class Signature:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Signature":
-        """Read a stored signature; ``ValueError`` naming ``where`` if it is unreadable."""
+        """Read a stored signature, checking every field's type and every size against the
+        grammar of :func:`parse_size`; ``ValueError`` naming ``where`` if it is unreadable."""
         try:
-            return cls(**json.loads(text))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{where}: unreadable rule signature ({error})") from error
+            fields = json.loads(text)
+            if not isinstance(fields, dict) or set(fields) != {
+                f.name for f in dataclasses.fields(cls)
+            }:
+                raise ValueError("not an object of the signature's fields")
+            signature = cls(**fields)
+            signature._validate()
+        except (TypeError, ValueError, RecursionError) as error:
+            raise ValueError(f"{where}: unreadable rule signature ({error})") from None
+        return signature
+
+    def _validate(self) -> None:
+        def count(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**6
+
+        if not isinstance(self.tensor_rule, bool) or not count(self.directions):
+            raise ValueError("tensor_rule must be a bool and directions a count")
+        if not count(self.states):
+            raise ValueError("states must be a count")
+        inputs = len(self.input_names)
+        for name, value in (("dtypes", self.dtypes), ("shapes", self.shapes)):
+            if not isinstance(value, list) or len(value) != inputs:
+                raise ValueError(f"{name} must be a list of {inputs} entries")
+        for dtype, shape in zip(self.dtypes, self.shapes):
+            if not isinstance(dtype, str) or dtype not in _DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or len(shape) > 8:
+                raise ValueError(f"invalid shape {shape!r}")
+        assert self._plan is not None  # parses every size now: a bad one fails at load
 
     def flatten(self, grads: Any, params: Any, states: Any, step: Any) -> List[Tensor]:
         """The call's tensors in graph-input order, after checking them against the signature."""
@@ -112,30 +140,24 @@ class Signature:
     @functools.cached_property
     def _plan(self) -> List[Tuple[torch.dtype, Optional[torch.Size], List[Tuple[str, Any]]]]:
         """Per input: its dtype, its shape if every size is fixed, and per dimension
-        ``("fixed", size)``, ``("symbol", name)``, ``("derived", (names, function))`` or
-        ``("unchecked", None)``; parsed once."""
-        import sympy
-
+        ``("fixed", size)``, ``("symbol", name)`` or ``("derived", expression)``; parsed once
+        (``ValueError`` for a size that is not an integer or an expression of the grammar in
+        :func:`parse_size`)."""
         plan = []
         for dtype, shape in zip(self.dtypes, self.shapes):
             dims: List[Tuple[str, Any]] = []
             for size in shape:
-                expression = size if isinstance(size, int) else parse_size(size)
-                if isinstance(expression, int) or getattr(expression, "is_Integer", False):
-                    dims.append(("fixed", int(expression)))
-                elif expression is None:
-                    dims.append(("unchecked", None))
-                elif expression.is_Symbol:
-                    dims.append(("symbol", str(expression)))
+                expression = parse_size(size)
+                if isinstance(expression, int):
+                    dims.append(("fixed", expression))
+                elif isinstance(expression, str):
+                    dims.append(("symbol", expression))
                 else:
-                    names = sorted(str(symbol) for symbol in expression.free_symbols)
-                    symbols = [sympy.Symbol(name) for name in names]
-                    function = sympy.lambdify(symbols, expression, modules="math")
-                    dims.append(("derived", (names, function)))
+                    dims.append(("derived", expression))
             static = None
             if all(kind == "fixed" for kind, _ in dims):
                 static = torch.Size([size for _, size in dims])
-            plan.append((getattr(torch, dtype), static, dims))
+            plan.append((_DTYPES[dtype], static, dims))
         return plan
 
     def _check(self, flat: Sequence[Any]) -> None:
@@ -172,9 +194,9 @@ class Signature:
                     )
                 if kind == "derived":
                     derived.append((name, size, axis, shape[axis], expected))
-        for name, size, axis, text, (names, function) in derived:
-            if all(n in bound for n in names):
-                value = int(function(*(bound[n] for n in names)))
+        for name, size, axis, text, expression in derived:
+            if expression.symbols <= bound.keys():
+                value = expression.evaluate(bound)
                 if value != size:
                     raise ValueError(
                         f"input {name!r} has size {size} at dim {axis}; the other inputs make "
@@ -182,12 +204,129 @@ class Signature:
                     )
 
 
-@functools.cache
-def parse_size(expression: str) -> Any:
-    """A symbolic size as a sympy expression (``None`` if sympy cannot read it: not checked)."""
-    import sympy
+#: The dtypes a stored signature may name.
+_DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "bfloat16", "int64")}
+#: The tokens of a size expression: integers, symbols (``s12``), operators and parentheses.
+_TOKEN = re.compile(r"\s*(?:(\d+)|([A-Za-z_][A-Za-z0-9_]*)|(//|[-+*()]))")
+#: The longest size expression read (a rank-5 product of symbols is about 20 characters).
+_MAX_EXPRESSION = 200
 
-    try:
-        return sympy.sympify(expression)
-    except (sympy.SympifyError, TypeError, ValueError):
-        return None
+
+@dataclasses.dataclass(frozen=True)
+class Expression:
+    """A size computed from symbols: integers and symbols combined with ``+ - * //`` and
+    parentheses, held as a tree of ``(operator, left, right)`` tuples (leaves: ``int`` or a
+    symbol's name)."""
+
+    tree: Any
+    text: str
+
+    @functools.cached_property
+    def symbols(self) -> frozenset:
+        """The names of the symbols it depends on."""
+
+        def walk(node: Any) -> frozenset:
+            if isinstance(node, tuple):
+                return walk(node[1]) | walk(node[2])
+            return frozenset([node]) if isinstance(node, str) else frozenset()
+
+        return walk(self.tree)
+
+    def evaluate(self, values: Dict[str, int]) -> int:
+        """Its value with each symbol replaced by ``values[symbol]``."""
+
+        def walk(node: Any) -> int:
+            if isinstance(node, int):
+                return node
+            if isinstance(node, str):
+                return values[node]
+            operator, left, right = node
+            a, b = walk(left), walk(right)
+            if operator == "//":
+                return a // b if b else -1  # never a valid size: the check reports it
+            return {"+": a + b, "-": a - b, "*": a * b}[operator]
+
+        return walk(self.tree)
+
+
+def parse_size(size: Any) -> Union[int, str, Expression]:
+    """A stored size read with a strict grammar: a non-negative ``int`` stays one; a string is
+    a symbol's name (``"s10"``) or an :class:`Expression` of integers and symbols joined by
+    ``+ - * //`` with parentheses (``"s10*s18*s2"``). Nothing is evaluated as code: anything
+    else is a ``ValueError`` naming the size."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"Invalid size in a rule signature: {size!r} (an int or a string)")
+    if isinstance(size, int):
+        if size < 0:
+            raise ValueError(f"Invalid size in a rule signature: {size!r} (negative)")
+        return size
+    return _parse_expression(size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_expression(text: str) -> Union[int, str, Expression]:
+    if len(text) > _MAX_EXPRESSION:
+        raise ValueError(f"Invalid size in a rule signature: {text[:40]!r}... (too long)")
+    tokens: List[str] = []
+    position = 0
+    while position < len(text.rstrip()):
+        match = _TOKEN.match(text, position)
+        if match is None:
+            raise ValueError(
+                f"Invalid size in a rule signature: {text!r} (unexpected {text[position:]!r})"
+            )
+        tokens.append(match.group(match.lastindex))
+        position = match.end()
+    parser = _Parser(tokens, text)
+    tree = parser.expression(0)
+    if parser.position != len(tokens):
+        raise ValueError(f"Invalid size in a rule signature: {text!r}")
+    if isinstance(tree, int) or (isinstance(tree, str)):
+        return tree
+    return Expression(tree, text)
+
+
+class _Parser:
+    """Recursive descent over the tokens of a size expression (depth-limited)."""
+
+    def __init__(self, tokens: List[str], text: str) -> None:
+        self.tokens, self.text, self.position = tokens, text, 0
+
+    def _fail(self) -> ValueError:
+        return ValueError(f"Invalid size in a rule signature: {self.text!r}")
+
+    def _peek(self) -> Optional[str]:
+        return self.tokens[self.position] if self.position < len(self.tokens) else None
+
+    def expression(self, depth: int) -> Any:
+        node = self.term(depth)
+        while self._peek() in ("+", "-"):
+            operator = self.tokens[self.position]
+            self.position += 1
+            node = (operator, node, self.term(depth))
+        return node
+
+    def term(self, depth: int) -> Any:
+        node = self.factor(depth)
+        while self._peek() in ("*", "//"):
+            operator = self.tokens[self.position]
+            self.position += 1
+            node = (operator, node, self.factor(depth))
+        return node
+
+    def factor(self, depth: int) -> Any:
+        token = self._peek()
+        if token is None or depth > 16:
+            raise self._fail()
+        self.position += 1
+        if token == "(":
+            node = self.expression(depth + 1)
+            if self._peek() != ")":
+                raise self._fail()
+            self.position += 1
+            return node
+        if token.isdigit():
+            return int(token)
+        if token[0].isalpha() or token[0] == "_":
+            return token
+        raise self._fail()

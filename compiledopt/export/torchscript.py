@@ -6,6 +6,7 @@ one file of a :class:`~compiledopt.export.rule.TensorRule` serves parameters of 
 """
 
 import contextlib
+import io
 import warnings
 from typing import Callable, Iterator
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from compiledopt.export.backend import Backend
 
-__all__ = ["BACKEND", "TorchScriptBackend", "load", "save"]
+__all__ = ["BACKEND", "TorchScriptBackend", "load", "load_bytes", "save"]
 
 
 def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
@@ -27,6 +28,12 @@ def load(path: str) -> Callable:
     """The scripted rule at ``path``, on the CPU."""
     with _quiet_deprecation():
         return torch.jit.load(path, map_location="cpu")
+
+
+def load_bytes(data: bytes, where: str) -> Callable:
+    """The scripted rule whose file content is ``data``, on the CPU (read from memory)."""
+    with _quiet_deprecation():
+        return torch.jit.load(io.BytesIO(data), map_location="cpu")
 
 
 @contextlib.contextmanager
@@ -52,6 +59,7 @@ class TorchScriptBackend(Backend):
     # The module's functions above (staticmethod: they take no backend instance).
     save = staticmethod(save)
     load = staticmethod(load)
+    load_bytes = staticmethod(load_bytes)
 
 
 BACKEND = TorchScriptBackend()

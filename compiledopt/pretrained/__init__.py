@@ -19,12 +19,12 @@ meta-trained on, for how long, and the learning rate and schedule it recommends.
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from compiledopt.export import Artifact, ArtifactError, load_artifact
-from compiledopt.export.artifact import MANIFEST
+from compiledopt.export.layout import MANIFEST
 
-__all__ = ["DEFAULT", "info", "load", "names", "path", "resolve", "summary"]
+__all__ = ["DEFAULT", "info", "load", "names", "open_artifact", "path", "resolve", "summary"]
 
 #: The recommended packaged optimizer, used where none is named: the best general-purpose one
 #: shipped (change it when a better one is added).
@@ -46,7 +46,8 @@ def names() -> List[str]:
     return sorted(
         p.name
         for p in _root().iterdir()
-        if (p / MANIFEST).is_file() and not p.name.endswith(".partial")  # an unfinished export
+        # A folder starting with "." is an export in progress (or an old one being replaced).
+        if (p / MANIFEST).is_file() and not p.name.startswith(".")
     )
 
 
@@ -66,8 +67,32 @@ def path(name: str) -> Path:
 
 
 def load(name: str) -> Artifact:
-    """The packaged optimizer ``name``, loaded and verified (:func:`load_artifact`)."""
-    return load_artifact(path(name))
+    """The packaged optimizer ``name``, loaded and verified (:func:`load_artifact`). It is
+    trusted to run code (its TorchScript graph): it ships inside the installed package, whose
+    Python code runs anyway."""
+    return load_artifact(path(name), trust_code=True)
+
+
+def open_artifact(
+    path_or_name: "str | os.PathLike",
+    *,
+    trust_code: bool = False,
+    trusted_keys: "Optional[Sequence[str | os.PathLike | bytes]]" = None,
+) -> Artifact:
+    """The artifact at ``path_or_name`` (see :func:`resolve`), loaded and verified: a packaged
+    optimizer as :func:`load` does (trusted), any other with ``trust_code`` and
+    ``trusted_keys`` passed to :func:`~compiledopt.export.load_artifact`."""
+    where = resolve(path_or_name)
+    if _is_packaged(where):
+        return load(where.name)
+    return load_artifact(where, trust_code=trust_code, trusted_keys=trusted_keys)
+
+
+def _is_packaged(where: Path) -> bool:
+    try:
+        return where.resolve().parent == _root().resolve() and where.name in names()
+    except OSError:
+        return False
 
 
 def resolve(path_or_name: "str | os.PathLike") -> Path:
