@@ -299,8 +299,7 @@ def _check_kwargs(name: str, kwargs: Dict[str, Any], where: str) -> None:
             if open_ended and isinstance(key, str):
                 continue
             raise ArtifactError(
-                f"{where}: invalid {path}: not a parameter of {name!r} "
-                f"(one of {', '.join(named)})"
+                f"{where}: invalid {path}: not a parameter of {name!r} (one of {', '.join(named)})"
             )
         problem = _hint_problem(value, hints.get(key, Any), path)
         if problem is not None:
