@@ -176,12 +176,14 @@ def step_cost(transforms: Sequence[Transform], shapes: Sequence[Sequence[int]]) 
 
 
 def available_backends(artifact: Any) -> List[str]:
-    """``eager``, ``compiled`` and the artifact's exported backends, in the export registry's
-    order (:data:`compiledopt.export.BACKENDS`)."""
+    """``eager``, ``compiled`` and the artifact's exported backends that it may load (graphs
+    that are code only from a trusted artifact), in the export registry's order
+    (:data:`compiledopt.export.BACKENDS`)."""
     from compiledopt.export import BACKENDS
     from compiledopt.runtime.frozen_optimizer import BUILT_IN_BACKENDS
 
-    return [*BUILT_IN_BACKENDS, *[b for b in BACKENDS if b in artifact.backends]]
+    exported = [b for b in BACKENDS if b in artifact.backends and artifact.may_load(b)]
+    return [*BUILT_IN_BACKENDS, *exported]
 
 
 def frozen_options(backend: str) -> Dict[str, Any]:
@@ -244,6 +246,9 @@ def benchmark(
     seed: int = 0,
     matmul_n: int = 2048,
     copy_mb: int = 256,
+    *,
+    trust_code: bool = False,
+    trusted_keys: Optional[Sequence[Any]] = None,
 ) -> BenchResult:
     """Time one step of ``artifact``'s FrozenOptimizer on ``params`` per backend, against AdamW.
 
@@ -262,6 +267,9 @@ def benchmark(
         lr (float): every optimizer's learning rate; the step's time does not depend on it.
         seed (int): seed of the random gradients.
         matmul_n, copy_mb (int): sizes of the ceiling measurements (see :func:`measure_ceilings`).
+        trust_code, trusted_keys: how far ``artifact`` (a path or name) is trusted, as for
+            :func:`compiledopt.export.load_artifact`: its graphs that are code (TorchScript,
+            AOTInductor) are timed only when trusted.
 
     Returns:
         BenchResult: a :class:`StepTiming` row per backend and thread count, AdamW's included.
@@ -270,11 +278,15 @@ def benchmark(
         ValueError: a backend the artifact does not have, or (``ArtifactError``) a bound artifact
             that does not fit ``params``.
     """
-    from compiledopt.export import Artifact, load_artifact
+    from compiledopt.export import Artifact
+    from compiledopt.pretrained import open_artifact
     from compiledopt.runtime import FrozenOptimizer
     from compiledopt.transforms import AdamW
 
-    loaded = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+    if isinstance(artifact, Artifact):
+        loaded = artifact.trusting() if trust_code else artifact
+    else:
+        loaded = open_artifact(artifact, trust_code=trust_code, trusted_keys=trusted_keys)
     available = [*available_backends(loaded), COMPILED_BF16]
     backends = list(backends) if backends is not None else available_backends(loaded)
     if any(b not in available for b in backends):

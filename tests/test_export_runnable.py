@@ -66,17 +66,19 @@ def test_a_package_for_another_cpu_is_refused_before_loading(foreign):
     artifact, isa = foreign
     assert package_cpu_isa(str(artifact / "rule_rank1.pt2")) == isa.lower()
     with pytest.raises(ArtifactError, match=f"compiled for {isa.upper()}"):
-        load_artifact(artifact).runner("aoti")
+        load_artifact(artifact, trust_code=True).runner("aoti")
     model = torch.nn.Linear(4, 3)
     with pytest.raises(ArtifactError, match="re-export"):
-        co.FrozenOptimizer(model.parameters(), artifact, backend="aoti")
+        co.FrozenOptimizer(model.parameters(), artifact, backend="aoti", trust_code=True)
 
 
 def test_auto_passes_over_a_package_for_another_cpu(foreign):
     artifact, _ = foreign
     model = torch.nn.Linear(4, 3)
-    assert co.FrozenOptimizer(model.parameters(), artifact).backend == "compiled"
-    assert co.FrozenOptimizer(model.parameters(), SHIPPED).backend == "aoti"
+    assert co.FrozenOptimizer(model.parameters(), artifact, trust_code=True).backend == "compiled"
+    assert co.FrozenOptimizer(model.parameters(), SHIPPED, trust_code=True).backend == "aoti"
+    # Native code is never chosen from an artifact nobody vouched for.
+    assert co.FrozenOptimizer(model.parameters(), SHIPPED).backend == "compiled"
 
 
 def test_an_archive_that_is_not_a_package(tmp_path):

@@ -189,7 +189,7 @@ class Artifact:
         before the real transform is allocated."""
         weights = load(self.read(WEIGHTS))
         with torch.device("meta"):
-            implied = nn.ModuleList(unique_by_identity(self._build())[0]).state_dict()
+            implied = nn.ModuleList(unique_by_identity(self._build("meta"))[0]).state_dict()
         if set(implied) != set(weights):
             missing, extra = (
                 sorted(set(implied) - set(weights)),
@@ -215,11 +215,11 @@ class Artifact:
             ) from None
         return built
 
-    def _build(self) -> List[Transform]:
+    def _build(self, device: str = "cpu") -> List[Transform]:
         try:
             if self.kind == "bound":
                 shapes = [b["shape"] for b in self.bindings]
-                return specs.build_bound(self.spec, shapes, self.dtype)
+                return specs.build_bound(self.spec, shapes, self.dtype, device)
             return [specs.build_shape_agnostic(self.spec).to(self.dtype)]
         except _BUILD_ERRORS as error:
             raise ArtifactError(
@@ -261,7 +261,12 @@ class Artifact:
             backend.check_runnable(data)
         except ValueError as error:
             raise ArtifactError(f"{self.path / name}: {error}") from None
-        return backend.load_bytes(data, str(self.path / name))
+        try:
+            return backend.load_bytes(data, str(self.path / name))
+        except ArtifactError:
+            raise
+        except ValueError as error:  # a graph that does not load is a broken artifact
+            raise ArtifactError(str(error)) from None
 
     def check_runnable(self, backend: str) -> None:
         """Raise :class:`ArtifactError` if a graph of ``backend`` cannot run on this machine

@@ -1,6 +1,6 @@
 """Replay random gradients through every backend of an artifact and the eager reference."""
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -45,6 +45,9 @@ def verify_artifact(
     steps: int = 10,
     seed: int = 0,
     backends: Optional[Sequence[str]] = None,
+    *,
+    trust_code: bool = False,
+    trusted_keys: Optional[Sequence[Any]] = None,
 ) -> Dict[str, float]:
     """The max relative error of each backend against the eager reference over ``steps`` steps.
 
@@ -54,12 +57,21 @@ def verify_artifact(
     ``max|d_ref|`` over the same (the scale of its directions during the run: a per-step ratio
     would blow up at a step where a one-element direction happens to pass near zero); the result
     is the largest over parameters and test shapes.
+
+    ``backends`` defaults to every backend of the artifact that it may load: its graphs that are
+    code (TorchScript, AOTInductor) only with ``trust_code`` or a signature by one of
+    ``trusted_keys`` (see :func:`~compiledopt.export.load_artifact`); naming such a backend of an
+    untrusted artifact raises :class:`~compiledopt.export.UntrustedCodeError`.
     """
     if not isinstance(artifact, Artifact):
-        artifact = load_artifact(artifact)
+        artifact = load_artifact(artifact, trust_code=trust_code, trusted_keys=trusted_keys)
+    elif trust_code:
+        artifact = artifact.trusting()
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Invalid steps: {steps!r}")
     names = list(backends) if backends is not None else artifact.backends
+    if backends is None:  # graphs that are code run only from a trusted artifact
+        names = [name for name in names if artifact.may_load(name)]
     transforms = artifact.transforms()
     errors = {name: 0.0 for name in names}
     generator = torch.Generator().manual_seed(seed)
