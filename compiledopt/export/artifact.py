@@ -34,7 +34,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load
@@ -47,15 +47,13 @@ from compiledopt.export import spec as specs
 from compiledopt.export.backend import Backend
 from compiledopt.export.layout import (
     DTYPES,
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
     SIGNATURE,
     WEIGHTS,
     file_rank,
     sha256,
 )
-from compiledopt.export.manifest import ArtifactError, check_manifest
+from compiledopt.export.manifest import ArtifactError, check_manifest, check_training
 from compiledopt.transforms.base import Transform
 
 __all__ = [
@@ -72,17 +70,6 @@ __all__ = [
 #: The registered backends' names (:func:`compiledopt.export.backend.names`), read once the
 #: package has registered them.
 BACKENDS: Tuple[str, ...] = registry.names()
-
-
-def check_training(training: Any) -> Dict[str, Any]:
-    """``training`` as a manifest's ``training`` block: a dict of JSON values (str keys; finite
-    numbers), copied; ``ValueError`` naming the field otherwise."""
-    if not isinstance(training, Mapping):
-        raise ValueError(f"'training' must be a JSON object, got {type(training).__name__}")
-    try:
-        return json.loads(json.dumps(dict(training), allow_nan=False))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"'training' must hold only JSON values: {error}") from None
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -172,6 +159,8 @@ class Artifact:
             raise ArtifactError(f"{self.path}: {name} is not listed in its {MANIFEST}")
         try:
             data = (self.path / name).read_bytes()
+        except FileNotFoundError:
+            raise ArtifactError(f"{self.path}: missing file {name}") from None
         except OSError as error:
             raise ArtifactError(f"{self.path}: cannot read {name} ({error.strerror})") from None
         if sha256(data) != digest:
@@ -373,7 +362,6 @@ def load_artifact(
         signature = _read_limited(path / SIGNATURE, 1 << 16, path)
         signed_by = signing.verify_manifest(data, signature, keys, str(path))
     manifest = check_manifest(_parse_json(data, path), str(path))
-    _check_legacy(manifest, path)
     artifact = Artifact(
         path, manifest, bool(trust_code) or signed_by is not None, signed_by, sha256(data)
     )
@@ -406,35 +394,3 @@ def _parse_json(data: bytes, where: Path) -> Any:
         raise ArtifactError(
             f"{where}: {MANIFEST} is not valid JSON (truncated?): {error}"
         ) from None
-
-
-def _check_legacy(manifest: Dict[str, Any], path: Path) -> None:
-    version = manifest.get("format_version")
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(
-            f"{path}: not a compiledopt artifact (format {manifest.get('format')!r})"
-        )
-    if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: unknown format version {version!r} (this compiledopt reads {FORMAT_VERSION})"
-        )
-    for key in ("kind", "transform", "dtype", "lr", "backends", "files"):
-        if key not in manifest:
-            raise ArtifactError(f"{path}: {MANIFEST} lacks {key!r}")
-    if manifest["kind"] not in ("bound", "shape_agnostic") or manifest["dtype"] not in DTYPES:
-        raise ArtifactError(
-            f"{path}: unknown kind {manifest['kind']!r} or dtype {manifest['dtype']!r}"
-        )
-    try:
-        specs.check_spec(manifest["transform"])
-        if "training" in manifest:
-            check_training(manifest["training"])
-    except ValueError as error:
-        raise ArtifactError(f"{path}: {error}") from None
-    listed = set(manifest["files"])
-    needed = {WEIGHTS} | {f for fs in manifest["backends"].values() for f in fs}
-    if not needed <= listed:
-        raise ArtifactError(f"{path}: files without a checksum: {sorted(needed - listed)}")
-    for name in manifest["files"]:
-        if Path(name).name != name or not (path / name).is_file():
-            raise ArtifactError(f"{path}: missing file {name}")

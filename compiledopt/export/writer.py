@@ -24,7 +24,6 @@ from compiledopt._identity import unique_by_identity
 from compiledopt._validation import check_positive
 from compiledopt.export import backend as registry
 from compiledopt.export import spec as specs
-from compiledopt.export.artifact import check_training
 from compiledopt.export.backend import Backend
 from compiledopt.export.layout import (
     FORMAT,
@@ -35,6 +34,7 @@ from compiledopt.export.layout import (
     graph_file,
     sha256,
 )
+from compiledopt.export.manifest import check_training
 from compiledopt.export.rule import ModelRule, TensorRule
 from compiledopt.transforms.base import Transform
 
