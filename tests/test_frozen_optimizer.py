@@ -90,7 +90,9 @@ def _train(model, optimizer, steps, data=None, scheduler=None):
 def test_adam_artifact_matches_torch_optim_adam(artifacts, backend):
     model, reference = _model(torch.float64), _model(torch.float64)
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 3e-3}]
-    optimizer = co.FrozenOptimizer(groups, artifacts["adam64"], lr=1e-2, backend=backend)
+    optimizer = co.FrozenOptimizer(
+        groups, artifacts["adam64"], lr=1e-2, backend=backend, trust_code=True
+    )
     adam = torch.optim.Adam(
         [{"params": reference[0].parameters()}, {"params": reference[2].parameters(), "lr": 3e-3}],
         lr=1e-2,
@@ -107,7 +109,9 @@ def test_backends_agree(artifacts, name):
     results = {}
     for backend in ["eager", "torchscript", "compiled"]:
         model = _model()
-        optimizer = co.FrozenOptimizer(model.named_parameters(), artifacts[name], backend=backend)
+        optimizer = co.FrozenOptimizer(
+            model.named_parameters(), artifacts[name], backend=backend, trust_code=True
+        )
         assert optimizer.backend == backend
         _train(model, optimizer, 50)
         results[backend] = [p.detach().clone() for p in model.parameters()]

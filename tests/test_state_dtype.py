@@ -135,7 +135,11 @@ def test_bfloat16_state_dict_resumes_exactly(artifact):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         opt = co.FrozenOptimizer(
-            model.parameters(), artifact, backend="torchscript", state_dtype=torch.bfloat16
+            model.parameters(),
+            artifact,
+            backend="torchscript",
+            state_dtype=torch.bfloat16,
+            trust_code=True,
         )
         return model, opt
 

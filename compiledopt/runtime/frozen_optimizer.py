@@ -2,17 +2,26 @@
 
 import logging
 import os
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from compiledopt._validation import check_real
-from compiledopt.export import BACKENDS, Artifact, ArtifactError, load_artifact
+from compiledopt._validation import check_flag, check_real
+from compiledopt.export import BACKENDS, Artifact, ArtifactError, UntrustedCodeError
 from compiledopt.export.backend import get as export_backend
-from compiledopt.pretrained import resolve as resolve_artifact
+from compiledopt.pretrained import open_artifact
 from compiledopt.runtime.rounding import STATE_DTYPES
+from compiledopt.runtime.state import (
+    STEP,
+    check_loaded,
+    check_lr,
+    check_rates,
+    check_result,
+    finite_flags,
+    step_count,
+)
 from compiledopt.runtime.strategies import make_strategy
 
 logger = logging.getLogger("compiledopt")
@@ -26,6 +35,13 @@ RUNTIME_BACKENDS = (*BUILT_IN_BACKENDS, *BACKENDS)
 # listed here come after these, in registration order.
 AUTO_PREFERENCE = ("aoti", "compiled", "onnx", "torchscript")
 NONFINITE_POLICIES = ("skip", "raise")
+#: What pickling and ``copy.deepcopy`` keep besides torch.optim's ``defaults``, ``state`` and
+#: ``param_groups`` (the strategy is rebuilt from them).
+PICKLED = ("artifact", "backend", "nonfinite", "state_dtype", "skipped_steps")
+SET_OF_PARAMS = (
+    "optimizer parameters need to be organized in ordered collections, but the ordering of "
+    "tensors in sets will change between runs. Please use a list instead."
+)
 
 
 def auto_order() -> Tuple[str, ...]:
@@ -51,18 +67,24 @@ class FrozenOptimizer(Optimizer):
             A ``bound`` artifact binds to the parameters by name
             (when named) and shape, in order, and refuses a mismatch naming the parameter; a
             ``shape_agnostic`` one applies to any parameters.
-        lr (float, optional): learning rate (default: the artifact's ``lr``).
+            A path is opened with ``trust_code`` and ``trusted_keys``; a packaged optimizer is
+            always trusted (it ships with the installed code).
+        lr (float or Tensor, optional): learning rate, a number or a 1-element tensor (kept as
+            a tensor in the param groups, as torch.optim does). (default: the artifact's ``lr``)
         backend (str, optional): ``"eager"`` (the transform rebuilt from the weights),
             ``"compiled"`` (``torch.compile`` of the frozen rule), ``"torchscript"``, ``"onnx"``
             (ONNX Runtime), ``"aoti"`` (AOTInductor), or ``"auto"``: the first available in
-            :func:`auto_order` (``aoti, compiled, onnx, torchscript, eager``) whose graphs can
-            run on this machine; ``optimizer.backend`` says which.
-            (default: "auto")
+            :func:`auto_order` (``aoti, compiled, onnx, torchscript, eager``) that the artifact
+            may load (graphs that are code, TorchScript and AOTInductor, only from a trusted
+            artifact) and whose graphs can run on this machine; ``optimizer.backend`` says
+            which. Naming ``torchscript`` or ``aoti`` for an untrusted artifact raises
+            ``UntrustedCodeError``. (default: "auto")
         weight_decay (float, optional): decoupled weight decay. (default: 0.0)
-        nonfinite (str, optional): when a group has a NaN or infinite gradient, ``"skip"`` the
-            step for that group (its parameters and state stay as they are; counted in
-            ``optimizer.skipped_steps``) or ``"raise"`` ``FloatingPointError`` before any
-            parameter is touched. (default: "skip")
+        nonfinite (str, optional): when a group has a NaN or infinite gradient, or the rule
+            returns a NaN or infinite direction or new state for one of its parameters,
+            ``"skip"`` the step for that group (its parameters and state stay as they are;
+            counted in ``optimizer.skipped_steps``) or ``"raise"`` ``FloatingPointError`` naming
+            the parameter, before any parameter or state is written. (default: "skip")
         state_dtype (torch.dtype, optional): storage dtype of the rule's state. ``None`` keeps
             the artifact's dtype; ``torch.bfloat16`` halves the state's memory (CoordinateMLP:
             2 instead of 4 floats per parameter): the rule still computes in the artifact's
@@ -70,6 +92,20 @@ class FrozenOptimizer(Optimizer):
             accumulators such as a 0.999-decay second moment keep tracking; see
             ``compiledopt.runtime.rounding``). On the ``compiled`` backend the conversions and the
             rounding run inside the compiled graph. (default: None)
+        trust_code (bool, keyword-only): trust the artifact to run code: allows its TorchScript
+            and AOTInductor graphs. Only for artifacts from a source you trust; an ``Artifact``
+            given with ``trust_code=True`` is used as :meth:`Artifact.trusting`. (default: False)
+        trusted_keys (list, keyword-only): Ed25519 public keys (PEM paths or bytes); an artifact
+            path must then carry a valid signature by one of them, which trusts its code (see
+            :func:`compiledopt.export.load_artifact`). Not for an ``Artifact`` already loaded.
+            (default: None)
+
+    A step is all or nothing: every direction and new state is computed and checked (shapes,
+    dtypes, finiteness, a learning rate the parameter's dtype can hold) before any parameter or
+    state is written, so a step that raises leaves the optimizer and the model as they were.
+    ``load_state_dict`` checks the loaded state against the rule (its keys, shapes and dtypes,
+    the step counts) and refuses another optimizer's. ``copy.deepcopy`` and pickling give a
+    working optimizer (the artifact's files are read and verified again).
 
     Parameters that get no gradient in a step are left untouched, state included. Computation
     runs in the artifact's dtype: a bf16/fp16 model's gradients are upcast, the state is kept in
@@ -89,15 +125,29 @@ class FrozenOptimizer(Optimizer):
         self,
         params: Iterable[Any],
         artifact: "str | os.PathLike | Artifact",
-        lr: Optional[float] = None,
+        lr: "float | Tensor | None" = None,
         backend: str = "auto",
         weight_decay: float = 0.0,
         nonfinite: str = "skip",
         state_dtype: Optional[torch.dtype] = None,
+        *,
+        trust_code: bool = False,
+        trusted_keys: Optional[Sequence["str | os.PathLike | bytes"]] = None,
     ) -> None:
-        if not isinstance(artifact, Artifact):
-            artifact = load_artifact(resolve_artifact(artifact))
-        self.artifact = artifact
+        check_flag(trust_code, "trust_code")
+        if isinstance(params, set):
+            raise TypeError(SET_OF_PARAMS)
+        if isinstance(artifact, Artifact):
+            if trusted_keys is not None:
+                raise ValueError(
+                    "trusted_keys checks an artifact's signature when it is opened: pass the "
+                    "artifact's path, or load it with load_artifact(path, trusted_keys=...)"
+                )
+            self.artifact = artifact.trusting() if trust_code else artifact
+        else:
+            self.artifact = open_artifact(
+                artifact, trust_code=trust_code, trusted_keys=trusted_keys
+            )
         if state_dtype is not None and state_dtype not in (self.artifact.dtype, *STATE_DTYPES):
             raise ValueError(
                 f"Invalid state_dtype: {state_dtype!r} (None, the artifact's "
@@ -105,7 +155,7 @@ class FrozenOptimizer(Optimizer):
             )
         self.state_dtype = self.artifact.dtype if state_dtype is None else state_dtype
         lr = float(self.artifact.manifest["lr"]) if lr is None else lr
-        check_real(lr, "lr", 0.0)
+        check_lr(lr)
         check_real(weight_decay, "weight_decay", 0.0)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (one of {NONFINITE_POLICIES})")
@@ -137,10 +187,15 @@ class FrozenOptimizer(Optimizer):
                 f"{self.artifact.path} is bound to {len(self.artifact.bindings)} parameters; "
                 "a bound artifact cannot take another parameter group"
             )
-        for key in ("lr", "weight_decay"):
-            if key in param_group:
-                check_real(param_group[key], key, 0.0)
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        if "lr" in param_group:
+            check_lr(param_group["lr"])
+        if "weight_decay" in param_group:
+            check_real(param_group["weight_decay"], "weight_decay", 0.0)
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError(SET_OF_PARAMS)
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group["params"] = params
         for item in params:
@@ -155,6 +210,9 @@ class FrozenOptimizer(Optimizer):
                 )
         super().add_param_group(param_group)
 
+    def _flat(self) -> List[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
     def _named(self) -> List[Tuple[str, Tensor]]:
         named = []
         for group in self.param_groups:
@@ -163,19 +221,50 @@ class FrozenOptimizer(Optimizer):
                 named.append((name if name is not None else f"params[{i}]", param))
         return named
 
+    def _labels(self) -> List[str]:
+        """How messages name each parameter: ``parameter <name>``, or ``parameter <index>``
+        (its index in ``state_dict()``) when unnamed."""
+        labels = []
+        for group in self.param_groups:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name in names:
+                labels.append(f"parameter {name if name is not None else len(labels)}")
+        return labels
+
     def _choose(self, backend: str) -> str:
         available = set(self.artifact.backends) | set(BUILT_IN_BACKENDS)
         if backend == "auto":  # eager, last, always runs
             return next(
                 b
                 for b in auto_order()
-                if b in BUILT_IN_BACKENDS or (b in available and self._runs_here(b))
+                if b in BUILT_IN_BACKENDS
+                or (b in available and self._may_load(b) and self._runs_here(b))
             )
         if backend not in available:
             raise ArtifactError(
                 f"{self.artifact.path} has no {backend} graph (it has {self.artifact.backends})"
             )
+        if backend not in BUILT_IN_BACKENDS and not self.artifact.may_load(backend):
+            raise UntrustedCodeError(
+                f"{self.artifact.path}: its {backend} graphs are code, and the artifact is not "
+                "trusted: pass trust_code=True if you trust its source, or trusted_keys to "
+                "accept it signed by a key you trust; the eager, compiled and onnx backends run "
+                "no code from the artifact"
+            )
         return backend
+
+    def _may_load(self, backend: str) -> bool:
+        """Whether the artifact may load ``backend``'s graphs (``auto`` skips, with a log line,
+        graphs that are code in an untrusted artifact)."""
+        if self.artifact.may_load(backend):
+            return True
+        logger.info(
+            "FrozenOptimizer: auto skips the %s backend: its graphs are code and %s is not "
+            "trusted (trust_code=True or trusted_keys)",
+            backend,
+            self.artifact.path,
+        )
+        return False
 
     def _runs_here(self, backend: str) -> bool:
         """Whether ``backend``'s graphs can be loaded and run on this machine (``auto`` skips,
@@ -194,61 +283,173 @@ class FrozenOptimizer(Optimizer):
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """One update of every parameter that has a gradient; returns the closure's loss.
 
-        Every direction and new state is computed before any parameter or state is written.
+        Every direction and new state is computed and checked before any parameter or state is
+        written: a step that raises leaves every parameter and every state as it was.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        flat = [p for group in self.param_groups for p in group["params"]]
-        names = [n for n, _ in self._named()]
+        flat, labels = self._flat(), self._labels()
         position = {id(p): i for i, p in enumerate(flat)}
-        active_groups = []
+        groups = []
         for group in self.param_groups:
-            members = [p for p in group["params"] if p.grad is not None]
-            for p in members:
-                if p.grad.is_sparse:
+            members = [position[id(p)] for p in group["params"] if p.grad is not None]
+            for i in members:
+                if flat[i].grad.is_sparse:
                     raise RuntimeError(
-                        f"FrozenOptimizer does not support sparse gradients "
-                        f"(parameter {names[position[id(p)]]})"
+                        f"FrozenOptimizer does not support sparse gradients ({labels[i]})"
                     )
-            finite = all(bool(torch.isfinite(p.grad).all()) for p in members)
-            if not finite:
-                bad = next(p for p in members if not bool(torch.isfinite(p.grad).all()))
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"non-finite gradient for parameter {names[position[id(bad)]]}"
-                    )
-                self.skipped_steps += 1
-                continue
-            active_groups.append((group, members))
-        active = [position[id(p)] for _, members in active_groups for p in members]
-        if not active:
+            if members:
+                groups.append((group, members))
+        if not groups:
             return loss
+        rates = [check_rates(group, {flat[i].dtype for i in members}) for group, members in groups]
+        active = [i for _, members in groups for i in members]
         states = [self.state[p] if p in self.state else {} for p in flat]
         for i in active:
-            if not states[i]:
-                states[i] = self._strategy.initial_state(i, flat[i])
+            states[i] = self._current(i, flat[i], states[i], labels[i])
         results = self._strategy.compute(flat, active, states)
-        for group, members in active_groups:
-            lr, decay = group["lr"], group["weight_decay"]
-            for p in members:
-                direction, new_state = results[position[id(p)]]
+        for i in active:
+            check_result(flat[i], states[i], *results[i], labels[i])
+        skipped = self._nonfinite(groups, flat, results, labels)
+        for g, ((_, members), (lr, decay)) in enumerate(zip(groups, rates)):
+            if g in skipped:
+                continue
+            for i in members:
+                p = flat[i]
+                direction, new_state = results[i]
                 self.state[p].update(new_state)  # in place, as torch.optim does
                 if decay:
                     p.mul_(1.0 - lr * decay)
                 p.add_(direction.to(p.dtype), alpha=-lr)
+        self.skipped_steps += len(skipped)
         return loss
+
+    def _current(self, index: int, param: Tensor, state: Dict[str, Any], where: str):
+        """The state parameter ``index`` steps from (its initial state before its first step),
+        its keys checked and its step count a 0-d int64 tensor; nothing is written."""
+        if not state:
+            return self._strategy.initial_state(index, param)
+        names = self._strategy.state_names(index, len(state) - 1)
+        if set(state) != {STEP, *names}:
+            raise ValueError(
+                f"{where}: its state has the keys {sorted(map(str, state))}, the rule keeps "
+                f"{[STEP, *names]}"
+            )
+        step = state[STEP]
+        if isinstance(step, Tensor) and step.dtype == torch.int64 and step.dim() == 0:
+            return state
+        return {**state, STEP: step_count(step, f"{where}: state 'step'")}
+
+    def _nonfinite(self, groups, flat, results, labels) -> set:
+        """The indices of the groups to skip: those with a non-finite gradient, direction or new
+        state (``nonfinite="raise"``: ``FloatingPointError`` naming the first such parameter).
+        One host synchronisation for the whole step."""
+        tensors, what = [], []
+        for _, members in groups:
+            for i in members:
+                direction, new_state = results[i]
+                tensors += [flat[i].grad, direction]
+                what += [(i, "gradient"), (i, "direction")]
+                for key, value in new_state.items():
+                    if key != STEP and value.is_floating_point():
+                        tensors.append(value)
+                        what.append((i, f"new state {key!r}"))
+        bad: Dict[int, str] = {}
+        for (i, kind), finite in zip(what, finite_flags(tensors)):
+            if not finite:
+                bad.setdefault(i, kind)
+        skipped = set()
+        for g, (_, members) in enumerate(groups):
+            first = next((i for i in members if i in bad), None)
+            if first is None:
+                continue
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"non-finite {bad[first]} for {labels[first]}")
+            skipped.add(g)
+        return skipped
 
     # -- state_dict -------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """torch.optim's loader, except that state keeps its storage dtype (``state_dtype``,
-        not the parameter's), so a bf16 model's float32 state survives a save/load exactly."""
-        super().load_state_dict(state_dict)
-        flat = [p for group in self.param_groups for p in group["params"]]
-        for index, saved in state_dict["state"].items():
-            param = flat[int(index)]
-            for key, value in saved.items():
-                if key != "step" and isinstance(value, Tensor):
-                    self.state[param][key] = value.to(device=param.device, dtype=self.state_dtype)
+        """torch.optim's loader (its hooks included), with the loaded state checked against the
+        rule and kept in its storage dtype.
+
+        After the registered pre-hooks have run, every parameter's saved state must have exactly
+        the keys ``step`` and the rule's state names (another optimizer's state is refused),
+        each tensor the shape the rule gives that parameter and a real floating-point dtype,
+        and ``step`` an integer ``>= 0``; a state for a parameter the param groups do not list
+        is refused too. ``ValueError`` names the parameter and the key, and nothing is loaded.
+        Floating-point state is stored in ``state_dtype`` (not the parameter's dtype, as
+        torch.optim would: a bf16 model's float32 state survives a save/load exactly), the step
+        count as a 0-d int64 tensor; then the registered post-hooks run.
+        """
+        checked: Dict[int, Dict[str, Tensor]] = {}
+
+        def check(optimizer: Optimizer, loaded: Dict[str, Any]) -> None:
+            checked.update(self._checked(loaded))
+
+        def restore(optimizer: Optimizer) -> None:
+            flat = self._flat()
+            for index, values in checked.items():
+                self.state[flat[index]].update(values)
+
+        # Runs after the user's pre-hooks (it sees what they return), and before their
+        # post-hooks (what they change stays).
+        pre = self.register_load_state_dict_pre_hook(check)
+        post = self.register_load_state_dict_post_hook(restore, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    def _checked(self, loaded: Any) -> Dict[int, Dict[str, Tensor]]:
+        """Each saved state of ``loaded`` (a state_dict), checked and converted, by the index of
+        its parameter (see :meth:`load_state_dict`)."""
+        if not isinstance(loaded, Mapping) or not {"state", "param_groups"} <= set(loaded):
+            raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups'")
+        saved_groups = loaded["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            return {}  # torch.optim refuses it, with its own message
+        for g, saved in enumerate(saved_groups):
+            for key in ("lr", "weight_decay"):
+                if key not in saved:
+                    raise ValueError(f"the state_dict's param group {g} has no {key!r}")
+            check_lr(saved["lr"])
+            check_real(saved["weight_decay"], "weight_decay", 0.0)
+        index = {pid: i for i, pid in enumerate(p for s in saved_groups for p in s["params"])}
+        flat, labels = self._flat(), self._labels()
+        checked = {}
+        for pid, saved in loaded["state"].items():
+            if pid not in index:
+                raise ValueError(
+                    f"the state_dict holds a state for parameter {pid!r}, which its param_groups "
+                    f"do not list (they list {len(index)} parameters)"
+                )
+            i = index[pid]
+            expected = self._strategy.expected_state(i, flat[i])
+            checked[i] = check_loaded(saved, expected, labels[i], self.state_dtype, flat[i].device)
+        return checked
+
+    # -- copy and pickle --------------------------------------------------------------------
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state.update({key: self.__dict__[key] for key in PICKLED if key in self.__dict__})
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # torch.optim's load_state_dict calls this with the state and param groups only; a
+        # pickled or copied optimizer comes with its artifact, and its strategy is rebuilt (the
+        # artifact's files read and verified again).
+        if "artifact" in state:
+            transforms = self.artifact.transforms()
+            self._strategy = make_strategy(
+                self.artifact, self.backend, self.state_dtype, transforms
+            )
+            self._initialised = True

@@ -7,9 +7,12 @@ A strategy is chosen once, when the optimizer is built, and owns the artifact's 
 * :class:`ModelStrategy` (``bound`` artifacts): one call of the whole-model rule for every
   parameter bound to it, ``rule(grads, params, states, step) -> (directions, new_states)``.
 
-Both expose the same two methods, :meth:`~Strategy.initial_state` and :meth:`~Strategy.compute`.
-``compute`` only reads the optimizer's state: it returns every direction and new state, and the
-optimizer writes them once all are computed, so a step that fails leaves nothing half-updated.
+Both expose the same methods: :meth:`~Strategy.initial_state`, :meth:`~Strategy.expected_state`
+(the state's schema, to check a loaded state), :meth:`~Strategy.state_names` and
+:meth:`~Strategy.compute`. State tensors are read and written by name, never by the order of the
+state dict. ``compute`` only reads the optimizer's state: it returns every direction and new
+state, and the optimizer checks them all before it writes any, so a step that fails leaves
+nothing half-updated.
 """
 
 import abc
@@ -23,6 +26,7 @@ from compiledopt.export.artifact import Artifact
 from compiledopt.export.rule import INDUCTOR_OPTIONS, ModelRule
 from compiledopt.runtime.compiled import CompiledTensorRule
 from compiledopt.runtime.rounding import round_state
+from compiledopt.runtime.state import STEP, Expected
 from compiledopt.transforms.base import Transform
 
 __all__ = ["ModelStrategy", "Result", "Strategy", "TensorStrategy", "make_strategy"]
@@ -65,9 +69,21 @@ class Strategy(abc.ABC):
         self.backend = backend
         self.dtype = artifact.dtype
         self.state_dtype = state_dtype
+        self._names: Dict[int, List[str]] = {}
 
     def _transform(self, index: int) -> Transform:
         return self.transforms[0]
+
+    def state_names(self, index: int, count: int) -> List[str]:
+        """The names of parameter ``index``'s ``count`` state tensors, in the rule's order: the
+        transform's :meth:`~Transform.state_names` (``state_{j}`` for a transform that names
+        none). The state is read and written by these names, never by the dict's order (a
+        checkpoint may list its keys in another order)."""
+        transform = self._transform(index)
+        names = self._names.get(id(transform))
+        if names is None:
+            names = self._names[id(transform)] = list(transform.state_names())
+        return names or [f"state_{j}" for j in range(count)]
 
     def initial_state(self, index: int, param: Tensor) -> State:
         """The state of parameter ``index`` before its first step: ``step`` (0-d int64) and the
@@ -76,21 +92,42 @@ class Strategy(abc.ABC):
         with torch.no_grad():
             values = transform.init_state(param.detach().to(self.dtype))
         values = [v.to(self.state_dtype) if v.is_floating_point() else v for v in values]
-        names = transform.state_names() or [f"state_{j}" for j in range(len(values))]
-        state = {"step": torch.zeros((), dtype=torch.int64)}
+        names = self.state_names(index, len(values))
+        if len(names) != len(values):
+            raise ValueError(
+                f"{type(transform).__name__}.state_names() names {len(names)} state tensors, "
+                f"its init_state returns {len(values)}"
+            )
+        state = {STEP: torch.zeros((), dtype=torch.int64)}
         state.update(zip(names, values))
         return state
+
+    def expected_state(self, index: int, param: Tensor) -> Dict[str, Expected]:
+        """The shape and storage dtype of each of parameter ``index``'s state tensors (``step``
+        aside), found without allocating them (the rule's initial state on the ``meta``
+        device)."""
+        try:
+            state = self.initial_state(index, torch.empty_like(param, device="meta"))
+        except (RuntimeError, NotImplementedError):  # an init_state that reads values
+            state = self.initial_state(index, param)
+        return {k: Expected(tuple(v.shape), v.dtype) for k, v in state.items() if k != STEP}
+
+    def _read(self, index: int, state: State) -> Tuple[List[str], List[Tensor]]:
+        """The names and tensors of a stored state, in the rule's order."""
+        names = self.state_names(index, len(state) - 1)
+        return names, [state[k] for k in names]
 
     def _computed(self, values: List[Tensor]) -> List[Tensor]:
         """Stored state tensors in the compute dtype."""
         return _upcast(values, self.dtype, self.state_dtype)
 
     def _advanced(self, state: State, values: List[Tensor], index: int) -> State:
-        """``state`` with the rule's new ``values`` stored (rounded to the storage dtype) and the
-        step count advanced."""
-        keys = [k for k in state if k != "step"]
-        stored = round_state(values, self.state_dtype, _seed(state["step"], index))
-        return {"step": state["step"] + 1, **dict(zip(keys, stored))}
+        """``state``'s successor: the rule's new ``values`` (in the order of
+        :meth:`state_names`) stored, rounded to the storage dtype, and the step count
+        advanced."""
+        names = self.state_names(index, len(values))
+        stored = round_state(values, self.state_dtype, _seed(state[STEP], index))
+        return {STEP: state[STEP] + 1, **dict(zip(names, stored))}
 
     @abc.abstractmethod
     def compute(
@@ -134,16 +171,12 @@ class TensorStrategy(Strategy):
         results: Dict[int, Result] = {}
         for i in active:
             p, state = params[i], states[i]
-            keys = [k for k in state if k != "step"]
-            step = state["step"]
+            keys, stored = self._read(i, state)
+            step = state[STEP]
             direction, values = self.rule(
-                p.grad.to(self.dtype),
-                p.detach().to(self.dtype),
-                [state[k] for k in keys],
-                step,
-                _seed(step, i),
+                p.grad.to(self.dtype), p.detach().to(self.dtype), stored, step, _seed(step, i)
             )
-            results[i] = Result(direction, {"step": step + 1, **dict(zip(keys, values))})
+            results[i] = Result(direction, {STEP: step + 1, **dict(zip(keys, values))})
         return results
 
 
@@ -195,13 +228,12 @@ class ModelStrategy(Strategy):
     def compute(self, params, active, states):
         by_step: Dict[int, List[int]] = {}
         for i in active:
-            by_step.setdefault(int(states[i]["step"]), []).append(i)
+            by_step.setdefault(int(states[i][STEP]), []).append(i)
         results: Dict[int, Result] = {}
         for step, members in by_step.items():
             grads, values, counts = [], [], []
             for i, p in enumerate(params):
-                state = states[i] or self.initial_state(i, p)
-                stored = [v for k, v in state.items() if k != "step"]
+                _, stored = self._read(i, states[i] or self.initial_state(i, p))
                 values.extend(self._computed(stored))
                 counts.append(len(stored))
                 grads.append((p.grad if p.grad is not None else torch.zeros_like(p)).to(self.dtype))

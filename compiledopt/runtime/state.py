@@ -1,0 +1,217 @@
+"""The checks that keep a FrozenOptimizer consistent: a loaded state against the rule's schema, a
+step's results against the state they replace, the step count, and the learning rate.
+
+Each check raises ``ValueError`` naming the parameter and the state key, before anything is
+written, so a refused ``load_state_dict`` or ``step`` leaves the optimizer as it was.
+"""
+
+import math
+import numbers
+from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from compiledopt._validation import check_real
+
+__all__ = [
+    "STEP",
+    "Expected",
+    "check_loaded",
+    "check_lr",
+    "check_rates",
+    "check_result",
+    "finite_flags",
+    "step_count",
+]
+
+#: The key of the step count in every parameter's state.
+STEP = "step"
+#: The largest step count accepted (an int64 that ``step + 1`` cannot overflow).
+MAX_STEP = 2**62
+
+
+class Expected(NamedTuple):
+    """The shape and storage dtype the rule gives one state tensor of one parameter."""
+
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+
+def step_count(value: Any, where: str) -> Tensor:
+    """``value`` as a step count: a 0-d int64 tensor on the CPU.
+
+    Accepted: a 0-d integer tensor, a plain int (older checkpoints), or a 0-d floating-point
+    tensor or float holding an integer; all ``>= 0``. Refused (``ValueError`` naming ``where``):
+    bools, fractions, negative, non-finite and multi-element values.
+    """
+    if isinstance(value, Tensor) and value.dtype == torch.int64 and value.dim() == 0:
+        number = value.item()
+    elif isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(
+                f"{where} must be a 0-d integer tensor or an int, got a tensor of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
+        number = value.item()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where} must be an integer >= 0, got {value!r}")
+    else:
+        number = value
+    if isinstance(number, float) or not isinstance(number, numbers.Integral):
+        number = float(number)
+        if not (math.isfinite(number) and number.is_integer()):
+            raise ValueError(f"{where} must be an integer >= 0, got {number!r}")
+    number = int(number)
+    if not 0 <= number <= MAX_STEP:
+        raise ValueError(f"{where} must be an integer in [0, 2**62], got {number}")
+    return torch.tensor(number, dtype=torch.int64)
+
+
+def _keys(keys: Sequence[Any]) -> List[str]:
+    return sorted(repr(k) for k in keys)
+
+
+def check_loaded(
+    saved: Any,
+    expected: Mapping[str, Expected],
+    where: str,
+    state_dtype: torch.dtype,
+    device: torch.device,
+) -> Dict[str, Tensor]:
+    """A saved state of one parameter, checked against the rule's schema ``expected`` (every
+    state key but ``step``) and converted: floating-point tensors to ``state_dtype``, all copied
+    to ``device``, the step count to a 0-d int64 tensor. An empty state stays empty (the
+    parameter has not stepped).
+
+    Raises:
+        ValueError: naming ``where`` and the key: ``saved`` is not a dict, its keys are not
+            exactly ``step`` and the rule's names (a foreign optimizer's state), a tensor's shape
+            differs from the rule's for this parameter, a dtype is not real floating point
+            (or, for an integer state, not the rule's), or the step count is not an integer
+            ``>= 0``.
+    """
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"{where}: its state must be a dict, got {type(saved).__name__}")
+    if not saved:
+        return {}
+    wanted = {STEP, *expected}
+    if set(saved) != wanted:
+        missing, extra = wanted - set(saved), set(saved) - wanted
+        raise ValueError(
+            f"{where}: the state does not fit this optimizer's rule (keys {_keys(saved)}; "
+            f"missing {_keys(missing)}, unexpected {_keys(extra)}; the rule keeps "
+            f"{[STEP, *expected]}): is it another optimizer's state?"
+        )
+    converted = {STEP: step_count(saved[STEP], f"{where}: state 'step'")}
+    for key, (shape, dtype) in expected.items():
+        value = saved[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(
+                f"{where}: state {key!r} has shape {tuple(value.shape)}, but the rule keeps a "
+                f"state of shape {tuple(shape)} for this parameter"
+            )
+        if dtype.is_floating_point:
+            if not value.is_floating_point():
+                raise ValueError(
+                    f"{where}: state {key!r} has dtype {value.dtype}, expected a real "
+                    "floating-point dtype"
+                )
+            converted[key] = value.to(device=device, dtype=state_dtype, copy=True)
+        else:
+            if value.dtype != dtype:
+                raise ValueError(
+                    f"{where}: state {key!r} has dtype {value.dtype}, the rule keeps {dtype}"
+                )
+            converted[key] = value.to(device=device, copy=True)
+    return converted
+
+
+def check_result(
+    param: Tensor,
+    old: Mapping[str, Any],
+    direction: Any,
+    new: Mapping[str, Any],
+    where: str,
+) -> None:
+    """Raise ``ValueError`` naming ``where`` unless a step's result can be written: the
+    direction has the parameter's shape, and the new state has the keys of the ``old`` one,
+    each tensor with its old shape and dtype."""
+    if not isinstance(direction, Tensor) or direction.shape != param.shape:
+        shape = tuple(direction.shape) if isinstance(direction, Tensor) else type(direction)
+        raise ValueError(
+            f"{where}: the rule's direction has shape {shape}, the parameter "
+            f"{tuple(param.shape)} (was the parameter resized after its first step?)"
+        )
+    if set(new) != set(old):
+        raise ValueError(
+            f"{where}: the rule returned the state keys {_keys(new)}, the parameter's state has "
+            f"{_keys(old)}"
+        )
+    for key, value in new.items():
+        if key == STEP:
+            continue
+        before = old[key]
+        if (
+            not isinstance(value, Tensor)
+            or value.shape != before.shape
+            or value.dtype != before.dtype
+        ):
+            got = (tuple(value.shape), value.dtype) if isinstance(value, Tensor) else value
+            raise ValueError(
+                f"{where}: the rule's new state {key!r} ({got}) differs in shape or dtype from "
+                f"the stored one ({tuple(before.shape)}, {before.dtype}) (was the parameter "
+                "resized after its first step?)"
+            )
+
+
+def finite_flags(tensors: Sequence[Tensor]) -> List[bool]:
+    """Whether each tensor is all finite, read back with one host synchronisation (the flags
+    are stacked on the first tensor's device and copied once)."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    flags = torch.stack([torch.isfinite(t).all().to(device) for t in tensors])
+    return flags.tolist()
+
+
+def check_lr(lr: Any) -> None:
+    """``ValueError`` unless ``lr`` is a finite number ``>= 0`` or, as torch.optim accepts, a
+    1-element real tensor holding one."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr.is_complex() or lr.dtype == torch.bool:
+            raise ValueError(f"Invalid lr: {lr!r} (expected a real number)")
+        lr = lr.item()
+    check_real(lr, "lr", 0.0)
+
+
+def _number(value: Any, what: str) -> float:
+    """A group's ``lr`` or ``weight_decay`` as a float (a 1-element tensor read once)."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    try:
+        return check_real(value, what)
+    except ValueError:
+        raise ValueError(f"Invalid {what}: {value!r} (expected a finite number)") from None
+
+
+def check_rates(group: Mapping[str, Any], dtypes: Collection[torch.dtype]) -> Tuple[float, float]:
+    """A param group's learning rate and weight decay as floats, refused (``ValueError``)
+    unless ``lr``, ``lr·weight_decay`` and ``1 − lr·weight_decay`` are finite and at most the
+    largest value of each of ``dtypes`` (its parameters'): ``p.add_(d, alpha=-lr)`` raises for
+    an ``lr`` the parameter's dtype cannot hold, and would do so after other parameters were
+    written."""
+    lr, decay = _number(group["lr"], "lr"), _number(group["weight_decay"], "weight_decay")
+    for dtype in dtypes:
+        largest = torch.finfo(dtype).max
+        values = (lr, lr * decay, 1.0 - lr * decay)
+        if not all(math.isfinite(v) and abs(v) <= largest for v in values):
+            raise ValueError(
+                f"Invalid lr: {lr!r} with weight_decay {decay!r} for {dtype} parameters "
+                f"(lr and lr·weight_decay must be finite and at most {largest:g})"
+            )
+    return lr, decay
