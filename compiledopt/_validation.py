@@ -19,7 +19,11 @@ def check_real(
     expected = f"expected a finite number in {lower}{low:g}, {high:g}{upper}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"Invalid {what}: {value!r} ({expected})")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        bits = int(value).bit_length()
+        raise ValueError(f"Invalid {what}: an int of {bits} bits ({expected})") from None
     above = number >= low if include_low else number > low
     below = number <= high if include_high else number < high
     if not (math.isfinite(number) and above and below):

@@ -6,6 +6,7 @@ from typing import Dict, Optional
 import torch
 
 from compiledopt.export.backend import Backend
+from compiledopt.export.manifest import FORMAT, FORMAT_VERSION, WEIGHTS
 
 __all__ = [
     "DTYPES",
@@ -20,10 +21,7 @@ __all__ = [
     "sha256",
 ]
 
-FORMAT = "compiledopt-artifact"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-WEIGHTS = "weights.safetensors"
 #: The detached signature of ``manifest.json`` (see :mod:`compiledopt.export.signing`).
 SIGNATURE = "signature.json"
 DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}

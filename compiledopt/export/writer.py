@@ -34,7 +34,7 @@ from compiledopt.export.layout import (
     graph_file,
     sha256,
 )
-from compiledopt.export.manifest import check_training
+from compiledopt.export.manifest import check_manifest, check_training
 from compiledopt.export.rule import ModelRule, TensorRule
 from compiledopt.transforms.base import Transform
 
@@ -118,7 +118,8 @@ def _write(
             "files": files,
             "producer": _producer(),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        check_manifest(manifest, str(directory))  # never write what the loader would refuse
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
         os.chmod(staging, 0o755)  # mkdtemp makes it private; an artifact is as readable as a file
         _move_into_place(staging, directory, overwrite)
     finally:
