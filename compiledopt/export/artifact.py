@@ -2,7 +2,8 @@
 
 Layout of an artifact directory (format version 1)::
 
-    manifest.json          what it is (see below); the only file not checksummed
+    manifest.json          what it is (see below); not checksummed (it holds the checksums)
+    signature.json         optional: an Ed25519 signature of manifest.json (see signing.py)
     weights.safetensors    the transform weights, to rebuild the eager reference
     rule.pt                TorchScript (any rank for shape-agnostic rules)
     rule.onnx | rule_rank{r}.onnx    ONNX (bound | shape-agnostic, one per rank, dynamic sizes)
@@ -23,9 +24,12 @@ parameters of any shape), ``transform`` (the spec that rebuilds it, see
 for an absent package), and optionally ``training``: a free-form JSON object of provenance (task
 family, estimator, meta-steps, wall time, CPU count, seed, recommended ``lr`` and ``schedule``).
 
-:func:`load_artifact` verifies everything before any graph is loaded and raises
-:class:`ArtifactError` with one message naming the problem; weights load with safetensors and
-graphs with their own loaders, so nothing is unpickled.
+:func:`load_artifact` checks the manifest against the schema of
+:mod:`compiledopt.export.manifest` and every file's checksum, raising :class:`ArtifactError` with
+one message naming the problem. Every file is loaded from the bytes that were hashed (weights
+with safetensors, graphs with their own loaders: nothing is unpickled, no string is evaluated).
+Graphs that are code (TorchScript, AOTInductor) load only from an artifact trusted with
+``trust_code=True`` or signed by a key in ``trusted_keys`` (``docs/security.md``).
 """
 
 import dataclasses
