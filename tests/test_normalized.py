@@ -509,7 +509,7 @@ def test_orthogonalize_exports_with_dynamic_sizes(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = export_shape_agnostic(tmp_path / "a", spec, t, backends, ranks=(2,))
-    errors = verify_artifact(path, steps=5)
+    errors = verify_artifact(path, steps=5, trust_code=True)
     # Newton–Schulz amplifies float32 rounding differences between runtimes (see above).
     assert errors["torchscript"] <= 1e-6 and errors["onnx"] <= 1e-4 and errors["aoti"] <= 1e-4
     runner = load_artifact(path).runner("onnx")

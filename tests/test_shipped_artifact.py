@@ -18,8 +18,10 @@ def test_shipped_artifact_verifies_on_every_backend():
     assert artifact.spec["name"] == "coordinate-mlp"
     assert sorted(artifact.backends) == ["aoti", "onnx", "torchscript"]
     assert artifact.manifest["ranks"] == [0, 1, 2, 3, 4, 5]
-    errors = verify_artifact(artifact, steps=10)
+    errors = verify_artifact(artifact, steps=10, trust_code=True)
+    assert sorted(errors) == ["aoti", "onnx", "torchscript"]
     assert all(error <= 1e-6 for error in errors.values()), errors
+    assert list(verify_artifact(artifact, steps=2)) == ["onnx"]  # untrusted: data only
 
 
 def test_shipped_artifact_trains_a_model_without_meta_training():
