@@ -15,12 +15,12 @@ from compiledopt.pretrained import open_artifact
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.state import (
     STEP,
+    check_current,
     check_loaded,
     check_lr,
     check_rates,
     check_result,
     finite_flags,
-    step_count,
 )
 from compiledopt.runtime.strategies import make_strategy
 
@@ -328,19 +328,10 @@ class FrozenOptimizer(Optimizer):
 
     def _current(self, index: int, param: Tensor, state: Dict[str, Any], where: str):
         """The state parameter ``index`` steps from (its initial state before its first step),
-        its keys checked and its step count a 0-d int64 tensor; nothing is written."""
+        checked against the rule (see :func:`~compiledopt.runtime.state.check_current`)."""
         if not state:
             return self._strategy.initial_state(index, param)
-        names = self._strategy.state_names(index, len(state) - 1)
-        if set(state) != {STEP, *names}:
-            raise ValueError(
-                f"{where}: its state has the keys {sorted(map(str, state))}, the rule keeps "
-                f"{[STEP, *names]}"
-            )
-        step = state[STEP]
-        if isinstance(step, Tensor) and step.dtype == torch.int64 and step.dim() == 0:
-            return state
-        return {**state, STEP: step_count(step, f"{where}: state 'step'")}
+        return check_current(state, self._strategy.expected_state(index, param), where)
 
     def _nonfinite(self, groups, flat, results, labels) -> set:
         """The indices of the groups to skip: those with a non-finite gradient, direction or new

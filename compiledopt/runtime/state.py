@@ -17,6 +17,7 @@ from compiledopt._validation import check_real
 __all__ = [
     "STEP",
     "Expected",
+    "check_current",
     "check_loaded",
     "check_lr",
     "check_rates",
@@ -68,8 +69,32 @@ def step_count(value: Any, where: str) -> Tensor:
     return torch.tensor(number, dtype=torch.int64)
 
 
-def _keys(keys: Sequence[Any]) -> List[str]:
-    return sorted(repr(k) for k in keys)
+def _keys(keys: Collection[Any]) -> str:
+    """``keys`` listed in a message, sorted: ``['a', 'b']``."""
+    return "[" + ", ".join(sorted(repr(k) for k in keys)) + "]"
+
+
+def _check_keys(state: Mapping[Any, Any], expected: Mapping[str, Expected], where: str) -> None:
+    wanted = {STEP, *expected}
+    if set(state) != wanted:
+        missing, extra = wanted - set(state), set(state) - wanted
+        raise ValueError(
+            f"{where}: the state does not fit this optimizer's rule (keys {_keys(state)}; "
+            f"missing {_keys(missing)}, unexpected {_keys(extra)}; the rule keeps "
+            f"{[STEP, *expected]}): is it another optimizer's state?"
+        )
+
+
+def _check_tensor(value: Any, key: str, shape: Tuple[int, ...], where: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"{where}: state {key!r} has shape {tuple(value.shape)}, but the rule keeps a state "
+            f"of shape {tuple(shape)} for this parameter (was the parameter resized after its "
+            "first step?)"
+        )
+    return value
 
 
 def check_loaded(
@@ -95,24 +120,10 @@ def check_loaded(
         raise ValueError(f"{where}: its state must be a dict, got {type(saved).__name__}")
     if not saved:
         return {}
-    wanted = {STEP, *expected}
-    if set(saved) != wanted:
-        missing, extra = wanted - set(saved), set(saved) - wanted
-        raise ValueError(
-            f"{where}: the state does not fit this optimizer's rule (keys {_keys(saved)}; "
-            f"missing {_keys(missing)}, unexpected {_keys(extra)}; the rule keeps "
-            f"{[STEP, *expected]}): is it another optimizer's state?"
-        )
+    _check_keys(saved, expected, where)
     converted = {STEP: step_count(saved[STEP], f"{where}: state 'step'")}
     for key, (shape, dtype) in expected.items():
-        value = saved[key]
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value).__name__}")
-        if tuple(value.shape) != tuple(shape):
-            raise ValueError(
-                f"{where}: state {key!r} has shape {tuple(value.shape)}, but the rule keeps a "
-                f"state of shape {tuple(shape)} for this parameter"
-            )
+        value = _check_tensor(saved[key], key, shape, where)
         if dtype.is_floating_point:
             if not value.is_floating_point():
                 raise ValueError(
@@ -127,6 +138,25 @@ def check_loaded(
                 )
             converted[key] = value.to(device=device, copy=True)
     return converted
+
+
+def check_current(
+    state: Mapping[str, Any], expected: Mapping[str, Expected], where: str
+) -> Mapping[str, Any]:
+    """The stored ``state`` of a parameter about to step, checked against the rule's schema for
+    the parameter's current shape (keys, each tensor's shape and storage dtype): a parameter
+    resized after its first step, or a state edited by hand, is refused (``ValueError`` naming
+    ``where`` and the key) before the rule runs. Returned as it is, or copied with its step
+    count made a 0-d int64 tensor."""
+    _check_keys(state, expected, where)
+    for key, (shape, dtype) in expected.items():
+        value = _check_tensor(state[key], key, shape, where)
+        if value.dtype != dtype:
+            raise ValueError(f"{where}: state {key!r} has dtype {value.dtype}, expected {dtype}")
+    step = state[STEP]
+    if isinstance(step, Tensor) and step.dtype == torch.int64 and step.dim() == 0:
+        return state
+    return {**state, STEP: step_count(step, f"{where}: state 'step'")}
 
 
 def check_result(

@@ -70,6 +70,7 @@ class Strategy(abc.ABC):
         self.dtype = artifact.dtype
         self.state_dtype = state_dtype
         self._names: Dict[int, List[str]] = {}
+        self._expected: Dict[Tuple[int, Tuple[int, ...]], Dict[str, Expected]] = {}
 
     def _transform(self, index: int) -> Transform:
         return self.transforms[0]
@@ -105,12 +106,17 @@ class Strategy(abc.ABC):
     def expected_state(self, index: int, param: Tensor) -> Dict[str, Expected]:
         """The shape and storage dtype of each of parameter ``index``'s state tensors (``step``
         aside), found without allocating them (the rule's initial state on the ``meta``
-        device)."""
-        try:
-            state = self.initial_state(index, torch.empty_like(param, device="meta"))
-        except (RuntimeError, NotImplementedError):  # an init_state that reads values
-            state = self.initial_state(index, param)
-        return {k: Expected(tuple(v.shape), v.dtype) for k, v in state.items() if k != STEP}
+        device), once per transform and parameter shape."""
+        key = (id(self._transform(index)), tuple(param.shape))
+        expected = self._expected.get(key)
+        if expected is None:
+            try:
+                state = self.initial_state(index, torch.empty_like(param, device="meta"))
+            except (RuntimeError, NotImplementedError):  # an init_state that reads values
+                state = self.initial_state(index, param)
+            expected = {k: Expected(tuple(v.shape), v.dtype) for k, v in state.items() if k != STEP}
+            self._expected[key] = expected
+        return expected
 
     def _read(self, index: int, state: State) -> Tuple[List[str], List[Tensor]]:
         """The names and tensors of a stored state, in the rule's order."""
