@@ -98,3 +98,101 @@ def test_catalog():
     assert isinstance(build_transform("learned-step-size", {"step_size": 0.5}), LearnedStepSize)
     with pytest.raises(ValueError, match="Unknown transform: 'rmsprop'"):
         build_transform("rmsprop")
+
+
+# -- a resumed run keeps its settings, unless a change is asked for by name ---------------------
+
+
+def _base(path):
+    return ["--transform", "learned-step-size", *SMALL[2:], "--output", str(path)]
+
+
+def test_resume_refuses_a_changed_meta_lr(tmp_path, capsys):
+    path = tmp_path / "run.pt"
+    _train(["--meta-steps", "2", "--meta-lr", "0.001", *_base(path)])
+    saved = path.read_bytes()
+    argv = ["train", "--meta-steps", "4", "--meta-lr", "0.01", "--resume", *_base(path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "compiledopt train: --resume: meta_lr is 0.001 in the checkpoint, 0.01 now "
+        "(pass --allow-changes meta_lr to change them deliberately)"
+    ]
+    assert path.read_bytes() == saved
+
+
+def test_resume_names_every_changed_setting(tmp_path, capsys):
+    path = tmp_path / "run.pt"
+    _train(["--meta-steps", "2", *_base(path)])
+    argv = ["train", "--meta-steps", "4", "--inner-lr", "0.5", "--clip-norm", "3", "--resume"]
+    assert cli.main([*argv, *_base(path)]) == 2
+    err = capsys.readouterr().err
+    assert "inner_lr is 0.1 in the checkpoint, 0.5 now" in err
+    assert "clip_norm is 1.0 in the checkpoint, 3.0 now" in err
+    assert "--allow-changes inner_lr,clip_norm" in err
+
+
+def test_resume_may_run_longer_and_evaluate_differently(tmp_path):
+    path = tmp_path / "run.pt"
+    _train(["--meta-steps", "2", *_base(path)])
+    _train(["--meta-steps", "3", "--resume", *_base(path), "--eval-every", "3"])
+    state = torch.load(path, weights_only=True)
+    assert state["meta_step"] == 3
+    assert (state["config"]["meta_steps"], state["config"]["eval_every"]) == (3, 3)
+
+
+def test_an_allowed_change_runs_and_is_recorded(tmp_path):
+    path = tmp_path / "run.pt"
+    _train(["--meta-steps", "2", "--meta-lr", "0.001", *_base(path)])
+    text = _train(
+        [
+            *["--meta-steps", "3", "--meta-lr", "0.01", "--resume"],
+            *["--allow-changes", "meta_lr", *_base(path)],
+        ]
+    )
+    assert "meta_lr: 0.001 -> 0.01" in text
+    state = torch.load(path, weights_only=True)
+    assert state["meta_step"] == 3
+    assert state["config"]["meta_lr"] == 0.01
+    assert [g["lr"] for g in state["meta_optimizer"]["param_groups"]] == [0.01]
+    assert state["metadata"]["config_changes"] == [
+        {"meta_step": 2, "setting": "meta_steps", "from": 2, "to": 3},
+        {"meta_step": 2, "setting": "meta_lr", "from": 0.001, "to": 0.01},
+    ]
+
+
+def test_an_allowed_change_of_the_inner_lr_is_kept_on_the_next_resume(tmp_path, capsys):
+    path = tmp_path / "run.pt"
+    _train(["--meta-steps", "1", *_base(path)])
+    changed = ["--inner-lr", "0.05", "--resume", *_base(path)]
+    _train(["--meta-steps", "2", "--allow-changes", "inner_lr", *changed])
+    # the checkpoint now records 0.05: resuming with it needs no permission, the old lr does
+    _train(["--meta-steps", "3", *changed])
+    assert cli.main(["train", "--meta-steps", "4", "--resume", *_base(path)]) == 2
+    assert "inner_lr is 0.05 in the checkpoint, 0.1 now" in capsys.readouterr().err
+    state = torch.load(path, weights_only=True)
+    assert [(c["meta_step"], c["setting"]) for c in state["metadata"]["config_changes"]] == [
+        (1, "meta_steps"),
+        (1, "inner_lr"),
+        (2, "meta_steps"),
+    ]
+
+
+def test_es_resume_refuses_a_changed_setting_before_any_work(tmp_path, capsys):
+    path = tmp_path / "es.pt"
+    base = [
+        *["--estimator", "pes", "--transform", "coordinate-mlp"],
+        *["--transform-kwargs", '{"hidden_sizes": [4]}', "--unroll", "2", "--horizon", "4"],
+        *["--min-horizon", "2", "--pairs", "1", "--tasks-per-step", "1", "--eval-every", "0"],
+        *["--eval-tasks", "1", "--eval-steps", "2", "--no-progress", "--output", str(path)],
+    ]
+    _train(["--meta-steps", "1", *base])
+    saved = path.read_bytes()
+    assert cli.main(["train", "--meta-steps", "2", "--sigma", "0.5", "--resume", *base]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: sigma is 0.01 in the checkpoint, 0.5 now" in err
+    assert "--allow-changes" not in err  # evolution strategies cannot change it on resume
+    assert path.read_bytes() == saved
+    kwargs = ["--transform-kwargs", '{"hidden_sizes": [8]}']
+    assert cli.main(["train", "--meta-steps", "2", "--resume", *base, *kwargs]) == 2
+    assert "transform_kwargs is" in capsys.readouterr().err

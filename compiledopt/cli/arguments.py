@@ -1,19 +1,46 @@
-"""Argument types and helpers shared by the ``compiledopt`` commands."""
+"""Argument types and checks shared by the ``compiledopt`` commands.
+
+The argparse types (:func:`positive_int`, :func:`random_seed`, :func:`names_of`, ...) refuse a
+bad value with an ``argparse.ArgumentTypeError`` naming it, so argparse prints the option and the
+message and exits with status 2. The path checks (:func:`check_output_file`,
+:func:`check_output_directory`, :func:`check_input_file`, :func:`check_work_directory`) run before
+a command does any work and raise the errors that ``compiledopt`` turns into one line on stderr
+(``ValueError`` and the ``OSError`` kinds).
+"""
 
 import argparse
 import json
 import math
-from typing import List
+import os
+from typing import Callable, List, Optional, Sequence
 
-__all__ = ["comma_list", "json_object", "non_negative_int", "positive_float", "positive_int"]
+__all__ = [
+    "SEED_LIMIT",
+    "check_input_file",
+    "check_output_directory",
+    "check_output_file",
+    "check_work_directory",
+    "comma_list",
+    "int_list",
+    "json_object",
+    "names_of",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "random_seed",
+]
+
+#: Seeds are integers in ``[0, SEED_LIMIT)``: task seeds are derived from them by products that
+#: must stay within the 64 bits of a torch generator's seed.
+SEED_LIMIT = 2**31
 
 
-def _integer(text: str, minimum: int, kind: str) -> int:
+def _integer(text: str, minimum: int, kind: str, limit: Optional[int] = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
-    if value < minimum:
+    if value < minimum or (limit is not None and value >= limit):
         raise argparse.ArgumentTypeError(f"must be {kind}, got {value}")
     return value
 
@@ -28,8 +55,13 @@ def non_negative_int(text: str) -> int:
     return _integer(text, 0, "an integer >= 0")
 
 
+def random_seed(text: str) -> int:
+    """argparse type: a random seed, an integer in ``[0, 2**31)``."""
+    return _integer(text, 0, "an integer in [0, 2**31)", SEED_LIMIT)
+
+
 def positive_float(text: str) -> float:
-    """argparse type: a positive finite number, or an error naming the value."""
+    """argparse type: a positive finite number (not ``nan`` nor ``inf``), or an error naming it."""
     try:
         value = float(text)
     except ValueError:
@@ -52,4 +84,133 @@ def json_object(text: str) -> dict:
 
 def comma_list(text: str) -> List[str]:
     """The non-empty items of a comma-separated list: ``"onnx,,aoti"`` -> ``["onnx", "aoti"]``."""
-    return [item for item in text.split(",") if item]
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _items(text: str, what: str) -> List[str]:
+    items = comma_list(text)
+    if not items:
+        raise argparse.ArgumentTypeError(f"needs at least one {what}, got {text!r}")
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{what} {repeated[0]!r} repeated in {text!r}")
+    return items
+
+
+def names_of(choices: Sequence[str], what: str) -> Callable[[str], List[str]]:
+    """argparse type: a non-empty comma-separated list of distinct names out of ``choices``."""
+
+    def names(text: str) -> List[str]:
+        items = _items(text, what)
+        unknown = [item for item in items if item not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {unknown[0]!r} (choose from {', '.join(choices)})"
+            )
+        return items
+
+    names.__name__ = f"{what} list"  # what argparse calls the type in its messages
+    return names
+
+
+def int_list(
+    item: Callable[[str], int], what: str, limit: Optional[int] = None
+) -> Callable[[str], List[int]]:
+    """argparse type: a non-empty comma-separated list of distinct integers, each checked by the
+    argparse type ``item`` and below ``limit`` (when given)."""
+
+    def integers(text: str) -> List[int]:
+        try:
+            values = [item(entry) for entry in _items(text, what)]
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(
+                f"must be comma-separated integers ({what}s), got {text!r}: {error}"
+            ) from None
+        too_large = [v for v in values if limit is not None and v > limit]
+        if too_large:
+            raise argparse.ArgumentTypeError(f"{what} {too_large[0]} is above {limit}")
+        if len(set(values)) < len(values):
+            raise argparse.ArgumentTypeError(f"a {what} is repeated in {text!r}")
+        return values
+
+    integers.__name__ = f"{what} list"
+    return integers
+
+
+# -- paths, checked before any work -------------------------------------------------------------
+
+
+def check_input_file(path: str, option: str) -> str:
+    """``path`` if it is an existing, readable regular file; else an error naming ``option``."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{option}: needs a file path, got {path!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{option} {path}: No such file or directory")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{option} {path}: is a directory, not a file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{option} {path}: not readable")
+    return path
+
+
+def _check_writable_location(path: str, option: str, folder: Optional[str] = None) -> None:
+    """Refuse ``path`` unless it can be created: the nearest existing one of ``folder`` (default:
+    the folder of ``path``) and its ancestors must be a directory in which a file can be created
+    (tried with a probe file, removed at once)."""
+    folder = os.path.abspath(folder if folder is not None else os.path.dirname(path) or ".")
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"{option} {path}: {folder} is a file, not a directory")
+    probe = os.path.join(folder, f".compiledopt-write-probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as error:
+        raise PermissionError(
+            f"{option} {path}: cannot write to {folder} ({error.strerror or error})"
+        ) from None
+    os.unlink(probe)
+
+
+def check_output_file(path: str, option: str, exists_ok: bool = True) -> str:
+    """``path`` if a file can be written there: not a directory, in a folder that exists or can
+    be created and is writable (checked now, before any work); else an error naming ``option``.
+    With ``exists_ok=False`` an existing file is refused too."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{option}: needs a file path, got {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{option} {path}: is a directory, not a file")
+    if os.path.exists(path) and not exists_ok:
+        raise FileExistsError(f"{option} {path}: exists")
+    _check_writable_location(path, option)
+    return path
+
+
+def check_output_directory(path: str, option: str, overwrite: bool) -> str:
+    """``path`` if an artifact directory can be written there: not a file, not an existing
+    directory unless ``overwrite`` (and then only an artifact directory, with a
+    ``manifest.json``, or an empty one: never a folder of other files), in a writable place."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{option}: needs a directory path, got {path!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{option} {path}: is a file, not a directory")
+    if os.path.isdir(path):
+        if not overwrite:
+            raise FileExistsError(f"{option} {path}: exists (pass --overwrite to replace it)")
+        if os.listdir(path) and not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise FileExistsError(
+                f"{option} {path}: exists and is not an artifact directory (no manifest.json); "
+                "refusing to replace it"
+            )
+    _check_writable_location(path, option)
+    return path
+
+
+def check_work_directory(path: str, option: str) -> str:
+    """``path`` if it is a directory, or can be created, in which files can be written."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{option}: needs a directory path, got {path!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{option} {path}: is a file, not a directory")
+    _check_writable_location(path, option, folder=path)
+    return path

@@ -10,10 +10,11 @@ in a checkout.
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import List, TextIO
 
-from compiledopt.cli.arguments import comma_list, positive_int
+from compiledopt.cli.arguments import check_output_file, comma_list, positive_int
 
 __all__ = ["MODELS", "add_parser", "run"]
 
@@ -22,8 +23,25 @@ MODELS = ("mlp", "convnet", "transformer")
 
 
 def _thread_counts(text: str) -> List[int]:
-    """argparse type: comma-separated positive thread counts."""
-    return [positive_int(item) for item in comma_list(text)]
+    """argparse type: comma-separated positive thread counts, at most the machine's cores."""
+    counts = [positive_int(item) for item in comma_list(text)]
+    if not counts:
+        raise argparse.ArgumentTypeError(f"needs at least one thread count, got {text!r}")
+    cores = os.cpu_count() or 1
+    above = [count for count in counts if count > cores]
+    if above:
+        raise argparse.ArgumentTypeError(
+            f"{above[0]} threads: this machine has {cores} cores (got {text!r})"
+        )
+    return counts
+
+
+def _backend_names(text: str) -> List[str]:
+    """argparse type: comma-separated backend names (checked against the artifact later)."""
+    names = comma_list(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"needs at least one backend, got {text!r}")
+    return names
 
 
 def add_parser(
@@ -49,7 +67,7 @@ def add_parser(
     )
     parser.add_argument(
         "--backends",
-        type=comma_list,
+        type=_backend_names,
         default=None,
         help="comma-separated FrozenOptimizer backends, or compiled-bf16 (compiled with bfloat16 "
         "state) (default: eager, compiled and every backend the artifact has)",
@@ -84,6 +102,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         from compiledopt.cli.requirements import require
 
         require("matplotlib", "bench")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_output_file(path, option)  # before minutes of timing
     from compiledopt import bench
     from compiledopt.pretrained import resolve
 

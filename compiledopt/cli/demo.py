@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, TextIO
 
-from compiledopt.cli.arguments import comma_list, positive_int
+from compiledopt.cli.arguments import check_work_directory, comma_list, positive_int, random_seed
 from compiledopt.cli.requirements import require, require_task_family
 
 __all__ = ["KWARGS", "TRANSFORM", "add_parser", "run", "run_pipeline"]
@@ -61,6 +61,8 @@ def run_pipeline(
     from compiledopt.meta.launch import make_family
 
     backends = BACKENDS if backends is None else tuple(backends)
+    if not backends:
+        raise ValueError("backends: needs at least one export backend, got none")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:  # before minutes of meta-training, not at the export
         raise ValueError(f"Unknown backend: {unknown[0]!r} (choose from {BACKENDS})")
@@ -192,17 +194,21 @@ def add_parser(
         default=",".join(BACKENDS),
         help=f"comma-separated subset of {','.join(BACKENDS)} (default: all)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=random_seed, default=0, help="in [0, 2**31) (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    """The ``demo`` command: :func:`run_pipeline` with the command's options."""
+    """The ``demo`` command: :func:`run_pipeline` with the command's options (checked first)."""
+    backends = comma_list(args.backends)
+    if not backends:
+        raise ValueError(f"--backends {args.backends!r}: needs at least one backend")
+    check_work_directory(args.workdir, "--workdir")
     run_pipeline(
         args.workdir,
         args.meta_steps,
-        backends=comma_list(args.backends),
+        backends=backends,
         finetune_steps=args.finetune_steps,
         seed=args.seed,
         out=out,

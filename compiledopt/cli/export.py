@@ -1,21 +1,23 @@
 """The ``compiledopt export`` command: a ``compiledopt train`` checkpoint -> an artifact."""
 
 import argparse
+import math
 import time
-from typing import List, TextIO
+from typing import Any, TextIO
 
-from compiledopt.cli.arguments import comma_list, json_object, positive_float
+from compiledopt.cli.arguments import (
+    check_output_directory,
+    int_list,
+    json_object,
+    names_of,
+    non_negative_int,
+    positive_float,
+)
 
-__all__ = ["add_parser", "run"]
+__all__ = ["RANKS", "add_parser", "run"]
 
-
-def _ranks(text: str) -> List[int]:
-    """argparse type: comma-separated parameter ranks, e.g. ``"1,2"``."""
-    try:
-        return [int(item) for item in comma_list(text)]
-    except ValueError:
-        message = f"must be comma-separated integers, got {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
+#: The parameter ranks an artifact can hold graphs for.
+RANKS = (0, 1, 2, 3, 4, 5)
 
 
 def add_parser(
@@ -34,14 +36,15 @@ def add_parser(
     parser.add_argument("--output", required=True, help="the artifact directory to create")
     parser.add_argument(
         "--backends",
-        default=",".join(BACKENDS),
+        type=names_of(BACKENDS, "backend"),
+        default=list(BACKENDS),
         help=f"comma-separated subset of {','.join(BACKENDS)} (default: all)",
     )
     parser.add_argument(
         "--ranks",
-        type=_ranks,
-        default="0,1,2,3,4,5",
-        help="parameter ranks to export ONNX/AOTI graphs for (default: 0-5)",
+        type=int_list(non_negative_int, "rank", limit=max(RANKS)),
+        default=list(RANKS),
+        help="parameter ranks to export ONNX/AOTI graphs for, out of 0-5 (default: all)",
     )
     parser.add_argument(
         "--lr",
@@ -63,40 +66,69 @@ def add_parser(
     return parser
 
 
+def _field(holder: Any, key: str, kind: type, where: str) -> Any:
+    value = holder.get(key) if isinstance(holder, dict) else None
+    if not isinstance(value, kind):
+        raise ValueError(f"{where} has no {key} (write it with `compiledopt train`)")
+    return value
+
+
+def _lr(value: Any, source: str) -> float:
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (finite and math.isfinite(value) and value > 0):
+        raise ValueError(f"{source} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``export`` command: checkpoint -> shape-agnostic artifact, its ``training`` block the
     checkpoint's ``metadata["training"]`` updated with ``--training`` (none if both are absent);
-    the block's ``lr`` is the manifest's (``--lr``, else the block's, else the inner lr)."""
-    import torch
-
+    the block's ``lr`` is the manifest's (``--lr``, else the block's, else the inner lr).
+    Everything is checked (the output folder, the checkpoint, its weights) before the export."""
+    check_output_directory(args.output, "--output", args.overwrite)
+    from compiledopt.cli.checkpoints import load_checkpoint
     from compiledopt.export import export_shape_agnostic
     from compiledopt.learned.catalog import build_transform
 
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    source = f"checkpoint {args.checkpoint}"
+    state = load_checkpoint(args.checkpoint, "checkpoint")
     metadata = state.get("metadata") or {}
-    spec = metadata.get("transform_spec")
-    if not spec:
-        raise ValueError(
-            f"{args.checkpoint} has no transform spec (write it with `compiledopt train`)"
-        )
-    transform = build_transform(spec["name"], spec.get("kwargs"))
-    transform.load_state_dict(state["transform"])
-    backends = comma_list(args.backends)
+    spec = metadata.get("transform_spec") if isinstance(metadata, dict) else None
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"{source} has no transform spec (write it with `compiledopt train`)")
+    name = _field(spec, "name", str, f"{source}: its transform_spec")
+    kwargs = spec.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{source}: its transform_spec kwargs are not a dict: {kwargs!r}")
+    try:
+        transform = build_transform(name, kwargs)
+    except TypeError as error:
+        raise ValueError(f"{source}: transform {name} {kwargs}: {error}") from None
+    try:
+        transform.load_state_dict(_field(state, "transform", dict, source))
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"{source}: its weights do not fit {name} {kwargs} ({first})") from None
+    backends = list(args.backends)
     training = metadata.get("training")
     if training is not None and not isinstance(training, dict):
-        raise ValueError(f"{args.checkpoint}: metadata['training'] is not a dict: {training!r}")
+        raise ValueError(f"{source}: metadata['training'] is not a dict: {training!r}")
     if training is not None or args.training is not None:
+        if args.training is not None and "lr" in args.training:
+            _lr(args.training["lr"], "--training: lr")
         training = {**(training or {}), **(args.training or {})}
     lr = args.lr
     if lr is None and training and "lr" in training:
-        lr = float(training["lr"])
-    lr = lr if lr is not None else float(state["config"]["inner_lr"])
+        lr = _lr(training["lr"], f"{source}: metadata['training']['lr']")
+    if lr is None:
+        config = _field(state, "config", dict, source)
+        lr = _lr(config.get("inner_lr"), f"{source}: its config's inner_lr")
     if training is not None:
         training["lr"] = lr
     start = time.perf_counter()
     path = export_shape_agnostic(
         args.output,
-        {"kind": "shape_agnostic", "name": spec["name"], "kwargs": spec.get("kwargs", {})},
+        {"kind": "shape_agnostic", "name": name, "kwargs": kwargs},
         transform,
         backends=backends,
         ranks=args.ranks,

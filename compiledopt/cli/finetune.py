@@ -19,7 +19,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, TextIO, Tuple
 
-from compiledopt.cli.arguments import comma_list, positive_float, positive_int
+from compiledopt.cli.arguments import comma_list, positive_float, positive_int, random_seed
 from compiledopt.cli.requirements import require
 
 if TYPE_CHECKING:
@@ -27,7 +27,16 @@ if TYPE_CHECKING:
 
     from compiledopt.export import Artifact
 
-__all__ = ["ADAMW_SWEEP", "BATCH", "add_parser", "digits_split", "pretrain", "run", "run_finetune"]
+__all__ = [
+    "ADAMW_SWEEP",
+    "BATCH",
+    "add_parser",
+    "check_backends",
+    "digits_split",
+    "pretrain",
+    "run",
+    "run_finetune",
+]
 
 ADAMW_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 BATCH = 64
@@ -157,6 +166,7 @@ def run_finetune(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Invalid steps: {steps!r}")
     backends = list(backends or ["eager", "compiled", *artifact.backends])
+    check_backends(artifact, backends)  # before anything is trained
     x, y, held_x, held_y = digits_split(range(5, 10), seed + 1)
     batches = _batches(x, y, steps, seed + 2)
     start = pretrain(seed)
@@ -207,6 +217,19 @@ def run_finetune(
     return results
 
 
+def check_backends(artifact: Artifact, backends: Sequence[str]) -> None:
+    """Refuse a FrozenOptimizer backend that ``artifact`` cannot run, naming it."""
+    from compiledopt.runtime.frozen_optimizer import BUILT_IN_BACKENDS
+
+    available = ["auto", *BUILT_IN_BACKENDS, *artifact.backends]
+    unknown = [b for b in backends if b not in available]
+    if unknown:
+        raise ValueError(
+            f"--backends: {artifact.path} has no backend {unknown[0]!r} "
+            f"(available: {', '.join(available)})"
+        )
+
+
 def add_parser(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
@@ -232,12 +255,14 @@ def add_parser(
         default=None,
         help="the frozen optimizer's lr (default: the artifact's)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=random_seed, default=0, help="in [0, 2**31) (default: 0)")
     return parser
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``finetune`` command: :func:`run_finetune` with the command's options."""
-    backends = comma_list(args.backends) if args.backends else None
+    backends = comma_list(args.backends) if args.backends is not None else None
+    if backends is not None and not backends:
+        raise ValueError(f"--backends {args.backends!r}: needs at least one backend")
     run_finetune(args.artifact, args.steps, backends, args.lr, args.seed, out)
     return 0

@@ -34,6 +34,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     from compiledopt.export import load_artifact
 
     if args.list:
+        if args.artifact is not None:
+            raise ValueError(f"--list takes no artifact, got {args.artifact!r}")
         return _list(out)
     if args.artifact is None:
         raise ValueError("name an artifact directory or a packaged optimizer, or pass --list")

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
 from compiledopt._validation import check_lr
-from compiledopt.cli.arguments import positive_int
+from compiledopt.cli.arguments import positive_int, random_seed
 
 if TYPE_CHECKING:
     import torch
@@ -381,7 +381,7 @@ def add_parser(
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=random_seed,
         default=0,
         help="seed of the task, the init and the minibatches (default: 0)",
     )

@@ -3,7 +3,7 @@
 import argparse
 from typing import TextIO
 
-from compiledopt.cli.arguments import positive_float, positive_int
+from compiledopt.cli.arguments import positive_float, positive_int, random_seed
 
 __all__ = ["add_parser", "run"]
 
@@ -26,7 +26,7 @@ def add_parser(
         default=1e-6,
         help="largest relative error accepted (default: 1e-6)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=random_seed, default=0, help="in [0, 2**31) (default: 0)")
     return parser
 
 

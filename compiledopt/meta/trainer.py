@@ -20,7 +20,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,8 @@ from compiledopt.tasks.base import Task, TaskFamily
 from compiledopt.transforms.base import Transform
 
 CHECKPOINT_FORMAT = 1
+# Settings a resumed run may change: how long it runs and how it is monitored.
+RESUMABLE_CHANGES = ("meta_steps", "eval_every", "checkpoint_every")
 
 
 @dataclass
@@ -327,10 +329,19 @@ class MetaTrainer:
             ],
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any], allow_changes: Sequence[str] = ()) -> None:
+        """Resume from :meth:`state_dict`. Refuses a run of another family, transform or slot
+        layout, and one whose config differs from the checkpoint's in a field that is neither
+        in :data:`RESUMABLE_CHANGES` nor in ``allow_changes`` (the message names each such field
+        with both values). The changes accepted are appended to ``metadata["config_changes"]``
+        (with the history the checkpoint carried), so the checkpoint records what ran."""
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"unknown checkpoint format {state.get('format')!r} (expected {CHECKPOINT_FORMAT})"
+            )
+        if state.get("trainer", "tbptt") != "tbptt":
+            raise ValueError(
+                f"a {state.get('trainer')!r} checkpoint, not one of truncated back-propagation"
             )
         if state["family"] != {"name": self.family.name, "seed": self.family.seed}:
             raise ValueError(
@@ -344,9 +355,17 @@ class MetaTrainer:
             )
         if [s["slot_id"] for s in state["slots"]] != [s.slot_id for s in self.slots]:
             raise ValueError("checkpoint was written with a different task-slot layout")
+        changes = self._config_changes(state["config"], allow_changes)
         self.transform.load_state_dict(state["transform"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        for group in self.meta_optimizer.param_groups:  # the lr of this run, not the saved one
+            group["lr"] = self.config.meta_lr
         self.meta_step = int(state["meta_step"])
+        history = list((state.get("metadata") or {}).get("config_changes", []))
+        if history or changes:
+            self.metadata["config_changes"] = history + [
+                {"meta_step": self.meta_step, **change} for change in changes
+            ]
         self.skipped_tasks = int(state["skipped_tasks"])
         self.skipped_steps = int(state["skipped_steps"])
         self.history = list(state["history"])
@@ -363,6 +382,31 @@ class MetaTrainer:
             else:
                 slot.task = None
 
+    def _config_changes(
+        self, saved: Dict[str, Any], allow_changes: Sequence[str]
+    ) -> List[Dict[str, Any]]:
+        mine = dataclasses.asdict(self.config)
+        unknown = sorted(set(allow_changes) - set(mine))
+        if unknown:
+            raise ValueError(f"allow_changes: unknown config fields {unknown}")
+        changes = [
+            {"setting": name, "from": value, "to": mine[name]}
+            for name, value in saved.items()
+            if name in mine and value != mine[name]
+        ]
+        refused = [
+            c
+            for c in changes
+            if c["setting"] not in RESUMABLE_CHANGES and c["setting"] not in allow_changes
+        ]
+        if refused:
+            raise ValueError(
+                "checkpoint config differs from this run's: "
+                + "; ".join(f"{c['setting']} {c['from']!r} -> {c['to']!r}" for c in refused)
+                + " (allow_changes names the fields a resumed run may change)"
+            )
+        return changes
+
     def save(self, path: str) -> str:
         """Write a checkpoint (one file per rank under torch.distributed); returns the path."""
         target = path if self.world == 1 else f"{path}.rank{self.rank}"
@@ -371,10 +415,12 @@ class MetaTrainer:
         os.replace(tmp, target)
         return target
 
-    def load(self, path: str) -> None:
-        """Resume from a checkpoint written by :meth:`save` (never unpickles arbitrary objects)."""
+    def load(self, path: str, allow_changes: Sequence[str] = ()) -> None:
+        """Resume from a checkpoint written by :meth:`save` (never unpickles arbitrary objects);
+        ``allow_changes`` as in :meth:`load_state_dict`."""
         source = path if self.world == 1 else f"{path}.rank{self.rank}"
-        self.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        self.load_state_dict(state, allow_changes)
 
 
 def _distributed() -> bool:

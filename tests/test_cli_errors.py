@@ -1,0 +1,471 @@
+"""Every bad ``compiledopt`` invocation: status 2, one line naming the bad value, no traceback,
+nothing written, and no long work (meta-training, export, fine-tuning, timing) before it stops.
+
+Each case of :data:`CASES` runs ``compiledopt.cli.main`` in-process with the heavy entry points
+replaced by functions that fail the test, so a refusal that comes after any real work fails.
+Argument errors exit through argparse (``SystemExit(2)``, usage, then ``error:`` naming the
+option); the others return 2 after one line ``compiledopt <command>: <message>``.
+"""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from compiledopt import cli
+from compiledopt.cli import main
+
+TINY = [
+    "--transform",
+    "learned-step-size",
+    "--meta-steps",
+    "1",
+    "--unroll",
+    "2",
+    "--horizon",
+    "4",
+    "--tasks-per-step",
+    "1",
+    "--eval-every",
+    "0",
+    "--eval-tasks",
+    "1",
+    "--eval-steps",
+    "2",
+    "--no-progress",
+]
+PES = [
+    "--estimator",
+    "pes",
+    "--transform",
+    "learned-step-size",
+    "--meta-steps",
+    "1",
+    "--unroll",
+    "2",
+    "--horizon",
+    "4",
+    "--min-horizon",
+    "2",
+    "--pairs",
+    "1",
+    "--tasks-per-step",
+    "1",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Inputs for the cases: a real checkpoint, and files that are not what they claim to be."""
+    root = tmp_path_factory.mktemp("inputs")
+    checkpoint = root / "run.pt"
+    assert main(["train", *TINY, "--output", str(checkpoint)]) == 0
+    (root / "random.bin").write_bytes(os.urandom(2000))
+    (root / "object.json").write_text('{"a": 1}')
+    (root / "empty.pt").write_bytes(b"")
+    (root / "list.json").write_text("[1, 2]")
+    (root / "bad.json").write_text("{not json")
+    (root / "unknown.json").write_text('{"bogus_key": 1}')
+    (root / "zero-steps.json").write_text('{"meta_steps": 0}')
+    (root / "text-seed.json").write_text('{"seed": "x"}')
+    (root / "list-kwargs.json").write_text('{"transform_kwargs": [1]}')
+    (root / "nan-lr.json").write_text('{"inner_lr": NaN}')
+    torch.save([1, 2], root / "list.pt")
+    torch.save({"metadata": {"transform_spec": {"name": "learned-step-size"}}}, root / "bare.pt")
+    (root / "folder").mkdir()
+    (root / "folder" / "keep.txt").write_text("not an artifact")
+    return root
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A directory in which no file can be created."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield str(folder)
+        folder.chmod(0o755)
+    elif os.path.isdir("/proc/self"):  # root writes anywhere, except in /proc
+        yield "/proc"
+    else:
+        pytest.skip("no unwritable directory here")
+
+
+@pytest.fixture(autouse=True)
+def no_long_work(monkeypatch, tmp_path):
+    """Fail the test if a case reaches meta-training, export, fine-tuning or timing; run it in
+    an empty folder (where the default outputs would go)."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    import compiledopt.bench
+    import compiledopt.cli.finetune
+    import compiledopt.cli.meta_descent
+    import compiledopt.export
+    import compiledopt.export.verify
+    import compiledopt.meta.launch
+    from compiledopt.meta import MetaTrainer
+    from compiledopt.meta.es import ESTrainer
+
+    def refuse(*args, **kwargs):
+        pytest.fail("a bad invocation started its long work before refusing")
+
+    monkeypatch.setattr(MetaTrainer, "train", refuse)
+    monkeypatch.setattr(ESTrainer, "train", refuse)
+    monkeypatch.setattr(compiledopt.meta.launch, "run_es", refuse)
+    monkeypatch.setattr(compiledopt.export, "export_shape_agnostic", refuse)
+    monkeypatch.setattr(compiledopt.export.verify, "verify_artifact", refuse)
+    monkeypatch.setattr(compiledopt.cli.finetune, "pretrain", refuse)
+    monkeypatch.setattr(compiledopt.bench, "benchmark", refuse)
+    monkeypatch.setattr(compiledopt.cli.meta_descent, "run_demo", refuse)
+
+
+# (id, argv with {in} = the inputs folder, {out} = a folder that must not appear, {ro} = an
+#  unwritable folder; argparse: whether argparse refuses it; what the message must contain)
+CASES = [
+    # -- train: numbers, conflicts, files ------------------------------------------------------
+    ("train-horizon-not-multiple", ["train", *TINY, "--horizon", "5"], False, "--horizon: 5"),
+    ("train-horizon-below-unroll", ["train", *TINY, "--unroll", "8"], False, "--unroll"),
+    ("train-min-horizon-above", ["train", *PES, "--min-horizon", "8"], False, "--min-horizon"),
+    ("train-unroll-above-horizon-es", ["train", *PES, "--unroll", "8"], False, "--unroll=8"),
+    ("train-zero-steps", ["train", *TINY, "--meta-steps", "0"], True, "--meta-steps"),
+    ("train-text-steps", ["train", *TINY, "--meta-steps", "two"], True, "'two'"),
+    ("train-nan-lr", ["train", *TINY, "--inner-lr", "nan"], True, "--inner-lr"),
+    ("train-inf-meta-lr", ["train", *TINY, "--meta-lr", "inf"], True, "--meta-lr"),
+    ("train-negative-clip", ["train", *TINY, "--clip-norm", "-1"], True, "--clip-norm"),
+    ("train-warmup-fraction", ["train", *PES, "--warmup-fraction", "2"], True, "--warmup"),
+    ("train-negative-seed", ["train", *TINY, "--seed", "-1"], True, "--seed"),
+    ("train-huge-seed", ["train", *TINY, "--seed", str(2**40)], True, str(2**40)),
+    ("train-unknown-device", ["train", *TINY, "--device", "nope"], False, "--device 'nope'"),
+    ("train-absent-device", ["train", *TINY, "--device", "cuda:99"], False, "--device cuda:99"),
+    ("train-es-option-tbptt", ["train", *TINY, "--pairs", "2"], False, "--pairs 2"),
+    ("train-processes-tbptt", ["train", *TINY, "--processes", "2"], False, "--processes 2"),
+    ("train-bad-transform-kwargs", ["train", *TINY, "--transform-kwargs", '{"x": 1}'], False, "x"),
+    ("train-kwargs-not-object", ["train", *TINY, "--family-kwargs", "[1]"], True, "[1]"),
+    ("train-kwargs-not-json", ["train", *TINY, "--transform-kwargs", "{no"], True, "{no"),
+    ("train-missing-config", ["train", *TINY, "--config", "{in}/none.json"], False, "none.json"),
+    ("train-config-not-json", ["train", *TINY, "--config", "{in}/bad.json"], False, "bad.json"),
+    ("train-config-binary", ["train", *TINY, "--config", "{in}/random.bin"], False, "random.bin"),
+    ("train-config-a-list", ["train", *TINY, "--config", "{in}/list.json"], False, "list.json"),
+    ("train-config-folder", ["train", *TINY, "--config", "{in}/folder"], False, "folder"),
+    ("train-config-unknown-key", ["train", "--config", "{in}/unknown.json"], False, "bogus_key"),
+    ("train-config-zero", ["train", "--config", "{in}/zero-steps.json"], False, "meta_steps"),
+    ("train-config-text-seed", ["train", "--config", "{in}/text-seed.json"], False, '"x"'),
+    ("train-config-kwargs", ["train", "--config", "{in}/list-kwargs.json"], False, "[1]"),
+    ("train-config-nan", ["train", "--config", "{in}/nan-lr.json"], False, "inner_lr"),
+    ("train-output-folder", ["train", *TINY, "--output", "{in}/folder"], False, "is a directory"),
+    (
+        "train-output-under-file",
+        ["train", *TINY, "--output", "{in}/object.json/x.pt"],
+        False,
+        "object.json",
+    ),
+    ("train-output-empty", ["train", *TINY, "--output", ""], False, "--output"),
+    (
+        "train-output-unwritable",
+        ["train", *TINY, "--output", "{ro}/x/learned.pt"],
+        False,
+        "cannot write",
+    ),
+    ("train-resume-missing", ["train", *TINY, "--output", "{out}/x.pt", "--resume"], False, "x.pt"),
+    (
+        "train-resume-random",
+        ["train", *TINY, "--output", "{in}/random.bin", "--resume"],
+        False,
+        "random.bin",
+    ),
+    (
+        "train-resume-json",
+        ["train", *TINY, "--output", "{in}/object.json", "--resume"],
+        False,
+        "object.json",
+    ),
+    (
+        "train-resume-empty",
+        ["train", *TINY, "--output", "{in}/empty.pt", "--resume"],
+        False,
+        "empty.pt",
+    ),
+    (
+        "train-resume-other-estimator",
+        ["train", *PES, "--output", "{in}/run.pt", "--resume"],
+        False,
+        "--estimator",
+    ),
+    (
+        "train-resume-other-kwargs",
+        [
+            "train",
+            *TINY,
+            "--output",
+            "{in}/run.pt",
+            "--resume",
+            "--transform-kwargs",
+            '{"step_size": 0.5}',
+        ],
+        False,
+        "transform_kwargs",
+    ),
+    (
+        "train-allow-without-resume",
+        ["train", *TINY, "--allow-changes", "meta_lr"],
+        False,
+        "--allow-changes",
+    ),
+    (
+        "train-allow-unknown",
+        ["train", *TINY, "--output", "{in}/run.pt", "--resume", "--allow-changes", "bogus"],
+        False,
+        "'bogus'",
+    ),
+    (
+        "train-allow-fixed",
+        ["train", *TINY, "--output", "{in}/run.pt", "--resume", "--allow-changes", "seed"],
+        False,
+        "seed",
+    ),
+    ("train-allow-es", ["train", *PES, "--allow-changes", "sigma"], False, "--allow-changes"),
+    ("train-export-lr-alone", ["train", *TINY, "--export-lr", "0.1"], False, "--export-lr"),
+    (
+        "train-export-backend",
+        ["train", *TINY, "--export", "{out}/a", "--export-backends", "nope"],
+        False,
+        "nope",
+    ),
+    (
+        "train-export-no-backend",
+        ["train", *TINY, "--export", "{out}/a", "--export-backends", ","],
+        False,
+        "--export-backends",
+    ),
+    ("train-export-to-file", ["train", *TINY, "--export", "{in}/object.json"], False, "--export"),
+    (
+        "train-export-to-folder",
+        ["train", *TINY, "--export", "{in}/folder"],
+        False,
+        "not an artifact",
+    ),
+    # -- export --------------------------------------------------------------------------------
+    (
+        "export-ranks-text",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--ranks", "a,b"],
+        True,
+        "'a,b'",
+    ),
+    (
+        "export-ranks-empty",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--ranks", ","],
+        True,
+        "--ranks",
+    ),
+    (
+        "export-ranks-negative",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--ranks", "-1"],
+        True,
+        "-1",
+    ),
+    (
+        "export-ranks-large",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--ranks", "9"],
+        True,
+        "9",
+    ),
+    (
+        "export-ranks-twice",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--ranks", "1,1"],
+        True,
+        "1,1",
+    ),
+    (
+        "export-no-backend",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--backends", ","],
+        True,
+        "--backends",
+    ),
+    (
+        "export-unknown-backend",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--backends", "tflite"],
+        True,
+        "tflite",
+    ),
+    (
+        "export-nan-lr",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--lr", "nan"],
+        True,
+        "--lr",
+    ),
+    (
+        "export-training-list",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--training", "[1]"],
+        True,
+        "--training",
+    ),
+    (
+        "export-training-lr",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--training", '{"lr": "abc"}'],
+        False,
+        "'abc'",
+    ),
+    ("export-missing", ["export", "{in}/none.pt", "--output", "{out}/a"], False, "none.pt"),
+    (
+        "export-random-bytes",
+        ["export", "{in}/random.bin", "--output", "{out}/a"],
+        False,
+        "random.bin",
+    ),
+    (
+        "export-json-file",
+        ["export", "{in}/object.json", "--output", "{out}/a"],
+        False,
+        "object.json",
+    ),
+    ("export-empty-file", ["export", "{in}/empty.pt", "--output", "{out}/a"], False, "empty.pt"),
+    ("export-not-a-dict", ["export", "{in}/list.pt", "--output", "{out}/a"], False, "list.pt"),
+    ("export-no-weights", ["export", "{in}/bare.pt", "--output", "{out}/a"], False, "transform"),
+    ("export-folder", ["export", "{in}/folder", "--output", "{out}/a"], False, "folder"),
+    (
+        "export-to-file",
+        ["export", "{in}/run.pt", "--output", "{in}/object.json"],
+        False,
+        "object.json",
+    ),
+    ("export-exists", ["export", "{in}/run.pt", "--output", "{in}/folder"], False, "--overwrite"),
+    (
+        "export-overwrite-other",
+        ["export", "{in}/run.pt", "--output", "{in}/folder", "--overwrite"],
+        False,
+        "not an artifact",
+    ),
+    ("export-unwritable", ["export", "{in}/run.pt", "--output", "{ro}/a"], False, "cannot write"),
+    # -- inspect, verify -----------------------------------------------------------------------
+    ("inspect-missing", ["inspect", "{out}/art"], False, "art"),
+    ("inspect-file", ["inspect", "{in}/object.json"], False, "object.json"),
+    ("inspect-no-manifest", ["inspect", "{in}/folder"], False, "manifest"),
+    ("inspect-list-and-artifact", ["inspect", "--list", "coordinate-mlp"], False, "--list"),
+    ("inspect-nothing", ["inspect"], False, "--list"),
+    ("verify-missing", ["verify", "{out}/art"], False, "art"),
+    ("verify-zero-steps", ["verify", "coordinate-mlp", "--steps", "0"], True, "--steps"),
+    ("verify-nan-tolerance", ["verify", "coordinate-mlp", "--tolerance", "nan"], True, "nan"),
+    ("verify-negative-seed", ["verify", "coordinate-mlp", "--seed", "-3"], True, "--seed"),
+    # -- finetune, bench -----------------------------------------------------------------------
+    ("finetune-missing", ["finetune", "{out}/art"], False, "art"),
+    ("finetune-no-backend", ["finetune", "coordinate-mlp", "--backends", ","], False, "--backends"),
+    (
+        "finetune-unknown-backend",
+        ["finetune", "coordinate-mlp", "--backends", "eager,nope"],
+        False,
+        "'nope'",
+    ),
+    ("finetune-inf-lr", ["finetune", "coordinate-mlp", "--lr", "inf"], True, "--lr"),
+    ("finetune-negative-steps", ["finetune", "coordinate-mlp", "--steps", "-3"], True, "-3"),
+    ("bench-missing", ["bench", "{out}/art"], False, "art"),
+    ("bench-no-thread-count", ["bench", "coordinate-mlp", "--threads", ","], True, "--threads"),
+    ("bench-too-many-threads", ["bench", "coordinate-mlp", "--threads", "100000"], True, "100000"),
+    ("bench-no-backend", ["bench", "coordinate-mlp", "--backends", ","], True, "--backends"),
+    ("bench-json-folder", ["bench", "coordinate-mlp", "--json", "{in}/folder"], False, "--json"),
+    (
+        "bench-json-unwritable",
+        ["bench", "coordinate-mlp", "--json", "{ro}/r.json"],
+        False,
+        "--json",
+    ),
+    ("bench-unknown-model", ["bench", "coordinate-mlp", "--model", "resnet"], True, "resnet"),
+    # -- demo, meta-descent, the command itself ------------------------------------------------
+    (
+        "demo-unknown-backend",
+        ["demo", "--workdir", "{out}/d", "--backends", "nope"],
+        False,
+        "'nope'",
+    ),
+    ("demo-no-backend", ["demo", "--workdir", "{out}/d", "--backends", ","], False, "--backends"),
+    ("demo-workdir-file", ["demo", "--workdir", "{in}/object.json"], False, "--workdir"),
+    ("demo-workdir-unwritable", ["demo", "--workdir", "{ro}/d"], False, "--workdir"),
+    (
+        "demo-zero-steps",
+        ["demo", "--workdir", "{out}/d", "--meta-steps", "0"],
+        True,
+        "--meta-steps",
+    ),
+    ("demo-text-seed", ["demo", "--workdir", "{out}/d", "--seed", "x"], True, "--seed"),
+    ("meta-descent-zero-steps", ["meta-descent", "--steps", "0"], True, "--steps"),
+    ("meta-descent-negative-seed", ["meta-descent", "--seed", "-5"], True, "-5"),
+    ("meta-descent-transform", ["meta-descent", "--transform", "adam"], True, "adam"),
+    ("unknown-command", ["fly"], True, "fly"),
+]
+
+
+def _fill(arg, places):
+    for name, value in places.items():
+        arg = arg.replace("{" + name + "}", value)
+    return arg
+
+
+def _invoke(argv, capsys):
+    """``main(argv)``: (status, whether argparse refused it, stderr)."""
+    try:
+        status, parsed = main(argv), True
+    except SystemExit as exit_info:
+        status, parsed = exit_info.code, False
+    return status, not parsed, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, by_argparse, needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_invocation(argv, by_argparse, needle, files, tmp_path, request, capsys):
+    out = tmp_path / "out"
+    places = {"in": str(files), "out": str(out)}
+    if any("{ro}" in a for a in argv):
+        places["ro"] = request.getfixturevalue("unwritable")
+    argv = [_fill(a, places) for a in argv]
+    before = sorted(os.listdir(files))
+    status, by_parser, err = _invoke(argv, capsys)
+    assert status == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    assert by_parser == by_argparse, err
+    if by_argparse:
+        assert lines[-1].startswith(f"compiledopt {argv[0]}: error: ") or argv[0] == "fly", err
+        assert needle in lines[-1], err
+    else:
+        assert len(lines) == 1, err
+        assert lines[0].startswith(f"compiledopt {argv[0]}: "), err
+        assert needle in lines[0], err
+    assert not out.exists(), "a refused invocation wrote its output"
+    assert os.listdir(tmp_path / "cwd") == [], "a refused invocation wrote a default output"
+    assert sorted(os.listdir(files)) == before, "a refused invocation wrote next to its inputs"
+    assert (files / "folder" / "keep.txt").read_text() == "not an artifact"
+
+
+def test_the_table_covers_every_command():
+    assert {case[1][0] for case in CASES} >= set(cli.COMMANDS)
+    assert len(CASES) >= 35
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--backends", "nope", "--no-progress"],
+        ["train", *TINY, "--output", "{ro}/learned.pt"],
+    ],
+    ids=["demo-unknown-backend", "train-unwritable-output"],
+)
+def test_refused_within_seconds(argv, unwritable, tmp_path, capsys):
+    argv = [_fill(a, {"ro": unwritable}) for a in argv]
+    start = time.perf_counter()
+    status, _, err = _invoke(argv, capsys)
+    assert status == 2 and "Traceback" not in err
+    assert time.perf_counter() - start < 5
+    assert os.listdir(tmp_path / "cwd") == []
+
+
+def test_a_config_file_is_checked_like_the_command_line(tmp_path, capsys):
+    config = tmp_path / "config-seed.json"
+    config.write_text(json.dumps({"seed": 2**40}))
+    status, by_parser, err = _invoke(["train", "--config", str(config)], capsys)
+    assert (status, by_parser) == (2, False)
+    assert f"seed must be an integer in [0, 2**31), got {2**40}" in err
