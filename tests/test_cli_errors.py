@@ -16,6 +16,7 @@ import torch
 
 from compiledopt import cli
 from compiledopt.cli import main
+from compiledopt.export import load_artifact, signing
 
 TINY = [
     "--transform",
@@ -77,6 +78,12 @@ def files(tmp_path_factory):
     torch.save({"metadata": {"transform_spec": {"name": "learned-step-size"}}}, root / "bare.pt")
     (root / "folder").mkdir()
     (root / "folder" / "keep.txt").write_text("not an artifact")
+    signing.generate_keypair(root / "private.pem", root / "public.pem")
+    signing.generate_keypair(root / "other-private.pem", root / "other-public.pem")
+    export = ["export", str(checkpoint), "--backends", "torchscript,onnx", "--ranks", "1"]
+    assert main([*export, "--output", str(root / "artifact")]) == 0
+    signed = ["--output", str(root / "signed"), "--sign-key", str(root / "private.pem")]
+    assert main([*export, *signed]) == 0
     return root
 
 
@@ -95,7 +102,7 @@ def unwritable(tmp_path):
         pytest.skip("no unwritable directory here")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def no_long_work(monkeypatch, tmp_path):
     """Fail the test if a case reaches meta-training, export, fine-tuning or timing; run it in
     an empty folder (where the default outputs would go)."""
@@ -394,6 +401,103 @@ CASES = [
     ("meta-descent-negative-seed", ["meta-descent", "--seed", "-5"], True, "-5"),
     ("meta-descent-transform", ["meta-descent", "--transform", "adam"], True, "adam"),
     ("unknown-command", ["fly"], True, "fly"),
+    # -- trust: keys, signatures, code graphs --------------------------------------------------
+    (
+        "keygen-exists",
+        ["keygen", "--private", "{in}/object.json", "--public", "{out}/p.pem"],
+        False,
+        "--private",
+    ),
+    (
+        "keygen-same-file",
+        ["keygen", "--private", "{out}/k.pem", "--public", "{out}/k.pem"],
+        False,
+        "--public",
+    ),
+    (
+        "keygen-unwritable",
+        ["keygen", "--private", "{ro}/k.pem", "--public", "{out}/p.pem"],
+        False,
+        "--private",
+    ),
+    ("keygen-no-public", ["keygen", "--private", "{out}/k.pem"], True, "--public"),
+    ("sign-missing", ["sign", "{out}/art", "--key", "{in}/private.pem"], False, "art"),
+    (
+        "sign-packaged-name",
+        ["sign", "coordinate-mlp", "--key", "{in}/private.pem"],
+        False,
+        "coordinate-mlp",
+    ),
+    (
+        "sign-not-an-artifact",
+        ["sign", "{in}/folder", "--key", "{in}/private.pem"],
+        False,
+        "manifest",
+    ),
+    ("sign-key-missing", ["sign", "{in}/artifact", "--key", "{in}/none.pem"], False, "--key"),
+    ("sign-key-random", ["sign", "{in}/artifact", "--key", "{in}/random.bin"], False, "--key"),
+    ("sign-key-public", ["sign", "{in}/artifact", "--key", "{in}/public.pem"], False, "--key"),
+    ("sign-no-key", ["sign", "{in}/artifact"], True, "--key"),
+    (
+        "export-sign-key-missing",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--sign-key", "{in}/none.pem"],
+        False,
+        "--sign-key",
+    ),
+    (
+        "export-sign-key-random",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--sign-key", "{in}/random.bin"],
+        False,
+        "--sign-key",
+    ),
+    (
+        "verify-key-missing",
+        ["verify", "{in}/signed", "--trusted-key", "{in}/none.pem"],
+        False,
+        "--trusted-key",
+    ),
+    (
+        "verify-key-random",
+        ["verify", "{in}/signed", "--trusted-key", "{in}/random.bin"],
+        False,
+        "--trusted-key",
+    ),
+    (
+        "verify-key-private",
+        ["verify", "{in}/signed", "--trusted-key", "{in}/private.pem"],
+        False,
+        "--trusted-key",
+    ),
+    (
+        "verify-unsigned",
+        ["verify", "{in}/artifact", "--trusted-key", "{in}/public.pem"],
+        False,
+        "not signed",
+    ),
+    (
+        "verify-other-key",
+        ["verify", "{in}/signed", "--trusted-key", "{in}/other-public.pem"],
+        False,
+        "not among the trusted keys",
+    ),
+    (
+        "finetune-untrusted-code",
+        ["finetune", "{in}/artifact", "--backends", "torchscript"],
+        False,
+        "--trust-code",
+    ),
+    (
+        "bench-untrusted-code",
+        ["bench", "{in}/artifact", "--backends", "eager,torchscript"],
+        False,
+        "--trust-code",
+    ),
+    (
+        "bench-untrusted-signed",
+        ["bench", "{in}/signed", "--backends", "torchscript"],
+        False,
+        "--trusted-key",
+    ),
 ]
 
 
@@ -415,7 +519,7 @@ def _invoke(argv, capsys):
 @pytest.mark.parametrize(
     "argv, by_argparse, needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
-def test_bad_invocation(argv, by_argparse, needle, files, tmp_path, request, capsys):
+def test_bad_invocation(argv, by_argparse, needle, files, no_long_work, tmp_path, request, capsys):
     out = tmp_path / "out"
     places = {"in": str(files), "out": str(out)}
     if any("{ro}" in a for a in argv):
@@ -454,7 +558,7 @@ def test_the_table_covers_every_command():
     ],
     ids=["demo-unknown-backend", "train-unwritable-output"],
 )
-def test_refused_within_seconds(argv, unwritable, tmp_path, capsys):
+def test_refused_within_seconds(argv, unwritable, no_long_work, tmp_path, capsys):
     argv = [_fill(a, {"ro": unwritable}) for a in argv]
     start = time.perf_counter()
     status, _, err = _invoke(argv, capsys)
@@ -463,9 +567,90 @@ def test_refused_within_seconds(argv, unwritable, tmp_path, capsys):
     assert os.listdir(tmp_path / "cwd") == []
 
 
-def test_a_config_file_is_checked_like_the_command_line(tmp_path, capsys):
+def test_a_config_file_is_checked_like_the_command_line(no_long_work, tmp_path, capsys):
     config = tmp_path / "config-seed.json"
     config.write_text(json.dumps({"seed": 2**40}))
     status, by_parser, err = _invoke(["train", "--config", str(config)], capsys)
     assert (status, by_parser) == (2, False)
     assert f"seed must be an integer in [0, 2**31), got {2**40}" in err
+
+
+# -- trust flags: what they let load --------------------------------------------------------------
+
+
+def test_keygen_writes_a_key_pair(tmp_path, capsys):
+    private, public = tmp_path / "keys" / "id.pem", tmp_path / "keys" / "id.pub.pem"
+    assert main(["keygen", "--private", str(private), "--public", str(public)]) == 0
+    fingerprint = signing.fingerprint(signing.load_public_key(public))
+    assert f"key fingerprint {fingerprint}" in capsys.readouterr().out
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert main(["keygen", "--private", str(private), "--public", str(tmp_path / "b")]) == 2
+    assert private.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+def _verify(argv, capsys):
+    """``compiledopt verify``: its status and each backend's result (``ok`` or ``not run``)."""
+    status = main(["verify", *argv, "--steps", "2"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    return status, {row[0]: "not run" if row[1] == "-" else row[2] for row in rows}
+
+
+def test_code_graphs_run_only_from_a_trusted_artifact(files, capsys):
+    artifact, signed, key = files / "artifact", files / "signed", files / "public.pem"
+    ran = {"torchscript": "ok", "onnx": "ok"}
+    assert _verify([str(artifact)], capsys) == (0, {"torchscript": "not run", "onnx": "ok"})
+    assert _verify([str(artifact), "--trust-code"], capsys) == (0, ran)
+    assert _verify([str(signed)], capsys) == (0, {"torchscript": "not run", "onnx": "ok"})
+    assert _verify([str(signed), "--trusted-key", str(key)], capsys) == (0, ran)
+
+
+def test_export_sign_key_signs_the_artifact(files):
+    key = signing.fingerprint(signing.load_public_key(files / "public.pem"))
+    artifact = load_artifact(files / "signed", trusted_keys=[files / "public.pem"])
+    assert artifact.signed_by == key and artifact.may_load("torchscript")
+    assert not (files / "artifact" / "signature.json").exists()
+
+
+def test_sign_signs_an_artifact_and_refuses_a_modified_one(files, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "artifact"
+    shutil.copytree(files / "artifact", copy)
+    assert main(["sign", str(copy), "--key", str(files / "other-private.pem")]) == 0
+    trusted = load_artifact(copy, trusted_keys=[files / "other-public.pem"])
+    assert trusted.may_load("torchscript")
+    capsys.readouterr()
+    tampered = tmp_path / "tampered"
+    shutil.copytree(files / "artifact", tampered)
+    (tampered / "rule.pt").write_bytes((tampered / "rule.pt").read_bytes() + b"x")
+    assert main(["sign", str(tampered), "--key", str(files / "private.pem")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "rule.pt" in err
+    assert not (tampered / "signature.json").exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "bench"])
+def test_finetune_and_bench_load_with_the_trust_given(command, files, monkeypatch):
+    import compiledopt.bench
+    import compiledopt.cli.finetune
+
+    seen = []
+    if command == "finetune":
+        target, name = compiledopt.cli.finetune, "run_finetune"
+    else:
+        target, name = compiledopt.bench, "benchmark"
+    monkeypatch.setattr(target, name, lambda artifact, *a, **k: seen.append(artifact))
+    argv = [command, str(files / "signed"), "--backends", "torchscript"]
+    assert main([*argv, "--trusted-key", str(files / "public.pem")]) == 0
+    assert main([command, str(files / "artifact"), "--trust-code"]) == 0
+    signed, vouched = seen
+    assert signed.signed_by is not None and signed.may_load("torchscript")
+    assert vouched.code_trusted and vouched.signed_by is None
+
+
+def test_finetune_runs_by_default_the_backends_the_artifact_may_load(files):
+    from compiledopt.cli.finetune import default_backends
+
+    untrusted = load_artifact(files / "artifact")
+    assert default_backends(untrusted) == ["eager", "compiled", "onnx"]
+    assert default_backends(untrusted.trusting()) == ["eager", "compiled", "torchscript", "onnx"]

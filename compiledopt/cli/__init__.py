@@ -30,6 +30,8 @@ COMMANDS: Dict[str, str] = {
     "verify": "verify",
     "finetune": "finetune",
     "bench": "bench",
+    "keygen": "keygen",
+    "sign": "sign",
 }
 
 #: Errors a user causes with arguments or files (``ArtifactError`` is a ``ValueError``).

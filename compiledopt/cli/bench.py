@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, TextIO
 
 from compiledopt.cli.arguments import check_output_file, comma_list, positive_int
+from compiledopt.cli.trust import add_trust_options
 
 __all__ = ["MODELS", "add_parser", "run"]
 
@@ -91,6 +92,7 @@ def add_parser(
         default=None,
         help="write a bar chart of step times (PNG; needs matplotlib: compiledopt[bench])",
     )
+    add_trust_options(parser)
     return parser
 
 
@@ -106,10 +108,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         if path is not None:
             check_output_file(path, option)  # before minutes of timing
     from compiledopt import bench
-    from compiledopt.pretrained import resolve
+    from compiledopt.cli.trust import check_loadable, open_trusted
 
+    artifact = open_trusted(args)
+    check_loadable(artifact, args.backends or (), "--backends")
     result = bench.benchmark(
-        resolve(args.artifact),
+        artifact,
         bench.example_model(args.model),
         backends=args.backends,
         threads=args.threads,

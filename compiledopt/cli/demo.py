@@ -134,7 +134,7 @@ def run_pipeline(
     print(f"  wrote {artifact}; {timings['export']:.1f} s", file=out)
 
     begin = stage("3/4 verify", "10 steps, state carried, every backend vs the eager reference")
-    errors = verify_artifact(artifact, steps=10)
+    errors = verify_artifact(artifact, steps=10, trust_code=True)  # exported just now
     for backend, error in errors.items():
         print(
             f"  {backend:<12} max relative error {error:.3g}"

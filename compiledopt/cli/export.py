@@ -63,6 +63,13 @@ def add_parser(
         "cpu_count, seed, config, schedule…)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument(
+        "--sign-key",
+        default=None,
+        metavar="PRIVATE_PEM",
+        help="sign the artifact with this Ed25519 private key (`compiledopt keygen`), so that "
+        "--trusted-key with its public key lets its code graphs load",
+    )
     return parser
 
 
@@ -84,8 +91,14 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``export`` command: checkpoint -> shape-agnostic artifact, its ``training`` block the
     checkpoint's ``metadata["training"]`` updated with ``--training`` (none if both are absent);
     the block's ``lr`` is the manifest's (``--lr``, else the block's, else the inner lr).
-    Everything is checked (the output folder, the checkpoint, its weights) before the export."""
+    Everything is checked (the output folder, the signing key, the checkpoint, its weights)
+    before the export; with ``--sign-key`` the artifact is signed once written."""
     check_output_directory(args.output, "--output", args.overwrite)
+    sign_key = getattr(args, "sign_key", None)
+    if sign_key is not None:
+        from compiledopt.cli.trust import check_private_key
+
+        check_private_key(sign_key, "--sign-key")
     from compiledopt.cli.checkpoints import load_checkpoint
     from compiledopt.export import export_shape_agnostic
     from compiledopt.learned.catalog import build_transform
@@ -137,4 +150,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         training=training,
     )
     print(f"wrote {path} ({', '.join(backends)}) in {time.perf_counter() - start:.1f} s", file=out)
+    if sign_key is not None:
+        from compiledopt.export import signing
+
+        print(f"signed it with key {signing.sign_artifact(path, sign_key)}", file=out)
     return 0

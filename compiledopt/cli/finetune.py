@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from compiledopt.cli.arguments import comma_list, positive_float, positive_int, random_seed
 from compiledopt.cli.requirements import require
+from compiledopt.cli.trust import add_trust_options, check_loadable, open_trusted
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -32,6 +33,7 @@ __all__ = [
     "BATCH",
     "add_parser",
     "check_backends",
+    "default_backends",
     "digits_split",
     "pretrain",
     "run",
@@ -139,7 +141,7 @@ def run_finetune(
         artifact: a shape-agnostic artifact (or one bound to the 64-64-10 MLP).
         steps: fine-tuning steps per run.
         backends: FrozenOptimizer backends to run (default: eager, compiled and every backend in
-            the artifact).
+            the artifact that it may load: :func:`default_backends`).
         lr: the frozen optimizer's learning rate (default: the artifact's).
         seed: seeds the data split, the initialisation and the minibatches.
         out: where the table goes (default: ``sys.stdout``).
@@ -165,7 +167,7 @@ def run_finetune(
     artifact = artifact if isinstance(artifact, Artifact) else load_artifact(resolve(artifact))
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Invalid steps: {steps!r}")
-    backends = list(backends or ["eager", "compiled", *artifact.backends])
+    backends = list(backends if backends is not None else default_backends(artifact))
     check_backends(artifact, backends)  # before anything is trained
     x, y, held_x, held_y = digits_split(range(5, 10), seed + 1)
     batches = _batches(x, y, steps, seed + 2)
@@ -217,8 +219,15 @@ def run_finetune(
     return results
 
 
+def default_backends(artifact: Artifact) -> List[str]:
+    """``eager``, ``compiled`` and the artifact's backends that it may load (graphs that are
+    code only from a trusted artifact)."""
+    return ["eager", "compiled", *(b for b in artifact.backends if artifact.may_load(b))]
+
+
 def check_backends(artifact: Artifact, backends: Sequence[str]) -> None:
-    """Refuse a FrozenOptimizer backend that ``artifact`` cannot run, naming it."""
+    """Refuse a FrozenOptimizer backend that ``artifact`` does not have, or whose graphs are
+    code that it is not trusted to run, naming it."""
     from compiledopt.runtime.frozen_optimizer import BUILT_IN_BACKENDS
 
     available = ["auto", *BUILT_IN_BACKENDS, *artifact.backends]
@@ -228,6 +237,7 @@ def check_backends(artifact: Artifact, backends: Sequence[str]) -> None:
             f"--backends: {artifact.path} has no backend {unknown[0]!r} "
             f"(available: {', '.join(available)})"
         )
+    check_loadable(artifact, backends, "--backends")
 
 
 def add_parser(
@@ -256,6 +266,7 @@ def add_parser(
         help="the frozen optimizer's lr (default: the artifact's)",
     )
     parser.add_argument("--seed", type=random_seed, default=0, help="in [0, 2**31) (default: 0)")
+    add_trust_options(parser)
     return parser
 
 
@@ -264,5 +275,6 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     backends = comma_list(args.backends) if args.backends is not None else None
     if backends is not None and not backends:
         raise ValueError(f"--backends {args.backends!r}: needs at least one backend")
-    run_finetune(args.artifact, args.steps, backends, args.lr, args.seed, out)
+    require("sklearn", "tasks")  # before the artifact is loaded
+    run_finetune(open_trusted(args), args.steps, backends, args.lr, args.seed, out)
     return 0

@@ -4,6 +4,7 @@ import argparse
 from typing import TextIO
 
 from compiledopt.cli.arguments import positive_float, positive_int, random_seed
+from compiledopt.cli.trust import add_trust_options
 
 __all__ = ["add_parser", "run"]
 
@@ -27,15 +28,20 @@ def add_parser(
         help="largest relative error accepted (default: 1e-6)",
     )
     parser.add_argument("--seed", type=random_seed, default=0, help="in [0, 2**31) (default: 0)")
+    add_trust_options(parser)
     return parser
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    """The ``verify`` command: per-backend max relative error; 1 if any exceeds the tolerance."""
+    """The ``verify`` command: per-backend max relative error; 1 if any exceeds the tolerance.
+    Graphs that are code are run only from a trusted artifact (``--trust-code``, a signature by
+    a ``--trusted-key``, or a packaged optimizer); the others are listed as not run."""
+    from compiledopt.cli.trust import open_trusted
     from compiledopt.export.verify import verify_artifact
-    from compiledopt.pretrained import resolve
 
-    errors = verify_artifact(resolve(args.artifact), steps=args.steps, seed=args.seed)
+    artifact = open_trusted(args)
+    skipped = [b for b in artifact.backends if not artifact.may_load(b)]
+    errors = verify_artifact(artifact, steps=args.steps, seed=args.seed)
     print(
         f"{args.artifact}: {args.steps} steps with state carried, vs the eager reference", file=out
     )
@@ -45,4 +51,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         ok = error <= args.tolerance
         failed |= not ok
         print(f"  {backend:<12} {error:>14.3g}  {'ok' if ok else 'FAIL'}", file=out)
+    for backend in skipped:
+        note = "not run: code, from an artifact not trusted (--trust-code, --trusted-key)"
+        print(f"  {backend:<12} {'-':>14}  {note}", file=out)
     return 1 if failed else 0

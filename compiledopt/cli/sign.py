@@ -1,0 +1,43 @@
+"""The ``compiledopt sign`` command: sign an artifact with an Ed25519 private key."""
+
+import argparse
+import os
+from typing import TextIO
+
+from compiledopt.cli.arguments import check_work_directory
+from compiledopt.cli.trust import check_private_key
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(
+    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
+) -> argparse.ArgumentParser:
+    """Add the ``sign`` subparser."""
+    parser = commands.add_parser(
+        "sign",
+        help="sign an artifact, so that --trusted-key lets its code graphs load",
+        description="Check an artifact's files against its manifest, then sign the manifest "
+        "with an Ed25519 private key (PEM, e.g. from `compiledopt keygen`): writes "
+        "signature.json into the artifact. Whoever names the matching public key with "
+        "--trusted-key may then run its TorchScript and AOTInductor graphs.",
+    )
+    parser.add_argument("artifact", help="an artifact directory (`compiledopt export`)")
+    parser.add_argument("--key", required=True, metavar="PRIVATE_PEM", help="the private key")
+    return parser
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    """The ``sign`` command: the key, the artifact and every file's checksum, then the signature."""
+    from compiledopt.export import load_artifact, signing
+
+    if not os.path.isdir(args.artifact):
+        raise NotADirectoryError(f"{args.artifact}: not an artifact directory")
+    check_private_key(args.key, "--key")
+    artifact = load_artifact(args.artifact)
+    for name in artifact.manifest["files"]:
+        artifact.read(name)  # a file changed since the export is refused, not signed
+    check_work_directory(args.artifact, "artifact")
+    key = signing.sign_artifact(args.artifact, args.key)
+    print(f"signed {args.artifact} with key {key} (signature.json)", file=out)
+    return 0

@@ -1,0 +1,99 @@
+"""How far the commands that load an artifact trust it: ``--trust-code`` and ``--trusted-key``.
+
+An artifact's graphs that are code (TorchScript programs, AOTInductor libraries) load only from
+a trusted artifact: one the user vouches for (``--trust-code``) or one signed by a key the user
+names (``--trusted-key PUBLIC_PEM``, repeatable; see :mod:`compiledopt.export.signing`). ONNX
+graphs are data and load from any artifact; the optimizers packaged with compiledopt are trusted.
+The keys are checked before the artifact is opened, each error naming the option and the file.
+"""
+
+import argparse
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
+
+from compiledopt.cli.arguments import check_input_file
+from compiledopt.cli.requirements import require
+
+if TYPE_CHECKING:
+    from compiledopt.export import Artifact
+
+__all__ = [
+    "add_trust_options",
+    "check_loadable",
+    "check_private_key",
+    "open_trusted",
+    "trust_options",
+]
+
+
+def add_trust_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--trust-code`` and ``--trusted-key`` to a command that loads an artifact."""
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="let the artifact's graphs that are code (TorchScript, AOTInductor) load: only for "
+        "an artifact whose source you trust (ONNX graphs load without it)",
+    )
+    parser.add_argument(
+        "--trusted-key",
+        dest="trusted_keys",
+        action="append",
+        default=None,
+        metavar="PUBLIC_PEM",
+        help="an Ed25519 public key (PEM file, e.g. from `compiledopt keygen`): the artifact "
+        "must be signed by one of the keys given, and its code graphs then load (repeatable)",
+    )
+
+
+def trust_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """``trust_code`` and ``trusted_keys`` for the loaders, the key files checked first."""
+    keys: Optional[Sequence[str]] = args.trusted_keys
+    if keys:
+        require("cryptography", "signing")
+        from compiledopt.export import signing
+
+        for key in keys:
+            check_input_file(key, "--trusted-key")
+            try:
+                signing.load_public_key(key)
+            except ValueError as error:
+                raise ValueError(f"--trusted-key {key}: {error}") from None
+    return {"trust_code": bool(args.trust_code), "trusted_keys": list(keys) if keys else None}
+
+
+def open_trusted(args: argparse.Namespace) -> "Artifact":
+    """The artifact (directory or packaged name) ``args.artifact``, opened with the trust the
+    command line gives it."""
+    from compiledopt.pretrained import open_artifact
+
+    return open_artifact(args.artifact, **trust_options(args))
+
+
+def check_loadable(artifact: "Artifact", backends: Sequence[str], option: str) -> None:
+    """Refuse, before any work, a backend of ``backends`` whose graphs are code that
+    ``artifact`` is not trusted to run, naming it and the options that would trust it."""
+    for backend in backends:
+        if backend in artifact.backends and not artifact.may_load(backend):
+            raise ValueError(
+                f"{option} {backend}: {artifact.path} is not trusted to run code (its {backend} "
+                "graphs are programs): pass --trust-code if you trust its source, or "
+                "--trusted-key with the public key that signed it"
+            )
+
+
+def check_private_key(path: str, option: str) -> str:
+    """``path`` if it holds an unencrypted Ed25519 private key in PEM; else an error naming
+    ``option`` (checked before the work that the key would sign)."""
+    check_input_file(path, option)
+    require("cryptography", "signing")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    with open(path, "rb") as handle:
+        data = handle.read(64 * 1024 + 1)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ValueError(f"{option} {path}: not an unencrypted PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{option} {path}: not an Ed25519 private key")
+    return path
