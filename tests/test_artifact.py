@@ -164,7 +164,10 @@ def test_shape_and_dtype_mismatch(artifact):
 
 
 def test_verify_command_fails_when_a_graph_disagrees(artifact, capsys):
-    assert cli.main(["verify", str(artifact)]) == 0
+    # Its only graph is TorchScript (code): unverified unless trusted, and that is a failure.
+    assert cli.main(["verify", str(artifact)]) == 1
+    assert "no backend was verified" in capsys.readouterr().out
+    assert cli.main(["verify", "--trust-code", str(artifact)]) == 0
     # Change the weights consistently (checksum updated): the graph no longer matches them.
     from safetensors.torch import load_file, save_file
 
@@ -174,7 +177,7 @@ def test_verify_command_fails_when_a_graph_disagrees(artifact, capsys):
     digest = hashlib.sha256((artifact / "weights.safetensors").read_bytes()).hexdigest()
     manifest["files"]["weights.safetensors"] = digest
     (artifact / "manifest.json").write_text(json.dumps(manifest))
-    assert cli.main(["verify", str(artifact)]) == 1
+    assert cli.main(["verify", "--trust-code", str(artifact)]) == 1
     assert "FAIL" in capsys.readouterr().out
     assert cli.main(["inspect", str(artifact / "missing")]) == 2
 

@@ -25,12 +25,17 @@ def _transform(seed: int):
     return build_shape_agnostic(SPEC)
 
 
+#: Two different transforms, built once here: threads must not share the global generator.
+TRANSFORMS = {seed: _transform(seed) for seed in (1, 2)}
+
+
 def _export(path: Path, seed: int, overwrite: bool = False) -> Path:
-    return export_shape_agnostic(path, SPEC, _transform(seed), ["torchscript"], overwrite=overwrite)
+    transform = TRANSFORMS[seed]
+    return export_shape_agnostic(path, SPEC, transform, ["torchscript"], overwrite=overwrite)
 
 
 def _weights_of(seed: int):
-    return {k: v.clone() for k, v in torch.nn.ModuleList([_transform(seed)]).state_dict().items()}
+    return torch.nn.ModuleList([TRANSFORMS[seed]]).state_dict()
 
 
 def _which(path: Path) -> int:

@@ -35,7 +35,8 @@ def add_parser(
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``verify`` command: per-backend max relative error; 1 if any exceeds the tolerance.
     Graphs that are code are run only from a trusted artifact (``--trust-code``, a signature by
-    a ``--trusted-key``, or a packaged optimizer); the others are listed as not run."""
+    a ``--trusted-key``, or a packaged optimizer); the others are listed as not run, and an
+    artifact of which no backend could run fails (exit 1): nothing was verified."""
     from compiledopt.cli.trust import open_trusted
     from compiledopt.export.verify import verify_artifact
 
@@ -54,4 +55,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     for backend in skipped:
         note = "not run: code, from an artifact not trusted (--trust-code, --trusted-key)"
         print(f"  {backend:<12} {'-':>14}  {note}", file=out)
+    if not errors:
+        print("  no backend was verified: nothing here runs without trusting code", file=out)
+        return 1
     return 1 if failed else 0
