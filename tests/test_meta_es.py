@@ -268,3 +268,17 @@ def test_cli_exports_the_result_with_its_training_record(tmp_path) -> None:
     training = loaded.training
     assert training["estimator"] == "pes" and training["meta_steps"] == 3
     assert training["lr"] == 0.003 and training["cpu_time_s"] > 0
+
+
+def test_unflatten_handles_scalar_weights() -> None:
+    from compiledopt.learned.catalog import build_transform
+    from compiledopt.meta.population import flat_weights, set_weights, unflatten
+
+    transform = build_transform("learned-step-size", {})
+    assert any(w.dim() == 0 for w in transform.parameters())
+    flat = flat_weights(transform) + 1.0
+    named = unflatten(transform, flat)
+    assert all(named[n].shape == w.shape for n, w in transform.named_parameters())
+    assert unflatten(transform, flat.expand(3, -1))[next(iter(named))].shape[0] == 3
+    set_weights(transform, flat)
+    assert torch.equal(flat_weights(transform), flat)

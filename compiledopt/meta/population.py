@@ -36,7 +36,7 @@ def unflatten(transform: Transform, flat: Tensor) -> Dict[str, Tensor]:
     lead = flat.shape[:-1]
     for name, weight in transform.named_parameters():
         size = weight.numel()
-        piece = flat[..., offset : offset + size].reshape(*lead, *weight.shape)
+        piece = flat[..., offset : offset + size].reshape((*lead, *weight.shape))
         named[name] = piece.to(weight.dtype)
         offset += size
     if offset != flat.shape[-1]:
