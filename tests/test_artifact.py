@@ -212,7 +212,7 @@ def test_export_command_from_a_training_checkpoint(tmp_path, capsys):
         cli.main(["export", str(checkpoint), "--output", str(out), "--backends", "torchscript"])
         == 0
     )
-    assert cli.main(["verify", str(out)]) == 0
+    assert cli.main(["verify", "--trust-code", str(out)]) == 0
     assert load_artifact(out).manifest["lr"] == pytest.approx(0.1)
     assert cli.main(["export", str(checkpoint), "--output", str(out)]) == 2  # exists
     assert "exists" in capsys.readouterr().err
