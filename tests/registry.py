@@ -90,9 +90,10 @@ REGISTRY = [
     agnostic("coordinate_mlp", "coordinate-mlp", hidden_sizes=[8]),
     agnostic("coordinate_lstm", "coordinate-lstm", hidden_size=6),
     agnostic("normalized_mlp", "normalized-mlp"),
-    # orthogonalize is exported and checked in tests/test_normalized.py: Newton–Schulz amplifies
-    # float32 rounding past the shared 1e-6 ONNX target, and its cost grows with the matrix side.
-    agnostic("normalized_mlp_harness", "normalized-mlp", hidden_sizes=[6], adam_vectors=True),
+    # The harness options (orthogonalize, adam_vectors) are checked in tests/test_normalized.py
+    # against the float64 reference, fused and scripted: Newton–Schulz amplifies float32 rounding
+    # past the shared 1e-6 ONNX target, and a second full contract run of one family costs
+    # minutes of the suite.
     agnostic("learned_step_size", "learned-step-size"),
     agnostic("hypergradient_descent", "hypergradient"),
     agnostic("hypergradient_descent_per_element", "hypergradient", per_element=True),
