@@ -85,15 +85,10 @@ def check_private_key(path: str, option: str) -> str:
     ``option`` (checked before the work that the key would sign)."""
     check_input_file(path, option)
     require("cryptography", "signing")
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from compiledopt.export import signing
 
-    with open(path, "rb") as handle:
-        data = handle.read(64 * 1024 + 1)
     try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise ValueError(f"{option} {path}: not an unencrypted PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{option} {path}: not an Ed25519 private key")
+        signing.load_private_key(path)
+    except ValueError as error:
+        raise ValueError(f"{option} {error}") from None
     return path

@@ -108,14 +108,12 @@ class Artifact:
         code_trusted: whether graphs that are code (``Backend.carries_code``) may be loaded:
             the user passed ``trust_code=True`` or the manifest is signed by a trusted key.
         signed_by: the fingerprint of the trusted key that signed it, or ``None``.
-        manifest_digest: the SHA-256 of the manifest's bytes that were read and verified.
     """
 
     path: Path
     manifest: Dict[str, Any]
     code_trusted: bool = False
     signed_by: Optional[str] = None
-    manifest_digest: str = ""
 
     @property
     def kind(self) -> str:
@@ -150,6 +148,16 @@ class Artifact:
         """Whether ``backend``'s graphs may be loaded from this artifact: always for graphs that
         are data (ONNX), only with :attr:`code_trusted` for graphs that are code."""
         return self.code_trusted or not registry.get(backend).carries_code
+
+    def check_may_load(self, backend: str) -> None:
+        """Raise :class:`UntrustedCodeError` unless :meth:`may_load` allows ``backend``."""
+        if not self.may_load(backend):
+            raise UntrustedCodeError(
+                f"{self.path}: its {backend} graphs are code, and the artifact is not trusted: "
+                "pass trust_code=True (--trust-code) if you trust its source, or trusted_keys "
+                "(--trusted-key) to accept it signed by a key you trust; the eager, compiled and "
+                "onnx backends run no code from the artifact"
+            )
 
     def read(self, name: str) -> bytes:
         """The bytes of the listed file ``name``, checked against the manifest's digest after
@@ -235,13 +243,7 @@ class Artifact:
         files = self.manifest["backends"].get(chosen.name)
         if not files:
             raise ArtifactError(f"{self.path}: no {backend} graph (it has {self.backends})")
-        if not self.may_load(chosen.name):
-            raise UntrustedCodeError(
-                f"{self.path}: its {backend} graphs are code, and the artifact is not trusted: "
-                "pass trust_code=True (--trust-code) if you trust its source, or trusted_keys "
-                "(--trusted-key) to accept it signed by a key you trust; the eager, compiled and "
-                "onnx backends run no code from the artifact"
-            )
+        self.check_may_load(chosen.name)
         chosen.require(loading=True)
         self.check_runnable(backend)
         if self.kind == "bound" or not chosen.per_rank:
@@ -366,9 +368,7 @@ def load_artifact(
         signature = _read_limited(path / SIGNATURE, 1 << 16, path)
         signed_by = signing.verify_manifest(data, signature, keys, str(path))
     manifest = check_manifest(_parse_json(data, path), str(path))
-    artifact = Artifact(
-        path, manifest, bool(trust_code) or signed_by is not None, signed_by, sha256(data)
-    )
+    artifact = Artifact(path, manifest, bool(trust_code) or signed_by is not None, signed_by)
     for name in manifest["files"]:
         artifact.read(name)
     return artifact

@@ -28,6 +28,7 @@ __all__ = [
     "SigningUnavailableError",
     "fingerprint",
     "generate_keypair",
+    "load_private_key",
     "load_public_key",
     "require",
     "sign_artifact",
@@ -109,25 +110,32 @@ def fingerprint(raw_public_key: bytes) -> str:
     return sha256(raw_public_key)[:16]
 
 
+def load_private_key(path: "str | os.PathLike") -> Any:
+    """The Ed25519 private key in the PEM file ``path`` (unencrypted); ``ValueError`` naming the
+    file if it holds anything else."""
+    require()
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(_read_key_file(path), password=None)
+    except (ValueError, TypeError):
+        raise ValueError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
+
+
 def sign_artifact(directory: "str | os.PathLike", private_key: "str | os.PathLike") -> str:
     """Sign the artifact in ``directory`` with the Ed25519 private key in the PEM file
     ``private_key``: writes (atomically) ``signature.json`` over the manifest's current bytes and
     returns the key's fingerprint. Sign after the artifact is complete; any later change to a
     file breaks the signature."""
-    require()
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     directory = Path(directory)
     manifest = directory / MANIFEST
     if not manifest.is_file():
         raise ArtifactError(f"{directory}: missing {MANIFEST} (not an artifact)")
-    try:
-        key = serialization.load_pem_private_key(_read_key_file(private_key), password=None)
-    except (ValueError, TypeError):
-        raise ValueError(f"{private_key} is not an unencrypted PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{private_key} is not an Ed25519 private key")
+    key = load_private_key(private_key)
     signature = key.sign(DOMAIN + manifest.read_bytes())
     record = {
         "format": _FORMAT,

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from compiledopt._validation import check_flag, check_real
-from compiledopt.export import BACKENDS, Artifact, ArtifactError, UntrustedCodeError
+from compiledopt.export import BACKENDS, Artifact, ArtifactError
 from compiledopt.export.backend import get as export_backend
 from compiledopt.pretrained import open_artifact
 from compiledopt.runtime.rounding import STATE_DTYPES
@@ -244,13 +244,8 @@ class FrozenOptimizer(Optimizer):
             raise ArtifactError(
                 f"{self.artifact.path} has no {backend} graph (it has {self.artifact.backends})"
             )
-        if backend not in BUILT_IN_BACKENDS and not self.artifact.may_load(backend):
-            raise UntrustedCodeError(
-                f"{self.artifact.path}: its {backend} graphs are code, and the artifact is not "
-                "trusted: pass trust_code=True if you trust its source, or trusted_keys to "
-                "accept it signed by a key you trust; the eager, compiled and onnx backends run "
-                "no code from the artifact"
-            )
+        if backend not in BUILT_IN_BACKENDS:
+            self.artifact.check_may_load(backend)
         return backend
 
     def _may_load(self, backend: str) -> bool:
