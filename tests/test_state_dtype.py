@@ -169,7 +169,8 @@ def test_compiled_backend_rounds_in_graph_like_eager(artifact):
     compiled, p_compiled, _ = _accumulate(
         artifact, 20, backend="compiled", state_dtype=torch.bfloat16
     )
-    rule = compiled._strategy.rule  # converted and rounded in the compiled graph itself
+    # converted and rounded in the compiled graph itself
+    rule = compiled._strategy.rules(p_compiled.device).single
     assert isinstance(rule, CompiledTensorRule) and rule.state_dtype == torch.bfloat16
     for key, value in eager.state[p_eager].items():
         other = compiled.state[p_compiled][key]

@@ -13,10 +13,17 @@ import torch.fx.experimental._config as fx_config
 from torch import Tensor, nn
 
 from compiledopt.export.rule import INDUCTOR_OPTIONS, TensorRule
+from compiledopt.runtime.buckets import BatchedRule
 from compiledopt.runtime.rounding import STATE_DTYPES, round_state
 from compiledopt.transforms.base import Transform
 
-__all__ = ["SMALL_VECTOR", "CompiledTensorRule", "canonical_shape"]
+__all__ = [
+    "SMALL_VECTOR",
+    "CompiledBatchedRule",
+    "CompiledTensorRule",
+    "StoredStateRule",
+    "canonical_shape",
+]
 
 #: Vectors (canonical rank 1) with fewer elements take the quicker-to-compile matmul formulation.
 SMALL_VECTOR = 1 << 16
@@ -67,7 +74,7 @@ class CompiledTensorRule:
         self.single = self._wrap(TensorRule(transform, fused=False)) if self.view else None
 
     def _wrap(self, rule: nn.Module) -> nn.Module:
-        return rule if self.state_dtype is None else _RoundedRule(rule, self.state_dtype)
+        return rule if self.state_dtype is None else StoredStateRule(rule, self.state_dtype)
 
     def _compile(self, rule: nn.Module):
         return torch.compile(
@@ -101,11 +108,18 @@ class CompiledTensorRule:
         return direction, list(new_state)
 
 
-class _RoundedRule(nn.Module):
-    """A rule whose state is stored in ``state_dtype``: converted up on the way in, rounded
-    stochastically on the way out, in the same graph."""
+class StoredStateRule(nn.Module):
+    """A rule computing on state in the gradient's dtype, called with the state in its storage
+    dtype ``state_dtype``: the state is converted up on the way in and the new state rounded
+    back on the way out (stochastically for bfloat16, see
+    :func:`~compiledopt.runtime.rounding.round_state`; nothing to do when the dtypes agree), in
+    the same graph when compiled.
 
-    def __init__(self, rule: nn.Module, state_dtype: torch.dtype) -> None:
+    ``forward(grad, param, state, step, seed) -> (direction, new_state)``; ``rule(grad, param,
+    state, step)`` is any callable: a transform's ``update``, a module, an artifact's runner.
+    """
+
+    def __init__(self, rule, state_dtype: torch.dtype) -> None:
         super().__init__()
         self.rule = rule
         self.state_dtype = state_dtype
@@ -115,4 +129,27 @@ class _RoundedRule(nn.Module):
     ) -> Tuple[Tensor, List[Tensor]]:
         state = [s.to(grad.dtype) if s.is_floating_point() else s for s in state]
         direction, new_state = self.rule(grad, param, state, step)
-        return direction, round_state(new_state, self.state_dtype, seed)
+        return direction, round_state(list(new_state), self.state_dtype, seed)
+
+
+class CompiledBatchedRule:
+    """``torch.compile`` of a frozen shape-agnostic transform mapped over a batch of same-shape
+    tensors (:class:`~compiledopt.runtime.buckets.BatchedRule`), with dynamic sizes: one graph
+    per computed rank serves every bucket of every model.
+
+    ``rule(grads, params, states, step, seeds) -> (directions, new_states)``, the state in
+    ``state_dtype`` (converted and rounded inside the graph).
+    """
+
+    def __init__(self, transform: Transform, state_dtype: torch.dtype) -> None:
+        rule = StoredStateRule(TensorRule(transform, fused=True), state_dtype)
+        self.compiled = torch.compile(
+            BatchedRule(rule), fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
+        )
+
+    def __call__(
+        self, grads: Tensor, params: Tensor, states: List[Tensor], step: Tensor, seeds: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+            directions, new_states = self.compiled(grads, params, states, step, seeds)
+        return directions, list(new_states)

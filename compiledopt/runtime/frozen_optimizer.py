@@ -14,12 +14,10 @@ from compiledopt.export.backend import get as export_backend
 from compiledopt.pretrained import open_artifact
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.state import (
-    STEP,
     check_current,
     check_loaded,
     check_lr,
     check_rates,
-    check_result,
     finite_flags,
 )
 from compiledopt.runtime.strategies import make_strategy
@@ -304,20 +302,19 @@ class FrozenOptimizer(Optimizer):
         states = [self.state[p] if p in self.state else {} for p in flat]
         for i in active:
             states[i] = self._current(i, flat[i], states[i], labels[i])
-        results = self._strategy.compute(flat, active, states)
-        for i in active:
-            check_result(flat[i], states[i], *results[i], labels[i])
-        skipped = self._nonfinite(groups, flat, results, labels)
+        computed = self._strategy.compute(flat, active, states, labels)
+        skipped = self._nonfinite(groups, computed.checks, labels)
+        results = computed.results
         for g, ((_, members), (lr, decay)) in enumerate(zip(groups, rates)):
             if g in skipped:
                 continue
-            for i in members:
-                p = flat[i]
-                direction, new_state = results[i]
-                self.state[p].update(new_state)  # in place, as torch.optim does
-                if decay:
-                    p.mul_(1.0 - lr * decay)
-                p.add_(direction.to(p.dtype), alpha=-lr)
+            params = [flat[i] for i in members]
+            for i, p in zip(members, params):
+                self.state[p].update(results[i].state)  # in place, as torch.optim does
+            if decay:
+                torch._foreach_mul_(params, 1.0 - lr * decay)
+            directions = [results[i].direction.to(p.dtype) for i, p in zip(members, params)]
+            torch._foreach_add_(params, directions, alpha=-lr)
         self.skipped_steps += len(skipped)
         return loss
 
@@ -328,24 +325,15 @@ class FrozenOptimizer(Optimizer):
             return self._strategy.initial_state(index, param)
         return check_current(state, self._strategy.expected_state(index, param), where)
 
-    def _nonfinite(self, groups, flat, results, labels) -> set:
+    def _nonfinite(self, groups, checks, labels) -> set:
         """The indices of the groups to skip: those with a non-finite gradient, direction or new
         state (``nonfinite="raise"``: ``FloatingPointError`` naming the first such parameter).
         One host synchronisation for the whole step."""
-        tensors, what = [], []
-        for _, members in groups:
-            for i in members:
-                direction, new_state = results[i]
-                tensors += [flat[i].grad, direction]
-                what += [(i, "gradient"), (i, "direction")]
-                for key, value in new_state.items():
-                    if key != STEP and value.is_floating_point():
-                        tensors.append(value)
-                        what.append((i, f"new state {key!r}"))
         bad: Dict[int, str] = {}
-        for (i, kind), finite in zip(what, finite_flags(tensors)):
-            if not finite:
-                bad.setdefault(i, kind)
+        for (_, members, what), flags in zip(checks, finite_flags(checks)):
+            for i, finite in zip(members, flags):
+                if not finite:
+                    bad.setdefault(i, what)
         skipped = set()
         for g, (_, members) in enumerate(groups):
             first = next((i for i in members if i in bad), None)

@@ -197,14 +197,25 @@ def check_result(
             )
 
 
-def finite_flags(tensors: Sequence[Tensor]) -> List[bool]:
-    """Whether each tensor is all finite, read back with one host synchronisation (the flags
-    are stacked on the first tensor's device and copied once)."""
-    if not tensors:
+def finite_flags(checks: Sequence[Tuple[Tensor, Sequence[Any], str]]) -> List[List[bool]]:
+    """For each ``(tensor, members, what)``: whether each of its ``len(members)`` slices along
+    the first dimension is all finite (a tensor with one member is one slice, whatever its
+    shape). Read back with one host synchronisation: the flags are gathered on the first
+    tensor's device and copied once."""
+    if not checks:
         return []
-    device = tensors[0].device
-    flags = torch.stack([torch.isfinite(t).all().to(device) for t in tensors])
-    return flags.tolist()
+    device = checks[0][0].device
+    flags = []
+    for tensor, members, _ in checks:
+        count = len(members)
+        finite = torch.isfinite(tensor).reshape(count, tensor.numel() // count).all(1)
+        flags.append(finite.to(device))
+    values = torch.cat(flags).tolist()
+    out, start = [], 0
+    for _, members, _ in checks:
+        out.append(values[start : start + len(members)])
+        start += len(members)
+    return out
 
 
 def check_lr(lr: Any) -> None:

@@ -16,20 +16,35 @@ nothing half-updated.
 """
 
 import abc
+import copy
 import itertools
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from compiledopt.export.artifact import Artifact
 from compiledopt.export.rule import INDUCTOR_OPTIONS, ModelRule
-from compiledopt.runtime.compiled import CompiledTensorRule
+from compiledopt.runtime.buckets import BatchedRule, Bucket, plan
+from compiledopt.runtime.compiled import (
+    CompiledBatchedRule,
+    CompiledTensorRule,
+    StoredStateRule,
+    canonical_shape,
+)
+from compiledopt.runtime.distributed import is_distributed
 from compiledopt.runtime.rounding import round_state
-from compiledopt.runtime.state import STEP, Expected
+from compiledopt.runtime.state import STEP, Expected, check_result
 from compiledopt.transforms.base import Transform
 
-__all__ = ["ModelStrategy", "Result", "Strategy", "TensorStrategy", "make_strategy"]
+__all__ = [
+    "Computed",
+    "ModelStrategy",
+    "Result",
+    "Strategy",
+    "TensorStrategy",
+    "make_strategy",
+]
 
 # Multipliers of the stochastic-rounding seed: parameter ``index`` at step ``t`` rounds with
 # ``t * STEP_SEED + index * INDEX_SEED``, so every parameter and step draws different bits.
@@ -37,6 +52,10 @@ STEP_SEED = 1_000_003
 INDEX_SEED = 7_919
 
 State = Dict[str, Tensor]
+#: The most elements of one tensor kind in one batched call of a tensor strategy, per backend:
+#: eager calls work in cache-sized blocks; a compiled call fuses a whole bucket into one loop.
+#: The exported graphs (one tensor per call) are not batched.
+MAX_ELEMENTS = {"eager": 1 << 16, "compiled": 1 << 22}
 
 
 class Result(NamedTuple):
@@ -45,6 +64,24 @@ class Result(NamedTuple):
 
     direction: Tensor
     state: State
+
+
+class Computed(NamedTuple):
+    """A step's outcome before anything is written: each active parameter's checked
+    :class:`Result` by index, and what the optimizer must find finite before it writes:
+    ``(tensor, members, what)`` entries, ``tensor`` holding one slice per member along its first
+    dimension (a single parameter's tensor is its own slice)."""
+
+    results: Dict[int, Result]
+    checks: List[Tuple[Tensor, Tuple[int, ...], str]]
+
+    def add(self, tensor: Tensor, members: Tuple[int, ...], what: str) -> None:
+        self.checks.append((tensor, tuple(members), what))
+
+    def add_state(self, members: Tuple[int, ...], state: State) -> None:
+        for key, value in state.items():
+            if key != STEP and value.is_floating_point():
+                self.add(value, members, f"new state {key!r}")
 
 
 class Strategy(abc.ABC):
@@ -141,66 +178,178 @@ class Strategy(abc.ABC):
         params: Sequence[Tensor],
         active: Sequence[int],
         states: Sequence[State],
-    ) -> Dict[int, Result]:
+        labels: Sequence[str],
+    ) -> Computed:
         """Directions and new states of the parameters ``active`` (indices into ``params``, which
         is every parameter of the optimizer in order; ``states[i]`` is parameter ``i``'s state,
-        ``{}`` before its first step). Gradients are read from ``param.grad``; nothing is
-        written."""
+        ``{}`` before its first step), checked against the state they replace
+        (``ValueError`` naming ``labels[i]``), with the tensors whose finiteness decides the
+        step. Gradients are read from ``param.grad``; nothing is written."""
+
+
+class _Rules(NamedTuple):
+    """A tensor strategy's callables on one device: ``single(grad, param, state, step, seed)``
+    for one parameter, ``batched(grads, params, states, step, seeds)`` for a bucket of stacked
+    same-shape parameters (``None``: every parameter is computed on its own). Both take and
+    return the state in its storage dtype."""
+
+    single: Callable
+    batched: Optional[Callable]
 
 
 class TensorStrategy(Strategy):
-    """A shape-agnostic rule called once per parameter with dynamic sizes.
+    """A shape-agnostic rule called once per bucket of same-shape small parameters and once per
+    larger parameter, with dynamic sizes (see :mod:`~compiledopt.runtime.buckets`).
 
     Every backend's rule is brought to one signature, ``rule(grad, param, state, step, seed) ->
     (direction, new_state)`` with the state in its storage dtype: the compiled backend converts
-    and rounds a bfloat16 state inside its graph, the others through :class:`_StoredStateRule`.
+    and rounds a bfloat16 state inside its graph, the others through
+    :class:`~compiledopt.runtime.compiled.StoredStateRule`. The eager and compiled backends run
+    on the parameters' device (the transform is copied there once per device) and batch small
+    parameters of the same shape with ``torch.func.vmap``; the exported graphs run on the CPU,
+    one parameter at a time.
     """
 
     def __init__(
         self, artifact: Artifact, transforms: List[Transform], backend: str, state_dtype
     ) -> None:
         super().__init__(artifact, transforms, backend, state_dtype)
-        if backend == "compiled" and state_dtype != self.dtype:
+        self.view = bool(getattr(transforms[0], "view_invariant", False))
+        self.max_elements = MAX_ELEMENTS.get(backend, 0)
+        self._devices: Dict[torch.device, _Rules] = {}
+
+    def rules(self, device: torch.device) -> _Rules:
+        """The callables that compute on ``device`` (built at its first use)."""
+        rules = self._devices.get(device)
+        if rules is None:
+            rules = self._devices[device] = self._build(device)
+        return rules
+
+    def _build(self, device: torch.device) -> _Rules:
+        transform = self.transforms[0]
+        if device.type != "cpu":
+            transform = copy.deepcopy(transform).to(device)
+        stored = self.state_dtype
+        if self.backend == "eager":
+            return _Rules(
+                StoredStateRule(transform.update, stored),
+                BatchedRule(StoredStateRule(transform.update, stored)),
+            )
+        if self.backend == "compiled":
             # Dynamic sizes: the same two or three graphs (matrices, small vectors, large
             # vectors) serve every parameter, so compile time does not grow with the model.
-            self.rule: Callable = CompiledTensorRule(transforms[0], state_dtype=state_dtype)
-            return
-        if backend == "eager":
-            rule: Callable = transforms[0].update
-        elif backend == "compiled":
-            rule = CompiledTensorRule(transforms[0])
-        else:
-            rule = artifact.runner(backend)
-        self.rule = _StoredStateRule(rule, self.dtype, state_dtype)
+            if stored != self.dtype:
+                single: Callable = CompiledTensorRule(transform, state_dtype=stored)
+            else:
+                single = StoredStateRule(CompiledTensorRule(transform), stored)
+            return _Rules(single, CompiledBatchedRule(transform, stored))
+        return _Rules(StoredStateRule(self.artifact.runner(self.backend), stored), None)
 
-    def compute(self, params, active, states):
-        results: Dict[int, Result] = {}
-        for i in active:
-            p, state = params[i], states[i]
-            keys, stored = self._read(i, state)
-            step = state[STEP]
-            direction, values = self.rule(
-                p.grad.to(self.dtype), p.detach().to(self.dtype), stored, step, _seed(step, i)
+    def _key(self, param: Tensor, state: State, step: int):
+        """What parameters computed in one bucket share (see :func:`buckets.plan`), or ``None``
+        for one computed on its own."""
+        if self.max_elements == 0 or is_distributed(param):
+            return None
+        shape = param.shape
+        view = canonical_shape(shape) if self.view else tuple(shape)
+        # State tensors of the parameter's shape are computed on its view; others as they are.
+        others = tuple(tuple(v.shape) for k, v in state.items() if k != STEP and v.shape != shape)
+        return view, (param.device, step, others)
+
+    def compute(self, params, active, states, labels):
+        steps = {i: int(states[i][STEP]) for i in active}
+        computed = Computed({}, [])
+        buckets = plan(
+            params, active, lambda i: self._key(params[i], states[i], steps[i]), self.max_elements
+        )
+        for bucket in buckets:
+            if bucket.view is None:
+                self._single(bucket.members[0], params, states, labels, computed)
+            else:
+                self._batched(bucket, params, states, labels, computed)
+        return computed
+
+    def _single(self, i: int, params, states, labels, computed: "Computed") -> None:
+        p, state = params[i], states[i]
+        keys, stored = self._read(i, state)
+        step = state[STEP]
+        rule = self.rules(p.device).single
+        direction, values = rule(
+            p.grad.to(self.dtype), p.detach().to(self.dtype), stored, step, _seed(step, i)
+        )
+        new_state = {STEP: step + 1, **dict(zip(keys, values))}
+        check_result(p, state, direction, new_state, labels[i])
+        computed.results[i] = Result(direction, new_state)
+        computed.add(p.grad, (i,), "gradient")
+        computed.add(direction, (i,), "direction")
+        computed.add_state((i,), new_state)
+
+    def _batched(self, bucket: Bucket, params, states, labels, computed: "Computed") -> None:
+        members, view = bucket.members, bucket.view
+        first = members[0]
+        keys, _ = self._read(first, states[first])
+        shapes = [params[i].shape for i in members]
+
+        def stack(tensors: List[Tensor], dtype: torch.dtype) -> Tensor:
+            return torch.stack(
+                [
+                    t if t.shape == view or t.shape != s else t.reshape(view)
+                    for t, s in zip(tensors, shapes)
+                ]
+            ).to(dtype)
+
+        grads = stack([params[i].grad for i in members], self.dtype)
+        inputs = stack([params[i].detach() for i in members], self.dtype)
+        stored = [stack([states[i][k] for i in members], states[first][k].dtype) for k in keys]
+        step = states[first][STEP]
+        seeds = _seed(step, torch.tensor(members, dtype=torch.int64))
+        directions, values = self.rules(params[first].device).batched(
+            grads, inputs, stored, step, seeds
+        )
+        _check_batch(directions, grads, values, stored, keys, labels[first])
+        # One tensor per member, each a view of the bucket's result (step counts included).
+        steps = torch.full((len(members),), int(step) + 1, dtype=torch.int64).unbind(0)
+        parts = [_unstack(v, [states[i][k].shape for i in members]) for k, v in zip(keys, values)]
+        for j, (i, direction) in enumerate(zip(members, _unstack(directions, shapes))):
+            new_state = {STEP: steps[j]}
+            for k, part in zip(keys, parts):
+                new_state[k] = part[j]
+            computed.results[i] = Result(direction, new_state)
+        computed.add(grads, members, "gradient")
+        computed.add(directions, members, "direction")
+        computed.add_state(members, dict(zip(keys, values)))
+
+
+def _unstack(stacked: Tensor, shapes: List[torch.Size]) -> List[Tensor]:
+    """The slices of ``stacked`` along its first dimension, each viewed as its shape."""
+    return [t if t.shape == s else t.reshape(s) for t, s in zip(stacked.unbind(0), shapes)]
+
+
+def _check_batch(directions, grads, values, stored, keys, where: str) -> None:
+    """``ValueError`` unless a bucket's stacked results have the shapes and dtypes of its stacked
+    inputs (the batched form of :func:`~compiledopt.runtime.state.check_result`)."""
+    if not isinstance(directions, Tensor) or directions.shape != grads.shape:
+        got = tuple(directions.shape) if isinstance(directions, Tensor) else type(directions)
+        raise ValueError(
+            f"{where} (and the parameters batched with it): the rule's directions have shape "
+            f"{got}, expected {tuple(grads.shape)}"
+        )
+    if len(values) != len(stored):
+        raise ValueError(
+            f"{where} (and the parameters batched with it): the rule returned {len(values)} "
+            f"state tensors, the state has {len(stored)}"
+        )
+    for key, value, before in zip(keys, values, stored):
+        if not isinstance(value, Tensor) or (value.shape, value.dtype) != (
+            before.shape,
+            before.dtype,
+        ):
+            got = (tuple(value.shape), value.dtype) if isinstance(value, Tensor) else value
+            raise ValueError(
+                f"{where} (and the parameters batched with it): the rule's new state {key!r} "
+                f"({got}) differs in shape or dtype from the stored one "
+                f"({tuple(before.shape)}, {before.dtype})"
             )
-            results[i] = Result(direction, {STEP: step + 1, **dict(zip(keys, values))})
-        return results
-
-
-class _StoredStateRule:
-    """A rule computing on compute-dtype state, called with state in its storage dtype: the state
-    is converted up, the rule runs, the new state is rounded back (see rounding.py)."""
-
-    def __init__(self, rule: Callable, dtype: torch.dtype, state_dtype: torch.dtype) -> None:
-        self.rule = rule
-        self.dtype = dtype
-        self.state_dtype = state_dtype
-
-    def __call__(
-        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor, seed: Tensor
-    ) -> Tuple[Tensor, List[Tensor]]:
-        state = _upcast(state, self.dtype, self.state_dtype)
-        direction, new_state = self.rule(grad, param, state, step)
-        return direction, round_state(list(new_state), self.state_dtype, seed)
 
 
 class ModelStrategy(Strategy):
@@ -220,22 +369,35 @@ class ModelStrategy(Strategy):
             len(t.init_state(torch.zeros(b["shape"], dtype=self.dtype)))
             for t, b in zip(transforms, artifact.bindings)
         ]
-        if backend == "eager":
-            self.rule: Callable = _EagerModelRule(transforms, self.counts)
-        elif backend == "compiled":
+        self._devices: Dict[torch.device, Callable] = {}
+
+    def rule(self, device: torch.device) -> Callable:
+        """The whole-model rule computing on ``device`` (built at its first use)."""
+        rule = self._devices.get(device)
+        if rule is None:
+            rule = self._devices[device] = self._build(device)
+        return rule
+
+    def _build(self, device: torch.device) -> Callable:
+        transforms = self.transforms
+        if device.type != "cpu":
+            transforms = [copy.deepcopy(t).to(device) for t in transforms]
+        if self.backend == "eager":
+            return _EagerModelRule(transforms, self.counts)
+        if self.backend == "compiled":
             rule = ModelRule(transforms, self.counts, fused=True)
-            self.rule = torch.compile(rule, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
-        else:
-            self.rule = artifact.runner(backend)
+            return torch.compile(rule, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
+        return self.artifact.runner(self.backend)
 
     def _transform(self, index: int) -> Transform:
         return self.transforms[index]
 
-    def compute(self, params, active, states):
+    def compute(self, params, active, states, labels):
         by_step: Dict[int, List[int]] = {}
         for i in active:
             by_step.setdefault(int(states[i][STEP]), []).append(i)
-        results: Dict[int, Result] = {}
+        computed = Computed({}, [])
+        rule = self.rule(params[0].device)
         for step, members in by_step.items():
             grads, values, counts = [], [], []
             for i, p in enumerate(params):
@@ -244,12 +406,17 @@ class ModelStrategy(Strategy):
                 counts.append(len(stored))
                 grads.append((p.grad if p.grad is not None else torch.zeros_like(p)).to(self.dtype))
             inputs = [p.detach().to(self.dtype) for p in params]
-            directions, new_values = self.rule(grads, inputs, values, torch.tensor(step))
+            directions, new_values = rule(grads, inputs, values, torch.tensor(step))
             offsets = [0, *itertools.accumulate(counts)]
             for i in members:
                 own = list(new_values[offsets[i] : offsets[i] + counts[i]])
-                results[i] = Result(directions[i], self._advanced(states[i], own, i))
-        return results
+                result = Result(directions[i], self._advanced(states[i], own, i))
+                check_result(params[i], states[i], *result, labels[i])
+                computed.results[i] = result
+                computed.add(params[i].grad, (i,), "gradient")
+                computed.add(result.direction, (i,), "direction")
+                computed.add_state((i,), result.state)
+        return computed
 
 
 class _EagerModelRule:
@@ -276,8 +443,9 @@ def _upcast(values: List[Tensor], dtype: torch.dtype, state_dtype: torch.dtype) 
     return [v.to(dtype) if v.is_floating_point() else v for v in values]
 
 
-def _seed(step: Tensor, index: int) -> Tensor:
-    """The stochastic-rounding seed of parameter ``index`` at ``step`` (see rounding.py)."""
+def _seed(step: Tensor, index: "int | Tensor") -> Tensor:
+    """The stochastic-rounding seed of parameter ``index`` at ``step`` (see rounding.py); a
+    tensor of indices gives a seed per index."""
     return step * STEP_SEED + index * INDEX_SEED
 
 

@@ -1,0 +1,205 @@
+"""Multi-tensor steps: small parameters of one shape share one rule call (a vmapped batch),
+and the result equals the rule applied to each parameter on its own."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import compiledopt as co
+from compiledopt.learned.normalized import NormalizedMLP
+from compiledopt.pretrained import load
+from compiledopt.runtime import strategies
+from compiledopt.runtime.buckets import MAX_MEMBER, plan
+
+PACKAGED = "normalized-mlp"
+# Shapes that bucket together (same shape, or the same canonical view: (4, 3, 2) and (4, 6)),
+# alone (a single (5, 7), a scalar-like (1,)), and one too large to batch.
+SHAPES = [(16,)] * 7 + [(4, 3, 2), (4, 6), (4, 6), (5, 7), (1,), (MAX_MEMBER + 5,)]
+
+
+def _params(shapes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+
+
+def _grads(params, seed, skip=()):
+    generator = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(params):
+        g = torch.randn(p.shape, generator=generator)
+        p.grad = None if i in skip else g
+
+
+def _reference(params, steps, lr, weight_decay, skips):
+    """The rule's own ``update`` called on every parameter in a for-loop, ``p ← p(1 − lr·wd) −
+    lr·d``: the independent reference of a step."""
+    transform = load(PACKAGED).transforms()[0]
+    states = {}
+    for t in range(steps):
+        _grads(params, t, skips.get(t, ()))
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                if p.grad is None:
+                    continue
+                step, state = states.get(i, (0, transform.init_state(p)))
+                direction, new = transform.update(p.grad, p.detach(), state, torch.tensor(step))
+                states[i] = (step + 1, new)
+                p.mul_(1 - lr * weight_decay).add_(direction, alpha=-lr)
+    return states
+
+
+def _run(optimizer, params, steps, skips):
+    for t in range(steps):
+        _grads(params, t, skips.get(t, ()))
+        optimizer.step()
+
+
+# Parameters 0 and 8 miss a step: their counts fall behind, and they leave their buckets.
+SKIPS = {1: (0, 8), 2: (3,)}
+
+
+def test_bucketed_eager_step_equals_the_rule_per_parameter():
+    ours, theirs = _params(SHAPES), _params(SHAPES)
+    optimizer = co.FrozenOptimizer(ours, PACKAGED, lr=0.01, backend="eager", weight_decay=0.1)
+    _run(optimizer, ours, 4, SKIPS)
+    states = _reference(theirs, 4, 0.01, 0.1, SKIPS)
+    names = ["momentum_fast", "momentum_slow", "abs_moment"]
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        step, state = states[i]
+        assert int(optimizer.state[a]["step"]) == step
+        for name, value in zip(names, state):
+            torch.testing.assert_close(optimizer.state[a][name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_one_rule_call_per_bucket(monkeypatch):
+    calls = []
+    original = NormalizedMLP.update
+
+    def counted(self, grad, param, state, step):
+        calls.append(tuple(grad.shape))
+        return original(self, grad, param, state, step)
+
+    monkeypatch.setattr(NormalizedMLP, "update", counted)
+    params = _params([(8,)] * 300 + [(3, 4)] * 2 + [(MAX_MEMBER + 1,)])
+    optimizer = co.FrozenOptimizer(params, PACKAGED, backend="eager")
+    _grads(params, 0)
+    optimizer.step()
+    # Inside vmap each call sees one member's shape: one call for the 300 vectors (2,400
+    # elements, one block), one for the two matrices, one for the large vector.
+    assert sorted(calls) == sorted([(8,), (3, 4), (MAX_MEMBER + 1,)])
+
+
+def test_plan_splits_buckets_by_size_step_and_device_keys():
+    params = _params([(10,)] * 5 + [(20,)])
+    keys = {0: "a", 1: "a", 2: "b", 3: "a", 4: "a", 5: "a"}
+    buckets = plan(params, range(6), lambda i: ((10,), keys[i]), max_elements=25)
+    # "a" holds 0, 1, 3, 4, 5: at most 2 members of 10 elements per call; "b" is alone.
+    assert [b.members for b in buckets] == [(0, 1), (3, 4), (5,), (2,)]
+    assert [b.view for b in buckets] == [(10,), (10,), None, None]
+    assert plan(params, [0, 1], lambda i: None, 100) == [((0,), None), ((1,), None)]
+
+
+def test_bfloat16_state_rounds_as_each_parameter_alone(monkeypatch):
+    def run(batched):
+        params = _params(SHAPES[:10])
+        if not batched:
+            monkeypatch.setitem(strategies.MAX_ELEMENTS, "eager", 0)
+        optimizer = co.FrozenOptimizer(
+            params, PACKAGED, backend="eager", state_dtype=torch.bfloat16
+        )
+        _run(optimizer, params, 3, SKIPS)
+        monkeypatch.undo()
+        return params, optimizer
+
+    (batched, a), (alone, b) = run(True), run(False)
+    for p, q in zip(batched, alone):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        for key, value in a.state[p].items():
+            other = b.state[q][key]
+            assert value.dtype == other.dtype
+            # The same seeds per parameter and step: the same bits, up to the rare value whose
+            # float32 input differs by an ulp between the batched and the lone reduction.
+            if key != "step":
+                close = (value.float() - other.float()).abs() <= 1e-2 * other.float().abs()
+                assert bool(close.all())
+
+
+def test_a_nonfinite_member_skips_only_its_group():
+    params = _params([(6,)] * 4)
+    optimizer = co.FrozenOptimizer(
+        [{"params": params[:2]}, {"params": params[2:]}], PACKAGED, backend="eager"
+    )
+    _grads(params, 0)
+    params[1].grad[3] = float("nan")
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    assert optimizer.skipped_steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(params[:2], before[:2]))
+    assert all(p not in optimizer.state for p in params[:2])
+    reference = _params([(6,)] * 4)
+    _reference(reference, 1, optimizer.defaults["lr"], 0.0, {})
+    for p, q in zip(params[2:], reference[2:]):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_bad_batched_result_is_refused_before_anything_is_written(monkeypatch):
+    params = _params([(6,)] * 3)
+    optimizer = co.FrozenOptimizer(params, PACKAGED, backend="eager")
+    rules = optimizer._strategy.rules(torch.device("cpu"))
+
+    def truncated(grads, inputs, stored, step, seeds):
+        directions, values = rules.batched(grads, inputs, stored, step, seeds)
+        return directions[:, :5], values
+
+    monkeypatch.setattr(
+        optimizer._strategy, "rules", lambda device: rules._replace(batched=truncated)
+    )
+    _grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"parameter 0 \(and the parameters batched with it\)"):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert not optimizer.state
+
+
+def test_bucketed_state_saves_loads_and_continues_exactly():
+    def make():
+        params = _params([(5,)] * 6)
+        return params, co.FrozenOptimizer(params, PACKAGED, backend="eager")
+
+    params, optimizer = make()
+    _run(optimizer, params, 2, {})
+    buffer = io.BytesIO()
+    torch.save({"p": [p.detach() for p in params], "o": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed, other = make()
+    with torch.no_grad():
+        for p, value in zip(resumed, saved["p"]):
+            p.copy_(value)
+    other.load_state_dict(saved["o"])
+    for t in (2, 3):
+        for ps, opt in ((params, optimizer), (resumed, other)):
+            _grads(ps, t)
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, resumed))
+    # Each parameter's state is its own: writing one leaves the others as they were.
+    optimizer.state[params[0]]["momentum_fast"].fill_(7.0)
+    assert not bool((optimizer.state[params[1]]["momentum_fast"] == 7.0).any())
+
+
+@pytest.mark.slow
+def test_bucketed_compiled_step_matches_eager():
+    def run(backend):
+        params = _params(SHAPES)
+        optimizer = co.FrozenOptimizer(params, PACKAGED, backend=backend)
+        _run(optimizer, params, 3, SKIPS)
+        return params, optimizer
+
+    (eager, a), (compiled, b) = run("eager"), run("compiled")
+    for p, q in zip(eager, compiled):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        for key, value in a.state[p].items():
+            torch.testing.assert_close(b.state[q][key], value, rtol=1e-5, atol=1e-6)
