@@ -95,7 +95,7 @@ def test_code_backends_need_trust(adam):
 
 def test_auto_never_picks_a_code_backend_of_an_untrusted_artifact(adam, monkeypatch, caplog):
     assert co.FrozenOptimizer(_params((4, 3)), adam).backend == "compiled"
-    monkeypatch.setattr(frozen_optimizer, "auto_order", lambda: ("torchscript", "onnx", "eager"))
+    monkeypatch.setattr(frozen_optimizer, "auto_order", lambda *_: ("torchscript", "onnx", "eager"))
     with caplog.at_level(logging.INFO, logger="compiledopt"):
         assert co.FrozenOptimizer(_params((4, 3)), adam).backend == "onnx"
     assert "auto skips the torchscript backend" in caplog.text

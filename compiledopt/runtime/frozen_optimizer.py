@@ -12,6 +12,8 @@ from compiledopt._validation import check_flag, check_real
 from compiledopt.export import BACKENDS, Artifact, ArtifactError
 from compiledopt.export.backend import get as export_backend
 from compiledopt.pretrained import open_artifact
+from compiledopt.runtime.autotune import measured_order
+from compiledopt.runtime.distributed import is_distributed
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.state import (
     check_current,
@@ -28,10 +30,6 @@ logger = logging.getLogger("compiledopt")
 #: or compiled by ``torch.compile``.
 BUILT_IN_BACKENDS = ("eager", "compiled")
 RUNTIME_BACKENDS = (*BUILT_IN_BACKENDS, *BACKENDS)
-# "auto" takes the first available, fastest first (measured on CPU for per-coordinate rules:
-# AOTInductor ≈ compiled ≫ ONNX Runtime > TorchScript; eager always works). Artifact backends not
-# listed here come after these, in registration order.
-AUTO_PREFERENCE = ("aoti", "compiled", "onnx", "torchscript")
 NONFINITE_POLICIES = ("skip", "raise")
 #: What pickling and ``copy.deepcopy`` keep besides torch.optim's ``defaults``, ``state`` and
 #: ``param_groups`` (the strategy is rebuilt from them).
@@ -42,11 +40,14 @@ SET_OF_PARAMS = (
 )
 
 
-def auto_order() -> Tuple[str, ...]:
-    """The order in which ``backend="auto"`` tries the runtime backends."""
-    preferred = [b for b in AUTO_PREFERENCE if b in RUNTIME_BACKENDS]
-    rest = [b for b in RUNTIME_BACKENDS if b not in preferred and b != "eager"]
-    return (*preferred, *rest, "eager")
+def auto_order(artifact: Artifact, device: torch.device) -> Tuple[str, ...]:
+    """The order in which ``backend="auto"`` tries the runtime backends for ``artifact`` on
+    ``device`` with the current thread count: fastest first as measured by
+    :func:`~compiledopt.runtime.autotune.measure_backends` (else its default order), then any
+    other artifact backend, ``eager`` last."""
+    order = [b for b in measured_order(artifact, device) if b in RUNTIME_BACKENDS and b != "eager"]
+    rest = [b for b in RUNTIME_BACKENDS if b not in order and b != "eager"]
+    return (*order, *rest, "eager")
 
 
 class FrozenOptimizer(Optimizer):
@@ -71,12 +72,18 @@ class FrozenOptimizer(Optimizer):
             a tensor in the param groups, as torch.optim does). (default: the artifact's ``lr``)
         backend (str, optional): ``"eager"`` (the transform rebuilt from the weights),
             ``"compiled"`` (``torch.compile`` of the frozen rule), ``"torchscript"``, ``"onnx"``
-            (ONNX Runtime), ``"aoti"`` (AOTInductor), or ``"auto"``: the first available in
-            :func:`auto_order` (``aoti, compiled, onnx, torchscript, eager``) that the artifact
-            may load (graphs that are code, TorchScript and AOTInductor, only from a trusted
-            artifact) and whose graphs can run on this machine; ``optimizer.backend`` says
-            which. Naming ``torchscript`` or ``aoti`` for an untrusted artifact raises
-            ``UntrustedCodeError``. (default: "auto")
+            (ONNX Runtime), ``"aoti"`` (AOTInductor), or ``"auto"``: the first in
+            :func:`auto_order` that the artifact may load (graphs that are code, TorchScript
+            and AOTInductor, only from a trusted artifact) and that can run here: on this
+            machine, and where the parameters live. The order is the fastest first as
+            measured on this machine, device and thread count by
+            :func:`compiledopt.runtime.autotune.measure_backends` (recorded in a cache), else
+            ``compiled, aoti, onnx, torchscript``; ``eager`` always runs and comes last.
+            ``optimizer.backend`` says which. Eager and compiled run on the parameters'
+            device (CPU, CUDA, ...); the exported graphs run on the CPU; a distributed
+            (``DTensor``, FSDP2) parameter runs on eager; another choice raises ``ValueError``
+            at construction. Naming ``torchscript`` or ``aoti`` for an untrusted artifact
+            raises ``UntrustedCodeError``. (default: "auto")
         weight_decay (float, optional): decoupled weight decay. (default: 0.0)
         nonfinite (str, optional): when a group has a NaN or infinite gradient, or the rule
             returns a NaN or infinite direction or new state for one of its parameters,
@@ -234,17 +241,63 @@ class FrozenOptimizer(Optimizer):
         if backend == "auto":  # eager, last, always runs
             return next(
                 b
-                for b in auto_order()
-                if b in BUILT_IN_BACKENDS
-                or (b in available and self._may_load(b) and self._runs_here(b))
+                for b in auto_order(self.artifact, self._device())
+                if b == "eager"
+                or (
+                    (b in BUILT_IN_BACKENDS or (b in available and self._may_load(b)))
+                    and self._placed(b)
+                    and (b in BUILT_IN_BACKENDS or self._runs_here(b))
+                )
             )
         if backend not in available:
             raise ArtifactError(
                 f"{self.artifact.path} has no {backend} graph (it has {self.artifact.backends})"
             )
+        problem = self._placement_problem(backend)
+        if problem:
+            raise ValueError(problem)
         if backend not in BUILT_IN_BACKENDS:
             self.artifact.check_may_load(backend)
         return backend
+
+    def _device(self) -> torch.device:
+        """The device of the first parameter (``auto`` orders the backends for it)."""
+        flat = self._flat()
+        return flat[0].device if flat else torch.device("cpu")
+
+    def _placement_problem(self, backend: str) -> Optional[str]:
+        """Why ``backend`` cannot run where the parameters live (``None`` when it can): the
+        exported graphs run on the CPU, a distributed (``DTensor``) parameter needs the eager
+        backend, and a bound artifact's whole-model graph needs one device."""
+        named = self._named()
+        for name, param in named:
+            if is_distributed(param) and backend != "eager":
+                return (
+                    f"parameter {name!r} is a DTensor (sharded, e.g. by FSDP2): the {backend} "
+                    "backend cannot compute its per-tensor statistics over the whole sharded "
+                    "tensor; use backend='eager' (or 'auto', which picks it)"
+                )
+            if param.device.type != "cpu" and backend not in BUILT_IN_BACKENDS:
+                return (
+                    f"the {backend} backend runs its exported graphs on the CPU, and parameter "
+                    f"{name!r} is on {param.device}: use backend='compiled' or 'eager' (or "
+                    "'auto'), which run on the parameters' device"
+                )
+        devices = {param.device for _, param in named}
+        if self.artifact.kind == "bound" and len(devices) > 1:
+            return (
+                f"{self.artifact.path} is bound: its whole-model rule runs on one device, and "
+                f"the parameters are on {sorted(str(d) for d in devices)}"
+            )
+        return None
+
+    def _placed(self, backend: str) -> bool:
+        """Whether ``backend`` can run where the parameters live (``auto`` skips, with a log
+        line, those that cannot)."""
+        problem = self._placement_problem(backend)
+        if problem:
+            logger.info("FrozenOptimizer: auto skips the %s backend: %s", backend, problem)
+        return problem is None
 
     def _may_load(self, backend: str) -> bool:
         """Whether the artifact may load ``backend``'s graphs (``auto`` skips, with a log line,
