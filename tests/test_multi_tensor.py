@@ -203,3 +203,16 @@ def test_bucketed_compiled_step_matches_eager():
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
         for key, value in a.state[p].items():
             torch.testing.assert_close(b.state[q][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_state_replaced_after_a_step_is_checked_again():
+    params = _params([(6,)] * 3)
+    optimizer = co.FrozenOptimizer(params, PACKAGED, backend="eager")
+    _grads(params, 0)
+    optimizer.step()
+    optimizer.state[params[1]]["momentum_slow"] = torch.zeros(7)
+    _grads(params, 1)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"parameter 1: state 'momentum_slow' has shape \(7,\)"):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))

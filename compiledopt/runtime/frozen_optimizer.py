@@ -50,6 +50,13 @@ def auto_order(artifact: Artifact, device: torch.device) -> Tuple[str, ...]:
     return (*order, *rest, "eager")
 
 
+def _mark(param: Tensor, state: Mapping[str, Any]) -> Tuple:
+    """What identifies a state as the one a step wrote: the parameter's shape and the identity
+    of every state entry. A replaced or added entry, a resized parameter or a state loaded since
+    no longer matches, and is checked again before the next step."""
+    return (param.shape, tuple(map(id, state.values())))
+
+
 class FrozenOptimizer(Optimizer):
     r"""A ``torch.optim.Optimizer`` whose update rule is a frozen, exported learned optimizer.
 
@@ -168,6 +175,8 @@ class FrozenOptimizer(Optimizer):
             raise ValueError(f"Invalid backend: {backend!r} (one of {('auto', *RUNTIME_BACKENDS)})")
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+        # Per parameter, the state the last step wrote (see _mark): not checked again.
+        self._written: Dict[int, Tuple] = {}
         self._initialised = False
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         transforms = self.artifact.transforms()
@@ -363,7 +372,9 @@ class FrozenOptimizer(Optimizer):
                 continue
             params = [flat[i] for i in members]
             for i, p in zip(members, params):
-                self.state[p].update(results[i].state)  # in place, as torch.optim does
+                state = self.state[p]
+                state.update(results[i].state)  # in place, as torch.optim does
+                self._written[id(p)] = _mark(p, state)
             if decay:
                 torch._foreach_mul_(params, 1.0 - lr * decay)
             directions = [results[i].direction.to(p.dtype) for i, p in zip(members, params)]
@@ -376,6 +387,8 @@ class FrozenOptimizer(Optimizer):
         checked against the rule (see :func:`~compiledopt.runtime.state.check_current`)."""
         if not state:
             return self._strategy.initial_state(index, param)
+        if self._written.get(id(param)) == _mark(param, state):
+            return state  # exactly what the last step wrote: checked then
         return check_current(state, self._strategy.expected_state(index, param), where)
 
     def _nonfinite(self, groups, checks, labels) -> set:
@@ -418,6 +431,7 @@ class FrozenOptimizer(Optimizer):
             checked.update(self._checked(loaded))
 
         def restore(optimizer: Optimizer) -> None:
+            self._written.clear()
             flat = self._flat()
             for index, values in checked.items():
                 self.state[flat[index]].update(values)
@@ -474,6 +488,7 @@ class FrozenOptimizer(Optimizer):
         # torch.optim's load_state_dict calls this with the state and param groups only; a
         # pickled or copied optimizer comes with its artifact, and its strategy is rebuilt (the
         # artifact's files read and verified again).
+        self._written = {}
         if "artifact" in state:
             transforms = self.artifact.transforms()
             self._strategy = make_strategy(
