@@ -30,7 +30,7 @@ logger = logging.getLogger("compiledopt")
 #: or compiled by ``torch.compile``.
 BUILT_IN_BACKENDS = ("eager", "compiled")
 RUNTIME_BACKENDS = (*BUILT_IN_BACKENDS, *BACKENDS)
-NONFINITE_POLICIES = ("skip", "raise")
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
 #: What pickling and ``copy.deepcopy`` keep besides torch.optim's ``defaults``, ``state`` and
 #: ``param_groups`` (the strategy is rebuilt from them).
 PICKLED = ("artifact", "backend", "nonfinite", "state_dtype", "skipped_steps")
@@ -96,7 +96,11 @@ class FrozenOptimizer(Optimizer):
             returns a NaN or infinite direction or new state for one of its parameters,
             ``"skip"`` the step for that group (its parameters and state stay as they are;
             counted in ``optimizer.skipped_steps``) or ``"raise"`` ``FloatingPointError`` naming
-            the parameter, before any parameter or state is written. (default: "skip")
+            the parameter, before any parameter or state is written: either costs one host
+            synchronisation per step (the flags of the whole step read at once). ``"ignore"``
+            checks nothing and never synchronises (on a GPU the step is queued without
+            waiting): non-finite values are written as computed, as torch.optim's optimizers
+            do. (default: "skip")
         state_dtype (torch.dtype, optional): storage dtype of the rule's state. ``None`` keeps
             the artifact's dtype; ``torch.bfloat16`` halves the state's memory (CoordinateMLP:
             2 instead of 4 floats per parameter): the rule still computes in the artifact's
@@ -365,7 +369,11 @@ class FrozenOptimizer(Optimizer):
         for i in active:
             states[i] = self._current(i, flat[i], states[i], labels[i])
         computed = self._strategy.compute(flat, active, states, labels)
-        skipped = self._nonfinite(groups, computed.checks, labels)
+        skipped = (
+            set()
+            if self.nonfinite == "ignore"
+            else self._nonfinite(groups, computed.checks, labels)
+        )
         results = computed.results
         for g, ((_, members), (lr, decay)) in enumerate(zip(groups, rates)):
             if g in skipped:
