@@ -159,6 +159,18 @@ def test_command_prints_the_table_and_writes_json(artifact, tmp_path, small_ceil
     assert {r["backend"] for r in saved["rows"]} == {"eager", "adamw-foreach", "adamw-fused"}
 
 
+def test_command_writes_no_file_unless_asked(artifact, tmp_path, monkeypatch, small_ceilings):
+    # without --json or --plot nothing is written: not in the cwd, not under the output root
+    from compiledopt.cli import main
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("COMPILEDOPT_HOME", str(tmp_path / "home"))
+    argv = ["bench", str(artifact), "--backends", "eager", "--threads", "1", "--repeats", "2"]
+    assert main([*argv, "--warmup", "1"]) == 0
+    assert os.listdir(tmp_path / "cwd") == [] and not (tmp_path / "home").exists()
+
+
 def test_command_without_matplotlib_exits_2_naming_the_extra(
     artifact, tmp_path, monkeypatch, capsys
 ):

@@ -2,6 +2,7 @@
 
 import argparse
 import ast
+import os
 import sys
 from pathlib import Path
 
@@ -174,3 +175,120 @@ def test_bench_parses_its_options_through_the_table(monkeypatch):
 def test_meta_descent_names_itself(capsys):
     assert main(["meta-descent", "--steps", "2"]) == 0
     assert capsys.readouterr().out.startswith("compiledopt meta-descent: ")
+
+
+# -- the output root: where default outputs go ------------------------------------------------
+
+
+@pytest.fixture
+def clean_environment(monkeypatch, tmp_path):
+    """No COMPILEDOPT_HOME nor XDG_DATA_HOME, HOME in tmp_path, and an empty current folder."""
+    monkeypatch.delenv("COMPILEDOPT_HOME", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "environment, expected",
+    [
+        ({}, "user/.local/share/compiledopt"),
+        ({"COMPILEDOPT_HOME": "{tmp}/mine"}, "mine"),
+        ({"COMPILEDOPT_HOME": "{tmp}/mine", "XDG_DATA_HOME": "{tmp}/data"}, "mine"),
+        ({"COMPILEDOPT_HOME": "~/mine"}, "user/mine"),
+        ({"COMPILEDOPT_HOME": "relative"}, "cwd/relative"),
+        ({"COMPILEDOPT_HOME": "", "XDG_DATA_HOME": "{tmp}/data"}, "data/compiledopt"),
+        ({"XDG_DATA_HOME": "data"}, "user/.local/share/compiledopt"),  # relative: ignored
+        ({"XDG_DATA_HOME": ""}, "user/.local/share/compiledopt"),
+    ],
+    ids=["default", "home", "home-over-xdg", "tilde", "relative", "empty-home", "xdg-rel", "empty"],
+)
+def test_output_root_follows_the_documented_order(
+    environment, expected, clean_environment, monkeypatch
+):
+    from compiledopt.cli.paths import output_root
+
+    tmp = clean_environment
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value.replace("{tmp}", str(tmp)))
+    root = output_root()
+    assert root == tmp / expected and root.is_absolute()
+    assert not root.exists() and os.listdir(tmp / "cwd") == []  # resolving creates nothing
+
+
+def test_default_output_refuses_a_name_that_is_not_one_folder(clean_environment):
+    from compiledopt.cli.paths import default_output
+
+    for name in ("", ".", "..", "a/b"):
+        with pytest.raises(ValueError, match="plain folder name"):
+            default_output(name)
+
+
+class _StoppedError(Exception):
+    """Raised in place of meta-training: the test has seen what it needs."""
+
+
+@pytest.fixture
+def stop_at_meta_training(monkeypatch):
+    from compiledopt.meta.es import ESTrainer
+
+    def stop(*args, **kwargs):
+        raise _StoppedError
+
+    monkeypatch.setattr(ESTrainer, "train", stop)
+
+
+def test_demo_writes_under_compiledopt_home_never_in_the_cwd(
+    clean_environment, stop_at_meta_training, monkeypatch, capsys
+):
+    home = clean_environment / "home"
+    monkeypatch.setenv("COMPILEDOPT_HOME", str(home))
+    with pytest.raises(_StoppedError):
+        main(["demo", "--no-progress", "--backends", "torchscript"])
+    assert f"outputs (checkpoint, artifact) go to {home / 'demo'}\n" in capsys.readouterr().out
+    assert (home / "demo").is_dir()
+    assert os.listdir(clean_environment / "cwd") == []
+    assert not (clean_environment / "user").exists()
+
+
+def test_demo_defaults_to_the_xdg_data_folder(clean_environment, stop_at_meta_training, capsys):
+    with pytest.raises(_StoppedError):
+        main(["demo", "--no-progress", "--backends", "torchscript"])
+    expected = clean_environment / "user" / ".local" / "share" / "compiledopt" / "demo"
+    assert f"go to {expected}\n" in capsys.readouterr().out
+    assert expected.is_dir() and os.listdir(clean_environment / "cwd") == []
+
+
+def test_run_pipeline_defaults_to_the_output_root(
+    clean_environment, stop_at_meta_training, monkeypatch
+):
+    import io
+
+    from compiledopt.cli.demo import run_pipeline
+
+    monkeypatch.setenv("COMPILEDOPT_HOME", str(clean_environment / "home"))
+    out = io.StringIO()
+    with pytest.raises(_StoppedError):
+        run_pipeline(backends=("torchscript",), out=out, progress=False)
+    assert f"go to {clean_environment / 'home' / 'demo'}\n" in out.getvalue()
+    assert os.listdir(clean_environment / "cwd") == []
+
+
+def test_an_explicit_workdir_is_used_as_given(
+    clean_environment, stop_at_meta_training, monkeypatch
+):
+    monkeypatch.setenv("COMPILEDOPT_HOME", str(clean_environment / "home"))
+    with pytest.raises(_StoppedError):
+        main(["demo", "--workdir", "mine", "--no-progress", "--backends", "torchscript"])
+    assert os.listdir(clean_environment / "cwd") == ["mine"]  # relative to the cwd, as asked
+    assert not (clean_environment / "home").exists()
+
+
+def test_demo_help_documents_the_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "<output root>/demo" in help_text and "$COMPILEDOPT_HOME" in help_text
+    assert "~/.local/share/compiledopt" in help_text

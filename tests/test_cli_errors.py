@@ -105,9 +105,10 @@ def unwritable(tmp_path):
 @pytest.fixture
 def no_long_work(monkeypatch, tmp_path):
     """Fail the test if a case reaches meta-training, export, fine-tuning or timing; run it in
-    an empty folder (where the default outputs would go)."""
+    an empty folder, with the output root (where default outputs go) in ``tmp_path/home``."""
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("COMPILEDOPT_HOME", str(tmp_path / "home"))
     import compiledopt.bench
     import compiledopt.cli.finetune
     import compiledopt.cli.meta_descent
@@ -540,7 +541,8 @@ def test_bad_invocation(argv, by_argparse, needle, files, no_long_work, tmp_path
         assert lines[0].startswith(f"compiledopt {argv[0]}: "), err
         assert needle in lines[0], err
     assert not out.exists(), "a refused invocation wrote its output"
-    assert os.listdir(tmp_path / "cwd") == [], "a refused invocation wrote a default output"
+    assert os.listdir(tmp_path / "cwd") == [], "a refused invocation wrote in the cwd"
+    assert not (tmp_path / "home").exists(), "a refused invocation wrote a default output"
     assert sorted(os.listdir(files)) == before, "a refused invocation wrote next to its inputs"
     assert (files / "folder" / "keep.txt").read_text() == "not an artifact"
 
@@ -564,6 +566,32 @@ def test_refused_within_seconds(argv, unwritable, no_long_work, tmp_path, capsys
     status, _, err = _invoke(argv, capsys)
     assert status == 2 and "Traceback" not in err
     assert time.perf_counter() - start < 5
+    assert os.listdir(tmp_path / "cwd") == []
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("bad", ["file", "under-a-file", "unwritable"])
+def test_a_bad_output_root_is_refused_in_one_line(
+    bad, no_long_work, tmp_path, request, monkeypatch, capsys
+):
+    # COMPILEDOPT_HOME must name a folder that can be written: refused before any work
+    (tmp_path / "a-file").write_text("not a folder")
+    home = {
+        "file": lambda: str(tmp_path / "a-file"),
+        "under-a-file": lambda: str(tmp_path / "a-file" / "deeper"),
+        "unwritable": lambda: request.getfixturevalue("unwritable"),
+    }[bad]()
+    monkeypatch.setenv("COMPILEDOPT_HOME", home)
+    start = time.perf_counter()
+    status, by_parser, err = _invoke(["demo", "--no-progress"], capsys)
+    assert (status, by_parser) == (2, False)
+    assert time.perf_counter() - start < 5
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("compiledopt demo: "), err
+    assert f"COMPILEDOPT_HOME={home}" in lines[0] and "--workdir" in lines[0], err
+    expected = "is a file, not a directory" if bad != "unwritable" else "cannot write to"
+    assert expected in lines[0], err
+    assert (tmp_path / "a-file").read_text() == "not a folder"
     assert os.listdir(tmp_path / "cwd") == []
 
 

@@ -3,9 +3,9 @@
 Runs :func:`compiledopt.bench.benchmark` on a built-in model (``--model``) and prints its table:
 one optimizer step per backend on 1 thread and on all cores, against ``torch.optim.AdamW``
 (foreach and fused), with the roofline fraction. ``--json`` writes the result as JSON and
-``--plot`` a bar chart (which needs matplotlib: ``pip install 'compiledopt[bench]'``). The
-project's full step-speed suite is not part of the package: ``python -m benchmarks.step_speed``
-in a checkout.
+``--plot`` a bar chart (which needs matplotlib: ``pip install 'compiledopt[bench]'``), each at
+the path given; without them the command writes no file. The project's full step-speed suite is
+not part of the package: ``python -m benchmarks.step_speed`` in a checkout.
 """
 
 import argparse
@@ -85,12 +85,18 @@ def add_parser(
     parser.add_argument(
         "--warmup", type=positive_int, default=3, help="warm-up steps before timing (default: 3)"
     )
-    parser.add_argument("--json", metavar="PATH", default=None, help="write the result as JSON")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help="write the result as JSON to PATH (default: no file is written)",
+    )
     parser.add_argument(
         "--plot",
         metavar="PATH",
         default=None,
-        help="write a bar chart of step times (PNG; needs matplotlib: compiledopt[bench])",
+        help="write a bar chart of step times to PATH (PNG; needs matplotlib: "
+        "compiledopt[bench]) (default: no file is written)",
     )
     add_trust_options(parser)
     return parser

@@ -12,7 +12,10 @@
    (:func:`compiledopt.cli.finetune.run_finetune`).
 
 A few minutes on 2 CPU cores; every stage prints what it did and how long it took. The tasks need
-scikit-learn (the ``tasks`` extra), checked before anything is written.
+scikit-learn (the ``tasks`` extra), checked before anything is written. The checkpoint and the
+artifact go to ``--workdir``, by default ``<output root>/demo``
+(:func:`compiledopt.cli.paths.output_root`: ``$COMPILEDOPT_HOME``, else
+``$XDG_DATA_HOME/compiledopt``, else ``~/.local/share/compiledopt``).
 """
 
 import argparse
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, TextIO
 
 from compiledopt.cli.arguments import check_work_directory, comma_list, positive_int, random_seed
+from compiledopt.cli.paths import default_output
 from compiledopt.cli.requirements import require, require_task_family
 
 __all__ = ["KWARGS", "TRANSFORM", "add_parser", "run", "run_pipeline"]
@@ -32,7 +36,7 @@ KWARGS: Dict[str, Any] = {}
 
 
 def run_pipeline(
-    workdir: str = "runs/demo",
+    workdir: Optional[str] = None,
     meta_steps: int = 20,
     family: str = "image-mlp",
     backends: Optional[Sequence[str]] = None,
@@ -43,7 +47,9 @@ def run_pipeline(
 ) -> Dict[str, Any]:
     """Run the four stages; returns their results (meta-training, verification, fine-tuning).
 
-    ``backends`` defaults to every export backend. Before writing anything, raises
+    The checkpoint and the artifact are written in ``workdir``, by default ``<output root>/demo``
+    (:func:`compiledopt.cli.paths.default_output`, checked before any work). ``backends``
+    defaults to every export backend. Before writing anything, raises
     :class:`~compiledopt.cli.requirements.MissingDependencyError` if scikit-learn (which the
     fine-tuning job and the 8×8 tasks need) is not installed, and ``ValueError`` for an
     unknown backend.
@@ -68,8 +74,9 @@ def run_pipeline(
         raise ValueError(f"Unknown backend: {unknown[0]!r} (choose from {BACKENDS})")
     shipped = pretrained.load(pretrained.DEFAULT)  # before any work: it must load
     out = out or sys.stdout
-    root = Path(workdir)
+    root = default_output("demo") if workdir is None else Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
+    print(f"outputs (checkpoint, artifact) go to {root.resolve()}", file=out, flush=True)
     timings: Dict[str, float] = {}
 
     def stage(name: str, text: str) -> float:
@@ -186,7 +193,13 @@ def add_parser(
         "model with the shipped default optimizer against AdamW. No downloads; a few minutes "
         "on 2 CPU cores.",
     )
-    parser.add_argument("--workdir", default="runs/demo", help="checkpoint and artifact go here")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="checkpoint and artifact go here (default: <output root>/demo, the output root "
+        "being $COMPILEDOPT_HOME, else $XDG_DATA_HOME/compiledopt, else "
+        "~/.local/share/compiledopt)",
+    )
     parser.add_argument("--meta-steps", type=positive_int, default=20)
     parser.add_argument("--finetune-steps", type=positive_int, default=300)
     parser.add_argument(
@@ -204,9 +217,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     backends = comma_list(args.backends)
     if not backends:
         raise ValueError(f"--backends {args.backends!r}: needs at least one backend")
-    check_work_directory(args.workdir, "--workdir")
+    if args.workdir is None:
+        workdir = str(default_output("demo", "--workdir"))
+    else:
+        workdir = check_work_directory(args.workdir, "--workdir")
     run_pipeline(
-        args.workdir,
+        workdir,
         args.meta_steps,
         backends=backends,
         finetune_steps=args.finetune_steps,
