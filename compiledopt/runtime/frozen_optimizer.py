@@ -13,7 +13,7 @@ from compiledopt.export import BACKENDS, Artifact, ArtifactError
 from compiledopt.export.backend import get as export_backend
 from compiledopt.pretrained import open_artifact
 from compiledopt.runtime.autotune import measured_order
-from compiledopt.runtime.distributed import is_distributed
+from compiledopt.runtime.placement import placement_problem
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.state import (
     check_current,
@@ -266,7 +266,7 @@ class FrozenOptimizer(Optimizer):
             raise ArtifactError(
                 f"{self.artifact.path} has no {backend} graph (it has {self.artifact.backends})"
             )
-        problem = self._placement_problem(backend)
+        problem = placement_problem(self._named(), backend, self.artifact)
         if problem:
             raise ValueError(problem)
         if backend not in BUILT_IN_BACKENDS:
@@ -278,36 +278,10 @@ class FrozenOptimizer(Optimizer):
         flat = self._flat()
         return flat[0].device if flat else torch.device("cpu")
 
-    def _placement_problem(self, backend: str) -> Optional[str]:
-        """Why ``backend`` cannot run where the parameters live (``None`` when it can): the
-        exported graphs run on the CPU, a distributed (``DTensor``) parameter needs the eager
-        backend, and a bound artifact's whole-model graph needs one device."""
-        named = self._named()
-        for name, param in named:
-            if is_distributed(param) and backend != "eager":
-                return (
-                    f"parameter {name!r} is a DTensor (sharded, e.g. by FSDP2): the {backend} "
-                    "backend cannot compute its per-tensor statistics over the whole sharded "
-                    "tensor; use backend='eager' (or 'auto', which picks it)"
-                )
-            if param.device.type != "cpu" and backend not in BUILT_IN_BACKENDS:
-                return (
-                    f"the {backend} backend runs its exported graphs on the CPU, and parameter "
-                    f"{name!r} is on {param.device}: use backend='compiled' or 'eager' (or "
-                    "'auto'), which run on the parameters' device"
-                )
-        devices = {param.device for _, param in named}
-        if self.artifact.kind == "bound" and len(devices) > 1:
-            return (
-                f"{self.artifact.path} is bound: its whole-model rule runs on one device, and "
-                f"the parameters are on {sorted(str(d) for d in devices)}"
-            )
-        return None
-
     def _placed(self, backend: str) -> bool:
         """Whether ``backend`` can run where the parameters live (``auto`` skips, with a log
         line, those that cannot)."""
-        problem = self._placement_problem(backend)
+        problem = placement_problem(self._named(), backend, self.artifact)
         if problem:
             logger.info("FrozenOptimizer: auto skips the %s backend: %s", backend, problem)
         return problem is None
