@@ -286,7 +286,7 @@ def test_bad_input(artifacts, tmp_path):
     with pytest.raises(ValueError, match="Invalid backend: 'tpu'"):
         co.FrozenOptimizer(params, artifacts["mlp"], backend="tpu")
     with pytest.raises(ValueError, match="Invalid nonfinite"):
-        co.FrozenOptimizer(params, artifacts["mlp"], nonfinite="ignore")
+        co.FrozenOptimizer(params, artifacts["mlp"], nonfinite="silent")
     with pytest.raises(ArtifactError, match="has no onnx graph"):
         co.FrozenOptimizer(params, artifacts["mlp"], backend="onnx")
     with pytest.raises(ValueError, match="more than one parameter group"):

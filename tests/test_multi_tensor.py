@@ -81,14 +81,20 @@ def test_one_rule_call_per_bucket(monkeypatch):
         calls.append(tuple(grad.shape))
         return original(self, grad, param, state, step)
 
+    def counted_blocked(self, grad, param, state, step):
+        calls.append(("blocked", *grad.shape))
+        return blocked(self, grad, param, state, step)
+
+    blocked = NormalizedMLP.update_blocked
     monkeypatch.setattr(NormalizedMLP, "update", counted)
+    monkeypatch.setattr(NormalizedMLP, "update_blocked", counted_blocked)
     params = _params([(8,)] * 300 + [(3, 4)] * 2 + [(MAX_MEMBER + 1,)])
     optimizer = co.FrozenOptimizer(params, PACKAGED, backend="eager")
     _grads(params, 0)
     optimizer.step()
     # Inside vmap each call sees one member's shape: one call for the 300 vectors (2,400
-    # elements, one block), one for the two matrices, one for the large vector.
-    assert sorted(calls) == sorted([(8,), (3, 4), (MAX_MEMBER + 1,)])
+    # elements, one block), one for the two matrices; the large vector alone, in blocks.
+    assert sorted(calls, key=str) == sorted([(8,), (3, 4), ("blocked", MAX_MEMBER + 1)], key=str)
 
 
 def test_plan_splits_buckets_by_size_step_and_device_keys():

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from compiledopt.export.artifact import Artifact
 from compiledopt.export.rule import INDUCTOR_OPTIONS, ModelRule
-from compiledopt.runtime.buckets import BatchedRule, Bucket, plan
+from compiledopt.runtime.buckets import MAX_MEMBER, BatchedRule, Bucket, plan
 from compiledopt.runtime.compiled import (
     CompiledBatchedRule,
     CompiledTensorRule,
@@ -232,7 +232,7 @@ class TensorStrategy(Strategy):
         stored = self.state_dtype
         if self.backend == "eager":
             return _Rules(
-                StoredStateRule(transform.update, stored),
+                StoredStateRule(_EagerUpdate(transform), stored),
                 BatchedRule(StoredStateRule(transform.update, stored)),
             )
         if self.backend == "compiled":
@@ -323,6 +323,21 @@ class TensorStrategy(Strategy):
 def _unstack(stacked: Tensor, shapes: List[torch.Size]) -> List[Tensor]:
     """The slices of ``stacked`` along its first dimension, each viewed as its shape."""
     return [t if t.shape == s else t.reshape(s) for t, s in zip(stacked.unbind(0), shapes)]
+
+
+class _EagerUpdate:
+    """A transform's ``update`` for one tensor on the eager backend: a large tensor goes through
+    the transform's ``update_blocked`` where it has one (the same maths in cache-sized blocks,
+    so temporary memory stays bounded whatever the tensor's size)."""
+
+    def __init__(self, transform: Transform) -> None:
+        self.transform = transform
+        self.blocked = getattr(transform, "update_blocked", None)
+
+    def __call__(self, grad, param, state, step):
+        if self.blocked is not None and grad.numel() > MAX_MEMBER and not is_distributed(grad):
+            return self.blocked(grad, param, state, step)
+        return self.transform.update(grad, param, state, step)
 
 
 def _check_batch(directions, grads, values, stored, keys, where: str) -> None:
