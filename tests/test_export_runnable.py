@@ -14,6 +14,7 @@ from torch._inductor import cpu_vec_isa
 import compiledopt as co
 from compiledopt.export import ArtifactError, load_artifact
 from compiledopt.export.aoti import check_runnable, package_cpu_isa
+from compiledopt.runtime import frozen_optimizer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "export" / "coordinate-mlp"
 
@@ -72,9 +73,12 @@ def test_a_package_for_another_cpu_is_refused_before_loading(foreign):
         co.FrozenOptimizer(model.parameters(), artifact, backend="aoti", trust_code=True)
 
 
-def test_auto_passes_over_a_package_for_another_cpu(foreign):
+def test_auto_passes_over_a_package_for_another_cpu(foreign, monkeypatch):
     artifact, _ = foreign
     model = torch.nn.Linear(4, 3)
+    # As if AOTInductor had been measured fastest here.
+    order = ("aoti", "compiled", "onnx", "torchscript", "eager")
+    monkeypatch.setattr(frozen_optimizer, "auto_order", lambda *_: order)
     assert co.FrozenOptimizer(model.parameters(), artifact, trust_code=True).backend == "compiled"
     assert co.FrozenOptimizer(model.parameters(), SHIPPED, trust_code=True).backend == "aoti"
     # Native code is never chosen from an artifact nobody vouched for.

@@ -217,6 +217,8 @@ class TensorStrategy(Strategy):
         self.view = bool(getattr(transforms[0], "view_invariant", False))
         self.max_elements = MAX_ELEMENTS.get(backend, 0)
         self._devices: Dict[torch.device, _Rules] = {}
+        if backend not in MAX_ELEMENTS:  # exported graphs run on the CPU: load them now
+            self.rules(torch.device("cpu"))
 
     def rules(self, device: torch.device) -> _Rules:
         """The callables that compute on ``device`` (built at its first use)."""
