@@ -1,0 +1,434 @@
+"""Production targets of the packaged default learned optimizer.
+
+Run ``python -m benchmarks.step_speed.targets`` from the repository root.
+
+The packaged default (:data:`compiledopt.pretrained.DEFAULT`, by name) runs as
+``FrozenOptimizer(params, DEFAULT, backend=...)`` on each backend asked for, at each thread count
+(each in a child process of its own: torch's and onnxruntime's thread pools are fixed at first
+use), next to ``torch.optim.AdamW`` (fused and foreach) on the same parameters. Every time is the
+median of repeated steps after warm-up (:func:`benchmarks.step_speed.measure.time_optimizer`);
+the headline shows ratios only:
+
+1. ResNet-18 (:class:`~benchmarks.step_speed.models.ResNet18`, 11.7M parameters, 62 tensors): the
+   step over fused AdamW's (target ≤ 10×), over foreach AdamW's, and over the model's own
+   forward + backward (zero_grad, forward, cross-entropy on random labels, backward) at batch
+   8×3×64×64 (target ≤ 1×).
+2. Many tensors: 1,000 parameters of 1,024 elements against 10 of 102,400 (the same total): time
+   per coordinate (target ≤ 1.5×); the 1,000-tensor step over foreach AdamW's (target ≤ 2×); and
+   1,000 tensors of mixed ranks and small sizes (no target: generality).
+3. Memory: the peak resident-memory rise of one step (after the first, so the state exists) on
+   one 10M-element parameter, in a fresh child process per optimizer, over the optimizer-state
+   bytes (target ≤ 2×), next to AdamW's.
+4. Roofline: the floor of each step from the rule's cost model and the ceilings measured at that
+   thread count (:mod:`benchmarks.step_speed.roofline`), and the achieved fraction.
+5. GPU, where ``torch.cuda.is_available()``: ResNet-18 and a 16.8M-parameter MLP stack timed with
+   CUDA events (target: step ≤ 3× fused AdamW's on the same card); skipped with a note otherwise.
+
+Targets are judged at the largest thread count run (all cores by default). Outputs under
+``--out``: ``targets.json``, ``targets.md``, ``targets.png``. The cases and the child processes
+are :mod:`benchmarks.step_speed.targets_runs`'s, the report and the plot
+:mod:`benchmarks.step_speed.targets_report`'s.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from benchmarks.step_speed.measure import ROOT, quiet
+from benchmarks.step_speed.targets_runs import ADAMW, CASES, case_shapes
+
+PROG = "python -m benchmarks.step_speed.targets"
+SCHEMA = "compiledopt-bench-step-targets/1"
+BACKENDS = ("eager", "compiled", "torchscript", "onnx", "aoti", "auto")
+DEFAULT_BACKENDS = ("eager", "compiled", "torchscript", "onnx", "auto")
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+#: Sizes of the full and the quick run.
+SIZES: Dict[str, Dict[str, Any]] = {
+    "full": {
+        "resnet_width": 64,
+        "classes": 1000,
+        "batch": [8, 3, 64, 64],
+        "many": [1000, 1024],
+        "few": [10, 102400],
+        "mixed": [1000, 4096],
+        "memory_numel": 10_000_000,
+        "gpu_large": "mlp-stack",
+        "reps": 10,
+        "warmup": 3,
+        "ceilings": {"matmul_n": 2048, "copy_mb": 256, "reps": 5},
+        "timeout_s": 1800.0,
+    },
+    "quick": {
+        "resnet_width": 8,
+        "classes": 100,
+        "batch": [2, 3, 32, 32],
+        "many": [100, 64],
+        "few": [10, 640],
+        "mixed": [100, 256],
+        "memory_numel": 250_000,
+        "gpu_large": "convnet",
+        "reps": 3,
+        "warmup": 1,
+        "ceilings": {"matmul_n": 512, "copy_mb": 16, "reps": 3},
+        "timeout_s": 300.0,
+    },
+}
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> "None":  # one line, status 2
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Production targets of the packaged default learned optimizer: ResNet-18, "
+        "many tensors, memory, roofline and GPU, as ratios to AdamW and to forward + backward.",
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes, few reps (structure only)")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=BACKENDS,
+        default=None,
+        help=f"FrozenOptimizer backends (default: {' '.join(DEFAULT_BACKENDS)}; aoti builds "
+        "AOTInductor graphs first, minutes)",
+    )
+    p.add_argument(
+        "--threads",
+        default=None,
+        help="comma-separated thread counts, each a positive integer or all (default: 1,all; "
+        "1 with --quick)",
+    )
+    p.add_argument("--reps", type=int, default=None, help="timed steps (default: 10; 3 quick)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 3; 1 quick)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds before a child process is stopped (default: 1800; 300 quick)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of parameters, gradients and data")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: benchmarks/results/targets, or "
+        "benchmarks/results/quick/targets with --quick)",
+    )
+    return p
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_counts(text: str) -> List[int]:
+    """``--threads``: ``"1,all"`` → ``[1, cores()]`` (sorted, without repeats)."""
+    counts = set()
+    for item in text.split(","):
+        item = item.strip()
+        if item == "all":
+            counts.add(cores())
+        elif item.isdigit() and int(item) >= 1:
+            counts.add(int(item))
+        else:
+            raise ValueError(
+                f"invalid --threads item {item!r} in {text!r} (positive integers or all)"
+            )
+    return sorted(counts)
+
+
+def settings_of(args: argparse.Namespace, p: argparse.ArgumentParser) -> Dict[str, Any]:
+    """The run's settings from the options; a bad value ends the run with one line (status 2)."""
+    mode = "quick" if args.quick else "full"
+    sizes = SIZES[mode]
+    try:
+        threads = thread_counts(args.threads or ("1" if args.quick else "1,all"))
+    except ValueError as error:
+        p.error(str(error))
+    for name in ("reps", "warmup"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "reps" else 0):
+            p.error(f"invalid --{name}: {value} (at least {1 if name == 'reps' else 0})")
+    if args.timeout is not None and not args.timeout > 0:
+        p.error(f"invalid --timeout: {args.timeout} (a positive number of seconds)")
+    out = Path(args.out) if args.out else RESULTS / ("quick/targets" if args.quick else "targets")
+    if out.exists() and not out.is_dir():
+        p.error(f"invalid --out: {str(out)!r} is a file, not a folder")
+    backends = list(dict.fromkeys(args.backends or DEFAULT_BACKENDS))
+    return {
+        "mode": mode,
+        "backends": backends,
+        "threads": threads,
+        "reps": args.reps or sizes["reps"],
+        "warmup": args.warmup if args.warmup is not None else sizes["warmup"],
+        "slow_step_s": 5.0,
+        # Fast steps get more timed reps, to fill this many seconds (up to 10× --reps).
+        "min_timed_s": 0.0 if args.quick else 0.25,
+        "timeout_s": args.timeout or sizes["timeout_s"],
+        "seed": args.seed,
+        "out": str(out),
+        **{k: v for k, v in sizes.items() if k not in ("reps", "warmup", "timeout_s")},
+    }
+
+
+def spawn(job: Dict[str, Any], timeout: float) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """Run ``job`` in a child process (:func:`child_main`) with ``job["threads"]`` threads, stopped
+    after ``timeout`` seconds. Returns ``(result, None)`` or ``(None, why)``."""
+    with tempfile.TemporaryDirectory(prefix="compiledopt-targets-") as work:
+        job = {**job, "result": str(Path(work) / "result.json")}
+        code = (
+            f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+            "from benchmarks.step_speed.targets_runs import child_main; child_main()"
+        )
+        env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]))
+        child = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,  # a stopped child takes its compile workers with it
+        )
+        try:
+            _, stderr = child.communicate(json.dumps(job), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            return None, f"timeout: stopped after {timeout:.0f} s"
+        done = Path(job["result"])
+        if child.returncode == 0 and done.exists():
+            return json.loads(done.read_text()), None
+        tail = " ".join(stderr.strip().splitlines()[-3:])
+        return None, f"child exited {child.returncode}: {tail}"
+
+
+def spawn_many(
+    jobs: Sequence[Dict[str, Any]], timeout: float, parallel: int
+) -> List[Tuple[Optional[Dict[str, Any]], Optional[str]]]:
+    """:func:`spawn` for each job, ``parallel`` at a time (for measurements that are not timings:
+    a peak resident memory is per process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        return list(pool.map(lambda job: spawn(job, timeout), jobs))
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def _log(started: float, text: str) -> None:
+    print(f"[{time.perf_counter() - started:6.0f} s] {text}", file=sys.stderr, flush=True)
+
+
+def _preflight() -> None:
+    from compiledopt.cli.requirements import require
+
+    try:
+        require("matplotlib", "bench")
+    except ImportError as error:
+        print(f"{PROG}: the plot {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _aoti_artifact(s: Dict[str, Any], work: Path) -> Tuple[Optional[str], Dict[str, Any]]:
+    """The default optimizer's weights exported with AOTInductor graphs for the ranks the cases
+    use (the packaged artifact ships none): ``(path or None, build record)``."""
+    from compiledopt import pretrained
+    from compiledopt.export import export_shape_agnostic
+
+    ranks = sorted({len(shape) for case in CASES for _, shape in case_shapes(case, s)} | {1})
+    start = time.perf_counter()
+    try:
+        artifact = pretrained.load(pretrained.DEFAULT)
+        with quiet():
+            path = export_shape_agnostic(
+                work / "aoti",
+                artifact.spec,
+                artifact.transforms()[0],
+                backends=["aoti"],
+                ranks=ranks,
+                lr=float(artifact.manifest["lr"]),
+            )
+    except Exception as error:  # recorded: the aoti rows say why they did not run
+        return None, {
+            "status": "error",
+            "reason": f"export failed: {type(error).__name__}: {error}",
+        }
+    return str(path), {"status": "ok", "ranks": ranks, "seconds": time.perf_counter() - start}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run the benchmark; write ``targets.{json,md,png}`` under ``--out``, print the markdown,
+    return the JSON document."""
+    p = parser()
+    args = p.parse_args(list(argv) if argv is not None else None)
+    s = settings_of(args, p)
+    _preflight()
+    from benchmarks.step_speed import targets_report
+    from benchmarks.step_speed.runner import machine_info
+    from compiledopt import pretrained
+
+    started = time.perf_counter()
+    shown = list(argv) if argv is not None else sys.argv[1:]
+    artifact = pretrained.load(pretrained.DEFAULT)
+    doc: Dict[str, Any] = {
+        "schema": SCHEMA,
+        "mode": s["mode"],
+        "command": " ".join([PROG, *map(shlex.quote, shown)]),
+        "settings": s,
+        "machine": {**machine_info(), **_versions()},
+        "optimizer": {
+            "name": pretrained.DEFAULT,
+            "spec": artifact.spec,
+            "lr": artifact.manifest["lr"],
+            "artifact_backends": artifact.backends,
+            "state_names": artifact.manifest.get("state_names"),
+        },
+        "cases": targets_report.case_info(s),
+        "builds": {},
+        "runs": [],
+        "notes": [],
+    }
+    work = tempfile.TemporaryDirectory(prefix="compiledopt-targets-")
+    try:
+        sources = {b: pretrained.DEFAULT for b in s["backends"]}
+        if "aoti" in s["backends"]:
+            _log(started, "exporting AOTInductor graphs (minutes)")
+            sources["aoti"], doc["builds"]["aoti"] = _aoti_artifact(s, Path(work.name))
+        _run_cpu(doc, s, sources, started)
+        _run_memory(doc, s, sources, started)
+        _run_gpu(doc, s, sources, started)
+    finally:
+        work.cleanup()
+    targets_report.derive(doc)
+    doc["wall_s"] = time.perf_counter() - started
+    doc["machine"]["load_average_end"] = (
+        list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    )
+    markdown = targets_report.write(doc, Path(s["out"]))
+    print(markdown)
+    return doc
+
+
+def _versions() -> Dict[str, Any]:
+    import matplotlib
+    import numpy
+
+    import compiledopt
+
+    return {
+        "compiledopt": compiledopt.__version__,
+        "numpy": numpy.__version__,
+        "matplotlib": matplotlib.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cores_usable": cores(),
+    }
+
+
+def _unavailable(source: Optional[str], build: Optional[Dict[str, Any]]) -> Optional[str]:
+    if source is None:
+        return f"skipped: no AOTInductor artifact ({(build or {}).get('reason')})"
+    return None
+
+
+def _run_cpu(doc: Dict[str, Any], s: Dict[str, Any], sources: Dict[str, Any], t0: float) -> None:
+    for threads in s["threads"]:
+        run: Dict[str, Any] = {"threads": threads, "frozen": {}}
+        job = {"kind": "baseline", "threads": threads, "settings": s}
+        result, failure = spawn(job, s["timeout_s"])
+        run["baseline"] = result or {"status": "error", "reason": failure}
+        run["baseline"].setdefault("status", "ok")
+        _log(t0, f"{threads} thread(s): AdamW and forward + backward {failure or 'done'}")
+        for backend in s["backends"]:
+            skip = _unavailable(sources[backend], doc["builds"].get(backend))
+            if skip:
+                run["frozen"][backend] = {"status": "skipped", "reason": skip}
+                continue
+            job = {
+                "kind": "frozen",
+                "threads": threads,
+                "settings": s,
+                "backend": backend,
+                "artifact": sources[backend],
+            }
+            result, failure = spawn(job, s["timeout_s"])
+            run["frozen"][backend] = (
+                {"status": "ok", **result}
+                if result
+                else {
+                    "status": "error",
+                    "reason": failure,
+                }
+            )
+            _log(t0, f"{threads} thread(s): {backend} {failure or 'done'}")
+        doc["runs"].append(run)
+
+
+def _run_memory(doc: Dict[str, Any], s: Dict[str, Any], sources: Dict[str, Any], t0: float) -> None:
+    names = [*(f"adamw-{v}" for v in ADAMW), *s["backends"]]
+    threads = max(s["threads"])
+    jobs, memory = [], {}
+    for name in names:
+        skip = None if name.startswith("adamw-") else _unavailable(sources[name], None)
+        if skip:
+            memory[name] = {"status": "skipped", "reason": skip}
+            continue
+        jobs.append(
+            {
+                "kind": "memory",
+                "threads": threads,
+                "settings": s,
+                "optimizer": name,
+                "artifact": sources.get(name),
+            }
+        )
+    for job, (result, failure) in zip(jobs, spawn_many(jobs, s["timeout_s"], cores())):
+        memory[job["optimizer"]] = result or {"status": "error", "reason": failure}
+    doc["memory"] = {"threads": threads, "rows": {n: memory[n] for n in names}}
+    _log(t0, f"memory of one step on {s['memory_numel']:,} parameters done")
+
+
+def _run_gpu(doc: Dict[str, Any], s: Dict[str, Any], sources: Dict[str, Any], t0: float) -> None:
+    if not torch.cuda.is_available():
+        doc["gpu"] = {"status": "skipped", "note": "skipped: torch.cuda.is_available() is False"}
+        return
+    backends = [b for b in s["backends"] if b != "aoti"]
+    job = {
+        "kind": "gpu",
+        "threads": max(s["threads"]),
+        "settings": s,
+        "backends": backends,
+        "artifact": doc["optimizer"]["name"],
+    }
+    result, failure = spawn(job, s["timeout_s"])
+    doc["gpu"] = {"status": "ok", **result} if result else {"status": "error", "reason": failure}
+    if "aoti" in s["backends"]:
+        doc["notes"].append("GPU: aoti left out (the AOTInductor graphs are built for the CPU).")
+    _log(t0, f"GPU {failure or 'done'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""The production-targets report: ratios, targets met or missed, roofline, markdown and plot.
+
+:func:`derive` adds to the document of :func:`benchmarks.step_speed.targets.main`, per thread
+count, each backend's ratios (``runs[i]["ratios"][backend]``, AdamW foreach's own where the ratio
+means something for it under ``runs[i]["ratios"]["adamw-foreach"]``) and roofline rows, the memory
+ratios, the GPU ratios and ``targets`` (judged at the largest thread count); :func:`write` writes
+``targets.json``, ``targets.md`` and ``targets.png``.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from benchmarks.step_speed.measure import json_default
+from benchmarks.step_speed.report import loads_text
+
+#: CPU ratios per thread count and backend: key, label (formatted with the settings), target.
+CPU_RATIOS: Tuple[Tuple[str, str, Optional[float]], ...] = (
+    ("resnet18_vs_adamw_fused", "ResNet-18: step / fused AdamW step", 10.0),
+    ("resnet18_vs_adamw_foreach", "ResNet-18: step / foreach AdamW step", None),
+    ("resnet18_vs_fwd_bwd", "ResNet-18: step / forward+backward {batch}", 1.0),
+    ("many_per_coordinate", "per coordinate: {many} / {few} tensors", 1.5),
+    ("many_vs_adamw_foreach", "{many} tensors: step / foreach AdamW step", 2.0),
+    ("mixed_per_coordinate", "per coordinate: {mixed} mixed / {few}", None),
+    ("mixed_vs_adamw_foreach", "{mixed} mixed: step / foreach AdamW step", None),
+    ("roofline_resnet18", "ResNet-18: roofline floor / step (achieved)", None),
+)
+MEMORY_TARGET = 2.0
+GPU_TARGET = 3.0
+
+
+def _ms(row: Optional[Dict[str, Any]]) -> Optional[float]:
+    return row.get("step_ms") if row and row.get("status", "ok") == "ok" else None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or not b else a / b
+
+
+def case_info(s: Dict[str, Any]) -> Dict[str, Any]:
+    """What each case is: parameters, tensors, ranks."""
+    from benchmarks.step_speed.targets_runs import CASES, case_shapes
+
+    info = {}
+    for case in CASES:
+        shapes = [shape for _, shape in case_shapes(case, s)]
+        info[case] = {
+            "params": sum(math.prod(shape) for shape in shapes),
+            "tensors": len(shapes),
+            "ranks": sorted({len(shape) for shape in shapes}),
+            "largest_tensor": max(math.prod(shape) for shape in shapes),
+        }
+    info["resnet18"]["batch"] = s["batch"]
+    info["resnet18"]["width"] = s["resnet_width"]
+    info["memory"] = {"params": s["memory_numel"], "tensors": 1}
+    return info
+
+
+def _labels(s: Dict[str, Any]) -> Dict[str, str]:
+    many, few, mixed = s["many"], s["few"], s["mixed"]
+    values = {
+        "batch": "×".join(map(str, s["batch"])),
+        "many": f"{many[0]:,}×{many[1]:,}",
+        "few": f"{few[0]:,}×{few[1]:,}",
+        "mixed": f"{mixed[0]:,}",
+    }
+    return {key: label.format(**values) for key, label, _ in CPU_RATIOS}
+
+
+def _frozen_ratios(run: Dict[str, Any], case: Dict[str, Any], info: Dict[str, Any]) -> Dict:
+    base = run["baseline"]
+    adamw = base.get("adamw", {})
+    fused = {c: _ms(adamw.get(c, {}).get("fused")) for c in info}
+    foreach = {c: _ms(adamw.get(c, {}).get("foreach")) for c in info}
+    t = {c: _ms(case.get(c)) for c in info}
+
+    def per_coordinate(small: str) -> Optional[float]:
+        a, b = t.get(small), t.get("few")
+        if a is None or b is None:
+            return None
+        return _ratio(a / info[small]["params"], b / info["few"]["params"])
+
+    return {
+        "resnet18_vs_adamw_fused": _ratio(t["resnet18"], fused["resnet18"]),
+        "resnet18_vs_adamw_foreach": _ratio(t["resnet18"], foreach["resnet18"]),
+        "resnet18_vs_fwd_bwd": _ratio(t["resnet18"], _ms(base.get("fwd_bwd"))),
+        "many_per_coordinate": per_coordinate("many"),
+        "many_vs_adamw_foreach": _ratio(t["many"], foreach["many"]),
+        "mixed_per_coordinate": per_coordinate("mixed"),
+        "mixed_vs_adamw_foreach": _ratio(t["mixed"], foreach["mixed"]),
+    }
+
+
+def _roofline(doc: Dict[str, Any], run: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Floor and achieved fraction of every timed step (:func:`roofline.add_cost`)."""
+    from benchmarks.step_speed.plan import FAMILIES
+    from benchmarks.step_speed.roofline import add_cost
+    from benchmarks.step_speed.targets_runs import CASES, case_shapes
+    from compiledopt.bench import Ceilings
+
+    if "ceilings" not in run["baseline"]:
+        return []
+    ceilings = Ceilings(**run["baseline"]["ceilings"])
+    spec = doc["optimizer"]["spec"]
+    family = spec["name"]
+    known = FAMILIES.get(family, {}).get("kwargs") == spec.get("kwargs")
+    rows = []
+    for case in CASES:
+        shapes = [shape for _, shape in case_shapes(case, doc["settings"])]
+        timed = [(f"adamw-{v}", "adamw", r) for v, r in run["baseline"]["adamw"][case].items()]
+        if known:
+            for backend, result in run["frozen"].items():
+                timed.append((backend, family, result.get("cases", {}).get(case)))
+        for name, rule, result in timed:
+            if not _ms(result):
+                continue
+            row = {
+                "case": case,
+                "optimizer": name,
+                "backend": result.get("resolved_backend") or name,
+                "params": doc["cases"][case]["params"],
+                "step_ms": result["step_ms"],
+                "state_bytes": result["state_bytes"],
+            }
+            add_cost(row, rule, shapes, ceilings)
+            rows.append(row)
+    return rows
+
+
+def derive(doc: Dict[str, Any]) -> None:
+    """Add the ratios, the roofline rows and the targets to ``doc``."""
+    info = {c: doc["cases"][c] for c in ("resnet18", "many", "few", "mixed")}
+    spec = doc["optimizer"]["spec"]
+    from benchmarks.step_speed.plan import FAMILIES
+
+    if FAMILIES.get(spec["name"], {}).get("kwargs") != spec.get("kwargs"):
+        doc["notes"].append(
+            f"No roofline for {spec['name']}: its packaged kwargs {spec.get('kwargs')} differ "
+            "from the step-speed suite's family."
+        )
+    for run in doc["runs"]:
+        ratios = {}
+        for backend, result in run["frozen"].items():
+            ratios[backend] = _frozen_ratios(run, result.get("cases", {}), info)
+        foreach = {c: r.get("foreach") for c, r in run["baseline"].get("adamw", {}).items()}
+        ratios["adamw-foreach"] = _frozen_ratios(run, foreach, info) if foreach else {}
+        run["roofline"] = _roofline(doc, run)
+        for row in run["roofline"]:
+            if row["case"] == "resnet18" and row["optimizer"] in ratios:
+                ratios[row["optimizer"]]["roofline_resnet18"] = row.get("achieved_fraction")
+        run["ratios"] = ratios
+    for row in doc["memory"]["rows"].values():
+        if row.get("status") == "ok":
+            row["peak_over_state"] = _ratio(row["peak_step_bytes"], row["state_bytes"])
+    gpu = doc["gpu"]
+    if gpu.get("status") == "ok":
+        fwd_bwd = _ms(gpu["fwd_bwd"])
+        for case, data in gpu["cases"].items():
+            fused, foreach = (_ms(data["rows"].get(f"adamw-{v}")) for v in ("fused", "foreach"))
+            data["ratios"] = {
+                name: {
+                    "vs_adamw_fused": _ratio(_ms(row), fused),
+                    "vs_adamw_foreach": _ratio(_ms(row), foreach),
+                    "vs_fwd_bwd": _ratio(_ms(row), fwd_bwd) if case == "resnet18" else None,
+                }
+                for name, row in data["rows"].items()
+            }
+    doc["targets"] = targets(doc)
+
+
+def targets(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Each target per backend: the measured ratio, the limit and whether it is met (``None``:
+    not measured). CPU ones at the largest thread count run."""
+    backends = doc["settings"]["backends"]
+    labels = _labels(doc["settings"])
+    result = []
+    top = max(doc["runs"], key=lambda run: run["threads"]) if doc["runs"] else None
+
+    def add(name: str, what: str, limit: float, backend: str, threads: Any, value: Any) -> None:
+        met = None if value is None else bool(value <= limit)
+        result.append(
+            {
+                "name": name,
+                "what": what,
+                "limit": limit,
+                "backend": backend,
+                "threads": threads,
+                "measured": value,
+                "met": met,
+            }
+        )
+
+    for key, _, limit in CPU_RATIOS:
+        if limit is None or top is None:
+            continue
+        for backend in backends:
+            value = top["ratios"].get(backend, {}).get(key)
+            add(key, labels[key], limit, backend, top["threads"], value)
+    memory = doc["memory"]
+    for backend in backends:
+        value = memory["rows"].get(backend, {}).get("peak_over_state")
+        what = f"peak RSS rise of a step / state bytes ({doc['settings']['memory_numel']:,})"
+        add("memory_peak_over_state", what, MEMORY_TARGET, backend, memory["threads"], value)
+    gpu = doc["gpu"]
+    if gpu.get("status") == "ok":
+        for case, data in gpu["cases"].items():
+            for backend in [b for b in data["ratios"] if not b.startswith("adamw-")]:
+                value = data["ratios"][backend]["vs_adamw_fused"]
+                what = f"GPU {gpu['device']}: {case} step / fused AdamW step"
+                add(f"gpu_{case}_vs_adamw_fused", what, GPU_TARGET, backend, "gpu", value)
+    return result
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def write(doc: Dict[str, Any], out: Path) -> str:
+    """Write ``targets.json``, ``targets.md`` and ``targets.png`` under ``out``; return the
+    markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "targets.json").write_text(json.dumps(doc, indent=1, default=json_default) + "\n")
+    markdown = render_markdown(doc)
+    (out / "targets.md").write_text(markdown)
+    plot(doc, out / "targets.png")
+    return markdown
+
+
+def _x(value: Optional[float]) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.3g}×"
+
+
+def _mark(value: Optional[float], limit: Optional[float]) -> str:
+    if limit is None or value is None:
+        return _x(value)
+    return f"{_x(value)} {'✓' if value <= limit else '✗'}"
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def headline(doc: Dict[str, Any]) -> List[str]:
+    """The ratios: a row per ratio and thread count, a column per backend (✓/✗ against the
+    target where it applies: the largest thread count), AdamW foreach's own where it has one."""
+    s = doc["settings"]
+    backends, labels = s["backends"], _labels(s)
+    top = max(s["threads"])
+    rows = []
+    for key, _, limit in CPU_RATIOS:
+        for run in doc["runs"]:
+            judged = limit if run["threads"] == top else None
+            cells = [_mark(run["ratios"].get(b, {}).get(key), judged) for b in backends]
+            reference = run["ratios"].get("adamw-foreach", {}).get(key)
+            if key.startswith("roofline"):
+                cells = [_percent(run["ratios"].get(b, {}).get(key)) for b in backends]
+                reference = None
+            target = "–" if limit is None else f"≤ {limit:g}×"
+            rows.append([labels[key], target, str(run["threads"]), *cells, _x(reference)])
+    memory = doc["memory"]["rows"]
+    cells = [_mark(memory.get(b, {}).get("peak_over_state"), MEMORY_TARGET) for b in backends]
+    reference = _x(memory.get("adamw-foreach", {}).get("peak_over_state"))
+    label = f"memory: peak RSS rise of a step / state ({s['memory_numel']:,} params)"
+    rows.append([label, f"≤ {MEMORY_TARGET:g}×", str(doc["memory"]["threads"]), *cells, reference])
+    gpu = doc["gpu"]
+    if gpu.get("status") == "ok":
+        for case, data in gpu["cases"].items():
+            ratios = data["ratios"]
+            cells = [_mark(ratios.get(b, {}).get("vs_adamw_fused"), GPU_TARGET) for b in backends]
+            reference = _x(ratios.get("adamw-foreach", {}).get("vs_adamw_fused"))
+            label = f"GPU {case} ({data['params'] / 1e6:.1f}M): step / fused AdamW"
+            rows.append([label, f"≤ {GPU_TARGET:g}×", "gpu", *cells, reference])
+    return _table(["ratio", "target", "threads", *backends, "AdamW foreach"], rows)
+
+
+def _percent(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.3g}%"
+
+
+def _cell(row: Optional[Dict[str, Any]]) -> str:
+    if not row:
+        return "–"
+    if row.get("status", "ok") != "ok":
+        return row.get("status", "error")
+    return f"{row['step_ms']:.3g}"
+
+
+def render_markdown(doc: Dict[str, Any]) -> str:
+    s, m = doc["settings"], doc["machine"]
+    met = [t for t in doc["targets"] if t["met"] is not None]
+    lines = [
+        f"# Production targets of `{doc['optimizer']['name']}` ({doc['mode']} run)",
+        "",
+        f"`{doc['command']}` — {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), "
+        f"threads {', '.join(map(str, s['threads']))}; torch {m['torch']}, onnxruntime "
+        f"{m['onnxruntime']}, compiledopt {m['compiledopt']}; {m['timestamp']}; load average "
+        f"{loads_text(m.get('load_average_start'))} at start, "
+        f"{loads_text(m.get('load_average_end'))} at end; {doc['wall_s']:.0f} s.",
+        "",
+        f"Targets met: {sum(t['met'] for t in met)} of {len(met)} measured (judged at "
+        f"{max(s['threads'])} thread(s); ✓ met, ✗ missed).",
+        "",
+        *headline(doc),
+        "",
+        "## Step medians (ms)",
+        "",
+    ]
+    backends = s["backends"]
+    header = ["threads", "case", "params", "tensors", "fwd+bwd", "AdamW fused", "AdamW foreach"]
+    rows = []
+    for run in doc["runs"]:
+        base = run["baseline"]
+        for case in ("resnet18", "many", "few", "mixed"):
+            info = doc["cases"][case]
+            adamw = base.get("adamw", {}).get(case, {})
+            frozen = [_cell(run["frozen"][b].get("cases", {}).get(case)) for b in backends]
+            fwd_bwd = _cell(base.get("fwd_bwd")) if case == "resnet18" else ""
+            row = [str(run["threads"]), case, f"{info['params']:,}", str(info["tensors"])]
+            rows.append([*row, fwd_bwd, _cell(adamw.get("fused")), _cell(adamw.get("foreach"))])
+            rows[-1] += frozen
+    lines += [*_table(header + backends, rows), ""]
+    lines += ["## Memory: one step on one parameter", ""]
+    rows = []
+    for name, row in doc["memory"]["rows"].items():
+        if row.get("status") != "ok":
+            rows.append([name, "–", "–", row.get("reason") or row.get("status", "")])
+            continue
+        peak = _x(row["peak_over_state"])
+        mib = [f"{row[k] / 2**20:.1f}" for k in ("state_bytes", "peak_step_bytes")]
+        rows.append([name, *mib, peak])
+    lines += [*_table(["optimizer", "state MiB", "peak rise MiB", "peak / state"], rows), ""]
+    lines += ["## Roofline", ""]
+    rows = []
+    for run in doc["runs"]:
+        for r in run["roofline"]:
+            rows.append(
+                [
+                    str(run["threads"]),
+                    r["case"],
+                    r["optimizer"],
+                    f"{r['flops_per_coordinate']:.3g}",
+                    f"{r['floor_ms']:.3g}",
+                    f"{r['step_ms']:.3g}",
+                    _percent(r.get("achieved_fraction")),
+                ]
+            )
+    header = ["threads", "case", "optimizer", "FLOP/coord", "floor ms", "step ms", "achieved"]
+    lines += [*_table(header, rows), ""]
+    lines += _gpu_lines(doc)
+    errors = _errors(doc)
+    if errors or doc["notes"]:
+        lines += ["## Notes", "", *[f"- {n}" for n in doc["notes"] + errors], ""]
+    return "\n".join(lines)
+
+
+def _gpu_lines(doc: Dict[str, Any]) -> List[str]:
+    gpu = doc["gpu"]
+    lines = ["## GPU", ""]
+    if gpu.get("status") != "ok":
+        return [*lines, gpu.get("note") or f"error: {gpu.get('reason')}", ""]
+    lines += [f"{gpu['device']}; forward+backward {_cell(gpu['fwd_bwd'])} ms.", ""]
+    rows = []
+    for case, data in gpu["cases"].items():
+        for name, row in data["rows"].items():
+            ratio = data["ratios"][name]
+            rows.append([case, name, _cell(row), _x(ratio["vs_adamw_fused"])])
+    return [*lines, *_table(["case", "optimizer", "step ms", "/ fused AdamW"], rows), ""]
+
+
+def _errors(doc: Dict[str, Any]) -> List[str]:
+    found = []
+    for run in doc["runs"]:
+        for name, row in [("AdamW/fwd+bwd", run["baseline"]), *run["frozen"].items()]:
+            if row.get("status") != "ok":
+                found.append(f"{run['threads']} threads, {name}: {row.get('reason')}")
+            for case, result in row.get("cases", {}).items():
+                if result.get("status") != "ok":
+                    found.append(f"{run['threads']} threads, {name}, {case}: {result['reason']}")
+    return found
+
+
+def plot(doc: Dict[str, Any], path: Path) -> None:
+    """Bars of each targeted ratio per backend and thread count, the target as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = doc["settings"]
+    backends, labels = s["backends"], _labels(s)
+    panels = [(k, labels[k], limit) for k, _, limit in CPU_RATIOS if limit is not None]
+    panels.append(("memory", f"peak RSS rise / state ({s['memory_numel']:,})", MEMORY_TARGET))
+    panels.append(("roofline_resnet18", "ResNet-18: achieved fraction of the roofline", None))
+    gpu = doc["gpu"]
+    if gpu.get("status") == "ok":
+        for case in gpu["cases"]:
+            panels.append((f"gpu:{case}", f"GPU {case}: step / fused AdamW step", GPU_TARGET))
+    fig, axes = plt.subplots(2, 4, figsize=(19, 8), squeeze=False)
+    width = 0.8 / max(1, len(doc["runs"]))
+    for ax, (key, title, limit) in zip(axes.flat, panels):
+        if key == "memory":
+            rows = [doc["memory"]["rows"].get(b, {}) for b in backends]
+            series = [(f"{doc['memory']['threads']} thr", [r.get("peak_over_state") for r in rows])]
+        elif key.startswith("gpu:"):
+            ratios = gpu["cases"][key[4:]]["ratios"]
+            values = [ratios.get(b, {}).get("vs_adamw_fused") for b in backends]
+            series = [(gpu["device"], values)]
+        else:
+            series = [
+                (f"{run['threads']} thr", [run["ratios"].get(b, {}).get(key) for b in backends])
+                for run in doc["runs"]
+            ]
+        for i, (name, values) in enumerate(series):
+            xs = [j + i * width for j in range(len(backends))]
+            heights = [math.nan if v is None else v for v in values]
+            ax.bar(xs, heights, width, label=name, color=f"C{i}")
+        shown = [v for _, values in series for v in values if v] + ([limit] if limit else [])
+        if limit is not None:
+            ax.axhline(limit, color="k", linestyle="--", linewidth=1, label=f"target {limit:g}×")
+        ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(backends))])
+        ax.set_xticklabels(backends, rotation=20)
+        ax.set_yscale("log")
+        if shown:
+            ax.set_ylim(min(shown) / 2, max(shown) * 2)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(f"{doc['optimizer']['name']}: production targets ({doc['mode']} run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

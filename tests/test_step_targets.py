@@ -1,0 +1,219 @@
+"""The production-targets benchmark (``python -m benchmarks.step_speed.targets``): its quick mode on
+the eager backend writes well-formed results whose ratios are those of its own medians; bad
+options stop it with one line; the hand-written ResNet-18 module has torchvision's parameter list.
+No timing is asserted."""
+
+import copy
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the suite is not installed: it lives in the checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.step_speed import models, targets, targets_report  # noqa: E402
+
+CASES = ("resnet18", "many", "few", "mixed")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("targets")
+    doc = targets.main(["--quick", "--backends", "eager", "--out", str(out)])
+    return doc, out
+
+
+def _check_timing(row):
+    assert row["status"] == "ok", row
+    runs = row["step_ms_runs"]
+    assert row["step_ms"] > 0 and len(runs) == row["reps"] >= 3
+    assert all(t > 0 for t in runs)
+    # The median is the median of the stored repeats (rounded to 0.1 µs there).
+    assert row["step_ms"] == pytest.approx(statistics.median(runs), rel=1e-3, abs=1e-3)
+
+
+def test_quick_run_writes_json_markdown_and_plot(quick):
+    doc, out = quick
+    for name in ("targets.json", "targets.md", "targets.png"):
+        assert (out / name).stat().st_size > 0, name
+    stored = json.loads((out / "targets.json").read_text())
+    assert stored["targets"] == doc["targets"] and stored["runs"] == doc["runs"]
+    assert stored["schema"] == targets.SCHEMA and stored["mode"] == "quick"
+    assert stored["command"].startswith(targets.PROG) and "--quick" in stored["command"]
+    assert stored["optimizer"]["name"] == "normalized-mlp"
+    settings = stored["settings"]
+    assert settings["backends"] == ["eager"] and settings["threads"] == [1]
+    machine = stored["machine"]
+    for key in ("cpu", "cores", "torch", "onnxruntime", "compiledopt", "timestamp"):
+        assert machine[key], key
+    assert [run["threads"] for run in stored["runs"]] == [1]
+    if not torch.cuda.is_available():
+        assert stored["gpu"]["status"] == "skipped" and "cuda" in stored["gpu"]["note"]
+    table = (out / "targets.md").read_text()
+    assert "| ratio | target | threads | eager |" in table and "## Memory" in table
+
+
+def test_medians_and_ratios_are_consistent(quick):
+    _, out = quick
+    doc = json.loads((out / "targets.json").read_text())
+    cases = doc["cases"]
+    assert cases["many"]["params"] == cases["few"]["params"]  # the same total
+    assert cases["many"]["tensors"] == 100 and cases["few"]["tensors"] == 10
+    run = doc["runs"][0]
+    base, eager = run["baseline"], run["frozen"]["eager"]["cases"]
+    _check_timing(base["fwd_bwd"])
+    for case in CASES:
+        for variant in ("fused", "foreach"):
+            _check_timing(base["adamw"][case][variant])
+        _check_timing(eager[case])
+        assert eager[case]["resolved_backend"] == "eager"
+        # three float32 state tensors a parameter; AdamW two
+        assert eager[case]["state_bytes"] == 3 * 4 * cases[case]["params"]
+        assert base["adamw"][case]["fused"]["state_bytes"] == 2 * 4 * cases[case]["params"]
+
+    def ms(row):
+        return row["step_ms"]
+
+    ratios = run["ratios"]["eager"]
+    expected = {
+        "resnet18_vs_adamw_fused": ms(eager["resnet18"]) / ms(base["adamw"]["resnet18"]["fused"]),
+        "resnet18_vs_adamw_foreach": ms(eager["resnet18"])
+        / ms(base["adamw"]["resnet18"]["foreach"]),
+        "resnet18_vs_fwd_bwd": ms(eager["resnet18"]) / ms(base["fwd_bwd"]),
+        "many_per_coordinate": ms(eager["many"]) / ms(eager["few"]),  # same total
+        "many_vs_adamw_foreach": ms(eager["many"]) / ms(base["adamw"]["many"]["foreach"]),
+        "mixed_per_coordinate": (ms(eager["mixed"]) / cases["mixed"]["params"])
+        / (ms(eager["few"]) / cases["few"]["params"]),
+        "mixed_vs_adamw_foreach": ms(eager["mixed"]) / ms(base["adamw"]["mixed"]["foreach"]),
+    }
+    for key, value in expected.items():
+        assert ratios[key] > 0 and ratios[key] == pytest.approx(value, rel=1e-9), key
+
+    # Roofline: floor from the rule's cost model, achieved = floor / step.
+    rows = {(r["case"], r["optimizer"]): r for r in run["roofline"]}
+    resnet = rows[("resnet18", "eager")]
+    assert resnet["floor_ms"] > 0 and resnet["flops_per_coordinate"] > 100
+    assert resnet["achieved_fraction"] == pytest.approx(resnet["floor_ms"] / ms(eager["resnet18"]))
+    assert ratios["roofline_resnet18"] == resnet["achieved_fraction"]
+    assert rows[("resnet18", "adamw-fused")]["flops_per_coordinate"] == 14  # AdamW's cost model
+
+    memory = doc["memory"]["rows"]
+    assert set(memory) == {"adamw-fused", "adamw-foreach", "eager"}
+    for name, row in memory.items():
+        assert row["status"] == "ok" and row["numel"] == doc["settings"]["memory_numel"], name
+        assert row["peak_step_bytes"] == max(row["peak_step_bytes_runs"]) >= 0
+        assert row["peak_over_state"] == pytest.approx(row["peak_step_bytes"] / row["state_bytes"])
+    assert memory["eager"]["state_bytes"] == 3 * 4 * doc["settings"]["memory_numel"]
+
+    judged = {t["name"]: t for t in doc["targets"] if t["backend"] == "eager"}
+    assert set(judged) == {
+        "resnet18_vs_adamw_fused",
+        "resnet18_vs_fwd_bwd",
+        "many_per_coordinate",
+        "many_vs_adamw_foreach",
+        "memory_peak_over_state",
+    }
+    for name, target in judged.items():
+        measured = memory["eager"]["peak_over_state"] if name.startswith("memory") else ratios[name]
+        assert target["measured"] == measured
+        assert target["met"] is (measured <= target["limit"])
+
+
+def test_gpu_results_are_judged_and_reported(quick, tmp_path):
+    # A GPU section as the GPU child writes it (no GPU needed): ratios, targets, table, plot.
+    doc = copy.deepcopy(quick[0])
+
+    def row(ms):
+        return {"status": "ok", "step_ms": ms, "step_ms_runs": [ms], "reps": 1}
+
+    rows = {"adamw-fused": row(2.0), "adamw-foreach": row(4.0), "eager": row(5.0)}
+    doc["gpu"] = {
+        "status": "ok",
+        "device": "Test GPU",
+        "fwd_bwd": row(10.0),
+        "cases": {
+            "resnet18": {"params": 11_689_512, "tensors": 62, "rows": rows},
+            "large": {"params": 16_793_600, "tensors": 32, "rows": {**rows, "eager": row(8.0)}},
+        },
+    }
+    targets_report.derive(doc)
+    gpu = {t["name"]: t for t in doc["targets"] if t["threads"] == "gpu"}
+    assert gpu["gpu_resnet18_vs_adamw_fused"]["measured"] == pytest.approx(2.5)
+    assert gpu["gpu_resnet18_vs_adamw_fused"]["met"] is True
+    assert gpu["gpu_large_vs_adamw_fused"]["measured"] == pytest.approx(4.0)
+    assert gpu["gpu_large_vs_adamw_fused"]["met"] is False
+    assert doc["gpu"]["cases"]["resnet18"]["ratios"]["eager"]["vs_fwd_bwd"] == pytest.approx(0.5)
+    doc["wall_s"] = 1.0
+    targets_report.write(doc, tmp_path)
+    table = (tmp_path / "targets.md").read_text()
+    assert "Test GPU" in table and "2.5× ✓" in table and "4× ✗" in table
+    assert (tmp_path / "targets.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--backends", "fast"], "'fast'"),
+        (["--threads", "0"], "'0'"),
+        (["--threads", "1,many"], "'many'"),
+        (["--reps", "0"], "--reps: 0"),
+        (["--timeout", "-1"], "--timeout: -1"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_bad_options_stop_with_one_line(argv, named, monkeypatch, capsys):
+    monkeypatch.setattr(targets, "spawn", lambda *a: pytest.fail("ran before the check"))
+    with pytest.raises(SystemExit) as stopped:
+        targets.main(["--quick", *argv])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and named in err, err
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "file"
+    path.write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        targets.main(["--quick", "--out", str(path)])
+    assert stopped.value.code == 2 and str(path) in capsys.readouterr().err
+
+
+def test_without_matplotlib_it_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(targets, "spawn", lambda *a: pytest.fail("ran before the check"))
+    with pytest.raises(SystemExit) as stopped:
+        targets.main(["--quick", "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "compiledopt[bench]" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_thread_counts():
+    assert targets.thread_counts("1,all") == sorted({1, targets.cores()})
+    assert targets.thread_counts("4, 2,2") == [2, 4]
+
+
+def test_resnet18_module_has_the_hand_written_parameter_list():
+    net = models.ResNet18()
+    assert [(n, tuple(p.shape)) for n, p in net.named_parameters()] == models.resnet18_shapes()
+    small = models.ResNet18(width=4, classes=7)
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(ValueError, match="width=0"):
+        models.ResNet18(width=0)
+
+
+def test_many_and_mixed_shapes():
+    assert models.many_shapes(3, 5) == [("p0", (5,)), ("p1", (5,)), ("p2", (5,))]
+    mixed = models.mixed_shapes(200, 256, seed=1)
+    assert mixed == models.mixed_shapes(200, 256, seed=1) != models.mixed_shapes(200, 256, seed=2)
+    assert {len(shape) for _, shape in mixed} == {0, 1, 2, 4}
+    assert all(1 <= math.prod(shape) <= 256 for _, shape in mixed)
+    with pytest.raises(ValueError, match="0, 5"):
+        models.many_shapes(0, 5)
