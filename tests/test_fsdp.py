@@ -9,6 +9,7 @@ spawned gloo job (tests/fsdp_worker.py) whose results they share.
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
 
@@ -25,7 +26,6 @@ from compiledopt.runtime.rounding import round_state
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without distributed")
 
-INTEGRATION = pytest.mark.xfail(strict=True, reason="runtime integration pending")
 GRAPH_BACKENDS = ("compiled", "torchscript", "onnx", "aoti")
 SPAWN_TIMEOUT_S = 180
 CLOSE = dict(atol=1e-6, rtol=1e-5)
@@ -122,24 +122,23 @@ def test_finiteness_of_plain_tensors() -> None:
     assert distributed.finite_flags(checks) == [[True, False, False], [True]]
 
 
-def test_check_backend_with_plain_parameters() -> None:
+def test_backend_problem_with_plain_parameters() -> None:
     named = list(nn.Linear(2, 2).named_parameters())
     for backend in ("auto", "eager", *GRAPH_BACKENDS):
-        assert distributed.check_backend(named, backend) == backend
         assert distributed.backend_problem(named, backend) is None
 
 
 # -- DTensor on a one-rank mesh ---------------------------------------------------------------
 
 
-def test_check_backend_names_the_dtensor_parameter(mesh) -> None:
+def test_backend_problem_names_the_dtensor_parameter(mesh) -> None:
     named = list(_sharded(nn.Sequential(nn.Linear(2, 3)), mesh).named_parameters())
-    assert distributed.check_backend(named, "eager") == "eager"
-    assert distributed.check_backend(named, "auto") == "eager"
+    assert distributed.backend_problem(named, "eager") is None
+    assert distributed.backend_problem(named, "auto") is None
     for backend in GRAPH_BACKENDS:
-        with pytest.raises(ValueError, match=rf"'0\.weight' is a DTensor.*the {backend} backend"):
-            distributed.check_backend(named, backend)
-        assert "backend='eager'" in distributed.backend_problem(named, backend)
+        problem = distributed.backend_problem(named, backend)
+        assert re.search(rf"'0\.weight' is a DTensor.*the {backend} backend", problem)
+        assert "backend='eager'" in problem
 
 
 def test_dtensor_helpers_on_one_rank(mesh) -> None:
@@ -180,12 +179,6 @@ def test_rule_on_one_rank_dtensors_matches_plain(mesh) -> None:
             torch.testing.assert_close(value.full_tensor(), ref, **CLOSE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DTensor's >> and << with a Python int return their input unchanged (torch 2.13), so "
-    "the bfloat16 stochastic rounding is wrong on DTensor; rounding.py would need "
-    "torch.bitwise_right_shift / bitwise_left_shift",
-)
 def test_bfloat16_state_rounding_on_dtensor(mesh) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -230,7 +223,6 @@ def test_frozen_optimizer_refuses_graph_backends_for_dtensor(mesh, tmp_path) -> 
     assert co.FrozenOptimizer(params, fake, trust_code=True).backend == "eager"
 
 
-@INTEGRATION
 def test_frozen_optimizer_on_one_rank_dtensors_matches_plain(mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
@@ -282,7 +274,6 @@ def test_finiteness_agrees_on_every_rank(spawned) -> None:
         assert functions[rank]["evenly_sharded"] == [True, False, True, True]
 
 
-@INTEGRATION
 def test_fully_shard_training_matches_one_process(spawned) -> None:
     _, training = spawned
     model = make_model()

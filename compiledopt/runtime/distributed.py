@@ -14,7 +14,7 @@ step, raise). This module holds what that takes:
   first, computed whole on every rank, and its results sharded back.
 * :func:`all_finite` and :func:`finite_flags`: the finiteness of a step's tensors, from the local
   shards and one all-reduce (``MIN``) per device mesh, so that all ranks agree.
-* :func:`check_backend`: only the eager backend runs ``DTensor`` parameters (the compiled and
+* :func:`backend_problem`: only the eager backend runs ``DTensor`` parameters (the compiled and
   exported graphs take plain tensors); any other is refused when the optimizer is built.
 * :func:`place_like`: a loaded state tensor sharded as its parameter.
 
@@ -30,7 +30,6 @@ from torch import Tensor
 __all__ = [
     "all_finite",
     "backend_problem",
-    "check_backend",
     "evenly_sharded",
     "finite_flags",
     "is_distributed",
@@ -261,21 +260,3 @@ def backend_problem(named_params: Iterable[Tuple[str, Tensor]], backend: str) ->
                 "(or 'auto', which picks it) runs DTensor parameters"
             )
     return None
-
-
-def check_backend(named_params: Iterable[Tuple[str, Tensor]], backend: str) -> str:
-    """The backend to build for these parameters: ``backend`` itself, or ``"eager"`` for
-    ``"auto"`` when any parameter is a ``DTensor``.
-
-    Raises:
-        ValueError: ``backend`` is neither ``"auto"`` nor ``"eager"`` and a parameter is a
-            ``DTensor`` (the message names the parameter and the backend, see
-            :func:`backend_problem`).
-    """
-    named = list(named_params)
-    if backend == "auto":
-        return DTENSOR_BACKEND if any(is_distributed(p) for _, p in named) else backend
-    problem = backend_problem(named, backend)
-    if problem:
-        raise ValueError(problem)
-    return backend

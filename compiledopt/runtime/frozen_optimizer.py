@@ -13,6 +13,7 @@ from compiledopt.export import BACKENDS, Artifact, ArtifactError
 from compiledopt.export.backend import get as export_backend
 from compiledopt.pretrained import open_artifact
 from compiledopt.runtime.autotune import measured_order
+from compiledopt.runtime.distributed import finite_flags, place_like
 from compiledopt.runtime.placement import placement_problem
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.state import (
@@ -20,7 +21,6 @@ from compiledopt.runtime.state import (
     check_loaded,
     check_lr,
     check_rates,
-    finite_flags,
 )
 from compiledopt.runtime.strategies import make_strategy
 
@@ -376,7 +376,8 @@ class FrozenOptimizer(Optimizer):
     def _nonfinite(self, groups, checks, labels) -> set:
         """The indices of the groups to skip: those with a non-finite gradient, direction or new
         state (``nonfinite="raise"``: ``FloatingPointError`` naming the first such parameter).
-        One host synchronisation for the whole step."""
+        One host synchronisation for the whole step (and, for distributed parameters, one
+        all-reduce of their flags, so that every rank decides alike)."""
         bad: Dict[int, str] = {}
         for (_, members, what), flags in zip(checks, finite_flags(checks)):
             for i, finite in zip(members, flags):
@@ -455,7 +456,9 @@ class FrozenOptimizer(Optimizer):
                 )
             i = index[pid]
             expected = self._strategy.expected_state(i, flat[i])
-            checked[i] = check_loaded(saved, expected, labels[i], self.state_dtype, flat[i].device)
+            values = check_loaded(saved, expected, labels[i], self.state_dtype, flat[i].device)
+            # A whole-tensor state (saved by one process) is sharded like a DTensor parameter.
+            checked[i] = {k: place_like(v, flat[i]) for k, v in values.items()}
         return checked
 
     # -- copy and pickle --------------------------------------------------------------------

@@ -5,7 +5,7 @@ from typing import List, Optional, Tuple
 from torch import Tensor
 
 from compiledopt.export import Artifact
-from compiledopt.runtime.distributed import is_distributed
+from compiledopt.runtime.distributed import backend_problem, is_distributed
 
 __all__ = ["ANY_DEVICE", "placement_problem"]
 
@@ -20,12 +20,14 @@ def placement_problem(
     pairs) where they live, or ``None`` when it can: the exported graphs run on the CPU, a
     distributed (``DTensor``) parameter needs the eager backend, and a bound artifact's
     whole-model rule needs all its parameters on one device."""
+    problem = backend_problem(named, backend)
+    if problem:
+        return problem
     for name, param in named:
-        if is_distributed(param) and backend != "eager":
+        if is_distributed(param) and artifact.kind == "bound":
             return (
-                f"parameter {name!r} is a DTensor (sharded, e.g. by FSDP2): the {backend} "
-                "backend cannot compute its per-tensor statistics over the whole sharded "
-                "tensor; use backend='eager' (or 'auto', which picks it)"
+                f"parameter {name!r} is a DTensor (sharded, e.g. by FSDP2): {artifact.path} is "
+                "bound (one whole-model rule), which runs plain tensors only"
             )
         if param.device.type != "cpu" and backend not in ANY_DEVICE:
             return (

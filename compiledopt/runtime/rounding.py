@@ -28,9 +28,11 @@ _GOLDEN = 0x9E3779B1 >> 1  # spreads consecutive seeds apart (31 bits, so produc
 def _hash16(index: Tensor, seed: Tensor) -> Tensor:
     """16 pseudo-random bits per element of ``index`` (int64), from ``seed`` (0-d int64)."""
     h = (index + (seed % 2**31) * _GOLDEN) & _MASK32
-    h = (((h >> 16) ^ h) * _MIX) & _MASK32
-    h = (((h >> 16) ^ h) * _MIX) & _MASK32
-    h = (h >> 16) ^ h
+    # torch.bitwise_right_shift, not ``>>``: DTensor's ``>>`` with a Python int returns its
+    # input unchanged (torch 2.13).
+    h = ((torch.bitwise_right_shift(h, 16) ^ h) * _MIX) & _MASK32
+    h = ((torch.bitwise_right_shift(h, 16) ^ h) * _MIX) & _MASK32
+    h = torch.bitwise_right_shift(h, 16) ^ h
     return h & 0xFFFF
 
 
@@ -48,7 +50,8 @@ def stochastic_round_bfloat16(x: Tensor, seed: Tensor) -> Tensor:
     bits = x.view(torch.int32).to(torch.int64)
     # Adding 16 random bits to the magnitude (the low bits of the pattern) and truncating rounds
     # the magnitude up with probability (discarded bits) / 2¹⁶.
-    rounded = ((bits + _hash16(index, seed)) >> 16) << 16
+    truncated = torch.bitwise_right_shift(bits + _hash16(index, seed), 16)
+    rounded = torch.bitwise_left_shift(truncated, 16)
     finite = torch.isfinite(x)
     kept = torch.where(finite, rounded, bits).to(torch.int32).view(torch.float32)
     return kept.to(torch.bfloat16)

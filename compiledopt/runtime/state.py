@@ -7,7 +7,7 @@ written, so a refused ``load_state_dict`` or ``step`` leaves the optimizer as it
 
 import math
 import numbers
-from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Sequence, Tuple
+from typing import Any, Collection, Dict, Mapping, NamedTuple, Tuple
 
 import torch
 from torch import Tensor
@@ -22,7 +22,6 @@ __all__ = [
     "check_lr",
     "check_rates",
     "check_result",
-    "finite_flags",
     "step_count",
 ]
 
@@ -195,27 +194,6 @@ def check_result(
                 f"the stored one ({tuple(before.shape)}, {before.dtype}) (was the parameter "
                 "resized after its first step?)"
             )
-
-
-def finite_flags(checks: Sequence[Tuple[Tensor, Sequence[Any], str]]) -> List[List[bool]]:
-    """For each ``(tensor, members, what)``: whether each of its ``len(members)`` slices along
-    the first dimension is all finite (a tensor with one member is one slice, whatever its
-    shape). Read back with one host synchronisation: the flags are gathered on the first
-    tensor's device and copied once."""
-    if not checks:
-        return []
-    device = checks[0][0].device
-    flags = []
-    for tensor, members, _ in checks:
-        count = len(members)
-        finite = torch.isfinite(tensor).reshape(count, tensor.numel() // count).all(1)
-        flags.append(finite.to(device))
-    values = torch.cat(flags).tolist()
-    out, start = [], 0
-    for _, members, _ in checks:
-        out.append(values[start : start + len(members)])
-        start += len(members)
-    return out
 
 
 def check_lr(lr: Any) -> None:

@@ -32,7 +32,7 @@ from compiledopt.runtime.compiled import (
     StoredStateRule,
     canonical_shape,
 )
-from compiledopt.runtime.distributed import is_distributed
+from compiledopt.runtime.distributed import is_distributed, run_rule
 from compiledopt.runtime.rounding import round_state
 from compiledopt.runtime.state import STEP, Expected, check_result
 from compiledopt.transforms.base import Transform
@@ -276,8 +276,9 @@ class TensorStrategy(Strategy):
         keys, stored = self._read(i, state)
         step = state[STEP]
         rule = self.rules(p.device).single
-        direction, values = rule(
-            p.grad.to(self.dtype), p.detach().to(self.dtype), stored, step, _seed(step, i)
+        # A DTensor parameter is computed over its whole logical tensor (see run_rule).
+        direction, values = run_rule(
+            rule, p.grad.to(self.dtype), p.detach().to(self.dtype), stored, step, _seed(step, i)
         )
         new_state = {STEP: step + 1, **dict(zip(keys, values))}
         check_result(p, state, direction, new_state, labels[i])
