@@ -3,6 +3,7 @@ temporary cache, so a developer's recorded timings never change what the tests p
 tests never write to the developer's cache."""
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -10,3 +11,22 @@ def private_timing_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COMPILEDOPT_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """A list that records every read of a tensor's value into Python (``bool``, ``item``,
+    ``tolist``, ``float``, ``int``, ``index``): each is a host synchronisation on a device.
+    Step counts, 0-d int64 tensors kept on the CPU as torch.optim keeps them, never wait on a
+    device and are not recorded."""
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            if not (self.dtype == torch.int64 and self.dim() == 0 and self.device.type == "cpu"):
+                reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
