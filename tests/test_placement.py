@@ -58,9 +58,12 @@ def test_measured_timings_order_auto(monkeypatch):
             optimizer.step = lambda: (time.sleep(0.02), step())
         return optimizer
 
+    before = [p.detach().clone() for p in params]
     timings = autotune.measure_backends(
         artifact, ["onnx", "torchscript", "eager"], params, reps=2, make_optimizer=make
     )
+    # The caller's parameters and (absent) gradients are as they were.
+    assert all(torch.equal(p, b) and p.grad is None for p, b in zip(params, before))
     assert set(timings) == {"onnx", "torchscript", "eager"}
     assert all(t > 0 for t in timings.values())
     order = autotune.measured_order(artifact, "cpu")

@@ -150,6 +150,7 @@ def measure_backends(
         make_optimizer (callable, optional): ``make_optimizer(params, artifact, backend)``, the
             optimizer to time (default: ``FrozenOptimizer(params, artifact, backend=backend)``).
 
+    The parameters are stepped, and their values and gradients restored after each backend.
     A backend that raises while it is built or stepped is left out, with a log line.
     """
     if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
@@ -166,6 +167,7 @@ def measure_backends(
     device = params[0].device
     generator = torch.Generator().manual_seed(1)
     originals = [p.detach().clone() for p in params]
+    gradients = [p.grad for p in params]  # the caller's, given back at the end
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator).to(device=device, dtype=p.dtype)
     candidates = list(backends) if backends is not None else list(DEFAULT_ORDER)
@@ -190,6 +192,8 @@ def measure_backends(
                 for p, value in zip(params, originals):
                     p.copy_(value)
         timings[backend] = statistics.median(times)
+    for p, grad in zip(params, gradients):
+        p.grad = grad
     if record and timings:
         _write(_key(artifact, device, torch.get_num_threads()), timings)
     return timings
