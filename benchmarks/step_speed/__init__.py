@@ -32,6 +32,11 @@ parameter count per backend, log-log) and ``roofline.png``. Needs ``compiledopt[
     python -m benchmarks.step_speed            # full run (~40 min on 2 cores; compiles dominate)
     python -m benchmarks.step_speed --quick    # ~1 min with a warm Inductor cache; structure only
 
+The production targets (the packaged default optimizer on a real ResNet-18 against AdamW and the
+model's forward+backward, many small tensors, peak memory, the GPU when there is one; 1 thread
+and all cores) are a separate run: ``python -m benchmarks.step_speed.targets`` (modules
+``targets``, ``targets_runs``, ``targets_report``).
+
 Modules: ``models`` (the parameter lists), ``plan`` (families, backends, configurations, cuts),
 ``options`` (the command line), ``measure`` (timing, peak memory, the profiler, child
 processes), ``roofline`` (costs and floors), ``runs`` (what each configuration does), ``runner``
