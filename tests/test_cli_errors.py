@@ -9,6 +9,7 @@ option); the others return 2 after one line ``compiledopt <command>: <message>``
 
 import json
 import os
+import random
 import time
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 from compiledopt import cli
 from compiledopt.cli import main
+from compiledopt.cli.checkpoints import load_checkpoint
 from compiledopt.export import load_artifact, signing
 
 TINY = [
@@ -64,7 +66,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     checkpoint = root / "run.pt"
     assert main(["train", *TINY, "--output", str(checkpoint)]) == 0
-    (root / "random.bin").write_bytes(os.urandom(2000))
+    (root / "random.bin").write_bytes(random.Random(0).randbytes(2000))
     (root / "object.json").write_text('{"a": 1}')
     (root / "empty.pt").write_bytes(b"")
     (root / "list.json").write_text("[1, 2]")
@@ -682,3 +684,15 @@ def test_finetune_runs_by_default_the_backends_the_artifact_may_load(files):
     untrusted = load_artifact(files / "artifact")
     assert default_backends(untrusted) == ["eager", "compiled", "onnx"]
     assert default_backends(untrusted.trusting()) == ["eager", "compiled", "torchscript", "onnx"]
+
+
+@pytest.mark.parametrize("prefix", [b"", b"\x80\x02", b"PK\x03\x04"], ids=["raw", "pickle", "zip"])
+def test_any_bytes_are_refused_as_a_checkpoint_with_one_error(tmp_path, prefix):
+    """Whatever a file holds, loading it as a checkpoint gives the one ValueError the CLI turns
+    into a line and exit 2: torch's weights-only unpickler raises assorted errors on garbage."""
+    generator = random.Random(1)
+    path = tmp_path / "junk.pt"
+    for _ in range(150):
+        path.write_bytes(prefix + generator.randbytes(generator.randrange(1, 400)))
+        with pytest.raises(ValueError, match="not a checkpoint written by `compiledopt train`"):
+            load_checkpoint(str(path), "--resume")

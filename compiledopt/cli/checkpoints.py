@@ -50,8 +50,10 @@ def load_checkpoint(path: str, option: str) -> Dict[str, Any]:
         ) from None
     except EOFError:
         raise ValueError(f"{not_one} (empty or truncated)") from None
-    except (RuntimeError, ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{not_one} ({_first_line(error)})") from None
+    except Exception as error:
+        # Arbitrary bytes make torch's weights-only unpickler raise assorted errors (RuntimeError,
+        # UnicodeDecodeError, IndexError, KeyError, struct.error, ...): each means "not ours".
+        raise ValueError(f"{not_one} ({type(error).__name__}: {_first_line(error)})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{not_one} (it holds a {type(state).__name__}, not a dict)")
     return state
