@@ -63,6 +63,21 @@ def rational_tanh(x: Tensor) -> Tensor:
     return x * p / q
 
 
+def bias_scales(step: Tensor, beta1: float, beta2: float, beta3: float) -> Tensor:
+    """The three per-tensor factors of the ratio features, ``[c₃/c₁, c₃/c₂, c₃]`` with
+    ``cₖ = 1 − βₖ^(t+1)`` and ``t = step``, computed in float64 and returned as one float64
+    tensor of three elements.
+
+    One stacked tensor, not three scalars: a compiler stores it once before its loop over the
+    coordinates (Inductor computes a scalar expression of the step inside the loop, three
+    ``pow`` calls for every vector of coordinates, which was a third of a compiled step)."""
+    t = (step + 1).to(torch.float64)
+    c1 = 1.0 - torch.pow(beta1, t)
+    c2 = 1.0 - torch.pow(beta2, t)
+    c3 = 1.0 - torch.pow(beta3, t)
+    return torch.stack([c3 / c1, c3 / c2, c3])
+
+
 def _unit_max(x: Tensor) -> Tensor:
     """``x / max|x|``, or zeros where ``x`` is all zero (no large value is ever squared)."""
     scale = x.abs().max()
@@ -289,21 +304,17 @@ class NormalizedMLP(Transform):
         absolute = state[2] * beta3 + grad.abs() * (1.0 - beta3)
         new_state = [fast, slow, absolute]
 
-        # Bias corrections cₖ = 1 − βₖ^(t+1), per tensor, in float64.
-        t = (step + 1).to(torch.float64)
-        c1 = 1.0 - torch.pow(beta1, t)
-        c2 = 1.0 - torch.pow(beta2, t)
-        c3 = 1.0 - torch.pow(beta3, t)
+        scales = bias_scales(step, beta1, beta2, beta3).to(grad.dtype)
         denominator = absolute + self.eps
-        ratio_fast = fast / denominator * (c3 / c1).to(grad.dtype)
+        ratio_fast = fast / denominator * scales[0]
         clip = self.feature_clip
         if self.adam_vectors and grad.dim() <= 1:
             return torch.clamp(ratio_fast, -clip, clip), new_state
 
         raw = [
             ratio_fast,
-            slow / denominator * (c3 / c2).to(grad.dtype),
-            grad / denominator * c3.to(grad.dtype),
+            slow / denominator * scales[1],
+            grad / denominator * scales[2],
             normalize(grad, self.fused),
             normalize(fast, self.fused),
         ]

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from compiledopt._validation import check_int
 from compiledopt.learned.mlp import check_shapes
-from compiledopt.learned.normalized import BLOCK_SIZE, NormalizedMLP, newton_schulz
+from compiledopt.learned.normalized import BLOCK_SIZE, NormalizedMLP, bias_scales, newton_schulz
 
 #: A tensor of fewer than ``PIECES · block`` coordinates is cut into ``PIECES`` blocks (of at least
 #: ``MIN_BLOCK`` coordinates), so that the block's intermediates (about 30 values a coordinate
@@ -120,11 +120,7 @@ def _blocked(
     numel = g.numel()
     spans = _spans(numel, min(block, max(MIN_BLOCK, -(-numel // PIECES))))
 
-    t1 = (step + 1).to(torch.float64)
-    c1 = 1.0 - torch.pow(beta1, t1)
-    c2 = 1.0 - torch.pow(beta2, t1)
-    c3 = 1.0 - torch.pow(beta3, t1)
-    k1, k2, k3 = (c3 / c1).to(grad.dtype), (c3 / c2).to(grad.dtype), c3.to(grad.dtype)
+    k1, k2, k3 = bias_scales(step, beta1, beta2, beta3).to(grad.dtype).unbind(0)
     clip, eps = t.feature_clip, t.eps
     vectors = t.adam_vectors and grad.dim() <= 1
     if vectors:
