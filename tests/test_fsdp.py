@@ -122,6 +122,25 @@ def test_finiteness_of_plain_tensors() -> None:
     assert distributed.finite_flags(checks) == [[True, False, False], [True]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_finiteness_matches_isfinite_at_every_position(dtype) -> None:
+    """Each slice's flag equals ``isfinite(slice).all()`` whatever the dtype, the slice length
+    (vector bodies and tails) and where the one NaN or infinity sits."""
+    generator = torch.Generator().manual_seed(0)
+    for count, length in [(1, 1), (1, 9), (1, 1025), (3, 1), (3, 8), (4, 33)]:
+        clean = torch.randn(count * length, generator=generator).to(dtype)
+        assert distributed.finite_flags([(clean, tuple(range(count)), "x")]) == [[True] * count]
+        for position in range(count * length):
+            for value in (float("nan"), float("inf"), -float("inf")):
+                tensor = clean.clone()
+                tensor[position] = value
+                expected = torch.isfinite(tensor.reshape(count, length)).all(1).tolist()
+                flags = distributed.finite_flags([(tensor, tuple(range(count)), "x")])
+                assert flags == [expected], (count, length, position, value)
+    integers = torch.arange(6).reshape(3, 2)
+    assert distributed.finite_flags([(integers, (0, 1, 2), "x")]) == [[True] * 3]
+
+
 def test_backend_problem_with_plain_parameters() -> None:
     named = list(nn.Linear(2, 2).named_parameters())
     for backend in ("auto", "eager", *GRAPH_BACKENDS):

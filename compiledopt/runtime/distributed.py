@@ -180,11 +180,21 @@ def run_rule(
 
 def _flags(tensor: Tensor, count: int) -> Tensor:
     """Whether each of the ``count`` slices of ``tensor`` (of its local shard, for a
-    ``DTensor``) along the first dimension is all finite: ``count`` booleans."""
+    ``DTensor``) along the first dimension is all finite: ``count`` booleans.
+
+    A slice is finite when its smallest and largest values are (both propagate NaN, and an
+    infinity is one of them): one reading pass and no temporary of the tensor's size, about a
+    tenth of the time of ``isfinite(t).all()`` on the CPU, which writes a boolean tensor and
+    takes several passes."""
     shard = local(tensor)
+    if not shard.is_floating_point() or shard.numel() == 0:
+        return torch.ones(count, dtype=torch.bool, device=shard.device)
     if count == 1:
-        return torch.isfinite(shard).all().reshape(1)
-    return torch.isfinite(shard).reshape(count, shard.numel() // count).all(1)
+        low, high = torch.aminmax(shard)
+    else:
+        rows = shard.reshape(count, shard.numel() // count)
+        low, high = rows.amin(1), rows.amax(1)  # aminmax(dim=) is several times slower
+    return torch.isfinite(low).logical_and_(torch.isfinite(high)).reshape(count)
 
 
 def finite_flags(checks: Sequence[Tuple[Tensor, Sequence[Any], Any]]) -> List[List[bool]]:
