@@ -286,6 +286,30 @@ def test_an_explicit_workdir_is_used_as_given(
     assert not (clean_environment / "home").exists()
 
 
+def test_train_checkpoints_under_the_output_root_never_in_the_cwd(clean_environment, monkeypatch):
+    import io
+
+    from compiledopt.cli import train
+
+    home = clean_environment / "home"
+    monkeypatch.setenv("COMPILEDOPT_HOME", str(home))
+    small = ["--meta-steps", "1", "--unroll", "2", "--horizon", "2", "--tasks-per-step", "1"]
+    small += ["--eval-every", "1", "--eval-tasks", "1", "--eval-steps", "2", "--no-progress"]
+    args = build_parser().parse_args(["train", *small])
+    out = io.StringIO()
+    assert train.run(args, out) == 0
+    checkpoint = home / "train" / "learned.pt"
+    assert checkpoint.is_file() and f"{checkpoint}\n" in out.getvalue()
+    assert os.listdir(clean_environment / "cwd") == []
+
+
+def test_train_help_documents_the_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "<output root>/train/learned.pt" in help_text and "$COMPILEDOPT_HOME" in help_text
+
+
 def test_demo_help_documents_the_default(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])

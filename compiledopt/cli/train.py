@@ -86,7 +86,12 @@ def add_parser(
     number("warmup_fraction", "pes/es: inner lr warm-up, in [0, 1)")
     number("seed", "seeds the weights and the tasks, in [0, 2**31)")
     add("--device", default=None, help="e.g. cpu or cuda (default: cpu)")
-    add("--output", default=None, help="checkpoint path (default: runs/learned.pt)")
+    add(
+        "--output",
+        default=None,
+        help="checkpoint path (default: <output root>/train/learned.pt; the output root is "
+        "$COMPILEDOPT_HOME, else $XDG_DATA_HOME/compiledopt, else ~/.local/share/compiledopt)",
+    )
     number("processes", "pes/es: torch.distributed ranks")
     add("--export", default=None, help="also export the result as an artifact to this folder")
     add("--export-backends", default=None, help="(default: torchscript,onnx)")

@@ -23,6 +23,7 @@ from compiledopt.cli.checkpoints import show
 
 __all__ = [
     "DEFAULTS",
+    "DEFAULT_CHECKPOINT",
     "ESTIMATORS",
     "ES_FIELDS",
     "ES_ONLY",
@@ -31,12 +32,15 @@ __all__ = [
     "build_config",
     "check_device",
     "check_settings",
+    "default_checkpoint",
     "fraction",
     "option",
     "settings",
 ]
 
 ESTIMATORS = ("tbptt", "pes", "es")
+#: The checkpoint's file name under ``<output root>/train`` when no ``--output`` is given.
+DEFAULT_CHECKPOINT = "learned.pt"
 # Built-in defaults of the options that --config may set (None: the estimator's own default).
 DEFAULTS: Dict[str, Any] = {
     "transform": "coordinate-mlp",
@@ -62,7 +66,7 @@ DEFAULTS: Dict[str, Any] = {
     "warmup_fraction": None,
     "seed": 0,
     "device": "cpu",
-    "output": "runs/learned.pt",
+    "output": None,  # <output root>/train/learned.pt (see default_checkpoint)
     "processes": 1,
     "export": None,
     "export_backends": "torchscript,onnx",
@@ -204,7 +208,19 @@ def settings(args: argparse.Namespace) -> Tuple[Dict[str, Any], Set[str]]:
             given.add(key)
     if values["estimator"] not in ESTIMATORS:
         raise ValueError(f"Invalid estimator: {values['estimator']!r} (one of {ESTIMATORS})")
+    if values["output"] is None:
+        values["output"] = default_checkpoint()
     return values, given
+
+
+def default_checkpoint() -> str:
+    """Where ``train`` writes its checkpoint when neither ``--output`` nor ``--config`` names
+    one: ``<output root>/train/learned.pt`` (see :mod:`compiledopt.cli.paths`), never the
+    current folder. The folder is checked here, before any work, and created only once every
+    other setting has been accepted."""
+    from compiledopt.cli.paths import default_output
+
+    return str(default_output("train", "--output") / DEFAULT_CHECKPOINT)
 
 
 def check_device(text: str) -> None:
