@@ -35,12 +35,20 @@ def test_fused_equals_matmul_form_over_steps(rank):
         assert expected.abs().max() > 0
 
 
-def test_deeper_networks_keep_the_matmul_form():
+def test_deeper_networks_keep_the_matmul_form(monkeypatch):
     deep = freeze_transform(_perturbed((8, 8)), fused=True)
     shallow = freeze_transform(_perturbed((8, 8)), fused=False)
+
+    def unrolled(*args):
+        raise AssertionError("the unrolled network ran for two hidden layers")
+
+    monkeypatch.setattr(deep, "_fused_network", unrolled)
     param = torch.randn(4, 3, dtype=torch.float64)
     grad = torch.randn(4, 3, dtype=torch.float64)
     step = torch.tensor(0)
     a, _ = deep.update(grad, param, deep.init_state(param), step)
     b, _ = shallow.update(grad, param, shallow.init_state(param), step)
-    assert torch.equal(a, b)
+    # The fused statistics (row and column means as matrix-vector products) round differently
+    # from mean() on some CPUs; the network itself is the same matmul form.
+    torch.testing.assert_close(a, b, atol=1e-15, rtol=1e-12)
+    assert a.abs().max() > 0
