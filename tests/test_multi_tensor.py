@@ -236,3 +236,56 @@ def test_nonfinite_ignore_never_synchronises_and_writes_as_computed(host_reads, 
     assert optimizer.skipped_steps == 0
     assert bool(params[0].isnan().any())  # as torch.optim would: the NaN is applied
     assert bool(params[1].isfinite().all())
+
+
+def _stack_calls(monkeypatch):
+    """A list recording the length of every ``torch.stack`` (the rule's own included)."""
+    calls = []
+    original = torch.stack
+
+    def counted(tensors, *args, **kwargs):
+        calls.append(len(tensors))
+        return original(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(strategies.torch, "stack", counted)
+    return calls
+
+
+def test_a_bucket_state_written_by_the_last_step_is_not_stacked_again(monkeypatch):
+    params = _params([(6,)] * 7)
+    optimizer = co.FrozenOptimizer(params, PACKAGED, backend="eager")
+    calls = _stack_calls(monkeypatch)
+    _grads(params, 0)
+    optimizer.step()
+    assert calls.count(7) == 5  # gradients, parameters and the three state tensors
+    calls.clear()
+    _grads(params, 1)
+    optimizer.step()
+    assert calls.count(7) == 2  # gradients and parameters: the state stacks were reused
+    assert all(int(optimizer.state[p]["step"]) == 2 for p in params)
+
+
+def test_a_state_replaced_or_edited_between_steps_is_what_the_next_step_reads():
+    """A bucket's stacked state is reused only while every member holds the view the last step
+    gave it: a replaced entry (load_state_dict, assignment) is stacked again, and an in-place
+    edit of a member's view is part of the stacked tensor; both as per-parameter calls see it."""
+
+    def run(batched: bool):
+        params = _params([(6,)] * 4)
+        optimizer = co.FrozenOptimizer(params, PACKAGED, backend="eager")
+        if not batched:
+            optimizer._strategy.max_elements = 0  # every parameter in its own call
+        for t in range(4):
+            _grads(params, t)
+            optimizer.step()
+            if t == 0:
+                optimizer.state[params[1]]["momentum_slow"] = torch.full((6,), 0.5)
+            if t == 1:
+                optimizer.state[params[2]]["abs_moment"].mul_(3.0)
+        return params, optimizer
+
+    (ours, a), (theirs, b) = run(True), run(False)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        for key, value in b.state[q].items():
+            torch.testing.assert_close(a.state[p][key], value, rtol=1e-6, atol=1e-7)

@@ -22,6 +22,7 @@ Every function is the identity, or the plain computation, for plain tensors, and
 ``torch.distributed`` to be initialised unless a ``DTensor`` is involved.
 """
 
+import functools
 from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
@@ -43,7 +44,9 @@ __all__ = [
 DTENSOR_BACKEND = "eager"
 
 
+@functools.cache
 def _dtensor_type() -> Any:
+    """The ``DTensor`` class (imported once: ``is_distributed`` runs per parameter per step)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed support

@@ -217,6 +217,10 @@ class TensorStrategy(Strategy):
         self.view = bool(getattr(transforms[0], "view_invariant", False))
         self.max_elements = MAX_ELEMENTS.get(backend, 0)
         self._devices: Dict[torch.device, _Rules] = {}
+        # Per parameter shape: its computed shape and the other state shapes (see _key).
+        self._shapes: Dict[torch.Size, Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]]] = {}
+        # Per bucket of the last step: each state tensor stacked, and its members' views of it.
+        self._stacks: Dict[Tuple[int, ...], List[Tuple[Tensor, List[Tensor]]]] = {}
         if backend not in MAX_ELEMENTS:  # exported graphs run on the CPU: load them now
             self.rules(torch.device("cpu"))
 
@@ -247,28 +251,34 @@ class TensorStrategy(Strategy):
             return _Rules(single, CompiledBatchedRule(transform, stored))
         return _Rules(StoredStateRule(self.artifact.runner(self.backend), stored), None)
 
-    def _key(self, param: Tensor, state: State, step: int):
+    def _key(self, param: Tensor, step: int):
         """What parameters computed in one bucket share (see :func:`buckets.plan`), or ``None``
-        for one computed on its own."""
+        for one computed on its own: the computed shape, the device, the step count and the
+        shapes of the state tensors not of the parameter's shape (those are computed on its
+        view). The state shapes are the rule's for the parameter's shape (the optimizer checks
+        every state against them before it steps), found once per shape."""
         if self.max_elements == 0 or is_distributed(param):
             return None
         shape = param.shape
-        view = canonical_shape(shape) if self.view else tuple(shape)
-        # State tensors of the parameter's shape are computed on its view; others as they are.
-        others = tuple(tuple(v.shape) for k, v in state.items() if k != STEP and v.shape != shape)
+        found = self._shapes.get(shape)
+        if found is None:
+            view = canonical_shape(shape) if self.view else tuple(shape)
+            expected = self.expected_state(0, param).values()
+            others = tuple(e.shape for e in expected if e.shape != tuple(shape))
+            found = self._shapes[shape] = (view, others)
+        view, others = found
         return view, (param.device, step, others)
 
     def compute(self, params, active, states, labels):
         steps = {i: int(states[i][STEP]) for i in active}
         computed = Computed({}, [])
-        buckets = plan(
-            params, active, lambda i: self._key(params[i], states[i], steps[i]), self.max_elements
-        )
+        buckets = plan(params, active, lambda i: self._key(params[i], steps[i]), self.max_elements)
+        previous, self._stacks = self._stacks, {}
         for bucket in buckets:
             if bucket.view is None:
                 self._single(bucket.members[0], params, states, labels, computed)
             else:
-                self._batched(bucket, params, states, labels, computed)
+                self._batched(bucket, params, states, labels, computed, previous)
         return computed
 
     def _single(self, i: int, params, states, labels, computed: "Computed") -> None:
@@ -287,7 +297,12 @@ class TensorStrategy(Strategy):
         computed.add(direction, (i,), "direction")
         computed.add_state((i,), new_state)
 
-    def _batched(self, bucket: Bucket, params, states, labels, computed: "Computed") -> None:
+    def _batched(
+        self, bucket: Bucket, params, states, labels, computed: "Computed", previous
+    ) -> None:
+        """One rule call for the bucket's stacked members. A state tensor whose members all
+        still hold the views the last step gave them (``previous``: the stacked result and those
+        views, by bucket) is that result already stacked, and is not stacked again."""
         members, view = bucket.members, bucket.view
         first = members[0]
         keys, _ = self._read(first, states[first])
@@ -303,7 +318,13 @@ class TensorStrategy(Strategy):
 
         grads = stack([params[i].grad for i in members], self.dtype)
         inputs = stack([params[i].detach() for i in members], self.dtype)
-        stored = [stack([states[i][k] for i in members], states[first][k].dtype) for k in keys]
+        last = previous.get(members)
+        stored = []
+        for n, k in enumerate(keys):
+            if last is not None and all(states[i][k] is v for i, v in zip(members, last[n][1])):
+                stored.append(last[n][0])
+            else:
+                stored.append(stack([states[i][k] for i in members], states[first][k].dtype))
         step = states[first][STEP]
         seeds = _seed(step, torch.tensor(members, dtype=torch.int64))
         directions, values = self.rules(params[first].device).batched(
@@ -313,6 +334,7 @@ class TensorStrategy(Strategy):
         # One tensor per member, each a view of the bucket's result (step counts included).
         steps = torch.full((len(members),), int(step) + 1, dtype=torch.int64).unbind(0)
         parts = [_unstack(v, [states[i][k].shape for i in members]) for k, v in zip(keys, values)]
+        self._stacks[members] = list(zip(values, parts))
         for j, (i, direction) in enumerate(zip(members, _unstack(directions, shapes))):
             new_state = {STEP: steps[j]}
             for k, part in zip(keys, parts):
