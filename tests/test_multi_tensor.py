@@ -239,7 +239,8 @@ def test_nonfinite_ignore_never_synchronises_and_writes_as_computed(host_reads, 
 
 
 def _stack_calls(monkeypatch):
-    """A list recording the length of every ``torch.stack`` (the rule's own included)."""
+    """A list recording the length of every ``torch.stack`` call in the process (the
+    strategy's and the rule's own)."""
     calls = []
     original = torch.stack
 
@@ -247,7 +248,7 @@ def _stack_calls(monkeypatch):
         calls.append(len(tensors))
         return original(tensors, *args, **kwargs)
 
-    monkeypatch.setattr(strategies.torch, "stack", counted)
+    monkeypatch.setattr(torch, "stack", counted)
     return calls
 
 
