@@ -3,6 +3,7 @@
 from compiledopt import learned, nn, optim, pretrained, transforms
 from compiledopt.module_update import clone_module, update_module
 from compiledopt.runtime import FrozenOptimizer
+from compiledopt.runtime.roles import param_groups
 
 __version__ = "0.1.0"
 
@@ -12,6 +13,7 @@ __all__ = [
     "learned",
     "nn",
     "optim",
+    "param_groups",
     "pretrained",
     "transforms",
     "update_module",

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from compiledopt.export import backend as registry
 from compiledopt.export import spec as specs
+from compiledopt.transforms.base import ROLES
 
 __all__ = [
     "DTYPE_NAMES",
@@ -52,7 +53,7 @@ _REQUIRED = {
     "bound": (*_COMMON, "bindings", "producer"),
     "shape_agnostic": (*_COMMON, "ranks", "state_names", "producer"),
 }
-_OPTIONAL = ("training",)
+_OPTIONAL = ("training", "routes")
 _HEX = frozenset("0123456789abcdef")
 _SHOWN = 60  # characters of a bad value quoted in a message
 
@@ -94,6 +95,10 @@ def check_manifest(manifest: Any, where: str) -> Dict[str, Any]:
       ``weights.safetensors`` and every file in ``backends``.
     * ``producer``: a JSON object of strings (the versions that wrote the artifact).
     * ``training`` (optional): a JSON object (see :func:`check_training`).
+    * ``routes`` (optional, shape-agnostic only): a JSON object mapping parameter roles
+      (``matrix``, ``vector``, ``embedding``, ``head``, ``input``) to rule names of the transform
+      (strings; the runtime checks them against the transform's rules). A role left out, or no
+      ``routes`` at all, runs the transform as its ``kwargs`` configure it (``"artifact"``).
 
     Raises:
         ArtifactError: ``f"{where}: ..."`` naming the field's path (``bindings[2].shape[1]``,
@@ -133,6 +138,8 @@ def check_manifest(manifest: Any, where: str) -> Dict[str, Any]:
     graphs = _check_backends(manifest["backends"], kind, ranks, where)
     _check_files(manifest["files"], [WEIGHTS, *graphs], where)
     _check_producer(manifest["producer"], where)
+    if "routes" in manifest:
+        _check_routes(manifest["routes"], kind, where)
     if "training" in manifest:
         try:
             check_training(manifest["training"])
@@ -276,6 +283,18 @@ def _check_transform(spec: Any, kind: str, where: str) -> None:
         _fail(where, "transform.step_size", spec["step_size"], "a finite number > 0")
     if spec_kind == "shape_agnostic":
         _check_kwargs(spec["name"], spec.get("kwargs", {}), where)
+
+
+def _check_routes(routes: Any, kind: str, where: str) -> None:
+    if kind != "shape_agnostic":
+        _fail(where, "routes", routes, "absent (a bound artifact has one rule per binding)")
+    if not isinstance(routes, dict):
+        _fail(where, "routes", routes, "a JSON object of roles to rule names")
+    for role, rule in routes.items():
+        if role not in ROLES:
+            _fail(where, _key("routes", role), role, "a role: " + ", ".join(ROLES))
+        if not isinstance(rule, str) or not rule.isidentifier():
+            _fail(where, _key("routes", role), rule, "a rule name")
 
 
 def _check_kwargs(name: str, kwargs: Dict[str, Any], where: str) -> None:

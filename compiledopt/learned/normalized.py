@@ -19,6 +19,7 @@ index  name                 shape        meaning
 All state has the gradient's dtype and device.
 """
 
+import copy
 import itertools
 import math
 from typing import List, Sequence, Tuple
@@ -38,6 +39,14 @@ NS_STEPS = 5
 #: The largest block of :meth:`NormalizedMLP.update_blocked`, in coordinates (measured fastest,
 #: with 32768, on one and two threads; see normalized_blocked for the memory it takes).
 BLOCK_SIZE = 65536
+_HARNESS_OFF = {"orthogonalize": False, "adam_vectors": False, "elementwise": False}
+#: The harness options of each rule (``None``: as constructed). See :meth:`NormalizedMLP.rules`.
+RULE_OPTIONS = {
+    "artifact": None,
+    "learned": _HARNESS_OFF,
+    "orthogonal": {**_HARNESS_OFF, "orthogonalize": True, "adam_vectors": True},
+    "adam": {**_HARNESS_OFF, "elementwise": True},
+}
 
 
 def rational_tanh(x: Tensor) -> Tensor:
@@ -193,6 +202,13 @@ class NormalizedMLP(Transform):
       sizes, so one dynamic-shape graph serves tall and wide matrices.
     * ``adam_vectors``: for rank ≤ 1, the direction is ``clamp(r₁, ±feature_clip)`` (an Adam-like
       elementwise rule, not normalised per tensor) instead of the network's.
+    * ``elementwise``: that Adam-like rule for every rank (what the ``adam`` rule routes
+      embeddings and output layers to).
+
+    Rules (:meth:`rules`, the variants a parameter role can be routed to, with the same
+    weights): ``"artifact"`` (the options as constructed), ``"learned"`` (the network, no
+    harness), ``"orthogonal"`` (``orthogonalize`` and ``adam_vectors``) and ``"adam"``
+    (``elementwise``).
 
     Formulation: the features are stacked into an ``(N, 5)`` matrix and the network is matmuls
     (the training path; it scripts, exports and runs under ``torch.func.vmap``). Fused formulation
@@ -225,6 +241,8 @@ class NormalizedMLP(Transform):
         orthogonalize (bool, optional): Newton–Schulz on matrices (see above). (default: False)
         adam_vectors (bool, optional): Adam-like rule on ranks 0 and 1 (see above).
             (default: False)
+        elementwise (bool, optional): the Adam-like rule on every rank (see above).
+            (default: False)
 
     Example:
         >>> opt = NormalizedMLP(init="zero_mlp")
@@ -250,6 +268,7 @@ class NormalizedMLP(Transform):
         init: str = "small_mlp",
         orthogonalize: bool = False,
         adam_vectors: bool = False,
+        elementwise: bool = False,
     ) -> None:
         super().__init__()
         hidden = check_sizes(hidden_sizes, "hidden_sizes")
@@ -264,6 +283,7 @@ class NormalizedMLP(Transform):
         self.init = init
         self.orthogonalize = check_flag(orthogonalize, "orthogonalize")
         self.adam_vectors = check_flag(adam_vectors, "adam_vectors")
+        self.elementwise = check_flag(elementwise, "elementwise")
         self.fused = False
         self.reads_param = False
 
@@ -284,6 +304,25 @@ class NormalizedMLP(Transform):
     def state_names(self) -> List[str]:
         """Names of the state tensors, in the order of :meth:`init_state` (see the module doc)."""
         return ["momentum_fast", "momentum_slow", "abs_moment"]
+
+    def rules(self) -> Tuple[str, ...]:
+        """``artifact`` (as constructed), ``learned``, ``orthogonal`` and ``adam`` (see the class
+        doc)."""
+        return tuple(RULE_OPTIONS)
+
+    def routed(self, rule: str) -> "NormalizedMLP":
+        """This transform with the harness options of ``rule`` (see :meth:`rules`): ``self``
+        when they are already its options, else a shallow copy that shares its weights (the
+        same ``nn.Parameter`` objects, so meta-gradients through any variant reach them)."""
+        if rule not in RULE_OPTIONS:
+            raise ValueError(f"Invalid rule: {rule!r} (NormalizedMLP has the rules {self.rules()})")
+        options = RULE_OPTIONS[rule]
+        if options is None or all(getattr(self, k) == v for k, v in options.items()):
+            return self
+        variant = copy.copy(self)
+        for key, value in options.items():
+            setattr(variant, key, value)
+        return variant
 
     @torch.jit.export
     def init_state(self, param: Tensor) -> List[Tensor]:
@@ -308,7 +347,7 @@ class NormalizedMLP(Transform):
         denominator = absolute + self.eps
         ratio_fast = fast / denominator * scales[0]
         clip = self.feature_clip
-        if self.adam_vectors and grad.dim() <= 1:
+        if self.elementwise or (self.adam_vectors and grad.dim() <= 1):
             return torch.clamp(ratio_fast, -clip, clip), new_state
 
         raw = [
@@ -408,7 +447,7 @@ class NormalizedMLP(Transform):
         ``2r`` and ``aX +`` 2.
         Bytes: ``g``, ``p`` and the three state tensors in, the state and ``p`` out (9 values).
         """
-        if self.adam_vectors and len(shape) <= 1:
+        if self.elementwise or (self.adam_vectors and len(shape) <= 1):
             return Cost.elementwise(shape, 17, 9, itemsize)
         widths = [len(FEATURE_NAMES), *self.hidden_sizes]
         network = sum(2 * a * b + b for a, b in itertools.pairwise(widths))
@@ -427,5 +466,6 @@ class NormalizedMLP(Transform):
             f"hidden_sizes={self.hidden_sizes}, fast_decay={self.fast_decay}, "
             f"slow_decay={self.slow_decay}, abs_decay={self.abs_decay}, "
             f"feature_clip={self.feature_clip}, eps={self.eps}, init={self.init!r}, "
-            f"orthogonalize={self.orthogonalize}, adam_vectors={self.adam_vectors}"
+            f"orthogonalize={self.orthogonalize}, adam_vectors={self.adam_vectors}, "
+            f"elementwise={self.elementwise}"
         )

@@ -122,7 +122,7 @@ def _blocked(
 
     k1, k2, k3 = bias_scales(step, beta1, beta2, beta3).to(grad.dtype).unbind(0)
     clip, eps = t.feature_clip, t.eps
-    vectors = t.adam_vectors and grad.dim() <= 1
+    vectors = t.elementwise or (t.adam_vectors and grad.dim() <= 1)
     if vectors:
         direction = torch.empty(shape, dtype=fast.dtype, device=device)
         flat = direction.view(-1)

@@ -15,6 +15,7 @@ from compiledopt.pretrained import open_artifact
 from compiledopt.runtime.autotune import measured_order
 from compiledopt.runtime.distributed import finite_flags, place_like
 from compiledopt.runtime.placement import placement_problem
+from compiledopt.runtime.roles import AUTO, check_role, check_routes, shape_role
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.state import (
     check_current,
@@ -22,7 +23,8 @@ from compiledopt.runtime.state import (
     check_lr,
     check_rates,
 )
-from compiledopt.runtime.strategies import make_strategy
+from compiledopt.runtime.strategies import Computed, Strategy, make_strategy
+from compiledopt.transforms.base import Transform
 
 logger = logging.getLogger("compiledopt")
 
@@ -182,13 +184,18 @@ class FrozenOptimizer(Optimizer):
         # Per parameter, the state the last step wrote (see _mark): not checked again.
         self._written: Dict[int, Tuple] = {}
         self._initialised = False
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         transforms = self.artifact.transforms()
+        self._transforms = transforms
+        self.routes = self._artifact_routes()
+        super().__init__(
+            params, {"lr": lr, "weight_decay": weight_decay, "role": AUTO, "rule": None}
+        )
         if self.artifact.kind == "bound":
             named = all(group.get("param_names") for group in self.param_groups)
             self.artifact.check_bindings(self._named(), check_dtype=False, check_names=named)
         self.backend = self._choose(backend)
-        self._strategy = make_strategy(self.artifact, self.backend, self.state_dtype, transforms)
+        self._strategies: Dict[int, Strategy] = {}
+        self._strategy = self._strategy_for("artifact")
         self._initialised = True
         logger.info(
             "FrozenOptimizer: %s artifact %s on the %s backend",
@@ -211,6 +218,7 @@ class FrozenOptimizer(Optimizer):
             check_lr(param_group["lr"])
         if "weight_decay" in param_group:
             check_real(param_group["weight_decay"], "weight_decay", 0.0)
+        self._check_routing(param_group.get("role", AUTO), param_group.get("rule"))
         params = param_group["params"]
         if isinstance(params, set):
             raise TypeError(SET_OF_PARAMS)
@@ -230,6 +238,79 @@ class FrozenOptimizer(Optimizer):
 
     def _flat(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    # -- roles and rules --------------------------------------------------------------------
+
+    def _artifact_routes(self) -> Dict[str, str]:
+        """The artifact's rule for every role (its manifest's ``routes``; ``"artifact"`` for a
+        role it leaves out, and for every role of an artifact without routes)."""
+        routes = self.artifact.manifest.get("routes", {})
+        return check_routes(routes, self._transforms[0].rules(), f"{self.artifact.path}: routes")
+
+    def _check_routing(self, role: Any, rule: Any, where: str = "param group") -> None:
+        """``ValueError`` unless ``role`` is a role or ``"auto"`` and ``rule`` is ``None`` or one
+        of the transform's rules (a bound artifact takes neither: one rule per binding)."""
+        check_role(role, f"role in a {where}")
+        rules = self._transforms[0].rules()
+        if rule is not None and (not isinstance(rule, str) or rule not in rules):
+            raise ValueError(f"Invalid rule in a {where}: {rule!r} (None or one of {rules})")
+        if self.artifact.kind == "bound" and (role != AUTO or rule not in (None, "artifact")):
+            raise ValueError(
+                f"{self.artifact.path} is a bound artifact (one rule per binding): a {where} "
+                f"cannot set role {role!r} or rule {rule!r}"
+            )
+
+    def rules_of(self) -> List[str]:
+        """The rule each parameter steps with, in ``state_dict()`` order: its group's ``rule``
+        if set, else the artifact's route for its role (the group's ``role``; with ``"auto"``,
+        ``matrix`` for rank ≥ 2 and ``vector`` below)."""
+        rules = []
+        for group in self.param_groups:
+            role, rule = group.get("role", AUTO), group.get("rule")
+            for param in group["params"]:
+                if rule is not None:
+                    rules.append(rule)
+                else:
+                    rules.append(self.routes[shape_role(param) if role == AUTO else role])
+        return rules
+
+    def _routed(self, rule: str) -> Transform:
+        """The artifact's transform for ``rule``; ``ValueError`` where an exported backend runs
+        graphs that cannot compute it."""
+        transform = self._transforms[0] if rule == "artifact" else self._transforms[0].routed(rule)
+        if transform is not self._transforms[0] and self.backend not in BUILT_IN_BACKENDS:
+            raise ValueError(
+                f"the {self.backend} backend runs the graphs {self.artifact.path} exported, which "
+                f"compute its rule as configured, not the rule {rule!r} some parameters are "
+                "routed to: use backend 'compiled' or 'eager', or set rule='artifact' on their "
+                "param groups"
+            )
+        return transform
+
+    def _strategy_for(self, rule: str) -> Strategy:
+        """The strategy computing ``rule`` (one per distinct transform, built at first use)."""
+        transform = self._routed(rule)
+        strategy = self._strategies.get(id(transform))
+        if strategy is None:
+            transforms = self._transforms if transform is self._transforms[0] else [transform]
+            strategy = make_strategy(self.artifact, self.backend, self.state_dtype, transforms)
+            self._strategies[id(transform)] = strategy
+        return strategy
+
+    def _compute(self, flat, active, states, labels) -> Computed:
+        """Every active parameter's direction and new state, each by the strategy of its rule
+        (one call per rule, so each rule still batches its parameters)."""
+        rules = self.rules_of()
+        parts: Dict[int, Tuple[Strategy, List[int]]] = {}
+        for i in active:
+            strategy = self._strategy_for(rules[i])
+            parts.setdefault(id(strategy), (strategy, []))[1].append(i)
+        computed = Computed({}, [])
+        for strategy, members in parts.values():
+            part = strategy.compute(flat, members, states, labels)
+            computed.results.update(part.results)
+            computed.checks.extend(part.checks)
+        return computed
 
     def _named(self) -> List[Tuple[str, Tensor]]:
         named = []
@@ -259,7 +340,9 @@ class FrozenOptimizer(Optimizer):
                 or (
                     (b in BUILT_IN_BACKENDS or (b in available and self._may_load(b)))
                     and self._placed(b)
-                    and (b in BUILT_IN_BACKENDS or self._runs_here(b))
+                    and (
+                        b in BUILT_IN_BACKENDS or (self._computes_routes(b) and self._runs_here(b))
+                    )
                 )
             )
         if backend not in available:
@@ -271,7 +354,35 @@ class FrozenOptimizer(Optimizer):
             raise ValueError(problem)
         if backend not in BUILT_IN_BACKENDS:
             self.artifact.check_may_load(backend)
+            routed = self._routed_rules()
+            if routed:
+                raise ValueError(
+                    f"the {backend} backend runs the graphs {self.artifact.path} exported, which "
+                    f"compute its rule as configured, not the rules {routed} that some "
+                    "parameters are routed to: use backend 'compiled' or 'eager', or set "
+                    "rule='artifact' on their param groups"
+                )
         return backend
+
+    def _routed_rules(self) -> List[str]:
+        """The rules the param groups route parameters to that differ from the artifact's
+        transform as configured (its exported graphs compute only that)."""
+        base = self._transforms[0]
+        used = set(self.rules_of()) - {"artifact"}
+        return sorted(r for r in used if base.routed(r) is not base)
+
+    def _computes_routes(self, backend: str) -> bool:
+        """Whether an exported backend's graphs compute every rule the parameters are routed to
+        (``auto`` skips, with a log line, one that does not)."""
+        routed = self._routed_rules()
+        if routed:
+            logger.info(
+                "FrozenOptimizer: auto skips the %s backend: its graphs do not compute the rules "
+                "%s that some parameters are routed to",
+                backend,
+                routed,
+            )
+        return not routed
 
     def _device(self) -> torch.device:
         """The device of the first parameter (``auto`` orders the backends for it)."""
@@ -342,7 +453,7 @@ class FrozenOptimizer(Optimizer):
         states = [self.state[p] if p in self.state else {} for p in flat]
         for i in active:
             states[i] = self._current(i, flat[i], states[i], labels[i])
-        computed = self._strategy.compute(flat, active, states, labels)
+        computed = self._compute(flat, active, states, labels)
         skipped = (
             set()
             if self.nonfinite == "ignore"
@@ -415,6 +526,9 @@ class FrozenOptimizer(Optimizer):
 
         def restore(optimizer: Optimizer) -> None:
             self._written.clear()
+            for group in self.param_groups:  # a state_dict saved before groups had roles
+                group.setdefault("role", AUTO)
+                group.setdefault("rule", None)
             flat = self._flat()
             for index, values in checked.items():
                 self.state[flat[index]].update(values)
@@ -445,6 +559,9 @@ class FrozenOptimizer(Optimizer):
                     raise ValueError(f"the state_dict's param group {g} has no {key!r}")
             check_lr(saved["lr"])
             check_real(saved["weight_decay"], "weight_decay", 0.0)
+            self._check_routing(
+                saved.get("role", AUTO), saved.get("rule"), f"state_dict's param group {g}"
+            )
         index = {pid: i for i, pid in enumerate(p for s in saved_groups for p in s["params"])}
         flat, labels = self._flat(), self._labels()
         checked = {}
@@ -475,8 +592,8 @@ class FrozenOptimizer(Optimizer):
         # artifact's files read and verified again).
         self._written = {}
         if "artifact" in state:
-            transforms = self.artifact.transforms()
-            self._strategy = make_strategy(
-                self.artifact, self.backend, self.state_dtype, transforms
-            )
+            self._transforms = self.artifact.transforms()
+            self.routes = self._artifact_routes()
+            self._strategies = {}
+            self._strategy = self._strategy_for("artifact")
             self._initialised = True

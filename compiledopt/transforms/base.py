@@ -51,6 +51,11 @@ class Cost(NamedTuple):
         return Cost(float(flops * numel), float(values * itemsize * numel), float(flops * numel))
 
 
+#: What a parameter can be in its model (see ``compiledopt.runtime.roles``): an artifact routes
+#: each role to one of its transform's :meth:`Transform.rules`.
+ROLES = ("matrix", "vector", "embedding", "head", "input")
+
+
 class Transform(nn.Module):
     """Base class of every gradient transform.
 
@@ -104,6 +109,26 @@ class Transform(nn.Module):
     def state_names(self) -> List[str]:
         """Names of the state tensors, in the order of :meth:`init_state` (the state schema)."""
         return []
+
+    def rules(self) -> Tuple[str, ...]:
+        """The names of the update rules this transform can be routed to (see :meth:`routed`).
+
+        ``"artifact"`` is the transform as it is configured; a transform with a harness (such
+        as :class:`~compiledopt.learned.NormalizedMLP`) names more."""
+        return ("artifact",)
+
+    def routed(self, rule: str) -> "Transform":
+        """The transform that applies ``rule`` (one of :meth:`rules`): ``self`` when ``rule`` is
+        how this transform is already configured, else a copy sharing its weights.
+
+        Parameter groups carry a *role* (``matrix``, ``vector``, ``embedding``, ``head``,
+        ``input``) and each role a rule; the runtime asks its transform for the rule's variant
+        once, when the optimizer is built. Raises ``ValueError`` naming an unknown rule."""
+        if rule not in self.rules():
+            raise ValueError(
+                f"Invalid rule: {rule!r} ({type(self).__name__} has the rules {self.rules()})"
+            )
+        return self
 
     def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
         """FLOPs and bytes of one step on a parameter of ``shape`` (see :class:`Cost`).
