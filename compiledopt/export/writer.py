@@ -36,7 +36,7 @@ from compiledopt.export.layout import (
 )
 from compiledopt.export.manifest import check_manifest, check_training
 from compiledopt.export.rule import ModelRule, TensorRule
-from compiledopt.transforms.base import Transform
+from compiledopt.transforms.base import ROLES, Transform
 
 __all__ = ["export_bound", "export_shape_agnostic"]
 
@@ -247,6 +247,7 @@ def export_shape_agnostic(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     training: Optional[Mapping[str, Any]] = None,
+    routes: Optional[Mapping[str, str]] = None,
 ) -> Path:
     """Export a shape-agnostic transform as per-tensor graphs that apply to any model.
 
@@ -264,14 +265,22 @@ def export_shape_agnostic(
         dtype: the dtype of the graphs and weights (float32 or float64).
         overwrite: replace an existing ``directory``.
         training: provenance recorded as the manifest's ``training`` block (JSON values).
+        routes: the rule of ``transform`` (one of its ``rules()``) for each parameter role
+            (``matrix``, ``vector``, ``embedding``, ``head``, ``input``), recorded as the
+            manifest's ``routes``; a role left out runs the transform as configured. The graphs
+            compute the transform as configured: a role routed to another rule runs on the
+            ``eager`` and ``compiled`` backends.
 
     Raises:
         BackendUnavailableError: a chosen backend's modules are not installed (before any
             export work).
+        ValueError: an unknown role or rule in ``routes``.
     """
     spec = specs.check_spec(spec)
     if spec["kind"] != "shape_agnostic" or not transform.shape_agnostic:
         raise ValueError(f"{type(transform).__name__} is not shape-agnostic: use export_bound")
+    if routes is not None:
+        routes = _check_routes(routes, transform)
     ranks = sorted({int(r) for r in ranks})
     if not ranks or ranks[0] < 0 or ranks[-1] > 5:
         raise ValueError(f"Invalid ranks: {ranks} (a non-empty subset of 0..5)")
@@ -297,9 +306,24 @@ def export_shape_agnostic(
         "ranks": ranks,
         "state_names": transform.state_names(),
         **({} if training is None else {"training": check_training(training)}),
+        **({} if not routes else {"routes": routes}),
     }
     weights = nn.ModuleList([transform]).state_dict()
     return _write(Path(directory), manifest, weights, graphs, overwrite)
+
+
+def _check_routes(routes: Mapping[str, str], transform: Transform) -> Dict[str, str]:
+    """``routes`` as the manifest records it: only the roles it names, each rule one of the
+    transform's (``ValueError`` naming an unknown role or rule)."""
+    if not isinstance(routes, Mapping):
+        raise ValueError(f"Invalid routes: {routes!r} (a mapping of roles to rules)")
+    rules = transform.rules()
+    for role, rule in routes.items():
+        if role not in ROLES:
+            raise ValueError(f"Invalid routes: unknown role {role!r} (roles are {ROLES})")
+        if rule not in rules:
+            raise ValueError(f"Invalid routes: role {role!r} has rule {rule!r} (one of {rules})")
+    return dict(routes)
 
 
 def _tensor_example(transform: Transform, rank: int, dtype: torch.dtype) -> tuple:

@@ -194,7 +194,7 @@ class FrozenOptimizer(Optimizer):
             named = all(group.get("param_names") for group in self.param_groups)
             self.artifact.check_bindings(self._named(), check_dtype=False, check_names=named)
         self.backend = self._choose(backend)
-        self._strategies: Dict[int, Strategy] = {}
+        self._strategies: Dict[str, Strategy] = {}
         self._strategy = self._strategy_for("artifact")
         self._initialised = True
         logger.info(
@@ -288,13 +288,21 @@ class FrozenOptimizer(Optimizer):
         return transform
 
     def _strategy_for(self, rule: str) -> Strategy:
-        """The strategy computing ``rule`` (one per distinct transform, built at first use)."""
-        transform = self._routed(rule)
-        strategy = self._strategies.get(id(transform))
+        """The strategy computing ``rule``, built at its first use; rules whose transform is the
+        artifact's own (as configured) share one strategy."""
+        strategy = self._strategies.get(rule)
         if strategy is None:
-            transforms = self._transforms if transform is self._transforms[0] else [transform]
-            strategy = make_strategy(self.artifact, self.backend, self.state_dtype, transforms)
-            self._strategies[id(transform)] = strategy
+            transform = self._routed(rule)
+            if transform is self._transforms[0]:
+                strategy = self._strategies.get("artifact")
+                if strategy is None:
+                    strategy = make_strategy(
+                        self.artifact, self.backend, self.state_dtype, self._transforms
+                    )
+                    self._strategies["artifact"] = strategy
+            else:
+                strategy = make_strategy(self.artifact, self.backend, self.state_dtype, [transform])
+            self._strategies[rule] = strategy
         return strategy
 
     def _compute(self, flat, active, states, labels) -> Computed:

@@ -1,0 +1,176 @@
+"""Choose an artifact's routes (the rule for each parameter role) and its lr on the held-out
+tasks of a meta-training family, never on the learning-quality benchmark's tasks.
+
+    python -m benchmarks.routes normalized-mlp --family image-mlp --tasks 6 --steps 300 \\
+        --output benchmarks/results/routes_image-mlp.json
+
+Every candidate routing (:data:`CANDIDATES`) runs the artifact through ``FrozenOptimizer`` on
+``compiledopt.param_groups(task.model)`` (roles from the model's module types) at each lr, and
+AdamW runs over the same lrs, all on a linear warm-up (5% of the steps) then a cosine decay to 0.
+Reported: the mean final evaluation loss over the tasks per candidate and lr, each candidate's
+best lr, and its mean loss over tuned AdamW's (per task, AdamW at its best lr over the tasks).
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+#: Candidate routings (role -> rule); a role left out runs the artifact as configured.
+CANDIDATES: Dict[str, Dict[str, str]] = {
+    "none": {},
+    "harness": {
+        "matrix": "orthogonal",
+        "vector": "adam",
+        "embedding": "orthogonal",
+        "head": "orthogonal",
+        "input": "orthogonal",
+    },
+    "ends-adam": {
+        "matrix": "orthogonal",
+        "vector": "adam",
+        "embedding": "adam",
+        "head": "adam",
+        "input": "orthogonal",
+    },
+    "ends-learned": {
+        "matrix": "orthogonal",
+        "vector": "adam",
+        "embedding": "learned",
+        "head": "learned",
+        "input": "learned",
+    },
+    "all-adam": dict.fromkeys(("matrix", "vector", "embedding", "head", "input"), "adam"),
+}
+WARMUP = 0.05
+
+
+def schedule(steps: int):
+    warm = max(1, int(WARMUP * steps))
+
+    def factor(k: int) -> float:
+        if k < warm:
+            return (k + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, steps - warm)))
+
+    return factor
+
+
+def run(task, initial, make_optimizer, steps: int) -> float:
+    """The final evaluation loss of ``task`` trained for ``steps`` from the parameters
+    ``initial`` (``inf`` when it diverges). The task's model is trained in place."""
+    model = task.model
+    with torch.no_grad():
+        for name, value in initial.items():
+            model.get_parameter(name).copy_(value)
+    optimizer = make_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps))
+    for k in range(steps):
+        inputs, target = task.batch(k)
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.criterion(model(inputs), target)
+        if not torch.isfinite(loss):
+            return float("inf")
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    with torch.no_grad():
+        inputs, target = task.evaluation_batch()
+        final = float(task.criterion(model(inputs), target))
+    return final if math.isfinite(final) else float("inf")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact", help="a packaged optimizer's name or an artifact folder")
+    parser.add_argument("--family", default="image-mlp")
+    parser.add_argument("--tasks", type=int, default=6, help="held-out tasks 0..N-1")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lrs", default="0.001,0.003,0.01")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--backend", default="eager")
+    parser.add_argument("--output", required=True, help="the JSON file to write")
+    args = parser.parse_args(argv)
+
+    import compiledopt
+    from compiledopt.tasks.families import get_family
+
+    torch.set_num_threads(1)
+    lrs = [float(x) for x in args.lrs.split(",")]
+    names = args.candidates.split(",")
+    for name in names:
+        if name not in CANDIDATES:
+            parser.error(f"unknown candidate {name!r} (one of {sorted(CANDIDATES)})")
+    family = get_family(args.family)
+    losses: Dict[str, Dict[str, List[float]]] = {}
+    started = time.time()
+    for index in range(args.tasks):
+        task = family.sample(index, "heldout")
+        initial = task.init_params()  # the model's own parameters: taken before any run
+        for lr in lrs:
+
+            def adamw(model, lr=lr):
+                return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+            loss = run(task, initial, adamw, args.steps)
+            losses.setdefault("adamw", {}).setdefault(f"{lr:g}", []).append(loss)
+            for name in names:
+
+                def learned(model, lr=lr, name=name):
+                    groups = compiledopt.param_groups(model)
+                    for group in groups:
+                        group["rule"] = CANDIDATES[name].get(group["role"], "artifact")
+                    return compiledopt.FrozenOptimizer(
+                        groups, args.artifact, lr=lr, backend=args.backend
+                    )
+
+                loss = run(task, initial, learned, args.steps)
+                losses.setdefault(name, {}).setdefault(f"{lr:g}", []).append(loss)
+        print(f"task {index} done ({time.time() - started:.0f} s)", flush=True)
+
+    def mean(values: List[float]) -> float:
+        return statistics.fmean(values) if all(map(math.isfinite, values)) else float("inf")
+
+    summary = {}
+    adamw_best = min(losses["adamw"], key=lambda lr: mean(losses["adamw"][lr]))
+    tuned_adamw = losses["adamw"][adamw_best]
+    for name, table in losses.items():
+        best = min(table, key=lambda lr: mean(table[lr]))
+        ratios = [a / b for a, b in zip(table[best], tuned_adamw)]
+        summary[name] = {
+            "mean_final_loss": {lr: mean(v) for lr, v in table.items()},
+            "best_lr": float(best),
+            "best_mean_loss": mean(table[best]),
+            "geomean_ratio_to_tuned_adamw": math.exp(statistics.fmean(map(math.log, ratios)))
+            if all(map(math.isfinite, ratios))
+            else float("inf"),
+        }
+        row = "  ".join(f"{lr}: {mean(v):.4f}" for lr, v in table.items())
+        ratio = summary[name]["geomean_ratio_to_tuned_adamw"]
+        print(f"{name:14s} {row}   best {best} ratio {ratio:.3f}")
+    result = {
+        "command": "python -m benchmarks.routes " + " ".join(argv or sys.argv[1:]),
+        "artifact": args.artifact,
+        "family": args.family,
+        "split": f"held-out tasks 0..{args.tasks - 1} of the family",
+        "steps": args.steps,
+        "schedule": "warm-up 5% + cosine to 0",
+        "candidates": {n: CANDIDATES[n] for n in names},
+        "torch": torch.__version__,
+        "threads": 1,
+        "wall_time_s": round(time.time() - started, 1),
+        "losses": losses,
+        "summary": summary,
+    }
+    with open(args.output, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2, allow_nan=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
