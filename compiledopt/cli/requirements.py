@@ -19,6 +19,7 @@ TASK_FAMILY_MODULES = {
     "digits": ("sklearn", "tasks"),
     "mixed": ("sklearn", "tasks"),
     "image-mlp": ("sklearn", "tasks"),
+    "mixed-lm": ("sklearn", "tasks"),
 }
 
 

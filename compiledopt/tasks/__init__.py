@@ -6,8 +6,9 @@ from compiledopt.tasks.digits import DigitsFamily, DigitsTask
 from compiledopt.tasks.families import FAMILIES, get_family
 from compiledopt.tasks.image_mlp import ImageMLPFamily, ImageMLPTask
 from compiledopt.tasks.images import BarsFamily, BarsTask
-from compiledopt.tasks.mixed import MixedFamily
+from compiledopt.tasks.mixed import MixedFamily, MixedLMFamily
 from compiledopt.tasks.regression import RegressionFamily, TeacherRegressionTask
+from compiledopt.tasks.text_lm import TextLMFamily, TextLMTask
 
 __all__ = [
     "FAMILIES",
@@ -20,10 +21,13 @@ __all__ = [
     "ImageMLPFamily",
     "ImageMLPTask",
     "MixedFamily",
+    "MixedLMFamily",
     "RegressionFamily",
     "Task",
     "TaskFamily",
     "TeacherRegressionTask",
+    "TextLMFamily",
+    "TextLMTask",
     "get_family",
     "task_seed",
 ]

@@ -69,6 +69,16 @@ class Task:
         """A fixed larger batch for reporting the task's loss."""
         raise NotImplementedError
 
+    def roles(self) -> Dict[str, str]:
+        """The role of each parameter by name (the names of :meth:`init_params`): ``matrix``,
+        ``vector``, ``embedding``, ``head`` or ``input``, found from the model's module types by
+        :func:`compiledopt.runtime.roles.roles_of`. Meta-training routes each parameter to the
+        rule of its role."""
+        from compiledopt.runtime.roles import roles_of
+
+        by_id = roles_of(self.model)
+        return {name: by_id[id(param)] for name, param in self.model.named_parameters()}
+
 
 class TaskFamily:
     """A distribution of tasks. ``sample(index, split)`` is deterministic.

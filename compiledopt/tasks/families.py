@@ -8,12 +8,21 @@ from compiledopt.tasks.base import TaskFamily
 from compiledopt.tasks.digits import DigitsFamily
 from compiledopt.tasks.image_mlp import ImageMLPFamily
 from compiledopt.tasks.images import BarsFamily
-from compiledopt.tasks.mixed import MixedFamily
+from compiledopt.tasks.mixed import MixedFamily, MixedLMFamily
 from compiledopt.tasks.regression import RegressionFamily
+from compiledopt.tasks.text_lm import TextLMFamily
 
 FAMILIES: Dict[str, Type[TaskFamily]] = {
     family.name: family
-    for family in (RegressionFamily, BarsFamily, DigitsFamily, MixedFamily, ImageMLPFamily)
+    for family in (
+        RegressionFamily,
+        BarsFamily,
+        DigitsFamily,
+        MixedFamily,
+        ImageMLPFamily,
+        TextLMFamily,
+        MixedLMFamily,
+    )
 }
 
 

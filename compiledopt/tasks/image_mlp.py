@@ -200,14 +200,16 @@ def generated_pools(source: str, seed: int, classes: int) -> Tuple[Batch, Batch,
 # -- the model --------------------------------------------------------------------------------
 
 
-class _Dense(nn.Module):
+class _Dense(nn.Linear):
+    """An ``nn.Linear`` holding the given weight and bias (drawn without the global RNG); a
+    linear layer by type, so :func:`compiledopt.runtime.roles.roles_of` finds the input layer
+    and the head."""
+
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class ImageMLP(nn.Module):
