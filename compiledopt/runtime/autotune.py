@@ -16,12 +16,14 @@ unreadable or malformed file is ignored (and replaced by the next recording).
 import hashlib
 import json
 import logging
+import math
 import os
+import stat
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ from torch import nn
 __all__ = [
     "CACHE_VARIABLE",
     "DEFAULT_ORDER",
+    "MAX_CACHE_BYTES",
     "cache_file",
     "digest",
     "measure_backends",
@@ -43,6 +46,9 @@ CACHE_VARIABLE = "COMPILEDOPT_CACHE"
 #: compiled backend batches small tensors and fuses each rule into one loop; AOTInductor runs one
 #: exported graph per tensor; onnxruntime and TorchScript do not fuse on the CPU.
 DEFAULT_ORDER = ("compiled", "aoti", "onnx", "torchscript", "eager")
+#: The largest cache file read, in bytes (a recording takes about 200): a larger file is
+#: ignored unread.
+MAX_CACHE_BYTES = 1 << 20
 
 
 def cache_file() -> Path:
@@ -70,19 +76,86 @@ def _key(artifact, device: torch.device, threads: int) -> str:
 
 
 def _read() -> Dict[str, Dict[str, float]]:
+    """The recorded timings, or ``{}`` when there are none or the cache file is unreadable or
+    malformed (ignored, with one log line; the next recording replaces it): larger than
+    :data:`MAX_CACHE_BYTES`, not JSON (or nested too deeply for the parser), or not exactly
+    ``{key: {backend: seconds}}`` with string keys and backends and finite seconds ``>= 0``."""
+    path = cache_file()
     try:
-        data = json.loads(cache_file().read_text())
-    except (OSError, ValueError):
+        if not stat.S_ISREG(path.stat().st_mode):  # a folder, a FIFO (would block), a device
+            _ignore(path, "not a regular file")
+            return {}
+        with open(path, "rb") as file:
+            text = file.read(MAX_CACHE_BYTES + 1)
+    except FileNotFoundError:
         return {}
+    except OSError as error:
+        _ignore(path, f"unreadable ({error})")
+        return {}
+    if len(text) > MAX_CACHE_BYTES:
+        _ignore(path, f"larger than {MAX_CACHE_BYTES} bytes")
+        return {}
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        _ignore(path, "nested too deeply")
+        return {}
+    except ValueError as error:  # not JSON, or not UTF-8
+        _ignore(path, f"not JSON ({error})")
+        return {}
+    problem = _malformed(data)
+    if problem:
+        _ignore(path, problem)
+        return {}
+    return {key: {b: float(t) for b, t in value.items()} for key, value in data.items()}
+
+
+def _malformed(data: Any) -> Optional[str]:
+    """What is wrong with a parsed cache, or ``None`` when it is ``{key: {backend: seconds}}``
+    (strings; finite numbers ``>= 0``, not bools)."""
     if not isinstance(data, dict):
-        return {}
-    timings = {}
+        return f"not a JSON object but a {type(data).__name__}"
     for key, value in data.items():
-        if isinstance(value, dict):  # keep only well-formed entries
-            valid = {b: float(t) for b, t in value.items() if isinstance(t, (int, float))}
-            if valid:
-                timings[key] = valid
-    return timings
+        if not isinstance(value, dict):
+            return f"the entry {key[:80]!r} is a {type(value).__name__}, not an object"
+        for backend, seconds in value.items():
+            if not _seconds(seconds):
+                shown = repr(seconds) if isinstance(seconds, float) else type(seconds).__name__
+                return (
+                    f"the entry {key[:80]!r} times {backend[:40]!r} as {shown}, not a finite "
+                    "number of seconds >= 0"
+                )
+    return None
+
+
+def _seconds(value: Any) -> bool:
+    """Whether ``value`` (parsed JSON) is a time in seconds: a finite number ``>= 0``."""
+    if isinstance(value, float):
+        return math.isfinite(value) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 53
+
+
+#: Files already reported as ignored: ``(path, size, mtime)`` (one warning per file version).
+_REPORTED: Set[Tuple[str, int, int]] = set()
+
+
+def _ignore(path: Path, why: str) -> None:
+    """Log, once per version of the file at WARNING and then at DEBUG, that the cache file at
+    ``path`` is ignored and why."""
+    try:
+        info = path.stat()
+        version = (str(path), info.st_size, info.st_mtime_ns)
+    except OSError:
+        version = (str(path), -1, -1)
+    level = logging.DEBUG if version in _REPORTED else logging.WARNING
+    _REPORTED.add(version)
+    logger.log(
+        level,
+        "backend timings cache %s ignored: %s (backend='auto' uses its default order; the "
+        "next measure_backends recording replaces the file)",
+        path,
+        why,
+    )
 
 
 def _write(key: str, timings: Dict[str, float]) -> None:
