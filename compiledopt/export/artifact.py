@@ -32,8 +32,10 @@ Graphs that are code (TorchScript, AOTInductor) load only from an artifact trust
 ``trust_code=True`` or signed by a key in ``trusted_keys`` (``docs/security.md``).
 """
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -55,7 +57,9 @@ from compiledopt.export.layout import (
     SIGNATURE,
     WEIGHTS,
     file_rank,
+    read_regular,
     sha256,
+    weights_header,
 )
 from compiledopt.export.manifest import ArtifactError, check_manifest, check_training
 from compiledopt.transforms.base import Transform
@@ -78,8 +82,18 @@ BACKENDS: Tuple[str, ...] = registry.names()
 
 # -- loading ----------------------------------------------------------------------------------
 
-#: The largest ``manifest.json`` read (a bound artifact of 100,000 parameters is about 20 MB).
-MAX_MANIFEST_BYTES = 64 << 20
+#: The largest ``manifest.json`` read: 1 MiB, 450 times the packaged optimizers' (2.3 kB); a bound
+#: artifact's manifest takes 170 to 290 bytes a parameter (measured, with long parameter names and
+#: a state), so one bound to 3,500 parameters or more fits.
+MAX_MANIFEST_BYTES = 1 << 20
+#: The largest ``signature.json`` read (a real one is under 300 bytes).
+MAX_SIGNATURE_BYTES = 1 << 16
+#: The largest listed file (weights, graphs) read: 2 GiB, the most one ONNX model can hold
+#: without external data (a protobuf limit); the packaged optimizers' largest file is 125 kB.
+MAX_FILE_BYTES = 2 << 30
+#: How far a build may go past the tensors (count, elements) the weights hold before it is
+#: stopped: room for a constructor's temporaries; a spec is compared exactly once built.
+_BUDGET_FACTOR, _BUDGET_SLACK = 2, 64
 #: Errors a transform builder raises for arguments it cannot take.
 _BUILD_ERRORS = (
     TypeError,
@@ -169,12 +183,9 @@ class Artifact:
         digest = self.manifest["files"].get(name)
         if digest is None:
             raise ArtifactError(f"{self.path}: {name} is not listed in its {MANIFEST}")
-        try:
-            data = (self.path / name).read_bytes()
-        except FileNotFoundError:
-            raise ArtifactError(f"{self.path}: missing file {name}") from None
-        except OSError as error:
-            raise ArtifactError(f"{self.path}: cannot read {name} ({error.strerror})") from None
+        data = read_regular(self.path, name, MAX_FILE_BYTES)
+        if data is None:
+            raise ArtifactError(f"{self.path}: missing file {name}")
         if sha256(data) != digest:
             raise ArtifactError(
                 f"{self.path}: checksum mismatch for {name} (the file was modified or truncated)"
@@ -185,35 +196,60 @@ class Artifact:
         """The eager transforms, rebuilt from the spec and the weights (one per binding for a
         bound artifact; the one shared transform for a shape-agnostic artifact).
 
-        The weights are read and verified first; the spec is built on the ``meta`` device (no
-        memory) and every tensor it implies is checked against the weights' names and shapes
-        before the real transform is allocated."""
-        weights = load(self.read(WEIGHTS))
-        with torch.device("meta"):
-            implied = nn.ModuleList(unique_by_identity(self._build("meta"))[0]).state_dict()
-        if set(implied) != set(weights):
-            missing, extra = (
-                sorted(set(implied) - set(weights)),
-                sorted(set(weights) - set(implied)),
-            )
+        The weights are read and verified first, and what they hold (how many tensors, of
+        which shapes) is read from their header, checked against the file's size. Nothing the
+        spec implies may exceed that: a bound artifact of a per-parameter spec needs a tensor
+        per binding at least (checked before anything is built), and the spec is built on the
+        ``meta`` device under a budget of the weights' tensor and element counts, stopped as
+        soon as it registers more (so a spec of a million layers costs as much as the weights'
+        handful of tensors). Every tensor it implies is then checked against the weights' names
+        and shapes before the real transform is allocated.
+
+        The global random number generators (CPU, and CUDA where initialised) are left as they
+        were: building a transform draws its initial weights, which the artifact's weights replace.
+        """
+        where = self.path / WEIGHTS
+        data = self.read(WEIGHTS)
+        held = weights_header(data, str(where))
+        per_binding = self.kind == "bound" and self.spec["kind"] != "shape_agnostic"
+        if per_binding and len(self.bindings) > len(held):
             raise ArtifactError(
-                f"{self.path}: weights do not fit the transform spec (missing {missing[:5]}, "
-                f"unexpected {extra[:5]})"
+                f"{self.path}: weights do not fit the transform spec: {len(self.bindings)} "
+                f"bindings of a {self.spec['kind']!r} spec need a tensor each, {where} holds "
+                f"{len(held)} tensors"
             )
-        for key, tensor in implied.items():
-            if tuple(tensor.shape) != tuple(weights[key].shape):
+        elements = sum(math.prod(shape) for shape in held.values())
+        with _untouched_rng():
+            with torch.device("meta"), _Budget(len(held), elements, where):
+                implied = nn.ModuleList(unique_by_identity(self._build("meta"))[0]).state_dict()
+            if set(implied) != set(held):
+                missing, extra = sorted(set(implied) - set(held)), sorted(set(held) - set(implied))
                 raise ArtifactError(
-                    f"{self.path}: weights do not fit the transform spec: {key!r} has shape "
-                    f"{tuple(weights[key].shape)}, the spec makes it {tuple(tensor.shape)}"
+                    f"{self.path}: weights do not fit the transform spec ({where} lacks "
+                    f"{len(missing)} tensors: {_few(missing)}; has {len(extra)} unexpected: "
+                    f"{_few(extra)})"
                 )
-        built = self._build()
-        unique = nn.ModuleList(unique_by_identity(built)[0])
-        try:
-            unique.load_state_dict(weights)
-        except RuntimeError as error:
-            raise ArtifactError(
-                f"{self.path}: weights do not fit the transform spec: {error}"
-            ) from None
+            for key, tensor in implied.items():
+                if tuple(tensor.shape) != held[key]:
+                    raise ArtifactError(
+                        f"{self.path}: weights do not fit the transform spec: {key!r} has shape "
+                        f"{held[key]} in {where}, the spec makes it {tuple(tensor.shape)}"
+                    )
+            try:
+                weights = load(data)
+            except Exception as error:  # safetensors' own error types
+                raise ArtifactError(
+                    f"{where}: safetensors cannot load it ({type(error).__name__}: "
+                    f"{str(error)[:200]})"
+                ) from error
+            built = self._build()
+            unique = nn.ModuleList(unique_by_identity(built)[0])
+            try:
+                unique.load_state_dict(weights)
+            except RuntimeError as error:
+                raise ArtifactError(
+                    f"{self.path}: weights do not fit the transform spec: {str(error)[:500]}"
+                ) from error
         return built
 
     def _build(self, device: str = "cpu") -> List[Transform]:
@@ -222,10 +258,15 @@ class Artifact:
                 shapes = [b["shape"] for b in self.bindings]
                 return specs.build_bound(self.spec, shapes, self.dtype, device)
             return [specs.build_shape_agnostic(self.spec).to(self.dtype)]
+        except _OverBudgetError as error:
+            raise ArtifactError(
+                f"{self.path}: weights do not fit the transform spec: {error}"
+            ) from None
         except _BUILD_ERRORS as error:
             raise ArtifactError(
-                f"{self.path}: the transform spec does not build ({type(error).__name__}: {error})"
-            ) from None
+                f"{self.path}: the transform spec does not build ({type(error).__name__}: "
+                f"{_brief(str(error))})"
+            ) from error
 
     def runner(self, backend: str) -> Callable:
         """The loaded graph of ``backend``: a bound rule's or a per-tensor rule's signature
@@ -252,16 +293,27 @@ class Artifact:
 
     def _load(self, backend: Backend, name: str) -> Callable:
         data = self.read(name)
+        where = self.path / name
         try:
             backend.check_runnable(data)
+        except ArtifactError:
+            raise
         except ValueError as error:
-            raise ArtifactError(f"{self.path / name}: {error}") from None
+            raise ArtifactError(f"{where}: {error}") from error
         try:
-            return backend.load_bytes(data, str(self.path / name))
+            return backend.load_bytes(data, str(where))
         except ArtifactError:
             raise
         except ValueError as error:  # a graph that does not load is a broken artifact
-            raise ArtifactError(str(error)) from None
+            message = str(error)
+            raise ArtifactError(
+                message if str(where) in message else f"{where}: {message}"
+            ) from error
+        except Exception as error:  # the loader's own error types (onnxruntime, torch.jit...)
+            raise ArtifactError(
+                f"{where}: the {backend.name} loader cannot load it ({type(error).__name__}: "
+                f"{_brief(str(error))})"
+            ) from error
 
     def check_runnable(self, backend: str) -> None:
         """Raise :class:`ArtifactError` if a graph of ``backend`` cannot run on this machine
@@ -274,7 +326,7 @@ class Artifact:
             except ValueError as error:
                 if isinstance(error, ArtifactError):
                     raise
-                raise ArtifactError(f"{self.path / name}: {error}") from None
+                raise ArtifactError(f"{self.path / name}: {error}") from error
 
     def check_bindings(
         self,
@@ -360,12 +412,12 @@ def load_artifact(
             raise ValueError("trusted_keys is empty: give at least one key, or None")
     if not path.is_dir():
         raise ArtifactError(f"artifact not found: {path} is not a directory")
-    data = _read_limited(path / MANIFEST, MAX_MANIFEST_BYTES, path)
+    data = read_regular(path, MANIFEST, MAX_MANIFEST_BYTES)
     if data is None:
         raise ArtifactError(f"{path}: missing {MANIFEST}")
     signed_by = None
     if keys is not None:
-        signature = _read_limited(path / SIGNATURE, 1 << 16, path)
+        signature = read_regular(path, SIGNATURE, MAX_SIGNATURE_BYTES)
         signed_by = signing.verify_manifest(data, signature, keys, str(path))
     manifest = check_manifest(_parse_json(data, path), str(path))
     artifact = Artifact(path, manifest, bool(trust_code) or signed_by is not None, signed_by)
@@ -374,18 +426,67 @@ def load_artifact(
     return artifact
 
 
-def _read_limited(file: Path, limit: int, where: Path) -> Optional[bytes]:
-    """The bytes of ``file`` (``None`` if it does not exist), refusing one over ``limit``."""
-    try:
-        with open(file, "rb") as handle:
-            data = handle.read(limit + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise ArtifactError(f"{where}: cannot read {file.name} ({error.strerror})") from None
-    if len(data) > limit:
-        raise ArtifactError(f"{where}: {file.name} is larger than {limit} bytes")
-    return data
+class _OverBudgetError(Exception):
+    """A build registered more tensors (or elements) than the weights hold."""
+
+
+class _Budget:
+    """Counts the parameters and buffers that modules register on this thread while it is
+    active, and stops the build (:class:`_OverBudgetError`) once they exceed what the weights hold
+    (with :data:`_BUDGET_FACTOR` and :data:`_BUDGET_SLACK` of room)."""
+
+    def __init__(self, tensors: int, elements: int, where: Path) -> None:
+        self.where, self.held = where, (tensors, elements)
+        self.tensors = _BUDGET_FACTOR * tensors + _BUDGET_SLACK
+        self.elements = _BUDGET_FACTOR * elements + _BUDGET_SLACK
+        self.count = self.numel = 0
+        self.thread = threading.get_ident()
+        self.handles: List[Any] = []
+
+    def _registered(self, module: nn.Module, name: str, tensor: Optional[Tensor]) -> None:
+        if tensor is None or threading.get_ident() != self.thread:
+            return
+        self.count += 1
+        self.numel += tensor.numel()
+        if self.count > self.tensors or self.numel > self.elements:
+            raise _OverBudgetError(
+                f"the spec implies more than the {self.held[0]} tensors of {self.held[1]} "
+                f"elements {self.where} holds (stopped at {self.count} tensors of {self.numel} "
+                f"elements, {type(module).__name__}.{name})"
+            )
+
+    def __enter__(self) -> "_Budget":
+        hooks = torch.nn.modules.module
+        self.handles = [
+            hooks.register_module_parameter_registration_hook(self._registered),
+            hooks.register_module_buffer_registration_hook(self._registered),
+        ]
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _untouched_rng():
+    """The global CPU generator (and every CUDA device's, where CUDA is initialised) restored
+    on exit: what runs inside may draw from them without changing a seeded run."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _few(names: List[str]) -> str:
+    """At most five names, then how many more."""
+    shown = ", ".join(repr(n[:80]) for n in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "none"
+
+
+def _brief(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters (an argument's repr can be megabytes)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parse_json(data: bytes, where: Path) -> Any:

@@ -43,7 +43,7 @@ from compiledopt.export.tracing import quiet, trace
 # onnx, onnx_ir, onnxscript and onnxruntime are imported inside the functions that write or run
 # a graph, so that the package and its other backends work without them installed.
 
-__all__ = ["BACKEND", "ONNXBackend", "load", "load_bytes", "save"]
+__all__ = ["BACKEND", "ONNXBackend", "check_self_contained", "load", "load_bytes", "save"]
 
 # Exporter chatter: onnxscript's and onnx_ir's per-pass INFO logs, and the registry's
 # "torchvision is not installed. Skipping torchvision::nms" notices (WARNING level). Other
@@ -171,7 +171,8 @@ def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
 
 
 def load(path: str) -> Runner:
-    """A runner for the ONNX graph at ``path``, with the saved rule's call signature.
+    """A runner for the ONNX graph at ``path``, with the saved rule's call signature (the file
+    is read once, checked by :func:`check_self_contained`, and run from those bytes).
 
     Returns ``runner(grads, params, states, step) -> (directions, new_states)`` for a
     ``ModelRule`` graph and ``runner(grad, param, state, step) -> (direction, new_state)`` for a
@@ -180,16 +181,79 @@ def load(path: str) -> Runner:
     tensors do not fit the graph (count, dtype, rank or size) raises ``ValueError`` naming the
     input.
     """
-    return _runner(os.fspath(path), os.fspath(path))
+    with open(os.fspath(path), "rb") as handle:
+        return load_bytes(handle.read(), os.fspath(path))
 
 
 def load_bytes(data: bytes, where: str) -> Runner:
     """:func:`load` of the graph whose file content is ``data`` (onnxruntime reads it from
-    memory; ``where`` names it in messages)."""
-    return _runner(data, where)
+    memory; ``where`` names it in messages). The graph is refused (``ValueError``) unless
+    :func:`check_self_contained` accepts it."""
+    check_self_contained(data, where)
+    return _runner(bytes(data), where)
 
 
-def _runner(model: "str | bytes", where: str) -> Runner:
+#: ``TensorProto.data_location`` of a tensor whose data lies in another file.
+_EXTERNAL = 1
+
+
+def check_self_contained(data: bytes, where: str) -> None:
+    """Raise ``ValueError`` unless the ONNX model ``data`` parses and every tensor in it holds
+    its own data.
+
+    A tensor may instead name a file that holds its data (ONNX *external data*): onnxruntime
+    then reads that file, resolved against the working directory for a model loaded from
+    memory, so a graph could read any file there (``.env``, a key) into the update direction.
+    Every tensor anywhere in the model is checked: initializers, sparse initializers, node
+    attributes (``Constant`` values, tensors, sparse tensors), graphs nested in attributes
+    (``If``, ``Loop``, ``Scan`` bodies) and functions, at any depth: the model is walked as a
+    protobuf message, every field of every message, so no place that can hold a tensor is
+    left out.
+    """
+    import onnx
+
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(bytes(data))
+    except Exception as error:  # protobuf's DecodeError, or its recursion limit
+        raise ValueError(
+            f"{where} is not an ONNX model ({type(error).__name__}: {str(error)[:200]})"
+        ) from error
+    stack: List[Tuple[Any, str]] = [(model, "model")]
+    while stack:
+        message, path = stack.pop()
+        if isinstance(message, onnx.TensorProto):
+            external = message.data_location == _EXTERNAL or len(message.external_data) > 0
+            if external:
+                entries = {entry.key: entry.value for entry in message.external_data}
+                location = entries.get("location", "<no location>")
+                raise ValueError(
+                    f"{where}: tensor {message.name[:100]!r} ({path}) keeps its data in the "
+                    f"external file {location[:200]!r}; an artifact's graphs must hold their "
+                    "own data (a graph loaded from memory would read that file from the "
+                    "working directory)"
+                )
+            continue  # a tensor holds no further messages
+        for field, value in message.ListFields():
+            if field.type != field.TYPE_MESSAGE:
+                continue
+            name = f"{path}.{field.name}"
+            if field.message_type.GetOptions().map_entry:  # a map: its values are messages
+                stack.extend((item, f"{name}[{key!r}]") for key, item in value.items())
+            elif _repeated(field):
+                stack.extend((item, f"{name}[{index}]") for index, item in enumerate(value))
+            else:
+                stack.append((value, name))
+
+
+def _repeated(field: Any) -> bool:
+    """Whether the protobuf ``field`` is repeated (``is_repeated`` in protobuf >= 6, ``label``
+    before)."""
+    repeated = getattr(field, "is_repeated", None)
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
+
+
+def _runner(model: bytes, where: str) -> Runner:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -230,12 +294,21 @@ class ONNXBackend(Backend):
     carries_code = False
     fused = False
     requires = ("onnx", "onnxruntime", "onnxscript", "onnx_ir")
-    load_requires = ("onnxruntime",)
+    load_requires = ("onnxruntime", "onnx")  # onnx parses a graph to check it before it runs
     install = "onnx onnxruntime onnxscript"
     # The module's functions above (staticmethod: they take no backend instance).
     save = staticmethod(save)
     load = staticmethod(load)
     load_bytes = staticmethod(load_bytes)
+
+    def check_runnable(self, source: "str | bytes") -> None:
+        """Refuse (``ValueError``) a graph that does not parse or is not self-contained
+        (:func:`check_self_contained`): an artifact checks every graph of a backend before it
+        loads any."""
+        if not isinstance(source, (bytes, bytearray)):
+            with open(os.fspath(source), "rb") as handle:
+                source = handle.read()
+        check_self_contained(source, "the graph")
 
 
 BACKEND = ONNXBackend()
