@@ -19,13 +19,18 @@ from benchmarks.learning_quality import (  # noqa: E402
     charlm,
     metrics,
     optimizers,
+    options,
     report,
     run,
     runner,
     tasks,
+    text,
+    transformer_tasks,
 )
 
 NAMES = list(tasks.TASKS)
+TRANSFORMER_NAMES = tasks.SUITES["transformers"]
+LM_NAMES = ["gpt-lm", "gpt-lm-rms", "gpt-lm-trainer", "lm-finetune"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,6 +40,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pretraining_cache(tmp_path_factory):
+    """lm-finetune's pre-trained weights go to a temporary folder, not the results folder."""
+    folder = transformer_tasks.CACHE_DIR
+    transformer_tasks.CACHE_DIR = tmp_path_factory.mktemp("pretrained")
+    transformer_tasks.clear_memory()
+    yield transformer_tasks.CACHE_DIR
+    transformer_tasks.CACHE_DIR = folder
+    transformer_tasks.clear_memory()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +78,8 @@ def test_at_least_eight_tasks_and_a_long_horizon():
     assert len(NAMES) >= 8
     assert {"cnn", "char-lm", "wide-mlp", "regression", "logistic", "finetune"} <= set(NAMES)
     assert tasks.TASKS["long-horizon"].default_steps == 3000
-    longest_other = max(t.default_steps for n, t in tasks.TASKS.items() if n != "long-horizon")
+    classic = tasks.SUITES["classic"]
+    longest_other = max(tasks.TASKS[n].default_steps for n in classic if n != "long-horizon")
     assert tasks.TASKS["long-horizon"].default_steps >= 10 * longest_other
 
 
@@ -72,6 +89,7 @@ def test_task_is_deterministic(name):
     first, second = tasks.TASKS[name](3, 20), tasks.TASKS[name](3, 20)
     initial = first.model().state_dict()
     tasks._pretrained.cache_clear()  # finetune: pre-train again
+    transformer_tasks.clear_memory()  # lm-finetune: from its disk cache
     for a, b in zip(initial.values(), second.model().state_dict().values()):
         assert torch.equal(a, b)
     for step in (0, 7):
@@ -131,6 +149,274 @@ def test_char_lm_text_is_large_and_spans_disjoint():
     inputs, target = task.batch(0)
     assert torch.equal(inputs[:, 1:], target[:, :-1])  # the target is the next character
     assert inputs.shape == (task.batch_size, task.context)
+
+
+# -- transformer tasks ----------------------------------------------------------------------------
+
+
+def test_transformer_suite_has_the_documented_tasks():
+    assert TRANSFORMER_NAMES == ["gpt-lm", "gpt-lm-rms", "gpt-lm-trainer", "vit", "lm-finetune"]
+    assert set(tasks.SUITES["all"]) == set(NAMES)
+    assert not set(tasks.SUITES["classic"]) & set(TRANSFORMER_NAMES)
+    for name in TRANSFORMER_NAMES:
+        assert tasks.TASKS[name].min_seeds >= 3
+    for name in ("gpt-lm", "gpt-lm-rms", "gpt-lm-trainer"):
+        assert tasks.TASKS[name].default_steps >= 2000
+        assert tasks.TASKS[name].quick_steps <= 12
+
+
+@pytest.mark.parametrize("name", TRANSFORMER_NAMES)
+def test_transformer_task_seeds_differ(name):
+    _needs(name)
+    zero, one = tasks.TASKS[name](0, 8), tasks.TASKS[name](1, 8)
+    assert not torch.equal(zero.batch(0)[0], one.batch(0)[0])
+    weights = zip(zero.model().state_dict().values(), one.model().state_dict().values())
+    assert any(not torch.equal(a, b) for a, b in weights)
+
+
+def _shape_of(output):
+    return tuple(getattr(output, "logits", output).shape)
+
+
+@pytest.mark.parametrize("name", TRANSFORMER_NAMES)
+def test_transformer_task_shapes_and_sizes(name):
+    _needs(name)
+    task = tasks.TASKS[name](0, 8)
+    model = task.model()
+    inputs, target = task.batch(0)
+    assert inputs.shape[0] == target.shape[0] == task.batch_size
+    with torch.no_grad():
+        output = model(inputs)
+    params = sum(p.numel() for p in model.parameters())
+    if name == "vit":
+        assert inputs.shape == (task.batch_size, 1, 16, 16)
+        assert _shape_of(output) == (task.batch_size, len(tasks.SHAPES))
+        assert model.embed.in_features == 16  # 4x4 patches of one channel
+        assert model.position.shape[1] == 1 + 16  # CLS + 16 patches
+    else:
+        assert inputs.shape == target.shape == (task.batch_size, task.context)
+        assert torch.equal(inputs[:, 1:], target[:, :-1])
+        assert _shape_of(output) == (task.batch_size, task.context, charlm.VOCAB)
+    assert math.isfinite(float(task.loss(output, target)))
+    if name == "gpt-lm":
+        assert params >= 1_000_000
+        assert len(model.blocks) == 4 and model.token.embedding_dim == 128
+        assert model.head.weight is not model.token.weight  # untied
+        assert isinstance(model.blocks[0].norm1, torch.nn.LayerNorm)
+    if name == "gpt-lm-rms":
+        assert model.head.weight is model.token.weight  # tied
+        assert isinstance(model.blocks[0].norm1, transformer_tasks.RMSNorm)
+        assert model.token.embedding_dim != tasks.TASKS["gpt-lm"].width
+        assert task.corpus != tasks.TASKS["gpt-lm"].corpus
+    if name == "gpt-lm-trainer":  # the same job as gpt-lm
+        reference = tasks.TASKS["gpt-lm"](0, 8)
+        assert torch.equal(inputs, reference.batch(0)[0])
+        gpt = sum(p.numel() for p in reference.model().parameters())
+        assert abs(params - gpt) / gpt < 0.01 and params >= 1_000_000
+        assert model.config.n_layer == 4 and model.config.n_embd == 128
+
+
+def test_rms_norm_by_hand():
+    norm = transformer_tasks.RMSNorm(4)
+    x = torch.tensor([[3.0, -4.0, 0.0, 0.0]])
+    expected = x / math.sqrt((9 + 16) / 4 + norm.eps)
+    assert torch.allclose(norm(x), expected)
+
+
+@pytest.mark.parametrize("name", LM_NAMES)
+def test_lm_validation_text_is_disjoint_from_training_text(name):
+    _needs(name)
+    task = tasks.TASKS[name](0, 8)
+    (begin, cut), (val_begin, end) = text.spans(task.corpus)
+    assert begin == 0 and cut == val_begin and end == len(text.corpus(task.corpus))
+    assert end - cut >= 20_000
+    window = task.context + 1
+    for step in range(40):
+        starts = task.train_starts(step)
+        assert int(starts.min()) >= 0 and int(starts.max()) + window <= cut
+    starts = task.validation_starts()
+    assert len(starts) == task.validation_size
+    assert int(starts.min()) >= cut and int(starts.max()) + window <= end
+
+
+def test_lm_corpora_are_local_large_and_distinct():
+    texts = {name: text.corpus(name) for name in text.CORPORA}
+    assert all(len(t) >= 200_000 for t in texts.values())
+    assert len(set(texts.values())) == len(texts)
+    assert "def " in texts["stdlib-a"] and "class " in texts["stdlib-b"]
+    assert "def " not in texts["pydoc-topics"][:2000] and " the " in texts["pydoc-topics"]
+    assert len(texts["stdlib-a"]) > len(charlm.corpus())  # more than char-lm's text
+    with pytest.raises(ValueError, match="Unknown corpus"):
+        text.corpus("nope")
+
+
+def test_lm_finetune_pretrains_once_with_adamw_on_another_text(pretraining_cache):
+    task = tasks.TASKS["lm-finetune"](2, 6)
+    assert task.pretrain_corpus != task.corpus and task.pretrain_corpus in text.CORPORA
+    assert task.preparation_steps() == 6
+    path = task.cache_path()
+    assert not path.exists()
+    task.prepare()
+    assert path.exists() and path.parent == pretraining_cache
+    first = task.model().state_dict()
+    fresh = task.timing_model().state_dict()
+    assert any(not torch.equal(first[k], fresh[k]) for k in first)  # pre-trained, not fresh
+    again = task.pretrain()  # the pre-training itself is deterministic
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    transformer_tasks.clear_memory()
+    loaded = tasks.TASKS["lm-finetune"](2, 6).model().state_dict()  # from the disk cache
+    assert all(torch.equal(first[k], loaded[k]) for k in first)
+    assert tasks.TASKS["lm-finetune"](2, 7).cache_path() != path  # steps are in the key
+
+
+def test_trainer_task_records_a_curve_like_the_suite_loop():
+    _needs("gpt-lm-trainer")
+    job = {"task": "gpt-lm-trainer", "seed": 0, "steps": 4, "optimizer": "adamw", "lr": 3e-3}
+    record = run.run_job({**job, "paths": {}, "backends": {}})
+    assert record["eval_steps"] == [0, 1, 2, 3, 4]
+    assert len(record["val_loss"]) == 5 and len(record["train_loss"]) == 4
+    assert record["val_loss"][-1] < record["val_loss"][0] and not record["diverged"]
+    assert record["optimizer_ms_median"] > 0
+    assert record["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)  # AdamW: 2 floats
+    again = run.run_job({**job, "paths": {}, "backends": {}})
+    assert again["val_loss"] == record["val_loss"]
+    # a diverging lr stops the Trainer at the diverged loss, counted with the initial loss
+    diverging = {**job, "steps": 40, "optimizer": "sgd", "lr": 1e3}
+    record = run.run_job({**diverging, "paths": {}, "backends": {}})
+    assert record["diverged"] and record["steps_done"] < 40
+    assert record["counted_final_val_loss"] == record["initial_val_loss"]
+
+
+# -- options --------------------------------------------------------------------------------------
+
+
+def _parse_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        options.parse(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_task_names_and_seed_counts_are_refused_clearly(capsys):
+    base = ["--optimizer", "x"]
+    assert "unknown task(s) 'nope'" in _parse_error([*base, "--tasks", "gpt-lm,nope"], capsys)
+    for bad in ("0", "-1", "two", "1.5"):
+        assert "needs a positive integer" in _parse_error([*base, "--seeds", bad], capsys)
+    assert "invalid choice" in _parse_error([*base, "--suite", "big"], capsys)
+    assert "not allowed with" in _parse_error([*base, "--suite", "all", "--tasks", "vit"], capsys)
+    assert "invalid choice" in _parse_error([*base, "--roles", "some"], capsys)
+    assert "unknown optimizer kind" in _parse_error([*base, "--kinds", "adam"], capsys)
+    with pytest.raises(ValueError, match="Unknown task: 'nope'"):
+        tasks.make("nope", 0, 10)
+    with pytest.raises(ValueError, match="seed count must be a positive integer"):
+        tasks.seeds_for("gpt-lm", 0, quick=False, default=2)
+    with pytest.raises(ValueError, match="Unknown task"):
+        tasks.seeds_for("nope", None, quick=False, default=2)
+
+
+def test_suites_seed_counts_and_roles_in_the_settings():
+    settings = options.settings(options.parse(["--optimizer", "x", "--suite", "transformers"]))
+    assert settings["tasks"] == TRANSFORMER_NAMES and settings["suite"] == "transformers"
+    assert all(seeds == [0, 1, 2] for seeds in settings["task_seeds"].values())
+    assert settings["roles"] == "auto" and settings["kinds"] == list(optimizers.KINDS)
+    classic = options.settings(options.parse(["--optimizer", "x", "--roles", "none"]))
+    assert classic["tasks"] == tasks.SUITES["classic"] and classic["roles"] == "none"
+    assert all(seeds == [0, 1] for seeds in classic["task_seeds"].values())
+    mixed = options.settings(options.parse(["--optimizer", "x", "--tasks", "cnn,vit"]))
+    assert mixed["task_seeds"] == {"cnn": [0, 1], "vit": [0, 1, 2]} and mixed["suite"] is None
+    one = options.settings(options.parse(["--optimizer", "x", "--suite", "all", "--seeds", "1"]))
+    assert all(seeds == [0] for seeds in one["task_seeds"].values())
+    quick = options.settings(options.parse(["--optimizer", "x", "--suite", "all", "--quick"]))
+    assert all(seeds == [0] for seeds in quick["task_seeds"].values())
+
+
+def test_learned_optimizer_gets_parameter_groups_with_roles(artifact, monkeypatch):
+    import compiledopt
+
+    model = tasks.TASKS["vit"](0, 8).model()
+    names = [n for n, _ in model.named_parameters()]
+    called = []
+
+    def param_groups(module):
+        called.append(module)
+        named = list(module.named_parameters())
+        return [
+            {
+                "params": [p for n, p in named if p.ndim >= 2],
+                "param_names": [n for n, p in named if p.ndim >= 2],
+                "role": "matrix",
+            },
+            {
+                "params": [p for n, p in named if p.ndim < 2],
+                "param_names": [n for n, p in named if p.ndim < 2],
+                "role": "vector",
+            },
+        ]
+
+    monkeypatch.setattr(compiledopt, "param_groups", param_groups, raising=False)
+    paths, backends = {"learned": artifact}, {"learned": "torchscript"}
+    optimizer = optimizers.build("learned", model, 1.0, paths, backends, roles="auto")
+    assert called == [model]
+    assert [g["role"] for g in optimizer.param_groups] == ["matrix", "vector"]
+    assert sorted(n for g in optimizer.param_groups for n in g["param_names"]) == sorted(names)
+    plain = optimizers.build("learned", model, 1.0, paths, backends, roles="none")
+    assert len(plain.param_groups) == 1  # one group, no role given (the optimizer's default)
+    assert plain.param_groups[0].get("role", "auto") == "auto"
+    assert len(called) == 1
+    adamw = optimizers.build("adamw", model, 1e-3, paths, backends, roles="auto")
+    assert len(adamw.param_groups) == 1 and len(called) == 1  # roles are for learned kinds
+    monkeypatch.delattr(compiledopt, "param_groups")
+    fallback = optimizers.build("learned", model, 1.0, paths, backends, roles="auto")
+    assert len(fallback.param_groups) == 1
+    with pytest.raises(ValueError, match="Unknown roles"):
+        optimizers.learned_params(model, "some")
+
+
+def test_lr_spread_and_costs_by_hand():
+    summaries = {
+        "a": {"tuned_lr": {"learned": 1e-3, "adamw": 1e-3}},
+        "b": {"tuned_lr": {"learned": 1e-1, "adamw": 1e-3}},
+    }
+    spread = analysis.lr_spread(summaries)
+    assert spread["learned"]["max_over_min"] == pytest.approx(100.0)
+    assert spread["learned"]["log10_std"] == pytest.approx(1.0)  # log10: -3 and -1
+    assert spread["adamw"]["max_over_min"] == 1.0 and spread["adamw"]["log10_std"] == 0.0
+    assert spread["learned"]["best_lr"] == {"a": 1e-3, "b": 1e-1}
+    table = {
+        "adamw": {
+            1e-3: {0: {"optimizer_ms_median": 1.0, "state_bytes_per_param": 8.0}},
+            3e-3: {0: {"optimizer_ms_median": 3.0, "state_bytes_per_param": 8.0}},
+            1e-2: {0: {"optimizer_ms_median": 2.0, "state_bytes_per_param": 8.0}},
+        },
+        "sgd": {1e-2: {0: {}}},  # an older record without costs
+    }
+    costs = analysis.costs(table)
+    assert costs["adamw"] == {"optimizer_ms_median": 2.0, "state_bytes_per_param": 8.0}
+    assert costs["sgd"] == {"optimizer_ms_median": None, "state_bytes_per_param": None}
+
+
+def test_quick_transformer_task_with_adamw_only_under_a_minute(tmp_path, capsys):
+    import time
+
+    prefix = tmp_path / "tf"
+    argv = ["--optimizer", "normalized-mlp", "--quick", "--tasks", "gpt-lm", "--kinds", "adamw"]
+    argv += ["--jobs", "1", "--output", str(prefix)]
+    begin = time.perf_counter()
+    assert runner.main(argv) == 0
+    assert time.perf_counter() - begin < 60
+    printed = capsys.readouterr().out
+    assert "spread of the best (tuned) lr" in printed and "AdamW 3e-3" in printed
+    doc = json.loads((tmp_path / "tf.json").read_text())
+    assert doc["settings"]["kinds"] == ["adamw"] and doc["settings"]["roles"] == "auto"
+    assert {r["optimizer"] for r in doc["runs"]} == {"adamw"}
+    assert sorted(r["lr"] for r in doc["runs"]) == [1e-3, 3e-3]
+    summary = doc["tasks"]["gpt-lm"]["summary_of_runs"]
+    assert {"adamw@default", "adamw@3e-3", "adamw@tuned"} <= set(summary["final_val_loss"])
+    assert summary["cost"]["adamw"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
+    assert doc["tasks"]["gpt-lm"]["params"] >= 1_000_000
+    assert doc["tasks"]["gpt-lm"]["corpus"] == "stdlib-a"
+    assert doc["lr_spread"]["adamw"]["tasks"] == 1
+    assert set(doc["stress"]) == {"adamw"}
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -283,13 +569,23 @@ def test_quick_run_writes_the_documented_json(artifact, tmp_path, capsys):
     for info in doc["tasks"].values():
         assert {"params", "steps", "validation_size", "summary_of_runs"} <= set(info)
         summary = info["summary_of_runs"]
-        assert {"learned@default", "learned@tuned", "adamw@default", "adamw@tuned"} <= set(
-            summary["final_val_loss"]
-        )
+        assert {
+            "learned@default",
+            "learned@tuned",
+            "adamw@default",
+            "adamw@3e-3",
+            "adamw@tuned",
+        } <= set(summary["final_val_loss"])
+        for kind in ("learned", "adamw"):
+            assert summary["cost"][kind]["optimizer_ms_median"] > 0
+            assert summary["cost"][kind]["state_bytes_per_param"] > 0
     runs = doc["runs"]
     assert len(runs) == 2 * 8  # 2 tasks x 4 kinds x 2 lrs x 1 seed
     for record in runs:
         assert {"eval_steps", "val_loss", "diverged", "counted_final_val_loss"} <= set(record)
+        assert {"optimizer_ms_median", "state_bytes_per_param"} <= set(record)
+    assert set(doc["lr_spread"]) == {"learned", "old", "adamw", "sgd"}
+    assert "spread of the best (tuned) lr" in printed and "AdamW 3e-3" in printed
     learned = doc["aggregates"]["learned"]
     for key in ("normalized_final_iqm", "normalized_final_geomean", "speedup_iqm"):
         assert set(learned[key]) == {"default", "tuned"}

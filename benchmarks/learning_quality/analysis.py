@@ -7,19 +7,29 @@ configuration (``learned@default``, ``learned@tuned`` and the same for ``old``) 
 normalised by the target, the steps it needs to reach the target (``None`` if never, or if it
 diverged) and the speed-up over tuned AdamW's own steps to that loss.
 
+Per task also each kind's costs (:func:`costs`: the median milliseconds of the optimizer's step
+alone and its state bytes per parameter element), and over tasks the spread of each kind's best
+lr (:func:`lr_spread`).
+
 Aggregates over tasks × seeds: the IQM and the geometric mean of the normalised final loss, the
 IQM of the speed-up; over tasks (final losses averaged over seeds): the fraction where the learned
 optimizer at its default lr beats AdamW at 1e-3, and the fraction where the tuned learned optimizer
 beats or ties (within 1e-3, relative) tuned AdamW.
 """
 
-from typing import Any, Dict, Iterable, List, Mapping, Sequence
+import math
+import statistics
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from benchmarks.learning_quality import metrics
 
 #: The learned kinds, each compared at its default and its tuned lr.
 LEARNED_KINDS = ("learned", "old")
 VARIANTS = ("default", "tuned")
+#: Untuned baselines reported beside each kind's default: label -> (kind, lr).
+EXTRA_BASELINES = {"adamw@3e-3": ("adamw", 3e-3)}
+#: Kinds whose best lr's spread across tasks is reported (:func:`lr_spread`).
+SPREAD_KINDS = ("learned", "old", "adamw", "sgd")
 
 Table = Dict[str, Dict[float, Dict[int, Dict[str, Any]]]]  # kind -> lr -> seed -> run
 
@@ -50,6 +60,9 @@ def summarize_task(
         if kind in default_lrs and default_lrs[kind] in table[kind]:
             configs[f"{kind}@default"] = (kind, default_lrs[kind])
         configs[f"{kind}@tuned"] = (kind, tuned[kind])
+    for label, (kind, lr) in EXTRA_BASELINES.items():
+        if kind in table and lr in table[kind]:
+            configs[label] = (kind, lr)
     final = {label: metrics.mean(_finals(table[k][lr])) for label, (k, lr) in configs.items()}
     per_seed = []
     for seed in seeds:
@@ -90,6 +103,7 @@ def summarize_task(
         "normalized": {},
         "speedup": {},
         "wins": {},
+        "cost": costs(table),
     }
     for kind in LEARNED_KINDS:
         for variant in VARIANTS:
@@ -110,10 +124,57 @@ def summarize_task(
 
 
 def summarize(
-    runs: Iterable[Mapping[str, Any]], seeds: Sequence[int], default_lrs: Mapping[str, float]
+    runs: Iterable[Mapping[str, Any]],
+    seeds: Union[Sequence[int], Mapping[str, Sequence[int]]],
+    default_lrs: Mapping[str, float],
 ) -> Dict[str, Dict[str, Any]]:
-    """Every task's summary, by task."""
-    return {task: summarize_task(table, seeds, default_lrs) for task, table in group(runs).items()}
+    """Every task's summary, by task (``seeds``: one list for every task, or task -> its list)."""
+    return {
+        task: summarize_task(
+            table, seeds[task] if isinstance(seeds, Mapping) else seeds, default_lrs
+        )
+        for task, table in group(runs).items()
+    }
+
+
+def _median(values: Iterable[Optional[float]]) -> Optional[float]:
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(kept) if kept else None
+
+
+def costs(table: Table) -> Dict[str, Dict[str, Optional[float]]]:
+    """Per kind, over all its runs of a task: the median of the runs' median milliseconds of one
+    ``optimizer.step()`` alone, and the median state bytes per parameter element (``None`` where
+    the runs did not record them)."""
+    result = {}
+    for kind, lrs in table.items():
+        runs = [run for by_seed in lrs.values() for run in by_seed.values()]
+        result[kind] = {
+            "optimizer_ms_median": _median(r.get("optimizer_ms_median") for r in runs),
+            "state_bytes_per_param": _median(r.get("state_bytes_per_param") for r in runs),
+        }
+    return result
+
+
+def lr_spread(summaries: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """How far each kind's best (tuned) lr moves across tasks: the best lr per task, the largest
+    over the smallest, and the population standard deviation of their log10 (0: one lr fits
+    every task; 1: a decade typical spread)."""
+    result: Dict[str, Any] = {}
+    for kind in SPREAD_KINDS:
+        best = {task: s["tuned_lr"][kind] for task, s in summaries.items() if kind in s["tuned_lr"]}
+        if not best:
+            continue
+        logs = [math.log10(lr) for lr in best.values()]
+        result[kind] = {
+            "best_lr": best,
+            "tasks": len(best),
+            "min": min(best.values()),
+            "max": max(best.values()),
+            "max_over_min": max(best.values()) / min(best.values()),
+            "log10_std": statistics.pstdev(logs) if len(logs) > 1 else 0.0,
+        }
+    return result
 
 
 def aggregate(

@@ -1,7 +1,7 @@
 """The task interface of the suite: :class:`Task`, and the helpers every task uses."""
 
 import zlib
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,13 @@ class Task:
     validation_size = 1024
     #: Import names the task needs beyond torch (checked before a run).
     needs: Tuple[str, ...] = ()
+    #: The fewest seeds of a full run (``--seeds`` not given): more than the suite's default
+    #: for tasks whose runs vary more between seeds.
+    min_seeds = 1
+    #: The named group of tasks (``--suite``) the task belongs to.
+    suite = "classic"
+    #: Whether the task trains through its own loop (:meth:`fit`) instead of the suite's.
+    custom_loop = False
 
     def __init__(self, seed: int, steps: int) -> None:
         self.seed = int(seed)
@@ -77,6 +84,25 @@ class Task:
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target)
+
+    def preparation_steps(self) -> int:
+        """Training steps :meth:`prepare` takes (for the time estimate; 0: none)."""
+        return 0
+
+    def timing_model(self) -> nn.Module:
+        """A model that costs what :meth:`model`'s does, without :meth:`prepare`'s work (the
+        time estimate runs before any preparation)."""
+        return self.model()
+
+    def prepare(self) -> None:
+        """One-off work a run needs before its model exists (pre-training), done once so that no
+        run is timed with it; a no-op unless the task has such work."""
+
+    def fit(self, model: nn.Module, optimizer: Any, scheduler: Any, recorder: Any) -> None:
+        """Train ``model`` for ``self.steps`` steps through the task's own loop (tasks with
+        :attr:`custom_loop`), reporting to ``recorder`` (a :class:`~benchmarks.learning_quality.
+        run.Recorder`) as the suite's loop does."""
+        raise NotImplementedError
 
     def describe(self) -> Dict[str, object]:
         """Sizes, for the report."""

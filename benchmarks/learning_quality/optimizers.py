@@ -7,8 +7,12 @@ Four kinds, each run at every lr of its sweep:
   manifest's) times :data:`LEARNED_FACTORS` (1 is the untuned default);
 * ``old``: the repository's earlier ``export/coordinate-mlp`` artifact at its manifest lr times
   :data:`OLD_FACTORS`;
-* ``adamw``: ``torch.optim.AdamW`` over :data:`ADAMW_LRS` (1e-3 is the untuned default);
+* ``adamw``: ``torch.optim.AdamW`` over :data:`ADAMW_LRS` (1e-3 is the untuned default, and
+  3e-3 a second untuned baseline reported beside it: :data:`ADAMW_UNTUNED_LRS`);
 * ``sgd``: ``torch.optim.SGD`` with momentum 0.9 over :data:`SGD_LRS`.
+
+The learned kinds get the model's parameter groups with roles (``compiledopt.param_groups``,
+where it exists) unless ``--roles none`` (:func:`learned_params`).
 
 Every run uses decoupled weight decay 0 and the same schedule (:func:`warmup_cosine`): a linear
 warm-up over the first 5% of the steps, then a cosine decay to 0, through
@@ -19,9 +23,10 @@ import functools
 import importlib
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -34,6 +39,8 @@ LABELS = {
 }
 ADAMW_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 ADAMW_DEFAULT_LR = 1e-3
+#: Untuned AdamW baselines reported for every task (the first is the default).
+ADAMW_UNTUNED_LRS = (1e-3, 3e-3)
 SGD_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 SGD_MOMENTUM = 0.9
 #: Multiples of the learned optimizer's default lr (with lr 1e-3: 3e-4, 1e-3, ..., 3e-2).
@@ -43,10 +50,13 @@ OLD_FACTORS = (0.3, 1.0, 3.0)
 QUICK_SWEEPS = {
     "learned": (1.0, 3.0),
     "old": (1.0, 0.3),
-    "adamw": (1e-3, 1e-2),
+    "adamw": (1e-3, 3e-3),
     "sgd": (1e-2, 1e-1),
 }
 WARMUP_FRACTION = 0.05
+#: ``--roles``: how the learned kinds get the parameters (see :func:`learned_params`).
+ROLES = ("auto", "none")
+DEFAULT_ROLES = "auto"
 #: The earlier learned optimizer of the repository, compared at its manifest lr.
 OLD_ARTIFACT = Path(__file__).resolve().parents[2] / "export" / "coordinate-mlp"
 
@@ -115,19 +125,41 @@ def schedule(optimizer: Optimizer, total: int) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: warmup_cosine(step, total))
 
 
+def learned_params(model: Union[nn.Module, Iterable[torch.Tensor]], roles: str) -> Any:
+    """What a learned optimizer is given: with ``roles="auto"`` and a model, the parameter groups
+    of ``compiledopt.param_groups(model)`` (dicts with ``params``, ``param_names`` and ``role``)
+    where compiledopt has that function; otherwise the plain parameters."""
+    if roles not in ROLES:
+        raise ValueError(f"Unknown roles: {roles!r} (one of {ROLES})")
+    if not isinstance(model, nn.Module):
+        return model
+    if roles == "auto":
+        import compiledopt
+
+        if hasattr(compiledopt, "param_groups"):
+            return compiledopt.param_groups(model)
+    return model.parameters()
+
+
 def build(
     kind: str,
-    params: Iterable[torch.Tensor],
+    model: Union[nn.Module, Iterable[torch.Tensor]],
     lr: float,
     paths: Dict[str, str],
     backends: Dict[str, str],
+    roles: str = DEFAULT_ROLES,
 ) -> Optimizer:
-    """An optimizer of ``kind`` at ``lr`` over ``params`` (weight decay 0).
+    """An optimizer of ``kind`` at ``lr`` over ``model``'s parameters (weight decay 0).
 
     Args:
+        model: the model (or its parameters): the learned kinds take it through
+            :func:`learned_params`, the others take ``model.parameters()``.
         paths: artifact folder of each learned kind (``learned``, ``old``).
         backends: FrozenOptimizer backend of each learned kind.
+        roles: ``auto`` (parameter groups with roles, where compiledopt builds them) or
+            ``none`` (plain parameters) for the learned kinds.
     """
+    params = model.parameters() if isinstance(model, nn.Module) else model
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if kind == "sgd":
@@ -135,8 +167,9 @@ def build(
     if kind in ("learned", "old"):
         from compiledopt.runtime import FrozenOptimizer
 
+        groups = learned_params(model, roles)
         return FrozenOptimizer(
-            params, artifact(paths[kind]), lr=lr, backend=backends[kind], weight_decay=0.0
+            groups, artifact(paths[kind]), lr=lr, backend=backends[kind], weight_decay=0.0
         )
     raise ValueError(f"Unknown optimizer kind: {kind!r} (one of {KINDS})")
 
@@ -176,7 +209,9 @@ def plan(learned_lr: float, old_lr: Optional[float], quick: bool) -> Dict[str, L
         result["old"] = sweep("old", old_lr, quick)
     result["adamw"] = sweep("adamw", None, quick)
     result["sgd"] = sweep("sgd", None, quick)
-    for kind, lr in defaults(learned_lr, old_lr).items():
+    wanted = [(kind, lr) for kind, lr in defaults(learned_lr, old_lr).items()]
+    wanted += [("adamw", lr) for lr in ADAMW_UNTUNED_LRS]
+    for kind, lr in wanted:
         if lr not in result[kind]:
             result[kind] = sorted([*result[kind], lr])
     return result

@@ -4,7 +4,7 @@ import argparse
 from typing import Any, Dict, List, Optional, Sequence
 
 from benchmarks.learning_quality import metrics, optimizers, run
-from benchmarks.learning_quality.tasks import TASKS
+from benchmarks.learning_quality.tasks import DEFAULT_SUITE, SUITES, TASKS, seeds_for
 
 DEFAULT_OUTPUT = "benchmarks/results/learning_quality"
 QUICK_OUTPUT = "benchmarks/results/quick/learning_quality"
@@ -21,6 +21,17 @@ def _task_list(text: str) -> List[str]:
             f"unknown task(s) {', '.join(unknown) or text!r}: choose from {', '.join(TASKS)}"
         )
     return [name for name in TASKS if name in names]  # the suite's order
+
+
+def _kind_list(text: str) -> List[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in optimizers.KINDS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimizer kind(s) {', '.join(unknown) or text!r}: choose from "
+            f"{', '.join(optimizers.KINDS)}"
+        )
+    return [kind for kind in optimizers.KINDS if kind in names]
 
 
 def _positive_int(text: str) -> int:
@@ -79,8 +90,32 @@ def parser() -> argparse.ArgumentParser:
         help="a dozen steps per task (24 for long-horizon), 2 lrs per sweep, 1 seed, a 3-step "
         "stress check: a smoke test of the whole pipeline",
     )
-    parser.add_argument(
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument(
         "--tasks", type=_task_list, default=None, help=f"comma-separated subset of {list(TASKS)}"
+    )
+    chosen.add_argument(
+        "--suite",
+        choices=list(SUITES),
+        default=None,
+        help=f"a named group of tasks: classic ({', '.join(SUITES['classic'])}), transformers "
+        f"({', '.join(SUITES['transformers'])}) or all (default: {DEFAULT_SUITE}; not with "
+        "--tasks)",
+    )
+    parser.add_argument(
+        "--kinds",
+        type=_kind_list,
+        default=list(optimizers.KINDS),
+        help="comma-separated optimizer kinds to run, of learned, old, adamw, sgd (default: all; "
+        "the learned optimizer's lr still comes from --optimizer)",
+    )
+    parser.add_argument(
+        "--roles",
+        choices=list(optimizers.ROLES),
+        default=optimizers.DEFAULT_ROLES,
+        help="how the learned optimizers get the parameters: auto, the parameter groups with "
+        "roles of compiledopt.param_groups(model) where compiledopt has it; none, plain "
+        f"model.parameters() (default: {optimizers.DEFAULT_ROLES})",
     )
     parser.add_argument(
         "--output",
@@ -92,8 +127,9 @@ def parser() -> argparse.ArgumentParser:
         "--seeds",
         type=_positive_int,
         default=None,
-        help=f"seeds per task: 0 .. N-1 (default: {DEFAULT_SEEDS}, 1 with --quick; each seed "
-        "adds about as much time again)",
+        help=f"seeds per task: 0 .. N-1 (default: {DEFAULT_SEEDS}, or a task's own minimum where "
+        "larger (3 for the transformer tasks); 1 with --quick; each seed adds about as much "
+        "time again)",
     )
     parser.add_argument(
         "--steps-scale",
@@ -127,15 +163,21 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
     """What the run does, resolved from the options."""
     output = args.output or (QUICK_OUTPUT if args.quick else DEFAULT_OUTPUT)
     old = None if args.old_optimizer.lower() == "none" else args.old_optimizer
+    names = args.tasks or SUITES[args.suite or DEFAULT_SUITE]
+    task_seeds = {name: seeds_for(name, args.seeds, args.quick, DEFAULT_SEEDS) for name in names}
     return {
         "optimizer": args.optimizer,
         "optimizer_lr": args.optimizer_lr,
         "old_optimizer": old,
         "backend": args.backend,
+        "roles": args.roles,
+        "kinds": args.kinds,
         "quick": args.quick,
-        "tasks": args.tasks or list(TASKS),
+        "suite": None if args.tasks else (args.suite or DEFAULT_SUITE),
+        "tasks": names,
         "output": output,
-        "seeds": list(range(args.seeds or (1 if args.quick else DEFAULT_SEEDS))),
+        "seeds": sorted({seed for seeds in task_seeds.values() for seed in seeds}),
+        "task_seeds": task_seeds,
         "steps_scale": args.steps_scale,
         "threads": args.threads,
         "jobs": args.jobs,

@@ -54,6 +54,9 @@ def write(doc: Dict[str, Any], prefix: str) -> List[str]:
     for axis, name in zip(axes.flat, names):
         summary = doc["tasks"][name]["summary_of_runs"]
         for label, legend, colour, style in CURVES:
+            kind, variant = label.split("@")
+            if kind not in summary["tuned_lr" if variant == "tuned" else "default_lr"]:
+                continue  # a kind not run (--kinds)
             record = _run(doc, name, label.split("@")[0], _lr(summary, label), seed)
             values = [v if isinstance(v, float) else math.nan for v in record["val_loss"]]
             axis.plot(
@@ -83,7 +86,7 @@ def write(doc: Dict[str, Any], prefix: str) -> List[str]:
         for variant in ("default", "tuned")
     ]
     figure, axis = plt.subplots(figsize=(max(7, 1.2 * len(names)), 4))
-    width = 0.8 / len(labels)
+    width = 0.8 / max(1, len(labels))
     for i, label in enumerate(labels):
         heights = [doc["tasks"][n]["summary_of_runs"]["normalized"].get(label) for n in names]
         heights = [h if isinstance(h, float) and math.isfinite(h) else math.nan for h in heights]
@@ -99,7 +102,8 @@ def write(doc: Dict[str, Any], prefix: str) -> List[str]:
     axis.set_xticks(range(len(names)), names, rotation=20)
     axis.set_ylabel("final loss / tuned AdamW's")
     axis.set_title("final validation loss / tuned AdamW's (below 1: better)")
-    axis.legend(fontsize=7)
+    if labels:
+        axis.legend(fontsize=7)
     figure.tight_layout()
     bars = base.with_name(base.name + "_normalized.png")
     figure.savefig(bars, dpi=110)

@@ -32,12 +32,14 @@ def main(argv: List[str] | None = None) -> int:
             f"(the sweep: {doc['sweeps']['learned']})\n",
         )
     defaults = {**doc["default_lrs"], "learned": args.learned_lr}
-    summaries = analysis.summarize(doc["runs"], doc["settings"]["seeds"], defaults)
+    seeds = doc["settings"].get("task_seeds") or doc["settings"]["seeds"]
+    summaries = analysis.summarize(doc["runs"], seeds, defaults)
     doc["default_lrs"] = defaults
     doc["optimizers"]["learned"]["default_lr"] = args.learned_lr
     for name, summary in summaries.items():
         doc["tasks"][name]["summary_of_runs"] = summary
     doc["aggregates"] = analysis.aggregate(summaries, doc["runs"])
+    doc["lr_spread"] = analysis.lr_spread(summaries)
     doc["notes"] = [
         *doc.get("notes", []),
         f"relabelled from {args.result}: the learned optimizer's default lr is "

@@ -7,13 +7,17 @@
 * ``optimizers`` (each learned kind's artifact path, name, manifest and default lr, backend),
   ``sweeps`` (kind -> lrs) and ``default_lrs``;
 * ``tasks``: per task its sizes (``params``, ``tensors``, ``batch_size``, ``validation_size``,
-  ``steps``, ``summary``) and ``summary_of_runs`` (:func:`~benchmarks.learning_quality.analysis.
-  summarize_task`: tuned lrs, final validation losses of each configuration, per-seed normalised
-  losses, steps and speed-ups, diverged lrs, wins);
+  ``steps``, ``summary``; the LM tasks add their corpus) and ``summary_of_runs``
+  (:func:`~benchmarks.learning_quality.analysis.summarize_task`: tuned lrs, final validation
+  losses of each configuration, untuned AdamW at 1e-3 and 3e-3 included, per-seed normalised
+  losses, steps and speed-ups, diverged lrs, wins, per-kind costs);
 * ``runs``: one record per run (task, seed, steps, optimizer, lr, the validation curve
   ``eval_steps``/``val_loss``, the mean training loss between evaluations ``train_loss``,
   initial/final/counted-final/min validation loss, ``diverged``, ``diverged_step``, ms per step,
-  seconds);
+  ``optimizer_ms_median`` (the median ms of ``optimizer.step()`` alone), ``state_bytes_per_param``
+  (the optimizer state's bytes over the parameter elements, at the end), seconds);
+* ``lr_spread`` (:func:`~benchmarks.learning_quality.analysis.lr_spread`: per kind, its best lr
+  on each task, their smallest, largest, ratio and the std of their log10);
 * ``aggregates`` (:func:`~benchmarks.learning_quality.analysis.aggregate`) and ``stress`` (per
   learned kind, and AdamW as the reference, per task: the loss-×1e6 and gradient-1e38 checks,
   pass or fail).
@@ -25,9 +29,9 @@ Non-finite numbers are written as the strings ``"inf"``, ``"-inf"`` and ``"nan"`
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from benchmarks.learning_quality import optimizers
+from benchmarks.learning_quality import analysis, optimizers
 
 SCHEMA = "compiledopt-bench-learning-quality/1"
 TOP_KEYS = (
@@ -41,6 +45,7 @@ TOP_KEYS = (
     "tasks",
     "runs",
     "aggregates",
+    "lr_spread",
     "stress",
     "notes",
     "estimated_s",
@@ -87,22 +92,32 @@ def plan_text(
     backends: Dict[str, str],
     per_run: Dict[Tuple[str, str], float],
     estimate: float,
+    seeds: Optional[Dict[str, List[int]]] = None,
+    preparing: float = 0.0,
 ) -> str:
     """What is about to run, with the estimated seconds of one run of each task and kind
-    (``per_run``) and of the whole run (``estimate``)."""
-    runs = len(names) * len(settings["seeds"]) * sum(len(v) for v in sweeps.values())
+    (``per_run``) and of the whole run (``estimate``, of which ``preparing`` is pre-training)."""
+    seeds = seeds or {name: settings["seeds"] for name in names}
+    configs = sum(len(v) for v in sweeps.values())
+    runs = sum(len(seeds[name]) for name in names) * configs
+    counts = sorted({len(seeds[name]) for name in names})
     lines = [
-        f"learning quality: {len(names)} tasks x {len(settings['seeds'])} seed(s) x "
-        f"{sum(len(v) for v in sweeps.values())} optimizer configurations = {runs} runs, "
-        f"{settings['jobs']} worker(s) x {settings['threads']} thread(s)",
+        f"learning quality: {len(names)} tasks x {'/'.join(map(str, counts))} seed(s) x "
+        f"{configs} optimizer configurations = {runs} runs, "
+        f"{settings['jobs']} worker(s) x {settings['threads']} thread(s), "
+        f"roles {settings.get('roles', optimizers.DEFAULT_ROLES)}",
     ]
     for kind, lrs in sweeps.items():
         where = f" ({paths[kind]}, {backends[kind]})" if kind in paths else ""
         lines.append(f"  {optimizers.LABELS[kind]}{where}: lr {', '.join(f'{x:g}' for x in lrs)}")
-    lines.append(f"  {'task':<13} {'steps':>6}  estimated seconds per run: " + ", ".join(sweeps))
+    lines.append(
+        f"  {'task':<15} {'steps':>6} {'seeds':>5}  estimated seconds per run: " + ", ".join(sweeps)
+    )
     for name in names:
         cells = ", ".join(f"{per_run[name, kind]:.1f}" for kind in sweeps)
-        lines.append(f"  {name:<13} {steps[name]:>6}  {cells}")
+        lines.append(f"  {name:<15} {steps[name]:>6} {len(seeds[name]):>5}  {cells}")
+    if preparing:
+        lines.append(f"pre-training before the runs: about {preparing / 60:.1f} min")
     lines.append(
         f"estimated wall time of the runs: {estimate / 60:.1f} min (from a few timed steps of "
         "each task and kind; more when other jobs load the CPUs)"
@@ -114,28 +129,59 @@ def tables(doc: Dict[str, Any]) -> str:
     """The final-loss table, the learned-vs-AdamW table, the aggregates and the stress check."""
     tasks = doc["tasks"]
     kinds = [k for k in optimizers.KINDS if k in doc["sweeps"]]
-    columns = [("adamw@default", "AdamW 1e-3"), ("adamw@tuned", "AdamW*")]
-    columns += [
-        ("sgd@tuned", "SGD*"),
+    columns = [
         ("learned@default", "learned"),
         ("learned@tuned", "learned*"),
+        ("adamw@tuned", "AdamW*"),
+        ("adamw@default", "AdamW 1e-3"),
+        ("adamw@3e-3", "AdamW 3e-3"),
+        ("sgd@tuned", "SGD*"),
     ]
     if "old" in kinds:
         columns += [("old@default", "old"), ("old@tuned", "old*")]
+    cost_kinds = [k for k in ("learned", "adamw") if k in kinds]
+    cost_titles = [f"ms {k[:5]}" for k in cost_kinds] + [f"B/p {k[:5]}" for k in cost_kinds]
+    task_seeds = doc["settings"].get("task_seeds") or {}
     lines = [
-        f"final validation loss (mean over {len(doc['settings']['seeds'])} seed(s); * = tuned, "
-        "lr below)",
-        f"  {'task':<13} {'steps':>6} {'params':>7} " + " ".join(f"{t:>10}" for _, t in columns),
+        "final validation loss (mean over the task's seeds; * = tuned, its lr below), and costs: "
+        "ms = median ms of one optimizer.step() alone, B/p = state bytes per parameter",
+        f"  {'task':<15} {'steps':>6} {'params':>8} {'seeds':>5} "
+        + " ".join(f"{t:>10}" for _, t in columns)
+        + " | "
+        + " ".join(f"{t:>9}" for t in cost_titles),
     ]
     for name, info in tasks.items():
         s = info["summary_of_runs"]
+        count = len(task_seeds.get(name, doc["settings"]["seeds"]))
         losses = " ".join(f" {_num(s['final_val_loss'].get(c))}" for c, _ in columns)
         tuned = " ".join(
-            f"{'':>10}" if not c.endswith("@tuned") else f"{s['tuned_lr'][c[:-6]]:>10.2g}"
+            f"{'':>10}"
+            if not c.endswith("@tuned") or c[:-6] not in s["tuned_lr"]
+            else f"{s['tuned_lr'][c[:-6]]:>10.2g}"
             for c, _ in columns
         )
-        lines.append(f"  {name:<13} {info['steps']:>6} {info['params']:>7} {losses}")
-        lines.append(f"  {'':<13} {'':>6} {'':>7} {tuned}")
+        cost = s.get("cost", {})
+        cells = [_num(cost.get(k, {}).get("optimizer_ms_median")) for k in cost_kinds]
+        cells += [_num(cost.get(k, {}).get("state_bytes_per_param")) for k in cost_kinds]
+        lines.append(
+            f"  {name:<15} {info['steps']:>6} {info['params']:>8} {count:>5} {losses} | "
+            + " ".join(cells)
+        )
+        lines.append(f"  {'':<15} {'':>6} {'':>8} {'':>5} {tuned}")
+    spread = doc.get("lr_spread") or analysis.lr_spread(
+        {name: info["summary_of_runs"] for name, info in tasks.items()}
+    )
+    lines.append("")
+    lines.append(
+        "spread of the best (tuned) lr across tasks: smallest, largest, largest / smallest, "
+        "population std of log10"
+    )
+    for kind, entry in spread.items():
+        lines.append(
+            f"  {optimizers.LABELS[kind]:<22} {entry['min']:>9.3g} {entry['max']:>9.3g} "
+            f"{entry['max_over_min']:>9.3g}x {entry['log10_std']:>7.3f}  over {entry['tasks']} "
+            "task(s)"
+        )
     lines.append("")
     learned_kinds = [k for k in ("learned", "old") if k in kinds]
     head = "  ".join(f"{k + ' ' + v:>16}" for k in learned_kinds for v in ("norm", "speed-up"))

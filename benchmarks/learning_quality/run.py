@@ -8,6 +8,7 @@ validation loss above 10× the initial one.
 """
 
 import math
+import statistics
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -44,70 +45,164 @@ def validation_loss(task: Task, model: nn.Module) -> float:
         return float(task.loss(model(inputs), target))
 
 
-def train(task: Task, model: nn.Module, optimizer: Any, steps: int) -> Dict[str, Any]:
-    """``steps`` steps of ``optimizer`` under the shared schedule; the curve and the flags."""
-    scheduler = optimizers.schedule(optimizer, steps)
-    points = set(evaluation_steps(steps))
-    initial = validation_loss(task, model)
-    eval_steps, val_loss, train_loss = [0], [initial], []
-    window: List[float] = []
-    first_train: Optional[float] = None
-    diverged_step: Optional[int] = None
-    step_seconds = eval_seconds = 0.0
-    for step in range(steps):
+class Recorder:
+    """The bookkeeping of one run, shared by the suite's loop (:func:`train`) and a task's own
+    (:meth:`~benchmarks.learning_quality.base.Task.fit`): the validation curve at
+    :func:`evaluation_steps`, the mean training loss between evaluations, the divergence rule,
+    the time of the steps and of the optimizer's steps alone.
+
+    A loop calls :meth:`loss` with each step's training loss before its backward pass (``True``:
+    the run diverged, stop without stepping) and :meth:`stepped` after the optimizer and the
+    scheduler stepped (``True``: stop).
+    """
+
+    def __init__(self, task: Task, model: nn.Module, steps: int) -> None:
+        self.task, self.model, self.steps = task, model, int(steps)
+        self.points = set(evaluation_steps(self.steps))
+        self.initial = validation_loss(task, model)
+        self.eval_steps, self.val_loss = [0], [self.initial]
+        self.train_loss: List[float] = []
+        self.window: List[float] = []
+        self.first_train: Optional[float] = None
+        self.diverged_step: Optional[int] = None
+        self.step_seconds = self.eval_seconds = 0.0
+        self.optimizer_seconds: List[float] = []
+        self._began = 0.0
+
+    def watch(self, optimizer: Any) -> List[Any]:
+        """Time every ``optimizer.step()`` alone (step pre- and post-hooks); the hooks' handles."""
+
+        def before(*_: Any) -> None:
+            self._began = time.perf_counter()
+
+        def after(*_: Any) -> None:
+            self.optimizer_seconds.append(time.perf_counter() - self._began)
+
+        return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+
+    def loss(self, step: int, value: float) -> bool:
+        """Record the training loss of ``step``; ``True`` when it marks divergence."""
+        self.first_train = value if self.first_train is None else self.first_train
+        if metrics.is_diverged(value, self.first_train):
+            self.diverged_step = step
+            return True
+        self.window.append(value)
+        return False
+
+    def stepped(self, step: int, seconds: float) -> bool:
+        """Step ``step`` (0-based) is done and took ``seconds``: measure the validation loss where
+        due; ``True`` when it diverged."""
+        self.step_seconds += seconds
+        if step + 1 not in self.points:
+            return False
         begin = time.perf_counter()
-        inputs, target = task.batch(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss = task.loss(model(inputs), target)
-        value = loss.item()
-        first_train = value if first_train is None else first_train
-        if metrics.is_diverged(value, first_train):
-            diverged_step = step
-            break
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step_seconds += time.perf_counter() - begin
-        window.append(value)
-        if step + 1 in points:
-            begin = time.perf_counter()
-            current = validation_loss(task, model)
-            eval_seconds += time.perf_counter() - begin
-            eval_steps.append(step + 1)
-            val_loss.append(current)
-            train_loss.append(metrics.mean(window))
-            window = []
-            if metrics.is_diverged(current, initial):
-                diverged_step = step + 1
-                break
-    diverged = diverged_step is not None
-    done = diverged_step if diverged else steps
-    return {
-        "eval_steps": eval_steps,
-        "val_loss": val_loss,
-        "train_loss": train_loss,
-        "initial_val_loss": initial,
-        "final_val_loss": val_loss[-1],
-        "counted_final_val_loss": metrics.counted_final(val_loss[-1], initial, diverged),
-        "min_val_loss": min((v for v in val_loss if math.isfinite(v)), default=math.nan),
-        "first_train_loss": first_train,
-        "diverged": diverged,
-        "diverged_step": diverged_step,
-        "steps_done": done,
-        "ms_per_step": 1000 * step_seconds / max(1, done),
-        "eval_seconds": eval_seconds,
-    }
+        current = validation_loss(self.task, self.model)
+        self.eval_seconds += time.perf_counter() - begin
+        self.eval_steps.append(step + 1)
+        self.val_loss.append(current)
+        self.train_loss.append(metrics.mean(self.window))
+        self.window = []
+        if metrics.is_diverged(current, self.initial):
+            self.diverged_step = step + 1
+            return True
+        return False
+
+    def result(self, optimizer: Any) -> Dict[str, Any]:
+        """The run's record (see :func:`train`)."""
+        diverged = self.diverged_step is not None
+        done = self.diverged_step if diverged else self.steps
+        val_loss = self.val_loss
+        return {
+            "eval_steps": self.eval_steps,
+            "val_loss": val_loss,
+            "train_loss": self.train_loss,
+            "initial_val_loss": self.initial,
+            "final_val_loss": val_loss[-1],
+            "counted_final_val_loss": metrics.counted_final(val_loss[-1], self.initial, diverged),
+            "min_val_loss": min((v for v in val_loss if math.isfinite(v)), default=math.nan),
+            "first_train_loss": self.first_train,
+            "diverged": diverged,
+            "diverged_step": self.diverged_step,
+            "steps_done": done,
+            "ms_per_step": 1000 * self.step_seconds / max(1, done),
+            "optimizer_ms_median": (
+                1000 * statistics.median(self.optimizer_seconds) if self.optimizer_seconds else None
+            ),
+            "state_bytes_per_param": state_bytes_per_param(optimizer),
+            "eval_seconds": self.eval_seconds,
+        }
+
+
+def state_bytes_per_param(optimizer: Any) -> float:
+    """Bytes of the optimizer's state tensors over the number of parameter elements."""
+    params = {id(p): p for group in optimizer.param_groups for p in group["params"]}
+    elements = sum(p.numel() for p in params.values())
+    stored = sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if torch.is_tensor(t)
+    )
+    return stored / max(1, elements)
+
+
+def train(task: Task, model: nn.Module, optimizer: Any, steps: int) -> Dict[str, Any]:
+    """``steps`` steps of ``optimizer`` under the shared schedule, through the suite's loop or
+    the task's own (:attr:`~benchmarks.learning_quality.base.Task.custom_loop`); the curve, the
+    flags and the costs (:class:`Recorder`)."""
+    scheduler = optimizers.schedule(optimizer, steps)
+    recorder = Recorder(task, model, steps)
+    handles = recorder.watch(optimizer)
+    try:
+        if task.custom_loop:
+            task.fit(model, optimizer, scheduler, recorder)
+        else:
+            for step in range(steps):
+                begin = time.perf_counter()
+                inputs, target = task.batch(step)
+                optimizer.zero_grad(set_to_none=True)
+                loss = task.loss(model(inputs), target)
+                if recorder.loss(step, loss.item()):
+                    break
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                if recorder.stepped(step, time.perf_counter() - begin):
+                    break
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorder.result(optimizer)
+
+
+def _optimizer(job: Dict[str, Any], model: nn.Module) -> Any:
+    return optimizers.build(
+        job["optimizer"],
+        model,
+        job["lr"],
+        job["paths"],
+        job["backends"],
+        roles=job.get("roles", optimizers.DEFAULT_ROLES),
+    )
+
+
+def prepare_task(name: str, seed: int, steps: int) -> str:
+    """A task's one-off work (:meth:`~benchmarks.learning_quality.base.Task.prepare`) in this
+    process; the task's name (for a pool's results)."""
+    tasks.make(name, seed, steps).prepare()
+    return name
 
 
 def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     """Run one job (``task``, ``seed``, ``steps``, ``optimizer``, ``lr``, ``paths``,
-    ``backends``) and return its record: the job's identity and :func:`train`'s result."""
-    begin = time.perf_counter()
+    ``backends``, optionally ``roles``) and return its record: the job's identity and
+    :func:`train`'s result. ``seconds`` counts from the model's construction (a task's
+    :meth:`~benchmarks.learning_quality.base.Task.prepare` is not in it)."""
     task = tasks.make(job["task"], job["seed"], job["steps"])
+    task.prepare()  # loads what the runner prepared (pre-training) before the clock starts
+    begin = time.perf_counter()
     model = task.model()
-    optimizer = optimizers.build(
-        job["optimizer"], model.parameters(), job["lr"], job["paths"], job["backends"]
-    )
+    optimizer = _optimizer(job, model)
     record = train(task, model, optimizer, job["steps"])
     identity = {key: job[key] for key in ("task", "seed", "steps", "optimizer", "lr")}
     return {**identity, **record, "seconds": time.perf_counter() - begin}
@@ -115,13 +210,13 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
 
 def time_job(job: Dict[str, Any], reps: int = 3) -> Tuple[float, float, float]:
     """Seconds of ``job``'s set-up (model, optimizer and first step), per later step (the
-    fastest of ``reps``) and per validation: the basis of the up-front estimate."""
-    begin = time.perf_counter()
+    fastest of ``reps``) and per validation: the basis of the up-front estimate. Timed on the
+    task's :meth:`~benchmarks.learning_quality.base.Task.timing_model` in the suite's loop (no
+    pre-training; a task with its own loop is timed in this one too)."""
     task = tasks.make(job["task"], job["seed"], job["steps"])
-    model = task.model()
-    optimizer = optimizers.build(
-        job["optimizer"], model.parameters(), job["lr"], job["paths"], job["backends"]
-    )
+    begin = time.perf_counter()
+    model = task.timing_model()
+    optimizer = _optimizer(job, model)
     times = []
     for step in range(reps + 1):
         inputs, target = task.batch(step)
@@ -146,6 +241,7 @@ def stress(
     backends: Dict[str, str],
     steps: int,
     seed: int = 0,
+    roles: str = optimizers.DEFAULT_ROLES,
 ) -> Dict[str, Any]:
     """The stress check of optimizer ``kind`` on ``task_name``: ``steps`` steps at a constant
     ``lr`` with the loss scaled by 1e6, and ``steps`` steps with every gradient rescaled so that
@@ -156,7 +252,7 @@ def stress(
         task = tasks.make(task_name, seed, steps)
         model = task.model()
         params = list(model.parameters())
-        optimizer = optimizers.build(kind, params, lr, paths, backends)
+        optimizer = optimizers.build(kind, model, lr, paths, backends, roles=roles)
         bad_step: Optional[int] = None
         for step in range(steps):
             inputs, target = task.batch(step)

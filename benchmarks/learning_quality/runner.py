@@ -38,13 +38,14 @@ def missing_requirements(names: Sequence[str]) -> Dict[str, str]:
 
 def make_jobs(
     names: Sequence[str],
-    seeds: Sequence[int],
+    seeds: Dict[str, List[int]],
     sweeps: Dict[str, List[float]],
     steps: Dict[str, int],
     paths: Dict[str, str],
     backends: Dict[str, str],
+    roles: str = optimizers.DEFAULT_ROLES,
 ) -> List[Dict[str, Any]]:
-    """One job per task, seed, kind and lr."""
+    """One job per task, seed (``seeds``: task -> its seeds), kind and lr."""
     return [
         {
             "task": name,
@@ -54,12 +55,50 @@ def make_jobs(
             "lr": lr,
             "paths": paths,
             "backends": backends,
+            "roles": roles,
         }
         for name in names
         for kind, lrs in sweeps.items()
         for lr in lrs
-        for seed in seeds
+        for seed in seeds[name]
     ]
+
+
+def preparations(
+    names: Sequence[str], seeds: Dict[str, List[int]], steps: Dict[str, int]
+) -> List[Tuple[str, int, int]]:
+    """``(task, seed, steps)`` of every task and seed with one-off work (pre-training)."""
+    return [
+        (name, seed, steps[name])
+        for name in names
+        if tasks.make(name, 0, steps[name]).preparation_steps() > 0
+        for seed in seeds[name]
+    ]
+
+
+def prepare(todo: List[Tuple[str, int, int]], workers: int, threads: int) -> None:
+    """Do every task's one-off work (:func:`~benchmarks.learning_quality.run.prepare_task`) before
+    any run, in ``workers`` processes (``1``: this one); its results stay in memory and in the
+    task's disk cache for the runs."""
+    if not todo:
+        return
+    bar = tqdm(total=len(todo), desc="preparing (pre-training)", unit="task")
+    if workers == 1 or len(todo) == 1:
+        for item in todo:
+            run.prepare_task(*item)
+            bar.update(1)
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            min(workers, len(todo)),
+            mp_context=context,
+            initializer=run.init_worker,
+            initargs=(threads,),
+        ) as pool:
+            for future in as_completed([pool.submit(run.prepare_task, *item) for item in todo]):
+                future.result()
+                bar.update(1)
+    bar.close()
 
 
 def calibrate(
@@ -78,7 +117,7 @@ def calibrate(
         job = {"task": names[0], "seed": 0, "steps": steps[names[0]], "optimizer": kind}
         run.time_job({**job, "lr": lr, "paths": paths, "backends": backends}, reps=1)
     for name in names:
-        tasks.make(name, 0, steps[name]).model()  # data and any pre-training, once per process
+        tasks.make(name, 0, steps[name]).timing_model()  # the data, once per process
         for kind in kinds:
             lr = defaults.get(kind, _TIMING_LRS.get(kind, 1e-3))
             job = {"task": name, "seed": 0, "steps": steps[name], "optimizer": kind, "lr": lr}
@@ -158,36 +197,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not names:
         raise SystemExit("no task can run: " + "; ".join(notes))
     steps = {n: tasks.steps_for(n, settings["quick"], settings["steps_scale"]) for n in names}
-    sweeps = optimizers.plan(learned_lr, old_lr, settings["quick"])
+    kinds = settings["kinds"]
+    planned = optimizers.plan(learned_lr, old_lr, settings["quick"])
+    sweeps = {kind: lrs for kind, lrs in planned.items() if kind in kinds}
+    if not sweeps:
+        raise SystemExit("no optimizer kind to run: " + ", ".join(kinds) + " (see notes)")
     defaults = optimizers.defaults(learned_lr, old_lr)
-    jobs = make_jobs(names, settings["seeds"], sweeps, steps, paths, backends)
+    paths = {kind: path for kind, path in paths.items() if kind in sweeps}
+    seeds = {name: settings["task_seeds"][name] for name in names}
+    roles = settings["roles"]
+    jobs = make_jobs(names, seeds, sweeps, steps, paths, backends, roles)
 
     costs = calibrate(names, list(sweeps), steps, defaults, paths, backends)
     seconds = [job_seconds(job, costs) for job in jobs]
     workers = min(settings["jobs"], len(jobs))
-    estimate = makespan(seconds, workers) + (_WORKER_START_S if workers > 1 else 0.0)
+    todo = preparations(names, seeds, steps)
+    preparing = makespan(
+        [
+            costs[name, "adamw"][1] * tasks.make(name, s, n).preparation_steps()
+            for name, s, n in todo
+        ],
+        min(settings["jobs"], max(1, len(todo))),
+    )
+    estimate = makespan(seconds, workers) + preparing + (_WORKER_START_S if workers > 1 else 0.0)
     per_run = {
         (n, kind): job_seconds({"task": n, "optimizer": kind, "steps": steps[n]}, costs)
         for n in names
         for kind in sweeps
     }
-    print(report.plan_text(names, steps, sweeps, settings, paths, backends, per_run, estimate))
+    print(
+        report.plan_text(
+            names, steps, sweeps, settings, paths, backends, per_run, estimate, seeds, preparing
+        )
+    )
     for note in notes:
         print(f"note: {note}")
     sys.stdout.flush()
     if settings["estimate_only"]:
         return 0
 
+    prepare(todo, settings["jobs"], settings["threads"])
     records = execute(jobs, seconds, workers, settings["threads"])
     stress = {
         kind: [
-            run.stress(kind, name, defaults[kind], paths, backends, settings["stress_steps"])
+            run.stress(
+                kind, name, defaults[kind], paths, backends, settings["stress_steps"], roles=roles
+            )
             for name in run.STRESS_TASKS
             if name in tasks.TASKS
         ]
         for kind in (*paths, "adamw")  # AdamW: the reference that passes
     }
-    summaries = analysis.summarize(records, settings["seeds"], defaults)
+    summaries = analysis.summarize(records, seeds, defaults)
     doc = {
         "schema": report.SCHEMA,
         "command": shlex.join(
@@ -218,6 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         },
         "runs": records,
         "aggregates": analysis.aggregate(summaries, records),
+        "lr_spread": analysis.lr_spread(summaries),
         "stress": stress,
         "notes": notes,
         "estimated_s": estimate,

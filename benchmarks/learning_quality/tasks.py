@@ -15,7 +15,7 @@ set (never a training example: generated from separate random streams, or a disj
 import copy
 import functools
 import math
-from typing import Dict, List, Type
+from typing import Dict, List, Optional, Type
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from benchmarks.learning_quality.base import DATA_STREAM, Batch, Task, mlp
 from benchmarks.learning_quality.charlm import CharLM
+from benchmarks.learning_quality.hf_trainer import GPTLMTrainer
+from benchmarks.learning_quality.transformer_tasks import GPTLM, GPTLMRMS, LMFinetune, ShapesViT
 
 # -- a CNN on 16×16 shapes ------------------------------------------------------------------------
 
@@ -252,7 +254,9 @@ class DeepMLP(Task):
         return x, labels
 
 
-#: Every task by name, in report order.
+#: Every task by name, in report order: the classic suite, then the transformer suite
+#: (:mod:`~benchmarks.learning_quality.transformer_tasks`, :mod:`~benchmarks.learning_quality.
+#: hf_trainer`).
 TASKS: Dict[str, Type[Task]] = {
     task.name: task
     for task in (
@@ -264,8 +268,20 @@ TASKS: Dict[str, Type[Task]] = {
         Finetune,
         DeepMLP,
         LongHorizon,
+        GPTLM,
+        GPTLMRMS,
+        GPTLMTrainer,
+        ShapesViT,
+        LMFinetune,
     )
 }
+#: ``--suite``: named groups of tasks (``all``: every task).
+SUITES: Dict[str, List[str]] = {
+    "classic": [name for name, task in TASKS.items() if task.suite == "classic"],
+    "transformers": [name for name, task in TASKS.items() if task.suite == "transformers"],
+    "all": list(TASKS),
+}
+DEFAULT_SUITE = "classic"
 
 
 def steps_for(name: str, quick: bool, scale: float = 1.0) -> int:
@@ -280,3 +296,15 @@ def make(name: str, seed: int, steps: int) -> Task:
     if name not in TASKS:
         raise ValueError(f"Unknown task: {name!r} (choose from {', '.join(TASKS)})")
     return TASKS[name](seed, steps)
+
+
+def seeds_for(name: str, requested: Optional[int], quick: bool, default: int) -> List[int]:
+    """The seeds task ``name`` runs with: ``0 .. n-1`` where ``n`` is ``requested`` when given,
+    1 with ``quick``, else the larger of ``default`` and the task's ``min_seeds``."""
+    if name not in TASKS:
+        raise ValueError(f"Unknown task: {name!r} (choose from {', '.join(TASKS)})")
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"the seed count must be a positive integer, got {requested!r}")
+        return list(range(requested))
+    return list(range(1 if quick else max(default, TASKS[name].min_seeds)))
