@@ -457,6 +457,10 @@ def test_a_corrupt_torchscript_archive_is_an_artifact_error(artifact):
 
 
 def _rng_states():
+    """The CPU generator's state and, where there is a GPU, every CUDA device's (CUDA is
+    initialised first, so that the loader's CUDA branch is the one under test there)."""
+    if torch.cuda.is_available():
+        torch.cuda.init()
     states = [torch.get_rng_state()]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states.extend(torch.cuda.get_rng_state_all())
