@@ -1,0 +1,86 @@
+"""The keywords of ``torch.optim.AdamW`` that ``FrozenOptimizer`` takes so AdamW code carries
+over: each is honoured with AdamW's meaning or refused with a message saying why and what to use.
+
+=================  ==========================================================================
+keyword            in ``FrozenOptimizer``
+=================  ==========================================================================
+``lr``             honoured: the size of an update (default: the artifact's recommended lr)
+``weight_decay``   honoured: decoupled, ``p ← p − lr·wd·p`` as AdamW's
+``maximize``       honoured: the rule sees the negated gradient (a per-group entry)
+``foreach``        accepted, no effect: the update is always applied with foreach ops
+``fused``          ``True`` asks for the ``compiled`` backend (the rule fused by Inductor);
+                   ``None``/``False`` leave the choice to ``backend``
+``betas``, ``eps`` refused: the learned rule's decays and epsilon are part of the artifact
+``amsgrad``        ``False`` accepted; ``True`` refused (no second-moment maximum to keep)
+``capturable``     ``False`` accepted; ``True`` refused (a step reads finiteness flags on the
+                   host unless ``nonfinite="ignore"``; CUDA-graph capture is not supported)
+``differentiable`` ``False`` accepted; ``True`` refused (use the transform's ``update``, or
+                   ``compiledopt.optim.LearnableOptimizer``, for differentiable steps)
+=================  ==========================================================================
+"""
+
+from typing import Any, Optional
+
+__all__ = ["backend_for_keywords"]
+
+
+def backend_for_keywords(
+    backend: str,
+    *,
+    betas: Any = None,
+    eps: Any = None,
+    amsgrad: Any = False,
+    foreach: Any = None,
+    fused: Any = None,
+    capturable: Any = False,
+    differentiable: Any = False,
+) -> str:
+    """``backend`` after AdamW's implementation keywords (see the module doc): ``"compiled"``
+    for ``fused=True`` with ``backend="auto"``; ``ValueError`` for a keyword FrozenOptimizer
+    cannot honour, naming it and saying what to use instead."""
+    if betas is not None:
+        raise ValueError(
+            f"Invalid betas: {betas!r}: FrozenOptimizer has no betas; the learned rule's "
+            "decays are part of the artifact (compiledopt inspect ARTIFACT lists them); pass "
+            "lr and weight_decay, or meta-train a rule with other decays"
+        )
+    if eps is not None:
+        raise ValueError(
+            f"Invalid eps: {eps!r}: FrozenOptimizer has no eps; the learned rule's epsilon is "
+            "part of the artifact (compiledopt inspect ARTIFACT lists it)"
+        )
+    for name, value, why in (
+        ("amsgrad", amsgrad, "the learned rule keeps no second-moment maximum"),
+        (
+            "capturable",
+            capturable,
+            "a step reads its finiteness flags on the host unless nonfinite='ignore', and "
+            "CUDA-graph capture of a step is not supported",
+        ),
+        (
+            "differentiable",
+            differentiable,
+            "the step runs under no_grad; for differentiable updates call the transform's "
+            "update() or use compiledopt.optim.LearnableOptimizer",
+        ),
+    ):
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}: {value!r} (a bool)")
+        if value:
+            raise ValueError(f"Invalid {name}: True: {why}")
+    if foreach is not None and not isinstance(foreach, bool):
+        raise ValueError(f"Invalid foreach: {foreach!r} (None or a bool)")
+    return _fused_backend(backend, fused)
+
+
+def _fused_backend(backend: str, fused: Optional[Any]) -> str:
+    if fused is None or fused is False:
+        return backend
+    if fused is not True:
+        raise ValueError(f"Invalid fused: {fused!r} (None or a bool)")
+    if backend in ("auto", "compiled"):
+        return "compiled"
+    raise ValueError(
+        f"Invalid fused: True with backend {backend!r}: fused=True asks for the compiled "
+        "backend (the rule fused by torch.compile); pass one of them, not both"
+    )
