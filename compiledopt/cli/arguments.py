@@ -27,6 +27,7 @@ __all__ = [
     "non_negative_int",
     "positive_float",
     "positive_int",
+    "positive_int_up_to",
     "random_seed",
 ]
 
@@ -48,6 +49,17 @@ def _integer(text: str, minimum: int, kind: str, limit: Optional[int] = None) ->
 def positive_int(text: str) -> int:
     """argparse type: a positive integer, or an error naming the value."""
     return _integer(text, 1, "a positive integer")
+
+
+def positive_int_up_to(limit: int) -> Callable[[str], int]:
+    """argparse type: an integer in ``[1, limit]``, or an error naming the value (a count of
+    steps or repeats beyond ``limit`` would run for days or exhaust memory, not finish)."""
+
+    def count(text: str) -> int:
+        return _integer(text, 1, f"an integer in [1, {limit:,}]", limit + 1)
+
+    count.__name__ = f"integer up to {limit}"
+    return count
 
 
 def non_negative_int(text: str) -> int:

@@ -14,10 +14,18 @@ import os
 from pathlib import Path
 from typing import List, TextIO
 
-from compiledopt.cli.arguments import check_output_file, comma_list, positive_int
+from compiledopt.cli.arguments import (
+    check_output_file,
+    comma_list,
+    positive_int,
+    positive_int_up_to,
+)
 from compiledopt.cli.trust import add_trust_options
 
-__all__ = ["MODELS", "add_parser", "run"]
+__all__ = ["MAX_REPEATS", "MODELS", "add_parser", "run"]
+
+#: The most ``--repeats`` and ``--warmup`` steps (each a full optimizer step of the model).
+MAX_REPEATS = 100_000
 
 #: The built-in models of ``--model`` (:func:`compiledopt.bench.example_model`).
 MODELS = ("mlp", "convnet", "transformer")
@@ -80,10 +88,16 @@ def add_parser(
         help="comma-separated thread counts (default: 1 and all cores)",
     )
     parser.add_argument(
-        "--repeats", type=positive_int, default=20, help="timed steps per backend (default: 20)"
+        "--repeats",
+        type=positive_int_up_to(MAX_REPEATS),
+        default=20,
+        help=f"timed steps per backend, at most {MAX_REPEATS:,} (default: 20)",
     )
     parser.add_argument(
-        "--warmup", type=positive_int, default=3, help="warm-up steps before timing (default: 3)"
+        "--warmup",
+        type=positive_int_up_to(MAX_REPEATS),
+        default=3,
+        help=f"warm-up steps before timing, at most {MAX_REPEATS:,} (default: 3)",
     )
     parser.add_argument(
         "--json",

@@ -3,7 +3,9 @@
 
 import argparse
 import json
-from typing import TextIO
+from typing import Any, TextIO
+
+from compiledopt.cli.text import printable
 
 __all__ = ["add_parser", "run"]
 
@@ -29,7 +31,9 @@ def add_parser(
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    """The ``inspect`` command: load (and so verify the checksums of) the artifact; summarise it."""
+    """The ``inspect`` command: load (and so verify the checksums of) the artifact; summarise it.
+    Every string that comes from the manifest is printed through
+    :func:`~compiledopt.cli.text.printable`: an artifact cannot print control sequences."""
     from compiledopt import pretrained
     from compiledopt.export import load_artifact
 
@@ -41,24 +45,34 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         raise ValueError("name an artifact directory or a packaged optimizer, or pass --list")
     artifact = load_artifact(pretrained.resolve(args.artifact))
     m = artifact.manifest
-    print(f"{artifact.path}: compiledopt artifact, format version {m['format_version']}", file=out)
-    print(f"  transform  {json.dumps(m['transform'])}", file=out)
-    print(f"  kind       {m['kind']} ({m['dtype']}), suggested lr {m['lr']:g}", file=out)
+
+    def show(value: Any) -> str:  # every string from the artifact, escaped (newlines too)
+        return printable(value)
+
+    def shape(value: Any) -> str:
+        return show(tuple(value))
+
+    path = show(artifact.path)
+    print(f"{path}: compiledopt artifact, format version {show(m['format_version'])}", file=out)
+    print(f"  transform  {show(json.dumps(m['transform']))}", file=out)
+    kind = f"{show(m['kind'])} ({show(m['dtype'])})"
+    print(f"  kind       {kind}, suggested lr {m['lr']:g}", file=out)
     if artifact.kind == "bound":
         print(f"  bindings   {len(artifact.bindings)} parameters", file=out)
         for b in artifact.bindings:
-            state = ", ".join(f"{s['name']}{tuple(s['shape'])}" for s in b["state"]) or "-"
-            print(f"    {b['name']:<24} {tuple(b['shape'])!s:<18} state: {state}", file=out)
+            state = ", ".join(f"{show(s['name'])}{shape(s['shape'])}" for s in b["state"]) or "-"
+            print(f"    {show(b['name']):<24} {shape(b['shape']):<18} state: {state}", file=out)
     else:
-        print(f"  ranks      {m['ranks']}", file=out)
-        print(f"  state      {', '.join(m['state_names']) or '-'} (per parameter)", file=out)
+        print(f"  ranks      {show(m['ranks'])}", file=out)
+        names = ", ".join(show(name) for name in m["state_names"]) or "-"
+        print(f"  state      {names} (per parameter)", file=out)
     for backend, files in m["backends"].items():
-        print(f"  {backend:<10} {', '.join(files)}", file=out)
+        print(f"  {show(backend):<10} {', '.join(show(f) for f in files)}", file=out)
     if artifact.training:
-        print(f"  training   {pretrained.summary(artifact.training, m['lr'])}", file=out)
+        print(f"  training   {show(pretrained.summary(artifact.training, m['lr']))}", file=out)
         for key, value in artifact.training.items():
-            print(f"    {key:<22} {json.dumps(value)}", file=out)
-    producer = ", ".join(f"{k} {v}" for k, v in m["producer"].items())
+            print(f"    {show(key):<22} {show(json.dumps(value))}", file=out)
+    producer = ", ".join(f"{show(k)} {show(v)}" for k, v in m["producer"].items())
     print(f"  producer   {producer}", file=out)
     print("  checksums  verified (sha256 of every file)", file=out)
     return 0

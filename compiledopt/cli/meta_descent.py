@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
 from compiledopt._validation import check_lr
-from compiledopt.cli.arguments import positive_int, random_seed
+from compiledopt.cli.arguments import positive_int_up_to, random_seed
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_STEPS", "TRANSFORMS", "DemoTransform", "add_parser", "run", "run_demo"]
 
 DEFAULT_STEPS = 500
+#: The most ``--steps`` the command takes (each a training step of both optimizers).
+MAX_STEPS = 1_000_000
 
 # The synthetic task: sizes, input scales and label noise.
 _INPUTS = 8
@@ -375,9 +377,9 @@ def add_parser(
     )
     parser.add_argument(
         "--steps",
-        type=positive_int,
+        type=positive_int_up_to(MAX_STEPS),
         default=DEFAULT_STEPS,
-        help=f"training steps of each optimizer (default: {DEFAULT_STEPS})",
+        help=f"training steps of each optimizer, at most {MAX_STEPS:,} (default: {DEFAULT_STEPS})",
     )
     parser.add_argument(
         "--seed",

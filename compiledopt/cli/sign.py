@@ -28,13 +28,15 @@ def add_parser(
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    """The ``sign`` command: the key, the artifact and every file's checksum, then the signature."""
-    from compiledopt.export import load_artifact, signing
+    """The ``sign`` command: the key, then the artifact: its manifest read once, every file's
+    checksum checked against those bytes, and those same bytes signed
+    (:func:`compiledopt.export.signing.sign_artifact`), so a file changed since the export, or
+    while signing, is never signed."""
+    from compiledopt.export import signing
 
     if not os.path.isdir(args.artifact):
         raise NotADirectoryError(f"{args.artifact}: not an artifact directory")
     check_private_key(args.key, "--key")
-    load_artifact(args.artifact)  # hashes every file: one changed since the export is refused
     check_work_directory(args.artifact, "artifact")
     key = signing.sign_artifact(args.artifact, args.key)
     print(f"signed {args.artifact} with key {key} (signature.json)", file=out)

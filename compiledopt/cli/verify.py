@@ -1,12 +1,17 @@
 """The ``compiledopt verify`` command: every backend of an artifact against the eager reference."""
 
 import argparse
+import math
 from typing import TextIO
 
-from compiledopt.cli.arguments import positive_float, positive_int, random_seed
+from compiledopt.cli.arguments import positive_float, positive_int_up_to, random_seed
 from compiledopt.cli.trust import add_trust_options
 
-__all__ = ["add_parser", "run"]
+__all__ = ["MAX_STEPS", "add_parser", "run"]
+
+#: The most ``--steps`` (``compiledopt.export.verify.MAX_STEPS``, not imported here: command
+#: modules import only light modules at their top level).
+MAX_STEPS = 100_000
 
 
 def add_parser(
@@ -20,12 +25,18 @@ def add_parser(
         "from its weights, over several steps with state carried; exit 1 above --tolerance.",
     )
     parser.add_argument("artifact", help="an artifact directory or a packaged optimizer's name")
-    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument(
+        "--steps",
+        type=positive_int_up_to(MAX_STEPS),
+        default=10,
+        help=f"steps replayed, with state carried, in [1, {MAX_STEPS:,}] (default: 10)",
+    )
     parser.add_argument(
         "--tolerance",
         type=positive_float,
         default=1e-6,
-        help="largest relative error accepted (default: 1e-6)",
+        help="largest relative error accepted (default: 1e-6); a NaN or infinite direction, "
+        "from a backend or from the reference, always fails",
     )
     parser.add_argument("--seed", type=random_seed, default=0, help="in [0, 2**31) (default: 0)")
     add_trust_options(parser)
@@ -36,11 +47,14 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``verify`` command: per-backend max relative error; 1 if any exceeds the tolerance.
     Graphs that are code are run only from a trusted artifact (``--trust-code``, a signature by
     a ``--trusted-key``, or a packaged optimizer); the others are listed as not run, and an
-    artifact of which no backend could run fails (exit 1): nothing was verified."""
+    artifact of which no backend could run fails (exit 1): nothing was verified. A backend
+    whose directions (or the reference's) are not finite fails whatever the tolerance; a bound
+    artifact too large to replay is refused before anything is allocated."""
     from compiledopt.cli.trust import open_trusted
-    from compiledopt.export.verify import verify_artifact
+    from compiledopt.export.verify import check_probe_size, verify_artifact
 
     artifact = open_trusted(args)
+    check_probe_size(artifact)
     skipped = [b for b in artifact.backends if not artifact.may_load(b)]
     errors = verify_artifact(artifact, steps=args.steps, seed=args.seed)
     print(
@@ -49,9 +63,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     print(f"  {'backend':<12} {'max rel error':>14}  result", file=out)
     failed = False
     for backend, error in errors.items():
-        ok = error <= args.tolerance
+        ok = math.isfinite(error) and error <= args.tolerance
         failed |= not ok
-        print(f"  {backend:<12} {error:>14.3g}  {'ok' if ok else 'FAIL'}", file=out)
+        result = "ok" if ok else "FAIL"
+        if not math.isfinite(error):
+            result += ": non-finite directions (NaN or inf, from it or from the reference)"
+        print(f"  {backend:<12} {error:>14.3g}  {result}", file=out)
     for backend in skipped:
         note = "not run: code, from an artifact not trusted (--trust-code, --trusted-key)"
         print(f"  {backend:<12} {'-':>14}  {note}", file=out)

@@ -15,6 +15,7 @@ Ed25519 keys (``openssl genpkey -algorithm ed25519``). The cryptography comes fr
 (``pip install compiledopt[signing]``); nothing else in compiledopt needs it.
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -128,15 +129,25 @@ def load_private_key(path: "str | os.PathLike") -> Any:
 
 def sign_artifact(directory: "str | os.PathLike", private_key: "str | os.PathLike") -> str:
     """Sign the artifact in ``directory`` with the Ed25519 private key in the PEM file
-    ``private_key``: writes (atomically) ``signature.json`` over the manifest's current bytes and
-    returns the key's fingerprint. Sign after the artifact is complete; any later change to a
-    file breaks the signature."""
+    ``private_key``: writes (atomically) ``signature.json`` and returns the key's fingerprint.
+
+    ``manifest.json`` is read once; those bytes are parsed and checked against the schema, every
+    file they list is hashed and compared with the digest they give, and the same bytes are
+    signed: a manifest (or a file) swapped while this runs is never what gets signed. If the
+    manifest on disk no longer holds those bytes once the signature is written, the signature
+    is removed and :class:`ArtifactError` raised. Sign after the artifact is complete; any later
+    change to a file breaks the signature.
+
+    Raises:
+        ArtifactError: no manifest, a manifest the loader would refuse, a listed file missing or
+            not matching its digest, or a manifest changed while it was signed.
+        ValueError: ``private_key`` is not an Ed25519 private key.
+    """
     directory = Path(directory)
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        raise ArtifactError(f"{directory}: missing {MANIFEST} (not an artifact)")
     key = load_private_key(private_key)
-    signature = key.sign(DOMAIN + manifest.read_bytes())
+    data = _read_manifest(directory)
+    _check_files(directory, data)
+    signature = key.sign(DOMAIN + data)
     record = {
         "format": _FORMAT,
         "version": 1,
@@ -149,7 +160,49 @@ def sign_artifact(directory: "str | os.PathLike", private_key: "str | os.PathLik
         file.write(json.dumps(record, indent=2) + "\n")
     os.chmod(temporary, 0o644)
     os.replace(temporary, directory / SIGNATURE)
+    if _read_manifest(directory) != data:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / SIGNATURE)
+        raise ArtifactError(
+            f"{directory}: {MANIFEST} changed while it was being signed (signature removed)"
+        )
     return fingerprint(_raw(key.public_key()))
+
+
+def _read_manifest(directory: Path) -> bytes:
+    """The bytes of ``directory``'s manifest (read once, at most the loader's limit)."""
+    from compiledopt.export.artifact import MAX_MANIFEST_BYTES
+
+    file = directory / MANIFEST
+    try:
+        with open(file, "rb") as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory}: missing {MANIFEST} (not an artifact)") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{directory}: {MANIFEST} is a directory (not an artifact)") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{directory}: {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
+    return data
+
+
+def _check_files(directory: Path, data: bytes) -> None:
+    """Check the manifest ``data`` as the loader does (strict JSON, the schema) and every file
+    it lists against the digest it gives; :class:`ArtifactError` names the problem."""
+    from compiledopt.export.artifact import Artifact
+    from compiledopt.export.manifest import check_manifest
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        parsed = json.loads(data, parse_constant=refuse)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ArtifactError(f"{directory}: {MANIFEST} is not valid JSON: {error}") from None
+    manifest = check_manifest(parsed, str(directory))
+    artifact = Artifact(directory, manifest)
+    for name in manifest["files"]:
+        artifact.read(name)  # hashes the file against the digest in ``data``
 
 
 def verify_manifest(
