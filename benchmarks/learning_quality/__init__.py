@@ -8,6 +8,11 @@ Fourier-series regression, ill-conditioned logistic regression, the demo's fine-
 6-hidden-layer MLP with LayerNorm, and 3,000 steps of the regression task), next to AdamW, SGD with
 momentum and the repository's earlier ``export/coordinate-mlp`` artifact, each swept over learning
 rates (:mod:`~benchmarks.learning_quality.optimizers`), all under one warm-up + cosine schedule.
+``--suite transformers`` runs five transformer-scale tasks instead
+(:mod:`~benchmarks.learning_quality.transformer_tasks`, :mod:`~benchmarks.learning_quality.
+hf_trainer`): two GPT-style character LMs of 1.09M and 0.35M parameters, the first again through
+Hugging Face's ``Trainer``, a ViT, and a language model pre-trained by the benchmark and fine-tuned
+on another text.
 
 Reported (:mod:`~benchmarks.learning_quality.analysis`, :mod:`~benchmarks.learning_quality.
 metrics`): final validation losses untuned and tuned, the learned optimizer's final loss over tuned
@@ -21,7 +26,8 @@ learning_quality.report`, :mod:`~benchmarks.learning_quality.plots`): ``PREFIX.j
     python -m benchmarks.learning_quality --optimizer PATH    # ~10 min on 2 idle cores, 2 seeds
     python -m benchmarks.learning_quality --optimizer PATH --quick   # ~1 min: a smoke test
 
-Modules: ``base`` (the task interface), ``tasks`` and ``charlm`` (the tasks), ``optimizers``
-(kinds, sweeps, schedule), ``run`` (one run, the stress check, timing), ``metrics`` (pure
-functions), ``analysis`` (summaries, aggregates), ``options``, ``runner``, ``report``, ``plots``.
+Modules: ``base`` (the task interface), ``tasks``, ``charlm``, ``text``, ``transformer_tasks`` and
+``hf_trainer`` (the tasks), ``optimizers`` (kinds, sweeps, schedule), ``run`` (one run, the stress
+check, timing), ``metrics`` (pure functions), ``analysis`` (summaries, aggregates, lr spread,
+costs), ``options``, ``runner``, ``report``, ``plots``.
 """

@@ -3,7 +3,7 @@
 The model is a ``GPT2LMHeadModel`` of a small ``GPT2Config`` shaped as ``gpt-lm``'s
 :class:`~benchmarks.learning_quality.transformer_tasks.GPT`: 4 blocks, n_embd 128, 4 heads, an MLP
 of 768 (``n_inner``) with exact GELU, 64 positions, the char-lm alphabet as vocabulary, the head
-untied from the embedding, no dropout (1.08M parameters). Its data are ``gpt-lm``'s: the same
+untied from the embedding, no dropout (1.09M parameters). Its data are ``gpt-lm``'s: the same
 corpus, windows, batches for a seed and validation windows.
 
 The run goes through ``Trainer.train()`` with the optimizer under test and the suite's warm-up +

@@ -4,17 +4,17 @@ itself. (``gpt-lm-trainer``, the same LM through Hugging Face's Trainer, is in
 :mod:`~benchmarks.learning_quality.hf_trainer`.)
 
 * ``gpt-lm``: :class:`GPT` with 4 pre-LayerNorm blocks, d_model 128, 4 heads, context 64, a GELU
-  MLP of 768, token and learned position embeddings and an untied output head (1.08M parameters),
-  2,000 steps of 32 windows on the corpus ``stdlib-a`` (:mod:`~benchmarks.learning_quality.text`).
+  MLP of 768, token and learned position embeddings and an untied output head (1.09M parameters),
+  2,000 steps of 16 windows on the corpus ``stdlib-a`` (:mod:`~benchmarks.learning_quality.text`).
 * ``gpt-lm-rms``: :class:`GPT` with 3 blocks, d_model 96, 4 heads, context 64, an MLP of 384,
   RMSNorm written out (:class:`RMSNorm`), no biases, the output head tied to the token embedding
   (0.35M parameters), 2,000 steps on ``stdlib-b``.
 * ``vit``: :class:`ViT`, 4×4 patches of the 16×16 shape images of the ``cnn`` task
   (:func:`~benchmarks.learning_quality.tasks.shape_images`), d 64, 3 pre-LayerNorm blocks,
   4 heads, a CLS token (0.10M parameters), 1,000 steps.
-* ``lm-finetune``: :class:`GPT` with 3 blocks, d_model 128 (0.62M parameters) pre-trained by the
-  benchmark on ``stdlib-c`` (Python source) with AdamW (lr 3e-3, the suite's warm-up + cosine
-  schedule, as many steps as the fine-tune), then fine-tuned for 1,000 steps on
+* ``lm-finetune``: :class:`GPT` with 3 blocks, d_model 128, an MLP of 512 (0.63M parameters),
+  pre-trained by the benchmark on ``stdlib-c`` (Python source) with AdamW (lr 3e-3, the suite's
+  warm-up + cosine schedule, as many steps as the fine-tune), then fine-tuned for 1,000 steps on
   ``pydoc-topics`` (English help pages); validation on the held-out end of the English text. The
   pre-trained weights are a function of the seed and the step count alone: made once
   (:meth:`LMFinetune.prepare`, which the runner calls before any run, in its worker pool) and kept
