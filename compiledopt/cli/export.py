@@ -138,6 +138,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         lr = _lr(config.get("inner_lr"), f"{source}: its config's inner_lr")
     if training is not None:
         training["lr"] = lr
+    routes = metadata.get("routes")  # the rule of each parameter role it was meta-trained with
+    if routes is not None and not isinstance(routes, dict):
+        raise ValueError(f"{source}: metadata['routes'] is not a dict: {routes!r}")
     start = time.perf_counter()
     path = export_shape_agnostic(
         args.output,
@@ -148,6 +151,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         lr=lr,
         overwrite=args.overwrite,
         training=training,
+        routes=routes or None,
     )
     print(f"wrote {path} ({', '.join(backends)}) in {time.perf_counter() - start:.1f} s", file=out)
     if sign_key is not None:

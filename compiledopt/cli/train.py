@@ -25,6 +25,7 @@ from compiledopt.cli.train_settings import (
     recorded_settings,
     requested_settings,
     resumable,
+    routes_option,
     settings,
 )
 
@@ -84,6 +85,17 @@ def add_parser(
     number("sigma", "pes/es: perturbation scale")
     add("--objective", choices=("train", "validation"), default=None, help="pes/es meta-loss")
     number("warmup_fraction", "pes/es: inner lr warm-up, in [0, 1)")
+    add(
+        "--routes",
+        type=routes_option,
+        default=None,
+        metavar="ROLE=RULE[,ROLE=RULE...]",
+        help="the rule of the transform each parameter role is updated by, in meta-training and "
+        "in the exported artifact (e.g. matrix=orthogonal,vector=adam; roles: matrix, vector, "
+        "embedding, head, input; rules: the transform's, such as normalized-mlp's artifact, "
+        "learned, orthogonal and adam; roles left out: artifact). Default: none, every "
+        "parameter gets the transform as configured",
+    )
     number("seed", "seeds the weights and the tasks, in [0, 2**31)")
     add("--device", default=None, help="e.g. cpu or cuda (default: cpu)")
     add(
@@ -154,10 +166,13 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     output = values["output"]
     # Build once here so bad transform or family arguments fail before any work.
     try:
-        build_transform(values["transform"], values["transform_kwargs"])
+        built = build_transform(values["transform"], values["transform_kwargs"])
     except TypeError as error:
         kwargs = json.dumps(values["transform_kwargs"])
         raise ValueError(f"--transform-kwargs {kwargs}: {error}") from None
+    from compiledopt.meta.inner import check_routes, check_rules
+
+    check_rules(built, check_routes(values["routes"], "--routes"), "--routes")
     family = make_family(
         values["family"], values["seed"], values["device"], values["family_kwargs"]
     )
@@ -181,6 +196,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         spec = {"name": values["transform"], "kwargs": values["transform_kwargs"]}
         transform = build_transform(spec["name"], spec["kwargs"])
         metadata = {"transform_spec": spec, "family_kwargs": values["family_kwargs"]}
+        if config.routes is not None:  # what `compiledopt export` writes as the routes
+            metadata["routes"] = dict(config.routes)
         trainer = MetaTrainer(transform, family, config, metadata=metadata)
         if state is not None:
             allowed = [fields[key] for key in args.allow_changes if key in fields]

@@ -35,6 +35,7 @@ __all__ = [
     "default_checkpoint",
     "fraction",
     "option",
+    "routes_option",
     "settings",
 ]
 
@@ -64,6 +65,7 @@ DEFAULTS: Dict[str, Any] = {
     "sigma": None,
     "objective": None,
     "warmup_fraction": None,
+    "routes": None,
     "seed": 0,
     "device": "cpu",
     "output": None,  # <output root>/train/learned.pt (see default_checkpoint)
@@ -90,6 +92,7 @@ ES_FIELDS = {
     "sigma": "sigma",
     "objective": "objective",
     "warmup_fraction": "warmup_fraction",
+    "routes": "routes",
 }
 TBPTT_FIELDS = {
     "meta_steps": "meta_steps",
@@ -103,6 +106,7 @@ TBPTT_FIELDS = {
     "eval_tasks": "eval_tasks",
     "eval_steps": "eval_steps",
     "checkpoint_every": "checkpoint_every",
+    "routes": "routes",
 }
 #: Options that only the evolution-strategies estimators use (tbptt would ignore them).
 ES_ONLY = tuple(sorted(set(ES_FIELDS) - set(TBPTT_FIELDS)))
@@ -117,6 +121,23 @@ def fraction(text: str) -> float:
     if not 0 <= value < 1:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
     return value
+
+
+def routes_option(text: str) -> Dict[str, str]:
+    """argparse type: ``role=rule[,role=rule...]`` (e.g. ``matrix=orthogonal,vector=adam``) as a
+    dict; each role named once. Roles and rules are checked against the transform later."""
+    routes: Dict[str, str] = {}
+    for piece in text.split(","):
+        role, equals, rule = piece.strip().partition("=")
+        role, rule = role.strip(), rule.strip()
+        if not equals or not role or not rule:
+            raise argparse.ArgumentTypeError(
+                f"expected role=rule[,role=rule...] (e.g. matrix=orthogonal), got {piece!r}"
+            )
+        if role in routes:
+            raise argparse.ArgumentTypeError(f"role {role!r} is routed twice")
+        routes[role] = rule
+    return routes
 
 
 #: The argparse type of each numeric option, also applied to the values of a --config file.
@@ -162,6 +183,17 @@ def _config_value(key: str, value: Any, source: str) -> Any:
             return TYPES[key](repr(value))
         except argparse.ArgumentTypeError as error:
             raise ValueError(f"{source}: {key} {error}") from None
+    if key == "routes":
+        if isinstance(value, str):
+            try:
+                return routes_option(value)
+            except argparse.ArgumentTypeError as error:
+                raise ValueError(f"{source}: routes {error}") from None
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError(
+                f"{source}: routes must be a JSON object of roles to rule names, got {show(value)}"
+            )
+        return value
     if key in _OBJECTS:
         if not isinstance(value, dict):
             raise ValueError(f"{source}: {key} must be a JSON object, got {show(value)}")

@@ -27,6 +27,12 @@ pair and truncation (seeded by the run's seed, the slot, the task and the inner 
   with ``θ`` itself (an extra unperturbed member). Biased toward short-horizon behaviour, as
   truncated estimators are.
 
+**Routes**: with ``routes`` (parameter role -> rule of the transform, e.g. ``{"matrix":
+"orthogonal", "vector": "adam"}``) each parameter of a task is updated by the rule of its role,
+in training and in evaluation alike, as the exported optimizer will apply it (see
+:class:`~compiledopt.meta.population.Population`); without, every parameter gets the transform as
+configured.
+
 Estimates are averaged over slots, clipped to ``clip_norm`` and applied with Adam. A slot whose
 members produce a non-finite loss contributes nothing to that step and restarts with a new task
 (counted). Under ``torch.distributed`` the slots are split across ranks and the estimates summed
@@ -47,7 +53,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from compiledopt._validation import check_fields
-from compiledopt.meta.inner import check_shape_agnostic
+from compiledopt.meta.inner import check_routes, check_rules, check_shape_agnostic
 from compiledopt.meta.population import Params, Population, States, flat_weights, set_weights
 from compiledopt.schedules import warmup_cosine
 from compiledopt.tasks.base import Task, TaskFamily
@@ -83,6 +89,8 @@ class ESConfig:
         eval_every: evaluate on held-out tasks every this many steps (0: never).
         eval_tasks, eval_steps: held-out tasks per evaluation and their inner steps.
         checkpoint_every: save a checkpoint every this many steps (0: only at the end).
+        routes: the rule of each parameter role (roles left out: ``"artifact"``), or ``None``:
+            every parameter gets the transform as configured (see the module docstring).
     """
 
     estimator: str = "pes"
@@ -103,6 +111,7 @@ class ESConfig:
     eval_tasks: int = 4
     eval_steps: int = 200
     checkpoint_every: int = 50
+    routes: Optional[Dict[str, str]] = None
 
     def validate(self) -> "ESConfig":
         if self.estimator not in ESTIMATORS:
@@ -136,6 +145,7 @@ class ESConfig:
             raise ValueError(
                 f"Invalid max_unroll: {self.max_unroll} (below truncation={self.truncation})"
             )
+        self.routes = check_routes(self.routes)
         return self
 
     @classmethod
@@ -195,6 +205,7 @@ class ESTrainer:
         self.config = (config or ESConfig()).validate()
         self.seed = int(seed)
         self.metadata = dict(metadata or {})
+        check_rules(self.transform, self.config.routes, "routes")
         self.transform.to(family.device)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if _dist() else (0, 1)
         theta = flat_weights(self.transform)
@@ -229,7 +240,8 @@ class ESTrainer:
         index = slot.generation * self.config.tasks_per_step + slot.slot_id
         slot.task = self.family.sample(index, "train")
         slot.unroll = self._unroll_length(slot)
-        slot.population = Population(self.transform, slot.task, self.members)
+        routes = self.config.routes
+        slot.population = Population(self.transform, slot.task, self.members, routes)
         if not restore:
             slot.params, slot.states = slot.population.init()
             slot.xi = torch.zeros(self.config.pairs, self.theta.numel())
@@ -343,7 +355,7 @@ class ESTrainer:
         finals = []
         for i in range(cfg.eval_tasks):
             task = self.family.sample(i, "heldout")
-            population = Population(self.transform, task, 1)
+            population = Population(self.transform, task, 1, cfg.routes)
             params, states = population.init()
             for step in range(cfg.eval_steps):
                 lr = cfg.inner_lr * warmup_cosine(step, cfg.eval_steps, cfg.warmup_fraction)

@@ -61,7 +61,10 @@ def train_es(settings: Dict[str, Any], progress: bool = True) -> None:
         "lr": config.inner_lr,
         "schedule": {"warmup_fraction": config.warmup_fraction, "decay": "cosine"},
     }
-    metadata = {"transform_spec": spec, "training": training}
+    metadata: Dict[str, Any] = {"transform_spec": spec, "training": training}
+    if config.routes is not None:  # what `compiledopt export` writes as the manifest's routes
+        training["routes"] = dict(config.routes)
+        metadata["routes"] = dict(config.routes)
     trainer = ESTrainer(transform, family, config, seed=settings["seed"], metadata=metadata)
     if settings["resume"]:
         trainer.load(settings["output"])

@@ -8,16 +8,25 @@ called through ``torch.func.functional_call`` with each member's weights. :func:
 same step written as a plain loop over members (the reference the vectorized one is tested
 against).
 
+With ``routes`` (a mapping of parameter roles to rules of the transform, see
+:meth:`Transform.routed <compiledopt.transforms.Transform.routed>`) each parameter is updated by
+the rule of its role (:meth:`Task.roles <compiledopt.tasks.Task.roles>`): every rule's variant
+shares the transform's weights, so the members' weights reach all of them. Rules whose maths
+depends on the shape (NormalizedMLP's Newton–Schulz picks the Gram side from the matrix's
+shape) see each member's own shape under ``vmap``, and their matrix products become batched
+ones.
+
 The weights are handled as one flat vector (:func:`flat_weights` / :func:`unflatten`), so a
 perturbation is a vector and a meta-gradient estimate is ``Σ ξ·L``.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
+from compiledopt.meta.inner import parameter_rules
 from compiledopt.tasks.base import Batch, Task
 from compiledopt.transforms.base import Transform, UpdateFunction
 
@@ -60,13 +69,28 @@ class Population:
             passes the members' weights).
         task (Task): the task every member trains.
         members (int): ``M``.
+        routes (mapping of str to str, optional): the rule of each parameter role (roles left
+            out: ``"artifact"``); ``None``: every parameter gets ``transform`` as configured.
+            (default: None)
     """
 
-    def __init__(self, transform: Transform, task: Task, members: int) -> None:
+    def __init__(
+        self,
+        transform: Transform,
+        task: Task,
+        members: int,
+        routes: Optional[Mapping[str, str]] = None,
+    ) -> None:
         self.transform = transform
         self.task = task
         self.members = members
         self._update = UpdateFunction(transform)
+        #: The rule of each parameter by name (``None`` without routes).
+        self.rules = parameter_rules(task, routes)
+        self._updates: Dict[str, UpdateFunction] = {}
+        if self.rules is not None:
+            for rule in sorted(set(self.rules.values())):
+                self._updates[rule] = UpdateFunction(transform.routed(rule))
         self._vstep = vmap(self._member_step, in_dims=(0, 0, 0, None, None, None))
         self._vloss = vmap(self._member_loss, in_dims=(0, None))
 
@@ -74,12 +98,15 @@ class Population:
         """Every member at the task's initial parameters with a fresh transform state."""
         params = self.task.init_params()
         with torch.no_grad():
-            states = {n: self.transform.init_state(p) for n, p in params.items()}
+            states = {n: self._update_of(n).transform.init_state(p) for n, p in params.items()}
         stack = lambda t: t.unsqueeze(0).expand(self.members, *t.shape).clone()  # noqa: E731
         return (
             {n: stack(p) for n, p in params.items()},
             {n: [stack(s) for s in state] for n, state in states.items()},
         )
+
+    def _update_of(self, name: str) -> UpdateFunction:
+        return self._update if self.rules is None else self._updates[self.rules[name]]
 
     def _member_loss(self, params: Params, batch: Batch) -> Tensor:
         return self.task.loss(params, batch)
@@ -98,7 +125,7 @@ class Population:
         new_states: States = {}
         for name, value in params.items():
             direction, new_states[name] = functional_call(
-                self._update, weights, (grads[name], value, states[name], step)
+                self._update_of(name), weights, (grads[name], value, states[name], step)
             )
             new_params[name] = value - lr * direction
         return loss, new_params, new_states

@@ -8,6 +8,10 @@ state are detached between unrolls (truncation), and a slot's task is resampled 
 ``horizon`` inner steps. By default the gradients fed to the transform are treated as constants
 (``second_order=False``: no Hessian-vector products, as in Andrychowicz et al. 2016).
 
+With ``routes`` (parameter role -> rule of the transform) each parameter is updated by the rule
+of its role, a variant of the transform sharing its weights, so the meta-gradient reaches the
+weights through every rule.
+
 Meta-gradients are averaged over ``tasks_per_step`` tasks, clipped to ``clip_norm``, and applied
 with Adam. A non-finite meta-loss skips that task (its slot gets a fresh task) and a non-finite
 meta-gradient skips the whole meta-step: both are counted, and the weights are never touched by a
@@ -20,7 +24,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,10 +36,13 @@ from compiledopt.meta.inner import (
     Params,
     States,
     apply_transform,
+    check_routes,
+    check_rules,
     check_shape_agnostic,
     detach,
     evaluate_curve,
     init_states,
+    routed_transforms,
     task_gradients,
 )
 from compiledopt.tasks.base import Task, TaskFamily
@@ -63,6 +70,8 @@ class MetaTrainConfig:
         eval_tasks: number of held-out tasks per evaluation.
         eval_steps: inner steps per evaluation task.
         checkpoint_every: save a checkpoint every this many meta-steps (0: only at the end).
+        routes: the rule of each parameter role (roles left out: ``"artifact"``), or ``None``:
+            every parameter gets the transform as configured.
     """
 
     meta_steps: int = 200
@@ -77,6 +86,7 @@ class MetaTrainConfig:
     eval_tasks: int = 4
     eval_steps: int = 50
     checkpoint_every: int = 0
+    routes: Optional[Dict[str, str]] = None
 
     def validate(self) -> "MetaTrainConfig":
         check_fields(
@@ -97,6 +107,7 @@ class MetaTrainConfig:
                 f"Invalid horizon: {self.horizon} "
                 f"(a multiple of unroll_length={self.unroll_length})"
             )
+        self.routes = check_routes(self.routes)
         return self
 
 
@@ -110,6 +121,7 @@ class _Slot:
     task: Optional[Task] = None
     params: Params = field(default_factory=dict)
     states: States = field(default_factory=dict)
+    transforms: Optional[Mapping[str, Transform]] = None  # each parameter's, under routes
 
 
 @dataclass
@@ -153,6 +165,7 @@ class MetaTrainer:
         self.family = family
         self.config = (config or MetaTrainConfig()).validate()
         self.metadata = dict(metadata or {})
+        check_rules(self.transform, self.config.routes, "routes")
         self.transform.to(family.device)
         self.rank, self.world = (
             (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
@@ -177,7 +190,8 @@ class MetaTrainer:
         slot.task = self.family.sample(index, "train")
         slot.inner_step = 0
         slot.params = slot.task.init_params()
-        slot.states = init_states(self.transform, slot.params)
+        slot.transforms = routed_transforms(self.transform, slot.task, self.config.routes)
+        slot.states = init_states(self.transform, slot.params, slot.transforms)
 
     def _unroll(self, slot: _Slot) -> Optional[Tensor]:
         """Run one truncated unroll; return the meta-loss (or ``None`` if it was non-finite)."""
@@ -200,7 +214,7 @@ class MetaTrainer:
             if not cfg.second_order:
                 grads = {n: g.detach() for n, g in grads.items()}
             params, states = apply_transform(
-                self.transform, params, grads, states, step, cfg.inner_lr
+                self.transform, params, grads, states, step, cfg.inner_lr, slot.transforms
             )
         meta_loss = torch.stack(losses).mean()
         if not torch.isfinite(meta_loss):
@@ -256,6 +270,7 @@ class MetaTrainer:
                     self.family.sample(i, "heldout"),
                     self.config.eval_steps,
                     self.config.inner_lr,
+                    self.config.routes,
                 )
                 for i in range(self.config.eval_tasks)
             ]
@@ -377,6 +392,7 @@ class MetaTrainer:
             if saved["active"]:
                 index = slot.generation * self.config.tasks_per_step + slot.slot_id
                 slot.task = self.family.sample(index, "train")
+                slot.transforms = routed_transforms(self.transform, slot.task, self.config.routes)
                 slot.params = {n: v.to(device) for n, v in saved["params"].items()}
                 slot.states = {n: [s.to(device) for s in v] for n, v in saved["states"].items()}
             else:

@@ -11,8 +11,9 @@ Every task draws, from its seed alone:
 * a **transformer**: ``d_model`` 16, 32 or 48, 1 or 2 layers, 2 or 4 heads, a context of 16 to 32
   characters, a token embedding (``nn.Embedding``) plus learned positions (an ``nn.Embedding``
   too), pre-norm blocks of causal self-attention (``F.scaled_dot_product_attention`` with
-  ``is_causal=True``) and a GELU MLP, LayerNorm or RMSNorm, an output head tied to the token
-  embedding or not; GPT-2 style initialisation (normal, 0.02);
+  ``is_causal=True``; query, key and value projections without bias) and a GELU MLP,
+  LayerNorm or RMSNorm, an output head tied to the token embedding or not; GPT-2 style
+  initialisation (normal, 0.02);
 * a **batch size** of 16 to 32 windows.
 
 Each language writes two texts from two different random streams: a training text (24,000
@@ -261,7 +262,9 @@ class _Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm1 = _norm(norm, d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        # No bias: a key bias gets no gradient (softmax ignores a shift shared by a row's
+        # scores), only rounding noise, which sign-like rules would amplify.
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model)
         self.norm2 = _norm(norm, d_model)
         self.fc = nn.Linear(d_model, 4 * d_model)
