@@ -11,7 +11,7 @@ import json
 import math
 import types
 import typing
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from compiledopt.export import backend as registry
 from compiledopt.export import spec as specs
@@ -332,6 +332,16 @@ _SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequ
 _MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
 
 
+#: Whether a JSON value fits a scalar annotation.
+_SCALARS: Dict[Any, Callable[[Any], bool]] = {
+    bool: lambda value: isinstance(value, bool),
+    int: lambda value: isinstance(value, int) and not isinstance(value, bool),
+    float: lambda value: _is_real(value),
+    str: lambda value: isinstance(value, str),
+    type(None): lambda value: value is None,
+}
+
+
 def _hint_problem(value: Any, hint: Any, path: str) -> Optional[Tuple[str, Any, str]]:
     """``None`` if the JSON ``value`` fits the annotation ``hint``, else ``(path, value,
     expected)`` of the first part that does not. Annotations this does not model pass."""
@@ -340,15 +350,8 @@ def _hint_problem(value: Any, hint: Any, path: str) -> Optional[Tuple[str, Any, 
         if any(_hint_problem(value, arm, path) is None for arm in args):
             return None
         return path, value, _describe(hint)
-    if hint is bool or hint is int or hint is float or hint is str or hint is type(None):
-        fits = {
-            bool: isinstance(value, bool),
-            int: _is_int(value, -math.inf),
-            float: _is_real(value),
-            str: isinstance(value, str),
-            type(None): value is None,
-        }[hint]
-        return None if fits else (path, value, _describe(hint))
+    if hint in _SCALARS:
+        return None if _SCALARS[hint](value) else (path, value, _describe(hint))
     if origin in _SEQUENCES or hint in (list, tuple):
         if not isinstance(value, list):
             return path, value, _describe(hint)
@@ -357,7 +360,14 @@ def _hint_problem(value: Any, hint: Any, path: str) -> Optional[Tuple[str, Any, 
                 return path, value, _describe(hint)
             items = args
         else:
-            items = (args[0] if args else Any,) * len(value)
+            item_hint = args[0] if args else Any
+            if item_hint in _SCALARS:  # a list of scalars: one check per item, no path built
+                fits = _SCALARS[item_hint]
+                for index, item in enumerate(value):
+                    if not fits(item):
+                        return f"{path}[{index}]", item, _describe(item_hint)
+                return None
+            items = (item_hint,) * len(value)
         for index, (item, item_hint) in enumerate(zip(value, items)):
             problem = _hint_problem(item, item_hint, f"{path}[{index}]")
             if problem is not None:

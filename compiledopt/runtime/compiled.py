@@ -5,10 +5,12 @@ calls it on every parameter: the number of graphs depends on the parameters' ran
 number or sizes, so every model (and every later model) reuses the same graphs.
 """
 
+import contextlib
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as fx_config
 from torch import Tensor, nn
 
@@ -23,10 +25,30 @@ __all__ = [
     "CompiledTensorRule",
     "StoredStateRule",
     "canonical_shape",
+    "compiling",
 ]
 
 #: Vectors (canonical rank 1) with fewer elements take the quicker-to-compile matmul formulation.
 SMALL_VECTOR = 1 << 16
+
+
+@contextlib.contextmanager
+def compiling() -> Iterator[None]:
+    """The settings every call of a compiled rule runs (and is traced) under.
+
+    * Dynamic sizes without specialising sizes of 1, nor sizes that happen to be equal.
+    * The rule's Python floats (decay rates, epsilons, timescales: constants of a frozen rule)
+      specialised into the graph. Dynamo would otherwise make each float attribute a graph
+      input read back as a symbolic float, which gains nothing for a frozen rule and breaks
+      under ``torch.func.vmap``: a symbolic float added to a 0-d tensor of the mapped rule
+      fails in Inductor's lowering ("x must be Tensor or scalar, got SymFloat"), as
+      CoordinateMLP's per-tensor normaliser ``rsqrt(mean(x²) + norm_eps)`` does.
+    """
+    with (
+        fx_config.patch(backed_size_oblivious=True, use_duck_shape=False),
+        dynamo_config.patch(specialize_float=True),
+    ):
+        yield
 
 
 def canonical_shape(shape: Sequence[int]) -> Tuple[int, ...]:
@@ -99,8 +121,7 @@ class CompiledTensorRule:
             # shape and strides), which would compile a graph per base shape.
             grad, param = grad.reshape(view).detach(), param.reshape(view).detach()
             state = [s.reshape(view).detach() if same else s for s, same in zip(state, viewed)]
-        # No specialisation of sizes of 1, nor of sizes that happen to be equal.
-        with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+        with compiling():
             direction, new_state = compiled(grad, param, state, step, *seed)
         if self.view:
             direction = direction.reshape(shape)
@@ -150,6 +171,6 @@ class CompiledBatchedRule:
     def __call__(
         self, grads: Tensor, params: Tensor, states: List[Tensor], step: Tensor, seeds: Tensor
     ) -> Tuple[Tensor, List[Tensor]]:
-        with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+        with compiling():
             directions, new_states = self.compiled(grads, params, states, step, seeds)
         return directions, list(new_states)
