@@ -200,20 +200,26 @@ def check_output_file(path: str, option: str, exists_ok: bool = True) -> str:
 
 def check_output_directory(path: str, option: str, overwrite: bool) -> str:
     """``path`` if an artifact directory can be written there: not a file, not an existing
-    directory unless ``overwrite`` (and then only an artifact directory, with a
-    ``manifest.json``, or an empty one: never a folder of other files), in a writable place."""
+    directory unless ``overwrite``, and then only an empty one or a compiledopt artifact that
+    holds nothing but its own files (:func:`compiledopt.export.writer.replaceable`: never a
+    folder that merely holds a ``manifest.json``, nor an artifact a user added files to), in a
+    writable place. An export to ``path`` that was killed while replacing it is undone first
+    (:func:`compiledopt.export.writer.recover` puts the old artifact back)."""
     if not isinstance(path, str) or not path:
         raise ValueError(f"{option}: needs a directory path, got {path!r}")
+    if os.path.islink(path):
+        raise FileExistsError(f"{option} {path}: is a symbolic link, not a directory")
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{option} {path}: is a file, not a directory")
+    from compiledopt.export.writer import recover, replaceable
+
+    recover(path)
     if os.path.isdir(path):
         if not overwrite:
             raise FileExistsError(f"{option} {path}: exists (pass --overwrite to replace it)")
-        if os.listdir(path) and not os.path.isfile(os.path.join(path, "manifest.json")):
-            raise FileExistsError(
-                f"{option} {path}: exists and is not an artifact directory (no manifest.json); "
-                "refusing to replace it"
-            )
+        reason = replaceable(path)
+        if reason is not None:
+            raise FileExistsError(f"{option} {path}: {reason}; refusing to replace it")
     _check_writable_location(path, option)
     return path
 

@@ -6,6 +6,7 @@ import json
 from typing import Any, TextIO
 
 from compiledopt.cli.text import printable
+from compiledopt.cli.trust import restore_interrupted
 
 __all__ = ["add_parser", "run"]
 
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         return _list(out)
     if args.artifact is None:
         raise ValueError("name an artifact directory or a packaged optimizer, or pass --list")
+    restore_interrupted(args.artifact)
     artifact = load_artifact(pretrained.resolve(args.artifact))
     m = artifact.manifest
 

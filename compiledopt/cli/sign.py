@@ -5,7 +5,7 @@ import os
 from typing import TextIO
 
 from compiledopt.cli.arguments import check_work_directory
-from compiledopt.cli.trust import check_private_key
+from compiledopt.cli.trust import check_private_key, restore_interrupted
 
 __all__ = ["add_parser", "run"]
 
@@ -34,6 +34,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     while signing, is never signed."""
     from compiledopt.export import signing
 
+    restore_interrupted(args.artifact)
     if not os.path.isdir(args.artifact):
         raise NotADirectoryError(f"{args.artifact}: not an artifact directory")
     check_private_key(args.key, "--key")

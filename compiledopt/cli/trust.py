@@ -21,6 +21,7 @@ __all__ = [
     "check_loadable",
     "check_private_key",
     "open_trusted",
+    "restore_interrupted",
     "trust_options",
 ]
 
@@ -60,12 +61,26 @@ def trust_options(args: argparse.Namespace) -> Dict[str, Any]:
     return {"trust_code": bool(args.trust_code), "trusted_keys": list(keys) if keys else None}
 
 
+def restore_interrupted(path: str) -> None:
+    """If ``path`` does not exist because an export replacing it was killed between its two
+    renames, put the old artifact back (:func:`compiledopt.export.writer.recover`; nothing
+    happens otherwise, nor while that export is still running)."""
+    import os
+
+    if isinstance(path, str) and path and not os.path.lexists(path):
+        from compiledopt.export.writer import recover
+
+        recover(path)
+
+
 def open_trusted(args: argparse.Namespace) -> "Artifact":
     """The artifact (directory or packaged name) ``args.artifact``, opened with the trust the
-    command line gives it."""
+    command line gives it (an interrupted replace undone first: :func:`restore_interrupted`)."""
     from compiledopt.pretrained import open_artifact
 
-    return open_artifact(args.artifact, **trust_options(args))
+    options = trust_options(args)
+    restore_interrupted(args.artifact)
+    return open_artifact(args.artifact, **options)
 
 
 def check_loadable(artifact: "Artifact", backends: Sequence[str], option: str) -> None:
