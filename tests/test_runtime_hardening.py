@@ -3,6 +3,7 @@ step counts edited in place between steps, and a save/load of its skipped-step c
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -108,3 +109,200 @@ def test_a_recording_replaces_a_malformed_cache(cache, artifact):
     assert set(timings) == {"eager", "onnx"}
     assert json.loads(cache.read_text()) == _recorded(artifact, timings)
     assert measured_order(artifact, "cpu")[0] == "onnx"
+
+
+# -- what a step reads, checked every step ----------------------------------------------------
+
+
+def _model():
+    torch.manual_seed(0)
+    # Biases of one shape share a bucket (their state is a view of a stacked tensor).
+    return nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 2))
+
+
+def _stepped(backend="eager", nonfinite="skip"):
+    model = _model()
+    optimizer = co.FrozenOptimizer(
+        model.named_parameters(), PACKAGED, lr=0.1, backend=backend, nonfinite=nonfinite
+    )
+    _grads(model, 0)
+    optimizer.step()
+    _grads(model, 1)
+    return model, optimizer
+
+
+def _grads(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+
+
+def _snapshot(model, optimizer):
+    params = [p.detach().clone() for p in model.parameters()]
+    states = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()]
+    return params, states
+
+
+def _assert_unchanged(model, optimizer, snapshot):
+    params, states = snapshot
+    for p, before, state in zip(model.parameters(), params, states):
+        assert torch.equal(p, before)
+        for key, value in state.items():
+            assert torch.equal(optimizer.state[p][key], value), key
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda s: s["step"].fill_(-1), id="minus-one-in-place"),
+        pytest.param(lambda s: s["step"].fill_(2**63 - 1), id="int64-max-in-place"),
+        pytest.param(lambda s: s.update(step=torch.tensor(-1)), id="minus-one-replaced"),
+        pytest.param(lambda s: s.update(step=torch.tensor(2**63 - 1)), id="int64-max-replaced"),
+        pytest.param(lambda s: s.update(step=torch.tensor(2**62 + 1)), id="past-the-limit"),
+    ],
+)
+@pytest.mark.parametrize("which", ["0.bias", "1.weight"])  # bucketed, alone
+def test_a_step_count_out_of_range_is_refused_before_anything_is_written(edit, which):
+    model, optimizer = _stepped()
+    param = dict(model.named_parameters())[which]
+    edit(optimizer.state[param])
+    value = int(optimizer.state[param]["step"])
+    snapshot = _snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=rf"parameter {which}: state 'step'.* got {value}$"):
+        optimizer.step()
+    _assert_unchanged(model, optimizer, snapshot)
+
+
+def test_the_largest_accepted_step_count_steps():
+    model, optimizer = _stepped()
+    param = model[0].bias
+    optimizer.state[param]["step"].fill_(2**62)
+    optimizer.step()
+    assert int(optimizer.state[param]["step"]) == 2**62 + 1
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("weight_decay", -0.1),
+        ("weight_decay", float("nan")),
+        ("lr", -0.5),
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("lr", "0.1"),
+    ],
+)
+def test_a_hyper_parameter_edited_after_construction_is_refused(key, value):
+    model, optimizer = _stepped()
+    optimizer.param_groups[0][key] = value
+    snapshot = _snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=rf"Invalid {key}: {value!r} in the group of parameter"):
+        optimizer.step()
+    _assert_unchanged(model, optimizer, snapshot)
+
+
+def test_a_step_reads_the_host_once_and_ignore_never(host_reads):
+    _, optimizer = _stepped()
+    _, ignoring = _stepped(nonfinite="ignore")
+    host_reads.clear()
+    optimizer.step()
+    assert len(host_reads) == 1, host_reads
+    host_reads.clear()
+    ignoring.step()
+    assert host_reads == []
+
+
+# -- the skipped-step count -------------------------------------------------------------------
+
+
+def _skipping():
+    """An optimizer of two param groups that has skipped one step of its second group (a NaN
+    gradient) and stepped the first."""
+    model = _model()
+    optimizer = co.FrozenOptimizer(
+        [
+            {"params": model[0].parameters()},
+            {"params": [*model[1].parameters(), *model[2].parameters()], "lr": 0.05},
+        ],
+        PACKAGED,
+        lr=0.1,
+        backend="eager",
+    )
+    _grads(model, 0)
+    model[2].weight.grad[0, 0] = float("nan")
+    optimizer.step()
+    return model, optimizer
+
+
+def _fresh(model):
+    return co.FrozenOptimizer(
+        [
+            {"params": model[0].parameters()},
+            {"params": [*model[1].parameters(), *model[2].parameters()], "lr": 0.05},
+        ],
+        PACKAGED,
+        lr=0.1,
+        backend="eager",
+    )
+
+
+def test_the_skipped_step_count_is_saved_per_group_and_loaded_back(tmp_path):
+    model, optimizer = _skipping()
+    assert optimizer.skipped_steps == 1
+    saved = optimizer.state_dict()
+    assert [g["skipped_steps"] for g in saved["param_groups"]] == [0, 1]
+    torch.save(saved, tmp_path / "optimizer.pt")
+    loaded = torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    twin = _fresh(model)
+    assert twin.skipped_steps == 0
+    twin.load_state_dict(loaded)
+    assert twin.skipped_steps == 1
+    assert [g["skipped_steps"] for g in twin.param_groups] == [0, 1]
+    _grads(model, 1)
+    model[0].bias.grad.fill_(float("inf"))
+    twin.step()
+    assert [g["skipped_steps"] for g in twin.param_groups] == [1, 1]
+    assert twin.skipped_steps == 2
+
+
+def test_a_state_dict_saved_without_skip_counts_loads_with_zero():
+    _, optimizer = _skipping()
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        del group["skipped_steps"]
+    optimizer.load_state_dict(saved)
+    assert optimizer.skipped_steps == 0
+    assert [g["skipped_steps"] for g in optimizer.param_groups] == [0, 0]
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "3", None])
+def test_an_invalid_saved_skip_count_is_refused_and_nothing_loaded(value):
+    model, optimizer = _skipping()
+    saved = optimizer.state_dict()
+    saved["param_groups"][1]["skipped_steps"] = value
+    twin = _fresh(model)
+    message = rf"skipped_steps in the state_dict's param group 1: {re.escape(repr(value))} "
+    with pytest.raises(ValueError, match=message):
+        twin.load_state_dict(saved)
+    assert twin.skipped_steps == 0 and not twin.state
+
+
+def test_the_skip_count_survives_copies():
+    import copy
+    import pickle
+
+    _, optimizer = _skipping()
+    assert copy.deepcopy(optimizer).skipped_steps == 1
+    assert pickle.loads(pickle.dumps(optimizer)).skipped_steps == 1
+
+
+def test_the_first_skipped_step_is_a_warning_and_later_ones_debug(caplog):
+    with caplog.at_level(logging.DEBUG, logger="compiledopt"):
+        model, optimizer = _skipping()
+        _grads(model, 1)
+        model[2].bias.grad[0] = float("nan")
+        optimizer.step()
+    skips = [r for r in caplog.records if "step skipped" in r.getMessage()]
+    assert [r.levelno for r in skips] == [logging.WARNING, logging.DEBUG]
+    assert "parameter 4: non-finite gradient" in skips[0].getMessage()  # model[2].weight
+    assert optimizer.skipped_steps == 2

@@ -22,6 +22,8 @@ from compiledopt.runtime.state import (
     check_loaded,
     check_lr,
     check_rates,
+    check_steps,
+    skip_count,
 )
 from compiledopt.runtime.strategies import Computed, Strategy, make_strategy
 from compiledopt.transforms.base import Transform
@@ -34,8 +36,9 @@ BUILT_IN_BACKENDS = ("eager", "compiled")
 RUNTIME_BACKENDS = (*BUILT_IN_BACKENDS, *BACKENDS)
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 #: What pickling and ``copy.deepcopy`` keep besides torch.optim's ``defaults``, ``state`` and
-#: ``param_groups`` (the strategy is rebuilt from them).
-PICKLED = ("artifact", "backend", "nonfinite", "state_dtype", "skipped_steps")
+#: ``param_groups`` (the strategy is rebuilt from them; the skipped-step counts are in the
+#: groups).
+PICKLED = ("artifact", "backend", "nonfinite", "state_dtype")
 SET_OF_PARAMS = (
     "optimizer parameters need to be organized in ordered collections, but the ordering of "
     "tensors in sets will change between runs. Please use a list instead."
@@ -97,7 +100,9 @@ class FrozenOptimizer(Optimizer):
         nonfinite (str, optional): when a group has a NaN or infinite gradient, or the rule
             returns a NaN or infinite direction or new state for one of its parameters,
             ``"skip"`` the step for that group (its parameters and state stay as they are;
-            counted in ``optimizer.skipped_steps``) or ``"raise"`` ``FloatingPointError`` naming
+            counted in the group's ``skipped_steps``, which ``state_dict`` saves, and in
+            ``optimizer.skipped_steps``, their sum; the first skip is logged at WARNING, later
+            ones at DEBUG) or ``"raise"`` ``FloatingPointError`` naming
             the parameter, before any parameter or state is written: either costs one host
             synchronisation per step (the flags of the whole step read at once). ``"ignore"``
             checks nothing and never synchronises (on a GPU the step is queued without
@@ -180,7 +185,7 @@ class FrozenOptimizer(Optimizer):
         if backend != "auto" and backend not in RUNTIME_BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (one of {('auto', *RUNTIME_BACKENDS)})")
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
+        self._warned_skip = False  # the first skipped step is logged at WARNING
         # Per parameter, the state the last step wrote (see _mark): not checked again.
         self._written: Dict[int, Tuple] = {}
         self._initialised = False
@@ -204,6 +209,13 @@ class FrozenOptimizer(Optimizer):
             self.backend,
         )
 
+    @property
+    def skipped_steps(self) -> int:
+        """How many group steps were skipped for non-finite values (``nonfinite="skip"``): the
+        sum of the param groups' ``skipped_steps``, which ``state_dict`` saves and
+        ``load_state_dict`` restores (0 for a state_dict saved without them)."""
+        return sum(group.get("skipped_steps", 0) for group in self.param_groups)
+
     # -- construction -----------------------------------------------------------------------
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -219,6 +231,7 @@ class FrozenOptimizer(Optimizer):
         if "weight_decay" in param_group:
             check_real(param_group["weight_decay"], "weight_decay", 0.0)
         self._check_routing(param_group.get("role", AUTO), param_group.get("rule"))
+        param_group["skipped_steps"] = skip_count(param_group.get("skipped_steps", 0), "a group")
         params = param_group["params"]
         if isinstance(params, set):
             raise TypeError(SET_OF_PARAMS)
@@ -456,11 +469,16 @@ class FrozenOptimizer(Optimizer):
                 groups.append((group, members))
         if not groups:
             return loss
-        rates = [check_rates(group, {flat[i].dtype for i in members}) for group, members in groups]
+        # What the step reads is checked before the rule runs (values set in place included).
+        rates = [
+            check_rates(group, {flat[i].dtype for i in ms}, f"the group of {labels[ms[0]]}")
+            for group, ms in groups
+        ]
         active = [i for _, members in groups for i in members]
         states = [self.state[p] if p in self.state else {} for p in flat]
         for i in active:
             states[i] = self._current(i, flat[i], states[i], labels[i])
+        check_steps([states[i]["step"] for i in active], [labels[i] for i in active])
         computed = self._compute(flat, active, states, labels)
         skipped = (
             set()
@@ -468,8 +486,9 @@ class FrozenOptimizer(Optimizer):
             else self._nonfinite(groups, computed.checks, labels)
         )
         results = computed.results
-        for g, ((_, members), (lr, decay)) in enumerate(zip(groups, rates)):
+        for g, ((group, members), (lr, decay)) in enumerate(zip(groups, rates)):
             if g in skipped:
+                group["skipped_steps"] = group.get("skipped_steps", 0) + 1
                 continue
             params = [flat[i] for i in members]
             for i, p in zip(members, params):
@@ -480,7 +499,6 @@ class FrozenOptimizer(Optimizer):
                 torch._foreach_mul_(params, 1.0 - lr * decay)
             directions = [results[i].direction.to(p.dtype) for i, p in zip(members, params)]
             torch._foreach_add_(params, directions, alpha=-lr)
-        self.skipped_steps += len(skipped)
         return loss
 
     def _current(self, index: int, param: Tensor, state: Dict[str, Any], where: str):
@@ -510,6 +528,16 @@ class FrozenOptimizer(Optimizer):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"non-finite {bad[first]} for {labels[first]}")
             skipped.add(g)
+            warn = not getattr(self, "_warned_skip", False)
+            self._warned_skip = True
+            logger.log(
+                logging.WARNING if warn else logging.DEBUG,
+                "FrozenOptimizer: step skipped for the group of %s: non-finite %s (counted in "
+                "skipped_steps%s)",
+                labels[first],
+                bad[first],
+                "; later skips are logged at DEBUG" if warn else "",
+            )
         return skipped
 
     # -- state_dict -------------------------------------------------------------------------
@@ -537,6 +565,7 @@ class FrozenOptimizer(Optimizer):
             for group in self.param_groups:  # a state_dict saved before groups had roles
                 group.setdefault("role", AUTO)
                 group.setdefault("rule", None)
+                group.setdefault("skipped_steps", 0)  # saved before they were counted by group
             flat = self._flat()
             for index, values in checked.items():
                 self.state[flat[index]].update(values)
@@ -567,6 +596,7 @@ class FrozenOptimizer(Optimizer):
                     raise ValueError(f"the state_dict's param group {g} has no {key!r}")
             check_lr(saved["lr"])
             check_real(saved["weight_decay"], "weight_decay", 0.0)
+            skip_count(saved.get("skipped_steps", 0), f"the state_dict's param group {g}")
             self._check_routing(
                 saved.get("role", AUTO), saved.get("rule"), f"state_dict's param group {g}"
             )

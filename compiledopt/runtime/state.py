@@ -7,7 +7,7 @@ written, so a refused ``load_state_dict`` or ``step`` leaves the optimizer as it
 
 import math
 import numbers
-from typing import Any, Collection, Dict, Mapping, NamedTuple, Tuple
+from typing import Any, Collection, Dict, Mapping, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -22,6 +22,8 @@ __all__ = [
     "check_lr",
     "check_rates",
     "check_result",
+    "check_steps",
+    "skip_count",
     "step_count",
 ]
 
@@ -66,6 +68,14 @@ def step_count(value: Any, where: str) -> Tensor:
     if not 0 <= number <= MAX_STEP:
         raise ValueError(f"{where} must be an integer in [0, 2**62], got {number}")
     return torch.tensor(number, dtype=torch.int64)
+
+
+def skip_count(value: Any, where: str) -> int:
+    """``value`` as a param group's count of skipped steps: an int ``>= 0`` (not a bool), or
+    ``ValueError`` naming ``where`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"Invalid skipped_steps in {where}: {value!r} (expected an int >= 0)")
+    return int(value)
 
 
 def _keys(keys: Collection[Any]) -> str:
@@ -153,9 +163,59 @@ def check_current(
         if value.dtype != dtype:
             raise ValueError(f"{where}: state {key!r} has dtype {value.dtype}, expected {dtype}")
     step = state[STEP]
-    if isinstance(step, Tensor) and step.dtype == torch.int64 and step.dim() == 0:
+    if _is_count(step):
         return state
     return {**state, STEP: step_count(step, f"{where}: state 'step'")}
+
+
+def _is_count(step: Any) -> bool:
+    """Whether ``step`` is stored as a step count is: a 0-d int64 tensor on the CPU (read without
+    waiting on any device)."""
+    return (
+        isinstance(step, Tensor)
+        and step.dtype == torch.int64
+        and step.dim() == 0
+        and step.device.type == "cpu"
+    )
+
+
+def check_steps(steps: Sequence[Tensor], labels: Sequence[str]) -> None:
+    """``ValueError`` naming the parameter (``labels[i]`` for ``steps[i]``) and the value unless
+    every step count is in ``[0, 2**62]``, the range ``load_state_dict`` accepts (``step + 1``
+    cannot overflow).
+
+    The counts are read every step, as a state edited in place (``state["step"].fill_(-1)``)
+    keeps its identity and is not checked again otherwise. They are 0-d int64 tensors on the
+    CPU (:func:`check_current` makes them so), so reading them waits on no device: one stacked
+    minimum and maximum for the whole step, and a per-parameter look only when one is out of
+    range.
+    """
+    if not steps:
+        return
+    try:
+        stacked = torch.stack(list(steps))
+    except RuntimeError:  # a count resized or moved since it was checked: found below
+        stacked = None
+    if (
+        stacked is not None
+        and stacked.dtype == torch.int64
+        and stacked.shape == (len(steps),)
+        and stacked.device.type == "cpu"
+    ):
+        low, high = torch.aminmax(stacked)
+        if 0 <= int(low) and int(high) <= MAX_STEP:
+            return
+    for step, label in zip(steps, labels):
+        where = f"{label}: state 'step'"
+        if not _is_count(step):  # resized or retyped in place since it was checked
+            step_count(step, where)
+            raise ValueError(
+                f"{where} must be a 0-d int64 tensor on the CPU, got a tensor of shape "
+                f"{tuple(step.shape)}, dtype {step.dtype} on {step.device}"
+            )
+        number = int(step)
+        if not 0 <= number <= MAX_STEP:
+            raise ValueError(f"{where} must be an integer in [0, 2**62], got {number}")
 
 
 def check_result(
@@ -208,29 +268,37 @@ def check_lr(lr: Any) -> None:
     check_real(lr, "lr", 0.0)
 
 
-def _number(value: Any, what: str) -> float:
-    """A group's ``lr`` or ``weight_decay`` as a float (a 1-element tensor read once)."""
+def _number(value: Any, what: str, where: str) -> float:
+    """A group's ``lr`` or ``weight_decay`` as a float ``>= 0`` (a 1-element tensor read once)."""
     if isinstance(value, Tensor) and value.numel() == 1:
         value = value.item()
     try:
-        return check_real(value, what)
+        return check_real(value, what, 0.0)
     except ValueError:
-        raise ValueError(f"Invalid {what}: {value!r} (expected a finite number)") from None
+        raise ValueError(
+            f"Invalid {what}: {value!r} in {where} (expected a finite number >= 0)"
+        ) from None
 
 
-def check_rates(group: Mapping[str, Any], dtypes: Collection[torch.dtype]) -> Tuple[float, float]:
-    """A param group's learning rate and weight decay as floats, refused (``ValueError``)
-    unless ``lr``, ``lr·weight_decay`` and ``1 − lr·weight_decay`` are finite and at most the
-    largest value of each of ``dtypes`` (its parameters'): ``p.add_(d, alpha=-lr)`` raises for
-    an ``lr`` the parameter's dtype cannot hold, and would do so after other parameters were
-    written."""
-    lr, decay = _number(group["lr"], "lr"), _number(group["weight_decay"], "weight_decay")
+def check_rates(
+    group: Mapping[str, Any], dtypes: Collection[torch.dtype], where: str = "a param group"
+) -> Tuple[float, float]:
+    """A param group's learning rate and weight decay as floats, read as a step reads them (so a
+    value set in ``param_groups`` after construction is checked too), refused (``ValueError``
+    naming ``where``, e.g. the group's first parameter, and the value) unless ``lr`` and
+    ``weight_decay`` are finite numbers ``>= 0``, as the constructor and ``load_state_dict``
+    require, and ``lr``, ``lr·weight_decay`` and ``1 − lr·weight_decay`` are at most the largest
+    value of each of ``dtypes`` (its parameters'): ``p.add_(d, alpha=-lr)`` raises for an ``lr``
+    the parameter's dtype cannot hold, and would do so after other parameters were written.
+    Plain floats are checked on the host."""
+    lr = _number(group["lr"], "lr", where)
+    decay = _number(group["weight_decay"], "weight_decay", where)
     for dtype in dtypes:
         largest = torch.finfo(dtype).max
         values = (lr, lr * decay, 1.0 - lr * decay)
         if not all(math.isfinite(v) and abs(v) <= largest for v in values):
             raise ValueError(
-                f"Invalid lr: {lr!r} with weight_decay {decay!r} for {dtype} parameters "
-                f"(lr and lr·weight_decay must be finite and at most {largest:g})"
+                f"Invalid lr: {lr!r} with weight_decay {decay!r} in {where} for {dtype} "
+                f"parameters (lr and lr·weight_decay must be finite and at most {largest:g})"
             )
     return lr, decay
