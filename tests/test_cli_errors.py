@@ -10,6 +10,7 @@ option); the others return 2 after one line ``compiledopt <command>: <message>``
 import json
 import os
 import random
+import shutil
 import time
 
 import pytest
@@ -86,7 +87,21 @@ def files(tmp_path_factory):
     assert main([*export, "--output", str(root / "artifact")]) == 0
     signed = ["--output", str(root / "signed"), "--sign-key", str(root / "private.pem")]
     assert main([*export, *signed]) == 0
+    (root / "webapp").mkdir()  # a folder that merely holds a manifest.json: not an artifact
+    (root / "webapp" / "manifest.json").write_text('{"name": "My App", "start_url": "/"}')
+    (root / "webapp" / "index.html").write_text("<html></html>")
+    shutil.copytree(root / "artifact", root / "annotated")  # an artifact a user added to
+    (root / "annotated" / "notes.txt").write_text("mine")
     return root
+
+
+def _kept(files):
+    """The files of the folders that are not (only) artifacts, which nothing may delete."""
+    return {
+        str(p.relative_to(files)): p.read_bytes()
+        for folder in ("folder", "webapp", "annotated")
+        for p in sorted((files / folder).iterdir())
+    }
 
 
 @pytest.fixture
@@ -349,6 +364,18 @@ CASES = [
         False,
         "not an artifact",
     ),
+    (
+        "export-overwrite-web-app",
+        ["export", "{in}/run.pt", "--output", "{in}/webapp", "--overwrite"],
+        False,
+        "not an artifact",
+    ),
+    (
+        "export-overwrite-annotated-artifact",
+        ["export", "{in}/run.pt", "--output", "{in}/annotated", "--overwrite"],
+        False,
+        "notes.txt",
+    ),
     ("export-unwritable", ["export", "{in}/run.pt", "--output", "{ro}/a"], False, "cannot write"),
     # -- inspect, verify -----------------------------------------------------------------------
     ("inspect-missing", ["inspect", "{out}/art"], False, "art"),
@@ -528,7 +555,7 @@ def test_bad_invocation(argv, by_argparse, needle, files, no_long_work, tmp_path
     if any("{ro}" in a for a in argv):
         places["ro"] = request.getfixturevalue("unwritable")
     argv = [_fill(a, places) for a in argv]
-    before = sorted(os.listdir(files))
+    before, kept = sorted(os.listdir(files)), _kept(files)
     status, by_parser, err = _invoke(argv, capsys)
     assert status == 2, err
     assert "Traceback" not in err
@@ -547,6 +574,7 @@ def test_bad_invocation(argv, by_argparse, needle, files, no_long_work, tmp_path
     assert not (tmp_path / "home").exists(), "a refused invocation wrote a default output"
     assert sorted(os.listdir(files)) == before, "a refused invocation wrote next to its inputs"
     assert (files / "folder" / "keep.txt").read_text() == "not an artifact"
+    assert _kept(files) == kept, "a refused invocation changed a folder that is not an artifact"
 
 
 def test_the_table_covers_every_command():
