@@ -177,8 +177,13 @@ class Artifact:
         """The bytes of the listed file ``name``, checked against the manifest's digest after
         they are read: the bytes returned are the bytes that were verified.
 
+        Only a regular file is read (not a symbolic link, FIFO, device, socket or directory),
+        and at most :data:`MAX_FILE_BYTES` of it (see :func:`~compiledopt.export.layout.
+        read_regular`).
+
         Raises:
-            ArtifactError: the file is missing, unlisted, or its bytes do not match.
+            ArtifactError: the file is missing, unlisted, not a regular file, larger than
+                :data:`MAX_FILE_BYTES`, or its bytes do not match.
         """
         digest = self.manifest["files"].get(name)
         if digest is None:
