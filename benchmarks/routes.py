@@ -48,6 +48,7 @@ CANDIDATES: Dict[str, Dict[str, str]] = {
     "all-adam": dict.fromkeys(("matrix", "vector", "embedding", "head", "input"), "adam"),
 }
 WARMUP = 0.05
+FLOOR = 1e-4
 
 
 def schedule(steps: int):
@@ -141,7 +142,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     tuned_adamw = losses["adamw"][adamw_best]
     for name, table in losses.items():
         best = min(table, key=lambda lr: mean(table[lr]))
-        ratios = [a / b for a, b in zip(table[best], tuned_adamw)]
+        # A loss floor keeps the ratio of two runs that both reach (near) zero finite.
+        ratios = [(a + FLOOR) / (b + FLOOR) for a, b in zip(table[best], tuned_adamw)]
         summary[name] = {
             "mean_final_loss": {lr: mean(v) for lr, v in table.items()},
             "best_lr": float(best),

@@ -180,7 +180,7 @@ def available_backends(artifact: Any) -> List[str]:
     that are code only from a trusted artifact), in the export registry's order
     (:data:`compiledopt.export.BACKENDS`)."""
     from compiledopt.export import BACKENDS
-    from compiledopt.runtime.frozen_optimizer import BUILT_IN_BACKENDS
+    from compiledopt.runtime.routing import BUILT_IN_BACKENDS
 
     exported = [b for b in BACKENDS if b in artifact.backends and artifact.may_load(b)]
     return [*BUILT_IN_BACKENDS, *exported]

@@ -228,7 +228,7 @@ def default_backends(artifact: Artifact) -> List[str]:
 def check_backends(artifact: Artifact, backends: Sequence[str]) -> None:
     """Refuse a FrozenOptimizer backend that ``artifact`` does not have, or whose graphs are
     code that it is not trusted to run, naming it."""
-    from compiledopt.runtime.frozen_optimizer import BUILT_IN_BACKENDS
+    from compiledopt.runtime.routing import BUILT_IN_BACKENDS
 
     available = ["auto", *BUILT_IN_BACKENDS, *artifact.backends]
     unknown = [b for b in backends if b not in available]

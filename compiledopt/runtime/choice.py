@@ -1,26 +1,38 @@
 """Which runtime backend an optimizer runs: the one named, checked, or ``auto``'s first that can.
 
-``auto`` tries the backends in the order it is given (fastest first, see
-:func:`compiledopt.runtime.frozen_optimizer.auto_order`) and skips, each with a log line on the
-``compiledopt`` logger, a backend whose graphs are code in an untrusted artifact, one that cannot
-run where the parameters live, one whose graphs do not compute a rule some parameters are routed
-to, and one that cannot load on this machine; ``eager`` always runs. A backend named explicitly
-that cannot run raises instead, naming why.
+``auto`` tries the backends in the order it is given (fastest first, see :func:`auto_order`)
+and skips, each with a log line on the ``compiledopt`` logger, a backend whose graphs are code
+in an untrusted artifact, one that cannot run where the parameters live, one whose graphs do not
+compute a rule some parameters are routed to, and one that cannot load on this machine;
+``eager`` always runs. A backend named explicitly that cannot run raises instead, naming why.
 """
 
 import logging
 from typing import List, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
-from compiledopt.export import Artifact, ArtifactError
+from compiledopt.export import BACKENDS, Artifact, ArtifactError
 from compiledopt.export.backend import get as export_backend
+from compiledopt.runtime.autotune import measured_order
 from compiledopt.runtime.placement import placement_problem
 from compiledopt.runtime.routing import BUILT_IN_BACKENDS
 
-__all__ = ["choose_backend"]
+__all__ = ["RUNTIME_BACKENDS", "auto_order", "choose_backend"]
 
 logger = logging.getLogger("compiledopt")
+RUNTIME_BACKENDS = (*BUILT_IN_BACKENDS, *BACKENDS)
+
+
+def auto_order(artifact: Artifact, device: torch.device) -> Tuple[str, ...]:
+    """The order in which ``backend="auto"`` tries the runtime backends for ``artifact`` on
+    ``device`` with the current thread count: fastest first as measured by
+    :func:`~compiledopt.runtime.autotune.measure_backends` (else its default order), then any
+    other artifact backend, ``eager`` last."""
+    order = [b for b in measured_order(artifact, device) if b in RUNTIME_BACKENDS and b != "eager"]
+    rest = [b for b in RUNTIME_BACKENDS if b not in order and b != "eager"]
+    return (*order, *rest, "eager")
 
 
 def choose_backend(

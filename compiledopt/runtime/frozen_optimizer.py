@@ -9,14 +9,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from compiledopt._validation import check_flag, check_real
-from compiledopt.export import BACKENDS, Artifact, ArtifactError
-from compiledopt.export.backend import get as export_backend
-from compiledopt.pretrained import open_artifact
-from compiledopt.runtime.autotune import measured_order
+from compiledopt.export import Artifact
+from compiledopt.runtime.choice import RUNTIME_BACKENDS, auto_order, choose_backend
 from compiledopt.runtime.distributed import finite_flags, place_like
-from compiledopt.runtime.placement import placement_problem
-from compiledopt.runtime.roles import AUTO, check_role, check_routes, shape_role
+from compiledopt.runtime.keywords import artifact_for, backend_for_keywords
+from compiledopt.runtime.roles import AUTO
 from compiledopt.runtime.rounding import STATE_DTYPES
+from compiledopt.runtime.routing import Router
 from compiledopt.runtime.state import (
     check_current,
     check_loaded,
@@ -25,15 +24,9 @@ from compiledopt.runtime.state import (
     check_steps,
     skip_count,
 )
-from compiledopt.runtime.strategies import Computed, Strategy, make_strategy
-from compiledopt.transforms.base import Transform
 
 logger = logging.getLogger("compiledopt")
 
-#: Backends that need no graph in the artifact: the transform rebuilt from its weights, eagerly
-#: or compiled by ``torch.compile``.
-BUILT_IN_BACKENDS = ("eager", "compiled")
-RUNTIME_BACKENDS = (*BUILT_IN_BACKENDS, *BACKENDS)
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 #: What pickling and ``copy.deepcopy`` keep besides torch.optim's ``defaults``, ``state`` and
 #: ``param_groups`` (the strategy is rebuilt from them; the skipped-step counts are in the
@@ -43,16 +36,6 @@ SET_OF_PARAMS = (
     "optimizer parameters need to be organized in ordered collections, but the ordering of "
     "tensors in sets will change between runs. Please use a list instead."
 )
-
-
-def auto_order(artifact: Artifact, device: torch.device) -> Tuple[str, ...]:
-    """The order in which ``backend="auto"`` tries the runtime backends for ``artifact`` on
-    ``device`` with the current thread count: fastest first as measured by
-    :func:`~compiledopt.runtime.autotune.measure_backends` (else its default order), then any
-    other artifact backend, ``eager`` last."""
-    order = [b for b in measured_order(artifact, device) if b in RUNTIME_BACKENDS and b != "eager"]
-    rest = [b for b in RUNTIME_BACKENDS if b not in order and b != "eager"]
-    return (*order, *rest, "eager")
 
 
 def _mark(param: Tensor, state: Mapping[str, Any]) -> Tuple:
@@ -71,10 +54,12 @@ class FrozenOptimizer(Optimizer):
 
     Args:
         params (iterable): tensors, ``(name, tensor)`` pairs (``model.named_parameters()``), or
-            param-group dicts (each may set ``lr`` and ``weight_decay``).
-        artifact (str, PathLike or Artifact): an artifact directory (see
+            param-group dicts (each may set ``lr``, ``weight_decay``, ``maximize``, and ``role``
+            and ``rule``: see ``compiledopt.param_groups`` and docs/runtime.md).
+        artifact (str, PathLike or Artifact, optional): an artifact directory (see
             ``docs/artifact-format.md``), or the name of an optimizer packaged with compiledopt
             (``compiledopt.pretrained.names()``; an existing path of that name comes first).
+            (default: the packaged default, ``compiledopt.pretrained.DEFAULT``)
             A ``bound`` artifact binds to the parameters by name
             (when named) and shape, in order, and refuses a mismatch naming the parameter; a
             ``shape_agnostic`` one applies to any parameters.
@@ -115,6 +100,10 @@ class FrozenOptimizer(Optimizer):
             accumulators such as a 0.999-decay second moment keep tracking; see
             ``compiledopt.runtime.rounding``). On the ``compiled`` backend the conversions and the
             rounding run inside the compiled graph. (default: None)
+        maximize, foreach, fused, betas, eps, amsgrad, capturable, differentiable (keyword-only):
+            ``torch.optim.AdamW``'s, honoured with its meaning or refused with the reason (see
+            :mod:`compiledopt.runtime.keywords`): ``maximize`` ascends; ``fused=True`` asks for
+            the ``compiled`` backend; ``betas`` and ``eps`` are the artifact's.
         trust_code (bool, keyword-only): trust the artifact to run code: allows its TorchScript
             and AOTInductor graphs. Only for artifacts from a source you trust; an ``Artifact``
             given with ``trust_code=True`` is used as :meth:`Artifact.trusting`. (default: False)
@@ -147,30 +136,39 @@ class FrozenOptimizer(Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        artifact: "str | os.PathLike | Artifact",
+        artifact: "str | os.PathLike | Artifact | None" = None,
         lr: "float | Tensor | None" = None,
         backend: str = "auto",
         weight_decay: float = 0.0,
         nonfinite: str = "skip",
         state_dtype: Optional[torch.dtype] = None,
         *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        betas: Any = None,
+        eps: Any = None,
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
         trust_code: bool = False,
         trusted_keys: Optional[Sequence["str | os.PathLike | bytes"]] = None,
     ) -> None:
         check_flag(trust_code, "trust_code")
+        check_flag(maximize, "maximize")
+        backend = backend_for_keywords(
+            backend,
+            betas=betas,
+            eps=eps,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            fused=fused,
+            capturable=capturable,
+            differentiable=differentiable,
+        )
         if isinstance(params, set):
             raise TypeError(SET_OF_PARAMS)
-        if isinstance(artifact, Artifact):
-            if trusted_keys is not None:
-                raise ValueError(
-                    "trusted_keys checks an artifact's signature when it is opened: pass the "
-                    "artifact's path, or load it with load_artifact(path, trusted_keys=...)"
-                )
-            self.artifact = artifact.trusting() if trust_code else artifact
-        else:
-            self.artifact = open_artifact(
-                artifact, trust_code=trust_code, trusted_keys=trusted_keys
-            )
+        self.artifact = artifact_for(artifact, trust_code, trusted_keys)
         if state_dtype is not None and state_dtype not in (self.artifact.dtype, *STATE_DTYPES):
             raise ValueError(
                 f"Invalid state_dtype: {state_dtype!r} (None, the artifact's "
@@ -189,18 +187,14 @@ class FrozenOptimizer(Optimizer):
         # Per parameter, the state the last step wrote (see _mark): not checked again.
         self._written: Dict[int, Tuple] = {}
         self._initialised = False
-        transforms = self.artifact.transforms()
-        self._transforms = transforms
-        self.routes = self._artifact_routes()
-        super().__init__(
-            params, {"lr": lr, "weight_decay": weight_decay, "role": AUTO, "rule": None}
-        )
+        self._router = Router(self.artifact, self.artifact.transforms(), self.state_dtype)
+        defaults = {"lr": lr, "weight_decay": weight_decay, "maximize": maximize}
+        super().__init__(params, {**defaults, "role": AUTO, "rule": None})
         if self.artifact.kind == "bound":
             named = all(group.get("param_names") for group in self.param_groups)
             self.artifact.check_bindings(self._named(), check_dtype=False, check_names=named)
         self.backend = self._choose(backend)
-        self._strategies: Dict[str, Strategy] = {}
-        self._strategy = self._strategy_for("artifact")
+        self._router.bind(self.backend)
         self._initialised = True
         logger.info(
             "FrozenOptimizer: %s artifact %s on the %s backend",
@@ -208,6 +202,25 @@ class FrozenOptimizer(Optimizer):
             self.artifact.path,
             self.backend,
         )
+
+    @property
+    def routes(self) -> Dict[str, str]:
+        """The artifact's rule for every parameter role (its manifest's ``routes``; a role it
+        leaves out, or every role of an artifact without routes, runs ``"artifact"``: the
+        transform as configured)."""
+        return dict(self._router.routes)
+
+    @property
+    def _strategy(self):
+        """The strategy of the artifact's transform as configured: it gives every parameter's
+        state schema (each rule of a transform keeps the same state)."""
+        return self._router.strategy("artifact")
+
+    def rules_of(self) -> List[str]:
+        """The rule each parameter steps with, in ``state_dict()`` order: its group's ``rule``
+        if set, else the artifact's route for the group's ``role`` (with ``"auto"``,
+        ``matrix`` for rank ≥ 2 and ``vector`` below)."""
+        return self._router.rules_of(self.param_groups)
 
     @property
     def skipped_steps(self) -> int:
@@ -230,7 +243,8 @@ class FrozenOptimizer(Optimizer):
             check_lr(param_group["lr"])
         if "weight_decay" in param_group:
             check_real(param_group["weight_decay"], "weight_decay", 0.0)
-        self._check_routing(param_group.get("role", AUTO), param_group.get("rule"))
+        self._router.check_group(param_group.get("role", AUTO), param_group.get("rule"))
+        check_flag(param_group.get("maximize", False), "maximize")
         param_group["skipped_steps"] = skip_count(param_group.get("skipped_steps", 0), "a group")
         params = param_group["params"]
         if isinstance(params, set):
@@ -252,87 +266,6 @@ class FrozenOptimizer(Optimizer):
     def _flat(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    # -- roles and rules --------------------------------------------------------------------
-
-    def _artifact_routes(self) -> Dict[str, str]:
-        """The artifact's rule for every role (its manifest's ``routes``; ``"artifact"`` for a
-        role it leaves out, and for every role of an artifact without routes)."""
-        routes = self.artifact.manifest.get("routes", {})
-        return check_routes(routes, self._transforms[0].rules(), f"{self.artifact.path}: routes")
-
-    def _check_routing(self, role: Any, rule: Any, where: str = "param group") -> None:
-        """``ValueError`` unless ``role`` is a role or ``"auto"`` and ``rule`` is ``None`` or one
-        of the transform's rules (a bound artifact takes neither: one rule per binding)."""
-        check_role(role, f"role in a {where}")
-        rules = self._transforms[0].rules()
-        if rule is not None and (not isinstance(rule, str) or rule not in rules):
-            raise ValueError(f"Invalid rule in a {where}: {rule!r} (None or one of {rules})")
-        if self.artifact.kind == "bound" and (role != AUTO or rule not in (None, "artifact")):
-            raise ValueError(
-                f"{self.artifact.path} is a bound artifact (one rule per binding): a {where} "
-                f"cannot set role {role!r} or rule {rule!r}"
-            )
-
-    def rules_of(self) -> List[str]:
-        """The rule each parameter steps with, in ``state_dict()`` order: its group's ``rule``
-        if set, else the artifact's route for its role (the group's ``role``; with ``"auto"``,
-        ``matrix`` for rank ≥ 2 and ``vector`` below)."""
-        rules = []
-        for group in self.param_groups:
-            role, rule = group.get("role", AUTO), group.get("rule")
-            for param in group["params"]:
-                if rule is not None:
-                    rules.append(rule)
-                else:
-                    rules.append(self.routes[shape_role(param) if role == AUTO else role])
-        return rules
-
-    def _routed(self, rule: str) -> Transform:
-        """The artifact's transform for ``rule``; ``ValueError`` where an exported backend runs
-        graphs that cannot compute it."""
-        transform = self._transforms[0] if rule == "artifact" else self._transforms[0].routed(rule)
-        if transform is not self._transforms[0] and self.backend not in BUILT_IN_BACKENDS:
-            raise ValueError(
-                f"the {self.backend} backend runs the graphs {self.artifact.path} exported, which "
-                f"compute its rule as configured, not the rule {rule!r} some parameters are "
-                "routed to: use backend 'compiled' or 'eager', or set rule='artifact' on their "
-                "param groups"
-            )
-        return transform
-
-    def _strategy_for(self, rule: str) -> Strategy:
-        """The strategy computing ``rule``, built at its first use; rules whose transform is the
-        artifact's own (as configured) share one strategy."""
-        strategy = self._strategies.get(rule)
-        if strategy is None:
-            transform = self._routed(rule)
-            if transform is self._transforms[0]:
-                strategy = self._strategies.get("artifact")
-                if strategy is None:
-                    strategy = make_strategy(
-                        self.artifact, self.backend, self.state_dtype, self._transforms
-                    )
-                    self._strategies["artifact"] = strategy
-            else:
-                strategy = make_strategy(self.artifact, self.backend, self.state_dtype, [transform])
-            self._strategies[rule] = strategy
-        return strategy
-
-    def _compute(self, flat, active, states, labels) -> Computed:
-        """Every active parameter's direction and new state, each by the strategy of its rule
-        (one call per rule, so each rule still batches its parameters)."""
-        rules = self.rules_of()
-        parts: Dict[int, Tuple[Strategy, List[int]]] = {}
-        for i in active:
-            strategy = self._strategy_for(rules[i])
-            parts.setdefault(id(strategy), (strategy, []))[1].append(i)
-        computed = Computed({}, [])
-        for strategy, members in parts.values():
-            part = strategy.compute(flat, members, states, labels)
-            computed.results.update(part.results)
-            computed.checks.extend(part.checks)
-        return computed
-
     def _named(self) -> List[Tuple[str, Tensor]]:
         named = []
         for group in self.param_groups:
@@ -352,95 +285,11 @@ class FrozenOptimizer(Optimizer):
         return labels
 
     def _choose(self, backend: str) -> str:
-        available = set(self.artifact.backends) | set(BUILT_IN_BACKENDS)
-        if backend == "auto":  # eager, last, always runs
-            return next(
-                b
-                for b in auto_order(self.artifact, self._device())
-                if b == "eager"
-                or (
-                    (b in BUILT_IN_BACKENDS or (b in available and self._may_load(b)))
-                    and self._placed(b)
-                    and (
-                        b in BUILT_IN_BACKENDS or (self._computes_routes(b) and self._runs_here(b))
-                    )
-                )
-            )
-        if backend not in available:
-            raise ArtifactError(
-                f"{self.artifact.path} has no {backend} graph (it has {self.artifact.backends})"
-            )
-        problem = placement_problem(self._named(), backend, self.artifact)
-        if problem:
-            raise ValueError(problem)
-        if backend not in BUILT_IN_BACKENDS:
-            self.artifact.check_may_load(backend)
-            routed = self._routed_rules()
-            if routed:
-                raise ValueError(
-                    f"the {backend} backend runs the graphs {self.artifact.path} exported, which "
-                    f"compute its rule as configured, not the rules {routed} that some "
-                    "parameters are routed to: use backend 'compiled' or 'eager', or set "
-                    "rule='artifact' on their param groups"
-                )
-        return backend
-
-    def _routed_rules(self) -> List[str]:
-        """The rules the param groups route parameters to that differ from the artifact's
-        transform as configured (its exported graphs compute only that)."""
-        base = self._transforms[0]
-        used = set(self.rules_of()) - {"artifact"}
-        return sorted(r for r in used if base.routed(r) is not base)
-
-    def _computes_routes(self, backend: str) -> bool:
-        """Whether an exported backend's graphs compute every rule the parameters are routed to
-        (``auto`` skips, with a log line, one that does not)."""
-        routed = self._routed_rules()
-        if routed:
-            logger.info(
-                "FrozenOptimizer: auto skips the %s backend: its graphs do not compute the rules "
-                "%s that some parameters are routed to",
-                backend,
-                routed,
-            )
-        return not routed
-
-    def _device(self) -> torch.device:
-        """The device of the first parameter (``auto`` orders the backends for it)."""
         flat = self._flat()
-        return flat[0].device if flat else torch.device("cpu")
-
-    def _placed(self, backend: str) -> bool:
-        """Whether ``backend`` can run where the parameters live (``auto`` skips, with a log
-        line, those that cannot)."""
-        problem = placement_problem(self._named(), backend, self.artifact)
-        if problem:
-            logger.info("FrozenOptimizer: auto skips the %s backend: %s", backend, problem)
-        return problem is None
-
-    def _may_load(self, backend: str) -> bool:
-        """Whether the artifact may load ``backend``'s graphs (``auto`` skips, with a log line,
-        graphs that are code in an untrusted artifact)."""
-        if self.artifact.may_load(backend):
-            return True
-        logger.info(
-            "FrozenOptimizer: auto skips the %s backend: its graphs are code and %s is not "
-            "trusted (trust_code=True or trusted_keys)",
-            backend,
-            self.artifact.path,
-        )
-        return False
-
-    def _runs_here(self, backend: str) -> bool:
-        """Whether ``backend``'s graphs can be loaded and run on this machine (``auto`` skips,
-        with a log line, those that cannot: a missing package, native code for another CPU)."""
-        try:
-            export_backend(backend).require(loading=True)
-            self.artifact.check_runnable(backend)
-        except (ImportError, ArtifactError) as error:
-            logger.info("FrozenOptimizer: auto skips the %s backend: %s", backend, error)
-            return False
-        return True
+        device = flat[0].device if flat else torch.device("cpu")
+        order = auto_order(self.artifact, device) if backend == "auto" else ()
+        off_graph = self._router.off_graph(self.param_groups)
+        return choose_backend(backend, self.artifact, self._named(), off_graph, order)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -479,7 +328,20 @@ class FrozenOptimizer(Optimizer):
         for i in active:
             states[i] = self._current(i, flat[i], states[i], labels[i])
         check_steps([states[i]["step"] for i in active], [labels[i] for i in active])
-        computed = self._compute(flat, active, states, labels)
+        # maximize: the rule sees the negated gradient (p.grad itself is given back unchanged).
+        flipped = [
+            (flat[i], flat[i].grad)
+            for group, members in groups
+            if group.get("maximize")
+            for i in members
+        ]
+        try:
+            for param, grad in flipped:
+                param.grad = -grad
+            computed = self._router.compute(self.param_groups, flat, active, states, labels)
+        finally:
+            for param, grad in flipped:
+                param.grad = grad
         skipped = (
             set()
             if self.nonfinite == "ignore"
@@ -565,6 +427,7 @@ class FrozenOptimizer(Optimizer):
             for group in self.param_groups:  # a state_dict saved before groups had roles
                 group.setdefault("role", AUTO)
                 group.setdefault("rule", None)
+                group.setdefault("maximize", False)
                 group.setdefault("skipped_steps", 0)  # saved before they were counted by group
             flat = self._flat()
             for index, values in checked.items():
@@ -597,7 +460,8 @@ class FrozenOptimizer(Optimizer):
             check_lr(saved["lr"])
             check_real(saved["weight_decay"], "weight_decay", 0.0)
             skip_count(saved.get("skipped_steps", 0), f"the state_dict's param group {g}")
-            self._check_routing(
+            check_flag(saved.get("maximize", False), "maximize")
+            self._router.check_group(
                 saved.get("role", AUTO), saved.get("rule"), f"state_dict's param group {g}"
             )
         index = {pid: i for i, pid in enumerate(p for s in saved_groups for p in s["params"])}
@@ -630,8 +494,6 @@ class FrozenOptimizer(Optimizer):
         # artifact's files read and verified again).
         self._written = {}
         if "artifact" in state:
-            self._transforms = self.artifact.transforms()
-            self.routes = self._artifact_routes()
-            self._strategies = {}
-            self._strategy = self._strategy_for("artifact")
+            self._router = Router(self.artifact, self.artifact.transforms(), self.state_dtype)
+            self._router.bind(self.backend)
             self._initialised = True

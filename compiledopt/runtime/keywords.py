@@ -19,9 +19,45 @@ keyword            in ``FrozenOptimizer``
 =================  ==========================================================================
 """
 
-from typing import Any, Optional
+import logging
+import os
+from typing import Any, Optional, Sequence
 
-__all__ = ["backend_for_keywords"]
+from torch import Tensor
+
+from compiledopt.export import Artifact
+from compiledopt.pretrained import DEFAULT, open_artifact
+
+__all__ = ["artifact_for", "backend_for_keywords"]
+
+logger = logging.getLogger("compiledopt")
+
+
+def artifact_for(
+    artifact: "str | os.PathLike | Artifact | None",
+    trust_code: bool,
+    trusted_keys: Optional[Sequence["str | os.PathLike | bytes"]],
+) -> Artifact:
+    """The artifact an optimizer runs: the packaged default when none is named (an INFO log line
+    says so), a loaded ``Artifact`` as given (trusting its code with ``trust_code``), else the
+    packaged optimizer or folder ``artifact`` names, opened and verified. A number in the
+    artifact's place is refused: it is a learning rate passed positionally, as AdamW takes it."""
+    if artifact is None:
+        logger.info("FrozenOptimizer: no artifact named: the packaged default %r", DEFAULT)
+        artifact = DEFAULT
+    elif isinstance(artifact, (int, float, Tensor)) and not isinstance(artifact, bool):
+        raise TypeError(
+            f"Invalid artifact: {artifact!r}: the second argument is the artifact (a name or a "
+            f"folder), not the learning rate; pass lr={artifact!r} by keyword"
+        )
+    if not isinstance(artifact, Artifact):
+        return open_artifact(artifact, trust_code=trust_code, trusted_keys=trusted_keys)
+    if trusted_keys is not None:
+        raise ValueError(
+            "trusted_keys checks an artifact's signature when it is opened: pass the artifact's "
+            "path, or load it with load_artifact(path, trusted_keys=...)"
+        )
+    return artifact.trusting() if trust_code else artifact
 
 
 def backend_for_keywords(
