@@ -2,8 +2,8 @@
 
 from compiledopt import learned, nn, optim, pretrained, transforms
 from compiledopt.module_update import clone_module, update_module
+from compiledopt.roles import param_groups
 from compiledopt.runtime import FrozenOptimizer
-from compiledopt.runtime.roles import param_groups
 
 __version__ = "0.1.0"
 

@@ -28,6 +28,7 @@ LAYERS: Dict[str, int] = {
     "_identity": 0,
     "schedules": 0,
     "module_update": 0,
+    "roles": 0,
     "nn": 0,
     "transforms": 1,
     "tasks": 1,

@@ -267,7 +267,7 @@ def _kill_at(monkeypatch, point: int, exchange: bool):
     made; every change after the kill fails too (a dead process changes nothing), so the disk
     is left exactly as a SIGKILL at that moment leaves it. Returns a function telling whether
     the kill came."""
-    from compiledopt.export import writer
+    from compiledopt.export import replace as replacing
 
     state = {"armed": False, "count": 0, "killed": False}
 
@@ -288,16 +288,16 @@ def _kill_at(monkeypatch, point: int, exchange: bool):
         monkeypatch.setattr(os, name, hook(getattr(os, name)))
     monkeypatch.setattr(shutil, "rmtree", hook(shutil.rmtree))
     if exchange:
-        monkeypatch.setattr(writer, "_exchange", hook(writer._exchange))
+        monkeypatch.setattr(replacing, "_exchange", hook(replacing._exchange))
     else:
-        monkeypatch.setattr(writer, "_renameat2", lambda: None)  # no atomic exchange here
-    move = writer._move_into_place
+        monkeypatch.setattr(replacing, "_renameat2", lambda: None)  # no atomic exchange here
+    move = replacing.move_into_place
 
     def armed_move(*args):
         state["armed"] = True
         return move(*args)
 
-    monkeypatch.setattr(writer, "_move_into_place", armed_move)
+    monkeypatch.setattr(replacing, "move_into_place", armed_move)
     return lambda: state["killed"]
 
 
@@ -310,9 +310,9 @@ def test_a_kill_at_any_moment_of_a_replace_leaves_an_artifact_to_load(exchange, 
     """Kill the replace before each of its file-system changes in turn, until one run is not
     killed: each time, the path holds the old artifact or the new one once recovered (as the
     next export or command does), and the next export cleans every folder left beside it."""
-    from compiledopt.export import writer
+    from compiledopt.export import replace as replacing
 
-    if exchange and writer._renameat2() is None:
+    if exchange and replacing._renameat2() is None:
         pytest.skip("no renameat2 on this system")
     point = 0
     while True:
@@ -334,7 +334,7 @@ def test_a_kill_at_any_moment_of_a_replace_leaves_an_artifact_to_load(exchange, 
         # the killed export ran in this process: give its folders a pid no process has
         for name in _hidden(root):
             (root / name).rename(root / name.replace(f"-{os.getpid()}-", "-999999999-"))
-        writer.recover(path)  # what the next export or command does first
+        replacing.recover(path)  # what the next export or command does first
         assert _which(path) in (1, 2), f"nothing to load after a kill before change {point}"
         _export(path, seed=2, overwrite=True)
         assert _which(path) == 2
@@ -344,9 +344,9 @@ def test_a_kill_at_any_moment_of_a_replace_leaves_an_artifact_to_load(exchange, 
 
 
 def _aside_name(kind: str, pid: int) -> str:
-    from compiledopt.export import writer
+    from compiledopt.export import replace as replacing
 
-    return f".artifact.{kind}-{writer._host()}-{pid}-{time.time_ns()}-abc123"
+    return f".artifact.{kind}-{replacing._host()}-{pid}-{time.time_ns()}-abc123"
 
 
 def test_folders_of_a_running_export_are_left_alone(tmp_path):

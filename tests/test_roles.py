@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import compiledopt as co
 from compiledopt.export import export_shape_agnostic, load_artifact
 from compiledopt.learned import NormalizedMLP
-from compiledopt.runtime.roles import ROLES, check_routes, param_groups, roles_of
+from compiledopt.roles import ROLES, check_routes, param_groups, roles_of
 
 SPEC = {"kind": "shape_agnostic", "name": "normalized-mlp", "kwargs": {"hidden_sizes": [6]}}
 SPEC4 = {"kind": "shape_agnostic", "name": "normalized-mlp", "kwargs": {"hidden_sizes": [4]}}

@@ -32,7 +32,6 @@ Graphs that are code (TorchScript, AOTInductor) load only from an artifact trust
 ``trust_code=True`` or signed by a key in ``trusted_keys`` (``docs/security.md``).
 """
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -51,6 +50,7 @@ from compiledopt.export import backend as registry
 from compiledopt.export import signing
 from compiledopt.export import spec as specs
 from compiledopt.export.backend import Backend
+from compiledopt.export.budget import BuildBudget, OverBudgetError, untouched_rng
 from compiledopt.export.layout import (
     DTYPES,
     MANIFEST,
@@ -91,9 +91,6 @@ MAX_SIGNATURE_BYTES = 1 << 16
 #: The largest listed file (weights, graphs) read: 2 GiB, the most one ONNX model can hold
 #: without external data (a protobuf limit); the packaged optimizers' largest file is 125 kB.
 MAX_FILE_BYTES = 2 << 30
-#: How far a build may go past the tensors (count, elements) the weights hold before it is
-#: stopped: room for a constructor's temporaries; a spec is compared exactly once built.
-_BUDGET_FACTOR, _BUDGET_SLACK = 2, 64
 #: Errors a transform builder raises for arguments it cannot take.
 _BUILD_ERRORS = (
     TypeError,
@@ -224,8 +221,8 @@ class Artifact:
                 f"{len(held)} tensors"
             )
         elements = sum(math.prod(shape) for shape in held.values())
-        with _untouched_rng():
-            with torch.device("meta"), _Budget(len(held), elements, where):
+        with untouched_rng():
+            with torch.device("meta"), BuildBudget(len(held), elements, where):
                 implied = nn.ModuleList(unique_by_identity(self._build("meta"))[0]).state_dict()
             if set(implied) != set(held):
                 missing, extra = sorted(set(implied) - set(held)), sorted(set(held) - set(implied))
@@ -263,7 +260,7 @@ class Artifact:
                 shapes = [b["shape"] for b in self.bindings]
                 return specs.build_bound(self.spec, shapes, self.dtype, device)
             return [specs.build_shape_agnostic(self.spec).to(self.dtype)]
-        except _OverBudgetError as error:
+        except OverBudgetError as error:
             raise ArtifactError(
                 f"{self.path}: weights do not fit the transform spec: {error}"
             ) from None
@@ -429,58 +426,6 @@ def load_artifact(
     for name in manifest["files"]:
         artifact.read(name)
     return artifact
-
-
-class _OverBudgetError(Exception):
-    """A build registered more tensors (or elements) than the weights hold."""
-
-
-class _Budget:
-    """Counts the parameters and buffers that modules register on this thread while it is
-    active, and stops the build (:class:`_OverBudgetError`) once they exceed what the weights hold
-    (with :data:`_BUDGET_FACTOR` and :data:`_BUDGET_SLACK` of room)."""
-
-    def __init__(self, tensors: int, elements: int, where: Path) -> None:
-        self.where, self.held = where, (tensors, elements)
-        self.tensors = _BUDGET_FACTOR * tensors + _BUDGET_SLACK
-        self.elements = _BUDGET_FACTOR * elements + _BUDGET_SLACK
-        self.count = self.numel = 0
-        self.thread = threading.get_ident()
-        self.handles: List[Any] = []
-
-    def _registered(self, module: nn.Module, name: str, tensor: Optional[Tensor]) -> None:
-        if tensor is None or threading.get_ident() != self.thread:
-            return
-        self.count += 1
-        self.numel += tensor.numel()
-        if self.count > self.tensors or self.numel > self.elements:
-            raise _OverBudgetError(
-                f"the spec implies more than the {self.held[0]} tensors of {self.held[1]} "
-                f"elements {self.where} holds (stopped at {self.count} tensors of {self.numel} "
-                f"elements, {type(module).__name__}.{name})"
-            )
-
-    def __enter__(self) -> "_Budget":
-        hooks = torch.nn.modules.module
-        self.handles = [
-            hooks.register_module_parameter_registration_hook(self._registered),
-            hooks.register_module_buffer_registration_hook(self._registered),
-        ]
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def _untouched_rng():
-    """The global CPU generator (and every CUDA device's, where CUDA is initialised) restored
-    on exit: what runs inside may draw from them without changing a seeded run."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    devices = list(range(torch.cuda.device_count())) if cuda else []
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 def _few(names: List[str]) -> str:

@@ -5,17 +5,15 @@ every field's type and range, before anything the manifest describes is opened, 
 allocated. Every problem is an :class:`ArtifactError` naming the field.
 """
 
-import collections.abc
 import inspect
 import json
-import math
-import types
 import typing
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from compiledopt.export import backend as registry
 from compiledopt.export import spec as specs
-from compiledopt.transforms.base import ROLES
+from compiledopt.export.hints import hint_problem, is_real
+from compiledopt.roles import ROLES
 
 __all__ = [
     "DTYPE_NAMES",
@@ -127,7 +125,7 @@ def check_manifest(manifest: Any, where: str) -> Dict[str, Any]:
     dtype = manifest["dtype"]
     if not (isinstance(dtype, str) and dtype in DTYPE_NAMES):
         _fail(where, "dtype", dtype, " or ".join(map(repr, DTYPE_NAMES)))
-    if not _is_real(manifest["lr"]) or manifest["lr"] <= 0:
+    if not is_real(manifest["lr"]) or manifest["lr"] <= 0:
         _fail(where, "lr", manifest["lr"], "a finite number > 0")
     ranks: List[int] = []
     if kind == "bound":
@@ -207,16 +205,6 @@ def _is_int(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _is_real(value: Any) -> bool:
-    """A finite int or float, not a bool (ints too large for a float are not finite)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
 def _field(container: Dict[str, Any], name: str, where: str, path: str = "the manifest") -> Any:
     if name not in container:
         raise ArtifactError(f"{where}: {path} lacks {name!r}")
@@ -277,9 +265,9 @@ def _check_transform(spec: Any, kind: str, where: str) -> None:
     for flag in ("bias", "psd"):
         if flag in spec and not isinstance(spec[flag], bool):
             _fail(where, f"transform.{flag}", spec[flag], "true or false")
-    if "lr" in spec and not _is_real(spec["lr"]):
+    if "lr" in spec and not is_real(spec["lr"]):
         _fail(where, "transform.lr", spec["lr"], "a finite number")
-    if "step_size" in spec and not (_is_real(spec["step_size"]) and spec["step_size"] > 0):
+    if "step_size" in spec and not (is_real(spec["step_size"]) and spec["step_size"] > 0):
         _fail(where, "transform.step_size", spec["step_size"], "a finite number > 0")
     if spec_kind == "shape_agnostic":
         _check_kwargs(spec["name"], spec.get("kwargs", {}), where)
@@ -320,89 +308,12 @@ def _check_kwargs(name: str, kwargs: Dict[str, Any], where: str) -> None:
             raise ArtifactError(
                 f"{where}: invalid {path}: not a parameter of {name!r} (one of {', '.join(named)})"
             )
-        problem = _hint_problem(value, hints.get(key, Any), path)
+        problem = hint_problem(value, hints.get(key, Any), path, _key)
         if problem is not None:
             _fail(where, *problem)
     for parameter in named.values():
         if parameter.default is inspect.Parameter.empty and parameter.name not in kwargs:
             raise ArtifactError(f"{where}: transform.kwargs lacks {parameter.name!r}")
-
-
-_SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
-_MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
-
-
-#: Whether a JSON value fits a scalar annotation.
-_SCALARS: Dict[Any, Callable[[Any], bool]] = {
-    bool: lambda value: isinstance(value, bool),
-    int: lambda value: isinstance(value, int) and not isinstance(value, bool),
-    float: lambda value: _is_real(value),
-    str: lambda value: isinstance(value, str),
-    type(None): lambda value: value is None,
-}
-
-
-def _hint_problem(value: Any, hint: Any, path: str) -> Optional[Tuple[str, Any, str]]:
-    """``None`` if the JSON ``value`` fits the annotation ``hint``, else ``(path, value,
-    expected)`` of the first part that does not. Annotations this does not model pass."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        if any(_hint_problem(value, arm, path) is None for arm in args):
-            return None
-        return path, value, _describe(hint)
-    if hint in _SCALARS:
-        return None if _SCALARS[hint](value) else (path, value, _describe(hint))
-    if origin in _SEQUENCES or hint in (list, tuple):
-        if not isinstance(value, list):
-            return path, value, _describe(hint)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                return path, value, _describe(hint)
-            items = args
-        else:
-            item_hint = args[0] if args else Any
-            if item_hint in _SCALARS:  # a list of scalars: one check per item, no path built
-                fits = _SCALARS[item_hint]
-                for index, item in enumerate(value):
-                    if not fits(item):
-                        return f"{path}[{index}]", item, _describe(item_hint)
-                return None
-            items = (item_hint,) * len(value)
-        for index, (item, item_hint) in enumerate(zip(value, items)):
-            problem = _hint_problem(item, item_hint, f"{path}[{index}]")
-            if problem is not None:
-                return problem
-        return None
-    if origin in _MAPPINGS or hint is dict:
-        if not isinstance(value, dict):
-            return path, value, _describe(hint)
-        item_hint = args[1] if len(args) == 2 else Any
-        for key, item in value.items():
-            problem = _hint_problem(item, item_hint, _key(path, key))
-            if problem is not None:
-                return problem
-        return None
-    if isinstance(hint, type) and origin is None:
-        return None if isinstance(value, hint) else (path, value, _describe(hint))
-    return None
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        return " or ".join(_describe(arm) for arm in args)
-    names = {bool: "a bool", int: "an int", float: "a finite number", str: "a string"}
-    if hint in names:
-        return names[hint]
-    if hint is type(None):
-        return "null"
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        return f"a list of {len(args)}: " + ", ".join(_describe(arm) for arm in args)
-    if origin in _SEQUENCES or hint in (list, tuple):
-        return "a list" + (f" (each {_describe(args[0])})" if args else "")
-    if origin in _MAPPINGS or hint is dict:
-        return "a JSON object"
-    return f"a {getattr(hint, '__name__', hint)} (which JSON cannot hold)"
 
 
 def _check_shape(shape: Any, path: str, where: str) -> None:

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from compiledopt._validation import check_fields
 from compiledopt.meta.inner import check_routes, check_rules, check_shape_agnostic
 from compiledopt.meta.population import Params, Population, States, flat_weights, set_weights
+from compiledopt.meta.processes import distributed
 from compiledopt.schedules import warmup_cosine
 from compiledopt.tasks.base import Task, TaskFamily
 from compiledopt.transforms.base import Transform
@@ -207,9 +208,11 @@ class ESTrainer:
         self.metadata = dict(metadata or {})
         check_rules(self.transform, self.config.routes, "routes")
         self.transform.to(family.device)
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if _dist() else (0, 1)
+        self.rank, self.world = (
+            (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+        )
         theta = flat_weights(self.transform)
-        if _dist():
+        if distributed():
             dist.broadcast(theta, src=0)
         self.theta = theta.clone().requires_grad_()
         self.meta_optimizer = torch.optim.Adam([self.theta], lr=self.config.meta_lr)
@@ -317,7 +320,7 @@ class ESTrainer:
             if estimate is not None:
                 numerator += estimate.double()
                 sums += torch.tensor([1.0, self._last_objective], dtype=torch.float64)
-        if _dist():
+        if distributed():
             dist.all_reduce(numerator)
             dist.all_reduce(sums)
         finite = float(sums[0])
@@ -495,7 +498,3 @@ class ESTrainer:
         """Resume from :meth:`save`'s file (loaded with ``weights_only=True``)."""
         source = path if self.world == 1 else f"{path}.rank{self.rank}"
         self.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
-
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()

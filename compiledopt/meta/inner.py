@@ -5,8 +5,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
+from compiledopt.roles import ROLES
 from compiledopt.tasks.base import Task
-from compiledopt.transforms.base import ROLES, Transform
+from compiledopt.transforms.base import Transform
 
 Params = Dict[str, Tensor]
 States = Dict[str, List[Tensor]]

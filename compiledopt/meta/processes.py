@@ -15,6 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def distributed() -> bool:
+    """Whether this process is one rank of an initialised ``torch.distributed`` group."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def _worker(
     rank: int,
     world: int,

@@ -45,6 +45,7 @@ from compiledopt.meta.inner import (
     routed_transforms,
     task_gradients,
 )
+from compiledopt.meta.processes import distributed
 from compiledopt.tasks.base import Task, TaskFamily
 from compiledopt.transforms.base import Transform
 
@@ -168,9 +169,9 @@ class MetaTrainer:
         check_rules(self.transform, self.config.routes, "routes")
         self.transform.to(family.device)
         self.rank, self.world = (
-            (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+            (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
         )
-        if _distributed():
+        if distributed():
             for weight in self.transform.parameters():
                 dist.broadcast(weight.data, src=0)
         self.meta_optimizer = torch.optim.Adam(self.transform.parameters(), lr=self.config.meta_lr)
@@ -237,7 +238,7 @@ class MetaTrainer:
                 total += meta_loss.double().cpu()
                 finite += 1
         weights = list(self.transform.parameters())
-        if _distributed():
+        if distributed():
             for weight in weights:
                 dist.all_reduce(weight.grad)
             sums = torch.stack([total, finite])
@@ -437,7 +438,3 @@ class MetaTrainer:
         source = path if self.world == 1 else f"{path}.rank{self.rank}"
         state = torch.load(source, map_location="cpu", weights_only=True)
         self.load_state_dict(state, allow_changes)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()

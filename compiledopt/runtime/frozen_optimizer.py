@@ -10,10 +10,10 @@ from torch.optim import Optimizer
 
 from compiledopt._validation import check_flag, check_real
 from compiledopt.export import Artifact
+from compiledopt.roles import AUTO
 from compiledopt.runtime.choice import RUNTIME_BACKENDS, auto_order, choose_backend
 from compiledopt.runtime.distributed import finite_flags, place_like
 from compiledopt.runtime.keywords import artifact_for, backend_for_keywords
-from compiledopt.runtime.roles import AUTO
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.routing import Router
 from compiledopt.runtime.state import (

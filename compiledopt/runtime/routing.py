@@ -1,7 +1,7 @@
 """Which rule computes each parameter's step, and the strategy that runs each rule.
 
 A :class:`Router` belongs to one optimizer. It holds the artifact's transforms and routes (the
-rule of each parameter role, see :mod:`compiledopt.runtime.roles`), resolves every parameter's
+rule of each parameter role, see :mod:`compiledopt.roles`), resolves every parameter's
 rule from its param group, and keeps one :class:`~compiledopt.runtime.strategies.Strategy` per
 rule, built at the rule's first use (rules whose transform is the artifact's own, as configured,
 share one). A step computes each rule's parameters in one call of its strategy, so each rule
@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import torch
 
 from compiledopt.export import Artifact
-from compiledopt.runtime.roles import AUTO, check_role, check_routes, shape_role
+from compiledopt.roles import AUTO, check_role, check_routes, shape_role
 from compiledopt.runtime.strategies import Computed, Strategy, make_strategy
 from compiledopt.transforms.base import Transform
 

@@ -72,9 +72,9 @@ class Task:
     def roles(self) -> Dict[str, str]:
         """The role of each parameter by name (the names of :meth:`init_params`): ``matrix``,
         ``vector``, ``embedding``, ``head`` or ``input``, found from the model's module types by
-        :func:`compiledopt.runtime.roles.roles_of`. Meta-training routes each parameter to the
+        :func:`compiledopt.roles.roles_of`. Meta-training routes each parameter to the
         rule of its role."""
-        from compiledopt.runtime.roles import roles_of
+        from compiledopt.roles import roles_of
 
         by_id = roles_of(self.model)
         return {name: by_id[id(param)] for name, param in self.model.named_parameters()}

@@ -202,7 +202,7 @@ def generated_pools(source: str, seed: int, classes: int) -> Tuple[Batch, Batch,
 
 class _Dense(nn.Linear):
     """An ``nn.Linear`` holding the given weight and bias (drawn without the global RNG); a
-    linear layer by type, so :func:`compiledopt.runtime.roles.roles_of` finds the input layer
+    linear layer by type, so :func:`compiledopt.roles.roles_of` finds the input layer
     and the head."""
 
     def __init__(self, weight: Tensor, bias: Tensor) -> None:

@@ -51,11 +51,6 @@ class Cost(NamedTuple):
         return Cost(float(flops * numel), float(values * itemsize * numel), float(flops * numel))
 
 
-#: What a parameter can be in its model (see ``compiledopt.runtime.roles``): an artifact routes
-#: each role to one of its transform's :meth:`Transform.rules`.
-ROLES = ("matrix", "vector", "embedding", "head", "input")
-
-
 class Transform(nn.Module):
     """Base class of every gradient transform.
 

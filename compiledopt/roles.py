@@ -21,8 +21,6 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
-from compiledopt.transforms.base import ROLES
-
 __all__ = [
     "AUTO",
     "NORM_TYPES",
@@ -34,6 +32,9 @@ __all__ = [
     "shape_role",
 ]
 
+#: What a parameter can be in its model; an artifact routes each role to one of its transform's
+#: rules (``Transform.rules``).
+ROLES = ("matrix", "vector", "embedding", "head", "input")
 AUTO = "auto"
 #: Normalisation layers: their parameters are ``vector`` whatever their shape.
 NORM_TYPES: Tuple[type, ...] = (
