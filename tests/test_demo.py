@@ -110,7 +110,9 @@ def test_cli_rejects_bad_steps(capsys, steps):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: compiledopt meta-descent")
-    assert "--steps" in err and "must be a positive integer" in err
+    assert "--steps" in err and "must be an integer in [1, 1,000,000]" in err
+    shown = repr(steps) if steps == "ten" else steps
+    assert f"got {shown}" in err
 
 
 @pytest.mark.parametrize(
