@@ -12,10 +12,11 @@ from compiledopt._validation import check_flag, check_real
 from compiledopt.export import Artifact
 from compiledopt.roles import AUTO
 from compiledopt.runtime.choice import RUNTIME_BACKENDS, auto_order, choose_backend
-from compiledopt.runtime.distributed import finite_flags, place_like
+from compiledopt.runtime.distributed import place_like
 from compiledopt.runtime.keywords import artifact_for, backend_for_keywords
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.routing import Router
+from compiledopt.runtime.skips import groups_to_skip
 from compiledopt.runtime.state import (
     check_current,
     check_loaded,
@@ -342,11 +343,11 @@ class FrozenOptimizer(Optimizer):
         finally:
             for param, grad in flipped:
                 param.grad = grad
-        skipped = (
-            set()
-            if self.nonfinite == "ignore"
-            else self._nonfinite(groups, computed.checks, labels)
-        )
+        skipped: set = set()
+        if self.nonfinite != "ignore":
+            skipped, self._warned_skip = groups_to_skip(
+                groups, computed.checks, labels, self.nonfinite, self._warned_skip
+            )
         results = computed.results
         for g, ((group, members), (lr, decay)) in enumerate(zip(groups, rates)):
             if g in skipped:
@@ -371,36 +372,6 @@ class FrozenOptimizer(Optimizer):
         if self._written.get(id(param)) == _mark(param, state):
             return state  # exactly what the last step wrote: checked then
         return check_current(state, self._strategy.expected_state(index, param), where)
-
-    def _nonfinite(self, groups, checks, labels) -> set:
-        """The indices of the groups to skip: those with a non-finite gradient, direction or new
-        state (``nonfinite="raise"``: ``FloatingPointError`` naming the first such parameter).
-        One host synchronisation for the whole step (and, for distributed parameters, one
-        all-reduce of their flags, so that every rank decides alike)."""
-        bad: Dict[int, str] = {}
-        for (_, members, what), flags in zip(checks, finite_flags(checks)):
-            for i, finite in zip(members, flags):
-                if not finite:
-                    bad.setdefault(i, what)
-        skipped = set()
-        for g, (_, members) in enumerate(groups):
-            first = next((i for i in members if i in bad), None)
-            if first is None:
-                continue
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"non-finite {bad[first]} for {labels[first]}")
-            skipped.add(g)
-            warn = not getattr(self, "_warned_skip", False)
-            self._warned_skip = True
-            logger.log(
-                logging.WARNING if warn else logging.DEBUG,
-                "FrozenOptimizer: step skipped for the group of %s: non-finite %s (counted in "
-                "skipped_steps%s)",
-                labels[first],
-                bad[first],
-                "; later skips are logged at DEBUG" if warn else "",
-            )
-        return skipped
 
     # -- state_dict -------------------------------------------------------------------------
 
@@ -493,7 +464,19 @@ class FrozenOptimizer(Optimizer):
         # pickled or copied optimizer comes with its artifact, and its strategy is rebuilt (the
         # artifact's files read and verified again).
         self._written = {}
+        self._warned_skip = getattr(self, "_warned_skip", False)
         if "artifact" in state:
             self._router = Router(self.artifact, self.artifact.transforms(), self.state_dtype)
             self._router.bind(self.backend)
             self._initialised = True
+
+
+# torch.optim wraps ``step`` in its profiling hooks at the first construction; wrapped here
+# instead, inside ``torch.compiler.disable``, so that Dynamo leaves the whole step to Python.
+# ``torch.compile(optimizer.step)`` would otherwise retrace it at every new state object (its
+# guards cannot hold across steps) until the recompile limit, for nothing: the rule inside
+# already runs compiled (or exported).
+FrozenOptimizer.step = torch.compiler.disable(  # type: ignore[method-assign]
+    Optimizer.profile_hook_step(FrozenOptimizer.step)
+)
+FrozenOptimizer.step.hooked = True  # type: ignore[attr-defined]
