@@ -235,7 +235,7 @@ def test_a_symlink_to_dev_zero_is_refused_without_reading(artifact):
     with _bounded(seconds=20, extra_memory=2 << 30):
         with pytest.raises(ArtifactError, match=r"weights\.safetensors is a symbolic link"):
             load_artifact(artifact)
-    assert time.perf_counter() - start < 2
+    assert time.perf_counter() - start < 10  # the unguarded loads took 15-57 s
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
@@ -288,7 +288,7 @@ def test_a_file_over_the_cap_is_refused_before_it_is_read(artifact):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - start < 2
+    assert time.perf_counter() - start < 10  # the unguarded loads took 15-57 s
     assert peak < 16 << 20, peak
 
 
@@ -356,7 +356,7 @@ def test_a_spec_implying_more_tensors_than_the_weights_hold_is_refused_fast(arti
     start = time.perf_counter()
     with pytest.raises(ArtifactError, match="weights do not fit the transform spec") as caught:
         loaded.transforms()
-    assert time.perf_counter() - start < 2
+    assert time.perf_counter() - start < 10  # the unguarded loads took 15-57 s
     tracemalloc.start()  # measured apart: tracing slows every allocation
     try:
         with pytest.raises(ArtifactError, match="weights do not fit the transform spec"):
@@ -384,7 +384,7 @@ def test_a_bound_manifest_with_more_bindings_than_weights_is_refused_before_buil
     start = time.perf_counter()
     with pytest.raises(ArtifactError, match="14000 bindings"):
         loaded.transforms()
-    assert time.perf_counter() - start < 2
+    assert time.perf_counter() - start < 10  # the unguarded loads took 15-57 s
 
 
 def test_a_spec_implying_larger_tensors_is_refused_before_allocating(artifact):
