@@ -66,12 +66,13 @@ def test_measured_timings_order_auto(monkeypatch):
     assert all(torch.equal(p, b) and p.grad is None for p, b in zip(params, before))
     assert set(timings) == {"onnx", "torchscript", "eager"}
     assert all(t > 0 for t in timings.values())
-    order = autotune.measured_order(artifact, "cpu")
+    elements = sum(p.numel() for p in params)
+    order = autotune.measured_order(artifact, "cpu", elements=elements)
     fastest = min(("onnx", "torchscript"), key=timings.get)
     assert order[0] == fastest and order[-1] == "eager"
     assert co.FrozenOptimizer(params, PACKAGED).backend == fastest
     # Another thread count has its own recording (none here): the default order.
-    assert autotune.measured_order(artifact, "cpu", threads=999)[0] == "compiled"
+    assert autotune.measured_order(artifact, "cpu", 999, elements)[0] == "compiled"
 
 
 def test_a_damaged_timing_cache_is_ignored_and_replaced():

@@ -31,9 +31,11 @@ def artifact():
     return open_artifact(PACKAGED, trust_code=False)
 
 
-def _recorded(artifact, timings):
-    """A well-formed cache holding ``timings`` for ``artifact`` on this CPU and thread count."""
-    return {autotune._key(artifact, torch.device("cpu"), torch.get_num_threads()): timings}
+def _recorded(artifact, timings, elements=autotune.DEFAULT_ELEMENTS):
+    """A well-formed cache holding ``timings`` for ``artifact`` on this CPU and thread count,
+    for parameters of ``elements`` elements."""
+    key = autotune._key(artifact, torch.device("cpu"), torch.get_num_threads(), elements)
+    return {key: timings}
 
 
 DEFAULT = (*(b for b in DEFAULT_ORDER if b != "eager"), "eager")
@@ -107,8 +109,30 @@ def test_a_recording_replaces_a_malformed_cache(cache, artifact):
         artifact, ["eager", "onnx"], [nn.Parameter(torch.ones(4))], reps=1
     )
     assert set(timings) == {"eager", "onnx"}
-    assert json.loads(cache.read_text()) == _recorded(artifact, timings)
-    assert measured_order(artifact, "cpu")[0] == "onnx"
+    assert json.loads(cache.read_text()) == _recorded(artifact, timings, elements=4)
+    assert measured_order(artifact, "cpu", elements=4)[0] == "onnx"
+
+
+def test_size_classes_split_at_powers_of_sixteen():
+    assert [autotune.size_class(n) for n in (0, 1, 15, 16, 255, 256, 65_535, 65_536)] == [
+        "2^0", "2^0", "2^0", "2^4", "2^4", "2^8", "2^12", "2^16"
+    ]  # fmt: skip
+    assert autotune.size_class(4_000_000) == "2^20"
+    with pytest.raises(ValueError, match="Invalid elements: -1"):
+        autotune.size_class(-1)
+
+
+def test_auto_never_uses_a_timing_from_another_size_class(cache, artifact):
+    """Backends timed on a small model (onnx fastest there) order ``auto`` for models of that
+    size class only: a model of 4M elements gets the default order, and so does its optimizer."""
+    cache.write_text(json.dumps(_recorded(artifact, {"onnx": 0.001, "compiled": 0.5}, 1000)))
+    assert measured_order(artifact, "cpu", elements=1000)[0] == "onnx"
+    assert measured_order(artifact, "cpu", elements=900)[0] == "onnx"  # same class
+    assert measured_order(artifact, "cpu", elements=4_000_000) == DEFAULT
+    small = [nn.Parameter(torch.zeros(10, 100))]
+    large = [nn.Parameter(torch.zeros(4, 1_000_000))]
+    assert co.FrozenOptimizer(small, PACKAGED).backend == "onnx"
+    assert co.FrozenOptimizer(large, PACKAGED).backend == DEFAULT[0]
 
 
 # -- what a step reads, checked every step ----------------------------------------------------

@@ -5,8 +5,10 @@ CPU cores the compiled backend beats AOTInductor on a ResNet-18 while onnxruntim
 small bound rules. :func:`measure_backends` times one optimizer step of every backend an artifact
 can run, on a parameter list the caller gives (by default a small mixed model) and records the
 medians in a cache file; ``auto`` then tries the backends fastest first for that artifact, device
-type and thread count. Without a recording it uses :data:`DEFAULT_ORDER`, measured on two-core
-x86 machines with the packaged optimizer.
+type, thread count and size class (:func:`size_class`: the parameters' total elements within a
+factor of 16, so a timing taken on a small model never chooses for a large one, where the ranking
+differs: per-call overheads dominate small steps, bandwidth large ones). Without a recording it
+uses :data:`DEFAULT_ORDER`, measured on two-core x86 machines with the packaged optimizer.
 
 The cache is ``$COMPILEDOPT_CACHE/backend-timings.json`` (default
 ``$XDG_CACHE_HOME/compiledopt`` or ``~/.cache/compiledopt``): a cache, safe to delete; an
@@ -30,12 +32,14 @@ from torch import nn
 
 __all__ = [
     "CACHE_VARIABLE",
+    "DEFAULT_ELEMENTS",
     "DEFAULT_ORDER",
     "MAX_CACHE_BYTES",
     "cache_file",
     "digest",
     "measure_backends",
     "measured_order",
+    "size_class",
 ]
 
 logger = logging.getLogger("compiledopt")
@@ -69,10 +73,20 @@ def digest(artifact) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _key(artifact, device: torch.device, threads: int) -> str:
-    """One recording's key: the artifact, the device type, the thread count and the torch
-    version (a new torch may change every timing)."""
-    return f"{digest(artifact)}|{torch.device(device).type}|{threads}|{torch.__version__}"
+def size_class(elements: int) -> str:
+    """The size class of parameters holding ``elements`` elements in all: ``"2^k"`` for the
+    classes ``[2^k, 2^(k+4))`` with ``k`` a multiple of 4 (``"2^0"`` up to 15 elements, ``"2^16"``
+    from 65,536 to about a million, ...)."""
+    if not isinstance(elements, int) or isinstance(elements, bool) or elements < 0:
+        raise ValueError(f"Invalid elements: {elements!r} (an integer >= 0)")
+    return f"2^{(max(elements, 1).bit_length() - 1) // 4 * 4}"
+
+
+def _key(artifact, device: torch.device, threads: int, elements: int) -> str:
+    """One recording's key: the artifact, the device type, the thread count, the torch version
+    (a new torch may change every timing) and the parameters' size class."""
+    device_type = torch.device(device).type
+    return f"{digest(artifact)}|{device_type}|{threads}|{torch.__version__}|{size_class(elements)}"
 
 
 def _read() -> Dict[str, Dict[str, float]]:
@@ -176,23 +190,34 @@ def _write(key: str, timings: Dict[str, float]) -> None:
 
 
 def measured_order(
-    artifact, device: "torch.device | str", threads: Optional[int] = None
+    artifact,
+    device: "torch.device | str",
+    threads: Optional[int] = None,
+    elements: Optional[int] = None,
 ) -> Tuple[str, ...]:
-    """The backends in ``auto``'s order for ``artifact`` on
-    ``device`` with ``threads`` threads (default: torch's current count): those recorded by
-    :func:`measure_backends`, fastest first, then the others in :data:`DEFAULT_ORDER`;
-    ``eager``, which always runs, last."""
+    """The backends in ``auto``'s order for ``artifact`` on ``device`` with ``threads`` threads
+    (default: torch's current count) and parameters of ``elements`` elements in all (default:
+    those :func:`measure_backends` times when given none): those recorded by
+    :func:`measure_backends` for that size class (:func:`size_class`), fastest first, then the
+    others in :data:`DEFAULT_ORDER`; ``eager``, which always runs, last. A recording from another
+    size class is never used."""
     threads = torch.get_num_threads() if threads is None else threads
-    timings = _read().get(_key(artifact, torch.device(device), threads), {})
+    elements = DEFAULT_ELEMENTS if elements is None else elements
+    timings = _read().get(_key(artifact, torch.device(device), threads, elements), {})
     measured = sorted((t, b) for b, t in timings.items() if b in DEFAULT_ORDER and b != "eager")
     order = [b for _, b in measured]
     return (*order, *(b for b in DEFAULT_ORDER if b not in order and b != "eager"), "eager")
 
 
+_DEFAULT_SHAPES = [(256, 256)] * 4 + [(64, 32, 3, 3)] * 2 + [(256,)] * 24 + [(1 << 18,)]
+#: The elements of the parameters :func:`measure_backends` times when given none.
+DEFAULT_ELEMENTS = sum(math.prod(s) for s in _DEFAULT_SHAPES)
+
+
 def _default_params(device: torch.device) -> List[nn.Parameter]:
     """A small mixed model's parameters: matrices, a convolution kernel and many vectors."""
     generator = torch.Generator().manual_seed(0)
-    shapes = [(256, 256)] * 4 + [(64, 32, 3, 3)] * 2 + [(256,)] * 24 + [(1 << 18,)]
+    shapes = _DEFAULT_SHAPES
     return [
         nn.Parameter(torch.randn(s, generator=generator).to(device), requires_grad=True)
         for s in shapes
@@ -209,7 +234,8 @@ def measure_backends(
     make_optimizer: Optional[Callable] = None,
 ) -> Dict[str, float]:
     """Median seconds of one ``FrozenOptimizer`` step of ``artifact`` on each backend, and (with
-    ``record``) their recording for ``auto`` on this device type and thread count.
+    ``record``) their recording for ``auto`` on this device type, thread count and size class of
+    ``params`` (:func:`size_class`; ``auto`` reads it only for parameters of the same class).
 
     Args:
         artifact (Artifact): the loaded artifact (trusted, to time its code backends).
@@ -268,7 +294,8 @@ def measure_backends(
     for p, grad in zip(params, gradients):
         p.grad = grad
     if record and timings:
-        _write(_key(artifact, device, torch.get_num_threads()), timings)
+        elements = sum(p.numel() for p in params)
+        _write(_key(artifact, device, torch.get_num_threads(), elements), timings)
     return timings
 
 

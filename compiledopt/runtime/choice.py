@@ -8,7 +8,7 @@ compute a rule some parameters are routed to, and one that cannot load on this m
 """
 
 import logging
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -25,12 +25,16 @@ logger = logging.getLogger("compiledopt")
 RUNTIME_BACKENDS = (*BUILT_IN_BACKENDS, *BACKENDS)
 
 
-def auto_order(artifact: Artifact, device: torch.device) -> Tuple[str, ...]:
+def auto_order(
+    artifact: Artifact, device: torch.device, elements: Optional[int] = None
+) -> Tuple[str, ...]:
     """The order in which ``backend="auto"`` tries the runtime backends for ``artifact`` on
-    ``device`` with the current thread count: fastest first as measured by
-    :func:`~compiledopt.runtime.autotune.measure_backends` (else its default order), then any
-    other artifact backend, ``eager`` last."""
-    order = [b for b in measured_order(artifact, device) if b in RUNTIME_BACKENDS and b != "eager"]
+    ``device`` with the current thread count, for parameters of ``elements`` elements in all:
+    fastest first as measured by :func:`~compiledopt.runtime.autotune.measure_backends` on
+    parameters of the same size class (else its default order), then any other artifact
+    backend, ``eager`` last."""
+    measured = measured_order(artifact, device, elements=elements)
+    order = [b for b in measured if b in RUNTIME_BACKENDS and b != "eager"]
     rest = [b for b in RUNTIME_BACKENDS if b not in order and b != "eager"]
     return (*order, *rest, "eager")
 

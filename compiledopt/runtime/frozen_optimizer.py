@@ -288,7 +288,8 @@ class FrozenOptimizer(Optimizer):
     def _choose(self, backend: str) -> str:
         flat = self._flat()
         device = flat[0].device if flat else torch.device("cpu")
-        order = auto_order(self.artifact, device) if backend == "auto" else ()
+        elements = sum(p.numel() for p in flat)
+        order = auto_order(self.artifact, device, elements) if backend == "auto" else ()
         off_graph = self._router.off_graph(self.param_groups)
         return choose_backend(backend, self.artifact, self._named(), off_graph, order)
 
