@@ -23,8 +23,20 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from compiledopt.export import Artifact, ArtifactError, load_artifact
 from compiledopt.export.layout import MANIFEST
+from compiledopt.pretrained.hub import from_hub, push_to_hub
 
-__all__ = ["DEFAULT", "info", "load", "names", "open_artifact", "path", "resolve", "summary"]
+__all__ = [
+    "DEFAULT",
+    "from_hub",
+    "info",
+    "load",
+    "names",
+    "open_artifact",
+    "path",
+    "push_to_hub",
+    "resolve",
+    "summary",
+]
 
 #: The recommended packaged optimizer, used where none is named: the best general-purpose one
 #: shipped (change it when a better one is added).
