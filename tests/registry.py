@@ -98,6 +98,9 @@ REGISTRY = [
     agnostic("hypergradient_descent", "hypergradient"),
     agnostic("hypergradient_descent_per_element", "hypergradient", per_element=True),
     agnostic("idbd", "idbd"),
+    # Celo2 without Newton–Schulz (whose cost is not per coordinate); orthogonalize, the traced
+    # orientation switch and imported weights are checked in tests/test_celo2.py.
+    agnostic("celo2", "celo2", hidden_size=4, orthogonalize=False),
     # Non-learned baselines (no weights: the meta-gradient tests skip them).
     agnostic("sgd_momentum", "sgd", momentum=0.9),
     agnostic("sgd_nesterov_wd", "sgd", momentum=0.9, nesterov=True, weight_decay=1e-2),

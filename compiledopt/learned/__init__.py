@@ -5,6 +5,7 @@ learning rate it runs at); the command line, the export spec and the benchmark r
 """
 
 from compiledopt.learned.catalog import CATALOG, LEARNED, CatalogEntry, build_transform
+from compiledopt.learned.celo2 import Celo2
 from compiledopt.learned.lstm import CoordinateLSTM
 from compiledopt.learned.mlp import CoordinateMLP
 from compiledopt.learned.normalized import NormalizedMLP
@@ -15,6 +16,7 @@ __all__ = [
     "IDBD",
     "LEARNED",
     "CatalogEntry",
+    "Celo2",
     "CoordinateLSTM",
     "CoordinateMLP",
     "HypergradientDescent",

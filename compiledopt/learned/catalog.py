@@ -13,6 +13,7 @@ Adding a learned family: write its module in this package (a :class:`Transform` 
 
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Tuple
 
+from compiledopt.learned.celo2 import Celo2
 from compiledopt.learned.lstm import CoordinateLSTM
 from compiledopt.learned.mlp import CoordinateMLP
 from compiledopt.learned.normalized import NormalizedMLP
@@ -47,6 +48,7 @@ CATALOG: Dict[str, CatalogEntry] = {
     "normalized-mlp": CatalogEntry(
         NormalizedMLP, 1e-3, "odd per-coordinate MLP on scale-free features, unit-RMS output"
     ),
+    "celo2": CatalogEntry(Celo2, 1e-3, "Celo2: MLP on Adam/Adafactor features, orthogonalised"),
     "learned-step-size": CatalogEntry(
         LearnedStepSize, 0.1, "one learnable log step size shared by all parameters"
     ),
