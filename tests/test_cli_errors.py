@@ -151,6 +151,13 @@ def no_long_work(monkeypatch, tmp_path):
 # (id, argv with {in} = the inputs folder, {out} = a folder that must not appear, {ro} = an
 #  unwritable folder; argparse: whether argparse refuses it; what the message must contain)
 CASES = [
+    # -- convert: a file that is not a state_dict -------------------------------------------------
+    (
+        "convert-not-weights",
+        ["convert", "{in}/random.bin", "--output", "{out}/a"],
+        False,
+        "random.bin",
+    ),
     # -- train: numbers, conflicts, files ------------------------------------------------------
     ("train-horizon-not-multiple", ["train", *TINY, "--horizon", "5"], False, "--horizon: 5"),
     ("train-horizon-below-unroll", ["train", *TINY, "--unroll", "8"], False, "--unroll"),

@@ -33,6 +33,7 @@ COMMANDS: Dict[str, str] = {
     "meta-descent": "meta_descent",
     "train": "train",
     "export": "export",
+    "convert": "convert",
     "inspect": "inspect",
     "verify": "verify",
     "finetune": "finetune",
