@@ -153,14 +153,14 @@ def test_a_nonfinite_member_skips_only_its_group():
 def test_a_bad_batched_result_is_refused_before_anything_is_written(monkeypatch):
     params = _params([(6,)] * 3)
     optimizer = co.FrozenOptimizer(params, PACKAGED, backend="eager")
-    rules = optimizer._strategy.rules(torch.device("cpu"))
+    rules = optimizer._schema_strategy.rules(torch.device("cpu"))
 
     def truncated(grads, inputs, stored, step, seeds):
         directions, values = rules.batched(grads, inputs, stored, step, seeds)
         return directions[:, :5], values
 
     monkeypatch.setattr(
-        optimizer._strategy, "rules", lambda device: rules._replace(batched=truncated)
+        optimizer._schema_strategy, "rules", lambda device: rules._replace(batched=truncated)
     )
     _grads(params, 0)
     before = [p.detach().clone() for p in params]
@@ -275,7 +275,7 @@ def test_a_state_replaced_or_edited_between_steps_is_what_the_next_step_reads():
         params = _params([(6,)] * 4)
         optimizer = co.FrozenOptimizer(params, PACKAGED, backend="eager")
         if not batched:
-            optimizer._strategy.max_elements = 0  # every parameter in its own call
+            optimizer._schema_strategy.max_elements = 0  # every parameter in its own call
         for t in range(4):
             _grads(params, t)
             optimizer.step()

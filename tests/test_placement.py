@@ -39,10 +39,10 @@ def test_auto_skips_cpu_only_backends_for_parameters_elsewhere(caplog):
 
 def test_eager_rules_are_built_on_the_parameters_device():
     optimizer = co.FrozenOptimizer(_params((4, 3), device="meta"), PACKAGED, backend="eager")
-    rules = optimizer._strategy.rules(torch.device("meta"))
+    rules = optimizer._schema_strategy.rules(torch.device("meta"))
     weights = list(rules.single.rule.transform.parameters())
     assert weights and all(w.device.type == "meta" for w in weights)
-    cpu = optimizer._strategy.rules(torch.device("cpu")).single.rule.transform
+    cpu = optimizer._schema_strategy.rules(torch.device("cpu")).single.rule.transform
     assert all(w.device.type == "cpu" for w in cpu.parameters())
 
 

@@ -32,7 +32,7 @@ NONFINITE_POLICIES = ("skip", "raise", "ignore")
 #: What pickling and ``copy.deepcopy`` keep besides torch.optim's ``defaults``, ``state`` and
 #: ``param_groups`` (the strategy is rebuilt from them; the skipped-step counts are in the
 #: groups).
-PICKLED = ("artifact", "backend", "nonfinite", "state_dtype")
+PICKLED = ("artifact", "backend", "background", "nonfinite", "state_dtype")
 SET_OF_PARAMS = (
     "optimizer parameters need to be organized in ordered collections, but the ordering of "
     "tensors in sets will change between runs. Please use a list instead."
@@ -77,7 +77,10 @@ class FrozenOptimizer(Optimizer):
             measured on this machine, device and thread count by
             :func:`compiledopt.runtime.autotune.measure_backends` (recorded in a cache), else
             ``compiled, aoti, onnx, torchscript``; ``eager`` always runs and comes last.
-            ``optimizer.backend`` says which. Eager and compiled run on the parameters'
+            ``optimizer.backend`` says which. When ``auto`` picks ``compiled``, no step waits
+            for the compile: it runs in the background and the eager rule computes the steps
+            until it is ready (``optimizer.background``; naming ``"compiled"`` compiles at the
+            first step instead). Eager and compiled run on the parameters'
             device (CPU, CUDA, ...); the exported graphs run on the CPU; a distributed
             (``DTensor``, FSDP2) parameter runs on eager; another choice raises ``ValueError``
             at construction. Naming ``torchscript`` or ``aoti`` for an untrusted artifact
@@ -195,13 +198,20 @@ class FrozenOptimizer(Optimizer):
             named = all(group.get("param_names") for group in self.param_groups)
             self.artifact.check_bindings(self._named(), check_dtype=False, check_names=named)
         self.backend = self._choose(backend)
-        self._router.bind(self.backend)
+        # A compile the user did not ask for never holds up a step (see runtime.warming).
+        self.background = backend == "auto" and self.backend == "compiled"
+        self._router.bind(self.backend, self.background)
         self._initialised = True
         logger.info(
-            "FrozenOptimizer: %s artifact %s on the %s backend",
+            "FrozenOptimizer: %s artifact %s on the %s backend (%s)",
             self.artifact.kind,
             self.artifact.path,
             self.backend,
+            "chosen by auto; compiled in the background, the eager rule runs until then"
+            if self.background
+            else "chosen by auto"
+            if backend == "auto"
+            else "as asked",
         )
 
     @property
@@ -212,9 +222,10 @@ class FrozenOptimizer(Optimizer):
         return dict(self._router.routes)
 
     @property
-    def _strategy(self):
+    def _schema_strategy(self):
         """The strategy of the artifact's transform as configured: it gives every parameter's
-        state schema (each rule of a transform keeps the same state)."""
+        state schema (each rule of a transform keeps the same state). Not ``_strategy``:
+        Lightning sets an attribute of that name on the optimizers it wraps."""
         return self._router.strategy("artifact")
 
     def rules_of(self) -> List[str]:
@@ -369,10 +380,10 @@ class FrozenOptimizer(Optimizer):
         """The state parameter ``index`` steps from (its initial state before its first step),
         checked against the rule (see :func:`~compiledopt.runtime.state.check_current`)."""
         if not state:
-            return self._strategy.initial_state(index, param)
+            return self._schema_strategy.initial_state(index, param)
         if self._written.get(id(param)) == _mark(param, state):
             return state  # exactly what the last step wrote: checked then
-        return check_current(state, self._strategy.expected_state(index, param), where)
+        return check_current(state, self._schema_strategy.expected_state(index, param), where)
 
     # -- state_dict -------------------------------------------------------------------------
 
@@ -446,7 +457,7 @@ class FrozenOptimizer(Optimizer):
                     f"do not list (they list {len(index)} parameters)"
                 )
             i = index[pid]
-            expected = self._strategy.expected_state(i, flat[i])
+            expected = self._schema_strategy.expected_state(i, flat[i])
             values = check_loaded(saved, expected, labels[i], self.state_dtype, flat[i].device)
             # A whole-tensor state (saved by one process) is sharded like a DTensor parameter.
             checked[i] = {k: place_like(v, flat[i]) for k, v in values.items()}
@@ -468,7 +479,7 @@ class FrozenOptimizer(Optimizer):
         self._warned_skip = getattr(self, "_warned_skip", False)
         if "artifact" in state:
             self._router = Router(self.artifact, self.artifact.transforms(), self.state_dtype)
-            self._router.bind(self.backend)
+            self._router.bind(self.backend, getattr(self, "background", False))
             self._initialised = True
 
 
