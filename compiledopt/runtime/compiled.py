@@ -7,6 +7,7 @@ number or sizes, so every model (and every later model) reuses the same graphs.
 
 import contextlib
 import math
+import threading
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,6 +21,7 @@ from compiledopt.runtime.rounding import STATE_DTYPES, round_state
 from compiledopt.transforms.base import Transform
 
 __all__ = [
+    "COMPILE_LOCK",
     "SMALL_VECTOR",
     "CompiledBatchedRule",
     "CompiledTensorRule",
@@ -30,11 +32,15 @@ __all__ = [
 
 #: Vectors (canonical rank 1) with fewer elements take the quicker-to-compile matmul formulation.
 SMALL_VECTOR = 1 << 16
+#: Held by every call of a compiled rule (:func:`compiling`): the settings it patches are global,
+#: and a rule may compile in a background thread (see :mod:`~compiledopt.runtime.warming`).
+COMPILE_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
 def compiling() -> Iterator[None]:
-    """The settings every call of a compiled rule runs (and is traced) under.
+    """The settings every call of a compiled rule runs (and is traced) under, one thread at a
+    time (:data:`COMPILE_LOCK`).
 
     * Dynamic sizes without specialising sizes of 1, nor sizes that happen to be equal.
     * The rule's Python floats (decay rates, epsilons, timescales: constants of a frozen rule)
@@ -45,6 +51,7 @@ def compiling() -> Iterator[None]:
       CoordinateMLP's per-tensor normaliser ``rsqrt(mean(x²) + norm_eps)`` does.
     """
     with (
+        COMPILE_LOCK,
         fx_config.patch(backed_size_oblivious=True, use_duck_shape=False),
         dynamo_config.patch(specialize_float=True),
     ):
@@ -102,6 +109,16 @@ class CompiledTensorRule:
         return torch.compile(
             self._wrap(rule), fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
         )
+
+    def kind(self, grad: Tensor, param: Tensor, state: List[Tensor], *_: Tensor) -> tuple:
+        """The graph a call needs: its formulation and rank, and the dtypes and ranks it sees
+        (calls of one kind share a graph, whatever their sizes)."""
+        view = canonical_shape(param.shape) if self.view else tuple(param.shape)
+        if self.view and len(view) == 1:
+            form = "vector" if view[0] >= SMALL_VECTOR else "small vector" if view[0] > 1 else "one"
+        else:
+            form = f"rank {len(view)}"
+        return form, grad.dtype, tuple((s.dtype, s.shape == param.shape) for s in state)
 
     def __call__(
         self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor, *seed: Tensor
@@ -166,6 +183,15 @@ class CompiledBatchedRule:
         rule = StoredStateRule(TensorRule(transform, fused=True), state_dtype)
         self.compiled = torch.compile(
             BatchedRule(rule), fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
+        )
+
+    @staticmethod
+    def kind(grads: Tensor, params: Tensor, states: List[Tensor], *_: Tensor) -> tuple:
+        """The graph a call needs: the batch's rank and the dtypes and ranks it sees."""
+        return (
+            f"batch of rank {params.dim() - 1}",
+            grads.dtype,
+            tuple((s.dtype, s.dim()) for s in states),
         )
 
     def __call__(

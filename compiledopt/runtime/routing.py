@@ -40,6 +40,7 @@ class Router:
         self.transforms = transforms
         self.state_dtype = state_dtype
         self.backend = ""
+        self.background = False
         where = f"{artifact.path}: routes"
         self.routes = check_routes(artifact.manifest.get("routes", {}), self.rules(), where)
         self._strategies: Dict[str, Strategy] = {}
@@ -81,9 +82,11 @@ class Router:
         used = set(self.rules_of(groups)) - {"artifact"}
         return sorted(r for r in used if base.routed(r) is not base)
 
-    def bind(self, backend: str) -> None:
-        """Compute on ``backend`` from now on (strategies are built again at first use)."""
+    def bind(self, backend: str, background: bool = False) -> None:
+        """Compute on ``backend`` from now on (strategies are built again at first use); with
+        ``background``, a compiled rule compiles in the background while the eager one runs."""
         self.backend = backend
+        self.background = background
         self._strategies = {}
 
     def _routed(self, rule: str) -> Transform:
@@ -114,7 +117,9 @@ class Router:
         return strategy
 
     def _make(self, transforms: List[Transform]) -> Strategy:
-        return make_strategy(self.artifact, self.backend, self.state_dtype, transforms)
+        return make_strategy(
+            self.artifact, self.backend, self.state_dtype, transforms, self.background
+        )
 
     def compute(self, groups, flat, active, states, labels) -> Computed:
         """Every active parameter's direction and new state, each by the strategy of its rule

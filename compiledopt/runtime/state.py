@@ -17,6 +17,7 @@ from compiledopt._validation import check_real
 __all__ = [
     "STEP",
     "Expected",
+    "check_batch",
     "check_current",
     "check_loaded",
     "check_lr",
@@ -302,3 +303,30 @@ def check_rates(
                 f"parameters (lr and lr·weight_decay must be finite and at most {largest:g})"
             )
     return lr, decay
+
+
+def check_batch(directions, grads, values, stored, keys, where: str) -> None:
+    """``ValueError`` unless a bucket's stacked results have the shapes and dtypes of its stacked
+    inputs (the batched form of :func:`check_result`)."""
+    if not isinstance(directions, Tensor) or directions.shape != grads.shape:
+        got = tuple(directions.shape) if isinstance(directions, Tensor) else type(directions)
+        raise ValueError(
+            f"{where} (and the parameters batched with it): the rule's directions have shape "
+            f"{got}, expected {tuple(grads.shape)}"
+        )
+    if len(values) != len(stored):
+        raise ValueError(
+            f"{where} (and the parameters batched with it): the rule returned {len(values)} "
+            f"state tensors, the state has {len(stored)}"
+        )
+    for key, value, before in zip(keys, values, stored):
+        if not isinstance(value, Tensor) or (value.shape, value.dtype) != (
+            before.shape,
+            before.dtype,
+        ):
+            got = (tuple(value.shape), value.dtype) if isinstance(value, Tensor) else value
+            raise ValueError(
+                f"{where} (and the parameters batched with it): the rule's new state {key!r} "
+                f"({got}) differs in shape or dtype from the stored one "
+                f"({tuple(before.shape)}, {before.dtype})"
+            )

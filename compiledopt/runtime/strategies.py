@@ -34,17 +34,11 @@ from compiledopt.runtime.compiled import (
 )
 from compiledopt.runtime.distributed import is_distributed, run_rule
 from compiledopt.runtime.rounding import round_state
-from compiledopt.runtime.state import STEP, Expected, check_result
+from compiledopt.runtime.state import STEP, Expected, check_batch, check_result
+from compiledopt.runtime.warming import Warming
 from compiledopt.transforms.base import Transform
 
-__all__ = [
-    "Computed",
-    "ModelStrategy",
-    "Result",
-    "Strategy",
-    "TensorStrategy",
-    "make_strategy",
-]
+__all__ = ["Computed", "ModelStrategy", "Result", "Strategy", "TensorStrategy", "make_strategy"]
 
 # Multipliers of the stochastic-rounding seed: parameter ``index`` at step ``t`` rounds with
 # ``t * STEP_SEED + index * INDEX_SEED``, so every parameter and step draws different bits.
@@ -92,6 +86,8 @@ class Strategy(abc.ABC):
         transforms (list of Transform): its eager transforms (one per binding, or the one shared).
         backend (str): the runtime backend (``"eager"``, ``"compiled"`` or an artifact backend).
         state_dtype (torch.dtype): storage dtype of the floating-point state.
+        background (bool): compile in the background, the eager rule answering until then
+            (:class:`~compiledopt.runtime.warming.Warming`; shape-agnostic rules).
     """
 
     def __init__(
@@ -100,8 +96,10 @@ class Strategy(abc.ABC):
         transforms: List[Transform],
         backend: str,
         state_dtype: torch.dtype,
+        background: bool = False,
     ) -> None:
         self.artifact = artifact
+        self.background = background
         self.transforms = transforms
         self.backend = backend
         self.dtype = artifact.dtype
@@ -210,10 +208,8 @@ class TensorStrategy(Strategy):
     one parameter at a time.
     """
 
-    def __init__(
-        self, artifact: Artifact, transforms: List[Transform], backend: str, state_dtype
-    ) -> None:
-        super().__init__(artifact, transforms, backend, state_dtype)
+    def __init__(self, artifact, transforms, backend, state_dtype, background=False) -> None:
+        super().__init__(artifact, transforms, backend, state_dtype, background)
         self.view = bool(getattr(transforms[0], "view_invariant", False))
         self.max_elements = MAX_ELEMENTS.get(backend, 0)
         self._devices: Dict[torch.device, _Rules] = {}
@@ -236,19 +232,27 @@ class TensorStrategy(Strategy):
         if device.type != "cpu":
             transform = copy.deepcopy(transform).to(device)
         stored = self.state_dtype
+        eager = _Rules(
+            StoredStateRule(_EagerUpdate(transform), stored),
+            BatchedRule(StoredStateRule(transform.update, stored)),
+        )
         if self.backend == "eager":
-            return _Rules(
-                StoredStateRule(_EagerUpdate(transform), stored),
-                BatchedRule(StoredStateRule(transform.update, stored)),
-            )
+            return eager
         if self.backend == "compiled":
             # Dynamic sizes: the same two or three graphs (matrices, small vectors, large
             # vectors) serve every parameter, so compile time does not grow with the model.
-            if stored != self.dtype:
-                single: Callable = CompiledTensorRule(transform, state_dtype=stored)
-            else:
-                single = StoredStateRule(CompiledTensorRule(transform), stored)
-            return _Rules(single, CompiledBatchedRule(transform, stored))
+            rule = CompiledTensorRule(
+                transform, state_dtype=None if stored == self.dtype else stored
+            )
+            single = rule if rule.state_dtype else StoredStateRule(rule, stored)
+            batched = CompiledBatchedRule(transform, stored)
+            if not self.background:
+                return _Rules(single, batched)
+            what = f"FrozenOptimizer: the {type(transform).__name__} rule"
+            return _Rules(
+                Warming(eager.single, single, rule.kind, what),
+                Warming(eager.batched, batched, batched.kind, what),
+            )
         return _Rules(StoredStateRule(self.artifact.runner(self.backend), stored), None)
 
     def _key(self, param: Tensor, step: int):
@@ -330,7 +334,7 @@ class TensorStrategy(Strategy):
         directions, values = self.rules(params[first].device).batched(
             grads, inputs, stored, step, seeds
         )
-        _check_batch(directions, grads, values, stored, keys, labels[first])
+        check_batch(directions, grads, values, stored, keys, labels[first])
         # One tensor per member, each a view of the bucket's result (step counts included).
         steps = torch.full((len(members),), int(step) + 1, dtype=torch.int64).unbind(0)
         parts = [_unstack(v, [states[i][k].shape for i in members]) for k, v in zip(keys, values)]
@@ -365,33 +369,6 @@ class _EagerUpdate:
         return self.transform.update(grad, param, state, step)
 
 
-def _check_batch(directions, grads, values, stored, keys, where: str) -> None:
-    """``ValueError`` unless a bucket's stacked results have the shapes and dtypes of its stacked
-    inputs (the batched form of :func:`~compiledopt.runtime.state.check_result`)."""
-    if not isinstance(directions, Tensor) or directions.shape != grads.shape:
-        got = tuple(directions.shape) if isinstance(directions, Tensor) else type(directions)
-        raise ValueError(
-            f"{where} (and the parameters batched with it): the rule's directions have shape "
-            f"{got}, expected {tuple(grads.shape)}"
-        )
-    if len(values) != len(stored):
-        raise ValueError(
-            f"{where} (and the parameters batched with it): the rule returned {len(values)} "
-            f"state tensors, the state has {len(stored)}"
-        )
-    for key, value, before in zip(keys, values, stored):
-        if not isinstance(value, Tensor) or (value.shape, value.dtype) != (
-            before.shape,
-            before.dtype,
-        ):
-            got = (tuple(value.shape), value.dtype) if isinstance(value, Tensor) else value
-            raise ValueError(
-                f"{where} (and the parameters batched with it): the rule's new state {key!r} "
-                f"({got}) differs in shape or dtype from the stored one "
-                f"({tuple(before.shape)}, {before.dtype})"
-            )
-
-
 class ModelStrategy(Strategy):
     """A bound rule: one call maps every bound parameter's gradient to its direction.
 
@@ -401,10 +378,8 @@ class ModelStrategy(Strategy):
     discarded.
     """
 
-    def __init__(
-        self, artifact: Artifact, transforms: List[Transform], backend: str, state_dtype
-    ) -> None:
-        super().__init__(artifact, transforms, backend, state_dtype)
+    def __init__(self, artifact, transforms, backend, state_dtype, background=False) -> None:
+        super().__init__(artifact, transforms, backend, state_dtype)  # compiles when first used
         self.counts = [
             len(t.init_state(torch.zeros(b["shape"], dtype=self.dtype)))
             for t, b in zip(transforms, artifact.bindings)
@@ -493,7 +468,11 @@ STRATEGIES = {"shape_agnostic": TensorStrategy, "bound": ModelStrategy}
 
 
 def make_strategy(
-    artifact: Artifact, backend: str, state_dtype: torch.dtype, transforms: List[Transform]
+    artifact: Artifact,
+    backend: str,
+    state_dtype: torch.dtype,
+    transforms: List[Transform],
+    background: bool = False,
 ) -> Strategy:
-    """The strategy of ``artifact``'s kind, running on ``backend``."""
-    return STRATEGIES[artifact.kind](artifact, transforms, backend, state_dtype)
+    """The strategy of ``artifact``'s kind, running on ``backend`` (see :class:`Strategy`)."""
+    return STRATEGIES[artifact.kind](artifact, transforms, backend, state_dtype, background)

@@ -1,0 +1,106 @@
+"""A compiled rule that never makes a step wait for its compile.
+
+``backend="auto"`` picks the compiled backend where nothing faster was measured, but compiling a
+rule takes seconds to a minute on a small CPU, and every new process pays it again. A
+:class:`Warming` rule answers with the eager rule until the compiled one is ready: the first call
+of each kind (each graph the compiled rule will need: a rank, a small-vector formulation, a
+batched bucket) starts its compile in a background thread on copies of that call's tensors, and
+later calls of that kind run compiled once it has finished. The optimizer's state is the same
+tensors either way, so the hand-over is exact up to the rounding by which eager and compiled
+arithmetic differ (a few float32 ulps a step).
+
+A compile that fails leaves that kind on the eager rule, with one WARNING. :func:`wait` blocks
+until every compile started so far has finished (for tests and benchmarks that want the
+compiled rule from a known step on).
+"""
+
+import logging
+import threading
+from typing import Any, Callable, Hashable, List, Set
+
+import torch
+from torch.utils._pytree import tree_map
+
+from compiledopt.runtime.compiled import COMPILE_LOCK
+
+__all__ = ["Warming", "wait"]
+
+logger = logging.getLogger("compiledopt")
+
+_THREADS: List[threading.Thread] = []
+
+
+def wait(timeout: "float | None" = None) -> bool:
+    """Wait for every background compile started so far; ``True`` when all have finished
+    (``False``: ``timeout`` seconds passed first)."""
+    for thread in list(_THREADS):
+        thread.join(timeout)
+        if thread.is_alive():
+            return False
+    _THREADS[:] = [t for t in _THREADS if t.is_alive()]
+    return True
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+class Warming:
+    """``compiled`` once it is ready for a call's kind, ``eager`` until then.
+
+    Args:
+        eager (callable): the eager rule.
+        compiled (callable): the compiled rule, same signature and results up to rounding.
+        kind (callable): ``kind(*args) -> hashable``, the graph a call needs (calls of one kind
+            never recompile once one of them has compiled).
+        what (str): the rule, for log lines.
+    """
+
+    def __init__(
+        self, eager: Callable, compiled: Callable, kind: Callable[..., Hashable], what: str
+    ) -> None:
+        self.eager = eager
+        self.compiled = compiled
+        self.kind = kind
+        self.what = what
+        self._started: Set[Hashable] = set()
+        self._ready: Set[Hashable] = set()
+
+    def __call__(self, *args: Any) -> Any:
+        kind = self.kind(*args)
+        # A compile running in the background holds the lock (its settings are global): this
+        # call then runs eager rather than wait for it.
+        if kind in self._ready and COMPILE_LOCK.acquire(blocking=False):
+            try:
+                return self.compiled(*args)
+            finally:
+                COMPILE_LOCK.release()
+        if kind not in self._started:
+            self._started.add(kind)
+            example = tree_map(_copy, args)
+            thread = threading.Thread(
+                target=self._warm, args=(kind, example), name="compiledopt-compile", daemon=True
+            )
+            _THREADS.append(thread)
+            logger.info(
+                "%s: compiling %s in the background; the eager rule runs until it is ready",
+                self.what,
+                kind,
+            )
+            thread.start()
+        return self.eager(*args)
+
+    def _warm(self, kind: Hashable, example: tuple) -> None:
+        try:
+            with COMPILE_LOCK, torch.no_grad():
+                self.compiled(*example)
+        except Exception as error:  # the eager rule keeps running that kind
+            logger.warning(
+                "%s: compiling %s failed, its parameters keep the eager rule: %s",
+                self.what,
+                kind,
+                error,
+            )
+            return
+        self._ready.add(kind)
+        logger.info("%s: compiled %s is ready; later steps run it", self.what, kind)

@@ -1,0 +1,129 @@
+"""A compiled rule chosen by ``auto`` never makes a step wait for its compile: the eager rule
+answers until the background compile of that kind of call is ready, and the hand-over keeps the
+optimizer's state exactly (parameters equal a run compiled from the start, within rounding)."""
+
+import logging
+import threading
+
+import pytest
+import torch
+
+import compiledopt as co
+from compiledopt.runtime import warming
+from compiledopt.runtime.compiled import COMPILE_LOCK
+from compiledopt.runtime.warming import Warming
+
+
+def _kind(x):
+    return x.dim()
+
+
+def _recorder(name, calls, gate=None):
+    def rule(x):
+        if gate is not None and threading.current_thread().name == "compiledopt-compile":
+            gate.wait(10)
+        calls.append((name, threading.current_thread().name))
+        return x + (1 if name == "compiled" else 0)
+
+    return rule
+
+
+def test_eager_answers_until_the_compile_of_that_kind_is_ready():
+    calls, gate = [], threading.Event()
+    rule = Warming(_recorder("eager", calls), _recorder("compiled", calls, gate), _kind, "t")
+    x = torch.zeros(3)
+    assert torch.equal(rule(x), x)  # eager while compiling
+    assert torch.equal(rule(x), x)  # still compiling: eager again, no second compile
+    gate.set()
+    assert warming.wait(10)
+    assert torch.equal(rule(x), x + 1)  # compiled from now on
+    main = threading.current_thread().name
+    assert calls == [
+        ("eager", main),
+        ("eager", main),
+        ("compiled", "compiledopt-compile"),
+        ("compiled", main),
+    ]
+    # Another kind (a matrix) starts its own compile and answers eager meanwhile.
+    assert torch.equal(rule(torch.zeros(2, 2)), torch.zeros(2, 2))
+    assert warming.wait(10)
+    assert torch.equal(rule(torch.zeros(2, 2)), torch.ones(2, 2))
+
+
+def test_the_compile_runs_on_copies_of_the_call():
+    seen = []
+
+    def compiled(x):
+        seen.append(x)
+        return x
+
+    rule = Warming(lambda x: x, compiled, _kind, "t")
+    x = torch.zeros(3)
+    rule(x)
+    assert warming.wait(10)
+    assert seen[0] is not x and torch.equal(seen[0], x)
+
+
+def test_a_ready_rule_runs_eager_while_another_compile_holds_the_lock():
+    calls = []
+    rule = Warming(_recorder("eager", calls), _recorder("compiled", calls), _kind, "t")
+    rule(torch.zeros(3))
+    assert warming.wait(10)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with COMPILE_LOCK:
+            holding.set()
+            release.wait(10)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    holding.wait(10)
+    try:
+        assert torch.equal(rule(torch.zeros(3)), torch.zeros(3))  # eager: no waiting
+    finally:
+        release.set()
+        other.join()
+    assert torch.equal(rule(torch.zeros(3)), torch.ones(3))
+
+
+def test_a_failed_compile_keeps_the_eager_rule_with_one_warning(caplog):
+    def broken(x):
+        raise RuntimeError("inductor lowering failed")
+
+    rule = Warming(lambda x: x * 2, broken, _kind, "the toy rule")
+    with caplog.at_level(logging.INFO, logger="compiledopt"):
+        rule(torch.ones(2))
+        assert warming.wait(10)
+        for _ in range(3):
+            assert torch.equal(rule(torch.ones(2)), torch.full((2,), 2.0))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "the toy rule" in warnings[0] and "inductor lowering failed" in warnings[0]
+
+
+def _run(backend, wait_after=None, steps=5):
+    torch.manual_seed(0)
+    # Two matrices of distinct shapes: one graph kind (rank 2), no bucket.
+    params = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(3, 5))]
+    optimizer = co.FrozenOptimizer(params, "normalized-mlp", lr=0.05, backend=backend)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+        if step == wait_after:
+            assert warming.wait(600)
+    return optimizer, [p.detach().clone() for p in params]
+
+
+@pytest.mark.slow
+def test_hand_over_equals_a_run_compiled_from_the_start(caplog):
+    with caplog.at_level(logging.INFO, logger="compiledopt"):
+        optimizer, warmed = _run("auto", wait_after=1)
+    assert optimizer.backend == "compiled" and optimizer.background
+    text = caplog.text
+    assert "compiled in the background" in text and "is ready; later steps run it" in text
+    _, compiled = _run("compiled")
+    for w, c in zip(warmed, compiled):
+        torch.testing.assert_close(w, c, rtol=1e-5, atol=1e-6)
