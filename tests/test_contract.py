@@ -214,6 +214,8 @@ def test_compile_fullgraph_no_recompile(entry: Entry, rank: int, fresh_dynamo) -
     ],
 )
 def test_compile_inductor(entry: Entry, rank: int, fresh_dynamo) -> None:
+    if entry.name == "celo2":  # its Inductor graphs take minutes: compiled in test_celo2.py
+        pytest.skip("celo2's compiled backend is checked against eager in test_celo2.py")
     _check_compiled(entry.name, rank, "inductor")
 
 
