@@ -62,6 +62,8 @@ def test_registry_entries_are_exportable():
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", EXPORTABLE, ids=[e.name for e in EXPORTABLE])
 def test_onnx_matches_eager(entry, tmp_path):
+    if entry.name == "celo2":  # ONNX for ranks 0-2 only (sizes pick its factored axes)
+        pytest.skip("celo2's ONNX graphs (ranks 0 to 2) are checked in test_celo2.py")
     path = _export(entry, tmp_path / "a", backends=("onnx",))
     assert verify_artifact(path, steps=10)["onnx"] <= ONNX_TOLERANCE.get(entry.name, 1e-6)
 
