@@ -6,8 +6,10 @@ given parameters (the model is never touched) on each backend, and ``torch.optim
 repeated steps after warm-up) on one thread and on all cores, and compares each step with
 AdamW's and with the rule's roofline floor, ``max(FLOPs / peak FLOP/s, bytes / bandwidth)``: the
 FLOPs and bytes from the rule's own cost model (:meth:`Transform.cost
-<compiledopt.transforms.Transform.cost>`), the peak (a large matmul) and the bandwidth (a large
-copy) measured in the same run. ``compiledopt bench ARTIFACT`` runs it on a built-in model.
+<compiledopt.transforms.Transform.cost>`), the peak (a large matmul) and the bandwidth (a copy
+as large as the step's traffic: a small model's state stays in cache, where a copy of DRAM size
+would understate the bandwidth the step sees and put AdamW above its roofline) measured in the
+same run. ``compiledopt bench ARTIFACT`` runs it on a built-in model.
 
 Example:
     >>> import tempfile, torch
@@ -150,13 +152,13 @@ def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> Tuple[floa
     return statistics.median(times), times
 
 
-def measure_ceilings(matmul_n: int = 2048, copy_mb: int = 256, reps: int = 5) -> Ceilings:
+def measure_ceilings(matmul_n: int = 2048, copy_mb: float = 256, reps: int = 5) -> Ceilings:
     """Peak float32 FLOP/s (an ``n³`` matmul) and bandwidth (a copy of ``copy_mb`` MiB, read +
     write bytes over its time), medians of ``reps`` runs at torch's current thread count."""
     a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
     out = torch.empty(matmul_n, matmul_n)
     matmul_s, _ = median_time(lambda: torch.mm(a, b, out=out), reps)
-    src = torch.empty(copy_mb * (1 << 20) // 4).normal_()
+    src = torch.empty(max(1, int(copy_mb * (1 << 20)) // 4)).normal_()
     dst = torch.empty_like(src)
     copy_s, _ = median_time(lambda: dst.copy_(src), reps)
     nbytes = 2 * src.nbytes
@@ -245,7 +247,7 @@ def benchmark(
     lr: float = 1e-4,
     seed: int = 0,
     matmul_n: int = 2048,
-    copy_mb: int = 256,
+    copy_mb: Optional[float] = None,
     *,
     trust_code: bool = False,
     trusted_keys: Optional[Sequence[Any]] = None,
@@ -266,7 +268,10 @@ def benchmark(
             load included, as ``first_step_s``). (default: 3)
         lr (float): every optimizer's learning rate; the step's time does not depend on it.
         seed (int): seed of the random gradients.
-        matmul_n, copy_mb (int): sizes of the ceiling measurements (see :func:`measure_ceilings`).
+        matmul_n, copy_mb: sizes of the ceiling measurements (see :func:`measure_ceilings`);
+            ``copy_mb=None``: the copy reads and writes as many bytes as the step moves (the
+            larger of the rule's and AdamW's cost model, at least 1 MiB), so that both fit in
+            the same level of the memory hierarchy.
         trust_code, trusted_keys: how far ``artifact`` (a path or name) is trusted, as for
             :func:`compiledopt.export.load_artifact`: its graphs that are code (TorchScript,
             AOTInductor) are timed only when trusted.
@@ -322,6 +327,9 @@ def benchmark(
         group = params if named else [p for _, p in params]
         return FrozenOptimizer(group, loaded, lr=lr, **frozen_options(backend))
 
+    if copy_mb is None:
+        traffic = max(c.bytes for c in costs.values() if c is not None)
+        copy_mb = max(1.0, traffic / 2 / (1 << 20))  # the copy reads and writes copy_mb each
     saved = torch.get_num_threads()
     try:
         for count in threads:

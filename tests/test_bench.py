@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from compiledopt import bench
-from compiledopt.transforms import Transform
+from compiledopt.learned import LearnedStepSize
+from compiledopt.transforms import AdamW, Transform
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the suite is not installed: it lives in the checkout
@@ -99,6 +100,33 @@ def test_benchmark_eager_against_both_adamw(artifact):
     json.dumps(result.to_dict())
     table = str(result)
     assert "adamw-fused" in table and "roofline" in table and "eager" in table
+
+
+def test_the_bandwidth_is_measured_at_the_steps_own_traffic(artifact, monkeypatch):
+    """Without ``copy_mb`` the copy moves what the step moves (the larger cost model, at least
+    1 MiB): a model that fits in cache is not held to DRAM's bandwidth (which put fused AdamW
+    above 100% of its roofline)."""
+    sizes = []
+    measure = bench.measure_ceilings
+
+    def recording(matmul_n, copy_mb, *args, **kwargs):
+        sizes.append(copy_mb)
+        return measure(64, copy_mb, reps=1)
+
+    monkeypatch.setattr(bench, "measure_ceilings", recording)
+    shapes = [(1024, 512), (512,)]
+    params = [torch.randn(s) for s in shapes]
+    bench.benchmark(artifact, params, backends=["eager"], threads=[1], repeats=1, warmup=0)
+    adamw = bench.step_cost([AdamW(weight_decay=bench.ADAMW_WEIGHT_DECAY)] * 2, shapes)
+    lss = bench.step_cost([LearnedStepSize()] * 2, shapes)
+    assert sizes == [pytest.approx(max(adamw.bytes, lss.bytes) / 2 / (1 << 20))]
+    assert sizes[0] > 1  # larger than the floor, so the size really came from the models
+    bench.benchmark(artifact, [torch.zeros(3)], backends=["eager"], threads=[1], repeats=1)
+    assert sizes[-1] == 1.0  # a tiny step: the 1 MiB floor
+    bench.benchmark(
+        artifact, [torch.zeros(3)], backends=["eager"], threads=[1], repeats=1, copy_mb=3
+    )
+    assert sizes[-1] == 3  # asked for
 
 
 def test_benchmark_rejects_a_backend_the_artifact_lacks(artifact):
