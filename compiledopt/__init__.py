@@ -4,8 +4,9 @@ from compiledopt import learned, nn, optim, pretrained, transforms
 from compiledopt.module_update import clone_module, update_module
 from compiledopt.roles import param_groups
 from compiledopt.runtime import FrozenOptimizer
+from compiledopt.version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "FrozenOptimizer",

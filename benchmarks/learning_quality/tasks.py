@@ -90,9 +90,9 @@ class ShapesCNN(Task):
 
 
 def _digit_batches(x: Tensor, y: Tensor, steps: int, seed: int) -> List[Batch]:
-    from compiledopt.cli.finetune import _batches
+    from compiledopt.cli.finetune import sample_batches
 
-    return _batches(x, y, steps, seed)
+    return sample_batches(x, y, steps, seed)
 
 
 class WideMLP(Task):

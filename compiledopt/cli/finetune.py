@@ -66,7 +66,8 @@ def _model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def _batches(x: Tensor, y: Tensor, steps: int, seed: int) -> List[Tuple[Tensor, Tensor]]:
+def sample_batches(x: Tensor, y: Tensor, steps: int, seed: int) -> List[Tuple[Tensor, Tensor]]:
+    """``steps`` minibatches of ``BATCH`` rows of ``(x, y)`` drawn with replacement, seeded."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -82,7 +83,7 @@ def pretrain(seed: int = 0, steps: int = 300) -> nn.Module:
     x, y, _, _ = digits_split(range(5), seed)
     model = _model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for inputs, targets in _batches(x, y, steps, seed):
+    for inputs, targets in sample_batches(x, y, steps, seed):
         optimizer.zero_grad()
         F.cross_entropy(model(inputs), targets).backward()
         optimizer.step()
@@ -170,7 +171,7 @@ def run_finetune(
     backends = list(backends if backends is not None else default_backends(artifact))
     check_backends(artifact, backends)  # before anything is trained
     x, y, held_x, held_y = digits_split(range(5, 10), seed + 1)
-    batches = _batches(x, y, steps, seed + 2)
+    batches = sample_batches(x, y, steps, seed + 2)
     start = pretrain(seed)
     results: Dict[str, Dict[str, float]] = {}
     for backend in backends:

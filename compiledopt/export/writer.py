@@ -42,6 +42,7 @@ from compiledopt.export.manifest import check_manifest, check_training
 from compiledopt.export.rule import ModelRule, TensorRule
 from compiledopt.roles import ROLES
 from compiledopt.transforms.base import Transform
+from compiledopt.version import VERSION
 
 __all__ = ["clean_stale", "export_bound", "export_shape_agnostic", "recover", "replaceable"]
 
@@ -57,10 +58,8 @@ _RECORDED = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
 def _producer() -> Dict[str, str]:
     """The versions that wrote an artifact, read from the installed distributions' metadata
     (nothing is imported: ``"not installed"`` for an absent one)."""
-    import compiledopt
-
     return {
-        "compiledopt": compiledopt.__version__,
+        "compiledopt": VERSION,
         "torch": torch.__version__,
         **{name: _installed_version(name, module) for name, module in _RECORDED.items()},
         "python": platform.python_version(),
