@@ -40,8 +40,16 @@ def _viewed_update(transform, grad, param, state, step):
     ]
 
 
+# Celo2 normalises and orthogonalises over the last two axes of a rank >= 3 tensor (a convolution
+# weight's kernel windows), so its update depends on the shape, not only on the values.
+NOT_VIEW_INVARIANT = {"celo2"}
+
+
 @pytest.mark.parametrize("entry", AGNOSTIC, ids=[e.name for e in AGNOSTIC])
 def test_view_invariant_transforms_are_invariant(entry: Entry) -> None:
+    if entry.name in NOT_VIEW_INVARIANT:
+        assert not entry.build(torch.zeros(3, 4)).view_invariant
+        return
     for rank, shape in SHAPES.items():
         transform = entry.build(torch.zeros(shape, dtype=torch.float64)).double()
         assert transform.view_invariant
