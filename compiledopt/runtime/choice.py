@@ -58,7 +58,8 @@ def choose_backend(
         order (sequence of str): ``auto``'s order (ending with ``eager``).
 
     Raises:
-        ArtifactError: the artifact has no graph for ``backend``.
+        ArtifactError: the artifact has no graph for ``backend``, or its graphs cannot run on
+            this machine (an AOTInductor package built for another instruction set).
         ValueError: ``backend`` cannot run where the parameters live, or its graphs do not
             compute a rule in ``off_graph``.
         UntrustedCodeError: ``backend``'s graphs are code and the artifact is not trusted.
@@ -82,6 +83,7 @@ def choose_backend(
         raise ValueError(problem)
     if backend not in BUILT_IN_BACKENDS:
         artifact.check_may_load(backend)
+        artifact.check_runnable(backend)  # at construction, before any graph is loaded
         if off_graph:
             raise ValueError(
                 f"the {backend} backend runs the graphs {artifact.path} exported, which compute "
