@@ -35,6 +35,8 @@ SMALL_VECTOR = 1 << 16
 #: Held by every call of a compiled rule (:func:`compiling`): the settings it patches are global,
 #: and a rule may compile in a background thread (see :mod:`~compiledopt.runtime.warming`).
 COMPILE_LOCK = threading.RLock()
+#: The compiled rules (graphs of one code object) a process may build, see :func:`compiling`.
+RULES_PER_PROCESS = 512
 
 
 @contextlib.contextmanager
@@ -49,11 +51,19 @@ def compiling() -> Iterator[None]:
       under ``torch.func.vmap``: a symbolic float added to a 0-d tensor of the mapped rule
       fails in Inductor's lowering ("x must be Tensor or scalar, got SymFloat"), as
       CoordinateMLP's per-tensor normaliser ``rsqrt(mean(x²) + norm_eps)`` does.
+    * Room for many rules: every compiled rule of a process shares one code object (the rule
+      module's ``forward``), and each frozen transform (its own weights and constants) is
+      another entry in Dynamo's cache of it, so a process that builds more than Dynamo's default
+      8 optimizers would otherwise fail with "recompile limit exceeded".
     """
     with (
         COMPILE_LOCK,
         fx_config.patch(backed_size_oblivious=True, use_duck_shape=False),
-        dynamo_config.patch(specialize_float=True),
+        dynamo_config.patch(
+            specialize_float=True,
+            recompile_limit=RULES_PER_PROCESS,
+            accumulated_recompile_limit=16 * RULES_PER_PROCESS,
+        ),
     ):
         yield
 
