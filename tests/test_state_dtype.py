@@ -170,7 +170,7 @@ def test_compiled_backend_rounds_in_graph_like_eager(artifact):
         artifact, 20, backend="compiled", state_dtype=torch.bfloat16
     )
     # converted and rounded in the compiled graph itself
-    rule = compiled._strategy.rules(p_compiled.device).single
+    rule = compiled._schema_strategy.rules(p_compiled.device).single
     assert isinstance(rule, CompiledTensorRule) and rule.state_dtype == torch.bfloat16
     for key, value in eager.state[p_eager].items():
         other = compiled.state[p_compiled][key]
