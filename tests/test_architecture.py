@@ -30,6 +30,7 @@ LAYERS: Dict[str, int] = {
     "module_update": 0,
     "roles": 0,
     "version": 0,
+    "cache": 0,
     "nn": 0,
     "transforms": 1,
     "tasks": 1,

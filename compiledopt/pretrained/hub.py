@@ -37,6 +37,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
+from compiledopt.cache import cache_root
 from compiledopt.export import Artifact, ArtifactError, load_artifact
 from compiledopt.export.artifact import MAX_FILE_BYTES, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
 from compiledopt.export.layout import MANIFEST, SIGNATURE, read_regular, sha256
@@ -74,13 +75,7 @@ def copies_folder() -> Path:
     """The folder that holds :func:`from_hub`'s copies of downloaded artifacts (not created
     here): ``hub`` under ``$COMPILEDOPT_CACHE``, else ``$XDG_CACHE_HOME/compiledopt``, else
     ``~/.cache/compiledopt``."""
-    root = os.environ.get("COMPILEDOPT_CACHE", "")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME", "")
-        root = os.path.join(xdg, "compiledopt") if os.path.isabs(xdg) else ""
-    if not root:
-        root = os.path.join(os.path.expanduser("~"), ".cache", "compiledopt")
-    return Path(root).expanduser() / "hub"
+    return cache_root() / "hub"
 
 
 def from_hub(

@@ -30,6 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
+from compiledopt.cache import CACHE_VARIABLE, cache_root
+
 __all__ = [
     "CACHE_VARIABLE",
     "DEFAULT_ELEMENTS",
@@ -44,8 +46,6 @@ __all__ = [
 
 logger = logging.getLogger("compiledopt")
 
-#: The environment variable naming the cache folder.
-CACHE_VARIABLE = "COMPILEDOPT_CACHE"
 #: ``auto``'s order where nothing was measured (fastest first, ``eager`` always last): the
 #: compiled backend batches small tensors and fuses each rule into one loop; AOTInductor runs one
 #: exported graph per tensor; onnxruntime and TorchScript do not fuse on the CPU.
@@ -57,13 +57,7 @@ MAX_CACHE_BYTES = 1 << 20
 
 def cache_file() -> Path:
     """The file that holds the recorded timings (not created here)."""
-    root = os.environ.get(CACHE_VARIABLE, "")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME", "")
-        root = os.path.join(xdg, "compiledopt") if os.path.isabs(xdg) else ""
-    if not root:
-        root = os.path.join(os.path.expanduser("~"), ".cache", "compiledopt")
-    return Path(root).expanduser() / "backend-timings.json"
+    return cache_root() / "backend-timings.json"
 
 
 def digest(artifact) -> str:
