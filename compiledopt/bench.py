@@ -180,11 +180,12 @@ def step_cost(transforms: Sequence[Transform], shapes: Sequence[Sequence[int]]) 
 def available_backends(artifact: Any) -> List[str]:
     """``eager``, ``compiled`` and the artifact's exported backends that it may load (graphs
     that are code only from a trusted artifact), in the export registry's order
-    (:data:`compiledopt.export.BACKENDS`)."""
-    from compiledopt.export import BACKENDS
-    from compiledopt.runtime.routing import BUILT_IN_BACKENDS
+    (:func:`compiledopt.export.backend.names`, read now: a backend registered after import is
+    listed)."""
+    from compiledopt.export.backend import names
+    from compiledopt.runtime.backends import BUILT_IN_BACKENDS
 
-    exported = [b for b in BACKENDS if b in artifact.backends and artifact.may_load(b)]
+    exported = [b for b in names() if b in artifact.backends and artifact.may_load(b)]
     return [*BUILT_IN_BACKENDS, *exported]
 
 

@@ -3,18 +3,16 @@
 from importlib import import_module
 
 from compiledopt.export import backend
-from compiledopt.export.backend import Backend, BackendUnavailableError
+from compiledopt.export.backend import Backend, BackendUnavailableError, register, unregister
 
 # The backends, in this order. A new backend is one module that defines ``BACKEND`` (an instance
 # of a Backend subclass) and one line here; everything else finds it through the registry
-# (compiledopt.export.backend.get, .names).
+# (compiledopt.export.backend.get, .names), when it runs.
 backend.register(import_module("compiledopt.export.torchscript").BACKEND)
 backend.register(import_module("compiledopt.export.onnx").BACKEND)
 backend.register(import_module("compiledopt.export.aoti").BACKEND)
 
-# Imported after the registrations: artifact.BACKENDS is the list of registered names.
 from compiledopt.export.artifact import (  # noqa: E402
-    BACKENDS,
     Artifact,
     ArtifactError,
     UntrustedCodeError,
@@ -40,4 +38,14 @@ __all__ = [
     "export_shape_agnostic",
     "freeze_transform",
     "load_artifact",
+    "register",
+    "unregister",
 ]
+
+
+def __getattr__(name: str):
+    # BACKENDS: the registered backends' names as they are now (backend.names()), so that a
+    # backend registered after import is listed.
+    if name == "BACKENDS":
+        return backend.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

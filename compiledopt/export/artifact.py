@@ -65,7 +65,6 @@ from compiledopt.export.manifest import ArtifactError, check_manifest, check_tra
 from compiledopt.transforms.base import Transform
 
 __all__ = [
-    "BACKENDS",
     "MANIFEST",
     "WEIGHTS",
     "Artifact",
@@ -75,9 +74,13 @@ __all__ = [
     "load_artifact",
 ]
 
-#: The registered backends' names (:func:`compiledopt.export.backend.names`), read once the
-#: package has registered them.
-BACKENDS: Tuple[str, ...] = registry.names()
+
+def __getattr__(name: str):
+    # BACKENDS: the registered backends' names (compiledopt.export.backend.names()) as they are
+    # when it is read, never a copy taken at import.
+    if name == "BACKENDS":
+        return registry.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- loading ----------------------------------------------------------------------------------

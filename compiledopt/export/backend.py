@@ -3,14 +3,19 @@
 A backend is a :class:`Backend`: a name (the key of ``manifest.json``'s ``backends``), the
 extension of its files, how it covers parameter ranks, what it needs installed, and ``save`` /
 ``load``. The registry holds one instance per backend, in registration order; artifacts, the
-runtime and the command line look backends up by name with :func:`get` and list them with
-:func:`names` (``compiledopt.export.BACKENDS`` is that list).
+runtime, the benchmark and the command line look backends up by name with :func:`get` and list
+them with :func:`names` when they are called, never from a copy taken at import, so a backend
+registered at any time is known everywhere from then on (``compiledopt.export.BACKENDS`` reads
+:func:`names` too).
 
 Adding a backend takes one module and one line: the module defines a :class:`Backend` subclass
 and an instance of it named ``BACKEND``; the line registers it, beside the others at the top of
 :mod:`compiledopt.export`::
 
     register(import_module("compiledopt.export.mybackend").BACKEND)
+
+or, for a backend defined outside the package, ``compiledopt.export.register(MyBackend())``
+once it is imported (:func:`unregister` takes it out again).
 
 A backend module imports its heavy dependencies (``onnx``, ``onnxruntime`` …) inside ``save``
 and ``load`` only, so that ``import compiledopt.export`` and the other backends work without
@@ -28,7 +33,7 @@ from torch import nn
 
 from compiledopt.export.signature import Runner
 
-__all__ = ["Backend", "BackendUnavailableError", "get", "names", "register"]
+__all__ = ["Backend", "BackendUnavailableError", "get", "names", "register", "unregister"]
 
 # The runtime's own backends (``FrozenOptimizer(backend=...)``), which an export backend must
 # not shadow.
@@ -178,6 +183,14 @@ def register(backend: Backend) -> Backend:
                 f"backend {name!r} writes {backend.extension} files, as {other.name!r} does"
             )
     _REGISTRY[name] = backend
+    return backend
+
+
+def unregister(name: str) -> Backend:
+    """Take the backend called ``name`` out of the registry and return it (``ValueError`` for
+    an unknown name). Artifacts that list its graphs load again only once it is registered."""
+    backend = get(name)
+    del _REGISTRY[name]
     return backend
 
 

@@ -8,7 +8,8 @@ medians in a cache file; ``auto`` then tries the backends fastest first for that
 type, thread count and size class (:func:`size_class`: the parameters' total elements within a
 factor of 16, so a timing taken on a small model never chooses for a large one, where the ranking
 differs: per-call overheads dominate small steps, bandwidth large ones). Without a recording it
-uses :data:`DEFAULT_ORDER`, measured on two-core x86 machines with the packaged optimizer.
+uses :func:`default_order`: :data:`DEFAULT_ORDER`, measured on two-core x86 machines with the
+packaged optimizer, with any other export backend registered at the time before ``eager``.
 
 The cache is ``$COMPILEDOPT_CACHE/backend-timings.json`` (default
 ``$XDG_CACHE_HOME/compiledopt`` or ``~/.cache/compiledopt``): a cache, safe to delete; an
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from compiledopt.cache import CACHE_VARIABLE, cache_root
+from compiledopt.runtime.backends import runtime_backends
 
 __all__ = [
     "CACHE_VARIABLE",
@@ -38,6 +40,7 @@ __all__ = [
     "DEFAULT_ORDER",
     "MAX_CACHE_BYTES",
     "cache_file",
+    "default_order",
     "digest",
     "measure_backends",
     "measured_order",
@@ -53,6 +56,15 @@ DEFAULT_ORDER = ("compiled", "aoti", "onnx", "torchscript", "eager")
 #: The largest cache file read, in bytes (a recording takes about 200): a larger file is
 #: ignored unread.
 MAX_CACHE_BYTES = 1 << 20
+
+
+def default_order() -> Tuple[str, ...]:
+    """``auto``'s order where nothing was measured, for the backends registered now: those of
+    :data:`DEFAULT_ORDER` that are, then every other registered export backend (in registration
+    order), ``eager`` last."""
+    known = runtime_backends()
+    first = [b for b in DEFAULT_ORDER if b in known and b != "eager"]
+    return (*first, *(b for b in known if b not in first and b != "eager"), "eager")
 
 
 def cache_file() -> Path:
@@ -193,14 +205,15 @@ def measured_order(
     (default: torch's current count) and parameters of ``elements`` elements in all (default:
     those :func:`measure_backends` times when given none): those recorded by
     :func:`measure_backends` for that size class (:func:`size_class`), fastest first, then the
-    others in :data:`DEFAULT_ORDER`; ``eager``, which always runs, last. A recording from another
-    size class is never used."""
+    others in :func:`default_order` (which reads the backends registered now); ``eager``, which
+    always runs, last. A recording from another size class is never used."""
     threads = torch.get_num_threads() if threads is None else threads
     elements = DEFAULT_ELEMENTS if elements is None else elements
     timings = _read().get(_key(artifact, torch.device(device), threads, elements), {})
-    measured = sorted((t, b) for b, t in timings.items() if b in DEFAULT_ORDER and b != "eager")
+    default = default_order()
+    measured = sorted((t, b) for b, t in timings.items() if b in default and b != "eager")
     order = [b for _, b in measured]
-    return (*order, *(b for b in DEFAULT_ORDER if b not in order and b != "eager"), "eager")
+    return (*order, *(b for b in default if b not in order and b != "eager"), "eager")
 
 
 _DEFAULT_SHAPES = [(256, 256)] * 4 + [(64, 32, 3, 3)] * 2 + [(256,)] * 24 + [(1 << 18,)]
@@ -233,8 +246,9 @@ def measure_backends(
 
     Args:
         artifact (Artifact): the loaded artifact (trusted, to time its code backends).
-        backends (sequence of str, optional): which to time (default: every backend the
-            artifact can run here, eager included).
+        backends (sequence of str, optional): which to time (default: every runtime backend
+            registered now, in :func:`default_order`, eager included; those the artifact cannot
+            run here are left out).
         params (sequence of Tensor, optional): the parameters to step, their gradients set
             once (default: a small mixed model on the CPU; give your model's to tune for it).
         reps (int): timed steps per backend after two warm-up steps (compiles included in
@@ -263,7 +277,7 @@ def measure_backends(
     gradients = [p.grad for p in params]  # the caller's, given back at the end
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator).to(device=device, dtype=p.dtype)
-    candidates = list(backends) if backends is not None else list(DEFAULT_ORDER)
+    candidates = list(backends) if backends is not None else list(default_order())
     timings: Dict[str, float] = {}
     for backend in candidates:
         try:

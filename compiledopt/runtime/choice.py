@@ -13,16 +13,23 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from compiledopt.export import BACKENDS, Artifact, ArtifactError
+from compiledopt.export import Artifact, ArtifactError
 from compiledopt.export.backend import get as export_backend
 from compiledopt.runtime.autotune import measured_order
+from compiledopt.runtime.backends import BUILT_IN_BACKENDS, runtime_backends
 from compiledopt.runtime.placement import placement_problem
-from compiledopt.runtime.routing import BUILT_IN_BACKENDS
 
-__all__ = ["RUNTIME_BACKENDS", "auto_order", "choose_backend"]
+__all__ = ["auto_order", "check_backend", "choose_backend", "runtime_backends"]
 
 logger = logging.getLogger("compiledopt")
-RUNTIME_BACKENDS = (*BUILT_IN_BACKENDS, *BACKENDS)
+
+
+def check_backend(backend: str) -> None:
+    """``ValueError`` unless ``backend`` is ``"auto"`` or a runtime backend registered now
+    (:func:`~compiledopt.runtime.backends.runtime_backends`)."""
+    known = runtime_backends()
+    if backend != "auto" and backend not in known:
+        raise ValueError(f"Invalid backend: {backend!r} (one of {('auto', *known)})")
 
 
 def auto_order(
@@ -32,10 +39,11 @@ def auto_order(
     ``device`` with the current thread count, for parameters of ``elements`` elements in all:
     fastest first as measured by :func:`~compiledopt.runtime.autotune.measure_backends` on
     parameters of the same size class (else its default order), then any other artifact
-    backend, ``eager`` last."""
+    backend registered now, ``eager`` last."""
+    known = runtime_backends()
     measured = measured_order(artifact, device, elements=elements)
-    order = [b for b in measured if b in RUNTIME_BACKENDS and b != "eager"]
-    rest = [b for b in RUNTIME_BACKENDS if b not in order and b != "eager"]
+    order = [b for b in measured if b in known and b != "eager"]
+    rest = [b for b in known if b not in order and b != "eager"]
     return (*order, *rest, "eager")
 
 

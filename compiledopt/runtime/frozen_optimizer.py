@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from compiledopt._validation import check_flag, check_real
 from compiledopt.export import Artifact
 from compiledopt.roles import AUTO
-from compiledopt.runtime.choice import RUNTIME_BACKENDS, auto_order, choose_backend
+from compiledopt.runtime.choice import auto_order, check_backend, choose_backend
 from compiledopt.runtime.distributed import place_like
 from compiledopt.runtime.keywords import artifact_for, backend_for_keywords
 from compiledopt.runtime.rounding import STATE_DTYPES
@@ -184,8 +184,7 @@ class FrozenOptimizer(Optimizer):
         check_real(weight_decay, "weight_decay", 0.0)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (one of {NONFINITE_POLICIES})")
-        if backend != "auto" and backend not in RUNTIME_BACKENDS:
-            raise ValueError(f"Invalid backend: {backend!r} (one of {('auto', *RUNTIME_BACKENDS)})")
+        check_backend(backend)
         self.nonfinite = nonfinite
         self._warned_skip = False  # the first skipped step is logged at WARNING
         # Per parameter, the state the last step wrote (see _mark): not checked again.

@@ -5,12 +5,13 @@ from typing import List, Optional, Tuple
 from torch import Tensor
 
 from compiledopt.export import Artifact
+from compiledopt.runtime.backends import BUILT_IN_BACKENDS
 from compiledopt.runtime.distributed import backend_problem, is_distributed
 
 __all__ = ["ANY_DEVICE", "placement_problem"]
 
 #: Backends that run on the parameters' device (the others run exported graphs on the CPU).
-ANY_DEVICE = ("eager", "compiled")
+ANY_DEVICE = BUILT_IN_BACKENDS
 
 
 def placement_problem(

@@ -14,14 +14,13 @@ import torch
 
 from compiledopt.export import Artifact
 from compiledopt.roles import AUTO, check_role, check_routes, shape_role
+from compiledopt.runtime.backends import BUILT_IN_BACKENDS
 from compiledopt.runtime.strategies import Computed, Strategy, make_strategy
 from compiledopt.transforms.base import Transform
 
 __all__ = ["BUILT_IN_BACKENDS", "Router"]
 
-#: Backends that need no graph in the artifact: the transform rebuilt from its weights, eagerly
-#: or compiled by ``torch.compile``. Only these compute rules the exported graphs do not.
-BUILT_IN_BACKENDS = ("eager", "compiled")
+# BUILT_IN_BACKENDS (runtime.backends) stays importable from here.
 
 
 class Router:
