@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without d
 GRAPH_BACKENDS = ("compiled", "torchscript", "onnx", "aoti")
 SPAWN_TIMEOUT_S = 180
 CLOSE = dict(atol=1e-6, rtol=1e-5)
+ORTHOGONALIZED = dict(atol=2e-5, rtol=1e-5)
 
 
 def _spawn(fn, args, nprocs: int, timeout: float) -> None:
@@ -276,11 +277,15 @@ def test_rule_on_two_ranks_matches_one_process(spawned) -> None:
         ref_direction, ref_state = transform.update(grad, param, state, torch.tensor(3))
         for rank in range(2):
             direction, *new_state = functions[rank]["rule"][name]
-            torch.testing.assert_close(direction, ref_direction, **CLOSE, msg=name)
+            # A matrix's direction goes through Newton–Schulz, whose five iterations amplify the
+            # float32 rounding of sums taken in another order over shards (~1e-6 relative).
+            close = ORTHOGONALIZED if len(shape) >= 2 else CLOSE
+            torch.testing.assert_close(direction, ref_direction, **close, msg=name)
             for value, ref in zip(new_state, ref_state):
                 torch.testing.assert_close(value, ref, **CLOSE, msg=name)
             assert all(functions[rank]["placements"][name]), name
-        assert math.isclose(ref_direction.square().mean().item(), 1.0, rel_tol=1e-5)
+        if len(shape) >= 2:  # a matrix's direction has unit RMS (vectors take an Adam-like rule)
+            assert math.isclose(ref_direction.square().mean().item(), 1.0, rel_tol=1e-5)
 
 
 def test_finiteness_agrees_on_every_rank(spawned) -> None:

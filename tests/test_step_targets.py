@@ -217,3 +217,18 @@ def test_many_and_mixed_shapes():
     assert all(1 <= math.prod(shape) <= 256 for _, shape in mixed)
     with pytest.raises(ValueError, match="0, 5"):
         models.many_shapes(0, 5)
+
+
+def test_plot_draws_panels_with_no_positive_ratio(quick, tmp_path):
+    # A ratio not measured (None), a zero or negative memory rise, an infinite one: each panel still
+    # draws (a log axis of nothing used to raise in matplotlib), and the figure is written.
+    doc = copy.deepcopy(quick[0])
+    for run in doc["runs"]:
+        for ratios in run["ratios"].values():
+            for key in ratios:
+                ratios[key] = None
+    rows = doc["memory"]["rows"]
+    for i, row in enumerate(rows.values()):
+        row["peak_over_state"] = (0.0, -1.0, math.inf)[i % 3]
+    targets_report.plot(doc, tmp_path / "empty.png")
+    assert (tmp_path / "empty.png").stat().st_size > 0

@@ -13,8 +13,9 @@ is ``floor / measured``.
 """
 
 import functools
+import json
 import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.step_speed.plan import FAMILIES
 from compiledopt.bench import ADAMW_WEIGHT_DECAY, Ceilings, step_cost
@@ -26,28 +27,41 @@ FLOAT_BYTES = 4  # every rule here runs in float32
 def family_transforms(family: str, shapes: Sequence[Sequence[int]]) -> List[Transform]:
     """The transform updating each parameter of ``shapes`` in ``family`` (``adamw`` or
     ``adamw-*``: ``compiledopt.transforms.AdamW`` with ``torch.optim.AdamW``'s weight decay)."""
-    from compiledopt.export.spec import build_bound
-    from compiledopt.learned import build_transform
     from compiledopt.transforms import AdamW
 
     if family == "adamw" or family.startswith("adamw-"):
         return [AdamW(weight_decay=ADAMW_WEIGHT_DECAY)] * len(shapes)
-    spec = FAMILIES[family]
+    return spec_transforms(FAMILIES[family], shapes)
+
+
+def spec_transforms(spec: Dict[str, Any], shapes: Sequence[Sequence[int]]) -> List[Transform]:
+    """The transforms an artifact ``spec`` builds for parameters of ``shapes``: its catalog
+    transform with its own kwargs (a shape-agnostic spec), or its per-parameter transforms."""
+    from compiledopt.export.spec import build_bound
+    from compiledopt.learned import build_transform
+
     if spec["kind"] == "shape_agnostic":
-        return [build_transform(spec["name"], spec["kwargs"])] * len(shapes)
+        return [build_transform(spec["name"], spec.get("kwargs", {}))] * len(shapes)
     return build_bound(spec, shapes, device="meta")
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_cost(family: str, shapes: Tuple[Tuple[int, ...], ...]) -> Cost:
-    return step_cost(family_transforms(family, shapes), shapes)
+def _cached_cost(key: str, shapes: Tuple[Tuple[int, ...], ...]) -> Cost:
+    family, spec = json.loads(key)
+    if spec is None:
+        return step_cost(family_transforms(family, shapes), shapes)
+    return step_cost(spec_transforms(spec, shapes), shapes)
 
 
-def rule_cost(family: str, shapes: Sequence[Sequence[int]]) -> Cost:
-    """FLOPs and bytes of one optimizer step of ``family`` over parameters of ``shapes`` (the
-    sum of each transform's :meth:`~compiledopt.transforms.Transform.cost`); raises
-    ``NotImplementedError`` for a rule without a cost model."""
-    return _cached_cost(family, tuple(tuple(int(d) for d in s) for s in shapes))
+def rule_cost(
+    family: str, shapes: Sequence[Sequence[int]], spec: Optional[Dict[str, Any]] = None
+) -> Cost:
+    """FLOPs and bytes of one optimizer step of ``family`` (or of the artifact ``spec``, when
+    given: its own kwargs, not the benchmark's) over parameters of ``shapes`` (the sum of each
+    transform's :meth:`~compiledopt.transforms.Transform.cost`); raises ``NotImplementedError``
+    for a rule without a cost model."""
+    key = json.dumps([family, spec], sort_keys=True)
+    return _cached_cost(key, tuple(tuple(int(d) for d in s) for s in shapes))
 
 
 def ceilings_of(doc: Dict[str, Any]) -> Ceilings:
@@ -56,11 +70,16 @@ def ceilings_of(doc: Dict[str, Any]) -> Ceilings:
 
 
 def add_cost(
-    row: Dict[str, Any], family: str, shapes: List[Sequence[int]], ceilings: Ceilings
+    row: Dict[str, Any],
+    family: str,
+    shapes: List[Sequence[int]],
+    ceilings: Ceilings,
+    spec: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Add the roofline fields to ``row``: FLOPs and bytes a coordinate, the arithmetic
-    intensity, the floor, and (for a timed row) the achieved fraction and FLOP/s."""
-    cost = rule_cost(family, shapes)
+    intensity, the floor, and (for a timed row) the achieved fraction and FLOP/s. ``spec``: the
+    artifact's spec, when the rule timed is an artifact's (see :func:`rule_cost`)."""
+    cost = rule_cost(family, shapes, spec)
     eager = row["backend"] == "eager"
     flops = cost.eager_flops if eager else cost.flops
     n = sum(math.prod(s) for s in shapes)

@@ -94,7 +94,6 @@ def _frozen_ratios(run: Dict[str, Any], case: Dict[str, Any], info: Dict[str, An
 
 def _roofline(doc: Dict[str, Any], run: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Floor and achieved fraction of every timed step (:func:`roofline.add_cost`)."""
-    from benchmarks.step_speed.plan import FAMILIES
     from benchmarks.step_speed.roofline import add_cost
     from benchmarks.step_speed.targets_runs import CASES, case_shapes
     from compiledopt.bench import Ceilings
@@ -102,17 +101,18 @@ def _roofline(doc: Dict[str, Any], run: Dict[str, Any]) -> List[Dict[str, Any]]:
     if "ceilings" not in run["baseline"]:
         return []
     ceilings = Ceilings(**run["baseline"]["ceilings"])
+    # The frozen rows' cost is the artifact's own (its spec and kwargs), not a catalog default.
     spec = doc["optimizer"]["spec"]
-    family = spec["name"]
-    known = FAMILIES.get(family, {}).get("kwargs") == spec.get("kwargs")
+    family = spec.get("name", spec["kind"])
     rows = []
     for case in CASES:
         shapes = [shape for _, shape in case_shapes(case, doc["settings"])]
-        timed = [(f"adamw-{v}", "adamw", r) for v, r in run["baseline"]["adamw"][case].items()]
-        if known:
-            for backend, result in run["frozen"].items():
-                timed.append((backend, family, result.get("cases", {}).get(case)))
-        for name, rule, result in timed:
+        timed = [
+            (f"adamw-{v}", "adamw", None, r) for v, r in run["baseline"]["adamw"][case].items()
+        ]
+        for backend, result in run["frozen"].items():
+            timed.append((backend, family, spec, result.get("cases", {}).get(case)))
+        for name, rule, rule_spec, result in timed:
             if not _ms(result):
                 continue
             row = {
@@ -123,7 +123,7 @@ def _roofline(doc: Dict[str, Any], run: Dict[str, Any]) -> List[Dict[str, Any]]:
                 "step_ms": result["step_ms"],
                 "state_bytes": result["state_bytes"],
             }
-            add_cost(row, rule, shapes, ceilings)
+            add_cost(row, rule, shapes, ceilings, rule_spec)
             rows.append(row)
     return rows
 
@@ -382,6 +382,10 @@ def _errors(doc: Dict[str, Any]) -> List[str]:
     return found
 
 
+def _positive(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
 def plot(doc: Dict[str, Any], path: Path) -> None:
     """Bars of each targeted ratio per backend and thread count, the target as a dashed line."""
     import matplotlib
@@ -415,16 +419,20 @@ def plot(doc: Dict[str, Any], path: Path) -> None:
             ]
         for i, (name, values) in enumerate(series):
             xs = [j + i * width for j in range(len(backends))]
-            heights = [math.nan if v is None else v for v in values]
+            # A log axis shows positive finite ratios only; a missing or non-positive one is a gap.
+            heights = [v if _positive(v) else math.nan for v in values]
             ax.bar(xs, heights, width, label=name, color=f"C{i}")
-        shown = [v for _, values in series for v in values if v] + ([limit] if limit else [])
+        shown = [v for _, values in series for v in values if _positive(v)]
         if limit is not None:
             ax.axhline(limit, color="k", linestyle="--", linewidth=1, label=f"target {limit:g}×")
         ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(backends))])
         ax.set_xticklabels(backends, rotation=20)
-        ax.set_yscale("log")
         if shown:
-            ax.set_ylim(min(shown) / 2, max(shown) * 2)
+            ax.set_yscale("log")
+            bounds = shown + ([limit] if limit else [])
+            ax.set_ylim(min(bounds) / 2, max(bounds) * 2)
+        else:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:

@@ -254,7 +254,7 @@ class Celo2(Transform):
             d1, d0 = factored_axes(list(grad.shape))
             tall = grad.shape[-2] > grad.shape[-1]
             return self._learned(grad, param, state, d1, d0, tall)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_exporting():
             return self._traced(grad, param, state)
         d1, d0 = factored_axes(list(grad.shape))
         return self._learned(grad, param, state, d1, d0, grad.shape[-2] > grad.shape[-1])
@@ -391,7 +391,9 @@ class Celo2(Transform):
     def _traced(
         self, grad: Tensor, param: Tensor, state: List[Tensor]
     ) -> Tuple[Tensor, List[Tensor]]:
-        """:meth:`_learned` for ``torch.compile`` and ``torch.export``. A matrix with symbolic
+        """:meth:`_learned` for ``torch.export`` (``torch.compile`` takes the eager path and
+        guards on the orientation: ``torch.cond`` cannot run under the ``vmap`` of the batched
+        multi-tensor step with symbolic sizes). A matrix with symbolic
         sizes keeps both orientations: the two steps that depend on which side is larger (the
         factored statistics' roles and Newton–Schulz's side) are ``torch.cond`` s on rows >
         columns, so one graph serves tall and wide matrices (the state's shapes, rows and

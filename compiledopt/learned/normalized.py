@@ -197,9 +197,9 @@ class NormalizedMLP(Transform):
 
     * ``orthogonalize``: for rank ≥ 2, ``out`` viewed as ``(shape[0], prod(shape[1:]))`` goes
       through :func:`newton_schulz` (5 quintic iterations toward the nearest semi-orthogonal
-      matrix, as Muon does) before the RMS normalisation. Ranks 0 and 1 are unaffected. Under
-      ``torch.compile``/``torch.export`` the choice of the Gram side is a ``torch.cond`` on the
-      sizes, so one dynamic-shape graph serves tall and wide matrices.
+      matrix, as Muon does) before the RMS normalisation. Ranks 0 and 1 are unaffected. In an
+      exported graph the choice of the Gram side is a ``torch.cond`` on the sizes, so one
+      dynamic-shape graph serves tall and wide matrices (``torch.compile`` guards on it).
     * ``adam_vectors``: for rank ≤ 1, the direction is ``clamp(r₁, ±feature_clip)`` (an Adam-like
       elementwise rule, not normalised per tensor) instead of the network's.
     * ``elementwise``: that Adam-like rule for every rank (what the ``adam`` rule routes
@@ -425,12 +425,16 @@ class NormalizedMLP(Transform):
 
     @torch.jit.unused
     def _traced_newton_schulz(self, matrix: Tensor) -> Tensor:
-        """:func:`newton_schulz` for ``torch.compile``/``torch.export``: with symbolic sizes the
-        Gram side is chosen by ``torch.cond``, so the graph is not specialised to tall or wide."""
+        """:func:`newton_schulz` for ``torch.compile``/``torch.export``. An exported graph with
+        symbolic sizes chooses the Gram side by ``torch.cond``, so it is not specialised to tall or
+        wide. ``torch.compile`` branches in Python instead and guards on the side (at most two
+        graphs): ``torch.cond`` cannot run under ``vmap`` with symbolic sizes, which the batched
+        multi-tensor step needs."""
         rows, cols = matrix.shape[0], matrix.shape[1]
         tall = rows > cols
-        if statically_known_true(tall) or statically_known_true(rows <= cols):
-            return newton_schulz(matrix)  # static sizes: the branch is fixed anyway
+        static = statically_known_true(tall) or statically_known_true(rows <= cols)
+        if static or not torch.compiler.is_exporting():
+            return newton_schulz(matrix)
         return torch.cond(tall, _ns_tall, _ns_wide, (_unit_frobenius(matrix),))
 
     def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
