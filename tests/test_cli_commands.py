@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from compiledopt import cli
+from compiledopt.apps.requirements import MissingDependencyError, require, require_task_family
 from compiledopt.cli import COMMANDS, build_parser, command_module, main
-from compiledopt.cli.requirements import MissingDependencyError, require, require_task_family
 
 CLI_DIR = Path(cli.__file__).parent
-# What a command module may import at its top level: light standard modules and its siblings.
+APPS_DIR = CLI_DIR.parent / "apps"
+# What a command module may import at its top level: light standard modules, its siblings and
+# the applications (compiledopt.apps), which import the same light things at their top level.
 LIGHT = {
     "__future__",
     "argparse",
@@ -54,7 +56,11 @@ def test_each_command_module_adds_its_parser_and_runs(command):
     assert list(commands.choices) == [command] and commands.choices[command] is parser
 
 
-@pytest.mark.parametrize("path", sorted(CLI_DIR.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [*sorted(CLI_DIR.glob("*.py")), *sorted(APPS_DIR.glob("*.py"))],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_modules_import_light_things_and_no_private_sibling_names(path):
     tree = ast.parse(path.read_text())
     for node in tree.body:  # the top level only: run() and friends import the heavy modules
@@ -65,9 +71,12 @@ def test_modules_import_light_things_and_no_private_sibling_names(path):
         else:
             continue
         for name in names:
-            assert name in LIGHT or name.startswith("compiledopt.cli."), (path.name, name)
+            own = name.startswith(("compiledopt.cli.", "compiledopt.apps."))
+            if path.parent == APPS_DIR:  # an application never imports a command
+                own = name.startswith("compiledopt.apps.")
+            assert name in LIGHT or own, (path.name, name)
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("compiledopt.cli"):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("compiledopt."):
             private = [a.name for a in node.names if a.name.startswith("_")]
             assert not private, (path.name, node.module, private)
 
@@ -208,7 +217,7 @@ def clean_environment(monkeypatch, tmp_path):
 def test_output_root_follows_the_documented_order(
     environment, expected, clean_environment, monkeypatch
 ):
-    from compiledopt.cli.paths import output_root
+    from compiledopt.apps.paths import output_root
 
     tmp = clean_environment
     for name, value in environment.items():
@@ -219,7 +228,7 @@ def test_output_root_follows_the_documented_order(
 
 
 def test_default_output_refuses_a_name_that_is_not_one_folder(clean_environment):
-    from compiledopt.cli.paths import default_output
+    from compiledopt.apps.paths import default_output
 
     for name in ("", ".", "..", "a/b"):
         with pytest.raises(ValueError, match="plain folder name"):
@@ -266,7 +275,7 @@ def test_run_pipeline_defaults_to_the_output_root(
 ):
     import io
 
-    from compiledopt.cli.demo import run_pipeline
+    from compiledopt.apps.pipeline import run_pipeline
 
     monkeypatch.setenv("COMPILEDOPT_HOME", str(clean_environment / "home"))
     out = io.StringIO()

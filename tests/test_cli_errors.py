@@ -126,8 +126,8 @@ def no_long_work(monkeypatch, tmp_path):
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.setenv("COMPILEDOPT_HOME", str(tmp_path / "home"))
+    import compiledopt.apps.finetune
     import compiledopt.bench
-    import compiledopt.cli.finetune
     import compiledopt.cli.meta_descent
     import compiledopt.export
     import compiledopt.export.verify
@@ -143,7 +143,7 @@ def no_long_work(monkeypatch, tmp_path):
     monkeypatch.setattr(compiledopt.meta.launch, "run_es", refuse)
     monkeypatch.setattr(compiledopt.export, "export_shape_agnostic", refuse)
     monkeypatch.setattr(compiledopt.export.verify, "verify_artifact", refuse)
-    monkeypatch.setattr(compiledopt.cli.finetune, "pretrain", refuse)
+    monkeypatch.setattr(compiledopt.apps.finetune, "pretrain", refuse)
     monkeypatch.setattr(compiledopt.bench, "benchmark", refuse)
     monkeypatch.setattr(compiledopt.cli.meta_descent, "run_demo", refuse)
 
@@ -714,7 +714,7 @@ def test_finetune_and_bench_load_with_the_trust_given(command, files, monkeypatc
 
 
 def test_finetune_runs_by_default_the_backends_the_artifact_may_load(files):
-    from compiledopt.cli.finetune import default_backends
+    from compiledopt.apps.backends import default_backends
 
     untrusted = load_artifact(files / "artifact")
     assert default_backends(untrusted) == ["eager", "compiled", "onnx"]

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
+from compiledopt.apps.meta_descent import TRANSFORMS, run_demo
 from compiledopt.cli import main
-from compiledopt.cli.meta_descent import TRANSFORMS, run_demo
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from compiledopt.cli.requirements import (
+from compiledopt.apps.requirements import (
     TASK_FAMILY_MODULES,
     MissingDependencyError,
     require_task_family,

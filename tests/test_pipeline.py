@@ -3,8 +3,8 @@
 import io
 
 from compiledopt import cli
-from compiledopt.cli.demo import run_pipeline
-from compiledopt.cli.finetune import run_finetune
+from compiledopt.apps.finetune import run_finetune
+from compiledopt.apps.pipeline import run_pipeline
 
 
 def test_pipeline_runs_every_stage(tmp_path):

@@ -90,21 +90,22 @@ class ShapesCNN(Task):
 
 
 def _digit_batches(x: Tensor, y: Tensor, steps: int, seed: int) -> List[Batch]:
-    from compiledopt.cli.finetune import sample_batches
+    from compiledopt.tasks.digits import sample_batches
 
     return sample_batches(x, y, steps, seed)
 
 
 class WideMLP(Task):
     """All ten digits with one hidden layer of 640 units (ten times the widest meta-training
-    MLP); the train/validation split of ``compiledopt finetune``'s :func:`digits_split`."""
+    MLP); the train/validation split of ``compiledopt finetune``'s
+    :func:`~compiledopt.tasks.digits.digits_split`."""
 
     name = "wide-mlp"
     summary = "MLP 64-640-10 (ReLU) on all 10 scikit-learn digits, 2/3 train 1/3 validation"
     needs = ("sklearn",)
 
     def __init__(self, seed: int, steps: int) -> None:
-        from compiledopt.cli.finetune import digits_split
+        from compiledopt.tasks.digits import digits_split
 
         super().__init__(seed, steps)
         x, y, self.held_x, self.held_y = digits_split(range(10), self.seed)
@@ -122,14 +123,14 @@ class WideMLP(Task):
 
 @functools.lru_cache(maxsize=2)
 def _pretrained(seed: int) -> nn.Module:
-    from compiledopt.cli.finetune import pretrain
+    from compiledopt.apps.finetune import pretrain
 
     return pretrain(seed)
 
 
 class Finetune(Task):
     """``compiledopt finetune``'s job: the 64-64-10 MLP pre-trained with AdamW on digits 0–4
-    (:func:`~compiledopt.cli.finetune.pretrain`), fine-tuned on digits 5–9, with that command's
+    (:func:`~compiledopt.apps.finetune.pretrain`), fine-tuned on digits 5–9, with that command's
     split and minibatches for the same seed."""
 
     name = "finetune"
@@ -138,7 +139,7 @@ class Finetune(Task):
     needs = ("sklearn",)
 
     def __init__(self, seed: int, steps: int) -> None:
-        from compiledopt.cli.finetune import digits_split
+        from compiledopt.tasks.digits import digits_split
 
         super().__init__(seed, steps)
         x, y, self.held_x, self.held_y = digits_split(range(5, 10), self.seed + 1)

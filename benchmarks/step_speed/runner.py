@@ -100,7 +100,7 @@ def machine_info() -> Dict[str, Any]:
 def _preflight(settings: Dict[str, Any]) -> None:
     """Stop with one line, before any work, when matplotlib is missing or a family to run has no
     cost model."""
-    from compiledopt.cli.requirements import require
+    from compiledopt.apps.requirements import require
 
     try:
         require("matplotlib", "bench")

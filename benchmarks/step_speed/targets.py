@@ -244,7 +244,7 @@ def _log(started: float, text: str) -> None:
 
 
 def _preflight() -> None:
-    from compiledopt.cli.requirements import require
+    from compiledopt.apps.requirements import require
 
     try:
         require("matplotlib", "bench")

@@ -22,7 +22,7 @@ import sys
 from types import ModuleType, TracebackType
 from typing import Dict, Optional, Sequence
 
-from compiledopt.cli.requirements import MissingDependencyError
+from compiledopt.apps.requirements import MissingDependencyError
 from compiledopt.cli.text import PrintableWriter, printable
 
 __all__ = ["COMMANDS", "build_parser", "command_module", "main"]

@@ -1,25 +1,18 @@
-"""Argument types and checks shared by the ``compiledopt`` commands.
+"""Argument types shared by the ``compiledopt`` commands.
 
 The argparse types (:func:`positive_int`, :func:`random_seed`, :func:`names_of`, ...) refuse a
 bad value with an ``argparse.ArgumentTypeError`` naming it, so argparse prints the option and the
-message and exits with status 2. The path checks (:func:`check_output_file`,
-:func:`check_output_directory`, :func:`check_input_file`, :func:`check_work_directory`) run before
-a command does any work and raise the errors that ``compiledopt`` turns into one line on stderr
-(``ValueError`` and the ``OSError`` kinds).
+message and exits with status 2. The checks on paths, which run before a command does any work,
+are in :mod:`compiledopt.apps.paths`.
 """
 
 import argparse
 import json
 import math
-import os
 from typing import Callable, List, Optional, Sequence
 
 __all__ = [
     "SEED_LIMIT",
-    "check_input_file",
-    "check_output_directory",
-    "check_output_file",
-    "check_work_directory",
     "comma_list",
     "int_list",
     "json_object",
@@ -147,88 +140,3 @@ def int_list(
 
     integers.__name__ = f"{what} list"
     return integers
-
-
-# -- paths, checked before any work -------------------------------------------------------------
-
-
-def check_input_file(path: str, option: str) -> str:
-    """``path`` if it is an existing, readable regular file; else an error naming ``option``."""
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{option}: needs a file path, got {path!r}")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{option} {path}: No such file or directory")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{option} {path}: is a directory, not a file")
-    if not os.access(path, os.R_OK):
-        raise PermissionError(f"{option} {path}: not readable")
-    return path
-
-
-def _check_writable_location(path: str, option: str, folder: Optional[str] = None) -> None:
-    """Refuse ``path`` unless it can be created: the nearest existing one of ``folder`` (default:
-    the folder of ``path``) and its ancestors must be a directory in which a file can be created
-    (tried with a probe file, removed at once)."""
-    folder = os.path.abspath(folder if folder is not None else os.path.dirname(path) or ".")
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise NotADirectoryError(f"{option} {path}: {folder} is a file, not a directory")
-    probe = os.path.join(folder, f".compiledopt-write-probe-{os.getpid()}")
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    except OSError as error:
-        raise PermissionError(
-            f"{option} {path}: cannot write to {folder} ({error.strerror or error})"
-        ) from None
-    os.unlink(probe)
-
-
-def check_output_file(path: str, option: str, exists_ok: bool = True) -> str:
-    """``path`` if a file can be written there: not a directory, in a folder that exists or can
-    be created and is writable (checked now, before any work); else an error naming ``option``.
-    With ``exists_ok=False`` an existing file is refused too."""
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{option}: needs a file path, got {path!r}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{option} {path}: is a directory, not a file")
-    if os.path.exists(path) and not exists_ok:
-        raise FileExistsError(f"{option} {path}: exists")
-    _check_writable_location(path, option)
-    return path
-
-
-def check_output_directory(path: str, option: str, overwrite: bool) -> str:
-    """``path`` if an artifact directory can be written there: not a file, not an existing
-    directory unless ``overwrite``, and then only an empty one or a compiledopt artifact that
-    holds nothing but its own files (:func:`compiledopt.export.writer.replaceable`: never a
-    folder that merely holds a ``manifest.json``, nor an artifact a user added files to), in a
-    writable place. An export to ``path`` that was killed while replacing it is undone first
-    (:func:`compiledopt.export.writer.recover` puts the old artifact back)."""
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{option}: needs a directory path, got {path!r}")
-    if os.path.islink(path):
-        raise FileExistsError(f"{option} {path}: is a symbolic link, not a directory")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"{option} {path}: is a file, not a directory")
-    from compiledopt.export.writer import recover, replaceable
-
-    recover(path)
-    if os.path.isdir(path):
-        if not overwrite:
-            raise FileExistsError(f"{option} {path}: exists (pass --overwrite to replace it)")
-        reason = replaceable(path)
-        if reason is not None:
-            raise FileExistsError(f"{option} {path}: {reason}; refusing to replace it")
-    _check_writable_location(path, option)
-    return path
-
-
-def check_work_directory(path: str, option: str) -> str:
-    """``path`` if it is a directory, or can be created, in which files can be written."""
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{option}: needs a directory path, got {path!r}")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"{option} {path}: is a file, not a directory")
-    _check_writable_location(path, option, folder=path)
-    return path

@@ -14,12 +14,8 @@ import os
 from pathlib import Path
 from typing import List, TextIO
 
-from compiledopt.cli.arguments import (
-    check_output_file,
-    comma_list,
-    positive_int,
-    positive_int_up_to,
-)
+from compiledopt.apps.paths import check_output_file
+from compiledopt.cli.arguments import comma_list, positive_int, positive_int_up_to
 from compiledopt.cli.trust import add_trust_options
 
 __all__ = ["MAX_REPEATS", "MODELS", "add_parser", "run"]
@@ -121,14 +117,15 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     ``--json`` and ``--plot``. A missing package or an artifact that does not load raises (the
     ``compiledopt`` command prints one line and exits 2)."""
     if args.plot:
-        from compiledopt.cli.requirements import require
+        from compiledopt.apps.requirements import require
 
         require("matplotlib", "bench")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None:
             check_output_file(path, option)  # before minutes of timing
     from compiledopt import bench
-    from compiledopt.cli.trust import check_loadable, open_trusted
+    from compiledopt.apps.backends import check_loadable
+    from compiledopt.cli.trust import open_trusted
 
     artifact = open_trusted(args)
     check_loadable(artifact, args.backends or (), "--backends")

@@ -5,8 +5,8 @@ import math
 import time
 from typing import Any, TextIO
 
+from compiledopt.apps.paths import check_output_directory
 from compiledopt.cli.arguments import (
-    check_output_directory,
     int_list,
     json_object,
     names_of,

@@ -4,8 +4,8 @@ import argparse
 import os
 from typing import TextIO
 
-from compiledopt.cli.arguments import check_output_file
-from compiledopt.cli.requirements import require
+from compiledopt.apps.paths import check_output_file
+from compiledopt.apps.requirements import require
 
 __all__ = ["add_parser", "run"]
 

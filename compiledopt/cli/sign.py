@@ -4,7 +4,7 @@ import argparse
 import os
 from typing import TextIO
 
-from compiledopt.cli.arguments import check_work_directory
+from compiledopt.apps.paths import check_work_directory
 from compiledopt.cli.trust import check_private_key, restore_interrupted
 
 __all__ = ["add_parser", "run"]

@@ -13,8 +13,8 @@ import os
 import time
 from typing import Any, Dict, List, Optional, TextIO
 
+from compiledopt.apps.requirements import require_task_family
 from compiledopt.cli.arguments import comma_list, json_object
-from compiledopt.cli.requirements import require_task_family
 from compiledopt.cli.train_settings import (
     ES_FIELDS,
     ESTIMATORS,

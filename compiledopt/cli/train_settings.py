@@ -10,9 +10,8 @@ import json
 import os
 from typing import Any, Callable, Dict, List, Set, Tuple
 
+from compiledopt.apps.paths import check_output_directory, check_output_file
 from compiledopt.cli.arguments import (
-    check_output_directory,
-    check_output_file,
     names_of,
     non_negative_int,
     positive_float,
@@ -247,10 +246,10 @@ def settings(args: argparse.Namespace) -> Tuple[Dict[str, Any], Set[str]]:
 
 def default_checkpoint() -> str:
     """Where ``train`` writes its checkpoint when neither ``--output`` nor ``--config`` names
-    one: ``<output root>/train/learned.pt`` (see :mod:`compiledopt.cli.paths`), never the
+    one: ``<output root>/train/learned.pt`` (see :mod:`compiledopt.apps.paths`), never the
     current folder. The folder is checked here, before any work, and created only once every
     other setting has been accepted."""
-    from compiledopt.cli.paths import default_output
+    from compiledopt.apps.paths import default_output
 
     return str(default_output("train", "--output") / DEFAULT_CHECKPOINT)
 

@@ -10,15 +10,14 @@ The keys are checked before the artifact is opened, each error naming the option
 import argparse
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
-from compiledopt.cli.arguments import check_input_file
-from compiledopt.cli.requirements import require
+from compiledopt.apps.paths import check_input_file
+from compiledopt.apps.requirements import require
 
 if TYPE_CHECKING:
     from compiledopt.export import Artifact
 
 __all__ = [
     "add_trust_options",
-    "check_loadable",
     "check_private_key",
     "open_trusted",
     "restore_interrupted",
@@ -81,18 +80,6 @@ def open_trusted(args: argparse.Namespace) -> "Artifact":
     options = trust_options(args)
     restore_interrupted(args.artifact)
     return open_artifact(args.artifact, **options)
-
-
-def check_loadable(artifact: "Artifact", backends: Sequence[str], option: str) -> None:
-    """Refuse, before any work, a backend of ``backends`` whose graphs are code that
-    ``artifact`` is not trusted to run, naming it and the options that would trust it."""
-    for backend in backends:
-        if backend in artifact.backends and not artifact.may_load(backend):
-            raise ValueError(
-                f"{option} {backend}: {artifact.path} is not trusted to run code (its {backend} "
-                "graphs are programs): pass --trust-code if you trust its source, or "
-                "--trusted-key with the public key that signed it"
-            )
 
 
 def check_private_key(path: str, option: str) -> str:

@@ -1,13 +1,21 @@
-"""MLP classification of scikit-learn's bundled 8×8 handwritten digits (a real data set)."""
+"""MLP classification of scikit-learn's bundled 8×8 handwritten digits (a real data set).
+
+Besides the task family, :func:`digits_split` and :func:`sample_batches` give the fixed split and
+the seeded minibatches of the fine-tuning job (:mod:`compiledopt.apps.finetune`) and of the
+learning-quality benchmarks.
+"""
 
 import functools
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compiledopt.tasks.base import Batch, Task, TaskFamily
+
+#: Rows per minibatch of :func:`sample_batches`.
+BATCH = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,3 +78,23 @@ class DigitsFamily(TaskFamily):
 
     def make(self, seed: int) -> Task:
         return DigitsTask(seed, self.device)
+
+
+def digits_split(classes: Sequence[int], seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Train and held-out examples (2/3 : 1/3, shuffled by ``seed``) of the given digit classes:
+    ``(x_train, y_train, x_held_out, y_held_out)``, the images as (N, 64) rows."""
+    images, labels = load_digits()
+    index = torch.nonzero(torch.isin(labels, torch.tensor(list(classes)))).squeeze(1)
+    index = index[torch.randperm(len(index), generator=torch.Generator().manual_seed(seed))]
+    cut = 2 * len(index) // 3
+    train, held = index[:cut], index[cut:]
+    return images[train], labels[train], images[held], labels[held]
+
+
+def sample_batches(
+    x: Tensor, y: Tensor, steps: int, seed: int, batch: int = BATCH
+) -> List[Tuple[Tensor, Tensor]]:
+    """``steps`` minibatches of ``batch`` rows of ``(x, y)`` drawn with replacement, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = [torch.randint(0, len(y), (batch,), generator=generator) for _ in range(steps)]
+    return [(x[p], y[p]) for p in picks]

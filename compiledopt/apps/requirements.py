@@ -1,9 +1,9 @@
-"""Optional dependencies of the commands, checked before a command does any work.
+"""Optional dependencies of the applications and commands, checked before any work.
 
-A command that needs an optional package calls :func:`require` first, so that a missing package
-stops it with one line naming the package and the extra that installs it (``compiledopt`` prints
-``compiledopt <command>: <message>`` and exits with status 2) instead of a traceback halfway
-through, with files already written.
+An application (or a command) that needs an optional package calls :func:`require` first, so
+that a missing package stops it with one error naming the package and the extra that installs it
+(``compiledopt`` prints ``compiledopt <command>: <message>`` and exits with status 2) instead of
+a traceback halfway through, with files already written.
 """
 
 import importlib

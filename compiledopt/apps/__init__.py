@@ -1,0 +1,18 @@
+"""Applications built on the library, each a function with plain keyword arguments.
+
+The ``compiledopt`` commands (:mod:`compiledopt.cli`) parse their arguments, call one of these
+and print; a program calls them the same way. Each raises ``ValueError`` (or ``TypeError``)
+naming a bad value before any long work.
+
+* :mod:`compiledopt.apps.pipeline`: the demo pipeline, meta-train -> export -> verify ->
+  fine-tune (``compiledopt demo``);
+* :mod:`compiledopt.apps.finetune`: fine-tuning a pre-trained MLP with a frozen learned optimizer
+  against AdamW (``compiledopt finetune``);
+* :mod:`compiledopt.apps.meta_descent`: a learned optimizer meta-trained online against SGD
+  (``compiledopt meta-descent``);
+* the helpers they share: :mod:`compiledopt.apps.requirements` (optional packages, checked
+  first), :mod:`compiledopt.apps.paths` (the output root and the checks on a path) and
+  :mod:`compiledopt.apps.backends` (which FrozenOptimizer backends run on an artifact).
+
+The package imports nothing heavy at import time: each module imports torch inside its functions.
+"""
