@@ -47,6 +47,9 @@ LAYERS: Dict[str, int] = {
     "__main__": 9,
 }
 MAX_LINES = 500
+#: The longest a function of ``compiledopt/cli/`` may be, in lines: a command parses its
+#: arguments, calls an application (:mod:`compiledopt.apps`) and prints.
+MAX_CLI_FUNCTION_LINES = 80
 
 
 def _modules() -> Iterator[Tuple[str, Path]]:
@@ -117,6 +120,19 @@ def test_no_module_is_too_long() -> None:
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_cli_functions_are_short() -> None:
+    """Every function of ``compiledopt/cli/`` fits in :data:`MAX_CLI_FUNCTION_LINES` lines: the
+    work belongs in :mod:`compiledopt.apps` or below."""
+    long = {}
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_CLI_FUNCTION_LINES:
+                    long[f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}"] = lines
+    assert not long, f"functions over {MAX_CLI_FUNCTION_LINES} lines: {long}"
 
 
 def test_the_layer_check_catches_an_upward_import(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from compiledopt.apps.requirements import require_task_family
 from compiledopt.cli.arguments import comma_list, json_object
@@ -96,6 +96,18 @@ def add_parser(
         "learned, orthogonal and adam; roles left out: artifact). Default: none, every "
         "parameter gets the transform as configured",
     )
+    _add_run_options(parser)
+    return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` options on where and how the run goes: seed, device, output, export,
+    resume."""
+    add = parser.add_argument
+
+    def number(name: str, help_text: Optional[str] = None) -> None:
+        add(f"--{name.replace('_', '-')}", type=TYPES[name], default=None, help=help_text)
+
     number("seed", "seeds the weights and the tasks, in [0, 2**31)")
     add("--device", default=None, help="e.g. cpu or cuda (default: cpu)")
     add(
@@ -118,7 +130,6 @@ def add_parser(
         "meta_steps, eval_every and checkpoint_every may always change",
     )
     add("--no-progress", action="store_true", help="hide the progress bar")
-    return parser
 
 
 def _check_resume(
@@ -146,38 +157,41 @@ def _check_resume(
     return check_resume(recorded, requested, allowed, fixed)
 
 
-def run(args: argparse.Namespace, out: TextIO) -> int:
-    """The ``train`` command: check everything, then meta-train, checkpoint, optionally export,
-    and print a summary."""
-    values, given = settings(args)
-    require_task_family(values["family"])
-    check_settings(values, given, args)
-    import torch
+@dataclasses.dataclass
+class _Plan:
+    """What :func:`run` checked and built before any work."""
 
+    inner_lr: float
+    family: Any
+    fields: Dict[str, str]
+    config: Any
+    state: Optional[Dict[str, Any]]
+    changes: List[Dict[str, Any]]
+
+
+def _prepare(values: Dict[str, Any], args: argparse.Namespace) -> _Plan:
+    """Build the transform, the family and the config once, and read a checkpoint to resume,
+    so that bad settings fail before any work."""
     from compiledopt.cli.checkpoints import load_checkpoint
     from compiledopt.learned.catalog import CATALOG, LEARNED, build_transform
-    from compiledopt.meta import MetaTrainConfig, MetaTrainer
+    from compiledopt.meta import MetaTrainConfig
     from compiledopt.meta.es import ESConfig
-    from compiledopt.meta.launch import make_family, run_es
+    from compiledopt.meta.inner import check_routes, check_rules
+    from compiledopt.meta.launch import make_family
 
     if values["transform"] not in LEARNED:
         raise ValueError(f"Invalid transform: {values['transform']!r} (one of {list(LEARNED)})")
     inner_lr = values["inner_lr"] or CATALOG[values["transform"]].inner_lr
-    output = values["output"]
-    # Build once here so bad transform or family arguments fail before any work.
     try:
         built = build_transform(values["transform"], values["transform_kwargs"])
     except TypeError as error:
         kwargs = json.dumps(values["transform_kwargs"])
         raise ValueError(f"--transform-kwargs {kwargs}: {error}") from None
-    from compiledopt.meta.inner import check_routes, check_rules
-
     check_rules(built, check_routes(values["routes"], "--routes"), "--routes")
     family = make_family(
         values["family"], values["seed"], values["device"], values["family_kwargs"]
     )
-    tbptt = values["estimator"] == "tbptt"
-    if tbptt:
+    if values["estimator"] == "tbptt":
         fields = TBPTT_FIELDS
         config = build_config(values, fields, MetaTrainConfig, inner_lr=inner_lr)
     else:
@@ -187,84 +201,94 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     state = None
     changes: List[Dict[str, Any]] = []
     if args.resume:
-        state = load_checkpoint(output, "--resume")
+        state = load_checkpoint(values["output"], "--resume")
         changes = _check_resume(state, values, config, fields, args.allow_changes)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    start = time.perf_counter()
-    if tbptt:
-        torch.manual_seed(values["seed"])
-        spec = {"name": values["transform"], "kwargs": values["transform_kwargs"]}
-        transform = build_transform(spec["name"], spec["kwargs"])
-        metadata = {"transform_spec": spec, "family_kwargs": values["family_kwargs"]}
-        if config.routes is not None:  # what `compiledopt export` writes as the routes
-            metadata["routes"] = dict(config.routes)
-        trainer = MetaTrainer(transform, family, config, metadata=metadata)
-        if state is not None:
-            allowed = [fields[key] for key in args.allow_changes if key in fields]
-            trainer.load_state_dict(state, allow_changes=allowed)
-            extra_changes = [c for c in changes if c["setting"] not in fields]
-            if extra_changes:  # settings outside the trainer's config, e.g. family_kwargs
-                trainer.metadata["config_changes"] = trainer.metadata.get("config_changes", []) + [
-                    {"meta_step": trainer.meta_step, **c} for c in extra_changes
-                ]
-        result = trainer.train(checkpoint=output, progress=not args.no_progress)
-        if not result.evaluations or result.evaluations[-1]["meta_step"] != result.meta_step:
-            trainer.evaluate()
-        history = [r["meta_loss"] for r in result.history]
-        evaluations = [(r["meta_step"], r["final_loss"]) for r in trainer.evaluations]
-        steps = (
-            f"{result.meta_step} x {config.tasks_per_step} tasks x unroll {config.unroll_length}"
-        )
-    else:
-        run_settings = {
-            **{k: values[k] for k in ("transform", "transform_kwargs", "family", "seed")},
-            "family_kwargs": values["family_kwargs"],
-            "device": values["device"],
-            "config": dataclasses.asdict(config),
-            "output": output,
-            "resume": bool(args.resume),
-            "processes": values["processes"],
-            "config_file": os.path.basename(args.config) if args.config else None,
-        }
-        run_es(run_settings, progress=not args.no_progress)
-        saved = torch.load(output, map_location="cpu", weights_only=True)
-        history = [r["objective"] for r in saved["history"]]
-        evaluations = [(r["step"], r["final_loss"]) for r in saved["evaluations"]]
-        steps = (
-            f"{saved['outer_step']} x {config.tasks_per_step} tasks x {config.pairs} pairs, "
-            f"truncation {config.truncation}, unrolls {config.min_unroll}-{config.max_unroll}"
-        )
-    seconds = time.perf_counter() - start
-    finite = [h for h in history if math.isfinite(h)]
-    rows = [
-        ("transform", f"{values['transform']} {json.dumps(values['transform_kwargs'])}"),
-        ("task family", f"{values['family']} (seed {values['seed']}, device {values['device']})"),
-        ("estimator", values["estimator"]),
-        ("meta-steps", f"{steps} (inner lr {inner_lr:g})"),
-        (
-            "meta-loss",
-            f"{finite[0] if finite else math.nan:.4g} -> {finite[-1] if finite else math.nan:.4g}",
-        ),
-        ("time", f"{seconds:.1f} s"),
-        ("checkpoint", output),
-    ]
-    for change in changes:
-        if change["setting"] not in ("meta_steps", "eval_every", "checkpoint_every"):
-            rows.append(("changed", f"{change['setting']}: {change['from']} -> {change['to']}"))
-    if values["export"] is not None:
-        from compiledopt.cli import export as export_command
+    return _Plan(inner_lr, family, fields, config, state, changes)
 
-        export_args = argparse.Namespace(
-            checkpoint=output,
-            output=values["export"],
-            backends=comma_list(values["export_backends"]),
-            ranks=[0, 1, 2, 3, 4, 5],
-            lr=values["export_lr"],
-            training=None,
-            overwrite=True,
-        )
-        export_command.run(export_args, out)
-        rows.append(("artifact", values["export"]))
+
+def _train_tbptt(
+    values: Dict[str, Any], args: argparse.Namespace, plan: _Plan
+) -> Tuple[List[float], List[Tuple[int, float]], str]:
+    """Meta-train by truncated backprop: ``(meta-losses, evaluations, steps text)``."""
+    import torch
+
+    from compiledopt.learned.catalog import build_transform
+    from compiledopt.meta import MetaTrainer
+
+    config, fields, state = plan.config, plan.fields, plan.state
+    torch.manual_seed(values["seed"])
+    spec = {"name": values["transform"], "kwargs": values["transform_kwargs"]}
+    transform = build_transform(spec["name"], spec["kwargs"])
+    metadata = {"transform_spec": spec, "family_kwargs": values["family_kwargs"]}
+    if config.routes is not None:  # what `compiledopt export` writes as the routes
+        metadata["routes"] = dict(config.routes)
+    trainer = MetaTrainer(transform, plan.family, config, metadata=metadata)
+    if state is not None:
+        allowed = [fields[key] for key in args.allow_changes if key in fields]
+        trainer.load_state_dict(state, allow_changes=allowed)
+        extra_changes = [c for c in plan.changes if c["setting"] not in fields]
+        if extra_changes:  # settings outside the trainer's config, e.g. family_kwargs
+            trainer.metadata["config_changes"] = trainer.metadata.get("config_changes", []) + [
+                {"meta_step": trainer.meta_step, **c} for c in extra_changes
+            ]
+    result = trainer.train(checkpoint=values["output"], progress=not args.no_progress)
+    if not result.evaluations or result.evaluations[-1]["meta_step"] != result.meta_step:
+        trainer.evaluate()
+    history = [r["meta_loss"] for r in result.history]
+    evaluations = [(r["meta_step"], r["final_loss"]) for r in trainer.evaluations]
+    steps = f"{result.meta_step} x {config.tasks_per_step} tasks x unroll {config.unroll_length}"
+    return history, evaluations, steps
+
+
+def _train_es(
+    values: Dict[str, Any], args: argparse.Namespace, config: Any
+) -> Tuple[List[float], List[Tuple[int, float]], str]:
+    """Meta-train by evolution strategies: ``(objectives, evaluations, steps text)``."""
+    import torch
+
+    from compiledopt.meta.launch import run_es
+
+    output = values["output"]
+    run_settings = {
+        **{k: values[k] for k in ("transform", "transform_kwargs", "family", "seed")},
+        "family_kwargs": values["family_kwargs"],
+        "device": values["device"],
+        "config": dataclasses.asdict(config),
+        "output": output,
+        "resume": bool(args.resume),
+        "processes": values["processes"],
+        "config_file": os.path.basename(args.config) if args.config else None,
+    }
+    run_es(run_settings, progress=not args.no_progress)
+    saved = torch.load(output, map_location="cpu", weights_only=True)
+    history = [r["objective"] for r in saved["history"]]
+    evaluations = [(r["step"], r["final_loss"]) for r in saved["evaluations"]]
+    steps = (
+        f"{saved['outer_step']} x {config.tasks_per_step} tasks x {config.pairs} pairs, "
+        f"truncation {config.truncation}, unrolls {config.min_unroll}-{config.max_unroll}"
+    )
+    return history, evaluations, steps
+
+
+def _export(values: Dict[str, Any], out: TextIO) -> None:
+    """``compiledopt export`` of the checkpoint just written to ``--export``."""
+    from compiledopt.cli import export as export_command
+
+    export_args = argparse.Namespace(
+        checkpoint=values["output"],
+        output=values["export"],
+        backends=comma_list(values["export_backends"]),
+        ranks=[0, 1, 2, 3, 4, 5],
+        lr=values["export_lr"],
+        training=None,
+        overwrite=True,
+    )
+    export_command.run(export_args, out)
+
+
+def _print_summary(
+    rows: List[Tuple[str, str]], evaluations: List[Tuple[int, float]], out: TextIO
+) -> None:
     width = max(len(k) for k, _ in rows)
     print("compiledopt train: summary", file=out)
     for key, value in rows:
@@ -273,4 +297,41 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     print(f"  {'step':>9}  {'final loss':>10}", file=out)
     for step, loss in evaluations:
         print(f"  {step:>9}  {loss:>10.4g}", file=out)
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    """The ``train`` command: check everything, then meta-train, checkpoint, optionally export,
+    and print a summary."""
+    values, given = settings(args)
+    require_task_family(values["family"])
+    check_settings(values, given, args)
+    plan = _prepare(values, args)
+    output = values["output"]
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    start = time.perf_counter()
+    if values["estimator"] == "tbptt":
+        history, evaluations, steps = _train_tbptt(values, args, plan)
+    else:
+        history, evaluations, steps = _train_es(values, args, plan.config)
+    seconds = time.perf_counter() - start
+    finite = [h for h in history if math.isfinite(h)]
+    rows = [
+        ("transform", f"{values['transform']} {json.dumps(values['transform_kwargs'])}"),
+        ("task family", f"{values['family']} (seed {values['seed']}, device {values['device']})"),
+        ("estimator", values["estimator"]),
+        ("meta-steps", f"{steps} (inner lr {plan.inner_lr:g})"),
+        (
+            "meta-loss",
+            f"{finite[0] if finite else math.nan:.4g} -> {finite[-1] if finite else math.nan:.4g}",
+        ),
+        ("time", f"{seconds:.1f} s"),
+        ("checkpoint", output),
+    ]
+    for change in plan.changes:
+        if change["setting"] not in ("meta_steps", "eval_every", "checkpoint_every"):
+            rows.append(("changed", f"{change['setting']}: {change['from']} -> {change['to']}"))
+    if values["export"] is not None:
+        _export(values, out)
+        rows.append(("artifact", values["export"]))
+    _print_summary(rows, evaluations, out)
     return 0
