@@ -11,7 +11,7 @@ import inspect
 import math
 import pkgutil
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, FrozenSet, Iterator, List, Set, Tuple
 
 import pytest
 import torch
@@ -120,6 +120,132 @@ def test_no_module_is_too_long() -> None:
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _module_names() -> Dict[str, Path]:
+    """Dotted name (relative to compiledopt; a package by its own name) -> file."""
+    names = {}
+    for name, path in _modules():
+        if name.endswith(".__init__"):
+            name = name.removesuffix(".__init__")
+        names[name] = path
+    return names
+
+
+def _top_level_statements(body: List[ast.stmt]) -> Iterator[ast.stmt]:
+    """The statements run when a module is imported: its body, into ``if``/``try``/``with``
+    blocks, leaving out ``if TYPE_CHECKING:`` blocks and every function and class body."""
+    for node in body:
+        if isinstance(node, ast.If):
+            test = node.test
+            guarded = isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
+            guarded |= isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+            if not guarded:
+                yield from _top_level_statements(node.body)
+            yield from _top_level_statements(node.orelse)
+        elif isinstance(node, ast.Try):
+            for block in (node.body, *(h.body for h in node.handlers), node.orelse):
+                yield from _top_level_statements(block)
+            yield from _top_level_statements(node.finalbody)
+        elif isinstance(node, ast.With):
+            yield from _top_level_statements(node.body)
+        else:
+            yield node
+
+
+def _module_imports(path: Path, modules: Dict[str, Path]) -> List[str]:
+    """The compiledopt modules that ``path`` imports when it is imported (its top-level
+    imports), each resolved to a module of ``modules``: ``from compiledopt.x import y`` is
+    module ``x.y`` when ``y`` is a submodule, else ``x``."""
+    found = []
+    for node in _top_level_statements(ast.parse(path.read_text(), str(path)).body):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "compiledopt":
+                    found.append("__init__")
+                elif alias.name.startswith("compiledopt."):
+                    found.append(alias.name.removeprefix("compiledopt."))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "compiledopt":
+                base = ""
+            elif node.module.startswith("compiledopt."):
+                base = node.module.removeprefix("compiledopt.") + "."
+            else:
+                continue
+            for alias in node.names:
+                sub = base + alias.name
+                found.append(sub if sub in modules else base.rstrip(".") or "__init__")
+    return found
+
+
+def _cycle(graph: Dict[str, List[str]]) -> List[str]:
+    """One cycle of ``graph`` (its modules in import order, the first repeated last), or []."""
+    done: Set[str] = set()
+    for root in sorted(graph):
+        if root in done:
+            continue
+        path: List[str] = []
+        on_path: Dict[str, int] = {}
+        stack = [(root, iter(sorted(graph[root])))]
+        path.append(root)
+        on_path[root] = 0
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                path.pop()
+                del on_path[node]
+                done.add(node)
+            elif child in on_path:
+                return [*path[on_path[child] :], child]
+            elif child not in done and child in graph:
+                on_path[child] = len(path)
+                path.append(child)
+                stack.append((child, iter(sorted(graph[child]))))
+    return []
+
+
+#: Import cycles between modules that are known and allowed for now, each as the set of modules
+#: on it. Empty: no module imports, at its top level, one that imports it back.
+KNOWN_CYCLES: List[FrozenSet[str]] = []
+
+
+def _graph() -> Dict[str, List[str]]:
+    modules = _module_names()
+    graph = {
+        name: sorted({m for m in _module_imports(path, modules) if m != name})
+        for name, path in modules.items()
+    }
+    for known in KNOWN_CYCLES:
+        for name in known:
+            graph[name] = [m for m in graph[name] if m not in known]
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    """No module imports, at its top level (the imports run when it is imported: not those
+    inside functions nor under ``if TYPE_CHECKING:``), a module that imports it back, directly
+    or through others. A function may still import, when called, a module that imports its
+    own: e.g. learned.normalized's blocked update imports learned.normalized_blocked."""
+    graph = _graph()
+    assert "apps.finetune" in graph and "apps.requirements" in graph["apps.finetune"]
+    cycle = _cycle(graph)
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.py"
+    fake.write_text(
+        "from typing import TYPE_CHECKING\nfrom compiledopt import apps, version\n"
+        "from compiledopt.apps.finetune import run_finetune\nimport compiledopt.tasks.digits\n"
+        "if TYPE_CHECKING:\n    from compiledopt import bench\n"
+        "def f():\n    from compiledopt import cli\n"
+    )
+    found = _module_imports(fake, _module_names())
+    assert found == ["apps", "version", "apps.finetune", "tasks.digits"]
+    assert _cycle({"a": ["b"], "b": ["c", "d"], "c": ["a"], "d": []}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": ["b", "c"], "b": ["c"], "c": []}) == []
 
 
 def test_cli_functions_are_short() -> None:
