@@ -10,12 +10,14 @@ listed by the benchmark.
 from typing import Tuple
 
 from compiledopt.export.backend import names as export_names
+from compiledopt.runtime.builtins import BUILT_INS
 
 __all__ = ["BUILT_IN_BACKENDS", "runtime_backends"]
 
 #: Backends that need no graph in the artifact: the transform rebuilt from its weights, eagerly
-#: or compiled by ``torch.compile``. Only these compute rules the exported graphs do not.
-BUILT_IN_BACKENDS = ("eager", "compiled")
+#: or compiled by ``torch.compile`` (:data:`~compiledopt.runtime.builtins.BUILT_INS`). Only these
+#: compute rules the exported graphs do not.
+BUILT_IN_BACKENDS = tuple(BUILT_INS)
 
 
 def runtime_backends() -> Tuple[str, ...]:

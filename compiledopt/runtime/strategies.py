@@ -18,24 +18,18 @@ nothing half-updated.
 import abc
 import copy
 import itertools
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from compiledopt.export.artifact import Artifact
-from compiledopt.export.rule import INDUCTOR_OPTIONS, ModelRule
-from compiledopt.runtime.buckets import MAX_MEMBER, BatchedRule, Bucket, plan
-from compiledopt.runtime.compiled import (
-    CompiledBatchedRule,
-    CompiledTensorRule,
-    StoredStateRule,
-    canonical_shape,
-)
+from compiledopt.runtime.buckets import Bucket, plan
+from compiledopt.runtime.builtins import BUILT_INS, TensorRules
+from compiledopt.runtime.compiled import StoredStateRule, canonical_shape
 from compiledopt.runtime.distributed import is_distributed, run_rule
 from compiledopt.runtime.rounding import round_state
 from compiledopt.runtime.state import STEP, Expected, check_batch, check_result
-from compiledopt.runtime.warming import Warming
 from compiledopt.transforms.base import Transform
 
 __all__ = ["Computed", "ModelStrategy", "Result", "Strategy", "TensorStrategy", "make_strategy"]
@@ -46,10 +40,10 @@ STEP_SEED = 1_000_003
 INDEX_SEED = 7_919
 
 State = Dict[str, Tensor]
-#: The most elements of one tensor kind in one batched call of a tensor strategy, per backend:
-#: eager calls work in cache-sized blocks; a compiled call fuses a whole bucket into one loop.
-#: The exported graphs (one tensor per call) are not batched.
-MAX_ELEMENTS = {"eager": 1 << 16, "compiled": 1 << 22}
+#: The most elements of one tensor kind in one batched call of a tensor strategy, per built-in
+#: backend (:data:`~compiledopt.runtime.builtins.BUILT_INS`). The exported graphs (one tensor per
+#: call) are not batched.
+MAX_ELEMENTS = {name: b.max_elements for name, b in BUILT_INS.items()}
 
 
 class Result(NamedTuple):
@@ -185,16 +179,6 @@ class Strategy(abc.ABC):
         step. Gradients are read from ``param.grad``; nothing is written."""
 
 
-class _Rules(NamedTuple):
-    """A tensor strategy's callables on one device: ``single(grad, param, state, step, seed)``
-    for one parameter, ``batched(grads, params, states, step, seeds)`` for a bucket of stacked
-    same-shape parameters (``None``: every parameter is computed on its own). Both take and
-    return the state in its storage dtype."""
-
-    single: Callable
-    batched: Optional[Callable]
-
-
 class TensorStrategy(Strategy):
     """A shape-agnostic rule called once per bucket of same-shape small parameters and once per
     larger parameter, with dynamic sizes (see :mod:`~compiledopt.runtime.buckets`).
@@ -212,48 +196,30 @@ class TensorStrategy(Strategy):
         super().__init__(artifact, transforms, backend, state_dtype, background)
         self.view = bool(getattr(transforms[0], "view_invariant", False))
         self.max_elements = MAX_ELEMENTS.get(backend, 0)
-        self._devices: Dict[torch.device, _Rules] = {}
+        self._devices: Dict[torch.device, TensorRules] = {}
         # Per parameter shape: its computed shape and the other state shapes (see _key).
         self._shapes: Dict[torch.Size, Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]]] = {}
         # Per bucket of the last step: each state tensor stacked, and its members' views of it.
         self._stacks: Dict[Tuple[int, ...], List[Tuple[Tensor, List[Tensor]]]] = {}
-        if backend not in MAX_ELEMENTS:  # exported graphs run on the CPU: load them now
+        if backend not in BUILT_INS:  # exported graphs run on the CPU: load them now
             self.rules(torch.device("cpu"))
 
-    def rules(self, device: torch.device) -> _Rules:
+    def rules(self, device: torch.device) -> TensorRules:
         """The callables that compute on ``device`` (built at its first use)."""
         rules = self._devices.get(device)
         if rules is None:
             rules = self._devices[device] = self._build(device)
         return rules
 
-    def _build(self, device: torch.device) -> _Rules:
+    def _build(self, device: torch.device) -> TensorRules:
         transform = self.transforms[0]
         if device.type != "cpu":
             transform = copy.deepcopy(transform).to(device)
-        stored = self.state_dtype
-        eager = _Rules(
-            StoredStateRule(_EagerUpdate(transform), stored),
-            BatchedRule(StoredStateRule(transform.update, stored)),
-        )
-        if self.backend == "eager":
-            return eager
-        if self.backend == "compiled":
-            # Dynamic sizes: the same two or three graphs (matrices, small vectors, large
-            # vectors) serve every parameter, so compile time does not grow with the model.
-            rule = CompiledTensorRule(
-                transform, state_dtype=None if stored == self.dtype else stored
-            )
-            single = rule if rule.state_dtype else StoredStateRule(rule, stored)
-            batched = CompiledBatchedRule(transform, stored)
-            if not self.background:
-                return _Rules(single, batched)
-            what = f"FrozenOptimizer: the {type(transform).__name__} rule"
-            return _Rules(
-                Warming(eager.single, single, rule.kind, what),
-                Warming(eager.batched, batched, batched.kind, what),
-            )
-        return _Rules(StoredStateRule(self.artifact.runner(self.backend), stored), None)
+        built_in = BUILT_INS.get(self.backend)
+        if built_in is not None:
+            return built_in.tensor_rules(transform, self.dtype, self.state_dtype, self.background)
+        runner = self.artifact.runner(self.backend)
+        return TensorRules(StoredStateRule(runner, self.state_dtype), None)
 
     def _key(self, param: Tensor, step: int):
         """What parameters computed in one bucket share (see :func:`buckets.plan`), or ``None``
@@ -354,21 +320,6 @@ def _unstack(stacked: Tensor, shapes: List[torch.Size]) -> List[Tensor]:
     return [t if t.shape == s else t.reshape(s) for t, s in zip(stacked.unbind(0), shapes)]
 
 
-class _EagerUpdate:
-    """A transform's ``update`` for one tensor on the eager backend: a large tensor goes through
-    the transform's ``update_blocked`` where it has one (the same maths in cache-sized blocks,
-    so temporary memory stays bounded whatever the tensor's size)."""
-
-    def __init__(self, transform: Transform) -> None:
-        self.transform = transform
-        self.blocked = getattr(transform, "update_blocked", None)
-
-    def __call__(self, grad, param, state, step):
-        if self.blocked is not None and grad.numel() > MAX_MEMBER and not is_distributed(grad):
-            return self.blocked(grad, param, state, step)
-        return self.transform.update(grad, param, state, step)
-
-
 class ModelStrategy(Strategy):
     """A bound rule: one call maps every bound parameter's gradient to its direction.
 
@@ -397,11 +348,9 @@ class ModelStrategy(Strategy):
         transforms = self.transforms
         if device.type != "cpu":
             transforms = [copy.deepcopy(t).to(device) for t in transforms]
-        if self.backend == "eager":
-            return _EagerModelRule(transforms, self.counts)
-        if self.backend == "compiled":
-            rule = ModelRule(transforms, self.counts, fused=True)
-            return torch.compile(rule, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
+        built_in = BUILT_INS.get(self.backend)
+        if built_in is not None:
+            return built_in.model_rule(transforms, self.counts)
         return self.artifact.runner(self.backend)
 
     def _transform(self, index: int) -> Transform:
@@ -432,23 +381,6 @@ class ModelStrategy(Strategy):
                 computed.add(result.direction, (i,), "direction")
                 computed.add_state((i,), result.state)
         return computed
-
-
-class _EagerModelRule:
-    """The eager reference of a bound rule: one transform call per parameter."""
-
-    def __init__(self, transforms: List[Transform], counts: List[int]) -> None:
-        self.transforms = transforms
-        self.counts = counts
-
-    def __call__(self, grads, params, states, step) -> Tuple[List[Tensor], List[Tensor]]:
-        directions, new_states, offset = [], [], 0
-        for transform, grad, param, count in zip(self.transforms, grads, params, self.counts):
-            direction, state = transform.update(grad, param, states[offset : offset + count], step)
-            directions.append(direction)
-            new_states.extend(state)
-            offset += count
-        return directions, new_states
 
 
 def _upcast(values: List[Tensor], dtype: torch.dtype, state_dtype: torch.dtype) -> List[Tensor]:

@@ -1,0 +1,127 @@
+"""The runtime's built-in backends, ``eager`` and ``compiled``, as descriptors in one registry.
+
+They need no graph in the artifact: each rebuilds the rule from the artifact's transform. A
+:class:`BuiltIn` says how, for both artifact kinds: :attr:`~BuiltIn.tensor_rules` gives a
+shape-agnostic rule's callables on one device, :attr:`~BuiltIn.model_rule` a bound artifact's
+whole-model rule, and :attr:`~BuiltIn.max_elements` how many elements one batched call may take.
+The strategies look a backend up in :data:`BUILT_INS` and run an artifact's exported graphs for
+any other (:meth:`compiledopt.export.Artifact.runner`).
+"""
+
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+
+from compiledopt.export.rule import INDUCTOR_OPTIONS, ModelRule
+from compiledopt.runtime.buckets import MAX_MEMBER, BatchedRule
+from compiledopt.runtime.compiled import CompiledBatchedRule, CompiledTensorRule, StoredStateRule
+from compiledopt.runtime.distributed import is_distributed
+from compiledopt.runtime.warming import Warming
+from compiledopt.transforms.base import Transform
+
+__all__ = ["BUILT_INS", "BuiltIn", "EagerModelRule", "EagerUpdate", "TensorRules"]
+
+
+class TensorRules(NamedTuple):
+    """A tensor strategy's callables on one device: ``single(grad, param, state, step, seed)``
+    for one parameter, ``batched(grads, params, states, step, seeds)`` for a bucket of stacked
+    same-shape parameters (``None``: every parameter is computed on its own). Both take and
+    return the state in its storage dtype."""
+
+    single: Callable
+    batched: Optional[Callable]
+
+
+class BuiltIn(NamedTuple):
+    """A built-in runtime backend.
+
+    Attributes:
+        name: the name ``FrozenOptimizer(backend=...)`` takes.
+        max_elements: the most elements of one tensor kind in one batched call.
+        tensor_rules: ``tensor_rules(transform, dtype, state_dtype, background)``, the
+            :class:`TensorRules` of a shape-agnostic ``transform`` (already on its device)
+            computing in ``dtype`` with the state stored in ``state_dtype``; with
+            ``background``, a compile runs in the background while the eager rule answers.
+        model_rule: ``model_rule(transforms, counts)``, a bound artifact's whole-model rule,
+            ``rule(grads, params, states, step) -> (directions, new_states)``.
+    """
+
+    name: str
+    max_elements: int
+    tensor_rules: Callable[[Transform, torch.dtype, torch.dtype, bool], TensorRules]
+    model_rule: Callable[[List[Transform], List[int]], Callable]
+
+
+class EagerUpdate:
+    """A transform's ``update`` for one tensor on the eager backend: a large tensor goes through
+    the transform's ``update_blocked`` where it has one (the same maths in cache-sized blocks,
+    so temporary memory stays bounded whatever the tensor's size)."""
+
+    def __init__(self, transform: Transform) -> None:
+        self.transform = transform
+        self.blocked = getattr(transform, "update_blocked", None)
+
+    def __call__(self, grad, param, state, step):
+        if self.blocked is not None and grad.numel() > MAX_MEMBER and not is_distributed(grad):
+            return self.blocked(grad, param, state, step)
+        return self.transform.update(grad, param, state, step)
+
+
+class EagerModelRule:
+    """The eager reference of a bound rule: one transform call per parameter."""
+
+    def __init__(self, transforms: List[Transform], counts: List[int]) -> None:
+        self.transforms = transforms
+        self.counts = counts
+
+    def __call__(self, grads, params, states, step):
+        directions, new_states, offset = [], [], 0
+        for transform, grad, param, count in zip(self.transforms, grads, params, self.counts):
+            direction, state = transform.update(grad, param, states[offset : offset + count], step)
+            directions.append(direction)
+            new_states.extend(state)
+            offset += count
+        return directions, new_states
+
+
+def _eager_rules(
+    transform: Transform, dtype: torch.dtype, stored: torch.dtype, background: bool = False
+) -> TensorRules:
+    return TensorRules(
+        StoredStateRule(EagerUpdate(transform), stored),
+        BatchedRule(StoredStateRule(transform.update, stored)),
+    )
+
+
+def _compiled_rules(
+    transform: Transform, dtype: torch.dtype, stored: torch.dtype, background: bool = False
+) -> TensorRules:
+    # Dynamic sizes: the same two or three graphs (matrices, small vectors, large vectors) serve
+    # every parameter, so compile time does not grow with the model.
+    rule = CompiledTensorRule(transform, state_dtype=None if stored == dtype else stored)
+    single = rule if rule.state_dtype else StoredStateRule(rule, stored)
+    batched = CompiledBatchedRule(transform, stored)
+    if not background:
+        return TensorRules(single, batched)
+    eager = _eager_rules(transform, dtype, stored)
+    what = f"FrozenOptimizer: the {type(transform).__name__} rule"
+    return TensorRules(
+        Warming(eager.single, single, rule.kind, what),
+        Warming(eager.batched, batched, batched.kind, what),
+    )
+
+
+def _compiled_model_rule(transforms: List[Transform], counts: List[int]) -> Callable:
+    rule = ModelRule(transforms, counts, fused=True)
+    return torch.compile(rule, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
+
+
+#: The built-in backends by name, in the order ``FrozenOptimizer`` lists them: eager calls work in
+#: cache-sized blocks; a compiled call fuses a whole bucket into one loop.
+BUILT_INS: Dict[str, BuiltIn] = {
+    b.name: b
+    for b in (
+        BuiltIn("eager", 1 << 16, _eager_rules, EagerModelRule),
+        BuiltIn("compiled", 1 << 22, _compiled_rules, _compiled_model_rule),
+    )
+}
