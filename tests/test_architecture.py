@@ -49,7 +49,7 @@ LAYERS: Dict[str, int] = {
 MAX_LINES = 500
 #: The longest a function of ``compiledopt/cli/`` may be, in lines: a command parses its
 #: arguments, calls an application (:mod:`compiledopt.apps`) and prints.
-MAX_CLI_FUNCTION_LINES = 80
+MAX_CLI_FUNCTION_LINES = 60
 
 
 def _modules() -> Iterator[Tuple[str, Path]]:

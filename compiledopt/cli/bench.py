@@ -95,6 +95,13 @@ def add_parser(
         default=3,
         help=f"warm-up steps before timing, at most {MAX_REPEATS:,} (default: 3)",
     )
+    _add_output_options(parser)
+    add_trust_options(parser)
+    return parser
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` options that write the result to files: ``--json`` and ``--plot``."""
     parser.add_argument(
         "--json",
         metavar="PATH",
@@ -108,8 +115,6 @@ def add_parser(
         help="write a bar chart of step times to PATH (PNG; needs matplotlib: "
         "compiledopt[bench]) (default: no file is written)",
     )
-    add_trust_options(parser)
-    return parser
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:

@@ -25,8 +25,6 @@ def add_parser(
     commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
 ) -> argparse.ArgumentParser:
     """Add the ``convert`` subparser."""
-    from compiledopt.export import BACKENDS
-
     parser = commands.add_parser(
         "convert",
         help="convert published Celo2 weights (a PyLO state_dict) into an artifact",
@@ -69,6 +67,14 @@ def add_parser(
         help='the rule of each parameter role, e.g. \'{"embedding": "adam"}\' (default: '
         "the layout's PyLO optimizer's)",
     )
+    _add_artifact_options(parser)
+    return parser
+
+
+def _add_artifact_options(parser: argparse.ArgumentParser) -> None:
+    """The ``convert`` options on the artifact written: backends, ranks, lr, overwrite."""
+    from compiledopt.export import BACKENDS
+
     parser.add_argument(
         "--backends",
         type=names_of(BACKENDS, "backend"),
@@ -89,7 +95,6 @@ def add_parser(
         help="suggested learning rate recorded in the manifest (default: 1e-3)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    return parser
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:

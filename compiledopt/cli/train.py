@@ -36,6 +36,13 @@ __all__ = ["FIXED_ON_RESUME", "add_parser", "run"]
 FIXED_ON_RESUME = ("transform", "transform_kwargs", "family", "seed", "tasks_per_step")
 
 
+def _number(parser: argparse.ArgumentParser, name: str, help_text: Optional[str] = None) -> None:
+    """Add the option of setting ``name`` (``--meta-steps`` for ``meta_steps``), of its type."""
+    parser.add_argument(
+        f"--{name.replace('_', '-')}", type=TYPES[name], default=None, help=help_text
+    )
+
+
 def add_parser(
     commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
 ) -> argparse.ArgumentParser:
@@ -55,36 +62,30 @@ def add_parser(
         ),
     )
     add = parser.add_argument
-
-    def number(name: str, help_text: Optional[str] = None) -> None:
-        add(f"--{name.replace('_', '-')}", type=TYPES[name], default=None, help=help_text)
-
     add("--config", default=None, help="a JSON file of option values (keys: option names)")
     add("--transform", choices=sorted(LEARNED), default=None, help="the learned optimizer")
     add("--transform-kwargs", type=json_object, default=None, help="constructor arguments, JSON")
     add("--family", choices=sorted(FAMILIES), default=None, help="task family")
     add("--family-kwargs", type=json_object, default=None, help="family arguments, JSON")
     add("--estimator", choices=ESTIMATORS, default=None, help="tbptt (default), pes or es")
-    number("meta_steps", "updates of the weights")
-    number("unroll", "inner steps per truncation")
-    number(
+    _number(parser, "meta_steps", "updates of the weights")
+    _number(parser, "unroll", "inner steps per truncation")
+    _number(
+        parser,
         "horizon",
         "inner steps a task runs (tbptt: a multiple of --unroll; pes/es: the longest, lengths "
         "drawn per task)",
     )
-    number("min_horizon", "pes/es: the shortest horizon")
-    number("tasks_per_step")
-    number("inner_lr", "default: the catalog's lr")
-    number("meta_lr")
-    number("clip_norm")
-    number("eval_every")
-    number("eval_tasks")
-    number("eval_steps")
-    number("checkpoint_every")
-    number("pairs", "pes/es: antithetic pairs per task")
-    number("sigma", "pes/es: perturbation scale")
-    add("--objective", choices=("train", "validation"), default=None, help="pes/es meta-loss")
-    number("warmup_fraction", "pes/es: inner lr warm-up, in [0, 1)")
+    _number(parser, "min_horizon", "pes/es: the shortest horizon")
+    _number(parser, "tasks_per_step")
+    _number(parser, "inner_lr", "default: the catalog's lr")
+    _number(parser, "meta_lr")
+    _number(parser, "clip_norm")
+    _number(parser, "eval_every")
+    _number(parser, "eval_tasks")
+    _number(parser, "eval_steps")
+    _number(parser, "checkpoint_every")
+    _add_es_options(parser)
     add(
         "--routes",
         type=routes_option,
@@ -100,15 +101,21 @@ def add_parser(
     return parser
 
 
+def _add_es_options(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` options only evolution strategies (pes, es) read."""
+    _number(parser, "pairs", "pes/es: antithetic pairs per task")
+    _number(parser, "sigma", "pes/es: perturbation scale")
+    parser.add_argument(
+        "--objective", choices=("train", "validation"), default=None, help="pes/es meta-loss"
+    )
+    _number(parser, "warmup_fraction", "pes/es: inner lr warm-up, in [0, 1)")
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """The ``train`` options on where and how the run goes: seed, device, output, export,
     resume."""
     add = parser.add_argument
-
-    def number(name: str, help_text: Optional[str] = None) -> None:
-        add(f"--{name.replace('_', '-')}", type=TYPES[name], default=None, help=help_text)
-
-    number("seed", "seeds the weights and the tasks, in [0, 2**31)")
+    _number(parser, "seed", "seeds the weights and the tasks, in [0, 2**31)")
     add("--device", default=None, help="e.g. cpu or cuda (default: cpu)")
     add(
         "--output",
@@ -116,10 +123,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="checkpoint path (default: <output root>/train/learned.pt; the output root is "
         "$COMPILEDOPT_HOME, else $XDG_DATA_HOME/compiledopt, else ~/.local/share/compiledopt)",
     )
-    number("processes", "pes/es: torch.distributed ranks")
+    _number(parser, "processes", "pes/es: torch.distributed ranks")
     add("--export", default=None, help="also export the result as an artifact to this folder")
     add("--export-backends", default=None, help="(default: torchscript,onnx)")
-    number("export_lr", "the artifact's recommended lr (default: the inner lr)")
+    _number(parser, "export_lr", "the artifact's recommended lr (default: the inner lr)")
     add("--resume", action="store_true", help="continue from --output")
     add(
         "--allow-changes",
