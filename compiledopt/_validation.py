@@ -4,6 +4,16 @@ import math
 import numbers
 
 
+def is_real(value: object) -> bool:
+    """A finite int or float, not a bool (ints too large for a float are not finite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def check_real(
     value: object,
     what: str,

@@ -2,22 +2,13 @@
 checked against the catalog constructor's signature without building anything."""
 
 import collections.abc
-import math
 import types
 import typing
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from compiledopt._validation import is_real
+
 __all__ = ["describe", "hint_problem", "is_real"]
-
-
-def is_real(value: Any) -> bool:
-    """A finite int or float, not a bool (ints too large for a float are not finite)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
 
 
 _SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)

@@ -8,20 +8,21 @@ allocated. Every problem is an :class:`ArtifactError` naming the field.
 import inspect
 import json
 import typing
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence
 
+from compiledopt._validation import is_real
 from compiledopt.export import backend as registry
 from compiledopt.export import spec as specs
-from compiledopt.export.hints import hint_problem, is_real
+from compiledopt.export.hints import hint_problem
+from compiledopt.learned.catalog import BOUND, CATALOG, kinds, spec_fields
 from compiledopt.roles import ROLES
 
 __all__ = [
+    "ARTIFACT_KINDS",
     "DTYPE_NAMES",
     "FORMAT",
     "FORMAT_VERSION",
-    "KINDS",
     "MAX_RANK",
-    "SPEC_FIELDS",
     "WEIGHTS",
     "ArtifactError",
     "check_manifest",
@@ -31,20 +32,13 @@ __all__ = [
 FORMAT = "compiledopt-artifact"
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
-#: The artifact kinds (the manifest's ``kind``).
-KINDS = ("bound", "shape_agnostic")
+#: The artifact kinds (the manifest's ``kind``; a transform spec's kinds are
+#: :func:`compiledopt.learned.catalog.kinds`).
+ARTIFACT_KINDS = ("bound", "shape_agnostic")
 #: The dtypes an artifact may hold (the manifest's ``dtype`` and each binding's ``dtype``).
 DTYPE_NAMES = ("float32", "float64")
 #: The highest parameter rank a shape-agnostic artifact lists in ``ranks``.
 MAX_RANK = 5
-#: The fields a transform spec of each kind may have (see :mod:`compiledopt.export.spec`).
-SPEC_FIELDS: Dict[str, Tuple[str, ...]] = {
-    "shape_agnostic": ("kind", "name", "kwargs"),
-    "kronecker": ("kind", "layer", "bias", "psd"),
-    "metacurvature": ("kind", "lr"),
-    "per_element_step_size": ("kind", "step_size"),
-    "module": ("kind", "module"),
-}
 
 _COMMON = ("format", "format_version", "kind", "transform", "dtype", "lr", "backends", "files")
 _REQUIRED = {
@@ -73,9 +67,10 @@ def check_manifest(manifest: Any, where: str) -> Dict[str, Any]:
     * ``format``: ``"compiledopt-artifact"``; ``format_version``: the int ``1`` (not ``true``).
     * ``kind``: ``"bound"`` or ``"shape_agnostic"``.
     * ``transform``: a spec that :func:`compiledopt.export.spec.check_spec` accepts, with only
-      the fields of its kind (:data:`SPEC_FIELDS`); ``kind`` ``"shape_agnostic"`` in a
-      shape-agnostic artifact. Kronecker ``bias`` and ``psd`` are bools, metacurvature ``lr`` a
-      finite number, ``step_size`` a finite number > 0, and every ``kwargs`` key a parameter of
+      the fields of its kind (:func:`compiledopt.learned.catalog.spec_fields`); ``kind``
+      ``"shape_agnostic"`` in a shape-agnostic artifact. Each field of a bound kind is of the
+      type its catalog entry states (Kronecker ``bias`` and ``psd`` bools, metacurvature ``lr`` a
+      finite number, ``step_size`` a finite number > 0), and every ``kwargs`` key a parameter of
       the catalog transform ``name``, its value of that parameter's annotated type (``int``,
       ``float``: a finite number, ``bool``, ``str``, a sequence: a list of those, ``Optional``:
       also ``null``).
@@ -118,8 +113,8 @@ def check_manifest(manifest: Any, where: str) -> Dict[str, Any]:
             f"(this compiledopt reads {FORMAT_VERSION})"
         )
     kind = _field(manifest, "kind", where)
-    if not (isinstance(kind, str) and kind in KINDS):
-        _fail(where, "kind", kind, " or ".join(map(repr, KINDS)))
+    if not (isinstance(kind, str) and kind in ARTIFACT_KINDS):
+        _fail(where, "kind", kind, " or ".join(map(repr, ARTIFACT_KINDS)))
     _check_fields(manifest, kind, where)
     _check_transform(manifest["transform"], kind, where)
     dtype = manifest["dtype"]
@@ -239,36 +234,36 @@ def _check_transform(spec: Any, kind: str, where: str) -> None:
     if not isinstance(spec, dict):
         _fail(where, "transform", spec, "a JSON object (a transform spec)")
     spec_kind = _field(spec, "kind", where, "transform")
-    if not (isinstance(spec_kind, str) and spec_kind in specs.KINDS):
+    if not (isinstance(spec_kind, str) and spec_kind in kinds()):
         raise ArtifactError(
             f"{where}: unknown transform spec kind {_show(spec_kind)} in transform.kind "
-            f"(one of {specs.KINDS})"
+            f"(one of {kinds()})"
         )
     if kind == "shape_agnostic" and spec_kind != "shape_agnostic":
         _fail(where, "transform.kind", spec_kind, "'shape_agnostic' in a shape_agnostic artifact")
-    allowed = SPEC_FIELDS.get(spec_kind, tuple(spec))
+    allowed = spec_fields(spec_kind)
     for key in spec:
         if key not in allowed:
             raise ArtifactError(
                 f"{where}: unknown field {_show(key)} in transform (a {spec_kind} spec has "
                 f"{', '.join(allowed)})"
             )
-    for name in ("name", "layer", "module"):
-        if name in spec and not isinstance(spec[name], str):
-            _fail(where, f"transform.{name}", spec[name], "a string")
+    if "name" in spec and not isinstance(spec["name"], str):
+        _fail(where, "transform.name", spec["name"], "a string")
     if not isinstance(spec.get("kwargs", {}), dict):
         _fail(where, "transform.kwargs", spec["kwargs"], "a JSON object")
+    for field in BOUND[spec_kind].fields if spec_kind in BOUND else ():
+        if field.name not in spec:
+            continue
+        value = spec[field.name]
+        if field.choices is not None and not isinstance(value, str):
+            _fail(where, f"transform.{field.name}", value, "a string")
+        if field.choices is None and not field.check(value):
+            _fail(where, f"transform.{field.name}", value, field.expected)
     try:
         specs.check_spec(spec)
     except (TypeError, ValueError) as error:
         raise ArtifactError(f"{where}: invalid transform: {error}") from None
-    for flag in ("bias", "psd"):
-        if flag in spec and not isinstance(spec[flag], bool):
-            _fail(where, f"transform.{flag}", spec[flag], "true or false")
-    if "lr" in spec and not is_real(spec["lr"]):
-        _fail(where, "transform.lr", spec["lr"], "a finite number")
-    if "step_size" in spec and not (is_real(spec["step_size"]) and spec["step_size"] > 0):
-        _fail(where, "transform.step_size", spec["step_size"], "a finite number > 0")
     if spec_kind == "shape_agnostic":
         _check_kwargs(spec["name"], spec.get("kwargs", {}), where)
 
@@ -288,7 +283,7 @@ def _check_routes(routes: Any, kind: str, where: str) -> None:
 def _check_kwargs(name: str, kwargs: Dict[str, Any], where: str) -> None:
     """Every key of ``kwargs`` a keyword parameter of the catalog transform ``name``, every value
     of that parameter's annotated type; unannotated parameters take any value."""
-    build = specs.CATALOG[name].build
+    build = CATALOG[name].build
     try:
         parameters = inspect.signature(build).parameters
     except (TypeError, ValueError):  # no signature to check against: the constructor checks

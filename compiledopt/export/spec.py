@@ -10,39 +10,32 @@ and the shape-bound factories, built once per parameter binding::
     {"kind": "metacurvature", "lr": 1.0}
     {"kind": "per_element_step_size", "step_size": 1.0}
     {"kind": "module", "module": "Linear"}      # ModuleTransform(torch.nn.Linear)
+
+Both kinds of family, with each bound kind's fields, are registered in
+:mod:`compiledopt.learned.catalog`; this module validates specs against it and builds them.
 """
 
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
-from torch import nn
 
-import compiledopt.nn as cnn
-from compiledopt.learned.catalog import CATALOG, build_transform
-from compiledopt.learned.step_sizes import LearnedStepSize
+from compiledopt.learned.catalog import BOUND, CATALOG, REQUIRED, build_transform, kinds
 from compiledopt.transforms.base import Transform
-from compiledopt.transforms.kronecker import KroneckerTransform
-from compiledopt.transforms.metacurvature import MetaCurvatureTransform
-from compiledopt.transforms.module import ModuleTransform
+
+__all__ = ["Spec", "build_bound", "build_shape_agnostic", "check_spec", "kinds"]
 
 Spec = Dict[str, Any]
 
-KRONECKER_LAYERS = {
-    "KroneckerLinear": cnn.KroneckerLinear,
-    "KroneckerRNN": cnn.KroneckerRNN,
-    "KroneckerLSTM": cnn.KroneckerLSTM,
-}
-MODULES = {"Linear": nn.Linear}
-KINDS = ("shape_agnostic", "kronecker", "metacurvature", "per_element_step_size", "module")
-
 
 def check_spec(spec: Mapping[str, Any]) -> Spec:
-    """Validate ``spec`` and return it as a plain dict; ``ValueError`` names what is wrong."""
+    """Validate ``spec`` and return it as a plain dict; ``ValueError`` names what is wrong.
+
+    The kinds and each bound kind's fields are those of :mod:`compiledopt.learned.catalog`."""
     if not isinstance(spec, Mapping):
         raise ValueError(f"a transform spec must be a mapping, got {type(spec).__name__}")
     kind = spec.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"unknown transform spec kind {kind!r} (one of {KINDS})")
+    if kind != "shape_agnostic" and kind not in BOUND:
+        raise ValueError(f"unknown transform spec kind {kind!r} (one of {kinds()})")
     if kind == "shape_agnostic":
         if spec.get("name") not in CATALOG:
             raise ValueError(
@@ -50,12 +43,20 @@ def check_spec(spec: Mapping[str, Any]) -> Spec:
             )
         if not isinstance(spec.get("kwargs", {}), Mapping):
             raise ValueError(f"spec kwargs must be a mapping, got {spec.get('kwargs')!r}")
-    if kind == "kronecker" and spec.get("layer") not in KRONECKER_LAYERS:
-        raise ValueError(
-            f"unknown Kronecker layer {spec.get('layer')!r} (one of {sorted(KRONECKER_LAYERS)})"
-        )
-    if kind == "module" and spec.get("module") not in MODULES:
-        raise ValueError(f"unknown module {spec.get('module')!r} (one of {sorted(MODULES)})")
+        return dict(spec)
+    fields = BOUND[kind].fields
+    known = {"kind", *(field.name for field in fields)}
+    unknown = sorted(str(key) for key in spec if key not in known)
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r} in a {kind} spec (it has {sorted(known)})")
+    for field in fields:
+        value = spec.get(field.name, field.default)
+        if value is REQUIRED:
+            raise ValueError(f"a {kind} spec needs {field.name!r}")
+        if field.choices is not None and not field.check(value):
+            raise ValueError(f"unknown {field.label} {value!r} (one of {sorted(field.choices)})")
+        if not field.check(value):
+            raise ValueError(f"{kind} spec field {field.name!r}: {value!r} is not {field.expected}")
     return dict(spec)
 
 
@@ -79,21 +80,9 @@ def build_bound(
     if kind == "shape_agnostic":
         shared = build_shape_agnostic(spec).to(device=device, dtype=dtype)
         return [shared for _ in shapes]
-    transforms = []
-    for shape in shapes:
-        param = torch.zeros(tuple(shape), dtype=dtype, device=device)
-        if kind == "kronecker":
-            factory = KroneckerTransform(
-                KRONECKER_LAYERS[spec["layer"]],
-                bias=bool(spec.get("bias", False)),
-                psd=bool(spec.get("psd", True)),
-            )
-            transforms.append(factory(param))
-        elif kind == "module":
-            transforms.append(ModuleTransform(MODULES[spec["module"]])(param))
-        elif kind == "metacurvature":
-            transforms.append(MetaCurvatureTransform(param, lr=float(spec.get("lr", 1.0))))
-        else:
-            step_size = float(spec.get("step_size", 1.0))
-            transforms.append(LearnedStepSize.per_element(param, step_size))
-    return transforms
+    family = BOUND[kind]
+    fields = {field.name: spec.get(field.name, field.default) for field in family.fields}
+    return [
+        family.build(torch.zeros(tuple(shape), dtype=dtype, device=device), fields)
+        for shape in shapes
+    ]
