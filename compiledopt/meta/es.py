@@ -56,6 +56,7 @@ from compiledopt._validation import check_fields
 from compiledopt.meta.inner import check_routes, check_rules, check_shape_agnostic
 from compiledopt.meta.population import Params, Population, States, flat_weights, set_weights
 from compiledopt.meta.processes import distributed
+from compiledopt.meta.resume import ES_FIELDS, resumable_fields
 from compiledopt.schedules import warmup_cosine
 from compiledopt.tasks.base import Task, TaskFamily
 from compiledopt.transforms.base import Transform
@@ -63,8 +64,7 @@ from compiledopt.transforms.base import Transform
 ESTIMATORS = ("pes", "es")
 OBJECTIVES = ("train", "validation")
 CHECKPOINT_FORMAT = 1
-# Settings a resumed run may change: how long it runs and how it is monitored.
-RESUMABLE_CHANGES = ("outer_steps", "eval_every", "checkpoint_every")
+RESUMABLE_CHANGES = resumable_fields(ES_FIELDS)  # the fields a resumed run may change
 
 
 @dataclass

@@ -46,12 +46,14 @@ from compiledopt.meta.inner import (
     task_gradients,
 )
 from compiledopt.meta.processes import distributed
+from compiledopt.meta.resume import TBPTT_FIELDS, resumable_fields
 from compiledopt.tasks.base import Task, TaskFamily
 from compiledopt.transforms.base import Transform
 
 CHECKPOINT_FORMAT = 1
-# Settings a resumed run may change: how long it runs and how it is monitored.
-RESUMABLE_CHANGES = ("meta_steps", "eval_every", "checkpoint_every")
+#: The config fields a resumed run may change: how long it runs and how it is monitored
+#: (:data:`compiledopt.meta.resume.RESUMABLE_CHANGES`).
+RESUMABLE_CHANGES = resumable_fields(TBPTT_FIELDS)
 
 
 @dataclass
