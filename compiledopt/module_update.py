@@ -62,9 +62,10 @@ def update_module(module: nn.Module, updates: Iterable[Optional[Tensor]]) -> nn.
             )
         replaced[id(param)] = param + update
     for sub in module.modules():
-        for key, param in sub._parameters.items():
-            if param is not None and id(param) in replaced:
-                sub._parameters[key] = replaced[id(param)]
+        for key, current in sub._parameters.items():
+            if current is not None and id(current) in replaced:
+                # A differentiable update: a plain (non-leaf) Tensor takes the Parameter's place.
+                sub._parameters[key] = replaced[id(current)]  # type: ignore[assignment]
         _refresh_derived(sub)
     return module
 
@@ -108,7 +109,8 @@ def _clone(
 
     for table in (clone._parameters, clone._buffers):
         for key in list(table):
-            table[key] = cloned(table[key])
+            # The clone of a Parameter is a plain Tensor (differentiable through the clone).
+            table[key] = cloned(table[key])  # type: ignore[assignment]
     for key, sub in list(clone._modules.items()):
         clone._modules[key] = None if sub is None else _clone(sub, tensors, modules)
     _refresh_derived(clone)

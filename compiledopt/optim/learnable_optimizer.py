@@ -1,14 +1,14 @@
 """Meta-descent: an optimizer whose update rule is a learnable transform."""
 
 import weakref
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, cast
 
 import torch
 from torch import Tensor, nn
 
 from compiledopt._identity import unique_by_identity
 from compiledopt._validation import check_lr
-from compiledopt.transforms.base import UpdateFunction
+from compiledopt.transforms.base import Transform, UpdateFunction
 from compiledopt.transforms.binding import bind_transforms
 
 
@@ -68,6 +68,10 @@ class LearnableOptimizer(nn.Module):
         >>> metaopt.step()  # update linear
     """
 
+    # Plain attributes (set through __dict__), typed for the type checker.
+    model: nn.Module
+    params: List[Tensor]
+
     def __init__(self, model: nn.Module, transform: object, lr: float = 1.0) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -86,7 +90,7 @@ class LearnableOptimizer(nn.Module):
         # Parameters sharing one transform share one weight snapshot per step.
         self._unique, self._owner = unique_by_identity(self.transforms)
         with torch.no_grad():
-            self._state = [t.init_state(p) for t, p in zip(self.transforms, self.params)]
+            self._state = [t.init_state(p) for t, p in zip(self._bound(), self.params)]
         self._step = torch.zeros((), dtype=torch.int64, device=self.params[0].device)
         self._records: List[Optional[_StepRecord]] = [None] * len(self.params)
         self._snapshots: List[Dict[str, Tensor]] = []
@@ -115,7 +119,7 @@ class LearnableOptimizer(nn.Module):
             ]
             step = self._step
             records: List[Optional[_StepRecord]] = []
-            for i, (param, transform) in enumerate(zip(self.params, self.transforms)):
+            for i, (param, transform) in enumerate(zip(self.params, self._bound())):
                 if param.grad is None:
                     records.append(None)
                     continue
@@ -151,7 +155,7 @@ class LearnableOptimizer(nn.Module):
         record = self._records[index]
         if record is None:
             return
-        transform = self.transforms[index]
+        transform = self._bound()[index]
         snapshot = self._snapshots[self._owner[index]]
         with torch.enable_grad():
             weights = {f"transform.{n}": w.detach().requires_grad_() for n, w in snapshot.items()}
@@ -172,6 +176,10 @@ class LearnableOptimizer(nn.Module):
                 weight.grad = meta_grad.detach()
             else:
                 weight.grad.add_(meta_grad)
+
+    def _bound(self) -> Sequence[Transform]:
+        """The transforms, one per parameter (``bind_transforms`` made each a ``Transform``)."""
+        return cast(Sequence[Transform], self.transforms)
 
     def remove_hooks(self) -> None:
         """Detach this optimizer from the model's parameters (no more meta-gradients)."""

@@ -1,10 +1,11 @@
 """Gradients in, transformed updates out: ``torch.autograd.grad`` followed by transforms."""
 
-from typing import Iterable, List, Optional, Union
+from typing import Iterable, List, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
 
+from compiledopt.transforms.base import Transform
 from compiledopt.transforms.binding import bind_transforms
 
 
@@ -43,6 +44,7 @@ class ParameterUpdate(nn.Module):
 
     def __init__(self, parameters: Union[Iterable[Tensor], nn.Module], transform: object) -> None:
         super().__init__()
+        named: List[Tuple[str, Tensor]]
         if isinstance(parameters, nn.Module):
             named = list(parameters.named_parameters())
         elif isinstance(parameters, Tensor):
@@ -106,7 +108,7 @@ class ParameterUpdate(nn.Module):
         for i, grad in zip(wanted, grads):
             if grad is None:
                 continue
-            transform = self.transforms[i]
+            transform = cast(Transform, self.transforms[i])
             step = torch.zeros((), dtype=torch.int64, device=grad.device)
             updates[i], _ = transform.update(grad, params[i], transform.init_state(params[i]), step)
         return updates

@@ -45,18 +45,22 @@ class KroneckerUpdate(Transform):
     @torch.jit.export
     def init_state(self, param: Tensor) -> List[Tensor]:
         check_grad_shape(param, self.param_shape)
-        return self.layer.init_state(param.reshape(self.n, self.m))
+        # A duck-typed layer: nn.Module types its attributes as Tensor | Module.
+        return self.layer.init_state(param.reshape(self.n, self.m))  # type: ignore[operator]
 
     @torch.jit.export
     def update(
         self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
     ) -> Tuple[Tensor, List[Tensor]]:
         check_grad_shape(grad, self.param_shape)
-        direction, new_state = self.layer.step(grad.reshape(self.n, self.m), state)
+        # The duck-typed layer again (TorchScript wants a type-ignore comment to end its line).
+        direction, new_state = self.layer.step(  # type: ignore[operator]
+            grad.reshape(self.n, self.m), state
+        )
         return direction.reshape(grad.shape), new_state
 
     def state_names(self) -> List[str]:
-        count = len(self.layer.init_state(torch.zeros(self.n, self.m)))
+        count = len(self.layer.init_state(torch.zeros(self.n, self.m)))  # type: ignore[operator]
         return ["hidden", "cell"][:count]
 
     def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:

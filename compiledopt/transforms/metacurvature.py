@@ -48,15 +48,15 @@ class MetaCurvatureTransform(Transform):
             raise ValueError(f"Invalid lr: {lr}")
         self.lr = float(lr)
         self.param_shape = list(param.shape)
-        like = {"dtype": param.dtype, "device": param.device}
+        dtype, device = param.dtype, param.device
         if param.dim() < 2:
-            self.scale = nn.Parameter(torch.ones(param.shape, **like))
+            self.scale = nn.Parameter(torch.ones(param.shape, dtype=dtype, device=device))
         else:
             out, inner, fan = curvature_modes(param.shape)
-            self.out_curvature = nn.Parameter(torch.eye(out, **like))
-            self.in_curvature = nn.Parameter(torch.eye(inner, **like))
+            self.out_curvature = nn.Parameter(torch.eye(out, dtype=dtype, device=device))
+            self.in_curvature = nn.Parameter(torch.eye(inner, dtype=dtype, device=device))
             if param.dim() > 2:
-                self.fan_curvature = nn.Parameter(torch.eye(fan, **like))
+                self.fan_curvature = nn.Parameter(torch.eye(fan, dtype=dtype, device=device))
 
     @torch.jit.export
     def update(
