@@ -2,6 +2,7 @@
 
 import math
 import numbers
+from typing import SupportsInt, cast
 
 
 def is_real(value: object) -> bool:
@@ -32,7 +33,7 @@ def check_real(
     try:
         number = float(value)
     except OverflowError:  # an int too large for a float
-        bits = int(value).bit_length()
+        bits = int(cast(SupportsInt, value)).bit_length()
         raise ValueError(f"Invalid {what}: an int of {bits} bits ({expected})") from None
     above = number >= low if include_low else number > low
     below = number <= high if include_high else number < high

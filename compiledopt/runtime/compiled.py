@@ -56,9 +56,11 @@ def compiling() -> Iterator[None]:
       another entry in Dynamo's cache of it, so a process that builds more than Dynamo's default
       8 optimizers would otherwise fail with "recompile limit exceeded".
     """
+    # patch() is added to torch's config modules at import (install_config_module).
+    fx_patch = fx_config.patch  # type: ignore[attr-defined]
     with (
         COMPILE_LOCK,
-        fx_config.patch(backed_size_oblivious=True, use_duck_shape=False),
+        fx_patch(backed_size_oblivious=True, use_duck_shape=False),
         dynamo_config.patch(
             specialize_float=True,
             recompile_limit=RULES_PER_PROCESS,

@@ -23,10 +23,15 @@ Every function is the identity, or the plain computation, for plain tensors, and
 """
 
 import functools
-from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from typing import TypeGuard
+
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "all_finite",
@@ -54,7 +59,7 @@ def _dtensor_type() -> Any:
     return DTensor
 
 
-def is_distributed(tensor: Any) -> bool:
+def is_distributed(tensor: Any) -> "TypeGuard[DTensor]":
     """Whether ``tensor`` is a ``DTensor`` (a shard of a logical tensor spread over a mesh)."""
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
@@ -99,7 +104,8 @@ def evenly_sharded(tensor: Tensor) -> bool:
     parts: Dict[int, int] = {}
     for mesh_dim, placement in enumerate(tensor.placements):
         if placement.is_shard():
-            dim = placement.dim % max(tensor.dim(), 1)
+            # Shard and its strided variant have .dim; the Placement base class does not.
+            dim = placement.dim % max(tensor.dim(), 1)  # type: ignore[attr-defined]
             parts[dim] = parts.get(dim, 1) * mesh.size(mesh_dim)
     return all(tensor.shape[dim] % count == 0 for dim, count in parts.items())
 

@@ -288,7 +288,7 @@ class FrozenOptimizer(Optimizer):
     def _labels(self) -> List[str]:
         """How messages name each parameter: ``parameter <name>``, or ``parameter <index>``
         (its index in ``state_dict()``) when unnamed."""
-        labels = []
+        labels: List[str] = []
         for group in self.param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
             for name in names:
@@ -305,8 +305,11 @@ class FrozenOptimizer(Optimizer):
 
     # -- the step ---------------------------------------------------------------------------
 
+    # The closure's loss is a Tensor, not the float of torch.optim.Optimizer.step's overloads.
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+    def step(  # type: ignore[override]
+        self, closure: Optional[Callable[[], Tensor]] = None
+    ) -> Optional[Tensor]:
         """One update of every parameter that has a gradient; returns the closure's loss.
 
         Every direction and new state is computed and checked before any parameter or state is
@@ -322,7 +325,8 @@ class FrozenOptimizer(Optimizer):
         for group in self.param_groups:
             members = [position[id(p)] for p in group["params"] if p.grad is not None]
             for i in members:
-                if flat[i].grad.is_sparse:
+                grad = flat[i].grad
+                if grad is not None and grad.is_sparse:
                     raise RuntimeError(
                         f"FrozenOptimizer does not support sparse gradients ({labels[i]})"
                     )
@@ -341,12 +345,13 @@ class FrozenOptimizer(Optimizer):
             states[i] = self._current(i, flat[i], states[i], labels[i])
         check_steps([states[i]["step"] for i in active], [labels[i] for i in active])
         # maximize: the rule sees the negated gradient (p.grad itself is given back unchanged).
-        flipped = [
-            (flat[i], flat[i].grad)
-            for group, members in groups
-            if group.get("maximize")
-            for i in members
-        ]
+        flipped: List[Tuple[Tensor, Tensor]] = []
+        for group, members in groups:
+            if group.get("maximize"):
+                for i in members:
+                    grad = flat[i].grad
+                    assert grad is not None  # members are the parameters with a gradient
+                    flipped.append((flat[i], grad))
         try:
             for param, grad in flipped:
                 param.grad = -grad

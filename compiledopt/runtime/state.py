@@ -60,7 +60,7 @@ def step_count(value: Any, where: str) -> Tensor:
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{where} must be an integer >= 0, got {value!r}")
     else:
-        number = value
+        number = int(value) if isinstance(value, numbers.Integral) else float(value)
     if isinstance(number, float) or not isinstance(number, numbers.Integral):
         number = float(number)
         if not (math.isfinite(number) and number.is_integer()):
@@ -309,7 +309,9 @@ def check_batch(directions, grads, values, stored, keys, where: str) -> None:
     """``ValueError`` unless a bucket's stacked results have the shapes and dtypes of its stacked
     inputs (the batched form of :func:`check_result`)."""
     if not isinstance(directions, Tensor) or directions.shape != grads.shape:
-        got = tuple(directions.shape) if isinstance(directions, Tensor) else type(directions)
+        got: object = (
+            tuple(directions.shape) if isinstance(directions, Tensor) else type(directions)
+        )
         raise ValueError(
             f"{where} (and the parameters batched with it): the rule's directions have shape "
             f"{got}, expected {tuple(grads.shape)}"

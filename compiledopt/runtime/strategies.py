@@ -274,6 +274,7 @@ class TensorStrategy(Strategy):
         still hold the views the last step gave them (``previous``: the stacked result and those
         views, by bucket) is that result already stacked, and is not stacked again."""
         members, view = bucket.members, bucket.view
+        assert view is not None  # only a batched bucket (a view for its members) comes here
         first = members[0]
         keys, _ = self._read(first, states[first])
         shapes = [params[i].shape for i in members]
@@ -297,9 +298,10 @@ class TensorStrategy(Strategy):
                 stored.append(stack([states[i][k] for i in members], states[first][k].dtype))
         step = states[first][STEP]
         seeds = _seed(step, torch.tensor(members, dtype=torch.int64))
-        directions, values = self.rules(params[first].device).batched(
-            grads, inputs, stored, step, seeds
-        )
+        batched = self.rules(params[first].device).batched
+        if batched is None:
+            raise RuntimeError("this backend's rules have no batched form, yet a bucket batched")
+        directions, values = batched(grads, inputs, stored, step, seeds)
         check_batch(directions, grads, values, stored, keys, labels[first])
         # One tensor per member, each a view of the bucket's result (step counts included).
         steps = torch.full((len(members),), int(step) + 1, dtype=torch.int64).unbind(0)
