@@ -147,7 +147,9 @@ class AOTIBackend(Backend):
     # The module's functions above (staticmethod: they take no backend instance).
     save = staticmethod(save)
     load = staticmethod(load)
-    check_runnable = staticmethod(check_runnable)
+
+    def check_runnable(self, source: "str | bytes") -> None:
+        check_runnable(source)  # the module's function
 
 
 BACKEND = AOTIBackend()

@@ -66,8 +66,12 @@ def _translations() -> Dict[Any, Callable]:
     """
     import numpy as np
     import onnx_ir as ir
-    from onnxscript.onnx_opset import opset18 as op
+    from onnxscript.onnx_opset import opset18
     from onnxscript.onnx_types import TensorType
+
+    # onnxscript's opset signatures type the values of its script compiler, not the traced
+    # values (and onnx_ir tensors) that a custom translation handles.
+    op: Any = opset18
 
     def _scalar_tensor(
         s: float, dtype: int = 1, layout: str = "", device: str = "", pin_memory: bool = False
@@ -160,6 +164,8 @@ def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
             optimize=False,  # see _exact_optimize
             custom_translation_table=_translations(),
         )
+        if onnx_program is None:  # only the TorchScript exporter, writing to a file, returns None
+            raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNXProgram")
         model = onnx_program.model
         _exact_optimize(model)
         _name_io(model, signature.input_names, signature.output_names)

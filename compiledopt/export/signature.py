@@ -275,6 +275,7 @@ def _parse_expression(text: str) -> Union[int, str, Expression]:
             raise ValueError(
                 f"Invalid size in a rule signature: {text!r} (unexpected {text[position:]!r})"
             )
+        assert match.lastindex is not None  # each alternative of _TOKEN is a group
         tokens.append(match.group(match.lastindex))
         position = match.end()
     parser = _Parser(tokens, text)

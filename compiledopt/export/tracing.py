@@ -101,7 +101,9 @@ def trace(
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             if dynamic:
-                stack.enter_context(fx_config.patch(backed_size_oblivious=True))
+                # patch() is added to torch's config modules at import (install_config_module).
+                patch = fx_config.patch  # type: ignore[attr-defined]
+                stack.enter_context(patch(backed_size_oblivious=True))
             program = torch.export.export(rule, args, dynamic_shapes=shapes, strict=False)
     finally:
         rule.train(training)

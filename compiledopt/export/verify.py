@@ -7,6 +7,7 @@ checked against :data:`MAX_ELEMENTS` before anything is allocated.
 """
 
 import math
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -28,7 +29,7 @@ MAX_STEPS = 100_000
 _LOADERS = ("onnxruntime", "onnx", "google.protobuf", "safetensors")
 
 # Sizes used for shape-agnostic artifacts: two per rank, one with a size-1 dimension.
-_SIZES = {
+_SIZES: Dict[int, List[Tuple[int, ...]]] = {
     0: [(), ()],
     1: [(7,), (1,)],
     2: [(6, 5), (1, 9)],
@@ -51,6 +52,7 @@ def check_probe_size(artifact: Artifact, limit: int = MAX_ELEMENTS) -> None:
         if size > largest_size:
             largest, largest_size = binding, size
     if total > limit:
+        assert largest is not None  # total > limit >= 0: some binding has elements
         raise ArtifactError(
             f"{artifact.path}: verifying it would allocate {total:,} elements of parameters and "
             f"state (binding {largest['name']!r} has shape {tuple(largest['shape'])}, "
@@ -92,7 +94,7 @@ def _step_per_tensor(run: Callable, grads, params, states, step):
 
 
 def verify_artifact(
-    artifact: Artifact | str,
+    artifact: "Artifact | str | os.PathLike",
     steps: int = 10,
     seed: int = 0,
     backends: Optional[Sequence[str]] = None,

@@ -101,7 +101,7 @@ def _write(
     directory: Path,
     manifest: Dict[str, Any],
     weights: Dict[str, Tensor],
-    graphs: List[Tuple[Backend, str, nn.Module, tuple, bool]],
+    graphs: Sequence[Tuple[Backend, str, nn.Module, tuple, bool]],
     overwrite: bool,
 ) -> Path:
     """Build the artifact in a fresh staging folder beside ``directory``, then move it into place
