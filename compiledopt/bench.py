@@ -322,7 +322,7 @@ def benchmark(
             params.append((name, nn.Parameter(values.clone())))
             params[-1][1].grad = grad.clone()
         if backend.startswith("adamw-"):
-            variant = {backend.removeprefix("adamw-"): True}
+            variant: Dict[str, Any] = {backend.removeprefix("adamw-"): True}
             weights = [p for _, p in params]
             return torch.optim.AdamW(weights, lr=lr, weight_decay=ADAMW_WEIGHT_DECAY, **variant)
         group = params if named else [p for _, p in params]

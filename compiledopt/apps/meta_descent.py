@@ -32,7 +32,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, TextIO, Tuple, cast
 
 from compiledopt._validation import check_lr
 
@@ -139,13 +139,18 @@ def _architecture() -> nn.Sequential:
     )
 
 
+def _linears(model: nn.Sequential) -> Tuple[nn.Linear, nn.Linear]:
+    """The two ``nn.Linear`` layers of :func:`_architecture`'s MLP."""
+    return cast("nn.Linear", model[0]), cast("nn.Linear", model[2])
+
+
 def _mlp(generator: torch.Generator) -> nn.Sequential:
     """An 8-32-1 tanh MLP with ``nn.Linear``'s default initialisation, drawn from ``generator``."""
     import torch
 
     model = _architecture()
     with torch.no_grad():
-        for layer in (model[0], model[2]):
+        for layer in _linears(model):
             bound = 1.0 / math.sqrt(layer.in_features)
             layer.weight.uniform_(-bound, bound, generator=generator)
             layer.bias.uniform_(-bound, bound, generator=generator)
@@ -159,7 +164,7 @@ def _make_task(seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, nn.Module]:
     generator = torch.Generator().manual_seed(seed)
     teacher = _architecture()
     with torch.no_grad():
-        for layer in (teacher[0], teacher[2]):
+        for layer in _linears(teacher):
             layer.weight.normal_(0.0, 1.0 / math.sqrt(layer.in_features), generator=generator)
             layer.bias.normal_(0.0, 0.5, generator=generator)
         latent = torch.randn(_TRAIN + _HELD_OUT, _INPUTS, generator=generator)

@@ -114,7 +114,7 @@ def run_pipeline(
     torch.manual_seed(seed)
     transform = build_transform(TRANSFORM, KWARGS)
     spec = {"name": TRANSFORM, "kwargs": KWARGS}
-    metadata = {
+    metadata: Dict[str, Any] = {
         "transform_spec": spec,
         "training": {"task_family": family, "estimator": "pes", "meta_steps": meta_steps},
     }

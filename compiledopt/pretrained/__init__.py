@@ -19,7 +19,7 @@ meta-trained on, for how long, and the learning rate and schedule it recommends.
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeGuard, Union
 
 from compiledopt.export import Artifact, ArtifactError, load_artifact
 from compiledopt.export.layout import MANIFEST
@@ -172,7 +172,7 @@ def summary(training: Mapping[str, Any], lr: float) -> str:
     )
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[Union[int, float]]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

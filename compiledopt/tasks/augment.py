@@ -75,7 +75,10 @@ class AugmentedTask(Task):
 
     def validation_batch(self, step: int) -> Batch:
         """The original task's ``validation_batch(step)``, for tasks that have one."""
-        return self.task.validation_batch(step)
+        validation_batch = getattr(self.task, "validation_batch", None)
+        if validation_batch is None:
+            raise AttributeError(f"{type(self.task).__name__} has no validation_batch")
+        return validation_batch(step)
 
     def evaluation_batch(self) -> Batch:
         return self.task.evaluation_batch()

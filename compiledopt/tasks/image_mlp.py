@@ -26,7 +26,7 @@ scale, see :mod:`compiledopt.tasks.augment`) unless asked not to; held-out tasks
 
 import functools
 import math
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -319,19 +319,21 @@ class ImageMLPTask(Task):
             pool, validation = self._digit_pools()
         else:
             pool, validation, self.streams = generated_pools(self.source, seed, self.classes)
-        self.pool = tuple(t.to(self.device) for t in pool)
-        self.validation = tuple(t.to(self.device) for t in validation)
+        self.pool: Batch = (pool[0].to(self.device), pool[1].to(self.device))
+        self.validation: Batch = (validation[0].to(self.device), validation[1].to(self.device))
 
     def _digit_pools(self) -> Tuple[Batch, Batch]:
+        assert self.digits is not None, "the digits source always draws its digits"
         images, labels = _digits()
         relabel = torch.full((10,), -1, dtype=torch.int64)
         relabel[list(self.digits)] = torch.arange(self.classes)
         index = torch.nonzero(relabel[labels] >= 0).squeeze(1)
         self.pool_index = index[index < _DIGITS_POOL]
         self.validation_index = index[index >= _DIGITS_POOL]
-        return tuple(
-            (images[rows], relabel[labels[rows]])
-            for rows in (self.pool_index, self.validation_index)
+        pool_rows, validation_rows = self.pool_index, self.validation_index
+        return (
+            (images[pool_rows], relabel[labels[pool_rows]]),
+            (images[validation_rows], relabel[labels[validation_rows]]),
         )
 
     def _draw(self, pool: Batch, stream: int) -> Batch:
@@ -360,7 +362,7 @@ class ImageMLPTask(Task):
             data = f"digits {list(self.digits)}"
         else:
             data = f"{self.source} {self.classes} classes"
-        sizes = "-".join(str(n) for n in self.model.sizes)
+        sizes = "-".join(str(n) for n in cast(ImageMLP, self.model).sizes)
         return f"{data}, mlp {sizes} {self.activation}, batch {self.batch_size}"
 
     def __repr__(self) -> str:

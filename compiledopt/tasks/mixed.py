@@ -52,12 +52,21 @@ class MixedLMFamily(TaskFamily):
         from compiledopt.tasks.text_lm import TextLMFamily
 
         super().__init__(seed, device)
-        options = dict(
-            augment=augment, max_param_scale=max_param_scale, max_loss_scale=max_loss_scale
-        )
         self.families = [
-            ImageMLPFamily(seed, device, **options),
-            TextLMFamily(seed, device, **options),
+            ImageMLPFamily(
+                seed,
+                device,
+                augment=augment,
+                max_param_scale=max_param_scale,
+                max_loss_scale=max_loss_scale,
+            ),
+            TextLMFamily(
+                seed,
+                device,
+                augment=augment,
+                max_param_scale=max_param_scale,
+                max_loss_scale=max_loss_scale,
+            ),
         ]
 
     def sample(self, index: int, split: str = "train") -> Task:

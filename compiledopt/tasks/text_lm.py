@@ -176,8 +176,14 @@ def _draw_language(seed: int) -> Language:
     comma = float(torch.empty(()).uniform_(0.03, 0.2, generator=g))
     ends = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     ends[1:] = torch.rand(2, generator=g, dtype=torch.float64) * 0.3
+    full_stop, exclamation, question = _cumulative(ends)
     return Language(
-        tuple(words), exponent, tuple(successors), tuple(weights), comma, _cumulative(ends)
+        tuple(words),
+        exponent,
+        tuple(successors),
+        tuple(weights),
+        comma,
+        (full_stop, exclamation, question),
     )
 
 
