@@ -44,7 +44,7 @@ def freeze_transform(transform: nn.Module, fused: bool = False) -> nn.Module:
     """
     frozen = copy.deepcopy(transform)
     for module in frozen.modules():
-        if fused and hasattr(module, "fused"):
+        if fused and isinstance(module, Transform) and module.fusable:
             module.fused = True
     with torch.no_grad():
         for module in frozen.modules():

@@ -149,6 +149,7 @@ class CoordinateMLP(Transform):
 
     shape_agnostic = True
     view_invariant = True
+    fusable = True
 
     def __init__(
         self,

@@ -30,15 +30,23 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from compiledopt._validation import check_flag, check_positive, check_real, check_sizes
 from compiledopt.learned.mlp import check_shapes
+from compiledopt.learned.normalized_blocked import blocked_update
+from compiledopt.learned.normalized_ops import (
+    BLOCK_SIZE,
+    NS_STEPS,
+    bias_scales,
+    newton_schulz,
+    normalize,
+    ns_tall,
+    ns_wide,
+    rational_tanh,
+    unit_frobenius,
+)
 from compiledopt.transforms.base import Cost, Transform
 
 INITS = ("small_mlp", "zero_mlp")
 #: Feature columns, in the order the first layer and the skip weights read them.
 FEATURE_NAMES = ("ratio_fast", "ratio_slow", "ratio_grad", "normalized_grad", "normalized_fast")
-NS_STEPS = 5
-#: The largest block of :meth:`NormalizedMLP.update_blocked`, in coordinates (measured fastest,
-#: with 32768, on one and two threads; see normalized_blocked for the memory it takes).
-BLOCK_SIZE = 65536
 _HARNESS_OFF = {"orthogonalize": False, "adam_vectors": False, "elementwise": False}
 #: The harness options of each rule (``None``: as constructed). See :meth:`NormalizedMLP.rules`.
 RULE_OPTIONS = {
@@ -47,111 +55,6 @@ RULE_OPTIONS = {
     "orthogonal": {**_HARNESS_OFF, "orthogonalize": True, "adam_vectors": True},
     "adam": {**_HARNESS_OFF, "elementwise": True},
 }
-
-
-def rational_tanh(x: Tensor) -> Tensor:
-    """``tanh`` as a rational function ``x·P(x²)/Q(x²)`` on ``|x| ≤ 7.905`` (beyond it ``tanh``
-    rounds to ``±1`` in float32): about 10 multiply-adds and one division, a fraction of the
-    cost of ``torch.tanh``'s accurate vectorised kernel on the CPU. The coefficients are a
-    rational fit (linearised least squares with Loeb reweighting, in float64); evaluated in
-    float32 it is within ``9e-7`` of ``tanh`` everywhere (float32 rounds ``tanh`` itself to
-    ``6e-8``), odd, bounded by 1 and 0 at 0. Used by the fused formulation only; float64 inputs
-    get ``torch.tanh`` (the approximation is a float32 one)."""
-    if x.dtype == torch.float64:
-        return torch.tanh(x)
-    # Literals, not module constants: TorchScript reads no global floats.
-    x = torch.clamp(x, -7.90531110763549805, 7.90531110763549805)
-    z = x * x
-    p = z * -6.457220223418922e-09 + 7.3358141142702555e-06
-    p = z * p + 0.002719290540586296
-    p = z * p + 0.12734702511491375
-    p = z * p + 0.9999998394372162
-    q = z * 0.00019969575637282468 + 0.022947447570746394
-    q = z * q + 0.46067904621446004
-    q = z * q + 1.0
-    return x * p / q
-
-
-def bias_scales(step: Tensor, beta1: float, beta2: float, beta3: float) -> Tensor:
-    """The three per-tensor factors of the ratio features, ``[c₃/c₁, c₃/c₂, c₃]`` with
-    ``cₖ = 1 − βₖ^(t+1)`` and ``t = step``, computed in float64 and returned as one float64
-    tensor of three elements.
-
-    One stacked tensor, not three scalars: a compiler stores it once before its loop over the
-    coordinates (Inductor computes a scalar expression of the step inside the loop, three
-    ``pow`` calls for every vector of coordinates, which was a third of a compiled step)."""
-    t = (step + 1).to(torch.float64)
-    c1 = 1.0 - torch.pow(beta1, t)
-    c2 = 1.0 - torch.pow(beta2, t)
-    c3 = 1.0 - torch.pow(beta3, t)
-    return torch.stack([c3 / c1, c3 / c2, c3])
-
-
-def _unit_max(x: Tensor) -> Tensor:
-    """``x / max|x|``, or zeros where ``x`` is all zero (no large value is ever squared)."""
-    scale = x.abs().max()
-    return x / torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
-def normalize(x: Tensor, wide: bool = False) -> Tensor:
-    """``x`` rescaled to an RMS of 1 over the whole tensor, or zeros where ``x`` is all zero.
-
-    Overflow-safe: ``y = x / max|x|`` first, then ``y / sqrt(mean(y²))`` (``mean(y²) ≥ 1/numel``
-    whenever ``y`` is not zero). With ``wide`` the mean is accumulated in float64.
-    """
-    y = _unit_max(x)
-    if wide:
-        mean = y.square().mean(dtype=torch.float64).to(y.dtype)
-    else:
-        mean = y.square().mean()
-    return y / torch.sqrt(torch.where(mean > 0, mean, torch.ones_like(mean)))
-
-
-def _ns_rows(x: Tensor, steps: int) -> Tensor:
-    """The quintic step ``X ← aX + (bA + cA²)X`` with ``A = XXᵀ`` (the rows side), ``steps``
-    times."""
-    a, b, c = 3.4445, -4.7750, 2.0315  # locals: TorchScript reads no global floats
-    for _ in range(steps):
-        gram = torch.mm(x, x.t())
-        x = a * x + torch.mm(b * gram + c * torch.mm(gram, gram), x)
-    return x
-
-
-def _ns_cols(x: Tensor, steps: int) -> Tensor:
-    """The same polynomial on the columns side, ``X ← aX + X(bB + cB²)`` with ``B = XᵀX``
-    (``A^k X = X B^k``); no transposed result, so both sides give the same memory layout."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    for _ in range(steps):
-        gram = torch.mm(x.t(), x)
-        x = a * x + torch.mm(x, b * gram + c * torch.mm(gram, gram))
-    return x
-
-
-def _unit_frobenius(matrix: Tensor) -> Tensor:
-    y = _unit_max(matrix)
-    norm = torch.sqrt(y.square().sum())
-    return y / torch.where(norm > 0, norm, torch.ones_like(norm))
-
-
-def newton_schulz(matrix: Tensor, steps: int = NS_STEPS) -> Tensor:
-    """``steps`` quintic Newton–Schulz iterations from ``matrix`` toward the nearest semi-orthogonal
-    matrix, after a safe Frobenius normalisation; the Gram matrix is taken on the smaller side.
-
-    An odd function of ``matrix``: zero stays zero. The singular values end near 1 (within about
-    [0.7, 1.2]), not exactly at 1: the coefficients trade accuracy for speed.
-    """
-    x = _unit_frobenius(matrix)
-    if x.shape[0] > x.shape[1]:
-        return _ns_cols(x, steps)
-    return _ns_rows(x, steps)
-
-
-def _ns_tall(x: Tensor) -> Tensor:
-    return _ns_cols(x, NS_STEPS)
-
-
-def _ns_wide(x: Tensor) -> Tensor:
-    return _ns_rows(x, NS_STEPS)
 
 
 class NormalizedMLP(Transform):
@@ -256,6 +159,7 @@ class NormalizedMLP(Transform):
 
     shape_agnostic = True
     view_invariant = True
+    fusable = True
 
     def __init__(
         self,
@@ -390,8 +294,6 @@ class NormalizedMLP(Transform):
         ``orthogonalize`` case, which needs the whole matrix for Newton–Schulz, and why it is not
         differentiable). Kept out of TorchScript and ``torch.export``.
         """
-        from compiledopt.learned.normalized_blocked import blocked_update
-
         return blocked_update(self, grad, param, state, step, block)
 
     def _network(self, columns: List[Tensor]) -> Tensor:
@@ -435,7 +337,7 @@ class NormalizedMLP(Transform):
         static = statically_known_true(tall) or statically_known_true(rows <= cols)
         if static or not torch.compiler.is_exporting():
             return newton_schulz(matrix)
-        return torch.cond(tall, _ns_tall, _ns_wide, (_unit_frobenius(matrix),))
+        return torch.cond(tall, ns_tall, ns_wide, (unit_frobenius(matrix),))
 
     def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
         """FLOPs and bytes of one fused step, per coordinate: accumulators 10 (three averages of 3,

@@ -29,14 +29,17 @@ Memory (``N`` coordinates, contiguous inputs, the gradient in the network's dtyp
 within ``4N`` values plus half a megabyte below that).
 """
 
-from typing import List, Tuple
+from typing import TYPE_CHECKING, List, Tuple
 
 import torch
 from torch import Tensor
 
 from compiledopt._validation import check_int
 from compiledopt.learned.mlp import check_shapes
-from compiledopt.learned.normalized import BLOCK_SIZE, NormalizedMLP, bias_scales, newton_schulz
+from compiledopt.learned.normalized_ops import BLOCK_SIZE, bias_scales, newton_schulz
+
+if TYPE_CHECKING:  # the transform imports this module: annotations only
+    from compiledopt.learned.normalized import NormalizedMLP
 
 #: A tensor of fewer than ``PIECES · block`` coordinates is cut into ``PIECES`` blocks (of at least
 #: ``MIN_BLOCK`` coordinates), so that the block's intermediates (about 30 values a coordinate
@@ -76,7 +79,7 @@ def _unit_rms_in_place(out: Tensor, spans: List[Tuple[int, int]]) -> None:
 
 
 def blocked_update(
-    transform: NormalizedMLP,
+    transform: "NormalizedMLP",
     grad: Tensor,
     param: Tensor,
     state: List[Tensor],
@@ -106,7 +109,7 @@ def blocked_update(
 
 
 def _blocked(
-    t: NormalizedMLP, grad: Tensor, state: List[Tensor], step: Tensor, block: int
+    t: "NormalizedMLP", grad: Tensor, state: List[Tensor], step: Tensor, block: int
 ) -> Tuple[Tensor, List[Tensor]]:
     beta1, beta2, beta3 = t.fast_decay, t.slow_decay, t.abs_decay
     shape, device = grad.shape, grad.device
@@ -176,7 +179,7 @@ class _BlockNetwork:
     """The network on one block, as matrix products on feature-major buffers: ``X`` is
     ``(5, B)``, each hidden layer ``(hᵢ, B)``, so every column write is contiguous."""
 
-    def __init__(self, t: NormalizedMLP, size: int, device: torch.device) -> None:
+    def __init__(self, t: "NormalizedMLP", size: int, device: torch.device) -> None:
         self.weights = [layer.weight.detach() for layer in t.layers]
         self.head = t.head.weight.detach()
         self.skip = t.skip.detach().reshape(1, -1)

@@ -54,16 +54,15 @@ class BuiltIn(NamedTuple):
 
 class EagerUpdate:
     """A transform's ``update`` for one tensor on the eager backend: a large tensor goes through
-    the transform's ``update_blocked`` where it has one (the same maths in cache-sized blocks,
-    so temporary memory stays bounded whatever the tensor's size)."""
+    the transform's ``update_blocked`` (the same maths in cache-sized blocks where the transform
+    has such a version, so temporary memory stays bounded whatever the tensor's size)."""
 
     def __init__(self, transform: Transform) -> None:
         self.transform = transform
-        self.blocked = getattr(transform, "update_blocked", None)
 
     def __call__(self, grad, param, state, step):
-        if self.blocked is not None and grad.numel() > MAX_MEMBER and not is_distributed(grad):
-            return self.blocked(grad, param, state, step)
+        if grad.numel() > MAX_MEMBER and not is_distributed(grad):
+            return self.transform.update_blocked(grad, param, state, step)
         return self.transform.update(grad, param, state, step)
 
 

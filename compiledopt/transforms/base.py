@@ -69,11 +69,20 @@ class Transform(nn.Module):
             rank ≥ 2 — with the state tensors of the parameter's shape viewed alike (true of
             elementwise rules and of Adafactor-style row/column statistics). Compiled backends
             then need one graph per view rank instead of one per parameter rank.
+        fusable (bool): whether the transform has a second, compiler-friendly formulation of
+            the same maths, switched on by setting its ``fused`` attribute (which it then
+            defines, ``False`` by default).
+            :func:`compiledopt.export.freeze_transform` does so for the Inductor backends.
+
+    Optional hook: :meth:`update_blocked`, the update computed a block of coordinates at a time
+    (bounded temporary memory); the eager runtime calls it for large tensors. The default is
+    :meth:`update` itself.
     """
 
     reads_param: bool = False
     shape_agnostic: bool = False
     view_invariant: bool = False
+    fusable: bool = False
 
     @torch.jit.export
     def init_state(self, param: Tensor) -> List[Tensor]:
@@ -94,6 +103,15 @@ class Transform(nn.Module):
             step (Tensor): 0-d integer tensor, the number of updates applied before this one.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement update()")
+
+    @torch.jit.unused
+    def update_blocked(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        """:meth:`update`, computed so that temporary memory stays bounded whatever the size of
+        ``grad`` (a transform that builds whole-tensor intermediates overrides it with a
+        blockwise version of the same maths). Eager only: kept out of TorchScript and export."""
+        return self.update(grad, param, state, step)
 
     def forward(self, grad: Tensor) -> Tensor:
         """The seed's call ``update = transform(grad)``: one step from the initial state."""
