@@ -1,0 +1,292 @@
+"""Meta-training a learned optimizer on a built-in task family (``compiledopt train``).
+
+:func:`meta_train` checks every setting (:mod:`compiledopt.apps.train_settings`) before any work,
+then meta-trains by truncated back-propagation through unrolls (``estimator="tbptt"``:
+:class:`~compiledopt.meta.MetaTrainer`) or by evolution strategies (``"pes"``, ``"es"``:
+:func:`compiledopt.meta.launch.run_es`, in one process or several), writes a checkpoint that a
+resumed run (``resume=True``) continues exactly, optionally exports it as an artifact
+(:func:`compiledopt.export.export_shape_agnostic`), and returns a :class:`TrainResult`.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from compiledopt.apps.requirements import require_task_family
+from compiledopt.apps.train_settings import (
+    ESTIMATORS,
+    TrainSettings,
+    build_config,
+    check_settings,
+    default_checkpoint,
+    recorded_settings,
+    requested_settings,
+    resumable,
+)
+
+__all__ = ["EXPORT_RANKS", "FIXED_ON_RESUME", "TrainResult", "TrainSettings", "meta_train"]
+
+#: Settings a resumed tbptt run cannot change, even when asked: they decide what the weights are
+#: and which tasks the saved task slots hold.
+FIXED_ON_RESUME = ("transform", "transform_kwargs", "family", "seed", "tasks_per_step")
+#: The parameter ranks the artifact holds graphs for.
+EXPORT_RANKS = (0, 1, 2, 3, 4, 5)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`meta_train` did.
+
+    Attributes:
+        settings: the run's settings, defaults filled in (``output``: the checkpoint).
+        history: the meta-loss (tbptt) or the objective (pes, es) of every step.
+        evaluations: ``(step, final held-out loss)`` of every evaluation.
+        steps: the steps that ran, in words.
+        inner_lr: the inner learning rate.
+        seconds: the meta-training's wall time.
+        changes: the settings a resumed run changed, ``{"setting", "from", "to"}`` each.
+        artifact: the exported artifact's path, or ``None``.
+        export_seconds: the export's wall time.
+    """
+
+    settings: TrainSettings
+    history: List[float]
+    evaluations: List[Tuple[int, float]]
+    steps: str
+    inner_lr: float
+    seconds: float
+    changes: List[Dict[str, Any]]
+    artifact: Optional[str] = None
+    export_seconds: float = 0.0
+
+    def summary(self) -> List[Tuple[str, str]]:
+        """The summary's ``(name, value)`` rows."""
+        from compiledopt.meta.resume import RESUMABLE_CHANGES
+
+        s = self.settings
+        finite = [h for h in self.history if math.isfinite(h)]
+        first, last = (finite[0], finite[-1]) if finite else (math.nan, math.nan)
+        rows = [
+            ("transform", f"{s.transform} {json.dumps(s.transform_kwargs)}"),
+            ("task family", f"{s.family} (seed {s.seed}, device {s.device})"),
+            ("estimator", s.estimator),
+            ("meta-steps", f"{self.steps} (inner lr {self.inner_lr:g})"),
+            ("meta-loss", f"{first:.4g} -> {last:.4g}"),
+            ("time", f"{self.seconds:.1f} s"),
+            ("checkpoint", str(s.output)),
+        ]
+        for change in self.changes:
+            if change["setting"] not in RESUMABLE_CHANGES:
+                rows.append(("changed", f"{change['setting']}: {change['from']} -> {change['to']}"))
+        if self.artifact is not None:
+            rows.append(("artifact", str(s.export)))
+        return rows
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What :func:`meta_train` checked and built before any work."""
+
+    inner_lr: float
+    family: Any
+    fields: Dict[str, str]
+    config: Any
+    state: Optional[Dict[str, Any]]
+    changes: List[Dict[str, Any]]
+
+
+def _check_resume(
+    state: Dict[str, Any], settings: TrainSettings, config: Any, fields: Dict[str, str]
+) -> List[Dict[str, Any]]:
+    """The checkpoint's settings against this run's (see
+    :func:`compiledopt.meta.resume.check_resume`)."""
+    from compiledopt.meta.resume import check_resume, checkpoint_kind
+
+    tbptt = settings.estimator == "tbptt"
+    resumable(state, str(settings.output))
+    kind = checkpoint_kind(state)
+    if kind != ("tbptt" if tbptt else "es"):
+        written = "tbptt" if kind == "tbptt" else "pes or es"
+        raise ValueError(
+            f"--resume {settings.output}: written by --estimator {written}, "
+            f"not by --estimator {settings.estimator}"
+        )
+    recorded = recorded_settings(state, fields)
+    requested = requested_settings(settings.values(), config, fields, processes=not tbptt)
+    fixed = FIXED_ON_RESUME if tbptt else tuple(requested)
+    return check_resume(recorded, requested, settings.allow_changes, fixed)
+
+
+def _prepare(settings: TrainSettings) -> _Plan:
+    """Build the transform, the family and the config once, and read a checkpoint to resume,
+    so that bad settings fail before any work."""
+    from compiledopt.learned.catalog import CATALOG, LEARNED, build_transform
+    from compiledopt.meta import ESConfig, MetaTrainConfig
+    from compiledopt.meta.inner import check_routes, check_rules
+    from compiledopt.meta.launch import make_family
+    from compiledopt.meta.resume import ES_FIELDS, TBPTT_FIELDS, load_checkpoint
+
+    s = settings
+    if s.transform not in LEARNED:
+        raise ValueError(f"Invalid transform: {s.transform!r} (one of {list(LEARNED)})")
+    inner_lr = s.inner_lr or CATALOG[s.transform].inner_lr
+    try:
+        built = build_transform(s.transform, s.transform_kwargs)
+    except TypeError as error:
+        raise ValueError(f"--transform-kwargs {json.dumps(s.transform_kwargs)}: {error}") from None
+    check_rules(built, check_routes(s.routes, "--routes"), "--routes")
+    family = make_family(s.family, s.seed, s.device, s.family_kwargs)
+    values = s.values()
+    if s.estimator == "tbptt":
+        fields = TBPTT_FIELDS
+        config = build_config(values, fields, MetaTrainConfig, inner_lr=inner_lr)
+    else:
+        fields = ES_FIELDS
+        extra = {"inner_lr": inner_lr, "estimator": s.estimator}
+        config = build_config(values, fields, ESConfig, **extra)
+    state = None
+    changes: List[Dict[str, Any]] = []
+    if s.resume:
+        state = load_checkpoint(str(s.output), "--resume")
+        changes = _check_resume(state, s, config, fields)
+    return _Plan(inner_lr, family, fields, config, state, changes)
+
+
+def _train_tbptt(s: TrainSettings, plan: _Plan) -> Tuple[List[float], List[Tuple[int, float]], str]:
+    """Meta-train by truncated backprop: ``(meta-losses, evaluations, steps text)``."""
+    import torch
+
+    from compiledopt.learned.catalog import build_transform
+    from compiledopt.meta import MetaTrainer
+
+    config, fields, state = plan.config, plan.fields, plan.state
+    torch.manual_seed(s.seed)
+    spec: Dict[str, Any] = {"name": s.transform, "kwargs": s.transform_kwargs}
+    transform = build_transform(s.transform, s.transform_kwargs)
+    metadata: Dict[str, Any] = {"transform_spec": spec, "family_kwargs": s.family_kwargs}
+    if config.routes is not None:  # what `compiledopt export` writes as the routes
+        metadata["routes"] = dict(config.routes)
+    trainer = MetaTrainer(transform, plan.family, config, metadata=metadata)
+    if state is not None:
+        allowed = [fields[key] for key in s.allow_changes if key in fields]
+        trainer.load_state_dict(state, allow_changes=allowed)
+        extra_changes = [c for c in plan.changes if c["setting"] not in fields]
+        if extra_changes:  # settings outside the trainer's config, e.g. family_kwargs
+            trainer.metadata["config_changes"] = trainer.metadata.get("config_changes", []) + [
+                {"meta_step": trainer.meta_step, **c} for c in extra_changes
+            ]
+    result = trainer.train(checkpoint=s.output, progress=s.progress)
+    if not result.evaluations or result.evaluations[-1]["meta_step"] != result.meta_step:
+        trainer.evaluate()
+    history = [r["meta_loss"] for r in result.history]
+    evaluations = [(int(r["meta_step"]), r["final_loss"]) for r in trainer.evaluations]
+    steps = f"{result.meta_step} x {config.tasks_per_step} tasks x unroll {config.unroll_length}"
+    return history, evaluations, steps
+
+
+def _train_es(s: TrainSettings, config: Any) -> Tuple[List[float], List[Tuple[int, float]], str]:
+    """Meta-train by evolution strategies: ``(objectives, evaluations, steps text)``."""
+    import torch
+
+    from compiledopt.meta.launch import run_es
+
+    run_settings = {
+        "transform": s.transform,
+        "transform_kwargs": s.transform_kwargs,
+        "family": s.family,
+        "seed": s.seed,
+        "family_kwargs": s.family_kwargs,
+        "device": s.device,
+        "config": dataclasses.asdict(config),
+        "output": s.output,
+        "resume": bool(s.resume),
+        "processes": s.processes,
+        "config_file": os.path.basename(s.config_file) if s.config_file else None,
+    }
+    run_es(run_settings, progress=s.progress)
+    saved = torch.load(str(s.output), map_location="cpu", weights_only=True)
+    history = [r["objective"] for r in saved["history"]]
+    evaluations = [(r["step"], r["final_loss"]) for r in saved["evaluations"]]
+    steps = (
+        f"{saved['outer_step']} x {config.tasks_per_step} tasks x {config.pairs} pairs, "
+        f"truncation {config.truncation}, unrolls {config.min_unroll}-{config.max_unroll}"
+    )
+    return history, evaluations, steps
+
+
+def _export(s: TrainSettings) -> str:
+    """Export the checkpoint just written to ``s.export``, as ``compiledopt export`` does: its
+    ``training`` block the checkpoint's, with the artifact's ``lr`` (``export_lr``, else the
+    block's, else the inner lr); returns the artifact's path."""
+    from compiledopt.apps.paths import check_output_directory
+    from compiledopt.export import export_shape_agnostic
+    from compiledopt.learned.catalog import build_transform
+    from compiledopt.meta.resume import load_checkpoint
+
+    check_output_directory(str(s.export), "--output", True)
+    state = load_checkpoint(str(s.output), "checkpoint")
+    metadata = state.get("metadata") or {}
+    spec = metadata["transform_spec"]
+    name, kwargs = spec["name"], spec.get("kwargs") or {}
+    transform = build_transform(name, kwargs)
+    transform.load_state_dict(state["transform"])
+    training = metadata.get("training")
+    lr = s.export_lr
+    if training is not None:
+        training = dict(training)
+        if lr is None and "lr" in training:
+            lr = float(training["lr"])
+    if lr is None:
+        lr = float(state["config"]["inner_lr"])
+    if training is not None:
+        training["lr"] = lr
+    path = export_shape_agnostic(
+        str(s.export),
+        {"kind": "shape_agnostic", "name": name, "kwargs": kwargs},
+        transform,
+        backends=list(s.export_backends),
+        ranks=list(EXPORT_RANKS),
+        lr=lr,
+        overwrite=True,
+        training=training,
+        routes=metadata.get("routes") or None,
+    )
+    return str(path)
+
+
+def meta_train(settings: TrainSettings) -> TrainResult:
+    """Check every setting, then meta-train, checkpoint to ``settings.output`` and optionally
+    export to ``settings.export``.
+
+    Raises:
+        ValueError: a bad setting (the message names its option, e.g. ``--meta-steps``), before
+            any work; a resumed run whose settings differ from the checkpoint's where they may
+            not (see :mod:`compiledopt.meta.resume`).
+        compiledopt.apps.requirements.MissingDependencyError: the family needs a package that is
+            not installed.
+    """
+    if settings.estimator not in ESTIMATORS:
+        raise ValueError(f"Invalid estimator: {settings.estimator!r} (one of {ESTIMATORS})")
+    if settings.output is None:
+        settings = dataclasses.replace(settings, output=default_checkpoint())
+    require_task_family(settings.family)
+    check_settings(settings)
+    plan = _prepare(settings)
+    os.makedirs(os.path.dirname(os.path.abspath(str(settings.output))), exist_ok=True)
+    start = time.perf_counter()
+    if settings.estimator == "tbptt":
+        history, evaluations, steps = _train_tbptt(settings, plan)
+    else:
+        history, evaluations, steps = _train_es(settings, plan.config)
+    seconds = time.perf_counter() - start
+    result = TrainResult(
+        settings, history, evaluations, steps, plan.inner_lr, seconds, plan.changes
+    )
+    if settings.export is not None:
+        start = time.perf_counter()
+        result.artifact = _export(settings)
+        result.export_seconds = time.perf_counter() - start
+    return result

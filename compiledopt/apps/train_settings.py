@@ -1,0 +1,280 @@
+"""The settings of meta-training (:func:`compiledopt.apps.train.meta_train`, ``compiledopt
+train``): their defaults, and every check that runs before any work (so a bad run stops in a
+second, with one line naming the option).
+
+A setting is known by its option's name with underscores (``meta_steps`` for ``--meta-steps``),
+which is also its key in a ``--config`` file and its name in the messages of a refused resume;
+:mod:`compiledopt.meta.resume` maps it to each trainer's config field.
+"""
+
+import dataclasses
+import os
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence
+
+from compiledopt.apps.paths import check_output_directory, check_output_file
+
+__all__ = [
+    "DEFAULTS",
+    "DEFAULT_CHECKPOINT",
+    "ESTIMATORS",
+    "TrainSettings",
+    "build_config",
+    "check_device",
+    "check_settings",
+    "default_checkpoint",
+    "option",
+    "recorded_settings",
+    "requested_settings",
+    "resumable",
+]
+
+ESTIMATORS = ("tbptt", "pes", "es")
+#: The checkpoint's file name under ``<output root>/train`` when no ``output`` is given.
+DEFAULT_CHECKPOINT = "learned.pt"
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """One meta-training run. The settings up to ``export_lr`` are ``compiledopt train``'s
+    options (``None``: the estimator's own default, or the catalog's inner lr); the rest say
+    how the run goes.
+
+    ``given`` names the settings set explicitly (``compiledopt train``: on the command line or
+    in its ``--config`` file); ``None``: those that differ from their defaults. A setting that
+    only another estimator reads, or an export setting without ``export``, is refused when given.
+    """
+
+    transform: str = "coordinate-mlp"
+    transform_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    family: str = "regression"
+    family_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    estimator: str = "tbptt"
+    meta_steps: Optional[int] = None
+    unroll: Optional[int] = None
+    horizon: Optional[int] = None
+    min_horizon: Optional[int] = None
+    tasks_per_step: Optional[int] = None
+    inner_lr: Optional[float] = None
+    meta_lr: Optional[float] = None
+    clip_norm: Optional[float] = None
+    eval_every: Optional[int] = None
+    eval_tasks: Optional[int] = None
+    eval_steps: Optional[int] = None
+    checkpoint_every: Optional[int] = None
+    pairs: Optional[int] = None
+    sigma: Optional[float] = None
+    objective: Optional[str] = None
+    warmup_fraction: Optional[float] = None
+    routes: Optional[Dict[str, str]] = None
+    seed: int = 0
+    device: str = "cpu"
+    output: Optional[str] = None  # <output root>/train/learned.pt (see default_checkpoint)
+    processes: int = 1
+    export: Optional[str] = None
+    export_backends: Sequence[str] = ("torchscript", "onnx")
+    export_lr: Optional[float] = None
+    resume: bool = False
+    allow_changes: Sequence[str] = ()
+    progress: bool = True
+    config_file: Optional[str] = None  # recorded in an evolution-strategies run's metadata
+    given: Optional[FrozenSet[str]] = None
+
+    def values(self) -> Dict[str, Any]:
+        """The settings ``DEFAULTS`` names, by name."""
+        return {key: getattr(self, key) for key in DEFAULTS}
+
+    def explicit(self) -> FrozenSet[str]:
+        """``given``, or the settings that differ from their defaults."""
+        if self.given is not None:
+            return frozenset(self.given)
+        values = {**self.values(), "export_backends": tuple(self.export_backends)}
+        return frozenset(k for k, v in values.items() if v != DEFAULTS[k])
+
+
+def _default(field: "dataclasses.Field[Any]") -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+#: The defaults of the settings that ``compiledopt train``'s options and ``--config`` file set
+#: (None: the estimator's own default).
+DEFAULTS: Dict[str, Any] = {
+    field.name: _default(field)
+    for field in dataclasses.fields(TrainSettings)
+    if field.name not in ("resume", "allow_changes", "progress", "config_file", "given")
+}
+
+
+def option(name: str) -> str:
+    """The command-line option of a setting: ``meta_steps`` -> ``--meta-steps``."""
+    return "--" + name.replace("_", "-")
+
+
+def default_checkpoint() -> str:
+    """Where ``train`` writes its checkpoint when neither ``--output`` nor ``--config`` names
+    one: ``<output root>/train/learned.pt`` (see :mod:`compiledopt.apps.paths`), never the
+    current folder. The folder is checked here, before any work, and created only once every
+    other setting has been accepted."""
+    from compiledopt.apps.paths import default_output
+
+    return str(default_output("train", "--output") / DEFAULT_CHECKPOINT)
+
+
+def check_device(text: str) -> None:
+    """Refuse a device that is not one, or that this machine does not have."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text!r}: not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ValueError(f"--device {text}: this machine has {count} CUDA device(s)")
+        return
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise ValueError(f"--device {text}: not available here (use cpu, or cuda where it exists)")
+
+
+def _check_estimator_options(settings: TrainSettings, given: FrozenSet[str]) -> None:
+    """Refuse the options the estimator would ignore."""
+    from compiledopt.meta.resume import ES_FIELDS, TBPTT_FIELDS, show
+
+    if settings.estimator == "tbptt":
+        es_only = sorted(set(ES_FIELDS) - set(TBPTT_FIELDS))  # options tbptt would ignore
+        ignored = [key for key in es_only if key in given]
+        if ignored:
+            key = ignored[0]
+            raise ValueError(
+                f"{option(key)} {show(getattr(settings, key))}: only --estimator pes or es uses "
+                "it (this run: tbptt)"
+            )
+        if settings.processes != 1:
+            raise ValueError(
+                f"--processes {settings.processes}: only --estimator pes or es runs in "
+                "several processes"
+            )
+        if settings.allow_changes and not settings.resume:
+            raise ValueError("--allow-changes: only a resumed run (--resume) changes settings")
+    elif settings.allow_changes:
+        raise ValueError(
+            f"--allow-changes: only --estimator tbptt can change settings on resume "
+            f"(this run: {settings.estimator})"
+        )
+
+
+def check_settings(settings: TrainSettings) -> None:
+    """Everything that can be checked without building anything: options the estimator would
+    ignore, the device, the checkpoint path, the export folder and backends."""
+    from compiledopt.export import BACKENDS
+
+    given = settings.explicit()
+    _check_estimator_options(settings, given)
+    check_device(settings.device)
+    output = check_output_file(str(settings.output), "--output")
+    if settings.resume and not os.path.exists(output):
+        raise ValueError(f"--resume: no checkpoint at {output}")
+    unknown = [name for name in settings.export_backends if name not in BACKENDS]
+    if unknown or not settings.export_backends:
+        raise ValueError(
+            f"export_backends {list(settings.export_backends)!r}: needs backends out of "
+            f"{', '.join(BACKENDS)}"
+        )
+    if settings.export is None:
+        unused = [key for key in ("export_backends", "export_lr") if key in given]
+        if unused:
+            raise ValueError(f"{option(unused[0])}: needs --export (the artifact's folder)")
+    else:
+        check_output_directory(settings.export, "--export", overwrite=True)
+        if os.path.abspath(settings.export) == os.path.abspath(output):
+            raise ValueError(f"--export {settings.export}: the same path as --output")
+
+
+def _in_option_names(message: str, fields: Dict[str, str]) -> str:
+    """``message`` with the config's field names replaced by the options that set them."""
+    import re
+
+    names = {field: option(key) for key, field in fields.items()}
+    pattern = r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b"
+    return re.sub(pattern, lambda match: names[match.group(1)], message)
+
+
+def build_config(values: Dict[str, Any], fields: Dict[str, str], cls: type, **extra: Any) -> Any:
+    """The trainer's config (``MetaTrainConfig`` or ``ESConfig``) from the settings, validated;
+    an invalid combination is refused with the options' names (``--horizon`` for
+    ``max_unroll``)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {field: values[key] for key, field in fields.items() if values[key] is not None}
+    kwargs.update(extra)
+    try:
+        return cls(**{k: v for k, v in kwargs.items() if k in known}).validate()
+    except ValueError as error:
+        raise ValueError(_in_option_names(str(error), fields)) from None
+
+
+def _dict(holder: Any, key: str) -> Dict[str, Any]:
+    value = holder.get(key) if isinstance(holder, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def recorded_settings(state: Dict[str, Any], fields: Dict[str, str]) -> Dict[str, Any]:
+    """The settings a checkpoint records, by option name (those it lacks are left out)."""
+    config, metadata, family = (
+        _dict(state, "config"),
+        _dict(state, "metadata"),
+        _dict(state, "family"),
+    )
+    spec, training = _dict(metadata, "transform_spec"), _dict(metadata, "training")
+    recorded: Dict[str, Any] = {}
+    if "name" in spec:
+        recorded["transform"] = spec["name"]
+        recorded["transform_kwargs"] = spec.get("kwargs") or {}
+    if "name" in family:
+        recorded["family"] = family["name"]
+    if "family_kwargs" in metadata:
+        recorded["family_kwargs"] = metadata["family_kwargs"]
+    elif "family_kwargs" in training:
+        recorded["family_kwargs"] = training["family_kwargs"]
+    if "seed" in state:
+        recorded["seed"] = state["seed"]
+    elif "seed" in family:
+        recorded["seed"] = family["seed"]
+    if "world" in state:
+        recorded["processes"] = state["world"]
+    by_field = {field: key for key, field in fields.items()}
+    for field, value in config.items():
+        recorded[by_field.get(field, field)] = value
+    return recorded
+
+
+def requested_settings(
+    values: Dict[str, Any], config: Any, fields: Dict[str, str], processes: bool
+) -> Dict[str, Any]:
+    """The settings this run asks for, by option name (the trainer's config field by field)."""
+    by_field = {field: key for key, field in fields.items()}
+    requested = {
+        key: values[key]
+        for key in ("transform", "transform_kwargs", "family", "family_kwargs", "seed")
+    }
+    if processes:
+        requested["processes"] = values["processes"]
+    for field, value in dataclasses.asdict(config).items():
+        requested[by_field.get(field, field)] = value
+    return requested
+
+
+def resumable(state: Dict[str, Any], path: str) -> List[str]:
+    """Refuse a checkpoint that lacks what a resume reads; returns its top-level keys."""
+    for key, kind in (("config", dict), ("family", dict), ("slots", list)):
+        if not isinstance(state.get(key), kind):
+            raise ValueError(
+                f"--resume {path}: not a checkpoint written by `compiledopt train` (no {key})"
+            )
+    return sorted(state)
