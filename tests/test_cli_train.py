@@ -196,3 +196,47 @@ def test_es_resume_refuses_a_changed_setting_before_any_work(tmp_path, capsys):
     kwargs = ["--transform-kwargs", '{"hidden_sizes": [8]}']
     assert cli.main(["train", "--meta-steps", "2", "--resume", *base, *kwargs]) == 2
     assert "transform_kwargs is" in capsys.readouterr().err
+
+
+# -- the application the command calls --------------------------------------------------------
+
+
+def test_meta_train_trains_what_the_command_trains(tmp_path):
+    from compiledopt.apps.train import TrainSettings, meta_train
+
+    _train(["--transform", "learned-step-size", "--output", str(tmp_path / "cli.pt"), *SMALL])
+    numbers = dict(meta_steps=2, unroll=2, horizon=4, tasks_per_step=2, eval_every=2)
+    result = meta_train(
+        TrainSettings(
+            transform="learned-step-size",
+            **numbers,
+            eval_tasks=1,
+            eval_steps=3,
+            output=str(tmp_path / "app.pt"),
+            progress=False,
+        )
+    )
+    cli_state = torch.load(tmp_path / "cli.pt", weights_only=True)
+    app_state = torch.load(tmp_path / "app.pt", weights_only=True)
+    assert torch.equal(cli_state["transform"]["log_lr"], app_state["transform"]["log_lr"])
+    assert [r["meta_loss"] for r in cli_state["history"]] == result.history
+    assert [step for step, _ in result.evaluations] == [2]
+    assert dict(result.summary())["checkpoint"] == str(tmp_path / "app.pt")
+
+
+def test_meta_train_refuses_a_setting_the_estimator_ignores(tmp_path):
+    from compiledopt.apps.train import TrainSettings, meta_train
+
+    settings = TrainSettings(pairs=4, output=str(tmp_path / "run.pt"))  # given: not default
+    with pytest.raises(ValueError, match="--pairs 4: only --estimator pes or es uses it"):
+        meta_train(settings)
+    assert not (tmp_path / "run.pt").exists()
+
+
+def test_both_trainers_read_the_one_table_of_resumable_settings():
+    from compiledopt.meta import es, trainer
+    from compiledopt.meta.resume import RESUMABLE_CHANGES
+
+    assert RESUMABLE_CHANGES == ("meta_steps", "eval_every", "checkpoint_every")
+    assert trainer.RESUMABLE_CHANGES == ("meta_steps", "eval_every", "checkpoint_every")
+    assert es.RESUMABLE_CHANGES == ("outer_steps", "eval_every", "checkpoint_every")
