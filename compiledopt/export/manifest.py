@@ -289,7 +289,7 @@ def _check_kwargs(name: str, kwargs: Dict[str, Any], where: str) -> None:
     except (TypeError, ValueError):  # no signature to check against: the constructor checks
         return
     try:
-        hints = typing.get_type_hints(build.__init__ if isinstance(build, type) else build)
+        hints = typing.get_type_hints(build.__init__ if isinstance(build, type) else build)  # type: ignore[misc]  # a class's own constructor
     except Exception:  # annotations that do not resolve leave the values to the constructor
         hints = {}
     keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)

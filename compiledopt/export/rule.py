@@ -12,7 +12,7 @@ call. The caller applies ``p <- p - lr · direction``.
 """
 
 import copy
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from compiledopt._identity import unique_by_identity
 from compiledopt.nn.kronecker import KroneckerLinear
 from compiledopt.transforms.base import Transform
+
+M = TypeVar("M", bound=nn.Module)
 
 #: Inductor settings of every graph this library compiles itself (the runtime's ``compiled``
 #: backend and AOTInductor packages). Inductor's defaults materialise a pointwise expression into a
@@ -35,7 +37,7 @@ INDUCTOR_OPTIONS = {
 }
 
 
-def freeze_transform(transform: nn.Module, fused: bool = False) -> nn.Module:
+def freeze_transform(transform: M, fused: bool = False) -> M:
     """A frozen copy of ``transform``: detached weights, no grad, eval mode, constants folded.
 
     With ``fused``, transforms that have a compiler-friendly formulation (``CoordinateMLP``'s
@@ -106,7 +108,7 @@ class ModelRule(nn.Module):
         out = (grad, state)
         for j, transform in enumerate(self.transforms):
             if j == which:
-                out = transform.update(grad, param, state, step)
+                out = transform.update(grad, param, state, step)  # type: ignore[operator]
         return out
 
 

@@ -25,7 +25,7 @@ is kept whatever the feature set, so the schema depends only on ``momentum_decay
 import itertools
 import math
 import numbers
-from typing import List, Sequence, Tuple
+from typing import Iterable, List, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -202,30 +202,32 @@ class CoordinateMLP(Transform):
 
         self.features: List[str] = [f for f in FEATURE_GROUPS if f in features]
         self.hidden_sizes: List[int] = hidden
-        self.momentum_decays = decays
-        self.second_moment_decay = _check_decay(second_moment_decay, "second_moment_decay")
-        self.timescales = scales
-        self.exp_mult = float(exp_mult)
-        self.step_mult = check_positive(step_mult, "step_mult")
-        self.eps = check_positive(eps, "eps")
-        self.norm_eps = check_positive(norm_eps, "norm_eps")
-        self.init = init
-        self.fused = False
-        self.use_grad = "grad" in features
-        self.use_param = "param" in features
-        self.use_momentum = "momentum" in features
-        self.use_rms = "rms" in features
-        self.use_momentum_rsqrt = "momentum_rsqrt" in features
-        self.use_factored = "factored" in features
-        self.use_time = "time" in features
+        self.momentum_decays: List[float] = decays
+        self.second_moment_decay: float = _check_decay(second_moment_decay, "second_moment_decay")
+        self.timescales: List[float] = scales
+        self.exp_mult: float = float(exp_mult)
+        self.step_mult: float = check_positive(step_mult, "step_mult")
+        self.eps: float = check_positive(eps, "eps")
+        self.norm_eps: float = check_positive(norm_eps, "norm_eps")
+        self.init: str = init
+        self.fused: bool = False
+        self.use_grad: bool = "grad" in features
+        self.use_param: bool = "param" in features
+        self.use_momentum: bool = "momentum" in features
+        self.use_rms: bool = "rms" in features
+        self.use_momentum_rsqrt: bool = "momentum_rsqrt" in features
+        self.use_factored: bool = "factored" in features
+        self.use_time: bool = "time" in features
         self.reads_param = self.use_param
 
         names = self.feature_names()
-        self.num_time_features = len(scales) if self.use_time else 0
-        self.num_coordinate_features = len(names) - self.num_time_features
-        self.input_layer = nn.Linear(len(names), hidden[0])
-        self.hidden_layers = nn.ModuleList([nn.Linear(a, b) for a, b in itertools.pairwise(hidden)])
-        self.head = nn.Linear(hidden[-1], 2)
+        self.num_time_features: int = len(scales) if self.use_time else 0
+        self.num_coordinate_features: int = len(names) - self.num_time_features
+        self.input_layer: nn.Linear = nn.Linear(len(names), hidden[0])
+        self.hidden_layers: nn.ModuleList = nn.ModuleList(
+            [nn.Linear(a, b) for a, b in itertools.pairwise(hidden)]
+        )
+        self.head: nn.Linear = nn.Linear(hidden[-1], 2)
         if init != "random":
             self._init_baseline(names)
 
@@ -241,7 +243,7 @@ class CoordinateMLP(Transform):
             first.bias[:2].zero_()
             first.weight[0, column] = 1.0
             first.weight[1, column] = -1.0
-            for layer in self.hidden_layers:
+            for layer in cast(Iterable[nn.Linear], self.hidden_layers):
                 layer.weight[:2].zero_()
                 layer.bias[:2].zero_()
                 layer.weight[0, 0] = 1.0
@@ -353,7 +355,7 @@ class CoordinateMLP(Transform):
         weight = self.input_layer.weight
         # First layer; the time columns are the same for every coordinate: a per-tensor bias.
         coordinate = self.num_coordinate_features
-        bias = self.input_layer.bias
+        bias: Tensor = self.input_layer.bias
         if self.use_time:
             t = step.to(weight.dtype)
             time = torch.stack([torch.tanh(t / tau) for tau in self.timescales])

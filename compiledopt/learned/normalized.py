@@ -310,6 +310,7 @@ class NormalizedMLP(Transform):
         units = columns
         for layer in self.layers:
             weight = layer.weight
+            assert isinstance(weight, Tensor)  # an nn.Linear's (narrows the type for checkers)
             hidden: List[Tensor] = []
             for j in range(weight.shape[0]):
                 h = units[0] * weight[j, 0]

@@ -29,10 +29,10 @@ Memory (``N`` coordinates, contiguous inputs, the gradient in the network's dtyp
 within ``4N`` values plus half a megabyte below that).
 """
 
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING, Iterable, List, Tuple, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from compiledopt._validation import check_int
 from compiledopt.learned.mlp import check_shapes
@@ -180,7 +180,7 @@ class _BlockNetwork:
     ``(5, B)``, each hidden layer ``(hᵢ, B)``, so every column write is contiguous."""
 
     def __init__(self, t: "NormalizedMLP", size: int, device: torch.device) -> None:
-        self.weights = [layer.weight.detach() for layer in t.layers]
+        self.weights = [layer.weight.detach() for layer in cast(Iterable[nn.Linear], t.layers)]
         self.head = t.head.weight.detach()
         self.skip = t.skip.detach().reshape(1, -1)
         dtype = self.skip.dtype

@@ -83,13 +83,18 @@ class EagerModelRule:
         return directions, new_states
 
 
+def _eager_single(transform: Transform, stored: torch.dtype) -> Callable:
+    return StoredStateRule(EagerUpdate(transform), stored)
+
+
+def _eager_batched(transform: Transform, stored: torch.dtype) -> Callable:
+    return BatchedRule(StoredStateRule(transform.update, stored))
+
+
 def _eager_rules(
     transform: Transform, dtype: torch.dtype, stored: torch.dtype, background: bool = False
 ) -> TensorRules:
-    return TensorRules(
-        StoredStateRule(EagerUpdate(transform), stored),
-        BatchedRule(StoredStateRule(transform.update, stored)),
-    )
+    return TensorRules(_eager_single(transform, stored), _eager_batched(transform, stored))
 
 
 def _compiled_rules(
@@ -102,11 +107,10 @@ def _compiled_rules(
     batched = CompiledBatchedRule(transform, stored)
     if not background:
         return TensorRules(single, batched)
-    eager = _eager_rules(transform, dtype, stored)
     what = f"FrozenOptimizer: the {type(transform).__name__} rule"
     return TensorRules(
-        Warming(eager.single, single, rule.kind, what),
-        Warming(eager.batched, batched, batched.kind, what),
+        Warming(_eager_single(transform, stored), single, rule.kind, what),
+        Warming(_eager_batched(transform, stored), batched, batched.kind, what),
     )
 
 

@@ -70,8 +70,7 @@ class Transform(nn.Module):
             elementwise rules and of Adafactor-style row/column statistics). Compiled backends
             then need one graph per view rank instead of one per parameter rank.
         fusable (bool): whether the transform has a second, compiler-friendly formulation of
-            the same maths, switched on by setting its ``fused`` attribute (which it then
-            defines, ``False`` by default).
+            the same maths, switched on by setting ``fused`` (``False`` by default);
             :func:`compiledopt.export.freeze_transform` does so for the Inductor backends.
 
     Optional hook: :meth:`update_blocked`, the update computed a block of coordinates at a time
@@ -83,6 +82,7 @@ class Transform(nn.Module):
     shape_agnostic: bool = False
     view_invariant: bool = False
     fusable: bool = False
+    fused: bool = False
 
     @torch.jit.export
     def init_state(self, param: Tensor) -> List[Tensor]:
