@@ -10,6 +10,9 @@ naming a bad value before any long work.
   against AdamW (``compiledopt finetune``);
 * :mod:`compiledopt.apps.meta_descent`: a learned optimizer meta-trained online against SGD
   (``compiledopt meta-descent``);
+* :mod:`compiledopt.apps.train`: meta-training a family with truncated back-propagation, PES or
+  ES, resuming, evaluating and exporting (``compiledopt train``; its settings in
+  :mod:`compiledopt.apps.train_settings`);
 * the helpers they share: :mod:`compiledopt.apps.requirements` (optional packages, checked
   first), :mod:`compiledopt.apps.paths` (the output root and the checks on a path) and
   :mod:`compiledopt.apps.backends` (which FrozenOptimizer backends run on an artifact).

@@ -75,14 +75,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # BACKENDS: the registered backends' names (compiledopt.export.backend.names()) as they are
-    # when it is read, never a copy taken at import.
-    if name == "BACKENDS":
-        return registry.names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # -- loading ----------------------------------------------------------------------------------
 
 #: The largest ``manifest.json`` read: 1 MiB, 450 times the packaged optimizers' (2.3 kB); a bound
