@@ -13,6 +13,8 @@ naming a bad value before any long work.
 * :mod:`compiledopt.apps.train`: meta-training a family with truncated back-propagation, PES or
   ES, resuming, evaluating and exporting (``compiledopt train``; its settings in
   :mod:`compiledopt.apps.train_settings`);
+* :mod:`compiledopt.apps.export`: a checkpoint -> an artifact (``compiledopt export``, and
+  ``compiledopt train --export``);
 * the helpers they share: :mod:`compiledopt.apps.requirements` (optional packages, checked
   first), :mod:`compiledopt.apps.paths` (the output root and the checks on a path) and
   :mod:`compiledopt.apps.backends` (which FrozenOptimizer backends run on an artifact).

@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from compiledopt.apps.export import RANKS
 from compiledopt.apps.requirements import require_task_family
 from compiledopt.apps.train_settings import (
     ESTIMATORS,
@@ -32,8 +33,8 @@ __all__ = ["EXPORT_RANKS", "FIXED_ON_RESUME", "TrainResult", "TrainSettings", "m
 #: Settings a resumed tbptt run cannot change, even when asked: they decide what the weights are
 #: and which tasks the saved task slots hold.
 FIXED_ON_RESUME = ("transform", "transform_kwargs", "family", "seed", "tasks_per_step")
-#: The parameter ranks the artifact holds graphs for.
-EXPORT_RANKS = (0, 1, 2, 3, 4, 5)
+#: The parameter ranks the artifact holds graphs for: all an artifact can hold.
+EXPORT_RANKS = RANKS
 
 
 @dataclasses.dataclass
@@ -218,41 +219,15 @@ def _train_es(s: TrainSettings, config: Any) -> Tuple[List[float], List[Tuple[in
 
 
 def _export(s: TrainSettings) -> str:
-    """Export the checkpoint just written to ``s.export``, as ``compiledopt export`` does: its
-    ``training`` block the checkpoint's, with the artifact's ``lr`` (``export_lr``, else the
-    block's, else the inner lr); returns the artifact's path."""
+    """Export the checkpoint just written to ``s.export``, as ``compiledopt export`` does
+    (:func:`~compiledopt.apps.export.export_checkpoint`, with ``export_lr``); returns the
+    artifact's path."""
+    from compiledopt.apps.export import export_checkpoint
     from compiledopt.apps.paths import check_output_directory
-    from compiledopt.export import export_shape_agnostic
-    from compiledopt.learned.catalog import build_transform
-    from compiledopt.meta.resume import load_checkpoint
 
     check_output_directory(str(s.export), "--output", True)
-    state = load_checkpoint(str(s.output), "checkpoint")
-    metadata = state.get("metadata") or {}
-    spec = metadata["transform_spec"]
-    name, kwargs = spec["name"], spec.get("kwargs") or {}
-    transform = build_transform(name, kwargs)
-    transform.load_state_dict(state["transform"])
-    training = metadata.get("training")
-    lr = s.export_lr
-    if training is not None:
-        training = dict(training)
-        if lr is None and "lr" in training:
-            lr = float(training["lr"])
-    if lr is None:
-        lr = float(state["config"]["inner_lr"])
-    if training is not None:
-        training["lr"] = lr
-    path = export_shape_agnostic(
-        str(s.export),
-        {"kind": "shape_agnostic", "name": name, "kwargs": kwargs},
-        transform,
-        backends=list(s.export_backends),
-        ranks=list(EXPORT_RANKS),
-        lr=lr,
-        overwrite=True,
-        training=training,
-        routes=metadata.get("routes") or None,
+    path = export_checkpoint(
+        str(s.output), str(s.export), s.export_backends, EXPORT_RANKS, s.export_lr, None, True
     )
     return str(path)
 
