@@ -18,8 +18,8 @@ import torch
 
 from compiledopt import cli
 from compiledopt.cli import main
-from compiledopt.cli.checkpoints import load_checkpoint
 from compiledopt.export import load_artifact, signing
+from compiledopt.meta.resume import load_checkpoint
 
 TINY = [
     "--transform",

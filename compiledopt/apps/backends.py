@@ -37,7 +37,7 @@ def check_backends(
 ) -> None:
     """Refuse a FrozenOptimizer backend that ``artifact`` does not have, or whose graphs are
     code that it is not trusted to run, naming it (after ``option``)."""
-    from compiledopt.runtime.routing import BUILT_IN_BACKENDS
+    from compiledopt.runtime.backends import BUILT_IN_BACKENDS
 
     available = ["auto", *BUILT_IN_BACKENDS, *artifact.backends]
     unknown = [b for b in backends if b not in available]

@@ -18,9 +18,7 @@ from compiledopt.runtime.backends import BUILT_IN_BACKENDS
 from compiledopt.runtime.strategies import Computed, Strategy, make_strategy
 from compiledopt.transforms.base import Transform
 
-__all__ = ["BUILT_IN_BACKENDS", "Router"]
-
-# BUILT_IN_BACKENDS (runtime.backends) stays importable from here.
+__all__ = ["Router"]
 
 
 class Router:
