@@ -15,9 +15,14 @@ naming a bad value before any long work.
   :mod:`compiledopt.apps.train_settings`);
 * :mod:`compiledopt.apps.export`: a checkpoint -> an artifact (``compiledopt export``, and
   ``compiledopt train --export``);
+* :mod:`compiledopt.apps.bench`: an artifact's step timed per backend against AdamW, printed
+  and written as JSON and a chart (``compiledopt bench``);
+* :mod:`compiledopt.apps.trust`: opening an artifact with the trust given, checking, making and
+  signing with keys (``compiledopt keygen``, ``compiledopt sign``);
 * the helpers they share: :mod:`compiledopt.apps.requirements` (optional packages, checked
-  first), :mod:`compiledopt.apps.paths` (the output root and the checks on a path) and
-  :mod:`compiledopt.apps.backends` (which FrozenOptimizer backends run on an artifact).
+  first), :mod:`compiledopt.apps.paths` (the output root and the checks on a path),
+  :mod:`compiledopt.apps.backends` (which FrozenOptimizer backends run on an artifact) and
+  :mod:`compiledopt.apps.errors` (which errors are the user's, reported in one line).
 
 The package imports nothing heavy at import time: each module imports torch inside its functions.
 """

@@ -5,24 +5,22 @@ functions: ``add_parser(commands)`` adds the command's subparser (and returns it
 ``run(args, out) -> int`` runs it, printing to ``out``, and returns the exit status. Command
 modules import only light modules at their top level; ``run`` imports what the command needs.
 
-:func:`main` turns the errors a user can cause (a missing file, an artifact that does not load,
-an output that exists, a bad value, a missing optional package) into one line on stderr,
-``compiledopt <command>: <message>``, and exit status 2, as argparse does for bad arguments.
-That boundary also takes, as a last line of defence, an exception raised inside the libraries
-that deserialize an input's files (onnxruntime, onnx, safetensors, torch's loaders): a corrupt
-graph or weights file is the input's fault, so the line names the input and the error, never a
-traceback. An exception raised anywhere else (a bug) still shows its traceback. Everything a
-command prints, and the error line, goes through :func:`compiledopt.cli.text.printable`, so
-strings that come from an artifact reach the terminal with their control characters escaped.
+:func:`main` turns the errors a user can cause (:func:`compiledopt.apps.errors.user_error`: a
+missing file, an artifact that does not load, an output that exists, a bad value, a missing
+optional package, a corrupt file a loader library could not read) into one line on stderr,
+``compiledopt <command>: <message>``, and exit status 2, as argparse does for bad arguments; an
+exception raised anywhere else (a bug) still shows its traceback. Everything a command prints,
+and the error line, goes through :func:`compiledopt.cli.text.printable`, so strings that come
+from an artifact reach the terminal with their control characters escaped.
 """
 
 import argparse
 import importlib
 import sys
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import Dict, Optional, Sequence
 
-from compiledopt.apps.requirements import MissingDependencyError
+from compiledopt.apps.errors import error_message, user_error
 from compiledopt.cli.text import PrintableWriter, printable
 
 __all__ = ["COMMANDS", "build_parser", "command_module", "main"]
@@ -42,40 +40,6 @@ COMMANDS: Dict[str, str] = {
     "sign": "sign",
 }
 
-#: Errors a user causes with arguments or files (``ArtifactError`` is a ``ValueError``).
-USER_ERRORS = (
-    ValueError,
-    FileExistsError,
-    FileNotFoundError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-    MissingDependencyError,
-)
-
-#: Modules that deserialize the files of an artifact or checkpoint. An exception raised inside
-#: one of them (its innermost frame there, or its class defined there) is a file they could not
-#: read, reported against the command's input; see :func:`loader_error`.
-LOADER_MODULES = (
-    "onnxruntime",
-    "onnx",
-    "google.protobuf",
-    "safetensors",
-    "torch.jit._serialization",
-    "torch.serialization",
-    "torch._inductor.package",
-    "torch.export.pt2_archive",
-)
-#: Exception classes that say the calling code is wrong, wherever they are raised from: never
-#: taken for a bad file.
-PROGRAMMING_ERRORS = (
-    TypeError,
-    AttributeError,
-    NameError,
-    AssertionError,
-    NotImplementedError,
-    RecursionError,
-)
 #: The options that name a command's input, in the order they are looked for.
 _INPUTS = ("artifact", "checkpoint", "resume")
 
@@ -97,59 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _message(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror}"
-    return str(error)
-
-
-def _in_module(name: str, prefixes: Sequence[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def _innermost_module(traceback: Optional[TracebackType]) -> str:
-    name = ""
-    while traceback is not None:
-        name = traceback.tb_frame.f_globals.get("__name__", "") or ""
-        traceback = traceback.tb_next
-    return name
-
-
-def loader_error(error: BaseException) -> bool:
-    """Whether ``error`` comes from a library deserializing a file (:data:`LOADER_MODULES`):
-    its class is defined there (onnxruntime's ``InvalidProtobuf``, safetensors'
-    ``SafetensorError``) or it was raised in their code (``torch.jit.load``'s ``RuntimeError``),
-    and it is not one of the :data:`PROGRAMMING_ERRORS`."""
-    if not isinstance(error, Exception) or isinstance(error, PROGRAMMING_ERRORS):
-        return False
-    module = type(error).__module__ or ""
-    return _in_module(module, LOADER_MODULES) or _in_module(
-        _innermost_module(error.__traceback__), LOADER_MODULES
-    )
-
-
-def user_error(error: BaseException) -> bool:
-    """Whether ``main`` reports ``error`` as one line and status 2: one of :data:`USER_ERRORS`,
-    an ``OSError`` naming its file, or a :func:`loader_error`."""
-    if isinstance(error, USER_ERRORS):
-        return True
-    if isinstance(error, OSError) and error.filename is not None:
-        return True
-    return loader_error(error)
-
-
 def error_line(command: str, error: BaseException, args: Optional[argparse.Namespace]) -> str:
-    """The one line ``main`` prints for ``error``: ``compiledopt <command>: <message>``, where a
-    loader's error names the input it was reading and its class; control characters escaped."""
-    if isinstance(error, USER_ERRORS) or isinstance(error, OSError):
-        message = _message(error)
-    else:
-        first = (str(error).strip().splitlines() or [""])[0]
-        inputs = [getattr(args, key, None) for key in _INPUTS]
-        source = next((str(value) for value in inputs if isinstance(value, str)), None)
-        where = f"{source}: " if source else ""
-        message = f"{where}cannot be read ({type(error).__name__}: {first})"
-    return printable(f"compiledopt {command}: {message}")
+    """The one line ``main`` prints for ``error``: ``compiledopt <command>: <message>``
+    (:func:`~compiledopt.apps.errors.error_message`, a loader's error naming the command's
+    input), control characters escaped."""
+    inputs = [getattr(args, key, None) for key in _INPUTS]
+    source = next((str(value) for value in inputs if isinstance(value, str)), None)
+    return printable(f"compiledopt {command}: {error_message(error, source)}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,18 +1,24 @@
-"""Argument types shared by the ``compiledopt`` commands.
+"""Argument types and options shared by the ``compiledopt`` commands.
 
 The argparse types (:func:`positive_int`, :func:`random_seed`, :func:`names_of`, ...) refuse a
 bad value with an ``argparse.ArgumentTypeError`` naming it, so argparse prints the option and the
 message and exits with status 2. The checks on paths, which run before a command does any work,
-are in :mod:`compiledopt.apps.paths`.
+are in :mod:`compiledopt.apps.paths`. The options that several commands take are added by one
+function each (:func:`add_trust_options`, :func:`add_artifact_options`).
 """
 
 import argparse
 import json
 import math
-from typing import Callable, List, Optional, Sequence
+import os
+from typing import Callable, List, Optional, Sequence, TypeAlias
 
 __all__ = [
     "SEED_LIMIT",
+    "Commands",
+    "add_artifact_options",
+    "add_trust_options",
+    "backend_list",
     "comma_list",
     "int_list",
     "json_object",
@@ -22,7 +28,11 @@ __all__ = [
     "positive_int",
     "positive_int_up_to",
     "random_seed",
+    "thread_counts",
 ]
+
+#: What ``add_parser(commands)`` of a command module adds its subparser to.
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 #: Seeds are integers in ``[0, SEED_LIMIT)``: task seeds are derived from them by products that
 #: must stay within the 64 bits of a torch generator's seed.
@@ -140,3 +150,84 @@ def int_list(
 
     integers.__name__ = f"{what} list"
     return integers
+
+
+def thread_counts(text: str) -> List[int]:
+    """argparse type: comma-separated positive thread counts, at most the machine's cores."""
+    counts = [positive_int(item) for item in comma_list(text)]
+    if not counts:
+        raise argparse.ArgumentTypeError(f"needs at least one thread count, got {text!r}")
+    cores = os.cpu_count() or 1
+    above = [count for count in counts if count > cores]
+    if above:
+        raise argparse.ArgumentTypeError(
+            f"{above[0]} threads: this machine has {cores} cores (got {text!r})"
+        )
+    return counts
+
+
+def backend_list(text: str, option: str = "--backends") -> List[str]:
+    """The backends of a comma-separated ``option`` (checked against the artifact later), or a
+    ``ValueError`` if it names none."""
+    names = comma_list(text)
+    if not names:
+        raise ValueError(f"{option} {text!r}: needs at least one backend")
+    return names
+
+
+def add_trust_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--trust-code`` and ``--trusted-key`` to a command that loads an artifact (their
+    meaning: :mod:`compiledopt.apps.trust`)."""
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="let the artifact's graphs that are code (TorchScript, AOTInductor) load: only for "
+        "an artifact whose source you trust (ONNX graphs load without it)",
+    )
+    parser.add_argument(
+        "--trusted-key",
+        dest="trusted_keys",
+        action="append",
+        default=None,
+        metavar="PUBLIC_PEM",
+        help="an Ed25519 public key (PEM file, e.g. from `compiledopt keygen`): the artifact "
+        "must be signed by one of the keys given, and its code graphs then load (repeatable)",
+    )
+
+
+def add_artifact_options(
+    parser: argparse.ArgumentParser,
+    backends: Sequence[str],
+    ranks: Sequence[int],
+    lr: Optional[float],
+    ranks_note: str,
+    lr_note: str,
+) -> None:
+    """Add the options on the artifact a command writes: ``--output``, ``--backends`` (default
+    ``backends``), ``--ranks`` (default ``ranks``, the largest allowed), ``--lr`` (default
+    ``lr``; the notes say what the defaults of ``--ranks`` and ``--lr`` are) and
+    ``--overwrite``."""
+    from compiledopt.export import BACKENDS
+
+    default = "all" if list(backends) == list(BACKENDS) else ",".join(backends)
+    parser.add_argument("--output", required=True, help="the artifact directory to create")
+    parser.add_argument(
+        "--backends",
+        type=names_of(BACKENDS, "backend"),
+        default=list(backends),
+        help=f"comma-separated subset of {','.join(BACKENDS)} (default: {default})",
+    )
+    parser.add_argument(
+        "--ranks",
+        type=int_list(non_negative_int, "rank", limit=max(ranks)),
+        default=list(ranks),
+        help=f"parameter ranks to export ONNX/AOTI graphs for, out of 0-{max(ranks)} "
+        f"(default: {ranks_note})",
+    )
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        default=lr,
+        help=f"suggested learning rate recorded in the manifest (default: {lr_note})",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")

@@ -9,36 +9,21 @@ not part of the package: ``python -m benchmarks.step_speed`` in a checkout.
 """
 
 import argparse
-import json
-import os
-from pathlib import Path
 from typing import List, TextIO
 
-from compiledopt.apps.paths import check_output_file
-from compiledopt.cli.arguments import comma_list, positive_int, positive_int_up_to
-from compiledopt.cli.trust import add_trust_options
+from compiledopt.apps.bench import MODELS
+from compiledopt.cli.arguments import (
+    Commands,
+    add_trust_options,
+    comma_list,
+    positive_int_up_to,
+    thread_counts,
+)
 
 __all__ = ["MAX_REPEATS", "MODELS", "add_parser", "run"]
 
 #: The most ``--repeats`` and ``--warmup`` steps (each a full optimizer step of the model).
 MAX_REPEATS = 100_000
-
-#: The built-in models of ``--model`` (:func:`compiledopt.bench.example_model`).
-MODELS = ("mlp", "convnet", "transformer")
-
-
-def _thread_counts(text: str) -> List[int]:
-    """argparse type: comma-separated positive thread counts, at most the machine's cores."""
-    counts = [positive_int(item) for item in comma_list(text)]
-    if not counts:
-        raise argparse.ArgumentTypeError(f"needs at least one thread count, got {text!r}")
-    cores = os.cpu_count() or 1
-    above = [count for count in counts if count > cores]
-    if above:
-        raise argparse.ArgumentTypeError(
-            f"{above[0]} threads: this machine has {cores} cores (got {text!r})"
-        )
-    return counts
 
 
 def _backend_names(text: str) -> List[str]:
@@ -49,9 +34,7 @@ def _backend_names(text: str) -> List[str]:
     return names
 
 
-def add_parser(
-    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
-) -> argparse.ArgumentParser:
+def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``bench`` subparser."""
     parser = commands.add_parser(
         "bench",
@@ -79,7 +62,7 @@ def add_parser(
     )
     parser.add_argument(
         "--threads",
-        type=_thread_counts,
+        type=thread_counts,
         default=None,
         help="comma-separated thread counts (default: 1 and all cores)",
     )
@@ -95,13 +78,6 @@ def add_parser(
         default=3,
         help=f"warm-up steps before timing, at most {MAX_REPEATS:,} (default: 3)",
     )
-    _add_output_options(parser)
-    add_trust_options(parser)
-    return parser
-
-
-def _add_output_options(parser: argparse.ArgumentParser) -> None:
-    """The ``bench`` options that write the result to files: ``--json`` and ``--plot``."""
     parser.add_argument(
         "--json",
         metavar="PATH",
@@ -115,62 +91,27 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
         help="write a bar chart of step times to PATH (PNG; needs matplotlib: "
         "compiledopt[bench]) (default: no file is written)",
     )
+    add_trust_options(parser)
+    return parser
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    """The ``bench`` command: check the optional packages, benchmark, print the table, write
-    ``--json`` and ``--plot``. A missing package or an artifact that does not load raises (the
-    ``compiledopt`` command prints one line and exits 2)."""
-    if args.plot:
-        from compiledopt.apps.requirements import require
+    """The ``bench`` command: :func:`compiledopt.apps.bench.run_bench` with the command's
+    options. A missing package or an artifact that does not load raises (the ``compiledopt``
+    command prints one line and exits 2)."""
+    from compiledopt.apps.bench import run_bench
 
-        require("matplotlib", "bench")
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None:
-            check_output_file(path, option)  # before minutes of timing
-    from compiledopt import bench
-    from compiledopt.apps.backends import check_loadable
-    from compiledopt.cli.trust import open_trusted
-
-    artifact = open_trusted(args)
-    check_loadable(artifact, args.backends or (), "--backends")
-    result = bench.benchmark(
-        artifact,
-        bench.example_model(args.model),
+    run_bench(
+        args.artifact,
+        args.model,
         backends=args.backends,
         threads=args.threads,
         repeats=args.repeats,
         warmup=args.warmup,
+        json_path=args.json,
+        plot_path=args.plot,
+        trust_code=args.trust_code,
+        trusted_keys=args.trusted_keys,
+        out=out,
     )
-    print(f"compiledopt bench: {args.model} model", file=out)
-    print(result, file=out)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-        print(f"wrote {args.json}", file=out)
-    if args.plot:
-        _plot(result, args.model, Path(args.plot))
-        print(f"wrote {args.plot}", file=out)
     return 0
-
-
-def _plot(result, model: str, path: Path) -> None:
-    """Step time per backend (bars), one group per thread count, log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(dict.fromkeys(row.backend for row in result.rows))
-    counts = list(result.ceilings)
-    width = 0.8 / max(1, len(counts))
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 4))
-    for i, count in enumerate(counts):
-        times = {r.backend: r.step_ms for r in result.rows if r.threads == count}
-        xs = [j + i * width for j in range(len(names))]
-        ax.bar(xs, [times.get(n, 0.0) for n in names], width, label=f"{count} thread(s)")
-    ax.set_xticks([j + width * (len(counts) - 1) / 2 for j in range(len(names))], names)
-    ax.set(yscale="log", ylabel="step (ms, median)", title=f"{result.rule} on {model}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -6,13 +6,8 @@ import time
 from typing import TextIO
 
 from compiledopt.apps.paths import check_output_directory
-from compiledopt.cli.arguments import (
-    int_list,
-    json_object,
-    names_of,
-    non_negative_int,
-    positive_float,
-)
+from compiledopt.cli.arguments import Commands, add_artifact_options, json_object
+from compiledopt.cli.text import wrote_artifact
 
 __all__ = ["LAYOUTS", "add_parser", "run"]
 
@@ -21,9 +16,7 @@ __all__ = ["LAYOUTS", "add_parser", "run"]
 LAYOUTS = ("auto", "Celo2MLP", "CELO2MLP")
 
 
-def add_parser(
-    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
-) -> argparse.ArgumentParser:
+def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``convert`` subparser."""
     parser = commands.add_parser(
         "convert",
@@ -38,7 +31,6 @@ def add_parser(
         help="a .pt/.pth/.bin file (read with weights_only), a .safetensors file, or a folder "
         "as the Hugging Face Hub stores a model (model.safetensors, config.json)",
     )
-    parser.add_argument("--output", required=True, help="the artifact directory to create")
     parser.add_argument(
         "--layout",
         choices=LAYOUTS,
@@ -67,34 +59,15 @@ def add_parser(
         help='the rule of each parameter role, e.g. \'{"embedding": "adam"}\' (default: '
         "the layout's PyLO optimizer's)",
     )
-    _add_artifact_options(parser)
+    add_artifact_options(
+        parser,
+        ["torchscript", "onnx"],
+        [0, 1, 2],
+        1e-3,
+        "all three; TorchScript serves every rank",
+        "1e-3",
+    )
     return parser
-
-
-def _add_artifact_options(parser: argparse.ArgumentParser) -> None:
-    """The ``convert`` options on the artifact written: backends, ranks, lr, overwrite."""
-    from compiledopt.export import BACKENDS
-
-    parser.add_argument(
-        "--backends",
-        type=names_of(BACKENDS, "backend"),
-        default=["torchscript", "onnx"],
-        help=f"comma-separated subset of {','.join(BACKENDS)} (default: torchscript,onnx)",
-    )
-    parser.add_argument(
-        "--ranks",
-        type=int_list(non_negative_int, "rank", limit=2),
-        default=[0, 1, 2],
-        help="parameter ranks to export ONNX/AOTI graphs for, out of 0-2 (default: all three; "
-        "TorchScript serves every rank)",
-    )
-    parser.add_argument(
-        "--lr",
-        type=positive_float,
-        default=1e-3,
-        help="suggested learning rate recorded in the manifest (default: 1e-3)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
@@ -118,6 +91,5 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         lr=args.lr,
         overwrite=args.overwrite,
     )
-    seconds = time.perf_counter() - start
-    print(f"wrote {path} ({', '.join(args.backends)}) in {seconds:.1f} s", file=out)
+    print(wrote_artifact(path, args.backends, time.perf_counter() - start), file=out)
     return 0

@@ -11,14 +11,12 @@ from typing import TextIO
 
 from compiledopt.apps.paths import check_work_directory, default_output
 from compiledopt.apps.pipeline import run_pipeline
-from compiledopt.cli.arguments import comma_list, positive_int, random_seed
+from compiledopt.cli.arguments import Commands, backend_list, positive_int, random_seed
 
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(
-    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
-) -> argparse.ArgumentParser:
+def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``demo`` subparser."""
     from compiledopt.export import BACKENDS
 
@@ -51,9 +49,7 @@ def add_parser(
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``demo`` command: :func:`run_pipeline` with the command's options (checked first)."""
-    backends = comma_list(args.backends)
-    if not backends:
-        raise ValueError(f"--backends {args.backends!r}: needs at least one backend")
+    backends = backend_list(args.backends)
     if args.workdir is None:
         workdir = str(default_output("demo", "--workdir"))
     else:

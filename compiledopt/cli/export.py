@@ -6,20 +6,13 @@ from typing import TextIO
 
 from compiledopt.apps.export import RANKS
 from compiledopt.apps.paths import check_output_directory
-from compiledopt.cli.arguments import (
-    int_list,
-    json_object,
-    names_of,
-    non_negative_int,
-    positive_float,
-)
+from compiledopt.cli.arguments import Commands, add_artifact_options, json_object
+from compiledopt.cli.text import wrote_artifact
 
 __all__ = ["RANKS", "add_parser", "run"]
 
 
-def add_parser(
-    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
-) -> argparse.ArgumentParser:
+def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``export`` subparser."""
     from compiledopt.export import BACKENDS
 
@@ -30,26 +23,7 @@ def add_parser(
         "self-describing artifact directory with one graph per backend.",
     )
     parser.add_argument("checkpoint", help="a checkpoint written by `compiledopt train`")
-    parser.add_argument("--output", required=True, help="the artifact directory to create")
-    parser.add_argument(
-        "--backends",
-        type=names_of(BACKENDS, "backend"),
-        default=list(BACKENDS),
-        help=f"comma-separated subset of {','.join(BACKENDS)} (default: all)",
-    )
-    parser.add_argument(
-        "--ranks",
-        type=int_list(non_negative_int, "rank", limit=max(RANKS)),
-        default=list(RANKS),
-        help="parameter ranks to export ONNX/AOTI graphs for, out of 0-5 (default: all)",
-    )
-    parser.add_argument(
-        "--lr",
-        type=positive_float,
-        default=None,
-        help="suggested learning rate recorded in the manifest "
-        "(default: the checkpoint's inner lr)",
-    )
+    add_artifact_options(parser, BACKENDS, RANKS, None, "all", "the checkpoint's inner lr")
     parser.add_argument(
         "--training",
         type=json_object,
@@ -59,7 +33,6 @@ def add_parser(
         "checkpoint's metadata['training'] (task_family, estimator, meta_steps, wall_time_s, "
         "cpu_count, seed, config, schedule…)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument(
         "--sign-key",
         default=None,
@@ -76,28 +49,25 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     the block's ``lr`` is the manifest's (``--lr``, else the block's, else the inner lr).
     Everything is checked (the output folder, the signing key, the checkpoint, its weights)
     before the export; with ``--sign-key`` the artifact is signed once written."""
-    check_output_directory(args.output, "--output", args.overwrite)
-    sign_key = getattr(args, "sign_key", None)
-    if sign_key is not None:
-        from compiledopt.cli.trust import check_private_key
-
-        check_private_key(sign_key, "--sign-key")
     from compiledopt.apps.export import export_checkpoint
+    from compiledopt.apps.trust import check_private_key
 
-    backends = list(args.backends)
+    check_output_directory(args.output, "--output", args.overwrite)
+    if args.sign_key is not None:
+        check_private_key(args.sign_key, "--sign-key")
     start = time.perf_counter()
     path = export_checkpoint(
         args.checkpoint,
         args.output,
-        backends,
+        args.backends,
         ranks=args.ranks,
         lr=args.lr,
         training=args.training,
         overwrite=args.overwrite,
     )
-    print(f"wrote {path} ({', '.join(backends)}) in {time.perf_counter() - start:.1f} s", file=out)
-    if sign_key is not None:
+    print(wrote_artifact(path, args.backends, time.perf_counter() - start), file=out)
+    if args.sign_key is not None:
         from compiledopt.export import signing
 
-        print(f"signed it with key {signing.sign_artifact(path, sign_key)}", file=out)
+        print(f"signed it with key {signing.sign_artifact(path, args.sign_key)}", file=out)
     return 0

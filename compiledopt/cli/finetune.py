@@ -11,15 +11,20 @@ from typing import TextIO
 
 from compiledopt.apps.finetune import run_finetune
 from compiledopt.apps.requirements import require
-from compiledopt.cli.arguments import comma_list, positive_float, positive_int, random_seed
-from compiledopt.cli.trust import add_trust_options, open_trusted
+from compiledopt.apps.trust import open_trusted
+from compiledopt.cli.arguments import (
+    Commands,
+    add_trust_options,
+    backend_list,
+    positive_float,
+    positive_int,
+    random_seed,
+)
 
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(
-    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
-) -> argparse.ArgumentParser:
+def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``finetune`` subparser."""
     parser = commands.add_parser(
         "finetune",
@@ -49,11 +54,8 @@ def add_parser(
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``finetune`` command: :func:`run_finetune` with the command's options."""
-    backends = comma_list(args.backends) if args.backends is not None else None
-    if backends is not None and not backends:
-        raise ValueError(f"--backends {args.backends!r}: needs at least one backend")
+    backends = backend_list(args.backends) if args.backends is not None else None
     require("sklearn", "tasks")  # before the artifact is loaded
-    run_finetune(
-        open_trusted(args), args.steps, backends=backends, lr=args.lr, seed=args.seed, out=out
-    )
+    artifact = open_trusted(args.artifact, args.trust_code, args.trusted_keys)
+    run_finetune(artifact, args.steps, backends=backends, lr=args.lr, seed=args.seed, out=out)
     return 0

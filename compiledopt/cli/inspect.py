@@ -5,15 +5,14 @@ import argparse
 import json
 from typing import Any, TextIO
 
+from compiledopt.apps.trust import restore_interrupted
+from compiledopt.cli.arguments import Commands
 from compiledopt.cli.text import printable
-from compiledopt.cli.trust import restore_interrupted
 
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(
-    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
-) -> argparse.ArgumentParser:
+def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``inspect`` subparser."""
     parser = commands.add_parser(
         "inspect",

@@ -1,18 +1,15 @@
 """The ``compiledopt keygen`` command: a new Ed25519 key pair for signing artifacts."""
 
 import argparse
-import os
 from typing import TextIO
 
-from compiledopt.apps.paths import check_output_file
-from compiledopt.apps.requirements import require
+from compiledopt.apps.trust import generate_keys
+from compiledopt.cli.arguments import Commands
 
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(
-    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
-) -> argparse.ArgumentParser:
+def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``keygen`` subparser."""
     parser = commands.add_parser(
         "keygen",
@@ -28,17 +25,9 @@ def add_parser(
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    """The ``keygen`` command: check both paths (neither may exist), then write the pair."""
-    check_output_file(args.private, "--private", exists_ok=False)
-    check_output_file(args.public, "--public", exists_ok=False)
-    if os.path.abspath(args.private) == os.path.abspath(args.public):
-        raise ValueError(f"--public {args.public}: the same file as --private")
-    require("cryptography", "signing")
-    from compiledopt.export import signing
-
-    for path in (args.private, args.public):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    key = signing.generate_keypair(args.private, args.public)
+    """The ``keygen`` command: check both paths (neither may exist), then write the pair
+    (:func:`compiledopt.apps.trust.generate_keys`)."""
+    key = generate_keys(args.private, args.public)
     print(f"wrote {args.private} (private: keep it secret) and {args.public}", file=out)
     print(f"key fingerprint {key}", file=out)
     return 0

@@ -11,7 +11,7 @@ import sys
 from typing import TextIO
 
 from compiledopt.apps.meta_descent import DEFAULT_STEPS, TRANSFORMS, run_demo
-from compiledopt.cli.arguments import positive_int_up_to, random_seed
+from compiledopt.cli.arguments import Commands, positive_int_up_to, random_seed
 
 __all__ = ["MAX_STEPS", "add_parser", "run"]
 
@@ -19,9 +19,7 @@ __all__ = ["MAX_STEPS", "add_parser", "run"]
 MAX_STEPS = 1_000_000
 
 
-def add_parser(
-    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
-) -> argparse.ArgumentParser:
+def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``meta-descent`` subparser."""
     parser = commands.add_parser(
         "meta-descent",

@@ -1,18 +1,15 @@
 """The ``compiledopt sign`` command: sign an artifact with an Ed25519 private key."""
 
 import argparse
-import os
 from typing import TextIO
 
-from compiledopt.apps.paths import check_work_directory
-from compiledopt.cli.trust import check_private_key, restore_interrupted
+from compiledopt.apps.trust import sign
+from compiledopt.cli.arguments import Commands
 
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(
-    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
-) -> argparse.ArgumentParser:
+def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``sign`` subparser."""
     parser = commands.add_parser(
         "sign",
@@ -28,17 +25,8 @@ def add_parser(
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    """The ``sign`` command: the key, then the artifact: its manifest read once, every file's
-    checksum checked against those bytes, and those same bytes signed
-    (:func:`compiledopt.export.signing.sign_artifact`), so a file changed since the export, or
-    while signing, is never signed."""
-    from compiledopt.export import signing
-
-    restore_interrupted(args.artifact)
-    if not os.path.isdir(args.artifact):
-        raise NotADirectoryError(f"{args.artifact}: not an artifact directory")
-    check_private_key(args.key, "--key")
-    check_work_directory(args.artifact, "artifact")
-    key = signing.sign_artifact(args.artifact, args.key)
+    """The ``sign`` command: the key checked, then the artifact's files, and the very bytes
+    checked signed (:func:`compiledopt.apps.trust.sign`)."""
+    key = sign(args.artifact, args.key, "--key")
     print(f"signed {args.artifact} with key {key} (signature.json)", file=out)
     return 0

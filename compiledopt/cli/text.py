@@ -7,11 +7,12 @@ right-to-left override reorders what follows, so an artifact could print a fake 
 valid" line. :func:`printable` is the one place that turns such characters into visible
 escapes; every command prints strings that come from an artifact (or from an error message that
 may quote one) through it, and :class:`PrintableWriter` applies it to a whole output stream.
+The lines that several commands print are written by one function each (:func:`wrote_artifact`).
 """
 
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
-__all__ = ["PrintableWriter", "is_unsafe", "printable"]
+__all__ = ["PrintableWriter", "is_unsafe", "printable", "wrote_artifact"]
 
 #: Unicode "format" characters that change how the text around them is displayed: the bidi
 #: embeddings, overrides and isolates, the directional marks, and the line/paragraph separators.
@@ -73,3 +74,8 @@ class PrintableWriter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
+
+
+def wrote_artifact(path: Any, backends: Sequence[str], seconds: float) -> str:
+    """The line of a command that wrote an artifact: ``wrote PATH (BACKEND, ...) in S s``."""
+    return f"wrote {path} ({', '.join(backends)}) in {seconds:.1f} s"

@@ -10,7 +10,8 @@ from typing import List, Optional, TextIO, Tuple
 
 from compiledopt.apps.train import meta_train
 from compiledopt.apps.train_settings import ESTIMATORS
-from compiledopt.cli.arguments import comma_list, json_object
+from compiledopt.cli.arguments import Commands, comma_list, json_object
+from compiledopt.cli.text import wrote_artifact
 from compiledopt.cli.train_settings import TYPES, routes_option, settings
 
 __all__ = ["add_parser", "run"]
@@ -23,9 +24,7 @@ def _number(parser: argparse.ArgumentParser, name: str, help_text: Optional[str]
     )
 
 
-def add_parser(
-    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
-) -> argparse.ArgumentParser:
+def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``train`` subparser."""
     from compiledopt.learned.catalog import LEARNED
     from compiledopt.tasks import FAMILIES
@@ -137,7 +136,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     and print a summary (:func:`compiledopt.apps.train.meta_train`)."""
     result = meta_train(settings(args))
     if result.artifact is not None:
-        backends = ", ".join(result.settings.export_backends)
-        print(f"wrote {result.artifact} ({backends}) in {result.export_seconds:.1f} s", file=out)
+        backends = result.settings.export_backends
+        print(wrote_artifact(result.artifact, backends, result.export_seconds), file=out)
     _print_summary(result.summary(), result.evaluations, out)
     return 0

@@ -4,8 +4,13 @@ import argparse
 import math
 from typing import TextIO
 
-from compiledopt.cli.arguments import positive_float, positive_int_up_to, random_seed
-from compiledopt.cli.trust import add_trust_options
+from compiledopt.cli.arguments import (
+    Commands,
+    add_trust_options,
+    positive_float,
+    positive_int_up_to,
+    random_seed,
+)
 
 __all__ = ["MAX_STEPS", "add_parser", "run"]
 
@@ -14,9 +19,7 @@ __all__ = ["MAX_STEPS", "add_parser", "run"]
 MAX_STEPS = 100_000
 
 
-def add_parser(
-    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
-) -> argparse.ArgumentParser:
+def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``verify`` subparser."""
     parser = commands.add_parser(
         "verify",
@@ -51,10 +54,10 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     artifact of which no backend could run fails (exit 1): nothing was verified. A backend
     whose directions (or the reference's) are not finite fails whatever the tolerance; a bound
     artifact too large to replay is refused before anything is allocated."""
-    from compiledopt.cli.trust import open_trusted
+    from compiledopt.apps.trust import open_trusted
     from compiledopt.export.verify import check_probe_size, verify_artifact
 
-    artifact = open_trusted(args)
+    artifact = open_trusted(args.artifact, args.trust_code, args.trusted_keys)
     check_probe_size(artifact)
     skipped = [b for b in artifact.backends if not artifact.may_load(b)]
     errors = verify_artifact(artifact, steps=args.steps, seed=args.seed)

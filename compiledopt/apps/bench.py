@@ -1,0 +1,93 @@
+"""Timing an artifact's optimizer step per backend on a built-in model, against AdamW: what
+``compiledopt bench`` runs (:func:`compiledopt.bench.benchmark`), its table printed and its
+result written, as asked, as JSON and as a bar chart (which needs matplotlib, the ``bench``
+extra). Everything (matplotlib, the output paths, the artifact and its backends) is checked
+before the minutes of timing."""
+
+import json
+from pathlib import Path
+from typing import IO, Any, List, Optional, Sequence
+
+from compiledopt.apps.backends import check_loadable
+from compiledopt.apps.paths import check_output_file
+from compiledopt.apps.requirements import require
+from compiledopt.apps.trust import open_trusted
+
+__all__ = ["MODELS", "check_outputs", "plot", "run_bench"]
+
+#: The built-in models (:func:`compiledopt.bench.example_model`).
+MODELS = ("mlp", "convnet", "transformer")
+
+
+def check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
+    """Refuse, before any work, a plot without matplotlib or an output file that cannot be
+    written (named by its option, ``--json`` or ``--plot``)."""
+    if plot_path:
+        require("matplotlib", "bench")
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None:
+            check_output_file(path, option)
+
+
+def run_bench(
+    artifact: str,
+    model: str = "mlp",
+    backends: Optional[Sequence[str]] = None,
+    threads: Optional[List[int]] = None,
+    repeats: int = 20,
+    warmup: int = 3,
+    json_path: Optional[str] = None,
+    plot_path: Optional[str] = None,
+    trust_code: bool = False,
+    trusted_keys: Optional[Sequence[str]] = None,
+    out: Optional[IO[str]] = None,
+) -> Any:
+    """Benchmark ``artifact`` (a directory or a packaged name, opened with the trust given:
+    :func:`~compiledopt.apps.trust.open_trusted`) on the built-in ``model``
+    (:func:`compiledopt.bench.benchmark`), print its table to ``out`` and write ``json_path``
+    and ``plot_path`` when given; returns the :class:`~compiledopt.bench.BenchResult`."""
+    from compiledopt import bench
+
+    check_outputs(json_path, plot_path)
+    opened = open_trusted(artifact, trust_code, trusted_keys)
+    check_loadable(opened, backends or (), "--backends")
+    result = bench.benchmark(
+        opened,
+        bench.example_model(model),
+        backends=None if backends is None else list(backends),
+        threads=threads,
+        repeats=repeats,
+        warmup=warmup,
+    )
+    print(f"compiledopt bench: {model} model", file=out)
+    print(result, file=out)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        print(f"wrote {json_path}", file=out)
+    if plot_path:
+        plot(result, model, Path(plot_path))
+        print(f"wrote {plot_path}", file=out)
+    return result
+
+
+def plot(result: Any, model: str, path: Path) -> None:
+    """Step time per backend (bars), one group per thread count, log scale, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(row.backend for row in result.rows))
+    counts = list(result.ceilings)
+    width = 0.8 / max(1, len(counts))
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 4))
+    for i, count in enumerate(counts):
+        times = {r.backend: r.step_ms for r in result.rows if r.threads == count}
+        xs = [j + i * width for j in range(len(names))]
+        ax.bar(xs, [times.get(n, 0.0) for n in names], width, label=f"{count} thread(s)")
+    ax.set_xticks([j + width * (len(counts) - 1) / 2 for j in range(len(names))], names)
+    ax.set(yscale="log", ylabel="step (ms, median)", title=f"{result.rule} on {model}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
