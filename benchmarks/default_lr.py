@@ -29,7 +29,7 @@ def main(argv: List[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from compiledopt.learned.catalog import build_transform
-    from compiledopt.meta.es import ESConfig, ESTrainer
+    from compiledopt.meta import MetaConfig, MetaLoop
     from compiledopt.meta.launch import make_family
 
     torch.set_num_threads(1)
@@ -47,8 +47,8 @@ def main(argv: List[str] | None = None) -> int:
     for lr in lrs:
         losses = {}
         for steps in horizons:
-            config = ESConfig(eval_tasks=args.tasks, eval_steps=steps, inner_lr=lr)
-            losses[steps] = ESTrainer(transform, family, config).evaluate()["final_loss"]
+            config = MetaConfig("pes", eval_tasks=args.tasks, eval_steps=steps, inner_lr=lr)
+            losses[steps] = MetaLoop(transform, family, config).evaluate()["final_loss"]
             print(f"lr {lr:g}, {steps} steps: mean final loss {losses[steps]:.4f}", flush=True)
         table[lr] = losses
     best = min(lrs, key=lambda lr: statistics.mean(table[lr].values()))

@@ -33,17 +33,21 @@ def curve(checkpoint: str) -> Dict[str, Any]:
     """The checkpoint's history as plain lists (tensors never unpickled: ``weights_only``)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     history = state["history"]
-    es = state.get("trainer") == "es"
-    key = "objective" if es else "meta_loss"
-    steps = [int(r["step" if es else "meta_step"]) for r in history]
+    estimator = state.get("estimator") or state["config"].get("estimator", "tbptt")
+    es = estimator != "tbptt"
+    # Format 1 checkpoints (two trainers) named the step and the loss differently.
+    legacy = state.get("format") == 1
+    step_key = "meta_step" if legacy and not es else "step"
+    key = ("objective" if es else "meta_loss") if legacy else "loss"
+    steps = [int(r[step_key]) for r in history]
     values = [float(r[key]) for r in history]
     evaluations = [
-        {"step": int(r["step" if es else "meta_step"]), "final_loss": float(r["final_loss"])}
+        {"step": int(r[step_key]), "final_loss": float(r["final_loss"])}
         for r in state["evaluations"]
     ]
     return {
         "checkpoint": checkpoint,
-        "estimator": state["config"].get("estimator", "tbptt"),
+        "estimator": estimator,
         "objective": "mean log loss over a truncation" if es else "mean training loss",
         "config": state["config"],
         "training": (state.get("metadata") or {}).get("training"),

@@ -4,21 +4,19 @@ import torch
 import torch.distributed as dist
 from models import ScalarScale
 
-from compiledopt.meta import MetaTrainConfig, MetaTrainer
+from compiledopt.meta import MetaConfig, MetaLoop
 from compiledopt.tasks import RegressionFamily
 
-CONFIG = dict(
-    meta_steps=3, unroll_length=3, horizon=6, tasks_per_step=4, meta_lr=0.05, eval_every=0
-)
+CONFIG = dict(meta_steps=3, unroll=3, horizon=6, tasks_per_step=4, meta_lr=0.05, eval_every=0)
 
 
 def train(world: int, rank: int = 0) -> torch.Tensor:
     transform = ScalarScale(log_scale=-2.0, dtype=torch.float32)
-    if rank == 1:  # different start on purpose: the trainer must broadcast rank 0's weights
+    if rank == 1:  # different start on purpose: the loop must broadcast rank 0's weights
         with torch.no_grad():
             transform.log_scale.fill_(5.0)
-    trainer = MetaTrainer(transform, RegressionFamily(seed=3), MetaTrainConfig(**CONFIG))
-    trainer.train(progress=False)
+    loop = MetaLoop(transform, RegressionFamily(seed=3), MetaConfig(**CONFIG))
+    loop.train(progress=False)
     return transform.log_scale.detach().clone()
 
 

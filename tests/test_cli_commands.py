@@ -241,12 +241,12 @@ class _StoppedError(Exception):
 
 @pytest.fixture
 def stop_at_meta_training(monkeypatch):
-    from compiledopt.meta.es import ESTrainer
+    from compiledopt.meta import MetaLoop
 
     def stop(*args, **kwargs):
         raise _StoppedError
 
-    monkeypatch.setattr(ESTrainer, "train", stop)
+    monkeypatch.setattr(MetaLoop, "train", stop)
 
 
 def test_demo_writes_under_compiledopt_home_never_in_the_cwd(

@@ -132,15 +132,13 @@ def no_long_work(monkeypatch, tmp_path):
     import compiledopt.export
     import compiledopt.export.verify
     import compiledopt.meta.launch
-    from compiledopt.meta import MetaTrainer
-    from compiledopt.meta.es import ESTrainer
+    from compiledopt.meta import MetaLoop
 
     def refuse(*args, **kwargs):
         pytest.fail("a bad invocation started its long work before refusing")
 
-    monkeypatch.setattr(MetaTrainer, "train", refuse)
-    monkeypatch.setattr(ESTrainer, "train", refuse)
-    monkeypatch.setattr(compiledopt.meta.launch, "run_es", refuse)
+    monkeypatch.setattr(MetaLoop, "train", refuse)
+    monkeypatch.setattr(compiledopt.meta.launch, "run_meta", refuse)
     monkeypatch.setattr(compiledopt.export, "export_shape_agnostic", refuse)
     monkeypatch.setattr(compiledopt.export.verify, "verify_artifact", refuse)
     monkeypatch.setattr(compiledopt.apps.finetune, "pretrain", refuse)
@@ -174,7 +172,7 @@ CASES = [
     ("train-unknown-device", ["train", *TINY, "--device", "nope"], False, "--device 'nope'"),
     ("train-absent-device", ["train", *TINY, "--device", "cuda:99"], False, "--device cuda:99"),
     ("train-es-option-tbptt", ["train", *TINY, "--pairs", "2"], False, "--pairs 2"),
-    ("train-processes-tbptt", ["train", *TINY, "--processes", "2"], False, "--processes 2"),
+    ("train-zero-processes", ["train", *TINY, "--processes", "0"], True, "--processes"),
     ("train-bad-transform-kwargs", ["train", *TINY, "--transform-kwargs", '{"x": 1}'], False, "x"),
     ("train-kwargs-not-object", ["train", *TINY, "--family-kwargs", "[1]"], True, "[1]"),
     ("train-kwargs-not-json", ["train", *TINY, "--transform-kwargs", "{no"], True, "{no"),

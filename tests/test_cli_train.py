@@ -191,8 +191,16 @@ def test_es_resume_refuses_a_changed_setting_before_any_work(tmp_path, capsys):
     assert cli.main(["train", "--meta-steps", "2", "--sigma", "0.5", "--resume", *base]) == 2
     err = capsys.readouterr().err
     assert "--resume: sigma is 0.01 in the checkpoint, 0.5 now" in err
-    assert "--allow-changes" not in err  # evolution strategies cannot change it on resume
+    assert "(pass --allow-changes sigma to change them deliberately)" in err
     assert path.read_bytes() == saved
+    allowed = ["--sigma", "0.5", "--allow-changes", "sigma", "--resume", *base]
+    _train(["--meta-steps", "2", *allowed])  # every estimator resumes with a change asked for
+    state = torch.load(path, weights_only=True)
+    assert (state["meta_step"], state["config"]["sigma"]) == (2, 0.5)
+    assert [(c["meta_step"], c["setting"]) for c in state["metadata"]["config_changes"]] == [
+        (1, "meta_steps"),
+        (1, "sigma"),
+    ]
     kwargs = ["--transform-kwargs", '{"hidden_sizes": [8]}']
     assert cli.main(["train", "--meta-steps", "2", "--resume", *base, *kwargs]) == 2
     assert "transform_kwargs is" in capsys.readouterr().err
@@ -219,8 +227,8 @@ def test_meta_train_trains_what_the_command_trains(tmp_path):
     cli_state = torch.load(tmp_path / "cli.pt", weights_only=True)
     app_state = torch.load(tmp_path / "app.pt", weights_only=True)
     assert torch.equal(cli_state["transform"]["log_lr"], app_state["transform"]["log_lr"])
-    assert [r["meta_loss"] for r in cli_state["history"]] == result.history
-    assert [step for step, _ in result.evaluations] == [2]
+    assert [r["loss"] for r in cli_state["history"]] == result.history
+    assert [step for step, _ in result.evaluations] == [0, 2]  # before training and after
     assert dict(result.summary())["checkpoint"] == str(tmp_path / "app.pt")
 
 
@@ -233,10 +241,9 @@ def test_meta_train_refuses_a_setting_the_estimator_ignores(tmp_path):
     assert not (tmp_path / "run.pt").exists()
 
 
-def test_both_trainers_read_the_one_table_of_resumable_settings():
-    from compiledopt.meta import es, trainer
+def test_the_loop_reads_the_one_table_of_resumable_settings():
+    from compiledopt.meta import loop
     from compiledopt.meta.resume import RESUMABLE_CHANGES
 
     assert RESUMABLE_CHANGES == ("meta_steps", "eval_every", "checkpoint_every")
-    assert trainer.RESUMABLE_CHANGES == ("meta_steps", "eval_every", "checkpoint_every")
-    assert es.RESUMABLE_CHANGES == ("outer_steps", "eval_every", "checkpoint_every")
+    assert loop.RESUMABLE_CHANGES is RESUMABLE_CHANGES

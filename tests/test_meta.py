@@ -1,4 +1,5 @@
-"""Meta-training: exact meta-gradients, exact resume, non-finite handling, distributed parity."""
+"""Meta-training by truncated back-propagation: exact meta-gradients, exact resume, non-finite
+handling, distributed parity."""
 
 import math
 import os
@@ -9,16 +10,16 @@ from models import ScalarScale
 from torch import nn
 
 import compiledopt as co
-from compiledopt.meta import MetaTrainConfig, MetaTrainer
+from compiledopt.meta import MetaConfig, MetaLoop
 from compiledopt.tasks import FAMILIES, RegressionFamily, get_family
 
-SMALL = dict(unroll_length=3, horizon=6, tasks_per_step=2, meta_lr=0.05, eval_every=0)
+SMALL = dict(unroll=3, horizon=6, tasks_per_step=2, meta_lr=0.05, eval_every=0)
 
 
 def _trainer(steps=4, log_scale=-2.0, **overrides):
-    config = MetaTrainConfig(meta_steps=steps, **{**SMALL, **overrides})
+    config = MetaConfig(meta_steps=steps, **{**SMALL, **overrides})
     transform = ScalarScale(log_scale=log_scale, dtype=torch.float32)
-    return MetaTrainer(transform, RegressionFamily(seed=1), config), transform
+    return MetaLoop(transform, RegressionFamily(seed=1), config), transform
 
 
 def _reference(log_scale: float):
@@ -30,8 +31,8 @@ def _reference(log_scale: float):
     scale = math.exp(log_scale)
     total_loss = total_grad = 0.0
     for slot in fresh.slots:
-        fresh._renew(slot)
-        task, params = slot.task, slot.params
+        task = fresh.family.sample(slot.slot_id, "train")  # each slot's first task
+        params = task.init_params()
         past = {n: torch.zeros_like(v) for n, v in params.items()}
         losses, derivatives = [], []
         for k in range(4):
@@ -50,10 +51,10 @@ def _reference(log_scale: float):
 
 
 def _first_meta_gradient(second_order: bool, log_scale: float = -2.0) -> float:
-    trainer, transform = _trainer(log_scale=log_scale, second_order=second_order)
-    trainer.meta_optimizer.zero_grad()
-    for slot in trainer.slots:
-        trainer._unroll(slot)
+    loop, transform = _trainer(log_scale=log_scale, second_order=second_order)
+    estimate = loop.estimate()
+    assert estimate.tasks == len(loop.slots) and estimate.skipped == 0
+    assert torch.equal(transform.log_scale, torch.tensor(-2.0))  # estimating does not step
     return transform.log_scale.grad.item()
 
 
@@ -98,12 +99,12 @@ def test_exact_resume(tmp_path):
 def test_checkpoint_refuses_a_different_run(tmp_path):
     trainer, _ = _trainer(steps=1)
     trainer.train(checkpoint=str(tmp_path / "run.pt"), progress=False)
-    other = MetaTrainer(
+    other = MetaLoop(
         ScalarScale(dtype=torch.float32),
         RegressionFamily(seed=2),
-        MetaTrainConfig(meta_steps=2, **SMALL),
+        MetaConfig(meta_steps=2, **SMALL),
     )
-    with pytest.raises(ValueError, match="trained on"):
+    with pytest.raises(ValueError, match=r"checkpoint family .* differs"):
         other.load(str(tmp_path / "run.pt"))
     state = torch.load(tmp_path / "run.pt", weights_only=True)
     state["format"] = 99
@@ -116,24 +117,25 @@ def test_non_finite_meta_loss_is_skipped_and_counted():
     result = trainer.train(progress=False)
     assert result.skipped_tasks == 4
     assert transform.log_scale.item() == 200.0  # never touched by a non-finite value
-    assert all(math.isnan(record["meta_loss"]) for record in result.history)
+    assert all(math.isnan(record["loss"]) for record in result.history)
+    assert [record["applied"] for record in result.history] == [0.0, 0.0]
 
 
 def test_shape_bound_transforms_are_refused():
     family = RegressionFamily()
     with pytest.raises(TypeError, match="KroneckerTransform"):
-        MetaTrainer(co.optim.KroneckerTransform(co.nn.KroneckerLinear), family)
+        MetaLoop(co.optim.KroneckerTransform(co.nn.KroneckerLinear), family)
     with pytest.raises(ValueError, match="MetaCurvatureTransform is bound to one parameter shape"):
-        MetaTrainer(co.optim.MetaCurvatureTransform(torch.zeros(3)), family)
+        MetaLoop(co.optim.MetaCurvatureTransform(torch.zeros(3)), family)
     with pytest.raises(TypeError, match="TaskFamily"):
-        MetaTrainer(ScalarScale(), "regression")
+        MetaLoop(ScalarScale(), "regression")
 
 
 @pytest.mark.parametrize(
     "field, value",
     [
         ("meta_steps", 0),
-        ("unroll_length", -1),
+        ("unroll", -1),
         ("inner_lr", math.nan),
         ("clip_norm", 0.0),
         ("horizon", 7),
@@ -143,18 +145,18 @@ def test_shape_bound_transforms_are_refused():
 )
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=f"Invalid {field}: {value}"):
-        MetaTrainConfig(**{field: value}).validate()
+        MetaConfig(**{field: value}).validate()
 
 
 def test_task_parameter_without_gradient():
-    trainer, _ = _trainer(steps=1)
-    slot = trainer.slots[0]
-    trainer._renew(slot)
+    loop, _ = _trainer(steps=1)
+    slot = loop.slots[0]
+    loop.estimate()  # every slot gets its first task
     slot.task.model.register_parameter("unused", nn.Parameter(torch.zeros(2)))
     slot.params = slot.task.init_params()
     slot.states = {n: [] for n in slot.params}
     with pytest.raises(ValueError, match=r"'unused' .* gets no gradient"):
-        trainer._unroll(slot)
+        loop.estimate()
 
 
 # The loss 100 Adam steps must reach, as a fraction of the initial one: a language model starts

@@ -14,10 +14,9 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from compiledopt.learned.mlp import CoordinateMLP
 from compiledopt.learned.normalized import NormalizedMLP
-from compiledopt.meta.es import ESConfig, ESTrainer
+from compiledopt.meta import MetaConfig, MetaLoop
 from compiledopt.meta.inner import apply_transform, init_states, routed_transforms
 from compiledopt.meta.population import Population, flat_weights, unflatten
-from compiledopt.meta.trainer import MetaTrainConfig, MetaTrainer
 from compiledopt.tasks.base import Batch, Task
 from compiledopt.tasks.image_mlp import ImageMLPTask
 from compiledopt.tasks.regression import RegressionFamily
@@ -241,34 +240,44 @@ def test_without_routes_the_step_is_bit_identical_to_the_unrouted_code_path():
     ],
 )
 def test_bad_routes_are_refused_by_name(routes, match):
-    with pytest.raises(ValueError, match=match):
-        ESConfig(routes=routes).validate()
-    with pytest.raises(ValueError, match=match):
-        MetaTrainConfig(routes=routes).validate()
+    for estimator in ("pes", "es", "tbptt"):
+        with pytest.raises(ValueError, match=match):
+            MetaConfig(estimator=estimator, routes=routes).validate()
 
 
 def test_a_rule_the_transform_lacks_is_refused_by_name():
     family = RegressionFamily(seed=0)
     with pytest.raises(ValueError, match="role 'vector' has rule 'sgd'"):
-        ESTrainer(NormalizedMLP(), family, ESConfig(routes={"vector": "sgd"}))
+        MetaLoop(NormalizedMLP(), family, MetaConfig(estimator="pes", routes={"vector": "sgd"}))
     with pytest.raises(ValueError, match="role 'matrix' has rule 'orthogonal'"):
-        MetaTrainer(CoordinateMLP(), family, MetaTrainConfig(routes={"matrix": "orthogonal"}))
+        MetaLoop(
+            CoordinateMLP(),
+            family,
+            MetaConfig(estimator="tbptt", routes={"matrix": "orthogonal"}),
+        )
 
 
 def test_tbptt_with_routes_reaches_the_weights_through_every_rule():
-    config = MetaTrainConfig(
-        meta_steps=1, unroll_length=2, horizon=4, tasks_per_step=1, inner_lr=1e-2, eval_every=0
+    config = MetaConfig(
+        estimator="tbptt",
+        meta_steps=1,
+        unroll=2,
+        horizon=4,
+        tasks_per_step=1,
+        inner_lr=1e-2,
+        eval_every=0,
     )
     config.routes = {"matrix": "orthogonal", "vector": "adam"}
-    trainer = MetaTrainer(NormalizedMLP(init="small_mlp"), RegressionFamily(seed=0), config)
-    before = flat_weights(trainer.transform)
-    trainer.step()
-    slot = trainer.slots[0]
-    kinds = {name: t.orthogonalize for name, t in slot.transforms.items()}
+    loop = MetaLoop(NormalizedMLP(init="small_mlp"), RegressionFamily(seed=0), config)
+    before = flat_weights(loop.transform)
+    record = loop.step()
+    assert record["applied"] == 1.0
+    slot = loop.slots[0]
+    kinds = {name: t.orthogonalize for name, t in slot.context.items()}
     roles = slot.task.roles()
     assert {kinds[n] for n, r in roles.items() if r == "matrix"} <= {True}
     assert {kinds[n] for n, r in roles.items() if r == "vector"} == {False}
-    assert not torch.equal(flat_weights(trainer.transform), before)
+    assert not torch.equal(flat_weights(loop.transform), before)
 
 
 def _cli(argv) -> int:
@@ -297,7 +306,7 @@ def test_cli_routes_reach_the_checkpoint_and_the_manifest(tmp_path, capsys):
     assert load_artifact(artifact).manifest["routes"] == expected
     # A resumed run keeps its routes; other routes are refused, naming the setting.
     assert _cli([*argv, "--resume", "--meta-steps", "3"]) == 0
-    assert torch.load(output, weights_only=True)["outer_step"] == 3
+    assert torch.load(output, weights_only=True)["meta_step"] == 3
     capsys.readouterr()
     assert _cli([*ARGS, "--routes", "matrix=adam", "--output", str(output), "--resume"]) == 2
     assert "routes" in capsys.readouterr().err

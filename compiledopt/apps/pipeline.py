@@ -71,7 +71,7 @@ def run_pipeline(
     from compiledopt.export import BACKENDS, export_shape_agnostic
     from compiledopt.export.verify import verify_artifact
     from compiledopt.learned.catalog import CATALOG, build_transform
-    from compiledopt.meta.es import ESConfig, ESTrainer
+    from compiledopt.meta import MetaConfig, MetaLoop
     from compiledopt.meta.launch import make_family
 
     backends = BACKENDS if backends is None else tuple(backends)
@@ -91,12 +91,12 @@ def run_pipeline(
         print(f"\n[{name}] {text}", file=out, flush=True)
         return time.perf_counter()
 
-    config = ESConfig(
+    config = MetaConfig(
         estimator="pes",
-        outer_steps=meta_steps,
-        truncation=10,
-        min_unroll=20,
-        max_unroll=60,
+        meta_steps=meta_steps,
+        unroll=10,
+        min_horizon=20,
+        horizon=60,
         pairs=4,
         tasks_per_step=2,
         inner_lr=CATALOG[TRANSFORM].inner_lr,
@@ -104,12 +104,13 @@ def run_pipeline(
         eval_tasks=2,
         eval_steps=60,
         checkpoint_every=0,
-    )
+        seed=seed,
+    ).validate()
     begin = stage(
         "1/4 meta-train",
         f"{TRANSFORM} {KWARGS} on '{family}' tasks by PES: {meta_steps} steps of "
         f"{config.tasks_per_step} tasks x {config.pairs} antithetic pairs, truncations of "
-        f"{config.truncation} in unrolls of {config.min_unroll}-{config.max_unroll} steps",
+        f"{config.unroll} in tasks of {config.min_horizon}-{config.horizon} steps",
     )
     torch.manual_seed(seed)
     transform = build_transform(TRANSFORM, KWARGS)
@@ -118,13 +119,11 @@ def run_pipeline(
         "transform_spec": spec,
         "training": {"task_family": family, "estimator": "pes", "meta_steps": meta_steps},
     }
-    trainer = ESTrainer(
-        transform, make_family(family, seed, "cpu"), config, seed=seed, metadata=metadata
-    )
-    trainer.train(checkpoint=str(root / "checkpoint.pt"), progress=progress)
-    heldout = trainer.evaluate()
+    loop = MetaLoop(transform, make_family(family, seed, "cpu"), config, metadata=metadata)
+    result = loop.train(checkpoint=str(root / "checkpoint.pt"), progress=progress)
+    heldout = loop.evaluate()
     timings["meta-train"] = time.perf_counter() - begin
-    history = [r["objective"] for r in trainer.history]
+    history = [r["loss"] for r in result.history]
     head, tail = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4) :]
     print(
         f"  meta-objective (mean log loss) {sum(head) / len(head):.4g} (first quarter) -> "
@@ -141,7 +140,7 @@ def run_pipeline(
         transform,
         backends=backends,
         ranks=(1, 2),
-        lr=config.inner_lr,
+        lr=CATALOG[TRANSFORM].inner_lr,
         overwrite=True,
         training={**metadata["training"], "config": dataclasses.asdict(config)},
     )
@@ -178,7 +177,7 @@ def run_pipeline(
         file=out,
     )
     return {
-        "meta_train": trainer.history,
+        "meta_train": result.history,
         "heldout": heldout,
         "verify": errors,
         "finetune": finetune,

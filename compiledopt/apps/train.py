@@ -1,9 +1,9 @@
 """Meta-training a learned optimizer on a built-in task family (``compiledopt train``).
 
 :func:`meta_train` checks every setting (:mod:`compiledopt.apps.train_settings`) before any work,
-then meta-trains by truncated back-propagation through unrolls (``estimator="tbptt"``:
-:class:`~compiledopt.meta.MetaTrainer`) or by evolution strategies (``"pes"``, ``"es"``:
-:func:`compiledopt.meta.launch.run_es`, in one process or several), writes a checkpoint that a
+then meta-trains with :class:`~compiledopt.meta.MetaLoop` and the estimator the settings name
+(truncated back-propagation ``"tbptt"``, or evolution strategies ``"pes"``, ``"es"``), in one
+process or several (:func:`compiledopt.meta.launch.run_meta`), writes a checkpoint that a
 resumed run (``resume=True``) continues exactly, optionally exports it as an artifact
 (:func:`compiledopt.export.export_shape_agnostic`), and returns a :class:`TrainResult`.
 """
@@ -30,9 +30,9 @@ from compiledopt.apps.train_settings import (
 
 __all__ = ["EXPORT_RANKS", "FIXED_ON_RESUME", "TrainResult", "TrainSettings", "meta_train"]
 
-#: Settings a resumed tbptt run cannot change, even when asked: they decide what the weights are
-#: and which tasks the saved task slots hold.
-FIXED_ON_RESUME = ("transform", "transform_kwargs", "family", "seed", "tasks_per_step")
+#: Settings a resumed run cannot change, even when asked: they decide what the weights are and
+#: which tasks the saved task slots hold.
+FIXED_ON_RESUME = ("transform", "transform_kwargs", "family", "seed", "tasks_per_step", "processes")
 #: The parameter ranks the artifact holds graphs for: all an artifact can hold.
 EXPORT_RANKS = RANKS
 
@@ -92,43 +92,36 @@ class _Plan:
     """What :func:`meta_train` checked and built before any work."""
 
     inner_lr: float
-    family: Any
-    fields: Dict[str, str]
     config: Any
-    state: Optional[Dict[str, Any]]
     changes: List[Dict[str, Any]]
 
 
 def _check_resume(
-    state: Dict[str, Any], settings: TrainSettings, config: Any, fields: Dict[str, str]
+    state: Dict[str, Any], settings: TrainSettings, config: Any
 ) -> List[Dict[str, Any]]:
     """The checkpoint's settings against this run's (see
     :func:`compiledopt.meta.resume.check_resume`)."""
-    from compiledopt.meta.resume import check_resume, checkpoint_kind
+    from compiledopt.meta.resume import check_resume
 
-    tbptt = settings.estimator == "tbptt"
     resumable(state, str(settings.output))
-    kind = checkpoint_kind(state)
-    if kind != ("tbptt" if tbptt else "es"):
-        written = "tbptt" if kind == "tbptt" else "pes or es"
+    written = state.get("estimator")
+    if written != settings.estimator:
         raise ValueError(
             f"--resume {settings.output}: written by --estimator {written}, "
             f"not by --estimator {settings.estimator}"
         )
-    recorded = recorded_settings(state, fields)
-    requested = requested_settings(settings.values(), config, fields, processes=not tbptt)
-    fixed = FIXED_ON_RESUME if tbptt else tuple(requested)
-    return check_resume(recorded, requested, settings.allow_changes, fixed)
+    recorded = recorded_settings(state)
+    requested = requested_settings(settings.values(), config)
+    return check_resume(recorded, requested, settings.allow_changes, FIXED_ON_RESUME)
 
 
 def _prepare(settings: TrainSettings) -> _Plan:
     """Build the transform, the family and the config once, and read a checkpoint to resume,
     so that bad settings fail before any work."""
     from compiledopt.learned.catalog import CATALOG, LEARNED, build_transform
-    from compiledopt.meta import ESConfig, MetaTrainConfig
     from compiledopt.meta.inner import check_routes, check_rules
     from compiledopt.meta.launch import make_family
-    from compiledopt.meta.resume import ES_FIELDS, TBPTT_FIELDS, load_checkpoint
+    from compiledopt.meta.resume import load_checkpoint
 
     s = settings
     if s.transform not in LEARNED:
@@ -139,82 +132,44 @@ def _prepare(settings: TrainSettings) -> _Plan:
     except TypeError as error:
         raise ValueError(f"--transform-kwargs {json.dumps(s.transform_kwargs)}: {error}") from None
     check_rules(built, check_routes(s.routes, "--routes"), "--routes")
-    family = make_family(s.family, s.seed, s.device, s.family_kwargs)
-    values = s.values()
-    if s.estimator == "tbptt":
-        fields = TBPTT_FIELDS
-        config = build_config(values, fields, MetaTrainConfig, inner_lr=inner_lr)
-    else:
-        fields = ES_FIELDS
-        extra = {"inner_lr": inner_lr, "estimator": s.estimator}
-        config = build_config(values, fields, ESConfig, **extra)
-    state = None
+    make_family(s.family, s.seed, s.device, s.family_kwargs)
+    config = build_config(s.values(), inner_lr=inner_lr)
     changes: List[Dict[str, Any]] = []
     if s.resume:
         state = load_checkpoint(str(s.output), "--resume")
-        changes = _check_resume(state, s, config, fields)
-    return _Plan(inner_lr, family, fields, config, state, changes)
+        changes = _check_resume(state, s, config)
+    return _Plan(inner_lr, config, changes)
 
 
-def _train_tbptt(s: TrainSettings, plan: _Plan) -> Tuple[List[float], List[Tuple[int, float]], str]:
-    """Meta-train by truncated backprop: ``(meta-losses, evaluations, steps text)``."""
+def _train(s: TrainSettings, plan: _Plan) -> Tuple[List[float], List[Tuple[int, float]], str]:
+    """Meta-train (in ``s.processes`` processes): ``(meta-losses, evaluations, steps text)``."""
     import torch
 
-    from compiledopt.learned.catalog import build_transform
-    from compiledopt.meta import MetaTrainer
+    from compiledopt.meta.launch import run_meta
 
-    config, fields, state = plan.config, plan.fields, plan.state
-    torch.manual_seed(s.seed)
-    spec: Dict[str, Any] = {"name": s.transform, "kwargs": s.transform_kwargs}
-    transform = build_transform(s.transform, s.transform_kwargs)
-    metadata: Dict[str, Any] = {"transform_spec": spec, "family_kwargs": s.family_kwargs}
-    if config.routes is not None:  # what `compiledopt export` writes as the routes
-        metadata["routes"] = dict(config.routes)
-    trainer = MetaTrainer(transform, plan.family, config, metadata=metadata)
-    if state is not None:
-        allowed = [fields[key] for key in s.allow_changes if key in fields]
-        trainer.load_state_dict(state, allow_changes=allowed)
-        extra_changes = [c for c in plan.changes if c["setting"] not in fields]
-        if extra_changes:  # settings outside the trainer's config, e.g. family_kwargs
-            trainer.metadata["config_changes"] = trainer.metadata.get("config_changes", []) + [
-                {"meta_step": trainer.meta_step, **c} for c in extra_changes
-            ]
-    result = trainer.train(checkpoint=s.output, progress=s.progress)
-    if not result.evaluations or result.evaluations[-1]["meta_step"] != result.meta_step:
-        trainer.evaluate()
-    history = [r["meta_loss"] for r in result.history]
-    evaluations = [(int(r["meta_step"]), r["final_loss"]) for r in trainer.evaluations]
-    steps = f"{result.meta_step} x {config.tasks_per_step} tasks x unroll {config.unroll_length}"
-    return history, evaluations, steps
-
-
-def _train_es(s: TrainSettings, config: Any) -> Tuple[List[float], List[Tuple[int, float]], str]:
-    """Meta-train by evolution strategies: ``(objectives, evaluations, steps text)``."""
-    import torch
-
-    from compiledopt.meta.launch import run_es
-
+    config = plan.config
+    fields = {f.name for f in dataclasses.fields(config)}
     run_settings = {
         "transform": s.transform,
         "transform_kwargs": s.transform_kwargs,
         "family": s.family,
-        "seed": s.seed,
         "family_kwargs": s.family_kwargs,
         "device": s.device,
         "config": dataclasses.asdict(config),
         "output": s.output,
         "resume": bool(s.resume),
+        "allow_changes": [key for key in s.allow_changes if key in fields],
+        "changes": [c for c in plan.changes if c["setting"] not in fields],
         "processes": s.processes,
         "config_file": os.path.basename(s.config_file) if s.config_file else None,
     }
-    run_es(run_settings, progress=s.progress)
+    run_meta(run_settings, progress=s.progress)
     saved = torch.load(str(s.output), map_location="cpu", weights_only=True)
-    history = [r["objective"] for r in saved["history"]]
-    evaluations = [(r["step"], r["final_loss"]) for r in saved["evaluations"]]
-    steps = (
-        f"{saved['outer_step']} x {config.tasks_per_step} tasks x {config.pairs} pairs, "
-        f"truncation {config.truncation}, unrolls {config.min_unroll}-{config.max_unroll}"
-    )
+    history = [r["loss"] for r in saved["history"]]
+    evaluations = [(int(r["step"]), r["final_loss"]) for r in saved["evaluations"]]
+    steps = f"{saved['meta_step']} x {config.tasks_per_step} tasks x unroll {config.unroll}"
+    if config.pairs is not None:
+        steps += f" x {config.pairs} pairs, tasks of {config.min_horizon}-{config.horizon} steps"
     return history, evaluations, steps
 
 
@@ -252,10 +207,7 @@ def meta_train(settings: TrainSettings) -> TrainResult:
     plan = _prepare(settings)
     os.makedirs(os.path.dirname(os.path.abspath(str(settings.output))), exist_ok=True)
     start = time.perf_counter()
-    if settings.estimator == "tbptt":
-        history, evaluations, steps = _train_tbptt(settings, plan)
-    else:
-        history, evaluations, steps = _train_es(settings, plan.config)
+    history, evaluations, steps = _train(settings, plan)
     seconds = time.perf_counter() - start
     result = TrainResult(
         settings, history, evaluations, steps, plan.inner_lr, seconds, plan.changes

@@ -3,8 +3,8 @@ train``): their defaults, and every check that runs before any work (so a bad ru
 second, with one line naming the option).
 
 A setting is known by its option's name with underscores (``meta_steps`` for ``--meta-steps``),
-which is also its key in a ``--config`` file and its name in the messages of a refused resume;
-:mod:`compiledopt.meta.resume` maps it to each trainer's config field.
+which is also its key in a ``--config`` file, its name in the messages of a refused resume and,
+for the meta-training settings, its field of :class:`~compiledopt.meta.MetaConfig`.
 """
 
 import dataclasses
@@ -145,29 +145,20 @@ def check_device(text: str) -> None:
 
 def _check_estimator_options(settings: TrainSettings, given: FrozenSet[str]) -> None:
     """Refuse the options the estimator would ignore."""
-    from compiledopt.meta.resume import ES_FIELDS, TBPTT_FIELDS, show
+    from compiledopt.meta import ESTIMATORS
+    from compiledopt.meta.estimator import OPTIONAL
+    from compiledopt.meta.resume import show
 
-    if settings.estimator == "tbptt":
-        es_only = sorted(set(ES_FIELDS) - set(TBPTT_FIELDS))  # options tbptt would ignore
-        ignored = [key for key in es_only if key in given]
-        if ignored:
-            key = ignored[0]
+    reads = ESTIMATORS[settings.estimator].DEFAULTS
+    for key in OPTIONAL:
+        if key in given and key in DEFAULTS and key not in reads:
+            readers = " or ".join(n for n, e in ESTIMATORS.items() if key in e.DEFAULTS)
             raise ValueError(
-                f"{option(key)} {show(getattr(settings, key))}: only --estimator pes or es uses "
-                "it (this run: tbptt)"
+                f"{option(key)} {show(getattr(settings, key))}: only --estimator {readers} "
+                f"uses it (this run: {settings.estimator})"
             )
-        if settings.processes != 1:
-            raise ValueError(
-                f"--processes {settings.processes}: only --estimator pes or es runs in "
-                "several processes"
-            )
-        if settings.allow_changes and not settings.resume:
-            raise ValueError("--allow-changes: only a resumed run (--resume) changes settings")
-    elif settings.allow_changes:
-        raise ValueError(
-            f"--allow-changes: only --estimator tbptt can change settings on resume "
-            f"(this run: {settings.estimator})"
-        )
+    if settings.allow_changes and not settings.resume:
+        raise ValueError("--allow-changes: only a resumed run (--resume) changes settings")
 
 
 def check_settings(settings: TrainSettings) -> None:
@@ -197,26 +188,27 @@ def check_settings(settings: TrainSettings) -> None:
             raise ValueError(f"--export {settings.export}: the same path as --output")
 
 
-def _in_option_names(message: str, fields: Dict[str, str]) -> str:
-    """``message`` with the config's field names replaced by the options that set them."""
+def _in_option_names(message: str) -> str:
+    """``message`` with the settings' names replaced by their options (``--horizon``)."""
     import re
 
-    names = {field: option(key) for key, field in fields.items()}
-    pattern = r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b"
-    return re.sub(pattern, lambda match: names[match.group(1)], message)
+    pattern = r"\b(" + "|".join(sorted(map(re.escape, DEFAULTS), key=len, reverse=True)) + r")\b"
+    return re.sub(pattern, lambda match: option(match.group(1)), message)
 
 
-def build_config(values: Dict[str, Any], fields: Dict[str, str], cls: type, **extra: Any) -> Any:
-    """The trainer's config (``MetaTrainConfig`` or ``ESConfig``) from the settings, validated;
-    an invalid combination is refused with the options' names (``--horizon`` for
-    ``max_unroll``)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {field: values[key] for key, field in fields.items() if values[key] is not None}
+def build_config(values: Dict[str, Any], **extra: Any) -> Any:
+    """The run's :class:`~compiledopt.meta.MetaConfig` from the settings (those left ``None``
+    take the estimator's defaults), validated; an invalid value is refused with its option's
+    name."""
+    from compiledopt.meta import MetaConfig
+
+    known = {f.name for f in dataclasses.fields(MetaConfig)}
+    kwargs = {key: value for key, value in values.items() if key in known and value is not None}
     kwargs.update(extra)
     try:
-        return cls(**{k: v for k, v in kwargs.items() if k in known}).validate()
+        return MetaConfig(**kwargs).validate()
     except ValueError as error:
-        raise ValueError(_in_option_names(str(error), fields)) from None
+        raise ValueError(_in_option_names(str(error))) from None
 
 
 def _dict(holder: Any, key: str) -> Dict[str, Any]:
@@ -224,14 +216,14 @@ def _dict(holder: Any, key: str) -> Dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def recorded_settings(state: Dict[str, Any], fields: Dict[str, str]) -> Dict[str, Any]:
-    """The settings a checkpoint records, by option name (those it lacks are left out)."""
+def recorded_settings(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings a checkpoint records, by name (those it lacks are left out)."""
     config, metadata, family = (
         _dict(state, "config"),
         _dict(state, "metadata"),
         _dict(state, "family"),
     )
-    spec, training = _dict(metadata, "transform_spec"), _dict(metadata, "training")
+    spec = _dict(metadata, "transform_spec")
     recorded: Dict[str, Any] = {}
     if "name" in spec:
         recorded["transform"] = spec["name"]
@@ -240,38 +232,31 @@ def recorded_settings(state: Dict[str, Any], fields: Dict[str, str]) -> Dict[str
         recorded["family"] = family["name"]
     if "family_kwargs" in metadata:
         recorded["family_kwargs"] = metadata["family_kwargs"]
-    elif "family_kwargs" in training:
-        recorded["family_kwargs"] = training["family_kwargs"]
-    if "seed" in state:
-        recorded["seed"] = state["seed"]
-    elif "seed" in family:
-        recorded["seed"] = family["seed"]
     if "world" in state:
         recorded["processes"] = state["world"]
-    by_field = {field: key for key, field in fields.items()}
-    for field, value in config.items():
-        recorded[by_field.get(field, field)] = value
+    recorded.update(config)
     return recorded
 
 
-def requested_settings(
-    values: Dict[str, Any], config: Any, fields: Dict[str, str], processes: bool
-) -> Dict[str, Any]:
-    """The settings this run asks for, by option name (the trainer's config field by field)."""
-    by_field = {field: key for key, field in fields.items()}
+def requested_settings(values: Dict[str, Any], config: Any) -> Dict[str, Any]:
+    """The settings this run asks for, by name (the run's config setting by setting)."""
     requested = {
         key: values[key]
-        for key in ("transform", "transform_kwargs", "family", "family_kwargs", "seed")
+        for key in ("transform", "transform_kwargs", "family", "family_kwargs", "processes")
     }
-    if processes:
-        requested["processes"] = values["processes"]
-    for field, value in dataclasses.asdict(config).items():
-        requested[by_field.get(field, field)] = value
+    requested.update(dataclasses.asdict(config))
     return requested
 
 
 def resumable(state: Dict[str, Any], path: str) -> List[str]:
     """Refuse a checkpoint that lacks what a resume reads; returns its top-level keys."""
+    from compiledopt.meta.loop import CHECKPOINT_FORMAT
+
+    if isinstance(state.get("slots"), list) and state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"--resume {path}: a checkpoint of an older compiledopt (format "
+            f"{state.get('format')!r}); it can be exported, not resumed (start a new run)"
+        )
     for key, kind in (("config", dict), ("family", dict), ("slots", list)):
         if not isinstance(state.get(key), kind):
             raise ValueError(

@@ -1,12 +1,10 @@
 """Resuming a meta-training run: the settings that may change, reading a checkpoint, and checking
 a resumed run's settings against the checkpoint's.
 
-A setting is known by its name in ``compiledopt train`` (``meta_steps``, ``unroll``, ...), which
-is also its key in a ``--config`` file; :data:`TBPTT_FIELDS` and :data:`ES_FIELDS` give its field
-in each trainer's config (:class:`~compiledopt.meta.MetaTrainConfig`,
-:class:`~compiledopt.meta.ESConfig`). :data:`RESUMABLE_CHANGES` is the one table of the settings a
-resumed run may change without asking, read by both trainers (through :func:`resumable_fields`)
-and by ``compiledopt train``.
+A setting has one name everywhere: its field of :class:`~compiledopt.meta.MetaConfig`, its
+option in ``compiledopt train`` (``meta_steps`` for ``--meta-steps``) and its key in a
+``--config`` file. :data:`RESUMABLE_CHANGES` is the one table of the settings a resumed run may
+change without asking, read by :class:`~compiledopt.meta.MetaLoop` and by ``compiledopt train``.
 
 :func:`load_checkpoint` reads a checkpoint (``weights_only``: it never unpickles arbitrary
 objects) and turns a file that is not one — random bytes, a JSON file, an empty file — into a
@@ -17,63 +15,12 @@ safely change (:data:`RESUMABLE_CHANGES`) or the user allowed it by name.
 
 import json
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence
 
-__all__ = [
-    "ES_FIELDS",
-    "RESUMABLE_CHANGES",
-    "TBPTT_FIELDS",
-    "check_resume",
-    "checkpoint_kind",
-    "load_checkpoint",
-    "resumable_fields",
-    "show",
-]
+__all__ = ["RESUMABLE_CHANGES", "check_resume", "load_checkpoint", "show"]
 
 #: Settings a resumed run may change without asking: how long it runs and how it is monitored.
 RESUMABLE_CHANGES = ("meta_steps", "eval_every", "checkpoint_every")
-
-#: Setting -> field of :class:`~compiledopt.meta.MetaTrainConfig` (truncated back-propagation).
-TBPTT_FIELDS = {
-    "meta_steps": "meta_steps",
-    "unroll": "unroll_length",
-    "horizon": "horizon",
-    "tasks_per_step": "tasks_per_step",
-    "inner_lr": "inner_lr",
-    "meta_lr": "meta_lr",
-    "clip_norm": "clip_norm",
-    "eval_every": "eval_every",
-    "eval_tasks": "eval_tasks",
-    "eval_steps": "eval_steps",
-    "checkpoint_every": "checkpoint_every",
-    "routes": "routes",
-}
-#: Setting -> field of :class:`~compiledopt.meta.ESConfig` (evolution strategies).
-ES_FIELDS = {
-    "meta_steps": "outer_steps",
-    "unroll": "truncation",
-    "horizon": "max_unroll",
-    "min_horizon": "min_unroll",
-    "tasks_per_step": "tasks_per_step",
-    "inner_lr": "inner_lr",
-    "meta_lr": "meta_lr",
-    "clip_norm": "clip_norm",
-    "eval_every": "eval_every",
-    "eval_tasks": "eval_tasks",
-    "eval_steps": "eval_steps",
-    "checkpoint_every": "checkpoint_every",
-    "pairs": "pairs",
-    "sigma": "sigma",
-    "objective": "objective",
-    "warmup_fraction": "warmup_fraction",
-    "routes": "routes",
-}
-
-
-def resumable_fields(fields: Mapping[str, str]) -> Tuple[str, ...]:
-    """:data:`RESUMABLE_CHANGES` as the fields of a trainer's config (``fields``: its table,
-    :data:`TBPTT_FIELDS` or :data:`ES_FIELDS`)."""
-    return tuple(fields[name] for name in RESUMABLE_CHANGES)
 
 
 def _first_line(error: BaseException) -> str:
@@ -113,11 +60,6 @@ def load_checkpoint(path: str, option: str) -> Dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError(f"{not_one} (it holds a {type(state).__name__}, not a dict)")
     return state
-
-
-def checkpoint_kind(state: Dict[str, Any]) -> str:
-    """``"es"`` for an evolution-strategies checkpoint (PES or ES), ``"tbptt"`` otherwise."""
-    return "es" if state.get("trainer") == "es" else "tbptt"
 
 
 def show(value: Any) -> str:
