@@ -15,6 +15,8 @@ naming a bad value before any long work.
   :mod:`compiledopt.apps.train_settings`);
 * :mod:`compiledopt.apps.export`: a checkpoint -> an artifact (``compiledopt export``, and
   ``compiledopt train --export``);
+* :mod:`compiledopt.apps.verify`: every backend of an artifact against the eager reference
+  (``compiledopt verify``);
 * :mod:`compiledopt.apps.bench`: an artifact's step timed per backend against AdamW, printed
   and written as JSON and a chart (``compiledopt bench``);
 * :mod:`compiledopt.apps.trust`: opening an artifact with the trust given, checking, making and

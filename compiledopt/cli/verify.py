@@ -1,7 +1,6 @@
 """The ``compiledopt verify`` command: every backend of an artifact against the eager reference."""
 
 import argparse
-import math
 from typing import TextIO
 
 from compiledopt.cli.arguments import (
@@ -48,35 +47,18 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    """The ``verify`` command: per-backend max relative error; 1 if any exceeds the tolerance.
-    Graphs that are code are run only from a trusted artifact (``--trust-code``, a signature by
-    a ``--trusted-key``, or a packaged optimizer); the others are listed as not run, and an
-    artifact of which no backend could run fails (exit 1): nothing was verified. A backend
-    whose directions (or the reference's) are not finite fails whatever the tolerance; a bound
-    artifact too large to replay is refused before anything is allocated."""
-    from compiledopt.apps.trust import open_trusted
-    from compiledopt.export.verify import check_probe_size, verify_artifact
+    """The ``verify`` command: :func:`compiledopt.apps.verify.run_verify`, its per-backend
+    largest relative error printed; 1 if any exceeds the tolerance or is not finite, or if no
+    backend could run (nothing was verified)."""
+    from compiledopt.apps.verify import run_verify
 
-    artifact = open_trusted(args.artifact, args.trust_code, args.trusted_keys)
-    check_probe_size(artifact)
-    skipped = [b for b in artifact.backends if not artifact.may_load(b)]
-    errors = verify_artifact(artifact, steps=args.steps, seed=args.seed)
-    print(
-        f"{args.artifact}: {args.steps} steps with state carried, vs the eager reference", file=out
+    passed = run_verify(
+        args.artifact,
+        args.steps,
+        args.seed,
+        args.tolerance,
+        trust_code=args.trust_code,
+        trusted_keys=args.trusted_keys,
+        out=out,
     )
-    print(f"  {'backend':<12} {'max rel error':>14}  result", file=out)
-    failed = False
-    for backend, error in errors.items():
-        ok = math.isfinite(error) and error <= args.tolerance
-        failed |= not ok
-        result = "ok" if ok else "FAIL"
-        if not math.isfinite(error):
-            result += ": non-finite directions (NaN or inf, from it or from the reference)"
-        print(f"  {backend:<12} {error:>14.3g}  {result}", file=out)
-    for backend in skipped:
-        note = "not run: code, from an artifact not trusted (--trust-code, --trusted-key)"
-        print(f"  {backend:<12} {'-':>14}  {note}", file=out)
-    if not errors:
-        print("  no backend was verified: nothing here runs without trusting code", file=out)
-        return 1
-    return 1 if failed else 0
+    return 0 if passed else 1
