@@ -30,7 +30,7 @@ from compiledopt.export import (
     load_artifact,
     torchscript,
 )
-from compiledopt.runtime import autotune
+from compiledopt.runtime import autotune, measure
 from compiledopt.runtime.backends import runtime_backends
 from compiledopt.runtime.choice import auto_order
 
@@ -139,7 +139,7 @@ def test_auto_tries_a_backend_registered_after_import(toy, artifact, tmp_path, m
     assert NAME in auto_order(artifact, torch.device("cpu"))[:-1]
     # measure_backends times it, and its recorded timing orders auto's candidates.
     params = _params()
-    timings = autotune.measure_backends(artifact, [NAME, "eager"], params, reps=1)
+    timings = measure.measure_backends(artifact, [NAME, "eager"], params, reps=1)
     assert set(timings) == {NAME, "eager"}
     elements = sum(p.numel() for p in params)
     key = autotune._key(artifact, torch.device("cpu"), torch.get_num_threads(), elements)

@@ -11,7 +11,7 @@ from torch import nn
 
 import compiledopt as co
 from compiledopt.pretrained import open_artifact
-from compiledopt.runtime import autotune
+from compiledopt.runtime import autotune, measure
 
 PACKAGED = "normalized-mlp"
 
@@ -59,7 +59,7 @@ def test_measured_timings_order_auto(monkeypatch):
         return optimizer
 
     before = [p.detach().clone() for p in params]
-    timings = autotune.measure_backends(
+    timings = measure.measure_backends(
         artifact, ["onnx", "torchscript", "eager"], params, reps=2, make_optimizer=make
     )
     # The caller's parameters and (absent) gradients are as they were.
@@ -82,16 +82,16 @@ def test_a_damaged_timing_cache_is_ignored_and_replaced():
     for damage in ("not json", "[1, 2]", json.dumps({"k": {"onnx": "fast"}})):
         path.write_text(damage)
         assert autotune.measured_order(artifact, "cpu")[0] == "compiled"
-    autotune.measure_backends(artifact, ["eager"], _params((3,)), reps=1)
+    measure.measure_backends(artifact, ["eager"], _params((3,)), reps=1)
     assert len(json.loads(path.read_text())) == 1
 
 
 def test_measure_backends_refuses_bad_arguments():
     artifact = open_artifact(PACKAGED, trust_code=False)
     with pytest.raises(ValueError, match="reps"):
-        autotune.measure_backends(artifact, ["eager"], _params((3,)), reps=0)
+        measure.measure_backends(artifact, ["eager"], _params((3,)), reps=0)
     with pytest.raises(ValueError, match="at least one parameter"):
-        autotune.measure_backends(artifact, ["eager"], [], reps=1)
+        measure.measure_backends(artifact, ["eager"], [], reps=1)
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ from torch import nn
 
 import compiledopt as co
 from compiledopt.pretrained import open_artifact
-from compiledopt.runtime import autotune
+from compiledopt.runtime import autotune, measure
 from compiledopt.runtime.autotune import DEFAULT_ORDER, MAX_CACHE_BYTES, measured_order
 
 PACKAGED = "normalized-mlp"
@@ -105,7 +105,7 @@ def test_a_folder_in_place_of_the_cache_is_ignored(cache, artifact, caplog):
 
 def test_a_recording_replaces_a_malformed_cache(cache, artifact):
     cache.write_text(DEEP)
-    timings = autotune.measure_backends(
+    timings = measure.measure_backends(
         artifact, ["eager", "onnx"], [nn.Parameter(torch.ones(4))], reps=1
     )
     assert set(timings) == {"eager", "onnx"}

@@ -2,14 +2,15 @@
 
 Which backend is fastest depends on the rule, the device, the thread count and the model: on two
 CPU cores the compiled backend beats AOTInductor on a ResNet-18 while onnxruntime wins on some
-small bound rules. :func:`measure_backends` times one optimizer step of every backend an artifact
-can run, on a parameter list the caller gives (by default a small mixed model) and records the
-medians in a cache file; ``auto`` then tries the backends fastest first for that artifact, device
-type, thread count and size class (:func:`size_class`: the parameters' total elements within a
-factor of 16, so a timing taken on a small model never chooses for a large one, where the ranking
-differs: per-call overheads dominate small steps, bandwidth large ones). Without a recording it
-uses :func:`default_order`: :data:`DEFAULT_ORDER`, measured on two-core x86 machines with the
-packaged optimizer, with any other export backend registered at the time before ``eager``.
+small bound rules. :func:`compiledopt.runtime.measure.measure_backends` times one optimizer step of
+every backend an artifact can run, on a parameter list the caller gives (by default a small mixed
+model), and records the medians here in a cache file (:func:`record_timings`); ``auto`` then tries
+the backends fastest first for that artifact, device type, thread count and size class
+(:func:`size_class`: the parameters' total elements within a factor of 16, so a timing taken on a
+small model never chooses for a large one, where the ranking differs: per-call overheads dominate
+small steps, bandwidth large ones). Without a recording it uses :func:`default_order`:
+:data:`DEFAULT_ORDER`, measured on two-core x86 machines with the packaged optimizer, with any
+other export backend registered at the time before ``eager``.
 
 The cache is ``$COMPILEDOPT_CACHE/backend-timings.json`` (default
 ``$XDG_CACHE_HOME/compiledopt`` or ``~/.cache/compiledopt``): a cache, safe to delete; an
@@ -22,14 +23,11 @@ import logging
 import math
 import os
 import stat
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import torch
-from torch import nn
 
 from compiledopt.cache import CACHE_VARIABLE, cache_root
 from compiledopt.runtime.backends import runtime_backends
@@ -38,12 +36,13 @@ __all__ = [
     "CACHE_VARIABLE",
     "DEFAULT_ELEMENTS",
     "DEFAULT_ORDER",
+    "DEFAULT_SHAPES",
     "MAX_CACHE_BYTES",
     "cache_file",
     "default_order",
     "digest",
-    "measure_backends",
     "measured_order",
+    "record_timings",
     "size_class",
 ]
 
@@ -203,10 +202,11 @@ def measured_order(
 ) -> Tuple[str, ...]:
     """The backends in ``auto``'s order for ``artifact`` on ``device`` with ``threads`` threads
     (default: torch's current count) and parameters of ``elements`` elements in all (default:
-    those :func:`measure_backends` times when given none): those recorded by
-    :func:`measure_backends` for that size class (:func:`size_class`), fastest first, then the
-    others in :func:`default_order` (which reads the backends registered now); ``eager``, which
-    always runs, last. A recording from another size class is never used."""
+    those ``measure_backends`` times when given none): those recorded by
+    :func:`~compiledopt.runtime.measure.measure_backends` for that size class
+    (:func:`size_class`), fastest first, then the others in :func:`default_order` (which reads
+    the backends registered now); ``eager``, which always runs, last. A recording from another
+    size class is never used."""
     threads = torch.get_num_threads() if threads is None else threads
     elements = DEFAULT_ELEMENTS if elements is None else elements
     timings = _read().get(_key(artifact, torch.device(device), threads, elements), {})
@@ -216,97 +216,15 @@ def measured_order(
     return (*order, *(b for b in default if b not in order and b != "eager"), "eager")
 
 
-_DEFAULT_SHAPES = [(256, 256)] * 4 + [(64, 32, 3, 3)] * 2 + [(256,)] * 24 + [(1 << 18,)]
-#: The elements of the parameters :func:`measure_backends` times when given none.
-DEFAULT_ELEMENTS = sum(math.prod(s) for s in _DEFAULT_SHAPES)
+DEFAULT_SHAPES = [(256, 256)] * 4 + [(64, 32, 3, 3)] * 2 + [(256,)] * 24 + [(1 << 18,)]
+#: The parameter shapes (and their elements in all) ``measure_backends`` times when given none.
+DEFAULT_ELEMENTS = sum(math.prod(s) for s in DEFAULT_SHAPES)
 
 
-def _default_params(device: torch.device) -> List[nn.Parameter]:
-    """A small mixed model's parameters: matrices, a convolution kernel and many vectors."""
-    generator = torch.Generator().manual_seed(0)
-    shapes = _DEFAULT_SHAPES
-    return [
-        nn.Parameter(torch.randn(s, generator=generator).to(device), requires_grad=True)
-        for s in shapes
-    ]
-
-
-def measure_backends(
-    artifact,
-    backends: Optional[Sequence[str]] = None,
-    params: Optional[Sequence[torch.Tensor]] = None,
-    *,
-    reps: int = 5,
-    record: bool = True,
-    make_optimizer: Optional[Callable] = None,
-) -> Dict[str, float]:
-    """Median seconds of one ``FrozenOptimizer`` step of ``artifact`` on each backend, and (with
-    ``record``) their recording for ``auto`` on this device type, thread count and size class of
-    ``params`` (:func:`size_class`; ``auto`` reads it only for parameters of the same class).
-
-    Args:
-        artifact (Artifact): the loaded artifact (trusted, to time its code backends).
-        backends (sequence of str, optional): which to time (default: every runtime backend
-            registered now, in :func:`default_order`, eager included; those the artifact cannot
-            run here are left out).
-        params (sequence of Tensor, optional): the parameters to step, their gradients set
-            once (default: a small mixed model on the CPU; give your model's to tune for it).
-        reps (int): timed steps per backend after two warm-up steps (compiles included in
-            those). (default: 5)
-        record (bool): write the timings to :func:`cache_file`. (default: True)
-        make_optimizer (callable, optional): ``make_optimizer(params, artifact, backend)``, the
-            optimizer to time (default: ``FrozenOptimizer(params, artifact, backend=backend)``).
-
-    The parameters are stepped, and their values and gradients restored after each backend.
-    A backend that raises while it is built or stepped is left out, with a log line.
-    """
-    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
-        raise ValueError(f"Invalid reps: {reps!r} (an integer >= 1)")
-    if make_optimizer is None:
-        from compiledopt.runtime.frozen_optimizer import FrozenOptimizer
-
-        def make_optimizer(ps, art, backend):
-            return FrozenOptimizer(ps, art, backend=backend)
-
-    params = list(params) if params is not None else _default_params(torch.device("cpu"))
-    if not params:
-        raise ValueError("measure_backends needs at least one parameter")
-    device = params[0].device
-    generator = torch.Generator().manual_seed(1)
-    originals = [p.detach().clone() for p in params]
-    gradients = [p.grad for p in params]  # the caller's, given back at the end
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=generator).to(device=device, dtype=p.dtype)
-    candidates = list(backends) if backends is not None else list(default_order())
-    timings: Dict[str, float] = {}
-    for backend in candidates:
-        try:
-            optimizer = make_optimizer(params, artifact, backend)
-            optimizer.step()
-            optimizer.step()
-            times = []
-            for _ in range(reps):
-                _synchronize(device)
-                start = time.perf_counter()
-                optimizer.step()
-                _synchronize(device)
-                times.append(time.perf_counter() - start)
-        except Exception as error:  # a backend that cannot run here is not a candidate
-            logger.info("measure_backends: %s left out: %s", backend, error)
-            continue
-        finally:
-            with torch.no_grad():
-                for p, value in zip(params, originals):
-                    p.copy_(value)
-        timings[backend] = statistics.median(times)
-    for p, grad in zip(params, gradients):
-        p.grad = grad
-    if record and timings:
-        elements = sum(p.numel() for p in params)
-        _write(_key(artifact, device, torch.get_num_threads(), elements), timings)
-    return timings
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def record_timings(
+    artifact, device: torch.device, elements: int, timings: Dict[str, float]
+) -> None:
+    """Record ``timings`` (backend -> median seconds of one step) of ``artifact`` on ``device``
+    with this thread count, for parameters of ``elements`` elements in all (what
+    :func:`compiledopt.runtime.measure.measure_backends` measured)."""
+    _write(_key(artifact, device, torch.get_num_threads(), elements), timings)

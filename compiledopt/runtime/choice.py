@@ -37,7 +37,7 @@ def auto_order(
 ) -> Tuple[str, ...]:
     """The order in which ``backend="auto"`` tries the runtime backends for ``artifact`` on
     ``device`` with the current thread count, for parameters of ``elements`` elements in all:
-    fastest first as measured by :func:`~compiledopt.runtime.autotune.measure_backends` on
+    fastest first as measured by :func:`~compiledopt.runtime.measure.measure_backends` on
     parameters of the same size class (else its default order), then any other artifact
     backend registered now, ``eager`` last."""
     known = runtime_backends()

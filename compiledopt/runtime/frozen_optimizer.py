@@ -75,7 +75,7 @@ class FrozenOptimizer(Optimizer):
             and AOTInductor, only from a trusted artifact) and that can run here: on this
             machine, and where the parameters live. The order is the fastest first as
             measured on this machine, device and thread count by
-            :func:`compiledopt.runtime.autotune.measure_backends` (recorded in a cache), else
+            :func:`compiledopt.runtime.measure.measure_backends` (recorded in a cache), else
             ``compiled, aoti, onnx, torchscript``; ``eager`` always runs and comes last.
             ``optimizer.backend`` says which. When ``auto`` picks ``compiled``, no step waits
             for the compile: it runs in the background and the eager rule computes the steps
