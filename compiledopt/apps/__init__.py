@@ -15,6 +15,8 @@ naming a bad value before any long work.
   :mod:`compiledopt.apps.train_settings`);
 * :mod:`compiledopt.apps.export`: a checkpoint -> an artifact (``compiledopt export``, and
   ``compiledopt train --export``);
+* :mod:`compiledopt.apps.inspect`: an artifact's manifest summarised, the packaged optimizers
+  listed (``compiledopt inspect``);
 * :mod:`compiledopt.apps.verify`: every backend of an artifact against the eager reference
   (``compiledopt verify``);
 * :mod:`compiledopt.apps.bench`: an artifact's step timed per backend against AdamW, printed
@@ -23,8 +25,9 @@ naming a bad value before any long work.
   signing with keys (``compiledopt keygen``, ``compiledopt sign``);
 * the helpers they share: :mod:`compiledopt.apps.requirements` (optional packages, checked
   first), :mod:`compiledopt.apps.paths` (the output root and the checks on a path),
-  :mod:`compiledopt.apps.backends` (which FrozenOptimizer backends run on an artifact) and
-  :mod:`compiledopt.apps.errors` (which errors are the user's, reported in one line).
+  :mod:`compiledopt.apps.backends` (which FrozenOptimizer backends run on an artifact),
+  :mod:`compiledopt.apps.errors` (which errors are the user's, reported in one line) and
+  :mod:`compiledopt.apps.text` (an artifact's strings escaped for a terminal).
 
 The package imports nothing heavy at import time: each module imports torch inside its functions.
 """
