@@ -12,7 +12,8 @@ naming a bad value before any long work.
   (``compiledopt meta-descent``);
 * :mod:`compiledopt.apps.train`: meta-training a family with truncated back-propagation, PES or
   ES, resuming, evaluating and exporting (``compiledopt train``; its settings in
-  :mod:`compiledopt.apps.train_settings`);
+  :mod:`compiledopt.apps.train_settings`, read from a ``--config`` file by
+  :mod:`compiledopt.apps.config`);
 * :mod:`compiledopt.apps.export`: a checkpoint -> an artifact (``compiledopt export``, and
   ``compiledopt train --export``);
 * :mod:`compiledopt.apps.inspect`: an artifact's manifest summarised, the packaged optimizers

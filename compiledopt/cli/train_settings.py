@@ -8,9 +8,9 @@ which is also its key in a ``--config`` file and its name in the messages of a r
 """
 
 import argparse
-import json
-from typing import Any, Callable, Dict, Set
+from typing import Any, Callable, Dict
 
+from compiledopt.apps.config import layered, read_config
 from compiledopt.apps.train_settings import DEFAULTS, TrainSettings
 from compiledopt.cli.arguments import (
     names_of,
@@ -111,41 +111,12 @@ def _config_value(key: str, value: Any, source: str) -> Any:
     return value
 
 
-def _read_config(path: str) -> Dict[str, Any]:
-    source = f"--config {path}"
-    try:
-        with open(path, encoding="utf-8") as handle:
-            loaded = json.load(handle)
-    except FileNotFoundError:
-        raise ValueError(f"--config {path}: No such file or directory") from None
-    except IsADirectoryError:
-        raise ValueError(f"{source}: is a directory, not a JSON file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{source}: not JSON (not UTF-8 text)") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{source}: not JSON ({error})") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{source}: expected a JSON object, got {type(loaded).__name__}")
-    unknown = sorted(set(loaded) - set(DEFAULTS) - {"comment"})
-    if unknown:
-        raise ValueError(f"{source}: unknown keys {unknown} (known: {', '.join(DEFAULTS)})")
-    return {k: _config_value(k, v, source) for k, v in loaded.items() if k != "comment"}
-
-
 def settings(args: argparse.Namespace) -> TrainSettings:
-    """The run's settings, command line over --config over the built-in defaults; ``given``
-    names those set explicitly (on the command line or in the file)."""
-    values = dict(DEFAULTS)
-    given: Set[str] = set()
-    if args.config is not None:
-        loaded = _read_config(args.config)
-        values.update(loaded)
-        given.update(k for k, v in loaded.items() if v is not None)
-    for key in DEFAULTS:
-        value = getattr(args, key, None)
-        if value is not None:
-            values[key] = value
-            given.add(key)
+    """The run's settings, command line over --config over the built-in defaults
+    (:func:`~compiledopt.apps.config.layered`); ``given`` names those set explicitly (on the
+    command line or in the file)."""
+    config = {} if args.config is None else read_config(args.config, DEFAULTS, _config_value)
+    values, given = layered(DEFAULTS, config, vars(args))
     if isinstance(values["export_backends"], str):
         values["export_backends"] = _backends(values["export_backends"])
     return TrainSettings(
@@ -154,7 +125,7 @@ def settings(args: argparse.Namespace) -> TrainSettings:
         allow_changes=args.allow_changes,
         progress=not args.no_progress,
         config_file=args.config,
-        given=frozenset(given),
+        given=given,
     )
 
 
