@@ -6,13 +6,13 @@ Printed raw, ``\\x1b[2K\\r`` erases the line, ``\\x1b]...`` retitles the window,
 right-to-left override reorders what follows, so an artifact could print a fake "signature
 valid" line. :func:`printable` is the one place that turns such characters into visible
 escapes: the summary of a manifest (:mod:`compiledopt.apps.inspect`) prints every string of the
-artifact through it, and the ``compiledopt`` command applies it to its whole output
-(:class:`compiledopt.cli.text.PrintableWriter`).
+artifact through it, and :class:`PrintableWriter` applies it to a whole output stream (the
+``compiledopt`` command's).
 """
 
-from typing import Any
+from typing import Any, TextIO
 
-__all__ = ["is_unsafe", "printable"]
+__all__ = ["PrintableWriter", "is_unsafe", "printable"]
 
 #: Unicode "format" characters that change how the text around them is displayed: the bidi
 #: embeddings, overrides and isolates, the directional marks, and the line/paragraph separators.
@@ -55,3 +55,22 @@ def printable(value: Any, keep_newlines: bool = False) -> str:
     return "".join(
         _escape(c) if is_unsafe(c) and not (keep_newlines and c == "\n") else c for c in text
     )
+
+
+class PrintableWriter:
+    """A text stream that writes to ``stream`` what it is given through :func:`printable`
+    (newlines kept): the ``compiledopt`` commands write their whole output through it, so no
+    string from an artifact reaches the terminal raw, whichever code path printed it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(printable(text, keep_newlines=True))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)

@@ -20,7 +20,6 @@ __all__ = [
     "add_trust_options",
     "backend_list",
     "comma_list",
-    "int_list",
     "json_object",
     "names_of",
     "non_negative_int",
@@ -28,6 +27,7 @@ __all__ = [
     "positive_int",
     "positive_int_up_to",
     "random_seed",
+    "rank_list",
     "thread_counts",
 ]
 
@@ -128,28 +128,26 @@ def names_of(choices: Sequence[str], what: str) -> Callable[[str], List[str]]:
     return names
 
 
-def int_list(
-    item: Callable[[str], int], what: str, limit: Optional[int] = None
-) -> Callable[[str], List[int]]:
-    """argparse type: a non-empty comma-separated list of distinct integers, each checked by the
-    argparse type ``item`` and below ``limit`` (when given)."""
+def rank_list(limit: int) -> Callable[[str], List[int]]:
+    """argparse type: a non-empty comma-separated list of distinct parameter ranks, integers in
+    ``[0, limit]``."""
 
-    def integers(text: str) -> List[int]:
+    def ranks(text: str) -> List[int]:
         try:
-            values = [item(entry) for entry in _items(text, what)]
+            values = [non_negative_int(entry) for entry in _items(text, "rank")]
         except argparse.ArgumentTypeError as error:
             raise argparse.ArgumentTypeError(
-                f"must be comma-separated integers ({what}s), got {text!r}: {error}"
+                f"must be comma-separated integers (ranks), got {text!r}: {error}"
             ) from None
-        too_large = [v for v in values if limit is not None and v > limit]
+        too_large = [v for v in values if v > limit]
         if too_large:
-            raise argparse.ArgumentTypeError(f"{what} {too_large[0]} is above {limit}")
+            raise argparse.ArgumentTypeError(f"rank {too_large[0]} is above {limit}")
         if len(set(values)) < len(values):
-            raise argparse.ArgumentTypeError(f"a {what} is repeated in {text!r}")
+            raise argparse.ArgumentTypeError(f"a rank is repeated in {text!r}")
         return values
 
-    integers.__name__ = f"{what} list"
-    return integers
+    ranks.__name__ = "rank list"
+    return ranks
 
 
 def thread_counts(text: str) -> List[int]:
@@ -219,7 +217,7 @@ def add_artifact_options(
     )
     parser.add_argument(
         "--ranks",
-        type=int_list(non_negative_int, "rank", limit=max(ranks)),
+        type=rank_list(max(ranks)),
         default=list(ranks),
         help=f"parameter ranks to export ONNX/AOTI graphs for, out of 0-{max(ranks)} "
         f"(default: {ranks_note})",

@@ -1,37 +1,17 @@
-"""What the ``compiledopt`` commands print, made safe for a terminal, and the lines several of them
-print.
+"""What the ``compiledopt`` commands print: the lines several of them print, one function each
+(:func:`wrote_artifact`), and how.
 
 An artifact's strings may hold terminal control sequences (a fake "signature valid" line, a
-retitled window): :class:`PrintableWriter` writes a command's whole output, and ``compiledopt``'s
-error line, through :func:`~compiledopt.apps.text.printable`, which writes such characters as
-visible escapes. The lines several commands print are written by one function each
-(:func:`wrote_artifact`).
+retitled window): a command's whole output goes through
+:class:`~compiledopt.apps.text.PrintableWriter`, and ``compiledopt``'s error line through
+:func:`~compiledopt.apps.text.printable`, which write such characters as visible escapes.
 """
 
-from typing import Any, Sequence, TextIO
+from typing import Any, Sequence
 
-from compiledopt.apps.text import is_unsafe, printable
+from compiledopt.apps.text import PrintableWriter, printable
 
-__all__ = ["PrintableWriter", "is_unsafe", "printable", "wrote_artifact"]
-
-
-class PrintableWriter:
-    """A text stream that writes to ``stream`` what it is given through :func:`printable`
-    (newlines kept): commands that print from an artifact write through it, so no string of
-    theirs reaches the terminal raw, whichever code path printed it."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        self.stream.write(printable(text, keep_newlines=True))
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
+__all__ = ["PrintableWriter", "printable", "wrote_artifact"]
 
 
 def wrote_artifact(path: Any, backends: Sequence[str], seconds: float) -> str:
