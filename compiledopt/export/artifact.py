@@ -3,7 +3,7 @@
 Layout of an artifact directory (format version 1)::
 
     manifest.json          what it is (see below); not checksummed (it holds the checksums)
-    signature.json         optional: an Ed25519 signature of manifest.json (see signing.py)
+    signature.json         optional: an Ed25519 signature of manifest.json (see signatures.py)
     weights.safetensors    the transform weights, to rebuild the eager reference
     rule.pt                TorchScript (any rank for shape-agnostic rules)
     rule.onnx | rule_rank{r}.onnx    ONNX (bound | shape-agnostic, one per rank, dynamic sizes)
@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from compiledopt._identity import unique_by_identity
 from compiledopt.export import backend as registry
-from compiledopt.export import signing
+from compiledopt.export import signatures
 from compiledopt.export import spec as specs
 from compiledopt.export.backend import Backend
 from compiledopt.export.budget import BuildBudget, OverBudgetError, untouched_rng
@@ -404,7 +404,7 @@ def load_artifact(
     if trusted_keys is not None:
         if isinstance(trusted_keys, (str, bytes, os.PathLike)):
             raise TypeError("trusted_keys must be a list of keys (paths or PEM bytes)")
-        keys = [signing.load_public_key(k) for k in trusted_keys]
+        keys = [signatures.load_public_key(k) for k in trusted_keys]
         if not keys:
             raise ValueError("trusted_keys is empty: give at least one key, or None")
     if not path.is_dir():
@@ -415,7 +415,7 @@ def load_artifact(
     signed_by = None
     if keys is not None:
         signature = read_regular(path, SIGNATURE, MAX_SIGNATURE_BYTES)
-        signed_by = signing.verify_manifest(data, signature, keys, str(path))
+        signed_by = signatures.verify_manifest(data, signature, keys, str(path))
     manifest = check_manifest(_parse_json(data, path), str(path))
     artifact = Artifact(path, manifest, bool(trust_code) or signed_by is not None, signed_by)
     for name in manifest["files"]:

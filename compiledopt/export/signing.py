@@ -20,10 +20,22 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
-from compiledopt.export.layout import MANIFEST, SIGNATURE, sha256
-from compiledopt.export.manifest import ArtifactError
+from compiledopt.export.artifact import MAX_MANIFEST_BYTES, Artifact
+from compiledopt.export.layout import MANIFEST, SIGNATURE
+from compiledopt.export.manifest import ArtifactError, check_manifest
+from compiledopt.export.signatures import (
+    DOMAIN,
+    FORMAT,
+    SigningUnavailableError,
+    fingerprint,
+    load_public_key,
+    raw_public_key,
+    read_key_file,
+    require,
+    verify_manifest,
+)
 
 __all__ = [
     "SigningUnavailableError",
@@ -35,30 +47,6 @@ __all__ = [
     "sign_artifact",
     "verify_manifest",
 ]
-
-#: What the signature covers: this prefix, then the manifest's bytes (so a signature made for
-#: anything else never verifies as an artifact's).
-DOMAIN = b"compiledopt-artifact-signature-v1\n"
-_FORMAT = "compiledopt-signature"
-#: The largest ``signature.json`` read (a valid one is under 400 bytes).
-_MAX_SIGNATURE_BYTES = 4096
-
-KeySource = Union[str, os.PathLike, bytes]
-
-
-class SigningUnavailableError(ImportError):
-    """Signing or verifying needs the ``cryptography`` package, which is not installed."""
-
-
-def require() -> None:
-    """Raise :class:`SigningUnavailableError` unless ``cryptography`` is installed."""
-    try:
-        import cryptography.hazmat.primitives.asymmetric.ed25519  # noqa: F401
-    except ImportError:
-        raise SigningUnavailableError(
-            "signing and verifying artifacts needs the cryptography package "
-            "(pip install 'compiledopt[signing]')"
-        ) from None
 
 
 def generate_keypair(private_path: "str | os.PathLike", public_path: "str | os.PathLike") -> str:
@@ -85,30 +73,7 @@ def generate_keypair(private_path: "str | os.PathLike", public_path: "str | os.P
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(private)
     public_path.write_bytes(public)
-    return fingerprint(_raw(key.public_key()))
-
-
-def load_public_key(source: KeySource) -> bytes:
-    """The raw 32 bytes of an Ed25519 public key given as a PEM file's path or PEM bytes;
-    ``ValueError`` naming the source if it is not one."""
-    require()
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    label = "the given key bytes" if isinstance(source, bytes) else str(source)
-    data = source if isinstance(source, bytes) else _read_key_file(source)
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError:
-        raise ValueError(f"{label} is not a PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{label} is not an Ed25519 public key")
-    return _raw(key)
-
-
-def fingerprint(raw_public_key: bytes) -> str:
-    """A short name of a public key: the first 16 hex digits of the SHA-256 of its raw bytes."""
-    return sha256(raw_public_key)[:16]
+    return fingerprint(raw_public_key(key.public_key()))
 
 
 def load_private_key(path: "str | os.PathLike") -> Any:
@@ -119,7 +84,7 @@ def load_private_key(path: "str | os.PathLike") -> Any:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     try:
-        key = serialization.load_pem_private_key(_read_key_file(path), password=None)
+        key = serialization.load_pem_private_key(read_key_file(path), password=None)
     except (ValueError, TypeError):
         raise ValueError(f"{path} is not an unencrypted PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -149,10 +114,10 @@ def sign_artifact(directory: "str | os.PathLike", private_key: "str | os.PathLik
     _check_files(directory, data)
     signature = key.sign(DOMAIN + data)
     record = {
-        "format": _FORMAT,
+        "format": FORMAT,
         "version": 1,
         "algorithm": "ed25519",
-        "public_key": _raw(key.public_key()).hex(),
+        "public_key": raw_public_key(key.public_key()).hex(),
         "signature": signature.hex(),
     }
     handle, temporary = tempfile.mkstemp(prefix=f".{SIGNATURE}.", dir=directory)
@@ -166,13 +131,11 @@ def sign_artifact(directory: "str | os.PathLike", private_key: "str | os.PathLik
         raise ArtifactError(
             f"{directory}: {MANIFEST} changed while it was being signed (signature removed)"
         )
-    return fingerprint(_raw(key.public_key()))
+    return fingerprint(raw_public_key(key.public_key()))
 
 
 def _read_manifest(directory: Path) -> bytes:
     """The bytes of ``directory``'s manifest (read once, at most the loader's limit)."""
-    from compiledopt.export.artifact import MAX_MANIFEST_BYTES
-
     file = directory / MANIFEST
     try:
         with open(file, "rb") as handle:
@@ -189,8 +152,6 @@ def _read_manifest(directory: Path) -> bytes:
 def _check_files(directory: Path, data: bytes) -> None:
     """Check the manifest ``data`` as the loader does (strict JSON, the schema) and every file
     it lists against the digest it gives; :class:`ArtifactError` names the problem."""
-    from compiledopt.export.artifact import Artifact
-    from compiledopt.export.manifest import check_manifest
 
     def refuse(constant: str) -> None:
         raise ValueError(f"{constant} is not JSON")
@@ -203,76 +164,3 @@ def _check_files(directory: Path, data: bytes) -> None:
     artifact = Artifact(directory, manifest)
     for name in manifest["files"]:
         artifact.read(name)  # hashes the file against the digest in ``data``
-
-
-def verify_manifest(
-    manifest: bytes, signature: "bytes | None", trusted_keys: Sequence[bytes], where: str
-) -> str:
-    """Check that ``signature`` (the bytes of ``signature.json``; ``None`` if absent) is a valid
-    signature of ``manifest`` (its bytes) by one of ``trusted_keys`` (raw public keys); return
-    that key's fingerprint, or raise :class:`ArtifactError` naming ``where`` and the reason."""
-    require()
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    if signature is None:
-        raise ArtifactError(f"{where}: not signed (no {SIGNATURE}), and trusted keys were given")
-    record = _parse_signature(signature, where)
-    public = bytes.fromhex(record["public_key"])
-    if public not in set(trusted_keys):
-        raise ArtifactError(
-            f"{where}: signed by key {fingerprint(public)}, which is not among the trusted keys "
-            f"({', '.join(fingerprint(k) for k in trusted_keys)})"
-        )
-    try:
-        Ed25519PublicKey.from_public_bytes(public).verify(
-            bytes.fromhex(record["signature"]), DOMAIN + manifest
-        )
-    except InvalidSignature:
-        raise ArtifactError(
-            f"{where}: the signature does not match {MANIFEST} (modified after signing)"
-        ) from None
-    return fingerprint(public)
-
-
-def _parse_signature(data: bytes, where: str) -> dict:
-    def bad(reason: str) -> ArtifactError:
-        return ArtifactError(f"{where}: {SIGNATURE} is malformed ({reason})")
-
-    if len(data) > _MAX_SIGNATURE_BYTES:
-        raise bad(f"{len(data)} bytes")
-    try:
-        record: Any = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise bad(f"not JSON: {error}") from None
-    expected = {"format", "version", "algorithm", "public_key", "signature"}
-    if not isinstance(record, dict) or set(record) != expected:
-        raise bad(f"fields must be {sorted(expected)}")
-    if record["format"] != _FORMAT or record["version"] != 1 or record["version"] is True:
-        raise bad(f"format {record['format']!r} version {record['version']!r}")
-    if record["algorithm"] != "ed25519":
-        raise bad(f"algorithm {record['algorithm']!r}; only 'ed25519' is read")
-    for field, digits in (("public_key", 64), ("signature", 128)):
-        value = record[field]
-        if not isinstance(value, str) or len(value) != digits or not _is_hex(value):
-            raise bad(f"{field} must be {digits} lowercase hex digits")
-    return record
-
-
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
-
-
-def _raw(public_key: Any) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _read_key_file(path: "str | os.PathLike") -> bytes:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"key file not found: {path}")
-    if path.stat().st_size > 64 * 1024:
-        raise ValueError(f"{path} is not a key file (too large)")
-    return path.read_bytes()
