@@ -201,14 +201,13 @@ def add_artifact_options(
     ranks_note: str,
     lr_note: str,
 ) -> None:
-    """Add the options on the artifact a command writes: ``--output``, ``--backends`` (default
-    ``backends``), ``--ranks`` (default ``ranks``, the largest allowed), ``--lr`` (default
-    ``lr``; the notes say what the defaults of ``--ranks`` and ``--lr`` are) and
-    ``--overwrite``."""
+    """Add the options on the artifact a command writes (after its ``--output``): ``--backends``
+    (default ``backends``), ``--ranks`` (default ``ranks``, the largest allowed) and ``--lr``
+    (default ``lr``), their help saying what the defaults of ``--ranks`` and ``--lr`` are (the
+    notes)."""
     from compiledopt.export import BACKENDS
 
     default = "all" if list(backends) == list(BACKENDS) else ",".join(backends)
-    parser.add_argument("--output", required=True, help="the artifact directory to create")
     parser.add_argument(
         "--backends",
         type=names_of(BACKENDS, "backend"),
@@ -228,4 +227,3 @@ def add_artifact_options(
         default=lr,
         help=f"suggested learning rate recorded in the manifest (default: {lr_note})",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")

@@ -31,6 +31,7 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
         help="a .pt/.pth/.bin file (read with weights_only), a .safetensors file, or a folder "
         "as the Hugging Face Hub stores a model (model.safetensors, config.json)",
     )
+    parser.add_argument("--output", required=True, help="the artifact directory to create")
     parser.add_argument(
         "--layout",
         choices=LAYOUTS,
@@ -67,6 +68,7 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
         "all three; TorchScript serves every rank",
         "1e-3",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser
 
 

@@ -23,6 +23,7 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
         "self-describing artifact directory with one graph per backend.",
     )
     parser.add_argument("checkpoint", help="a checkpoint written by `compiledopt train`")
+    parser.add_argument("--output", required=True, help="the artifact directory to create")
     add_artifact_options(parser, BACKENDS, RANKS, None, "all", "the checkpoint's inner lr")
     parser.add_argument(
         "--training",
@@ -33,6 +34,7 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
         "checkpoint's metadata['training'] (task_family, estimator, meta_steps, wall_time_s, "
         "cpu_count, seed, config, schedule…)",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument(
         "--sign-key",
         default=None,
