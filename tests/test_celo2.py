@@ -5,7 +5,8 @@ The ground truth is :class:`ReferenceCelo2` below: PyLO's pure-PyTorch Celo2 opt
 here as a readable loop over parameters from the algorithm, reading the checkpoint's own keys
 (its MLP is evaluated from the PyLO layout, never through the converter's mapping) and keeping
 PyLO's own state layout (the factored statistics by role, row and column, not by axis).
-Checkpoints are random weights in each layout, built here; nothing is downloaded.
+Checkpoints are random weights in each layout, built in tests/celo2_checkpoints.py; nothing is
+downloaded.
 """
 
 import json
@@ -15,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
+from celo2_checkpoints import WIDTHS, new_checkpoint, old_checkpoint
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -26,44 +28,10 @@ from compiledopt.export.verify import verify_artifact
 from compiledopt.learned import Celo2, build_transform
 from compiledopt.learned.celo2_ops import factored_axes
 
-WIDTHS = [1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3]  # PyLO's 14 feature groups
 MOMENTUM, RMS, ADAFACTOR = (0.9, 0.99, 0.999), (0.95,), (0.9, 0.99, 0.999)
 STEPS = 20
 
 # -- checkpoints in PyLO's layouts ---------------------------------------------------------------
-
-
-def old_checkpoint(dense: bool = False, hidden: int = 8, seed: int = 0) -> Dict[str, Tensor]:
-    """A ``Celo2MLP`` state_dict (per feature group, or the later dense first layer)."""
-    gen = torch.Generator().manual_seed(seed)
-    scale = 1 / math.sqrt(sum(WIDTHS))
-    sd = {f"first_layer_weights.{i}": torch.randn(hidden, w, generator=gen) * scale
-          for i, w in enumerate(WIDTHS)}  # fmt: skip
-    sd["first_layer_bias"] = torch.randn(hidden, generator=gen) * 0.1
-    if dense:
-        parts = [sd.pop(f"first_layer_weights.{i}") for i in range(len(WIDTHS))]
-        sd = {
-            "first_layer.weight": torch.cat(parts, 1),
-            "first_layer.bias": sd.pop("first_layer_bias"),
-        }
-    sd["hidden.weight"] = torch.randn(hidden, hidden, generator=gen) / math.sqrt(hidden)
-    sd["hidden.bias"] = torch.randn(hidden, generator=gen) * 0.1
-    sd["output.weight"] = torch.randn(3, hidden, generator=gen) / math.sqrt(hidden)
-    sd["output.bias"] = torch.randn(3, generator=gen) * 0.1
-    return sd
-
-
-def new_checkpoint(hidden: int = 8, layers: int = 2, seed: int = 1) -> Dict[str, Tensor]:
-    """A ``CELO2MLP`` state_dict: ``w0.i`` (in, out), ``dense_w.j`` (in, out)."""
-    gen = torch.Generator().manual_seed(seed)
-    scale = 1 / math.sqrt(sum(WIDTHS))
-    sd = {f"w0.{i}": torch.randn(w, hidden, generator=gen) * scale for i, w in enumerate(WIDTHS)}
-    sd["b0"] = torch.randn(hidden, generator=gen) * 0.1
-    for j in range(layers):
-        width = 3 if j == layers - 1 else hidden
-        sd[f"dense_w.{j}"] = torch.randn(hidden, width, generator=gen) / math.sqrt(hidden)
-        sd[f"dense_b.{j}"] = torch.randn(width, generator=gen) * 0.1
-    return sd
 
 
 def adam_like_checkpoint(hidden: int = 4) -> Dict[str, Tensor]:

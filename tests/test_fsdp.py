@@ -11,13 +11,23 @@ import json
 import math
 import re
 import shutil
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from fsdp_worker import ARTIFACT, LR, RULE_CASES, STEPS, batches, make_model, rule_inputs, train
+from fsdp_worker import (
+    ARTIFACT,
+    CLOSE,
+    LR,
+    ORTHOGONALIZED,
+    RULE_CASES,
+    STEPS,
+    batches,
+    make_model,
+    rule_inputs,
+    train,
+)
+from spawning import spawn
 from torch import nn
 
 import compiledopt as co
@@ -28,21 +38,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without d
 
 GRAPH_BACKENDS = ("compiled", "torchscript", "onnx", "aoti")
 SPAWN_TIMEOUT_S = 180
-CLOSE = dict(atol=1e-6, rtol=1e-5)
-ORTHOGONALIZED = dict(atol=2e-5, rtol=1e-5)
-
-
-def _spawn(fn, args, nprocs: int, timeout: float) -> None:
-    """``mp.spawn`` that fails the test (killing the workers) instead of hanging past
-    ``timeout`` seconds, e.g. when one rank waits in a collective another never reaches."""
-    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the {nprocs} FSDP workers did not finish within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +63,7 @@ def spawned(tmp_path_factory):
     from fsdp_worker import worker
 
     out = tmp_path_factory.mktemp("fsdp")
-    _spawn(worker, (2, str(out / "init"), str(out)), nprocs=2, timeout=SPAWN_TIMEOUT_S)
+    spawn(worker, (2, str(out / "init"), str(out)), nprocs=2, timeout=SPAWN_TIMEOUT_S)
 
     def load(name):
         return [torch.load(out / f"{name}{rank}.pt", weights_only=False) for rank in range(2)]
