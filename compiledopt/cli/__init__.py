@@ -10,7 +10,7 @@ missing file, an artifact that does not load, an output that exists, a bad value
 optional package, a corrupt file a loader library could not read) into one line on stderr,
 ``compiledopt <command>: <message>``, and exit status 2, as argparse does for bad arguments; an
 exception raised anywhere else (a bug) still shows its traceback. Everything a command prints,
-and the error line, goes through :func:`compiledopt.cli.text.printable`, so strings that come
+and the error line, goes through :func:`compiledopt.apps.text.printable`, so strings that come
 from an artifact reach the terminal with their control characters escaped.
 """
 
@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Dict, Optional, Sequence
 
 from compiledopt.apps.errors import error_message, user_error
-from compiledopt.cli.text import PrintableWriter, printable
+from compiledopt.apps.text import PrintableWriter, printable
 
 __all__ = ["COMMANDS", "build_parser", "command_module", "main"]
 

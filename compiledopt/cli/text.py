@@ -4,7 +4,8 @@
 An artifact's strings may hold terminal control sequences (a fake "signature valid" line, a
 retitled window): a command's whole output goes through
 :class:`~compiledopt.apps.text.PrintableWriter`, and ``compiledopt``'s error line through
-:func:`~compiledopt.apps.text.printable`, which write such characters as visible escapes.
+:func:`~compiledopt.apps.text.printable` (both importable from here as well), which write such
+characters as visible escapes.
 """
 
 from typing import Any, Sequence
