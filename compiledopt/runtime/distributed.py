@@ -143,6 +143,18 @@ def _replicated(value: Any) -> Any:
     return value.redistribute(mesh, [Replicate()] * mesh.ndim)
 
 
+def _settled(value: Any) -> Any:
+    """A ``DTensor`` ``value`` with its pending reductions (``Partial`` placements) carried out,
+    so it is ``Replicate`` there: a state tensor is kept as values, never as a pending sum, which
+    ``torch.distributed.checkpoint`` could not save. Anything else unchanged."""
+    if not is_distributed(value) or not any(p.is_partial() for p in value.placements):
+        return value
+    from torch.distributed.tensor import Replicate
+
+    placements = [Replicate() if p.is_partial() else p for p in value.placements]
+    return value.redistribute(value.device_mesh, placements)
+
+
 def run_rule(
     rule: Callable[..., Tuple[Tensor, Sequence[Tensor]]],
     grad: Tensor,
@@ -168,7 +180,9 @@ def run_rule(
       for the call), computed whole, and its direction and new state sharded back (no
       communication);
     * the direction and every new state tensor of ``param``'s shape are returned with
-      ``param``'s placements (redistributed where the rule's placements differ).
+      ``param``'s placements (redistributed where the rule's placements differ); a state tensor
+      of another shape (a statistic reduced over a sharded axis) is returned with its pending
+      reductions done (``Partial`` becomes ``Replicate``).
 
     Every rank must call this for the same parameters in the same order (it communicates).
     ``implicit_replication`` is a process-wide switch that is off again when the call returns.
@@ -184,7 +198,7 @@ def run_rule(
     scalars = tuple(replicate_like(s, param) for s in scalars)
     with implicit_replication():
         direction, new_state = rule(grad, param, state, *scalars)
-    return place_like(direction, like), [place_like(v, like) for v in new_state]
+    return place_like(direction, like), [_settled(place_like(v, like)) for v in new_state]
 
 
 def _flags(tensor: Tensor, count: int) -> Tensor:
