@@ -18,7 +18,6 @@ from typing import Any, Dict, List, Optional, Tuple
 from compiledopt.apps.export import RANKS
 from compiledopt.apps.requirements import require_task_family
 from compiledopt.apps.train_settings import (
-    ESTIMATORS,
     TrainSettings,
     build_config,
     check_settings,
@@ -198,8 +197,6 @@ def meta_train(settings: TrainSettings) -> TrainResult:
         compiledopt.apps.requirements.MissingDependencyError: the family needs a package that is
             not installed.
     """
-    if settings.estimator not in ESTIMATORS:
-        raise ValueError(f"Invalid estimator: {settings.estimator!r} (one of {ESTIMATORS})")
     if settings.output is None:
         settings = dataclasses.replace(settings, output=default_checkpoint())
     require_task_family(settings.family)

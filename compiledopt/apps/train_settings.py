@@ -9,18 +9,20 @@ for the meta-training settings, its field of :class:`~compiledopt.meta.MetaConfi
 
 import dataclasses
 import os
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence
 
+import compiledopt.apps.values as parse
 from compiledopt.apps.paths import check_output_directory, check_output_file
 
 __all__ = [
     "DEFAULTS",
     "DEFAULT_CHECKPOINT",
-    "ESTIMATORS",
+    "PARSERS",
     "TrainSettings",
     "build_config",
     "check_device",
     "check_settings",
+    "config_value",
     "default_checkpoint",
     "option",
     "recorded_settings",
@@ -28,7 +30,6 @@ __all__ = [
     "resumable",
 ]
 
-ESTIMATORS = ("tbptt", "pes", "es")
 #: The checkpoint's file name under ``<output root>/train`` when no ``output`` is given.
 DEFAULT_CHECKPOINT = "learned.pt"
 
@@ -106,6 +107,68 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 
+#: The parser of each numeric setting's text (:mod:`compiledopt.apps.values`): the type of its
+#: command-line option, also applied to the values of a ``--config`` file.
+PARSERS: Dict[str, Callable[[str], Any]] = {
+    "meta_steps": parse.positive_int,
+    "unroll": parse.positive_int,
+    "horizon": parse.positive_int,
+    "min_horizon": parse.positive_int,
+    "tasks_per_step": parse.positive_int,
+    "eval_every": parse.non_negative_int,
+    "eval_tasks": parse.positive_int,
+    "eval_steps": parse.positive_int,
+    "checkpoint_every": parse.non_negative_int,
+    "pairs": parse.positive_int,
+    "processes": parse.positive_int,
+    "seed": parse.random_seed,
+    "inner_lr": parse.positive_float,
+    "meta_lr": parse.positive_float,
+    "clip_norm": parse.positive_float,
+    "sigma": parse.positive_float,
+    "export_lr": parse.positive_float,
+    "warmup_fraction": parse.fraction,
+}
+_OBJECTS = ("transform_kwargs", "family_kwargs")
+_FLOATS = ("inner_lr", "meta_lr", "clip_norm", "sigma", "export_lr", "warmup_fraction")
+
+
+def config_value(key: str, value: Any, source: str) -> Any:
+    """A ``--config`` file's value of setting ``key``, checked as its option checks the command
+    line; ``ValueError`` naming ``source``, the key and the value."""
+    from compiledopt.meta.resume import show
+
+    if value is None and DEFAULTS[key] is None:
+        return None
+    if key in PARSERS:
+        numeric = isinstance(value, (int, float)) if key in _FLOATS else isinstance(value, int)
+        if isinstance(value, bool) or not numeric:
+            kind = "a number" if key in _FLOATS else "an integer"
+            raise ValueError(f"{source}: {key} must be {kind}, got {show(value)}")
+        try:
+            return PARSERS[key](repr(value))
+        except ValueError as error:
+            raise ValueError(f"{source}: {key} {error}") from None
+    if key == "routes":
+        if isinstance(value, str):
+            try:
+                return parse.routes(value)
+            except ValueError as error:
+                raise ValueError(f"{source}: routes {error}") from None
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError(
+                f"{source}: routes must be a JSON object of roles to rule names, got {show(value)}"
+            )
+        return value
+    if key in _OBJECTS:
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: {key} must be a JSON object, got {show(value)}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{source}: {key} must be a string, got {show(value)}")
+    return value
+
+
 def option(name: str) -> str:
     """The command-line option of a setting: ``meta_steps`` -> ``--meta-steps``."""
     return "--" + name.replace("_", "-")
@@ -144,11 +207,14 @@ def check_device(text: str) -> None:
 
 
 def _check_estimator_options(settings: TrainSettings, given: FrozenSet[str]) -> None:
-    """Refuse the options the estimator would ignore."""
+    """Refuse an estimator that is not registered, and the options the estimator would
+    ignore."""
     from compiledopt.meta import ESTIMATORS
     from compiledopt.meta.estimator import OPTIONAL
     from compiledopt.meta.resume import show
 
+    if settings.estimator not in ESTIMATORS:
+        raise ValueError(f"Invalid estimator: {settings.estimator!r} (one of {list(ESTIMATORS)})")
     reads = ESTIMATORS[settings.estimator].DEFAULTS
     for key in OPTIONAL:
         if key in given and key in DEFAULTS and key not in reads:

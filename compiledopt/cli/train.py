@@ -6,27 +6,34 @@ line wins over the file, and the file over the built-in default.
 """
 
 import argparse
-from typing import List, Optional, TextIO, Tuple
+from typing import Any, List, Optional, TextIO, Tuple
 
+import compiledopt.apps.values as values
+from compiledopt.apps.config import layered, read_config
 from compiledopt.apps.train import meta_train
-from compiledopt.apps.train_settings import ESTIMATORS
-from compiledopt.cli.arguments import Commands, comma_list, json_object
+from compiledopt.apps.train_settings import (
+    DEFAULTS,
+    PARSERS,
+    TrainSettings,
+    config_value,
+)
+from compiledopt.cli.arguments import Commands, argtype, comma_list, json_object, names_of
 from compiledopt.cli.text import wrote_artifact
-from compiledopt.cli.train_settings import TYPES, routes_option, settings
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "settings"]
 
 
 def _number(parser: argparse.ArgumentParser, name: str, help_text: Optional[str] = None) -> None:
     """Add the option of setting ``name`` (``--meta-steps`` for ``meta_steps``), of its type."""
     parser.add_argument(
-        f"--{name.replace('_', '-')}", type=TYPES[name], default=None, help=help_text
+        f"--{name.replace('_', '-')}", type=argtype(PARSERS[name]), default=None, help=help_text
     )
 
 
 def add_parser(commands: Commands) -> argparse.ArgumentParser:
     """Add the ``train`` subparser."""
     from compiledopt.learned.catalog import LEARNED
+    from compiledopt.meta import ESTIMATORS
     from compiledopt.tasks import FAMILIES
 
     parser = commands.add_parser(
@@ -46,7 +53,7 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
     add("--transform-kwargs", type=json_object, default=None, help="constructor arguments, JSON")
     add("--family", choices=sorted(FAMILIES), default=None, help="task family")
     add("--family-kwargs", type=json_object, default=None, help="family arguments, JSON")
-    add("--estimator", choices=ESTIMATORS, default=None, help="tbptt (default), pes or es")
+    add("--estimator", choices=list(ESTIMATORS), default=None, help="default: tbptt")
     _number(parser, "meta_steps", "updates of the weights")
     _number(parser, "unroll", "inner steps per truncation")
     _number(
@@ -67,7 +74,7 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
     _add_es_options(parser)
     add(
         "--routes",
-        type=routes_option,
+        type=argtype(values.routes),
         default=None,
         metavar="ROLE=RULE[,ROLE=RULE...]",
         help="the rule of the transform each parameter role is updated by, in meta-training and "
@@ -102,7 +109,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="checkpoint path (default: <output root>/train/learned.pt; the output root is "
         "$COMPILEDOPT_HOME, else $XDG_DATA_HOME/compiledopt, else ~/.local/share/compiledopt)",
     )
-    _number(parser, "processes", "pes/es: torch.distributed ranks")
+    _number(parser, "processes", "torch.distributed ranks the task slots are spread over")
     add("--export", default=None, help="also export the result as an artifact to this folder")
     add("--export-backends", default=None, help="(default: torchscript,onnx)")
     _number(parser, "export_lr", "the artifact's recommended lr (default: the inner lr)")
@@ -112,7 +119,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         type=comma_list,
         default=[],
         metavar="SETTING[,SETTING...]",
-        help="tbptt --resume: settings that may differ from the checkpoint's (e.g. meta_lr); "
+        help="--resume: settings that may differ from the checkpoint's (e.g. meta_lr); "
         "meta_steps, eval_every and checkpoint_every may always change",
     )
     add("--no-progress", action="store_true", help="hide the progress bar")
@@ -129,6 +136,34 @@ def _print_summary(
     print(f"  {'step':>9}  {'final loss':>10}", file=out)
     for step, loss in evaluations:
         print(f"  {step:>9}  {loss:>10.4g}", file=out)
+
+
+def settings(args: argparse.Namespace) -> TrainSettings:
+    """The run's settings, command line over --config over the built-in defaults
+    (:func:`~compiledopt.apps.config.layered`); ``given`` names those set explicitly (on the
+    command line or in the file)."""
+    config = {} if args.config is None else read_config(args.config, DEFAULTS, config_value)
+    given_values, given = layered(DEFAULTS, config, vars(args))
+    if isinstance(given_values["export_backends"], str):
+        given_values["export_backends"] = _backends(given_values["export_backends"])
+    return TrainSettings(
+        **given_values,
+        resume=args.resume,
+        allow_changes=args.allow_changes,
+        progress=not args.no_progress,
+        config_file=args.config,
+        given=given,
+    )
+
+
+def _backends(text: str) -> Any:
+    """The backends of ``--export-backends`` (e.g. ``torchscript,onnx``), checked."""
+    from compiledopt.export import BACKENDS
+
+    try:
+        return names_of(BACKENDS, "backend")(text)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"--export-backends {text!r}: {error}") from None
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
