@@ -26,6 +26,7 @@ from benchmarks.learning_quality import (  # noqa: E402
     tasks,
     text,
     transformer_tasks,
+    weight_decay,
 )
 
 NAMES = list(tasks.TASKS)
@@ -370,6 +371,106 @@ def test_learned_optimizer_gets_parameter_groups_with_roles(artifact, monkeypatc
     assert len(fallback.param_groups) == 1
     with pytest.raises(ValueError, match="Unknown roles"):
         optimizers.learned_params(model, "some")
+
+
+def test_weight_decay_reaches_every_optimizer_and_its_runs(artifact, capsys):
+    model = tasks.TASKS["logistic"](0, 8).model()
+    paths, backends = {"learned": artifact}, {"learned": "torchscript"}
+    for kind in ("learned", "adamw", "sgd"):
+        plain = optimizers.build(kind, model, 1e-3, paths, backends)
+        assert all(g["weight_decay"] == 0.0 for g in plain.param_groups)  # the default
+        decayed = optimizers.build(kind, model, 1e-3, paths, backends, weight_decay=0.1)
+        assert all(g["weight_decay"] == 0.1 for g in decayed.param_groups)
+    job = {"task": "logistic", "seed": 0, "steps": 6, "lr": 0.5, "paths": paths}
+    job["backends"] = backends
+    for kind in ("learned", "adamw"):
+        records = [
+            run.run_job({**job, "optimizer": kind, "weight_decay": decay}) for decay in (0.0, 0.5)
+        ]
+        assert [r["weight_decay"] for r in records] == [0.0, 0.5]
+        assert records[0]["final_val_loss"] != records[1]["final_val_loss"]  # it took effect
+    assert run.run_job({**job, "optimizer": "adamw"})["weight_decay"] == 0.0  # older jobs
+    assert "finite number >= 0" in _parse_error(
+        ["--optimizer", "x", "--weight-decay", "-1"], capsys
+    )
+    for bad in ("nan", "inf", "some"):
+        err = _parse_error(["--optimizer", "x", "--weight-decay", bad], capsys)
+        assert "finite number >= 0" in err
+    default = options.settings(options.parse(["--optimizer", "x"]))
+    assert default["weight_decay"] == 0.0 and default["default_lr_only"] is False
+
+
+def test_default_lr_only_plans_each_kind_at_its_default():
+    assert optimizers.plan(3e-3, 10.0, quick=False, default_only=True) == {
+        "learned": [3e-3],
+        "old": [10.0],
+        "adamw": [optimizers.ADAMW_DEFAULT_LR],
+    }
+    assert optimizers.plan(3e-3, None, quick=True, default_only=True) == {
+        "learned": [3e-3],
+        "adamw": [optimizers.ADAMW_DEFAULT_LR],
+    }
+
+
+def test_quick_run_at_default_lrs_with_weight_decay_records_it(tmp_path, capsys):
+    prefix = tmp_path / "wd"
+    argv = ["--optimizer", "normalized-mlp", "--quick", "--tasks", "logistic"]
+    argv += ["--kinds", "learned,adamw", "--default-lr-only", "--weight-decay", "0.05"]
+    argv += ["--jobs", "1", "--no-plots", "--output", str(prefix)]
+    assert runner.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "weight decay 0.05" in printed
+    doc = json.loads((tmp_path / "wd.json").read_text())
+    assert doc["settings"]["weight_decay"] == 0.05 and doc["settings"]["default_lr_only"]
+    assert doc["sweeps"] == {
+        "learned": [doc["default_lrs"]["learned"]],
+        "adamw": [optimizers.ADAMW_DEFAULT_LR],
+    }
+    assert len(doc["runs"]) == 2 and all(r["weight_decay"] == 0.05 for r in doc["runs"])
+    assert "--weight-decay 0.05" in doc["command"]
+    assert "weight decay 0.05" in (tmp_path / "wd.md").read_text()
+    summary = doc["tasks"]["logistic"]["summary_of_runs"]
+    assert {"learned@default", "adamw@default"} <= set(summary["final_val_loss"])
+
+
+def test_weight_decay_summary_and_decision_by_hand():
+    def doc(decay, losses):  # losses: task -> kind -> per-seed final loss
+        runs = [
+            {
+                "task": task,
+                "optimizer": kind,
+                "lr": {"learned": 3e-3, "adamw": 1e-3}[kind],
+                "seed": seed,
+                "weight_decay": decay,
+                "counted_final_val_loss": loss,
+            }
+            for task, kinds in losses.items()
+            for kind, values in kinds.items()
+            for seed, loss in enumerate(values)
+        ]
+        return {
+            "tasks": dict.fromkeys(losses),
+            "default_lrs": {"learned": 3e-3, "adamw": 1e-3},
+            "settings": {"weight_decay": decay},
+            "runs": runs,
+        }
+
+    base = {"a": {"learned": [1.0, 2.0], "adamw": [2.0, 2.0]}, "b": {"learned": [4.0, 4.0]}}
+    half = {"a": {"learned": [0.5, 1.0], "adamw": [2.0, 2.0]}, "b": {"learned": [2.0, 2.0]}}
+    names, finals = weight_decay.collect([doc(0.0, base), doc(0.1, half)])
+    assert names == ["a", "b"] and finals["a", "learned", 0.1] == {0: 0.5, 1: 1.0}
+    rows = weight_decay.summary(names, finals, "learned")
+    assert rows[0.0]["geomean_ratio"] == pytest.approx(1.0)
+    assert rows[0.1]["geomean_ratio"] == pytest.approx(0.5)
+    assert rows[0.1]["se_log_ratio"] == pytest.approx(0.0) and rows[0.1]["better"] == 2
+    assert weight_decay.decide(rows)[0] == 0.1  # better on every task by the same factor
+    noisy = {"a": {"learned": [0.5, 1.0]}, "b": {"learned": [4.4, 4.4]}}
+    names, finals = weight_decay.collect([doc(0.0, base), doc(0.1, noisy)])
+    rows = weight_decay.summary(names, finals, "learned")
+    assert rows[0.1]["geomean_ratio"] < 1 and rows[0.1]["worse"] == 1
+    assert weight_decay.decide(rows)[0] == 0.0  # within noise: keep 0
+    with pytest.raises(ValueError, match="measured twice"):
+        weight_decay.collect([doc(0.0, base), doc(0.0, base)])
 
 
 def test_lr_spread_and_costs_by_hand():

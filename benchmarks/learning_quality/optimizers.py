@@ -14,9 +14,11 @@ Four kinds, each run at every lr of its sweep:
 The learned kinds get the model's parameter groups with roles (``compiledopt.param_groups``,
 where it exists) unless ``--roles none`` (:func:`learned_params`).
 
-Every run uses decoupled weight decay 0 and the same schedule (:func:`warmup_cosine`): a linear
+Every run uses the same weight decay (``--weight-decay``, default 0: decoupled for the learned kinds
+and AdamW, torch's L2 term for SGD) and the same schedule (:func:`warmup_cosine`): a linear
 warm-up over the first 5% of the steps, then a cosine decay to 0, through
-``torch.optim.lr_scheduler.LambdaLR``.
+``torch.optim.lr_scheduler.LambdaLR``. With ``--default-lr-only`` each kind runs at its untuned
+default lr alone (:func:`plan`; SGD has none and is left out).
 """
 
 import functools
@@ -148,8 +150,9 @@ def build(
     paths: Dict[str, str],
     backends: Dict[str, str],
     roles: str = DEFAULT_ROLES,
+    weight_decay: float = 0.0,
 ) -> Optimizer:
-    """An optimizer of ``kind`` at ``lr`` over ``model``'s parameters (weight decay 0).
+    """An optimizer of ``kind`` at ``lr`` over ``model``'s parameters.
 
     Args:
         model: the model (or its parameters): the learned kinds take it through
@@ -158,18 +161,24 @@ def build(
         backends: FrozenOptimizer backend of each learned kind.
         roles: ``auto`` (parameter groups with roles, where compiledopt builds them) or
             ``none`` (plain parameters) for the learned kinds.
+        weight_decay: decoupled (``p ← p − lr·wd·p``) for the learned kinds and AdamW; for SGD
+            torch's L2 term added to the gradient.
     """
     params = model.parameters() if isinstance(model, nn.Module) else model
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=0.0)
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
     if kind in ("learned", "old"):
         from compiledopt.runtime import FrozenOptimizer
 
         groups = learned_params(model, roles)
         return FrozenOptimizer(
-            groups, artifact(paths[kind]), lr=lr, backend=backends[kind], weight_decay=0.0
+            groups,
+            artifact(paths[kind]),
+            lr=lr,
+            backend=backends[kind],
+            weight_decay=weight_decay,
         )
     raise ValueError(f"Unknown optimizer kind: {kind!r} (one of {KINDS})")
 
@@ -201,9 +210,14 @@ def defaults(learned_lr: float, old_lr: Optional[float]) -> Dict[str, float]:
     return result
 
 
-def plan(learned_lr: float, old_lr: Optional[float], quick: bool) -> Dict[str, List[float]]:
+def plan(
+    learned_lr: float, old_lr: Optional[float], quick: bool, default_only: bool = False
+) -> Dict[str, List[float]]:
     """Every kind's sweep (the ``old`` kind only when ``old_lr`` is given); each includes the
-    kind's default lr."""
+    kind's default lr. ``default_only``: each kind with a default lr at that lr alone (no SGD)."""
+    if default_only:
+        untuned = defaults(learned_lr, old_lr)
+        return {kind: [untuned[kind]] for kind in KINDS if kind in untuned}
     result = {"learned": sweep("learned", learned_lr, quick)}
     if old_lr is not None:
         result["old"] = sweep("old", old_lr, quick)

@@ -50,6 +50,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"needs a finite number >= 0, got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.learning_quality",
@@ -108,6 +118,20 @@ def parser() -> argparse.ArgumentParser:
         default=list(optimizers.KINDS),
         help="comma-separated optimizer kinds to run, of learned, old, adamw, sgd (default: all; "
         "the learned optimizer's lr still comes from --optimizer)",
+    )
+    parser.add_argument(
+        "--default-lr-only",
+        action="store_true",
+        help="run each kind at its untuned default lr alone, no sweep (learned: --optimizer-lr "
+        f"or the manifest's; AdamW: {optimizers.ADAMW_DEFAULT_LR:g}; SGD has none and is left "
+        "out); AdamW's default then is the normalising target",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=_non_negative_float,
+        default=0.0,
+        help="weight decay of every optimizer: decoupled for the learned kinds and AdamW, torch's "
+        "L2 term for SGD (default: 0)",
     )
     parser.add_argument(
         "--roles",
@@ -172,6 +196,8 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
         "backend": args.backend,
         "roles": args.roles,
         "kinds": args.kinds,
+        "default_lr_only": args.default_lr_only,
+        "weight_decay": args.weight_decay,
         "quick": args.quick,
         "suite": None if args.tasks else (args.suite or DEFAULT_SUITE),
         "tasks": names,

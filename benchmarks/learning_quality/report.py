@@ -11,7 +11,7 @@
   (:func:`~benchmarks.learning_quality.analysis.summarize_task`: tuned lrs, final validation
   losses of each configuration, untuned AdamW at 1e-3 and 3e-3 included, per-seed normalised
   losses, steps and speed-ups, diverged lrs, wins, per-kind costs);
-* ``runs``: one record per run (task, seed, steps, optimizer, lr, the validation curve
+* ``runs``: one record per run (task, seed, steps, optimizer, lr, weight_decay, the validation curve
   ``eval_steps``/``val_loss``, the mean training loss between evaluations ``train_loss``,
   initial/final/counted-final/min validation loss, ``diverged``, ``diverged_step``, ms per step,
   ``optimizer_ms_median`` (the median ms of ``optimizer.step()`` alone), ``state_bytes_per_param``
@@ -105,7 +105,8 @@ def plan_text(
         f"learning quality: {len(names)} tasks x {'/'.join(map(str, counts))} seed(s) x "
         f"{configs} optimizer configurations = {runs} runs, "
         f"{settings['jobs']} worker(s) x {settings['threads']} thread(s), "
-        f"roles {settings.get('roles', optimizers.DEFAULT_ROLES)}",
+        f"roles {settings.get('roles', optimizers.DEFAULT_ROLES)}, "
+        f"weight decay {settings.get('weight_decay', 0.0):g}",
     ]
     for kind, lrs in sweeps.items():
         where = f" ({paths[kind]}, {backends[kind]})" if kind in paths else ""
@@ -142,9 +143,11 @@ def tables(doc: Dict[str, Any]) -> str:
     cost_kinds = [k for k in ("learned", "adamw") if k in kinds]
     cost_titles = [f"ms {k[:5]}" for k in cost_kinds] + [f"B/p {k[:5]}" for k in cost_kinds]
     task_seeds = doc["settings"].get("task_seeds") or {}
+    decay = doc["settings"].get("weight_decay", 0.0)
     lines = [
-        "final validation loss (mean over the task's seeds; * = tuned, its lr below), and costs: "
-        "ms = median ms of one optimizer.step() alone, B/p = state bytes per parameter",
+        "final validation loss (mean over the task's seeds; * = tuned, its lr below; weight decay "
+        f"{decay:g}), and costs: ms = median ms of one optimizer.step() alone, B/p = state bytes "
+        "per parameter",
         f"  {'task':<15} {'steps':>6} {'params':>8} {'seeds':>5} "
         + " ".join(f"{t:>10}" for _, t in columns)
         + " | "

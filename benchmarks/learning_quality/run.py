@@ -183,6 +183,7 @@ def _optimizer(job: Dict[str, Any], model: nn.Module) -> Any:
         job["paths"],
         job["backends"],
         roles=job.get("roles", optimizers.DEFAULT_ROLES),
+        weight_decay=job.get("weight_decay", 0.0),
     )
 
 
@@ -195,9 +196,10 @@ def prepare_task(name: str, seed: int, steps: int) -> str:
 
 def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     """Run one job (``task``, ``seed``, ``steps``, ``optimizer``, ``lr``, ``paths``,
-    ``backends``, optionally ``roles``) and return its record: the job's identity and
-    :func:`train`'s result. ``seconds`` counts from the model's construction (a task's
-    :meth:`~benchmarks.learning_quality.base.Task.prepare` is not in it)."""
+    ``backends``, optionally ``roles`` and ``weight_decay``) and return its record: the job's
+    identity (with its weight decay) and :func:`train`'s result. ``seconds`` counts from the
+    model's construction (a task's :meth:`~benchmarks.learning_quality.base.Task.prepare` is not
+    in it)."""
     task = tasks.make(job["task"], job["seed"], job["steps"])
     task.prepare()  # loads what the runner prepared (pre-training) before the clock starts
     begin = time.perf_counter()
@@ -205,6 +207,7 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     optimizer = _optimizer(job, model)
     record = train(task, model, optimizer, job["steps"])
     identity = {key: job[key] for key in ("task", "seed", "steps", "optimizer", "lr")}
+    identity["weight_decay"] = job.get("weight_decay", 0.0)
     return {**identity, **record, "seconds": time.perf_counter() - begin}
 
 
@@ -242,6 +245,7 @@ def stress(
     steps: int,
     seed: int = 0,
     roles: str = optimizers.DEFAULT_ROLES,
+    weight_decay: float = 0.0,
 ) -> Dict[str, Any]:
     """The stress check of optimizer ``kind`` on ``task_name``: ``steps`` steps at a constant
     ``lr`` with the loss scaled by 1e6, and ``steps`` steps with every gradient rescaled so that
@@ -252,7 +256,9 @@ def stress(
         task = tasks.make(task_name, seed, steps)
         model = task.model()
         params = list(model.parameters())
-        optimizer = optimizers.build(kind, model, lr, paths, backends, roles=roles)
+        optimizer = optimizers.build(
+            kind, model, lr, paths, backends, roles=roles, weight_decay=weight_decay
+        )
         bad_step: Optional[int] = None
         for step in range(steps):
             inputs, target = task.batch(step)

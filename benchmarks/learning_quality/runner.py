@@ -44,8 +44,10 @@ def make_jobs(
     paths: Dict[str, str],
     backends: Dict[str, str],
     roles: str = optimizers.DEFAULT_ROLES,
+    weight_decay: float = 0.0,
 ) -> List[Dict[str, Any]]:
-    """One job per task, seed (``seeds``: task -> its seeds), kind and lr."""
+    """One job per task, seed (``seeds``: task -> its seeds), kind and lr, all at
+    ``weight_decay``."""
     return [
         {
             "task": name,
@@ -56,6 +58,7 @@ def make_jobs(
             "paths": paths,
             "backends": backends,
             "roles": roles,
+            "weight_decay": weight_decay,
         }
         for name in names
         for kind, lrs in sweeps.items()
@@ -198,7 +201,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("no task can run: " + "; ".join(notes))
     steps = {n: tasks.steps_for(n, settings["quick"], settings["steps_scale"]) for n in names}
     kinds = settings["kinds"]
-    planned = optimizers.plan(learned_lr, old_lr, settings["quick"])
+    planned = optimizers.plan(
+        learned_lr, old_lr, settings["quick"], default_only=settings["default_lr_only"]
+    )
     sweeps = {kind: lrs for kind, lrs in planned.items() if kind in kinds}
     if not sweeps:
         raise SystemExit("no optimizer kind to run: " + ", ".join(kinds) + " (see notes)")
@@ -206,7 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = {kind: path for kind, path in paths.items() if kind in sweeps}
     seeds = {name: settings["task_seeds"][name] for name in names}
     roles = settings["roles"]
-    jobs = make_jobs(names, seeds, sweeps, steps, paths, backends, roles)
+    decay = settings["weight_decay"]
+    jobs = make_jobs(names, seeds, sweeps, steps, paths, backends, roles, decay)
 
     costs = calibrate(names, list(sweeps), steps, defaults, paths, backends)
     seconds = [job_seconds(job, costs) for job in jobs]
@@ -241,7 +247,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stress = {
         kind: [
             run.stress(
-                kind, name, defaults[kind], paths, backends, settings["stress_steps"], roles=roles
+                kind,
+                name,
+                defaults[kind],
+                paths,
+                backends,
+                settings["stress_steps"],
+                roles=roles,
+                weight_decay=decay,
             )
             for name in run.STRESS_TASKS
             if name in tasks.TASKS
