@@ -36,7 +36,7 @@ def describe_artifact(artifact: str, out: Optional[IO[str]] = None) -> None:
     print(f"{path}: compiledopt artifact, format version {show(m['format_version'])}", file=out)
     print(f"  transform  {show(json.dumps(m['transform']))}", file=out)
     kind = f"{show(m['kind'])} ({show(m['dtype'])})"
-    print(f"  kind       {kind}, suggested lr {m['lr']:g}", file=out)
+    print(f"  kind       {kind}, suggested lr {m['lr']:g}, weight decay 0 (default)", file=out)
     if loaded.kind == "bound":
         print(f"  bindings   {len(loaded.bindings)} parameters", file=out)
         for b in loaded.bindings:
