@@ -3,8 +3,8 @@
 The argparse types (:func:`positive_int`, :func:`random_seed`, :func:`names_of`, ...) are the
 parsers of :mod:`compiledopt.apps.values` through :func:`argtype`: a bad value is refused with an
 ``argparse.ArgumentTypeError`` naming it, so argparse prints the option and the message and exits
-with status 2. The checks on paths, which run before a command does any work,
-are in :mod:`compiledopt.apps.paths`. The options that several commands take are added by one
+with status 2. The checks on paths, which run before a command does any work, are in
+:mod:`compiledopt.apps.paths`. The options that several commands take are added by one
 function each (:func:`add_trust_options`, :func:`add_artifact_options`).
 """
 

@@ -17,7 +17,7 @@ from compiledopt.apps.train_settings import (
     TrainSettings,
     config_value,
 )
-from compiledopt.cli.arguments import Commands, argtype, comma_list, json_object, names_of
+from compiledopt.cli.arguments import Commands, argtype, comma_list, json_object
 from compiledopt.cli.text import wrote_artifact
 
 __all__ = ["add_parser", "run", "settings"]
@@ -161,8 +161,8 @@ def _backends(text: str) -> Any:
     from compiledopt.export import BACKENDS
 
     try:
-        return names_of(BACKENDS, "backend")(text)
-    except argparse.ArgumentTypeError as error:
+        return values.names_of(BACKENDS, "backend")(text)
+    except ValueError as error:
         raise ValueError(f"--export-backends {text!r}: {error}") from None
 
 

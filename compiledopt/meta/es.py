@@ -41,7 +41,7 @@ processes computes the same update as one.
 """
 
 import math
-from typing import Any, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -152,7 +152,7 @@ class EvolutionStrategies(Estimator):
         batch = task.validation_batch(step) if hasattr(task, "validation_batch") else None
         return slot.context.loss(params, batch if batch is not None else task.batch(step))
 
-    def _truncation(self, slot: Slot) -> Optional[Tensor]:
+    def _truncation(self, slot: Slot) -> Optional[Tuple[Tensor, float]]:
         """Advance ``slot`` by one truncation; return ``(Σ ξ·(F₊−F₋)/2, mean objective)``
         (``Σ ξ·F`` without antithetic pairs), or ``None`` when a member's loss is not finite."""
         cfg = self.config
@@ -197,7 +197,7 @@ class EvolutionStrategies(Estimator):
             direction = slot.memory["xi"]
         else:
             direction = eps
-        return torch.cat([(signal @ direction).double(), mean.mean().reshape(1)])
+        return (signal @ direction).double(), float(mean.mean())
 
     def estimate(self, slots: Sequence[Slot]) -> Estimate:
         """``θ.grad = ĝ``, the estimate averaged over the slots that finished (module docstring);
@@ -212,8 +212,8 @@ class EvolutionStrategies(Estimator):
             if result is None:
                 skipped += 1
             else:
-                numerator += result[:-1]
-                sums += torch.tensor([1.0, float(result[-1])], dtype=torch.float64)
+                numerator += result[0]
+                sums += torch.tensor([1.0, result[1]], dtype=torch.float64)
         if distributed():
             dist.all_reduce(numerator)
             dist.all_reduce(sums)
