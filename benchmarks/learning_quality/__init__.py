@@ -26,8 +26,12 @@ learning_quality.report`, :mod:`~benchmarks.learning_quality.plots`): ``PREFIX.j
     python -m benchmarks.learning_quality --optimizer PATH    # ~10 min on 2 idle cores, 2 seeds
     python -m benchmarks.learning_quality --optimizer PATH --quick   # ~1 min: a smoke test
 
+``--lrs KIND=LR[,LR...]`` narrows a kind's sweep (its untuned baselines kept); ``--journal PATH``
+keeps each finished run in a JSON Lines file, and a rerun takes the runs recorded there
+(:mod:`~benchmarks.learning_quality.journal`): a long suite in pieces.
+
 Modules: ``base`` (the task interface), ``tasks``, ``charlm``, ``text``, ``transformer_tasks`` and
 ``hf_trainer`` (the tasks), ``optimizers`` (kinds, sweeps, schedule), ``run`` (one run, the stress
 check, timing), ``metrics`` (pure functions), ``analysis`` (summaries, aggregates, lr spread,
-costs), ``options``, ``runner``, ``report``, ``plots``.
+costs), ``options``, ``runner``, ``journal`` (the runs kept for a rerun), ``report``, ``plots``.
 """

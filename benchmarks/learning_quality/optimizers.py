@@ -18,7 +18,8 @@ Every run uses the same weight decay (``--weight-decay``, default 0: decoupled f
 and AdamW, torch's L2 term for SGD) and the same schedule (:func:`warmup_cosine`): a linear
 warm-up over the first 5% of the steps, then a cosine decay to 0, through
 ``torch.optim.lr_scheduler.LambdaLR``. With ``--default-lr-only`` each kind runs at its untuned
-default lr alone (:func:`plan`; SGD has none and is left out).
+default lr alone (:func:`plan`; SGD has none and is left out). ``--lrs KIND=LR[,LR...]`` replaces
+a kind's sweep by the given lrs, its untuned baselines added where missing.
 """
 
 import functools
@@ -211,18 +212,28 @@ def defaults(learned_lr: float, old_lr: Optional[float]) -> Dict[str, float]:
 
 
 def plan(
-    learned_lr: float, old_lr: Optional[float], quick: bool, default_only: bool = False
+    learned_lr: float,
+    old_lr: Optional[float],
+    quick: bool,
+    default_only: bool = False,
+    grids: Optional[Dict[str, List[float]]] = None,
 ) -> Dict[str, List[float]]:
     """Every kind's sweep (the ``old`` kind only when ``old_lr`` is given); each includes the
-    kind's default lr. ``default_only``: each kind with a default lr at that lr alone (no SGD)."""
+    kind's default lr. ``default_only``: each kind with a default lr at that lr alone (no SGD).
+    ``grids`` (``--lrs``): kind -> the lrs replacing its sweep; the untuned baselines (each
+    kind's default lr, AdamW's :data:`ADAMW_UNTUNED_LRS`) are still added where missing."""
     if default_only:
         untuned = defaults(learned_lr, old_lr)
         return {kind: [untuned[kind]] for kind in KINDS if kind in untuned}
+    grids = grids or {}
     result = {"learned": sweep("learned", learned_lr, quick)}
     if old_lr is not None:
         result["old"] = sweep("old", old_lr, quick)
     result["adamw"] = sweep("adamw", None, quick)
     result["sgd"] = sweep("sgd", None, quick)
+    for kind in result:
+        if kind in grids:
+            result[kind] = sorted({clean_lr(lr) for lr in grids[kind]})
     wanted = [(kind, lr) for kind, lr in defaults(learned_lr, old_lr).items()]
     wanted += [("adamw", lr) for lr in ADAMW_UNTUNED_LRS]
     for kind, lr in wanted:

@@ -1,7 +1,8 @@
 """The command line of the learning-quality suite and the settings it resolves to."""
 
 import argparse
-from typing import Any, Dict, List, Optional, Sequence
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.learning_quality import metrics, optimizers, run
 from benchmarks.learning_quality.tasks import DEFAULT_SUITE, SUITES, TASKS, seeds_for
@@ -58,6 +59,32 @@ def _non_negative_float(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"needs a finite number >= 0, got {text!r}")
     return value
+
+
+def _lr_grid(text: str) -> Tuple[str, List[float]]:
+    """``KIND=LR[,LR...]``: an optimizer kind and its lrs (positive and finite; sorted, without
+    repeats, each to 4 significant digits as the sweeps are)."""
+    kind, equals, values = text.partition("=")
+    kind = kind.strip()
+    if not equals:
+        raise argparse.ArgumentTypeError(f"needs KIND=LR[,LR...], got {text!r}")
+    if kind not in optimizers.KINDS:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimizer kind {kind!r} in {text!r}: choose from "
+            f"{', '.join(optimizers.KINDS)}"
+        )
+    lrs = []
+    for item in values.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = math.nan
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(
+                f"{kind}: lr {item.strip()!r} is not a positive finite number (in {text!r})"
+            )
+        lrs.append(optimizers.clean_lr(value))
+    return kind, sorted(set(lrs))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,6 +154,27 @@ def parser() -> argparse.ArgumentParser:
         "out); AdamW's default then is the normalising target",
     )
     parser.add_argument(
+        "--lrs",
+        type=_lr_grid,
+        action="append",
+        default=[],
+        metavar="KIND=LR[,LR...]",
+        help="replace KIND's lr sweep by exactly these lrs (repeatable, one per kind; e.g. "
+        "--lrs adamw=1e-3,3e-3,1e-2 --lrs learned=3e-3,1e-2); the untuned baselines the report "
+        "needs are added where missing: the learned kinds' default lr, AdamW's "
+        f"{', '.join(f'{x:g}' for x in optimizers.ADAMW_UNTUNED_LRS)} (not with "
+        "--default-lr-only)",
+    )
+    parser.add_argument(
+        "--journal",
+        default=None,
+        metavar="PATH",
+        help="a JSON Lines file each finished run is appended to at once; a rerun with the same "
+        "journal reuses the runs recorded there (same task, seed, steps, optimizer, lr, weight "
+        "decay, roles, backend, artifact, torch and Python) and runs only the others: a long "
+        "suite in pieces",
+    )
+    parser.add_argument(
         "--weight-decay",
         type=_non_negative_float,
         default=0.0,
@@ -180,7 +228,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return parser().parse_args(list(argv) if argv is not None else None)
+    command = parser()
+    args = command.parse_args(list(argv) if argv is not None else None)
+    kinds = [kind for kind, _ in args.lrs]
+    twice = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+    if twice:
+        command.error(f"argument --lrs: {', '.join(twice)} given more than once")
+    if args.lrs and args.default_lr_only:
+        command.error("argument --lrs: not allowed with argument --default-lr-only")
+    return args
 
 
 def settings(args: argparse.Namespace) -> Dict[str, Any]:
@@ -197,11 +253,13 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
         "roles": args.roles,
         "kinds": args.kinds,
         "default_lr_only": args.default_lr_only,
+        "lrs": dict(args.lrs),
         "weight_decay": args.weight_decay,
         "quick": args.quick,
         "suite": None if args.tasks else (args.suite or DEFAULT_SUITE),
         "tasks": names,
         "output": output,
+        "journal": args.journal,
         "seeds": sorted({seed for seeds in task_seeds.values() for seed in seeds}),
         "task_seeds": task_seeds,
         "steps_scale": args.steps_scale,

@@ -94,9 +94,13 @@ def plan_text(
     estimate: float,
     seeds: Optional[Dict[str, List[int]]] = None,
     preparing: float = 0.0,
+    journal: Optional[Tuple[str, int]] = None,
 ) -> str:
     """What is about to run, with the estimated seconds of one run of each task and kind
-    (``per_run``) and of the whole run (``estimate``, of which ``preparing`` is pre-training)."""
+    (``per_run``; a task and kind missing there: none of its runs is left to run) and of the
+    runs left to run (``estimate``, of which ``preparing`` is pre-training). ``journal``: its
+    path and how many of the runs come from it (``--journal``). A kind with ``--lrs`` (in
+    ``settings["lrs"]``) says so, and which untuned baselines were added to its lrs."""
     seeds = seeds or {name: settings["seeds"] for name in names}
     configs = sum(len(v) for v in sweeps.values())
     runs = sum(len(seeds[name]) for name in names) * configs
@@ -108,19 +112,43 @@ def plan_text(
         f"roles {settings.get('roles', optimizers.DEFAULT_ROLES)}, "
         f"weight decay {settings.get('weight_decay', 0.0):g}",
     ]
+    grids = settings.get("lrs") or {}
     for kind, lrs in sweeps.items():
         where = f" ({paths[kind]}, {backends[kind]})" if kind in paths else ""
-        lines.append(f"  {optimizers.LABELS[kind]}{where}: lr {', '.join(f'{x:g}' for x in lrs)}")
+        line = f"  {optimizers.LABELS[kind]}{where}: lr {', '.join(f'{x:g}' for x in lrs)}"
+        if kind in grids:
+            added = [lr for lr in lrs if lr not in grids[kind]]
+            line += " (--lrs" + (
+                f"; the untuned baseline(s) {', '.join(f'{x:g}' for x in added)} added)"
+                if added
+                else ")"
+            )
+        lines.append(line)
+    done = (
+        " (-: none left to run)"
+        if any((name, kind) not in per_run for name in names for kind in sweeps)
+        else ""
+    )
     lines.append(
-        f"  {'task':<15} {'steps':>6} {'seeds':>5}  estimated seconds per run: " + ", ".join(sweeps)
+        f"  {'task':<15} {'steps':>6} {'seeds':>5}  estimated seconds per run{done}: "
+        + ", ".join(sweeps)
     )
     for name in names:
-        cells = ", ".join(f"{per_run[name, kind]:.1f}" for kind in sweeps)
+        cells = ", ".join(
+            f"{per_run[name, kind]:.1f}" if (name, kind) in per_run else "-" for kind in sweeps
+        )
         lines.append(f"  {name:<15} {steps[name]:>6} {len(seeds[name]):>5}  {cells}")
+    what = "the runs"
+    if journal is not None:
+        path, reused = journal
+        lines.append(
+            f"journal {path}: {reused} of {runs} runs recorded there, {runs - reused} to run"
+        )
+        what = f"the {runs - reused} runs left"
     if preparing:
         lines.append(f"pre-training before the runs: about {preparing / 60:.1f} min")
     lines.append(
-        f"estimated wall time of the runs: {estimate / 60:.1f} min (from a few timed steps of "
+        f"estimated wall time of {what}: {estimate / 60:.1f} min (from a few timed steps of "
         "each task and kind; more when other jobs load the CPUs)"
     )
     return "\n".join(lines)

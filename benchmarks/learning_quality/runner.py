@@ -1,22 +1,26 @@
-"""The run: resolve the optimizers, plan the jobs, estimate the time, run the jobs in a process
-pool, run the stress check, summarise, print and write the results."""
+"""The run: resolve the optimizers, plan the jobs, take the finished ones from the journal
+(``--journal``), estimate the time, run the others in a process pool (each appended to the journal
+as it finishes), run the stress check, summarise, print and write the results."""
 
+import contextlib
 import heapq
 import importlib.util
 import multiprocessing
 import os
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.learning_quality import analysis, optimizers, options, report, run, tasks
+from benchmarks.learning_quality import analysis, journal, optimizers, options, report, run, tasks
 
 #: The lr each kind's step is timed at for the estimate (the learned kinds: their default).
 _TIMING_LRS = {"adamw": optimizers.ADAMW_DEFAULT_LR, "sgd": 1e-2}
@@ -142,25 +146,71 @@ def makespan(durations: Sequence[float], workers: int) -> float:
     return max(loads)
 
 
-def execute(jobs: List[Dict[str, Any]], seconds: List[float], workers: int, threads: int) -> list:
-    """Every job's record, longest jobs first, in ``workers`` processes (``1``: this one)."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt (:func:`terminate_as_interrupt`)."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within: SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in this process, so
+    that an interrupted run stops its workers and closes its journal as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def execute(
+    jobs: List[Dict[str, Any]],
+    seconds: List[float],
+    workers: int,
+    threads: int,
+    done: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+) -> list:
+    """Every job's record, longest jobs first, in ``workers`` processes (``1``: this one).
+    ``done(i, record)`` is called in this process as soon as job ``i`` finishes. An interrupt or
+    an error stops the workers at once; the jobs finished before it have been given to ``done``."""
     order = sorted(range(len(jobs)), key=lambda i: -seconds[i])
     records: List[Optional[Dict[str, Any]]] = [None] * len(jobs)
     bar = tqdm(total=len(jobs), desc="runs", unit="run")
-    if workers == 1:
-        for i in order:
-            records[i] = run.run_job(jobs[i])
-            bar.update(1)
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=run.init_worker, initargs=(threads,)
-        ) as pool:
-            futures = {pool.submit(run.run_job, jobs[i]): i for i in order}
-            for future in as_completed(futures):
-                records[futures[future]] = future.result()
-                bar.update(1)
-    bar.close()
+
+    def finished(i: int, record: Dict[str, Any]) -> None:
+        records[i] = record
+        if done is not None:
+            done(i, record)
+        bar.update(1)
+
+    try:
+        if workers == 1:
+            for i in order:
+                finished(i, run.run_job(jobs[i]))
+        else:
+            context = multiprocessing.get_context("spawn")
+            before = set(multiprocessing.active_children())
+            pool = ProcessPoolExecutor(
+                workers, mp_context=context, initializer=run.init_worker, initargs=(threads,)
+            )
+            try:
+                futures = {pool.submit(run.run_job, jobs[i]): i for i in order}
+                for future in as_completed(futures):
+                    finished(futures[future], future.result())
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                for child in multiprocessing.active_children():
+                    if child not in before:  # this pool's workers: their runs are lost anyway
+                        child.terminate()
+                raise
+            pool.shutdown()
+    finally:
+        bar.close()
     return records
 
 
@@ -201,26 +251,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("no task can run: " + "; ".join(notes))
     steps = {n: tasks.steps_for(n, settings["quick"], settings["steps_scale"]) for n in names}
     kinds = settings["kinds"]
+    grids = settings["lrs"]
     planned = optimizers.plan(
-        learned_lr, old_lr, settings["quick"], default_only=settings["default_lr_only"]
+        learned_lr,
+        old_lr,
+        settings["quick"],
+        default_only=settings["default_lr_only"],
+        grids=grids,
     )
     sweeps = {kind: lrs for kind, lrs in planned.items() if kind in kinds}
     if not sweeps:
         raise SystemExit("no optimizer kind to run: " + ", ".join(kinds) + " (see notes)")
+    for kind in grids:
+        if kind not in sweeps:
+            why = "not in --kinds" if kind not in kinds else "the kind is left out (see notes)"
+            notes.append(f"--lrs {kind} ignored: {why}")
     defaults = optimizers.defaults(learned_lr, old_lr)
     paths = {kind: path for kind, path in paths.items() if kind in sweeps}
     seeds = {name: settings["task_seeds"][name] for name in names}
     roles = settings["roles"]
     decay = settings["weight_decay"]
     jobs = make_jobs(names, seeds, sweeps, steps, paths, backends, roles, decay)
+    journal_path = settings["journal"]
+    keys: List[Dict[str, Any]] = []
+    reused: Dict[int, Dict[str, Any]] = {}
+    if journal_path:
+        artifacts = {kind: journal.artifact_identity(path) for kind, path in paths.items()}
+        keys = [journal.job_key(job, artifacts) for job in jobs]
+        canonical = [journal.canonical(key) for key in keys]
+        found, unreadable, unmatched = journal.read(journal_path, canonical)
+        reused = {i: found[key] for i, key in enumerate(canonical) if key in found}
+        if unreadable or unmatched:
+            notes.append(
+                f"journal {journal_path}: {unreadable + unmatched} line(s) ignored ({unreadable} "
+                f"unreadable, {unmatched} of other runs)"
+            )
+    left = [i for i in range(len(jobs)) if i not in reused]
+    remaining = [jobs[i] for i in left]
 
-    costs = calibrate(names, list(sweeps), steps, defaults, paths, backends)
-    seconds = [job_seconds(job, costs) for job in jobs]
-    workers = min(settings["jobs"], len(jobs))
-    todo = preparations(names, seeds, steps)
+    names_left = [n for n in names if any(job["task"] == n for job in remaining)]
+    kinds_left = [k for k in sweeps if any(job["optimizer"] == k for job in remaining)]
+    costs = calibrate(names_left, kinds_left, steps, defaults, paths, backends) if remaining else {}
+    seconds = [job_seconds(job, costs) for job in remaining]
+    workers = min(settings["jobs"], len(remaining))
+    pending = {(job["task"], job["seed"]) for job in remaining}
+    todo = [item for item in preparations(names_left, seeds, steps) if item[:2] in pending]
     preparing = makespan(
         [
-            costs[name, "adamw"][1] * tasks.make(name, s, n).preparation_steps()
+            costs.get((name, "adamw"), costs[name, kinds_left[0]])[1]
+            * tasks.make(name, s, n).preparation_steps()
             for name, s, n in todo
         ],
         min(settings["jobs"], max(1, len(todo))),
@@ -228,22 +307,63 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     estimate = makespan(seconds, workers) + preparing + (_WORKER_START_S if workers > 1 else 0.0)
     per_run = {
         (n, kind): job_seconds({"task": n, "optimizer": kind, "steps": steps[n]}, costs)
-        for n in names
-        for kind in sweeps
+        for n, kind in costs
     }
     print(
         report.plan_text(
-            names, steps, sweeps, settings, paths, backends, per_run, estimate, seeds, preparing
+            names,
+            steps,
+            sweeps,
+            settings,
+            paths,
+            backends,
+            per_run,
+            estimate,
+            seeds,
+            preparing,
+            journal=(journal_path, len(reused)) if journal_path else None,
         )
     )
     for note in notes:
         print(f"note: {note}")
     sys.stdout.flush()
+    for kind, lrs in sweeps.items():
+        added = [lr for lr in lrs if kind in grids and lr not in grids[kind]]
+        if added:
+            notes.append(
+                f"--lrs {kind}: the untuned baseline lr(s) {', '.join(f'{x:g}' for x in added)} "
+                "added"
+            )
+    if reused:
+        notes.append(f"{len(reused)} of {len(jobs)} runs reused from the journal {journal_path}")
     if settings["estimate_only"]:
         return 0
 
-    prepare(todo, settings["jobs"], settings["threads"])
-    records = execute(jobs, seconds, workers, settings["threads"])
+    records: List[Optional[Dict[str, Any]]] = [reused.get(i) for i in range(len(jobs))]
+    writer = journal.Writer(journal_path) if journal_path else None
+
+    def done(k: int, record: Dict[str, Any]) -> None:
+        records[left[k]] = record
+        if writer is not None:
+            writer.append(keys[left[k]], record)
+
+    try:
+        with terminate_as_interrupt():
+            prepare(todo, settings["jobs"], settings["threads"])
+            if remaining:
+                execute(remaining, seconds, workers, settings["threads"], done)
+    except KeyboardInterrupt as interrupt:
+        finished = sum(record is not None for record in records)
+        kept = (
+            f"all in the journal {journal_path}: rerun the same command to resume"
+            if journal_path
+            else "no --journal: none kept"
+        )
+        print(f"interrupted: {finished} of {len(jobs)} runs finished ({kept})", file=sys.stderr)
+        return 143 if isinstance(interrupt, Terminated) else 130
+    finally:
+        if writer is not None:
+            writer.close()
     stress = {
         kind: [
             run.stress(
