@@ -11,7 +11,7 @@ import compiledopt as co
 from compiledopt.learned.normalized import NormalizedMLP
 from compiledopt.pretrained import load
 from compiledopt.runtime import strategies
-from compiledopt.runtime.buckets import MAX_MEMBER, plan
+from compiledopt.runtime.buckets import MAX_MEMBER, Bucket, plan
 
 PACKAGED = "normalized-mlp"
 # Shapes that bucket together (same shape, or the same canonical view: (4, 3, 2) and (4, 6)),
@@ -104,7 +104,7 @@ def test_plan_splits_buckets_by_size_step_and_device_keys():
     # "a" holds 0, 1, 3, 4, 5: at most 2 members of 10 elements per call; "b" is alone.
     assert [b.members for b in buckets] == [(0, 1), (3, 4), (5,), (2,)]
     assert [b.view for b in buckets] == [(10,), (10,), None, None]
-    assert plan(params, [0, 1], lambda i: None, 100) == [((0,), None), ((1,), None)]
+    assert plan(params, [0, 1], lambda i: None, 100) == [Bucket((0,), None), Bucket((1,), None)]
 
 
 def test_bfloat16_state_rounds_as_each_parameter_alone(monkeypatch):

@@ -22,7 +22,7 @@ All state has the gradient's dtype and device.
 import copy
 import itertools
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -160,6 +160,7 @@ class NormalizedMLP(Transform):
     shape_agnostic = True
     view_invariant = True
     fusable = True
+    paddable = True
 
     def __init__(
         self,
@@ -240,6 +241,26 @@ class NormalizedMLP(Transform):
     def update(
         self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor
     ) -> Tuple[Tensor, List[Tensor]]:
+        return self._update(grad, param, state, step, None)
+
+    @torch.jit.unused
+    def update_padded(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor, count: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        """:meth:`update` of a zero-padded canonical view of ``count`` elements: every feature
+        and the network's output are zero on the padding (zero history, odd network), the
+        per-tensor means divide by ``count``, and Newton–Schulz keeps a zero-padded matrix
+        zero-padded (the Gram matrix of ``[[A, 0], [0, 0]]`` is ``[[AAᵀ, 0], [0, 0]]``)."""
+        return self._update(grad, param, state, step, count)
+
+    def _update(
+        self,
+        grad: Tensor,
+        param: Tensor,
+        state: List[Tensor],
+        step: Tensor,
+        count: Optional[Tensor],
+    ) -> Tuple[Tensor, List[Tensor]]:
         check_shapes(grad, param, state, 3)
         beta1, beta2, beta3 = self.fast_decay, self.slow_decay, self.abs_decay
         fast = state[0] * beta1 + grad * (1.0 - beta1)
@@ -258,8 +279,8 @@ class NormalizedMLP(Transform):
             ratio_fast,
             slow / denominator * scales[1],
             grad / denominator * scales[2],
-            normalize(grad, self.fused),
-            normalize(fast, self.fused),
+            normalize(grad, self.fused, count),
+            normalize(fast, self.fused, count),
         ]
         dtype = self.skip.dtype
         columns = [torch.clamp(x, -clip, clip).to(dtype) for x in raw]
@@ -276,7 +297,7 @@ class NormalizedMLP(Transform):
             else:
                 matrix = newton_schulz(matrix)
             out = matrix.reshape(grad.shape)
-        return normalize(out, self.fused).to(grad.dtype), new_state
+        return normalize(out, self.fused, count).to(grad.dtype), new_state
 
     @torch.jit.unused
     def update_blocked(

@@ -2,6 +2,8 @@
 whole-tensor update and its blockwise one (:mod:`compiledopt.learned.normalized_blocked`):
 bias corrections, the per-tensor normalisation, the rational ``tanh`` and Newton–Schulz."""
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -55,14 +57,21 @@ def unit_max(x: Tensor) -> Tensor:
     return x / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def normalize(x: Tensor, wide: bool = False) -> Tensor:
+def normalize(x: Tensor, wide: bool = False, count: Optional[Tensor] = None) -> Tensor:
     """``x`` rescaled to an RMS of 1 over the whole tensor, or zeros where ``x`` is all zero.
 
     Overflow-safe: ``y = x / max|x|`` first, then ``y / sqrt(mean(y²))`` (``mean(y²) ≥ 1/numel``
-    whenever ``y`` is not zero). With ``wide`` the mean is accumulated in float64.
+    whenever ``y`` is not zero). With ``wide`` the mean is accumulated in float64. With
+    ``count``, ``x`` is a tensor of ``count`` elements zero-padded: the mean is over those.
     """
     y = unit_max(x)
-    if wide:
+    if count is not None:
+        if wide:
+            total = y.square().sum(dtype=torch.float64)
+        else:
+            total = y.square().sum()
+        mean = (total / count.to(total.dtype)).to(y.dtype)
+    elif wide:
         mean = y.square().mean(dtype=torch.float64).to(y.dtype)
     else:
         mean = y.square().mean()

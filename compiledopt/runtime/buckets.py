@@ -12,25 +12,47 @@ view for a ``view_invariant`` rule, see :func:`~compiledopt.runtime.compiled.can
 device, step count and state shapes go into buckets of at most ``max_elements`` elements in all;
 tensors larger than :data:`MAX_MEMBER` elements (whose call overhead is small next to their
 arithmetic), single-element tensors and distributed tensors (``DTensor``) are computed one by one.
+
+Tensors of *different* shapes share a call when the rule can compute zero-padded tensors
+(:attr:`~compiledopt.transforms.Transform.paddable`): :func:`padding_cell` groups computed shapes
+whose every side lies within a factor :data:`PAD_RATIO` of the others', and the bucket's shape is
+the largest side of its members along each axis; each member is zero-padded to it at the end of
+each axis, and the rule is told each member's element count. So a model of a thousand distinct
+shapes costs a few dozen calls instead of a thousand, for at most ``PAD_RATIO`` more arithmetic
+per axis.
 """
 
+import math
 from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MAX_MEMBER", "BatchedRule", "Bucket", "plan"]
+__all__ = ["MAX_MEMBER", "PAD_RATIO", "BatchedRule", "Bucket", "padding_cell", "plan"]
 
 #: Tensors with more elements than this are computed one by one.
 MAX_MEMBER = 1 << 16
+#: Sides within this factor of each other may be padded to one size (:func:`padding_cell`).
+PAD_RATIO = 2.0
 
 
 class Bucket(NamedTuple):
     """Parameters computed in one call: their indices, in the optimizer's order, and the shape
-    each is computed on (``None`` for a parameter computed on its own, in its own shape)."""
+    each is computed on (``None`` for a parameter computed on its own, in its own shape).
+    ``padded``: the members' own computed shapes, each zero-padded to ``view`` (``None`` when
+    every member has the shape ``view``)."""
 
     members: Tuple[int, ...]
     view: Optional[Tuple[int, ...]]
+    padded: Optional[Tuple[Tuple[int, ...], ...]] = None
+
+
+def padding_cell(view: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The cell of computed shapes padded together with ``view``: per axis, the index of the
+    interval ``[PAD_RATIO^k, PAD_RATIO^(k+1))`` its side lies in (so two sides in one cell
+    differ by less than a factor ``PAD_RATIO``); a side of 1 counts as 2 (a one-element tensor
+    joins the smallest ones, see :func:`plan`)."""
+    return tuple(math.floor(math.log(max(2, side)) / math.log(PAD_RATIO)) for side in view)
 
 
 def plan(
@@ -38,6 +60,7 @@ def plan(
     active: Sequence[int],
     key: Callable[[int], Optional[Tuple[Tuple[int, ...], Hashable]]],
     max_elements: int,
+    pad: bool = False,
 ) -> List[Bucket]:
     """The buckets of one step.
 
@@ -46,32 +69,61 @@ def plan(
         active: the indices of those that step.
         key: for parameter ``i``, its computed shape and whatever else must match within a
             bucket (device, step count, state shapes), or ``None`` to compute it on its own.
-        max_elements: the most elements (of one tensor kind, summed over members) in one call;
-            a bucket that would hold more is split.
+        max_elements: the most elements (of one tensor kind, summed over members, padding
+            included) in one call; a bucket that would hold more is split.
+        pad: whether computed shapes of one :func:`padding_cell` share buckets (the rule
+            computes zero-padded tensors); else only equal shapes do.
 
     Single-member buckets have ``view=None``; the order of the buckets follows the first
-    appearance of each key.
+    appearance of each key, and members keep the optimizer's order. One-element tensors are
+    computed on their own unless ``pad``; then a padded bucket's sides are at least 2 where
+    all its members have one element (a compiled graph's size-1 special cases never arise).
     """
-    groups: Dict[Hashable, List[int]] = {}
-    views: Dict[Hashable, Tuple[int, ...]] = {}
+    smallest = 1 if pad else 2
+    groups: Dict[Hashable, List[Tuple[int, Tuple[int, ...]]]] = {}
     for i in active:
-        found = key(i) if 1 < params[i].numel() <= MAX_MEMBER else None
+        found = key(i) if smallest <= params[i].numel() <= MAX_MEMBER else None
         if found is None:
-            groups[("single", i)] = [i]
+            groups[("single", i)] = [(i, ())]
             continue
         view, rest = found
-        groups.setdefault((view, rest), []).append(i)
-        views[(view, rest)] = view
+        groups.setdefault((padding_cell(view) if pad else view, len(view), rest), []).append(
+            (i, view)
+        )
     buckets = []
-    for name, members in groups.items():
+    for members in groups.values():
         if len(members) == 1:
-            buckets.append(Bucket((members[0],), None))
+            buckets.append(Bucket((members[0][0],), None))
             continue
-        per_call = max(1, max_elements // max(1, params[members[0]].numel()))
-        for start in range(0, len(members), per_call):
-            chunk = tuple(members[start : start + per_call])
-            buckets.append(Bucket(chunk, views[name] if len(chunk) > 1 else None))
+        start = 0
+        while start < len(members):
+            end, view = _chunk(members, start, max_elements)
+            chunk = members[start:end]
+            start = end
+            if len(chunk) == 1:
+                buckets.append(Bucket((chunk[0][0],), None))
+                continue
+            own = tuple(v for _, v in chunk)
+            if math.prod(view) == 1:
+                view = (2,) * len(view)
+            padded = None if all(v == view for v in own) else own
+            buckets.append(Bucket(tuple(i for i, _ in chunk), view, padded))
     return buckets
+
+
+def _chunk(
+    members: List[Tuple[int, Tuple[int, ...]]], start: int, max_elements: int
+) -> Tuple[int, Tuple[int, ...]]:
+    """The end of the call that starts at ``members[start]`` (at least one member, at most
+    ``max_elements`` padded elements in all) and the shape its members are padded to."""
+    view = members[start][1]
+    end = start + 1
+    while end < len(members):
+        wider = tuple(max(a, b) for a, b in zip(view, members[end][1]))
+        if (end - start + 1) * math.prod(wider) > max_elements:
+            break
+        view, end = wider, end + 1
+    return end, view
 
 
 class BatchedRule(nn.Module):
@@ -80,7 +132,9 @@ class BatchedRule(nn.Module):
     ``forward(grads, params, states, step, seeds) -> (directions, new_states)``: ``grads``,
     ``params``, every state tensor and ``seeds`` carry one entry per member along dimension 0;
     ``step`` is shared. ``rule(grad, param, state, step, seed)`` sees one member at a time, so
-    every reduction it makes stays within that member.
+    every reduction it makes stays within that member. With ``sides`` (members zero-padded to
+    a common shape: row ``j`` holds the sides of member ``j``'s own shape), ``rule(grad, param,
+    state, step, seed, sides)``.
     """
 
     def __init__(self, rule: Callable) -> None:
@@ -88,11 +142,20 @@ class BatchedRule(nn.Module):
         self.rule = rule
 
     def forward(
-        self, grads: Tensor, params: Tensor, states: List[Tensor], step: Tensor, seeds: Tensor
+        self,
+        grads: Tensor,
+        params: Tensor,
+        states: List[Tensor],
+        step: Tensor,
+        seeds: Tensor,
+        sides: Optional[Tensor] = None,
     ) -> Tuple[Tensor, List[Tensor]]:
-        mapped = torch.func.vmap(self._one, in_dims=(0, 0, 0, None, 0))
-        return mapped(grads, params, states, step, seeds)
+        if sides is None:
+            mapped = torch.func.vmap(self._one, in_dims=(0, 0, 0, None, 0))
+            return mapped(grads, params, states, step, seeds)
+        mapped = torch.func.vmap(self._one, in_dims=(0, 0, 0, None, 0, 0))
+        return mapped(grads, params, states, step, seeds, sides)
 
-    def _one(self, grad, param, state, step, seed):
-        direction, new_state = self.rule(grad, param, state, step, seed)
+    def _one(self, grad, param, state, step, seed, *sides):
+        direction, new_state = self.rule(grad, param, state, step, seed, *sides)
         return direction, list(new_state)

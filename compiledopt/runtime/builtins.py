@@ -19,17 +19,21 @@ from compiledopt.runtime.distributed import is_distributed
 from compiledopt.runtime.warming import Warming
 from compiledopt.transforms.base import Transform
 
-__all__ = ["BUILT_INS", "BuiltIn", "EagerModelRule", "EagerUpdate", "TensorRules"]
+__all__ = ["BUILT_INS", "BuiltIn", "EagerModelRule", "EagerUpdate", "TensorRules", "pads"]
 
 
 class TensorRules(NamedTuple):
     """A tensor strategy's callables on one device: ``single(grad, param, state, step, seed)``
     for one parameter, ``batched(grads, params, states, step, seeds)`` for a bucket of stacked
-    same-shape parameters (``None``: every parameter is computed on its own). Both take and
-    return the state in its storage dtype."""
+    same-shape parameters (``None``: every parameter is computed on its own) and
+    ``padded(grads, params, states, step, seeds, counts)`` for a bucket of parameters of
+    different shapes, each zero-padded to one shape (``None``: the rule cannot, see
+    :attr:`~compiledopt.transforms.Transform.paddable`). All take and return the state in its
+    storage dtype."""
 
     single: Callable
     batched: Optional[Callable]
+    padded: Optional[Callable] = None
 
 
 class BuiltIn(NamedTuple):
@@ -91,10 +95,26 @@ def _eager_batched(transform: Transform, stored: torch.dtype) -> Callable:
     return BatchedRule(StoredStateRule(transform.update, stored))
 
 
+def _eager_padded(transform: Transform, stored: torch.dtype) -> Optional[Callable]:
+    if not pads(transform):
+        return None
+    return BatchedRule(StoredStateRule(transform.update_padded, stored))
+
+
+def pads(transform: Transform) -> bool:
+    """Whether ``transform`` computes zero-padded canonical views (see
+    :attr:`~compiledopt.transforms.Transform.paddable`)."""
+    return transform.paddable and transform.view_invariant
+
+
 def _eager_rules(
     transform: Transform, dtype: torch.dtype, stored: torch.dtype, background: bool = False
 ) -> TensorRules:
-    return TensorRules(_eager_single(transform, stored), _eager_batched(transform, stored))
+    return TensorRules(
+        _eager_single(transform, stored),
+        _eager_batched(transform, stored),
+        _eager_padded(transform, stored),
+    )
 
 
 def _compiled_rules(
@@ -105,12 +125,17 @@ def _compiled_rules(
     rule = CompiledTensorRule(transform, state_dtype=None if stored == dtype else stored)
     single = rule if rule.state_dtype else StoredStateRule(rule, stored)
     batched = CompiledBatchedRule(transform, stored)
+    padded = CompiledBatchedRule(transform, stored, padded=True) if pads(transform) else None
     if not background:
-        return TensorRules(single, batched)
+        return TensorRules(single, batched, padded)
     what = f"FrozenOptimizer: the {type(transform).__name__} rule"
+    eager_padded = _eager_padded(transform, stored)
     return TensorRules(
         Warming(_eager_single(transform, stored), single, rule.kind, what),
         Warming(_eager_batched(transform, stored), batched, batched.kind, what),
+        None
+        if padded is None or eager_padded is None
+        else Warming(eager_padded, padded, padded.kind, what),
     )
 
 

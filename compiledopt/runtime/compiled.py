@@ -15,7 +15,7 @@ import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as fx_config
 from torch import Tensor, nn
 
-from compiledopt.export.rule import INDUCTOR_OPTIONS, TensorRule
+from compiledopt.export.rule import INDUCTOR_OPTIONS, TensorRule, freeze_transform
 from compiledopt.runtime.buckets import BatchedRule
 from compiledopt.runtime.rounding import STATE_DTYPES, round_state
 from compiledopt.transforms.base import Transform
@@ -25,6 +25,7 @@ __all__ = [
     "SMALL_VECTOR",
     "CompiledBatchedRule",
     "CompiledTensorRule",
+    "PaddedRule",
     "StoredStateRule",
     "canonical_shape",
     "compiling",
@@ -167,6 +168,9 @@ class StoredStateRule(nn.Module):
 
     ``forward(grad, param, state, step, seed) -> (direction, new_state)``; ``rule(grad, param,
     state, step)`` is any callable: a transform's ``update``, a module, an artifact's runner.
+    With ``sides`` (the sides of the unpadded view of a zero-padded tensor, 1-d int64),
+    ``rule(grad, param, state, step, count)``, a transform's ``update_padded`` told the unpadded
+    element count, and the new state rounds as the unpadded one would.
     """
 
     def __init__(self, rule, state_dtype: torch.dtype) -> None:
@@ -175,11 +179,20 @@ class StoredStateRule(nn.Module):
         self.state_dtype = state_dtype
 
     def forward(
-        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor, seed: Tensor
+        self,
+        grad: Tensor,
+        param: Tensor,
+        state: List[Tensor],
+        step: Tensor,
+        seed: Tensor,
+        sides: Optional[Tensor] = None,
     ) -> Tuple[Tensor, List[Tensor]]:
         state = [s.to(grad.dtype) if s.is_floating_point() else s for s in state]
-        direction, new_state = self.rule(grad, param, state, step)
-        return direction, round_state(list(new_state), self.state_dtype, seed)
+        if sides is None:
+            direction, new_state = self.rule(grad, param, state, step)
+        else:
+            direction, new_state = self.rule(grad, param, state, step, sides.prod())
+        return direction, round_state(list(new_state), self.state_dtype, seed, sides)
 
 
 class CompiledBatchedRule:
@@ -188,27 +201,60 @@ class CompiledBatchedRule:
     per computed rank serves every bucket of every model.
 
     ``rule(grads, params, states, step, seeds) -> (directions, new_states)``, the state in
-    ``state_dtype`` (converted and rounded inside the graph).
+    ``state_dtype`` (converted and rounded inside the graph). With ``padded``, members are
+    zero-padded to a common shape and the rule is the transform's ``update_padded``:
+    ``rule(grads, params, states, step, seeds, sides)``, ``sides[j]`` the sides of member ``j``'s
+    own computed shape.
     """
 
-    def __init__(self, transform: Transform, state_dtype: torch.dtype) -> None:
-        rule = StoredStateRule(TensorRule(transform, fused=True), state_dtype)
+    def __init__(
+        self, transform: Transform, state_dtype: torch.dtype, padded: bool = False
+    ) -> None:
+        inner: nn.Module = (
+            PaddedRule(transform, fused=True) if padded else TensorRule(transform, fused=True)
+        )
+        self.padded = padded
         self.compiled = torch.compile(
-            BatchedRule(rule), fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
+            BatchedRule(StoredStateRule(inner, state_dtype)),
+            fullgraph=True,
+            dynamic=True,
+            options=dict(INDUCTOR_OPTIONS),
         )
 
-    @staticmethod
-    def kind(grads: Tensor, params: Tensor, states: List[Tensor], *_: Tensor) -> tuple:
+    def kind(self, grads: Tensor, params: Tensor, states: List[Tensor], *_: Tensor) -> tuple:
         """The graph a call needs: the batch's rank and the dtypes and ranks it sees."""
         return (
-            f"batch of rank {params.dim() - 1}",
+            f"{'padded ' if self.padded else ''}batch of rank {params.dim() - 1}",
             grads.dtype,
             tuple((s.dtype, s.dim()) for s in states),
         )
 
     def __call__(
-        self, grads: Tensor, params: Tensor, states: List[Tensor], step: Tensor, seeds: Tensor
+        self,
+        grads: Tensor,
+        params: Tensor,
+        states: List[Tensor],
+        step: Tensor,
+        seeds: Tensor,
+        *sides: Tensor,
     ) -> Tuple[Tensor, List[Tensor]]:
         with compiling():
-            directions, new_states = self.compiled(grads, params, states, step, seeds)
+            directions, new_states = self.compiled(grads, params, states, step, seeds, *sides)
         return directions, list(new_states)
+
+
+class PaddedRule(nn.Module):
+    """A frozen paddable transform on one zero-padded tensor:
+    ``forward(grad, param, state, step, count)`` is its ``update_padded``."""
+
+    def __init__(self, transform: Transform, fused: bool = False) -> None:
+        super().__init__()
+        if not transform.paddable:
+            raise ValueError(f"{type(transform).__name__} cannot compute zero-padded tensors")
+        self.transform = freeze_transform(transform, fused)
+        self.eval()
+
+    def forward(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor, count: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        return self.transform.update_padded(grad, param, state, step, count)

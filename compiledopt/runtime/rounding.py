@@ -12,6 +12,8 @@ extra pass, no random-number state), gives identical results on every backend, a
 (``state_dict``) rounds exactly as an uninterrupted one.
 """
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -36,17 +38,24 @@ def _hash16(index: Tensor, seed: Tensor) -> Tensor:
     return h & 0xFFFF
 
 
-def stochastic_round_bfloat16(x: Tensor, seed: Tensor) -> Tensor:
+def stochastic_round_bfloat16(x: Tensor, seed: Tensor, sides: Optional[Tensor] = None) -> Tensor:
     """``x`` (float32) rounded to bfloat16, up or down with probabilities that make the result
     unbiased: ``E[result] = x``. Exactly representable values, infinities and NaNs are kept.
 
     Args:
         x (Tensor): float32 values.
         seed (Tensor): 0-d int64 tensor; equal seeds give equal roundings.
+        sides (Tensor, optional): for ``x`` a vector or matrix zero-padded from a smaller one,
+            that one's sides (1-d int64): each element then draws the bits of its place in the
+            unpadded tensor, so padding changes no rounding.
     """
     if x.dtype != torch.float32:
         raise ValueError(f"stochastic_round_bfloat16 rounds float32 tensors, got {x.dtype}")
     index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).reshape(x.shape)
+    if sides is not None and x.dim() == 2:
+        rows = torch.arange(x.shape[0], dtype=torch.int64, device=x.device)
+        columns = torch.arange(x.shape[1], dtype=torch.int64, device=x.device)
+        index = rows.unsqueeze(1) * sides[1] + columns.unsqueeze(0)
     bits = x.view(torch.int32).to(torch.int64)
     # Adding 16 random bits to the magnitude (the low bits of the pattern) and truncating rounds
     # the magnitude up with probability (discarded bits) / 2¹⁶.
@@ -57,12 +66,15 @@ def stochastic_round_bfloat16(x: Tensor, seed: Tensor) -> Tensor:
     return kept.to(torch.bfloat16)
 
 
-def round_state(values: list, dtype: torch.dtype, seed: Tensor) -> list:
+def round_state(
+    values: list, dtype: torch.dtype, seed: Tensor, sides: Optional[Tensor] = None
+) -> list:
     """Each float32 tensor of ``values`` stored as ``dtype`` (bfloat16: stochastically rounded,
-    tensor ``k`` with seed ``seed + k``); anything else is returned as it is."""
+    tensor ``k`` with seed ``seed + k``; ``sides``: see :func:`stochastic_round_bfloat16`);
+    anything else is returned as it is."""
     if dtype != torch.bfloat16:
         return list(values)
     return [
-        stochastic_round_bfloat16(v, seed + k) if v.dtype == torch.float32 else v
+        stochastic_round_bfloat16(v, seed + k, sides) if v.dtype == torch.float32 else v
         for k, v in enumerate(values)
     ]

@@ -17,6 +17,7 @@ nothing half-updated.
 
 import abc
 import copy
+import functools
 import itertools
 from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from compiledopt.export.artifact import Artifact
 from compiledopt.runtime.buckets import Bucket, plan
-from compiledopt.runtime.builtins import BUILT_INS, TensorRules
+from compiledopt.runtime.builtins import BUILT_INS, TensorRules, pads
 from compiledopt.runtime.compiled import StoredStateRule, canonical_shape
 from compiledopt.runtime.distributed import is_distributed, run_rule
 from compiledopt.runtime.rounding import round_state
@@ -196,6 +197,10 @@ class TensorStrategy(Strategy):
         super().__init__(artifact, transforms, backend, state_dtype, background)
         self.view = bool(getattr(transforms[0], "view_invariant", False))
         self.max_elements = MAX_ELEMENTS.get(backend, 0)
+        # Buckets of different shapes, zero-padded to one (the built-in backends, a paddable rule).
+        self.pad = backend in BUILT_INS and pads(transforms[0])
+        # Per padded bucket of the last step: its gradient buffer (padding kept zero) and sides.
+        self._padded: Dict[Tuple[int, ...], Tuple[Tensor, List[Tensor], Tensor]] = {}
         self._devices: Dict[torch.device, TensorRules] = {}
         # Per parameter shape: its computed shape and the other state shapes (see _key).
         self._shapes: Dict[torch.Size, Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]]] = {}
@@ -237,18 +242,23 @@ class TensorStrategy(Strategy):
             others = tuple(e.shape for e in expected if e.shape != tuple(shape))
             found = self._shapes[shape] = (view, others)
         view, others = found
+        if others and self.pad:  # a padded rule keeps every state in its parameter's shape
+            return None
         return view, (param.device, step, others)
 
     def compute(self, params, active, states, labels):
         steps = {i: int(states[i][STEP]) for i in active}
         computed = Computed({}, [])
-        buckets = plan(params, active, lambda i: self._key(params[i], steps[i]), self.max_elements)
+        buckets = plan(
+            params, active, lambda i: self._key(params[i], steps[i]), self.max_elements, self.pad
+        )
         previous, self._stacks = self._stacks, {}
+        padded, self._padded = self._padded, {}
         for bucket in buckets:
             if bucket.view is None:
                 self._single(bucket.members[0], params, states, labels, computed)
             else:
-                self._batched(bucket, params, states, labels, computed, previous)
+                self._batched(bucket, params, states, labels, computed, previous, padded)
         return computed
 
     def _single(self, i: int, params, states, labels, computed: "Computed") -> None:
@@ -268,27 +278,35 @@ class TensorStrategy(Strategy):
         computed.add_state((i,), new_state)
 
     def _batched(
-        self, bucket: Bucket, params, states, labels, computed: "Computed", previous
+        self, bucket: Bucket, params, states, labels, computed: "Computed", previous, padded
     ) -> None:
         """One rule call for the bucket's stacked members. A state tensor whose members all
         still hold the views the last step gave them (``previous``: the stacked result and those
-        views, by bucket) is that result already stacked, and is not stacked again."""
+        views, by bucket) is that result already stacked, and is not stacked again. Members of
+        different shapes are zero-padded to the bucket's (``padded``: the last step's gradient
+        buffers, reused)."""
         members, view = bucket.members, bucket.view
         assert view is not None  # only a batched bucket (a view for its members) comes here
         first = members[0]
         keys, _ = self._read(first, states[first])
         shapes = [params[i].shape for i in members]
-
-        def stack(tensors: List[Tensor], dtype: torch.dtype) -> Tensor:
-            return torch.stack(
-                [
-                    t if t.shape == view or t.shape != s else t.reshape(view)
-                    for t, s in zip(tensors, shapes)
-                ]
-            ).to(dtype)
-
-        grads = stack([params[i].grad for i in members], self.dtype)
-        inputs = stack([params[i].detach() for i in members], self.dtype)
+        grads_of = [params[i].grad for i in members]
+        rules = self.rules(params[first].device)
+        if bucket.padded is None:
+            slots = None
+            stack = functools.partial(_stack, view=view, shapes=shapes)
+            grads = stack(grads_of, self.dtype)
+            sides: Tuple[Tensor, ...] = ()
+            rule = rules.batched
+        else:
+            slots = functools.partial(_slots, own=bucket.padded, shapes=shapes)
+            stack = functools.partial(_pad, view=view, slots=slots)
+            grads, sides = self._padded_grads(bucket, grads_of, padded, slots)
+            rule = rules.padded
+        if rule is None:
+            raise RuntimeError("this backend's rules have no batched form, yet a bucket batched")
+        reads = self._transform(first).reads_param
+        inputs = stack([params[i].detach() for i in members], self.dtype) if reads else grads
         last = previous.get(members)
         stored = []
         for n, k in enumerate(keys):
@@ -298,16 +316,20 @@ class TensorStrategy(Strategy):
                 stored.append(stack([states[i][k] for i in members], states[first][k].dtype))
         step = states[first][STEP]
         seeds = _seed(step, torch.tensor(members, dtype=torch.int64))
-        batched = self.rules(params[first].device).batched
-        if batched is None:
-            raise RuntimeError("this backend's rules have no batched form, yet a bucket batched")
-        directions, values = batched(grads, inputs, stored, step, seeds)
+        directions, values = rule(grads, inputs, stored, step, seeds, *sides)
         check_batch(directions, grads, values, stored, keys, labels[first])
         # One tensor per member, each a view of the bucket's result (step counts included).
         steps = torch.full((len(members),), int(step) + 1, dtype=torch.int64).unbind(0)
-        parts = [_unstack(v, [states[i][k].shape for i in members]) for k, v in zip(keys, values)]
+        if slots is None:
+            parts = [
+                _unstack(v, [states[i][k].shape for i in members]) for k, v in zip(keys, values)
+            ]
+            own = _unstack(directions, shapes)
+        else:
+            parts = [slots(v) for v in values]
+            own = slots(directions)
         self._stacks[members] = list(zip(values, parts))
-        for j, (i, direction) in enumerate(zip(members, _unstack(directions, shapes))):
+        for j, (i, direction) in enumerate(zip(members, own)):
             new_state = {STEP: steps[j]}
             for k, part in zip(keys, parts):
                 new_state[k] = part[j]
@@ -315,6 +337,52 @@ class TensorStrategy(Strategy):
         computed.add(grads, members, "gradient")
         computed.add(directions, members, "direction")
         computed.add_state(members, dict(zip(keys, values)))
+
+    def _padded_grads(
+        self, bucket: Bucket, grads: List[Tensor], padded, slots: Callable
+    ) -> Tuple[Tensor, Tuple[Tensor]]:
+        """The bucket's gradients zero-padded into one buffer (the last step's, when it had the
+        same members, shape and dtype: only their coordinates are written, so the padding stays
+        zero), and the sides of each member's own computed shape."""
+        members, view = bucket.members, bucket.view
+        assert view is not None and bucket.padded is not None
+        kept = padded.get(members)
+        wanted = (len(members), *view)
+        if kept is None or tuple(kept[0].shape) != wanted or kept[0].dtype != self.dtype:
+            buffer = grads[0].new_zeros(wanted, dtype=self.dtype)
+            sides = torch.tensor(bucket.padded, dtype=torch.int64)
+            kept = (buffer, slots(buffer), sides.to(buffer.device))
+        self._padded[members] = kept
+        buffer, views, sides = kept
+        torch._foreach_copy_(views, grads)
+        return buffer, (sides,)
+
+
+def _stack(tensors: List[Tensor], dtype: torch.dtype, view, shapes) -> Tensor:
+    """Same-shape members stacked along a new first dimension, each in the computed ``view``."""
+    return torch.stack(
+        [t if t.shape == view or t.shape != s else t.reshape(view) for t, s in zip(tensors, shapes)]
+    ).to(dtype)
+
+
+def _pad(tensors: List[Tensor], dtype: torch.dtype, view, slots: Callable) -> Tensor:
+    """Members of different shapes zero-padded to ``view`` and stacked (``slots``: each
+    member's place in such a stack)."""
+    buffer = tensors[0].new_zeros((len(tensors), *view), dtype=dtype)
+    torch._foreach_copy_(slots(buffer), tensors)
+    return buffer
+
+
+def _slots(stacked: Tensor, own, shapes) -> List[Tensor]:
+    """Each member's coordinates in a padded stack: row ``j`` cut to the member's own computed
+    shape ``own[j]`` (a vector's first elements, a matrix's top-left block) and viewed in its
+    parameter's shape ``shapes[j]``."""
+    rows = stacked.unbind(0)
+    if stacked.dim() == 2:
+        return [row.narrow(0, 0, v[0]).view(s) for row, v, s in zip(rows, own, shapes)]
+    return [
+        row.narrow(0, 0, v[0]).narrow(1, 0, v[1]).view(s) for row, v, s in zip(rows, own, shapes)
+    ]
 
 
 def _unstack(stacked: Tensor, shapes: List[torch.Size]) -> List[Tensor]:

@@ -73,9 +73,14 @@ class Transform(nn.Module):
             the same maths, switched on by setting ``fused`` (``False`` by default);
             :func:`compiledopt.export.freeze_transform` does so for the Inductor backends.
 
-    Optional hook: :meth:`update_blocked`, the update computed a block of coordinates at a time
-    (bounded temporary memory); the eager runtime calls it for large tensors. The default is
-    :meth:`update` itself.
+        paddable (bool): whether :meth:`update_padded` computes a parameter's update on its
+            canonical view zero-padded at the end of each axis (requires ``view_invariant``
+            and every state tensor of the parameter's shape). Runtimes then compute tensors
+            of different shapes in one call.
+
+    Optional hooks: :meth:`update_blocked`, the update computed a block of coordinates at a time
+    (bounded temporary memory), which the eager runtime calls for large tensors (the default is
+    :meth:`update` itself); :meth:`update_padded` for a ``paddable`` transform.
     """
 
     reads_param: bool = False
@@ -83,6 +88,7 @@ class Transform(nn.Module):
     view_invariant: bool = False
     fusable: bool = False
     fused: bool = False
+    paddable: bool = False
 
     @torch.jit.export
     def init_state(self, param: Tensor) -> List[Tensor]:
@@ -112,6 +118,20 @@ class Transform(nn.Module):
         ``grad`` (a transform that builds whole-tensor intermediates overrides it with a
         blockwise version of the same maths). Eager only: kept out of TorchScript and export."""
         return self.update(grad, param, state, step)
+
+    @torch.jit.unused
+    def update_padded(
+        self, grad: Tensor, param: Tensor, state: List[Tensor], step: Tensor, count: Tensor
+    ) -> Tuple[Tensor, List[Tensor]]:
+        """:meth:`update` of a tensor zero-padded to a larger shape: ``grad``, ``param`` and
+        every state tensor are a canonical view (see ``view_invariant``) with zeros appended
+        along each axis, and ``count`` (0-d integer tensor) is the number of the unpadded
+        tensor's elements. A ``paddable`` transform returns, on the unpadded coordinates, what
+        :meth:`update` returns for the unpadded tensor (up to float rounding: sums taken over
+        more terms), and zeros (direction and every new state) on the padding, so a padded
+        state stays zero there. Eager and ``torch.compile`` only: kept out of TorchScript and
+        export."""
+        raise NotImplementedError(f"{type(self).__name__} cannot compute zero-padded tensors")
 
     def forward(self, grad: Tensor) -> Tensor:
         """The seed's call ``update = transform(grad)``: one step from the initial state."""
