@@ -30,3 +30,18 @@ def host_reads(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     return reads
+
+
+@pytest.fixture
+def foreach_copies(monkeypatch):
+    """A list that records the length of every ``torch._foreach_copy_`` call: how many tensors
+    a multi-tensor step copies into its stacks."""
+    copies = []
+    original = torch._foreach_copy_
+
+    def counted(dst, src, **kwargs):
+        copies.append(len(dst))
+        return original(dst, src, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", counted)
+    return copies

@@ -192,25 +192,25 @@ def test_distinct_shapes_share_a_few_rule_calls(monkeypatch):
     assert calls == {"update": 0, "update_padded": 7}
 
 
-def test_a_padded_state_is_a_view_of_the_bucket_and_is_not_packed_again(monkeypatch):
+def test_a_padded_state_is_updated_in_place_and_not_copied_in_again(foreach_copies):
     params = _params([(5, 7), (6, 6), (7, 5)])
     optimizer = co.FrozenOptimizer(params, PACKAGED, backend="eager")
     _grads(params, 0)
     optimizer.step()
-    packed = []
-    original = strategies._pad
-    monkeypatch.setattr(strategies, "_pad", lambda *a, **k: packed.append(1) or original(*a, **k))
+    kept = dict(optimizer.state[params[0]])
+    copies = foreach_copies
+    copies.clear()
     _grads(params, 1)
     optimizer.step()
-    assert packed == []  # the three states are last step's buffers; the gradients' is kept
-    state = optimizer.state[params[0]]["momentum_fast"]
-    assert state.shape == (5, 7) and state._base is not None
-    # A state replaced by the user is read as given (packed again), not the old buffer's view.
+    assert copies == [3]  # the gradients only: the three states are the bucket's own
+    assert all(optimizer.state[params[0]][k] is v for k, v in kept.items())
+    assert kept["momentum_fast"].shape == (5, 7) and kept["momentum_fast"]._base is not None
+    # A state replaced by the user is what the next step reads (copied into the bucket).
     optimizer.state[params[1]]["momentum_fast"] = torch.zeros(6, 6)
+    copies.clear()
     _grads(params, 2)
     optimizer.step()
-    assert packed == [1]
-    assert optimizer.state[params[1]]["momentum_fast"]._base is not None
+    assert copies == [3, 3]
 
 
 def test_padded_state_saves_loads_and_continues_exactly():

@@ -365,6 +365,7 @@ class FrozenOptimizer(Optimizer):
             skipped, self._warned_skip = groups_to_skip(
                 groups, computed.checks, labels, self.nonfinite, self._warned_skip
             )
+        computed.commit({i for g, (_, ms) in enumerate(groups) if g not in skipped for i in ms})
         results = computed.results
         for g, ((group, members), (lr, decay)) in enumerate(zip(groups, rates)):
             if g in skipped:

@@ -129,9 +129,7 @@ class Router:
         if len(parts) == 1:
             strategy, members = next(iter(parts.values()))
             return strategy.compute(flat, members, states, labels)
-        computed = Computed({}, [])
+        computed = Computed({}, [], [])
         for strategy, members in parts.values():
-            part = strategy.compute(flat, members, states, labels)
-            computed.results.update(part.results)
-            computed.checks.extend(part.checks)
+            computed.extend(strategy.compute(flat, members, states, labels))
         return computed

@@ -19,12 +19,13 @@ import abc
 import copy
 import functools
 import itertools
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Container, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from compiledopt.export.artifact import Artifact
+from compiledopt.runtime.bucket_store import BucketStore
 from compiledopt.runtime.buckets import Bucket, plan
 from compiledopt.runtime.builtins import BUILT_INS, TensorRules, pads
 from compiledopt.runtime.compiled import StoredStateRule, canonical_shape
@@ -57,12 +58,29 @@ class Result(NamedTuple):
 
 class Computed(NamedTuple):
     """A step's outcome before anything is written: each active parameter's checked
-    :class:`Result` by index, and what the optimizer must find finite before it writes:
+    :class:`Result` by index, what the optimizer must find finite before it writes:
     ``(tensor, members, what)`` entries, ``tensor`` holding one slice per member along its first
-    dimension (a single parameter's tensor is its own slice)."""
+    dimension (a single parameter's tensor is its own slice), and the writes of batched states
+    (``(members, write)``: ``write(rows)`` stores the new state of ``members[j]`` for each ``j``
+    of ``rows``), left to :meth:`commit` once the optimizer has decided. A batched member's
+    :class:`Result` state is the store's own tensors, whose values change at the commit."""
 
     results: Dict[int, Result]
     checks: List[Tuple[Tensor, Tuple[int, ...], str]]
+    commits: List[Tuple[Tuple[int, ...], Callable[[List[int]], None]]]
+
+    def commit(self, written: Container[int]) -> None:
+        """Write the new states held back for the optimizer's decision (a bucket's, see
+        :class:`~compiledopt.runtime.bucket_store.BucketStore`) of the parameters ``written``."""
+        for members, write in self.commits:
+            rows = [j for j, i in enumerate(members) if i in written]
+            if rows:
+                write(rows)
+
+    def extend(self, other: "Computed") -> None:
+        self.results.update(other.results)
+        self.checks.extend(other.checks)
+        self.commits.extend(other.commits)
 
     def add(self, tensor: Tensor, members: Tuple[int, ...], what: str) -> None:
         self.checks.append((tensor, tuple(members), what))
@@ -199,13 +217,11 @@ class TensorStrategy(Strategy):
         self.max_elements = MAX_ELEMENTS.get(backend, 0)
         # Buckets of different shapes, zero-padded to one (the built-in backends, a paddable rule).
         self.pad = backend in BUILT_INS and pads(transforms[0])
-        # Per padded bucket of the last step: its gradient buffer (padding kept zero) and sides.
-        self._padded: Dict[Tuple[int, ...], Tuple[Tensor, List[Tensor], Tensor]] = {}
         self._devices: Dict[torch.device, TensorRules] = {}
         # Per parameter shape: its computed shape and the other state shapes (see _key).
         self._shapes: Dict[torch.Size, Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]]] = {}
-        # Per bucket of the last step: each state tensor stacked, and its members' views of it.
-        self._stacks: Dict[Tuple[int, ...], List[Tuple[Tensor, List[Tensor]]]] = {}
+        # Per bucket of the last step: its stacked tensors (see bucket_store).
+        self._stores: Dict[Tuple[int, ...], BucketStore] = {}
         if backend not in BUILT_INS:  # exported graphs run on the CPU: load them now
             self.rules(torch.device("cpu"))
 
@@ -248,17 +264,16 @@ class TensorStrategy(Strategy):
 
     def compute(self, params, active, states, labels):
         steps = {i: int(states[i][STEP]) for i in active}
-        computed = Computed({}, [])
+        computed = Computed({}, [], [])
         buckets = plan(
             params, active, lambda i: self._key(params[i], steps[i]), self.max_elements, self.pad
         )
-        previous, self._stacks = self._stacks, {}
-        padded, self._padded = self._padded, {}
+        previous, self._stores = self._stores, {}
         for bucket in buckets:
             if bucket.view is None:
                 self._single(bucket.members[0], params, states, labels, computed)
             else:
-                self._batched(bucket, params, states, labels, computed, previous, padded)
+                self._batched(bucket, params, states, labels, computed, previous)
         return computed
 
     def _single(self, i: int, params, states, labels, computed: "Computed") -> None:
@@ -278,116 +293,45 @@ class TensorStrategy(Strategy):
         computed.add_state((i,), new_state)
 
     def _batched(
-        self, bucket: Bucket, params, states, labels, computed: "Computed", previous, padded
+        self, bucket: Bucket, params, states, labels, computed: "Computed", previous
     ) -> None:
-        """One rule call for the bucket's stacked members. A state tensor whose members all
-        still hold the views the last step gave them (``previous``: the stacked result and those
-        views, by bucket) is that result already stacked, and is not stacked again. Members of
-        different shapes are zero-padded to the bucket's (``padded``: the last step's gradient
-        buffers, reused)."""
+        """One rule call for the bucket's stacked members, on the stacks it kept from the last
+        step (``previous``, by members) where they still fit (see
+        :class:`~compiledopt.runtime.bucket_store.BucketStore`); members of different shapes
+        are zero-padded to the bucket's."""
         members, view = bucket.members, bucket.view
         assert view is not None  # only a batched bucket (a view for its members) comes here
         first = members[0]
         keys, _ = self._read(first, states[first])
-        shapes = [params[i].shape for i in members]
-        grads_of = [params[i].grad for i in members]
-        rules = self.rules(params[first].device)
-        if bucket.padded is None:
-            slots = None
-            stack = functools.partial(_stack, view=view, shapes=shapes)
-            grads = stack(grads_of, self.dtype)
-            sides: Tuple[Tensor, ...] = ()
-            rule = rules.batched
-        else:
-            slots = functools.partial(_slots, own=bucket.padded, shapes=shapes)
-            stack = functools.partial(_pad, view=view, slots=slots)
-            grads, sides = self._padded_grads(bucket, grads_of, padded, slots)
-            rule = rules.padded
+        shapes = tuple(params[i].shape for i in members)
+        own = bucket.padded or (view,) * len(members)
+        device = params[first].device
+        signature = (view, tuple(own), shapes, self.dtype, device)
+        store = previous.get(members)
+        if store is None or not store.fits(signature, keys):
+            store = BucketStore(members, view, own, shapes, keys, states[first], self.dtype, device)
+        self._stores[members] = store
+        rules = self.rules(device)
+        rule, sides = (
+            (rules.batched, ()) if bucket.padded is None else (rules.padded, (store.sides,))
+        )
         if rule is None:
             raise RuntimeError("this backend's rules have no batched form, yet a bucket batched")
+        grads, stored, _ = store.load(
+            [params[i].grad for i in members], [states[i] for i in members]
+        )
         reads = self._transform(first).reads_param
-        inputs = stack([params[i].detach() for i in members], self.dtype) if reads else grads
-        last = previous.get(members)
-        stored = []
-        for n, k in enumerate(keys):
-            if last is not None and all(states[i][k] is v for i, v in zip(members, last[n][1])):
-                stored.append(last[n][0])
-            else:
-                stored.append(stack([states[i][k] for i in members], states[first][k].dtype))
+        inputs = store.load_params([params[i].detach() for i in members]) if reads else grads
         step = states[first][STEP]
-        seeds = _seed(step, torch.tensor(members, dtype=torch.int64))
-        directions, values = rule(grads, inputs, stored, step, seeds, *sides)
+        directions, values = rule(grads, inputs, stored, step, _seed(step, store.indices), *sides)
         check_batch(directions, grads, values, stored, keys, labels[first])
-        # One tensor per member, each a view of the bucket's result (step counts included).
-        steps = torch.full((len(members),), int(step) + 1, dtype=torch.int64).unbind(0)
-        if slots is None:
-            parts = [
-                _unstack(v, [states[i][k].shape for i in members]) for k, v in zip(keys, values)
-            ]
-            own = _unstack(directions, shapes)
-        else:
-            parts = [slots(v) for v in values]
-            own = slots(directions)
-        self._stacks[members] = list(zip(values, parts))
-        for j, (i, direction) in enumerate(zip(members, own)):
-            new_state = {STEP: steps[j]}
-            for k, part in zip(keys, parts):
-                new_state[k] = part[j]
-            computed.results[i] = Result(direction, new_state)
+        store.directions.copy_(directions)
+        for j, i in enumerate(members):
+            computed.results[i] = Result(store.direction_rows[j], store.results[j])
+        computed.commits.append((members, functools.partial(store.commit, list(values))))
         computed.add(grads, members, "gradient")
         computed.add(directions, members, "direction")
         computed.add_state(members, dict(zip(keys, values)))
-
-    def _padded_grads(
-        self, bucket: Bucket, grads: List[Tensor], padded, slots: Callable
-    ) -> Tuple[Tensor, Tuple[Tensor]]:
-        """The bucket's gradients zero-padded into one buffer (the last step's, when it had the
-        same members, shape and dtype: only their coordinates are written, so the padding stays
-        zero), and the sides of each member's own computed shape."""
-        members, view = bucket.members, bucket.view
-        assert view is not None and bucket.padded is not None
-        kept = padded.get(members)
-        wanted = (len(members), *view)
-        if kept is None or tuple(kept[0].shape) != wanted or kept[0].dtype != self.dtype:
-            buffer = grads[0].new_zeros(wanted, dtype=self.dtype)
-            sides = torch.tensor(bucket.padded, dtype=torch.int64)
-            kept = (buffer, slots(buffer), sides.to(buffer.device))
-        self._padded[members] = kept
-        buffer, views, sides = kept
-        torch._foreach_copy_(views, grads)
-        return buffer, (sides,)
-
-
-def _stack(tensors: List[Tensor], dtype: torch.dtype, view, shapes) -> Tensor:
-    """Same-shape members stacked along a new first dimension, each in the computed ``view``."""
-    return torch.stack(
-        [t if t.shape == view or t.shape != s else t.reshape(view) for t, s in zip(tensors, shapes)]
-    ).to(dtype)
-
-
-def _pad(tensors: List[Tensor], dtype: torch.dtype, view, slots: Callable) -> Tensor:
-    """Members of different shapes zero-padded to ``view`` and stacked (``slots``: each
-    member's place in such a stack)."""
-    buffer = tensors[0].new_zeros((len(tensors), *view), dtype=dtype)
-    torch._foreach_copy_(slots(buffer), tensors)
-    return buffer
-
-
-def _slots(stacked: Tensor, own, shapes) -> List[Tensor]:
-    """Each member's coordinates in a padded stack: row ``j`` cut to the member's own computed
-    shape ``own[j]`` (a vector's first elements, a matrix's top-left block) and viewed in its
-    parameter's shape ``shapes[j]``."""
-    rows = stacked.unbind(0)
-    if stacked.dim() == 2:
-        return [row.narrow(0, 0, v[0]).view(s) for row, v, s in zip(rows, own, shapes)]
-    return [
-        row.narrow(0, 0, v[0]).narrow(1, 0, v[1]).view(s) for row, v, s in zip(rows, own, shapes)
-    ]
-
-
-def _unstack(stacked: Tensor, shapes: List[torch.Size]) -> List[Tensor]:
-    """The slices of ``stacked`` along its first dimension, each viewed as its shape."""
-    return [t if t.shape == s else t.reshape(s) for t, s in zip(stacked.unbind(0), shapes)]
 
 
 class ModelStrategy(Strategy):
@@ -430,7 +374,7 @@ class ModelStrategy(Strategy):
         by_step: Dict[int, List[int]] = {}
         for i in active:
             by_step.setdefault(int(states[i][STEP]), []).append(i)
-        computed = Computed({}, [])
+        computed = Computed({}, [], [])
         rule = self.rule(params[0].device)
         for step, members in by_step.items():
             grads, values, counts = [], [], []
