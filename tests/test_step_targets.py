@@ -117,6 +117,7 @@ def test_medians_and_ratios_are_consistent(quick):
         "resnet18_vs_fwd_bwd",
         "many_per_coordinate",
         "many_vs_adamw_foreach",
+        "mixed_vs_adamw_foreach",
         "memory_peak_over_state",
     }
     for name, target in judged.items():
@@ -165,6 +166,7 @@ def test_gpu_results_are_judged_and_reported(quick, tmp_path):
         (["--reps", "0"], "--reps: 0"),
         (["--timeout", "-1"], "--timeout: -1"),
         (["--bogus"], "--bogus"),
+        (["--cases", "tiny"], "'tiny'"),
     ],
 )
 def test_bad_options_stop_with_one_line(argv, named, monkeypatch, capsys):
@@ -193,6 +195,28 @@ def test_without_matplotlib_it_stops_before_any_work(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "compiledopt[bench]" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_of_some_cases_times_and_judges_those_only(tmp_path):
+    argv = ["--quick", "--backends", "eager", "--cases", "mixed", "few", "--no-memory"]
+    doc = targets.main([*argv, "--out", str(tmp_path)])
+    run = doc["runs"][0]
+    assert sorted(run["frozen"]["eager"]["cases"]) == ["few", "mixed"]
+    assert sorted(run["baseline"]["adamw"]) == ["few", "mixed"]
+    assert run["baseline"]["fwd_bwd"]["status"] == "skipped"
+    ratios = run["ratios"]["eager"]
+    foreach = run["baseline"]["adamw"]["mixed"]["foreach"]["step_ms"]
+    mixed = run["frozen"]["eager"]["cases"]["mixed"]["step_ms"]
+    assert ratios["mixed_vs_adamw_foreach"] == pytest.approx(mixed / foreach)
+    assert ratios["resnet18_vs_adamw_fused"] is None
+    judged = {t["name"]: t for t in doc["targets"] if t["backend"] == "eager"}
+    assert judged["mixed_vs_adamw_foreach"]["limit"] == 3.0
+    assert judged["mixed_vs_adamw_foreach"]["met"] is not None
+    assert judged["resnet18_vs_adamw_fused"]["met"] is None
+    assert doc["memory"]["rows"] == {} and "memory_peak_over_state" not in {
+        t["name"] for t in doc["targets"] if t["met"] is not None
+    }
+    assert (tmp_path / "targets.md").stat().st_size > 0
 
 
 def test_thread_counts():

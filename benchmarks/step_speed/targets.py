@@ -125,6 +125,17 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds before a child process is stopped (default: 1800; 300 quick)",
     )
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        choices=CASES,
+        default=None,
+        help=f"the cases to time (default: all of {' '.join(CASES)}; the per-coordinate ratios "
+        "need few too)",
+    )
+    p.add_argument(
+        "--no-memory", action="store_true", help="skip the peak-memory measurement of one step"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of parameters, gradients and data")
     p.add_argument(
         "--out",
@@ -187,6 +198,8 @@ def settings_of(args: argparse.Namespace, p: argparse.ArgumentParser) -> Dict[st
         "min_timed_s": 0.0 if args.quick else 0.25,
         "timeout_s": args.timeout or sizes["timeout_s"],
         "seed": args.seed,
+        "cases": list(dict.fromkeys(args.cases or CASES)),
+        "memory": not args.no_memory,
         "out": str(out),
         **{k: v for k, v in sizes.items() if k not in ("reps", "warmup", "timeout_s")},
     }
@@ -390,6 +403,9 @@ def _run_cpu(doc: Dict[str, Any], s: Dict[str, Any], sources: Dict[str, Any], t0
 def _run_memory(doc: Dict[str, Any], s: Dict[str, Any], sources: Dict[str, Any], t0: float) -> None:
     names = [*(f"adamw-{v}" for v in ADAMW), *s["backends"]]
     threads = max(s["threads"])
+    if not s.get("memory", True):
+        doc["memory"] = {"threads": threads, "rows": {}}
+        return
     jobs, memory = [], {}
     for name in names:
         skip = None if name.startswith("adamw-") else _unavailable(sources[name], None)
