@@ -57,18 +57,27 @@ def compiling() -> Iterator[None]:
       another entry in Dynamo's cache of it, so a process that builds more than Dynamo's default
       8 optimizers would otherwise fail with "recompile limit exceeded".
     """
-    # patch() is added to torch's config modules at import (install_config_module).
-    fx_patch = fx_config.patch  # type: ignore[attr-defined]
-    with (
-        COMPILE_LOCK,
-        fx_patch(backed_size_oblivious=True, use_duck_shape=False),
-        dynamo_config.patch(
-            specialize_float=True,
-            recompile_limit=RULES_PER_PROCESS,
-            accumulated_recompile_limit=16 * RULES_PER_PROCESS,
-        ),
-    ):
-        yield
+    # Set and restored attribute by attribute: the config modules' patch() builds a context
+    # class at every call, a cost paid by every rule call of every step.
+    with COMPILE_LOCK:
+        saved = [(module, name, getattr(module, name)) for module, name, _ in _SETTINGS]
+        try:
+            for module, name, value in _SETTINGS:
+                setattr(module, name, value)
+            yield
+        finally:
+            for module, name, value in reversed(saved):
+                setattr(module, name, value)
+
+
+#: What :func:`compiling` sets: (config module, attribute, value).
+_SETTINGS = (
+    (fx_config, "backed_size_oblivious", True),
+    (fx_config, "use_duck_shape", False),
+    (dynamo_config, "specialize_float", True),
+    (dynamo_config, "recompile_limit", RULES_PER_PROCESS),
+    (dynamo_config, "accumulated_recompile_limit", 16 * RULES_PER_PROCESS),
+)
 
 
 def canonical_shape(shape: Sequence[int]) -> Tuple[int, ...]:
