@@ -281,3 +281,29 @@ def test_compiled_padded_buckets_match_eager():
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
         for key, value in a.state[p].items():
             torch.testing.assert_close(b.state[q][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_skipped_group_keeps_its_state_in_a_bucket_shared_with_another_group():
+    shapes = [(5,), (6,), (7,), (4, 5), (5, 4)]
+    params = _params(shapes)
+    groups = [{"params": [params[0], params[3]]}, {"params": [params[1], params[2], params[4]]}]
+    optimizer = co.FrozenOptimizer(groups, PACKAGED, backend="eager")
+    _grads(params, 0)
+    optimizer.step()
+    before = {
+        i: {k: v.clone() for k, v in optimizer.state[p].items()} for i, p in enumerate(params)
+    }
+    kept = [p.detach().clone() for p in params]
+    _grads(params, 1)
+    params[3].grad[0, 0] = float("nan")  # the first group skips this step
+    optimizer.step()
+    assert optimizer.skipped_steps == 1
+    for i in (0, 3):  # untouched: values, step counts, parameters
+        assert torch.equal(params[i], kept[i])
+        for key, value in before[i].items():
+            assert torch.equal(optimizer.state[params[i]][key], value), (i, key)
+    reference = _params(shapes)
+    states = _reference(reference, 2, optimizer.defaults["lr"], 0.0, {})
+    for i in (1, 2, 4):  # stepped twice, as the rule alone would
+        torch.testing.assert_close(params[i], reference[i], rtol=1e-6, atol=1e-7)
+        assert int(optimizer.state[params[i]]["step"]) == 2 == states[i][0]
