@@ -4,6 +4,7 @@ optimizer's state exactly (parameters equal a run compiled from the start, withi
 
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -48,6 +49,34 @@ def test_eager_answers_until_the_compile_of_that_kind_is_ready():
     assert torch.equal(rule(torch.zeros(2, 2)), torch.zeros(2, 2))
     assert warming.wait(10)
     assert torch.equal(rule(torch.zeros(2, 2)), torch.ones(2, 2))
+
+
+def test_no_compile_starts_before_the_eager_rule_has_run_its_patience():
+    calls = []
+    clock = warming.EagerClock(0.05)
+
+    def slow_eager(x):
+        time.sleep(0.03)
+        calls.append(("eager", threading.current_thread().name))
+        return x
+
+    rule = Warming(slow_eager, _recorder("compiled", calls), _kind, "t", clock)
+    other = Warming(slow_eager, _recorder("compiled", calls), _kind, "t", clock)
+    x = torch.zeros(3)
+    rule(x)  # 0.03 s of eager time: below the patience
+    other(torch.zeros(2, 2))  # another form of the same rule, the same clock: 0.06 s
+    assert warming.wait(10) and all(name == "eager" for name, _ in calls)
+    assert clock.spent >= 0.06 and clock.due
+    rule(x)  # due: this call starts the compile (and still answers eager)
+    assert warming.wait(10)
+    assert ("compiled", "compiledopt-compile") in calls
+    assert torch.equal(rule(x), x + 1)
+
+
+def test_the_default_patience_is_read_when_a_clock_is_made(monkeypatch):
+    assert warming.EagerClock().patience == warming.PATIENCE_S == 30.0
+    monkeypatch.setattr(warming, "PATIENCE_S", 0.0)
+    assert warming.EagerClock().due
 
 
 def test_the_compile_runs_on_copies_of_the_call():
@@ -118,7 +147,8 @@ def _run(backend, wait_after=None, steps=5):
 
 
 @pytest.mark.slow
-def test_hand_over_equals_a_run_compiled_from_the_start(caplog):
+def test_hand_over_equals_a_run_compiled_from_the_start(caplog, monkeypatch):
+    monkeypatch.setattr(warming, "PATIENCE_S", 0.0)  # compile from the first step on
     with caplog.at_level(logging.INFO, logger="compiledopt"):
         optimizer, warmed = _run("auto", wait_after=1)
     assert optimizer.backend == "compiled" and optimizer.background

@@ -16,7 +16,7 @@ from compiledopt.export.rule import INDUCTOR_OPTIONS, ModelRule
 from compiledopt.runtime.buckets import MAX_MEMBER, BatchedRule
 from compiledopt.runtime.compiled import CompiledBatchedRule, CompiledTensorRule, StoredStateRule
 from compiledopt.runtime.distributed import is_distributed
-from compiledopt.runtime.warming import Warming
+from compiledopt.runtime.warming import EagerClock, Warming
 from compiledopt.transforms.base import Transform
 
 __all__ = ["BUILT_INS", "BuiltIn", "EagerModelRule", "EagerUpdate", "TensorRules", "pads"]
@@ -130,12 +130,13 @@ def _compiled_rules(
         return TensorRules(single, batched, padded)
     what = f"FrozenOptimizer: the {type(transform).__name__} rule"
     eager_padded = _eager_padded(transform, stored)
+    clock = EagerClock()  # one patience for the rule's three forms (see runtime.warming)
     return TensorRules(
-        Warming(_eager_single(transform, stored), single, rule.kind, what),
-        Warming(_eager_batched(transform, stored), batched, batched.kind, what),
+        Warming(_eager_single(transform, stored), single, rule.kind, what, clock),
+        Warming(_eager_batched(transform, stored), batched, batched.kind, what, clock),
         None
         if padded is None or eager_padded is None
-        else Warming(eager_padded, padded, padded.kind, what),
+        else Warming(eager_padded, padded, padded.kind, what, clock),
     )
 
 

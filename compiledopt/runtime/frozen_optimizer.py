@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+import compiledopt.runtime.warming as warming
 from compiledopt._validation import check_flag, check_real
 from compiledopt.export import Artifact
 from compiledopt.roles import AUTO
@@ -202,16 +203,14 @@ class FrozenOptimizer(Optimizer):
         self.background = backend == "auto" and self.backend == "compiled"
         self._router.bind(self.backend, self.background)
         self._initialised = True
+        why = "chosen by auto" if backend == "auto" else "as asked"
+        if self.background:
+            why += (
+                f"; compiled in the background once the eager rule has run {warming.PATIENCE_S:g} s"
+            )
         logger.info(
             "FrozenOptimizer: %s artifact %s on the %s backend (%s)",
-            self.artifact.kind,
-            self.artifact.path,
-            self.backend,
-            "chosen by auto; compiled in the background, the eager rule runs until then"
-            if self.background
-            else "chosen by auto"
-            if backend == "auto"
-            else "as asked",
+            *(self.artifact.kind, self.artifact.path, self.backend, why),
         )
 
     @property

@@ -9,6 +9,12 @@ later calls of that kind run compiled once it has finished. The optimizer's stat
 tensors either way, so the hand-over is exact up to the rounding by which eager and compiled
 arithmetic differ (a few float32 ulps a step).
 
+A compile costs tens of seconds of CPU, and while it traces it holds the interpreter lock the
+training loop needs too, so it only starts once it can pay off: when the eager rule has run for
+:data:`PATIENCE_S` seconds in all (an :class:`EagerClock` shared by an optimizer's rules), as one
+would rent until the rent reaches the price. A run shorter than that never compiles and runs
+as fast as the eager backend; a longer one spends at most about twice the better of the two.
+
 A compile that fails leaves that kind on the eager rule, with one WARNING. :func:`wait` blocks
 until every compile started so far has finished (for tests and benchmarks that want the
 compiled rule from a known step on).
@@ -16,14 +22,18 @@ compiled rule from a known step on).
 
 import logging
 import threading
-from typing import Any, Callable, Hashable, List, Set
+import time
+from typing import Any, Callable, Hashable, List, Optional, Set
 
 import torch
 from torch.utils._pytree import tree_map
 
 from compiledopt.runtime.compiled import COMPILE_LOCK
 
-__all__ = ["Warming", "wait"]
+__all__ = ["PATIENCE_S", "EagerClock", "Warming", "wait"]
+
+#: Seconds of eager rule time before the background compiles start (see the module doc).
+PATIENCE_S = 30.0
 
 logger = logging.getLogger("compiledopt")
 
@@ -45,6 +55,20 @@ def _copy(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
+class EagerClock:
+    """The time the eager rules of one optimizer have run, against ``patience`` seconds
+    (default :data:`PATIENCE_S`, read when the clock is made)."""
+
+    def __init__(self, patience: "float | None" = None) -> None:
+        self.patience = PATIENCE_S if patience is None else float(patience)
+        self.spent = 0.0
+
+    @property
+    def due(self) -> bool:
+        """Whether the compiles may start."""
+        return self.spent >= self.patience
+
+
 class Warming:
     """``compiled`` once it is ready for a call's kind, ``eager`` until then.
 
@@ -54,15 +78,24 @@ class Warming:
         kind (callable): ``kind(*args) -> hashable``, the graph a call needs (calls of one kind
             never recompile once one of them has compiled).
         what (str): the rule, for log lines.
+        clock (EagerClock, optional): the eager time that starts the compiles, shared by an
+            optimizer's rules (default: a clock of no patience: the first call of a kind starts
+            its compile).
     """
 
     def __init__(
-        self, eager: Callable, compiled: Callable, kind: Callable[..., Hashable], what: str
+        self,
+        eager: Callable,
+        compiled: Callable,
+        kind: Callable[..., Hashable],
+        what: str,
+        clock: Optional[EagerClock] = None,
     ) -> None:
         self.eager = eager
         self.compiled = compiled
         self.kind = kind
         self.what = what
+        self.clock = EagerClock(0.0) if clock is None else clock
         self._started: Set[Hashable] = set()
         self._ready: Set[Hashable] = set()
 
@@ -75,7 +108,7 @@ class Warming:
                 return self.compiled(*args)
             finally:
                 COMPILE_LOCK.release()
-        if kind not in self._started:
+        if kind not in self._started and self.clock.due:
             self._started.add(kind)
             example = tree_map(_copy, args)
             thread = threading.Thread(
@@ -88,7 +121,11 @@ class Warming:
                 kind,
             )
             thread.start()
-        return self.eager(*args)
+        began = time.perf_counter()
+        try:
+            return self.eager(*args)
+        finally:
+            self.clock.spent += time.perf_counter() - began
 
     def _warm(self, kind: Hashable, example: tuple) -> None:
         try:
