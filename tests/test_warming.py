@@ -74,7 +74,7 @@ def test_no_compile_starts_before_the_eager_rule_has_run_its_patience():
 
 
 def test_the_default_patience_is_read_when_a_clock_is_made(monkeypatch):
-    assert warming.EagerClock().patience == warming.PATIENCE_S == 30.0
+    assert warming.EagerClock().patience == warming.PATIENCE_S == 120.0
     monkeypatch.setattr(warming, "PATIENCE_S", 0.0)
     assert warming.EagerClock().due
 

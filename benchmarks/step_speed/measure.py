@@ -238,16 +238,17 @@ def json_default(value: Any) -> Any:
 
 
 def in_child(
-    entry: str, job: Dict[str, Any], limit: float, env: Optional[Dict[str, str]] = None
+    entry: str,
+    job: Dict[str, Any],
+    limit: float,
+    env: Optional[Dict[str, str]] = None,
+    module: str = "benchmarks.step_speed.runs",
 ) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """Run ``benchmarks.step_speed.runs.<entry>()`` in a child process, ``job`` as JSON on its
-    stdin, stopped after ``limit`` seconds (its output, the profiler's included, is captured).
-    Returns ``(result, None)``, or ``(None, "timeout")``, or ``(None, "child exited N: <last
-    stderr lines>")``."""
-    code = (
-        f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-        f"from benchmarks.step_speed.runs import {entry}; {entry}()"
-    )
+    """Run ``<module>.<entry>()`` in a child process, ``job`` as JSON on its stdin, stopped
+    after ``limit`` seconds (its output, the profiler's included, is captured). Returns
+    ``(result, None)``, or ``(None, "timeout")``, or ``(None, "child exited N: <last stderr
+    lines>")``."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from {module} import {entry}; {entry}()"
     # A session of its own, so that a stopped child takes its compile workers with it.
     child = subprocess.Popen(
         [sys.executable, "-c", code],

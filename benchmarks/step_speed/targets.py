@@ -90,14 +90,16 @@ SIZES: Dict[str, Dict[str, Any]] = {
 # -- the command line ---------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> "None":  # one line, status 2
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``PROG: error: ...``) and status 2."""
+
+    def error(self, message: str) -> "None":
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Production targets of the packaged default learned optimizer: ResNet-18, "
         "many tensors, memory, roofline and GPU, as ratios to AdamW and to forward + backward.",

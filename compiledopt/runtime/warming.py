@@ -9,11 +9,12 @@ later calls of that kind run compiled once it has finished. The optimizer's stat
 tensors either way, so the hand-over is exact up to the rounding by which eager and compiled
 arithmetic differ (a few float32 ulps a step).
 
-A compile costs tens of seconds of CPU, and while it traces it holds the interpreter lock the
-training loop needs too, so it only starts once it can pay off: when the eager rule has run for
-:data:`PATIENCE_S` seconds in all (an :class:`EagerClock` shared by an optimizer's rules), as one
-would rent until the rent reaches the price. A run shorter than that never compiles and runs
-as fast as the eager backend; a longer one spends at most about twice the better of the two.
+A compile costs one to four minutes of CPU on two cores, and while it traces it holds the
+interpreter lock the training loop needs too, so it only starts once it can pay off: when the
+eager rule has run for :data:`PATIENCE_S` seconds in all (an :class:`EagerClock` shared by an
+optimizer's rules), as one would rent until the rent reaches the price. A run shorter than that
+never compiles and runs as fast as the eager backend; a longer one compiles once its eager
+steps have cost about what the compile will.
 
 A compile that fails leaves that kind on the eager rule, with one WARNING. :func:`wait` blocks
 until every compile started so far has finished (for tests and benchmarks that want the
@@ -33,7 +34,7 @@ from compiledopt.runtime.compiled import COMPILE_LOCK
 __all__ = ["PATIENCE_S", "EagerClock", "Warming", "wait"]
 
 #: Seconds of eager rule time before the background compiles start (see the module doc).
-PATIENCE_S = 30.0
+PATIENCE_S = 120.0
 
 logger = logging.getLogger("compiledopt")
 
