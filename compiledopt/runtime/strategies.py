@@ -199,15 +199,17 @@ class Strategy(abc.ABC):
 
 
 class TensorStrategy(Strategy):
-    """A shape-agnostic rule called once per bucket of same-shape small parameters and once per
-    larger parameter, with dynamic sizes (see :mod:`~compiledopt.runtime.buckets`).
+    """A shape-agnostic rule called once per bucket of small parameters (of one shape, or of
+    nearby shapes zero-padded to one for a paddable rule) and once per larger parameter, with
+    dynamic sizes (see :mod:`~compiledopt.runtime.buckets`).
 
     Every backend's rule is brought to one signature, ``rule(grad, param, state, step, seed) ->
     (direction, new_state)`` with the state in its storage dtype: the compiled backend converts
     and rounds a bfloat16 state inside its graph, the others through
     :class:`~compiledopt.runtime.compiled.StoredStateRule`. The eager and compiled backends run
     on the parameters' device (the transform is copied there once per device) and batch small
-    parameters of the same shape with ``torch.func.vmap``; the exported graphs run on the CPU,
+    parameters with ``torch.func.vmap``, each bucket's stacks kept between steps
+    (:class:`~compiledopt.runtime.bucket_store.BucketStore`); the exported graphs run on the CPU,
     one parameter at a time.
     """
 
