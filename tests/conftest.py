@@ -45,3 +45,14 @@ def foreach_copies(monkeypatch):
 
     monkeypatch.setattr(torch, "_foreach_copy_", counted)
     return copies
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Each test starts with the session's torch thread count: a benchmark run in-process sets
+    its own (``torch.set_num_threads``), and results recorded at one count (reductions split
+    across threads) differ in the last bits at another."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

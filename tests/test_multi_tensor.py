@@ -244,12 +244,12 @@ def test_a_bucket_state_is_updated_in_place_and_not_copied_in_again(foreach_copi
     copies = foreach_copies
     _grads(params, 0)
     optimizer.step()
-    assert copies == [7, 7, 7, 7]  # the gradients, and the three initial states copied in
+    assert copies == [7, 7, 7, 7, 7]  # gradients, the three initial states, parameters
     kept = dict(optimizer.state[params[3]])
     copies.clear()
     _grads(params, 1)
     optimizer.step()
-    assert copies == [7]  # the gradients only: the states are the bucket's own
+    assert copies == [7, 7]  # gradients and parameters only: the states are the bucket's own
     # The same tensors, updated in place (as torch.optim's state is).
     assert all(optimizer.state[params[3]][k] is v for k, v in kept.items())
     assert all(int(optimizer.state[p]["step"]) == 2 for p in params)

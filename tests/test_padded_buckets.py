@@ -202,7 +202,7 @@ def test_a_padded_state_is_updated_in_place_and_not_copied_in_again(foreach_copi
     copies.clear()
     _grads(params, 1)
     optimizer.step()
-    assert copies == [3]  # the gradients only: the three states are the bucket's own
+    assert copies == [3, 3]  # gradients and parameters only: the states are the bucket's own
     assert all(optimizer.state[params[0]][k] is v for k, v in kept.items())
     assert kept["momentum_fast"].shape == (5, 7) and kept["momentum_fast"]._base is not None
     # A state replaced by the user is what the next step reads (copied into the bucket).
@@ -210,7 +210,7 @@ def test_a_padded_state_is_updated_in_place_and_not_copied_in_again(foreach_copi
     copies.clear()
     _grads(params, 2)
     optimizer.step()
-    assert copies == [3, 3]
+    assert copies == [3, 3, 3]  # gradients, the replaced state, parameters
 
 
 def test_padded_state_saves_loads_and_continues_exactly():

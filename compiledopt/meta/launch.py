@@ -86,7 +86,7 @@ def train_run(settings: Dict[str, Any], progress: bool = True) -> None:
     # Wall time of the training loop summed over resumed runs; CPU time as wall time x the cores
     # the ranks were given (processes x threads each), an upper bound of the CPU time used.
     training["wall_time_s"] = round(loop.elapsed, 1)
-    training["cpu_time_s"] = round(loop.elapsed * torch.get_num_threads() * loop.world, 1)
+    training["cpu_time_s"] = round(loop.elapsed * torch.get_num_threads() * loop.world, 3)
     training["meta_steps_done"] = loop.meta_step
     training["heldout_final_loss"] = loop.evaluations[-1]["final_loss"]
     loop.save(settings["output"])

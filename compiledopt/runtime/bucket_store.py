@@ -139,7 +139,7 @@ class BucketStore:
         return self.grads, self.buffers, self.steps
 
     def load_params(self, params: List[Tensor]) -> Tensor:
-        """The members' parameters stacked (for a rule that reads them)."""
+        """The members' parameters stacked (the rule's own input, never the gradients' buffer)."""
         if self.params is None:
             self.params, self.param_rows = self._stack(
                 tuple(self.grads.shape), self.grads.dtype, self.grads.device, *self._own_shapes

@@ -322,8 +322,9 @@ class TensorStrategy(Strategy):
         grads, stored, _ = store.load(
             [params[i].grad for i in members], [states[i] for i in members]
         )
-        reads = self._transform(first).reads_param
-        inputs = store.load_params([params[i].detach() for i in members]) if reads else grads
+        # The parameters stacked apart from the gradients even for a rule that does not read
+        # them: a compiled graph guards on its inputs not aliasing each other.
+        inputs = store.load_params([params[i].detach() for i in members])
         step = states[first][STEP]
         directions, values = rule(grads, inputs, stored, step, _seed(step, store.indices), *sides)
         check_batch(directions, grads, values, stored, keys, labels[first])
