@@ -57,19 +57,45 @@ def _run(optimizer, params, steps, skips):
 
 # Parameters 0 and 8 miss a step: their counts fall behind, and they leave their buckets.
 SKIPS = {1: (0, 8), 2: (3,)}
+# Distinct shapes, zero-padded into shared buckets: vectors, matrices, conv kernels (computed as
+# (out, in·3·3)), and a scalar and a (1,) vector (one-element tensors join the smallest ones).
+DISTINCT = [
+    (9,),
+    (13,),
+    (15,),
+    (3, 5),
+    (4, 7),
+    (6, 5),
+    (2, 3, 3, 3),
+    (3, 2, 3, 3),
+    (11,),
+    (40,),
+    (33,),
+    (7, 9),
+    (5, 12),
+    (),
+    (1,),
+    (21, 2),
+]
+DISTINCT_SKIPS = {1: (0, 4), 2: (9,)}
+SHAPE_SETS = pytest.mark.parametrize(
+    ("shapes", "skips"), [(SHAPES, SKIPS), (DISTINCT, DISTINCT_SKIPS)], ids=["same", "distinct"]
+)
 
 
-def test_bucketed_eager_step_equals_the_rule_per_parameter():
-    ours, theirs = _params(SHAPES), _params(SHAPES)
+@SHAPE_SETS
+def test_bucketed_eager_step_equals_the_rule_per_parameter(shapes, skips):
+    ours, theirs = _params(shapes), _params(shapes)
     optimizer = co.FrozenOptimizer(ours, PACKAGED, lr=0.01, backend="eager", weight_decay=0.1)
-    _run(optimizer, ours, 4, SKIPS)
-    states = _reference(theirs, 4, 0.01, 0.1, SKIPS)
+    _run(optimizer, ours, 4, skips)
+    states = _reference(theirs, 4, 0.01, 0.1, skips)
     names = ["momentum_fast", "momentum_slow", "abs_moment"]
     for i, (a, b) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         step, state = states[i]
         assert int(optimizer.state[a]["step"]) == step
         for name, value in zip(names, state):
+            assert optimizer.state[a][name].shape == a.shape
             torch.testing.assert_close(optimizer.state[a][name], value, rtol=1e-6, atol=1e-7)
 
 
@@ -170,9 +196,10 @@ def test_a_bad_batched_result_is_refused_before_anything_is_written(monkeypatch)
     assert not optimizer.state
 
 
-def test_bucketed_state_saves_loads_and_continues_exactly():
+@pytest.mark.parametrize("shapes", [[(5,)] * 6, DISTINCT], ids=["same", "distinct"])
+def test_bucketed_state_saves_loads_and_continues_exactly(shapes):
     def make():
-        params = _params([(5,)] * 6)
+        params = _params(shapes)
         return params, co.FrozenOptimizer(params, PACKAGED, backend="eager")
 
     params, optimizer = make()
@@ -197,11 +224,12 @@ def test_bucketed_state_saves_loads_and_continues_exactly():
 
 
 @pytest.mark.slow
-def test_bucketed_compiled_step_matches_eager():
+@SHAPE_SETS
+def test_bucketed_compiled_step_matches_eager(shapes, skips):
     def run(backend):
-        params = _params(SHAPES)
+        params = _params(shapes)
         optimizer = co.FrozenOptimizer(params, PACKAGED, backend=backend)
-        _run(optimizer, params, 3, SKIPS)
+        _run(optimizer, params, 3, skips)
         return params, optimizer
 
     (eager, a), (compiled, b) = run("eager"), run("compiled")
@@ -279,3 +307,29 @@ def test_a_state_replaced_or_edited_between_steps_is_what_the_next_step_reads():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         for key, value in b.state[q].items():
             torch.testing.assert_close(a.state[p][key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_skipped_group_keeps_its_state_in_a_bucket_shared_with_another_group():
+    shapes = [(5,), (6,), (7,), (4, 5), (5, 4)]
+    params = _params(shapes)
+    groups = [{"params": [params[0], params[3]]}, {"params": [params[1], params[2], params[4]]}]
+    optimizer = co.FrozenOptimizer(groups, PACKAGED, backend="eager")
+    _grads(params, 0)
+    optimizer.step()
+    before = {
+        i: {k: v.clone() for k, v in optimizer.state[p].items()} for i, p in enumerate(params)
+    }
+    kept = [p.detach().clone() for p in params]
+    _grads(params, 1)
+    params[3].grad[0, 0] = float("nan")  # the first group skips this step
+    optimizer.step()
+    assert optimizer.skipped_steps == 1
+    for i in (0, 3):  # untouched: values, step counts, parameters
+        assert torch.equal(params[i], kept[i])
+        for key, value in before[i].items():
+            assert torch.equal(optimizer.state[params[i]][key], value), (i, key)
+    reference = _params(shapes)
+    states = _reference(reference, 2, optimizer.defaults["lr"], 0.0, {})
+    for i in (1, 2, 4):  # stepped twice, as the rule alone would
+        torch.testing.assert_close(params[i], reference[i], rtol=1e-6, atol=1e-7)
+        assert int(optimizer.state[params[i]]["step"]) == 2 == states[i][0]

@@ -1,10 +1,9 @@
 """Parameters of different shapes share one rule call, each zero-padded to the bucket's shape:
 the result equals the rule applied to each parameter on its own."""
 
-import io
-
 import pytest
 import torch
+from test_multi_tensor import DISTINCT, DISTINCT_SKIPS
 from torch import nn
 
 import compiledopt as co
@@ -15,27 +14,6 @@ from compiledopt.runtime.buckets import PAD_RATIO, Bucket, padding_cell, plan
 from compiledopt.transforms import SGD
 
 PACKAGED = "normalized-mlp"
-# Distinct shapes: vectors, matrices, conv kernels (computed as (out, in·3·3)), a scalar and a
-# (1,) vector (both computed on their own), every one of them different.
-SHAPES = [
-    (9,),
-    (13,),
-    (15,),
-    (3, 5),
-    (4, 7),
-    (6, 5),
-    (2, 3, 3, 3),
-    (3, 2, 3, 3),
-    (11,),
-    (40,),
-    (33,),
-    (7, 9),
-    (5, 12),
-    (),
-    (1,),
-    (21, 2),
-]
-NAMES = ["momentum_fast", "momentum_slow", "abs_moment"]
 
 
 def _params(shapes, seed=0, dtype=torch.float32):
@@ -138,42 +116,6 @@ def test_plan_pads_the_shapes_of_one_cell_to_their_largest_sides():
     ]
 
 
-def _reference(params, steps, lr, weight_decay, skips):
-    """The rule's own ``update`` on every parameter in a for-loop (float64 or as given)."""
-    transform = load(PACKAGED).transforms()[0].to(params[0].dtype)
-    states = {}
-    for t in range(steps):
-        _grads(params, t, skips.get(t, ()))
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                if p.grad is None:
-                    continue
-                step, state = states.get(i, (0, transform.init_state(p)))
-                direction, new = transform.update(p.grad, p.detach(), state, torch.tensor(step))
-                states[i] = (step + 1, new)
-                p.mul_(1 - lr * weight_decay).add_(direction, alpha=-lr)
-    return states
-
-
-SKIPS = {1: (0, 4), 2: (9,)}
-
-
-def test_distinct_shapes_step_as_the_rule_per_parameter():
-    ours, theirs = _params(SHAPES), _params(SHAPES)
-    optimizer = co.FrozenOptimizer(ours, PACKAGED, lr=0.01, backend="eager", weight_decay=0.1)
-    for t in range(4):
-        _grads(ours, t, SKIPS.get(t, ()))
-        optimizer.step()
-    states = _reference(theirs, 4, 0.01, 0.1, SKIPS)
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        step, state = states[i]
-        assert int(optimizer.state[a]["step"]) == step
-        for name, value in zip(NAMES, state):
-            assert optimizer.state[a][name].shape == a.shape
-            torch.testing.assert_close(optimizer.state[a][name], value, rtol=1e-6, atol=1e-7)
-
-
 def test_distinct_shapes_share_a_few_rule_calls(monkeypatch):
     calls = {"update": 0, "update_padded": 0}
     for name in calls:
@@ -213,44 +155,16 @@ def test_a_padded_state_is_updated_in_place_and_not_copied_in_again(foreach_copi
     assert copies == [3, 3, 3]  # gradients, the replaced state, parameters
 
 
-def test_padded_state_saves_loads_and_continues_exactly():
-    def make():
-        params = _params(SHAPES)
-        return params, co.FrozenOptimizer(params, PACKAGED, backend="eager")
-
-    params, optimizer = make()
-    for t in range(2):
-        _grads(params, t)
-        optimizer.step()
-    buffer = io.BytesIO()
-    torch.save({"p": [p.detach() for p in params], "o": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed, other = make()
-    with torch.no_grad():
-        for p, value in zip(resumed, saved["p"]):
-            p.copy_(value)
-    other.load_state_dict(saved["o"])
-    for t in (2, 3):
-        for ps, opt in ((params, optimizer), (resumed, other)):
-            _grads(ps, t)
-            opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(params, resumed))
-    # Each parameter's state is its own: writing one leaves the others as they were.
-    optimizer.state[params[3]]["momentum_fast"].fill_(7.0)
-    assert not bool((optimizer.state[params[4]]["momentum_fast"] == 7.0).any())
-
-
 def test_bfloat16_state_rounds_as_each_parameter_alone(monkeypatch):
     def run(batched):
-        params = _params(SHAPES)
+        params = _params(DISTINCT)
         if not batched:
             monkeypatch.setitem(strategies.MAX_ELEMENTS, "eager", 0)
         optimizer = co.FrozenOptimizer(
             params, PACKAGED, backend="eager", state_dtype=torch.bfloat16
         )
         for t in range(3):
-            _grads(params, t, SKIPS.get(t, ()))
+            _grads(params, t, DISTINCT_SKIPS.get(t, ()))
             optimizer.step()
         monkeypatch.undo()
         return params, optimizer
@@ -264,46 +178,3 @@ def test_bfloat16_state_rounds_as_each_parameter_alone(monkeypatch):
             # The state is elementwise in the gradients, and a padded member draws the
             # rounding bits of its own place: the same bits as alone.
             assert torch.equal(value, other), key
-
-
-@pytest.mark.slow
-def test_compiled_padded_buckets_match_eager():
-    def run(backend):
-        params = _params(SHAPES)
-        optimizer = co.FrozenOptimizer(params, PACKAGED, backend=backend)
-        for t in range(3):
-            _grads(params, t, SKIPS.get(t, ()))
-            optimizer.step()
-        return params, optimizer
-
-    (eager, a), (compiled, b) = run("eager"), run("compiled")
-    for p, q in zip(eager, compiled):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
-        for key, value in a.state[p].items():
-            torch.testing.assert_close(b.state[q][key], value, rtol=1e-5, atol=1e-6)
-
-
-def test_a_skipped_group_keeps_its_state_in_a_bucket_shared_with_another_group():
-    shapes = [(5,), (6,), (7,), (4, 5), (5, 4)]
-    params = _params(shapes)
-    groups = [{"params": [params[0], params[3]]}, {"params": [params[1], params[2], params[4]]}]
-    optimizer = co.FrozenOptimizer(groups, PACKAGED, backend="eager")
-    _grads(params, 0)
-    optimizer.step()
-    before = {
-        i: {k: v.clone() for k, v in optimizer.state[p].items()} for i, p in enumerate(params)
-    }
-    kept = [p.detach().clone() for p in params]
-    _grads(params, 1)
-    params[3].grad[0, 0] = float("nan")  # the first group skips this step
-    optimizer.step()
-    assert optimizer.skipped_steps == 1
-    for i in (0, 3):  # untouched: values, step counts, parameters
-        assert torch.equal(params[i], kept[i])
-        for key, value in before[i].items():
-            assert torch.equal(optimizer.state[params[i]][key], value), (i, key)
-    reference = _params(shapes)
-    states = _reference(reference, 2, optimizer.defaults["lr"], 0.0, {})
-    for i in (1, 2, 4):  # stepped twice, as the rule alone would
-        torch.testing.assert_close(params[i], reference[i], rtol=1e-6, atol=1e-7)
-        assert int(optimizer.state[params[i]]["step"]) == 2 == states[i][0]

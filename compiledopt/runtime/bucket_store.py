@@ -118,10 +118,10 @@ class BucketStore:
 
     def load(
         self, grads: List[Tensor], states: Sequence[Dict[str, Tensor]]
-    ) -> Tuple[Tensor, List[Tensor], Tensor]:
-        """The stacked gradients, states and step counts of this step: the gradients copied in,
-        and any member's state entry that is not the store's own view (a first step, a loaded
-        or replaced state) copied into its row."""
+    ) -> Tuple[Tensor, List[Tensor]]:
+        """The stacked gradients and states of this step: the gradients copied in, and any
+        member's state entry (its step count included, into :attr:`steps`) that is not the
+        store's own view (a first step, a loaded or replaced state) copied into its row."""
         torch._foreach_copy_(self.grad_rows, grads)
         for key, buffer, rows in zip(self.keys, self.buffers, self.rows):
             entries = [s[key] for s in states]
@@ -136,7 +136,7 @@ class BucketStore:
         counts = [s[STEP] for s in states]
         if not all(c is r for c, r in zip(counts, self.step_rows)):
             self.steps.copy_(torch.stack([c.detach().clone() for c in counts]))
-        return self.grads, self.buffers, self.steps
+        return self.grads, self.buffers
 
     def load_params(self, params: List[Tensor]) -> Tensor:
         """The members' parameters stacked (the rule's own input, never the gradients' buffer)."""

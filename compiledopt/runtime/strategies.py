@@ -319,9 +319,7 @@ class TensorStrategy(Strategy):
         )
         if rule is None:
             raise RuntimeError("this backend's rules have no batched form, yet a bucket batched")
-        grads, stored, _ = store.load(
-            [params[i].grad for i in members], [states[i] for i in members]
-        )
+        grads, stored = store.load([params[i].grad for i in members], [states[i] for i in members])
         # The parameters stacked apart from the gradients even for a rule that does not read
         # them: a compiled graph guards on its inputs not aliasing each other.
         inputs = store.load_params([params[i].detach() for i in members])
