@@ -3,14 +3,17 @@ answers until the background compile of that kind of call is ready, and the hand
 optimizer's state exactly (parameters equal a run compiled from the start, within rounding)."""
 
 import logging
+import subprocess
+import sys
 import threading
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import compiledopt as co
 from compiledopt.runtime import warming
+from compiledopt.runtime.buckets import BatchedRule
 from compiledopt.runtime.compiled import COMPILE_LOCK
 from compiledopt.runtime.warming import Warming
 
@@ -51,12 +54,15 @@ def test_eager_answers_until_the_compile_of_that_kind_is_ready():
     assert torch.equal(rule(torch.zeros(2, 2)), torch.ones(2, 2))
 
 
-def test_no_compile_starts_before_the_eager_rule_has_run_its_patience():
-    calls = []
+def test_no_compile_starts_before_the_eager_rule_has_run_its_patience(monkeypatch):
+    calls, now = [], [0.0]
     clock = warming.EagerClock(0.05)
+    # A clock the eager rule advances by exactly 0.03 s a call (a real sleep overshoots under
+    # load, which would make the first call alone reach the patience).
+    monkeypatch.setattr(warming, "time", SimpleNamespace(perf_counter=lambda: now[0]))
 
     def slow_eager(x):
-        time.sleep(0.03)
+        now[0] += 0.03
         calls.append(("eager", threading.current_thread().name))
         return x
 
@@ -157,3 +163,71 @@ def test_hand_over_equals_a_run_compiled_from_the_start(caplog, monkeypatch):
     _, compiled = _run("compiled")
     for w, c in zip(warmed, compiled):
         torch.testing.assert_close(w, c, rtol=1e-5, atol=1e-6)
+
+
+def test_the_first_step_of_auto_imports_no_compiler(tmp_path):
+    """Building a compiled callable imports Dynamo's and Inductor's compiler stack (half a
+    second in a fresh process): a rule that answers eagerly must not pay that at its first
+    step."""
+    script = (
+        "import sys, torch, compiledopt as co\n"
+        "m = torch.nn.Linear(4, 3)\n"
+        "for p in m.parameters(): p.grad = torch.ones_like(p)\n"
+        "before = set(sys.modules)\n"
+        "opt = co.FrozenOptimizer(m.parameters(), backend='auto')\n"
+        "opt.step()\n"
+        "print(opt.backend, sorted(n for n in set(sys.modules) - before if 'inductor' in n))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.split() == ["compiled", "[]"], done.stdout + done.stderr
+
+
+def _per_member(rule, grads, params, states, step, seeds, sides=None):
+    """The reference: the rule called on each member, stacked."""
+    out = []
+    for j in range(grads.shape[0]):
+        extra = () if sides is None else (sides[j],)
+        out.append(rule(grads[j], params[j], [s[j] for s in states], step, seeds[j], *extra))
+    return torch.stack([d for d, _ in out]), [torch.stack(c) for c in zip(*(s for _, s in out))]
+
+
+@pytest.mark.parametrize("max_elements", [1, 5, 12, 20, 10_000])
+@pytest.mark.parametrize("with_sides", [False, True])
+def test_a_batched_rule_in_slices_equals_the_rule_per_member(max_elements, with_sides):
+    def rule(grad, param, state, step, seed, *sides):
+        scale = grad.square().mean().rsqrt() + (sides[0].sum() if sides else 0)
+        return grad * scale - param * step, [0.9 * state[0] + grad, state[1] + seed]
+
+    g = torch.Generator().manual_seed(0)
+    grads, params = torch.randn(7, 2, 3, generator=g), torch.randn(7, 2, 3, generator=g)
+    states = [torch.randn(7, 2, 3, generator=g), torch.randn(7, generator=g)]
+    step, seeds = torch.tensor(3.0), torch.arange(7.0)
+    sides = torch.randint(1, 4, (7, 2), generator=g) if with_sides else None
+    extra = () if sides is None else (sides,)
+    got = BatchedRule(rule, max_elements)(grads, params, states, step, seeds, *extra)
+    want = _per_member(rule, grads, params, states, step, seeds, sides)
+    torch.testing.assert_close(got[0], want[0])
+    assert len(got[1]) == 2
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_warming_rule_computes_eagerly_in_cache_sized_slices(monkeypatch):
+    """While a compiled backend warms up, its eager rule takes the compiled backend's large
+    buckets in slices of the eager backend's size (whole buckets would materialise the eager
+    rule's intermediates for millions of elements)."""
+    sizes = []
+    update = co.learned.NormalizedMLP.update
+
+    def spy(self, grad, *args):
+        sizes.append(grad.numel())
+        return update(self, grad, *args)
+
+    monkeypatch.setattr(co.learned.NormalizedMLP, "update", spy)
+    params = [torch.nn.Parameter(torch.randn(256, 200)) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    co.FrozenOptimizer(params, "normalized-mlp", backend="auto").step()
+    assert sizes == [256 * 200] * 4  # each matrix alone (the eager backend's slice holds one)

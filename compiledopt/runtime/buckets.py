@@ -135,11 +135,17 @@ class BatchedRule(nn.Module):
     every reduction it makes stays within that member. With ``sides`` (members zero-padded to
     a common shape: row ``j`` holds the sides of member ``j``'s own shape), ``rule(grad, param,
     state, step, seed, sides)``.
+
+    With ``max_elements``, a batch of more elements (of one tensor kind) is computed in slices
+    of whole members holding at most that many (at least one member each), and the results are
+    concatenated: an eager rule materialises its intermediates a slice at a time, so they stay
+    cache-sized whatever the bucket (a compiled rule fuses them away and takes whole buckets).
     """
 
-    def __init__(self, rule: Callable) -> None:
+    def __init__(self, rule: Callable, max_elements: Optional[int] = None) -> None:
         super().__init__()
         self.rule = rule
+        self.max_elements = max_elements
 
     def forward(
         self,
@@ -150,6 +156,45 @@ class BatchedRule(nn.Module):
         seeds: Tensor,
         sides: Optional[Tensor] = None,
     ) -> Tuple[Tensor, List[Tensor]]:
+        if self.max_elements is None or grads.numel() <= self.max_elements:
+            return self._mapped(grads, params, states, step, seeds, sides)
+        rows, per_slice = grads.shape[0], self.max_elements // grads[0].numel()
+        parts = []
+        for begin, end in _slices(rows, max(1, per_slice)):
+            if end - begin == 1:  # the rule itself: vmap's dispatch would cost more than it maps
+                extra = () if sides is None else (sides[begin],)
+                one = self._one(
+                    grads[begin],
+                    params[begin],
+                    [s[begin] for s in states],
+                    step,
+                    seeds[begin],
+                    *extra,
+                )
+                parts.append((one[0].unsqueeze(0), [s.unsqueeze(0) for s in one[1]]))
+                continue
+            parts.append(
+                self._mapped(
+                    grads[begin:end],
+                    params[begin:end],
+                    [s[begin:end] for s in states],
+                    step,
+                    seeds[begin:end],
+                    None if sides is None else sides[begin:end],
+                )
+            )
+        directions = torch.cat([d for d, _ in parts])
+        return directions, [torch.cat(column) for column in zip(*(s for _, s in parts))]
+
+    def _mapped(
+        self,
+        grads: Tensor,
+        params: Tensor,
+        states: List[Tensor],
+        step: Tensor,
+        seeds: Tensor,
+        sides: Optional[Tensor],
+    ) -> Tuple[Tensor, List[Tensor]]:
         if sides is None:
             mapped = torch.func.vmap(self._one, in_dims=(0, 0, 0, None, 0))
             return mapped(grads, params, states, step, seeds)
@@ -159,3 +204,7 @@ class BatchedRule(nn.Module):
     def _one(self, grad, param, state, step, seed, *sides):
         direction, new_state = self.rule(grad, param, state, step, seed, *sides)
         return direction, list(new_state)
+
+
+def _slices(rows: int, size: int) -> List[Tuple[int, int]]:
+    return [(begin, min(begin + size, rows)) for begin in range(0, rows, size)]

@@ -91,14 +91,20 @@ def _eager_single(transform: Transform, stored: torch.dtype) -> Callable:
     return StoredStateRule(EagerUpdate(transform), stored)
 
 
+#: The most elements of one tensor kind an eager rule call takes (its intermediates are
+#: materialised, so they stay cache-sized): the eager backend's bucket limit, and the slice size
+#: in which a warming compiled backend's eager rule computes the compiled backend's buckets.
+EAGER_ELEMENTS = 1 << 16
+
+
 def _eager_batched(transform: Transform, stored: torch.dtype) -> Callable:
-    return BatchedRule(StoredStateRule(transform.update, stored))
+    return BatchedRule(StoredStateRule(transform.update, stored), EAGER_ELEMENTS)
 
 
 def _eager_padded(transform: Transform, stored: torch.dtype) -> Optional[Callable]:
     if not pads(transform):
         return None
-    return BatchedRule(StoredStateRule(transform.update_padded, stored))
+    return BatchedRule(StoredStateRule(transform.update_padded, stored), EAGER_ELEMENTS)
 
 
 def pads(transform: Transform) -> bool:
@@ -150,7 +156,7 @@ def _compiled_model_rule(transforms: List[Transform], counts: List[int]) -> Call
 BUILT_INS: Dict[str, BuiltIn] = {
     b.name: b
     for b in (
-        BuiltIn("eager", 1 << 16, _eager_rules, EagerModelRule),
+        BuiltIn("eager", EAGER_ELEMENTS, _eager_rules, EagerModelRule),
         BuiltIn("compiled", 1 << 22, _compiled_rules, _compiled_model_rule),
     )
 }

@@ -8,7 +8,7 @@ number or sizes, so every model (and every later model) reuses the same graphs.
 import contextlib
 import math
 import threading
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch._dynamo.config as dynamo_config
@@ -25,6 +25,7 @@ __all__ = [
     "SMALL_VECTOR",
     "CompiledBatchedRule",
     "CompiledTensorRule",
+    "LazyCompile",
     "PaddedRule",
     "StoredStateRule",
     "canonical_shape",
@@ -88,6 +89,24 @@ def canonical_shape(shape: Sequence[int]) -> Tuple[int, ...]:
     return (int(shape[0]), math.prod(shape[1:]))
 
 
+class LazyCompile:
+    """``torch.compile(module, fullgraph=True, dynamic=True)`` with the rules' Inductor options,
+    made at the first call: building a compiled callable imports Dynamo and Inductor (half a
+    second in a fresh process), which a rule that answers eagerly until its compile is due
+    (:mod:`~compiledopt.runtime.warming`) must not pay at its first step."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._compiled: Optional[Callable] = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._compiled is None:
+            self._compiled = torch.compile(
+                self.module, fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
+            )
+        return self._compiled(*args)
+
+
 class CompiledTensorRule:
     """``torch.compile`` of a frozen shape-agnostic transform, called once per parameter.
 
@@ -120,17 +139,14 @@ class CompiledTensorRule:
             )
         self.state_dtype = state_dtype
         self.view = bool(getattr(transform, "view_invariant", False))
-        self.compiled = self._compile(TensorRule(transform, fused=True))
-        self.small = self._compile(TensorRule(transform, fused=False)) if self.view else None
-        self.single = self._wrap(TensorRule(transform, fused=False)) if self.view else None
+        self.compiled = LazyCompile(self._wrap(TensorRule(transform, fused=True)))
+        # The matmul formulation: compiled for small vectors, eager for one-element tensors
+        # (used by a view-invariant transform only).
+        self.single = self._wrap(TensorRule(transform, fused=False))
+        self.small = LazyCompile(self.single)
 
     def _wrap(self, rule: nn.Module) -> nn.Module:
         return rule if self.state_dtype is None else StoredStateRule(rule, self.state_dtype)
-
-    def _compile(self, rule: nn.Module):
-        return torch.compile(
-            self._wrap(rule), fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
-        )
 
     def kind(self, grad: Tensor, param: Tensor, state: List[Tensor], *_: Tensor) -> tuple:
         """The graph a call needs: its formulation and rank, and the dtypes and ranks it sees
@@ -151,7 +167,7 @@ class CompiledTensorRule:
             )
         shape = param.shape
         viewed = [s.shape == shape for s in state] if self.view else []
-        compiled = self.compiled
+        compiled: Callable = self.compiled
         if self.view:
             view = canonical_shape(shape)
             if len(view) == 1 and view[0] < SMALL_VECTOR:
@@ -223,12 +239,7 @@ class CompiledBatchedRule:
             PaddedRule(transform, fused=True) if padded else TensorRule(transform, fused=True)
         )
         self.padded = padded
-        self.compiled = torch.compile(
-            BatchedRule(StoredStateRule(inner, state_dtype)),
-            fullgraph=True,
-            dynamic=True,
-            options=dict(INDUCTOR_OPTIONS),
-        )
+        self.compiled = LazyCompile(BatchedRule(StoredStateRule(inner, state_dtype)))
 
     def kind(self, grads: Tensor, params: Tensor, states: List[Tensor], *_: Tensor) -> tuple:
         """The graph a call needs: the batch's rank and the dtypes and ranks it sees."""
