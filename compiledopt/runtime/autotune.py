@@ -14,23 +14,19 @@ other export backend registered at the time before ``eager``.
 
 The cache is ``$COMPILEDOPT_CACHE/backend-timings.json`` (default
 ``$XDG_CACHE_HOME/compiledopt`` or ``~/.cache/compiledopt``): a cache, safe to delete; an
-unreadable or malformed file is ignored (and replaced by the next recording).
+unreadable or malformed file is ignored (and replaced by the next recording; see
+:mod:`~compiledopt.runtime.timings`).
 """
 
-import hashlib
-import json
-import logging
 import math
-import os
-import stat
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from compiledopt.cache import CACHE_VARIABLE, cache_root
 from compiledopt.runtime.backends import runtime_backends
+from compiledopt.runtime.timings import MAX_CACHE_BYTES, digest, read_timings, write_timings
 
 __all__ = [
     "CACHE_VARIABLE",
@@ -46,15 +42,11 @@ __all__ = [
     "size_class",
 ]
 
-logger = logging.getLogger("compiledopt")
 
 #: ``auto``'s order where nothing was measured (fastest first, ``eager`` always last): the
 #: compiled backend batches small tensors and fuses each rule into one loop; AOTInductor runs one
 #: exported graph per tensor; onnxruntime and TorchScript do not fuse on the CPU.
 DEFAULT_ORDER = ("compiled", "aoti", "onnx", "torchscript", "eager")
-#: The largest cache file read, in bytes (a recording takes about 200): a larger file is
-#: ignored unread.
-MAX_CACHE_BYTES = 1 << 20
 
 
 def default_order() -> Tuple[str, ...]:
@@ -69,13 +61,6 @@ def default_order() -> Tuple[str, ...]:
 def cache_file() -> Path:
     """The file that holds the recorded timings (not created here)."""
     return cache_root() / "backend-timings.json"
-
-
-def digest(artifact) -> str:
-    """An artifact's identity in the cache: the SHA-256 of its manifest (which lists every file's
-    own SHA-256), so a changed weight or graph is a new artifact."""
-    text = json.dumps(artifact.manifest, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def size_class(elements: int) -> str:
@@ -94,106 +79,6 @@ def _key(artifact, device: torch.device, threads: int, elements: int) -> str:
     return f"{digest(artifact)}|{device_type}|{threads}|{torch.__version__}|{size_class(elements)}"
 
 
-def _read() -> Dict[str, Dict[str, float]]:
-    """The recorded timings, or ``{}`` when there are none or the cache file is unreadable or
-    malformed (ignored, with one log line; the next recording replaces it): larger than
-    :data:`MAX_CACHE_BYTES`, not JSON (or nested too deeply for the parser), or not exactly
-    ``{key: {backend: seconds}}`` with string keys and backends and finite seconds ``>= 0``."""
-    path = cache_file()
-    try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a folder, a FIFO (would block), a device
-            _ignore(path, "not a regular file")
-            return {}
-        with open(path, "rb") as file:
-            text = file.read(MAX_CACHE_BYTES + 1)
-    except FileNotFoundError:
-        return {}
-    except OSError as error:
-        _ignore(path, f"unreadable ({error})")
-        return {}
-    if len(text) > MAX_CACHE_BYTES:
-        _ignore(path, f"larger than {MAX_CACHE_BYTES} bytes")
-        return {}
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        _ignore(path, "nested too deeply")
-        return {}
-    except ValueError as error:  # not JSON, or not UTF-8
-        _ignore(path, f"not JSON ({error})")
-        return {}
-    problem = _malformed(data)
-    if problem:
-        _ignore(path, problem)
-        return {}
-    return {key: {b: float(t) for b, t in value.items()} for key, value in data.items()}
-
-
-def _malformed(data: Any) -> Optional[str]:
-    """What is wrong with a parsed cache, or ``None`` when it is ``{key: {backend: seconds}}``
-    (strings; finite numbers ``>= 0``, not bools)."""
-    if not isinstance(data, dict):
-        return f"not a JSON object but a {type(data).__name__}"
-    for key, value in data.items():
-        if not isinstance(value, dict):
-            return f"the entry {key[:80]!r} is a {type(value).__name__}, not an object"
-        for backend, seconds in value.items():
-            if not _seconds(seconds):
-                shown = repr(seconds) if isinstance(seconds, float) else type(seconds).__name__
-                return (
-                    f"the entry {key[:80]!r} times {backend[:40]!r} as {shown}, not a finite "
-                    "number of seconds >= 0"
-                )
-    return None
-
-
-def _seconds(value: Any) -> bool:
-    """Whether ``value`` (parsed JSON) is a time in seconds: a finite number ``>= 0``."""
-    if isinstance(value, float):
-        return math.isfinite(value) and value >= 0
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 53
-
-
-#: Files already reported as ignored: ``(path, size, mtime)`` (one warning per file version).
-_REPORTED: Set[Tuple[str, int, int]] = set()
-
-
-def _ignore(path: Path, why: str) -> None:
-    """Log, once per version of the file at WARNING and then at DEBUG, that the cache file at
-    ``path`` is ignored and why."""
-    try:
-        info = path.stat()
-        version = (str(path), info.st_size, info.st_mtime_ns)
-    except OSError:
-        version = (str(path), -1, -1)
-    level = logging.DEBUG if version in _REPORTED else logging.WARNING
-    _REPORTED.add(version)
-    logger.log(
-        level,
-        "backend timings cache %s ignored: %s (backend='auto' uses its default order; the "
-        "next measure_backends recording replaces the file)",
-        path,
-        why,
-    )
-
-
-def _write(key: str, timings: Dict[str, float]) -> None:
-    """Record ``timings`` under ``key``: written to a temporary file and renamed into place, so
-    a concurrent reader sees the old file or the new one."""
-    path = cache_file()
-    data = _read()
-    data[key] = timings
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=".timings-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=1, sort_keys=True)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-
-
 def measured_order(
     artifact,
     device: "torch.device | str",
@@ -209,7 +94,9 @@ def measured_order(
     size class is never used."""
     threads = torch.get_num_threads() if threads is None else threads
     elements = DEFAULT_ELEMENTS if elements is None else elements
-    timings = _read().get(_key(artifact, torch.device(device), threads, elements), {})
+    timings = read_timings(cache_file()).get(
+        _key(artifact, torch.device(device), threads, elements), {}
+    )
     default = default_order()
     measured = sorted((t, b) for b, t in timings.items() if b in default and b != "eager")
     order = [b for _, b in measured]
@@ -227,4 +114,4 @@ def record_timings(
     """Record ``timings`` (backend -> median seconds of one step) of ``artifact`` on ``device``
     with this thread count, for parameters of ``elements`` elements in all (what
     :func:`compiledopt.runtime.measure.measure_backends` measured)."""
-    _write(_key(artifact, device, torch.get_num_threads(), elements), timings)
+    write_timings(cache_file(), _key(artifact, device, torch.get_num_threads(), elements), timings)

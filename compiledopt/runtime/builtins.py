@@ -42,17 +42,18 @@ class BuiltIn(NamedTuple):
     Attributes:
         name: the name ``FrozenOptimizer(backend=...)`` takes.
         max_elements: the most elements of one tensor kind in one batched call.
-        tensor_rules: ``tensor_rules(transform, dtype, state_dtype, background)``, the
+        tensor_rules: ``tensor_rules(transform, dtype, state_dtype, clock)``, the
             :class:`TensorRules` of a shape-agnostic ``transform`` (already on its device)
-            computing in ``dtype`` with the state stored in ``state_dtype``; with
-            ``background``, a compile runs in the background while the eager rule answers.
+            computing in ``dtype`` with the state stored in ``state_dtype``; with an
+            :class:`~compiledopt.runtime.warming.EagerClock` ``clock``, a compile runs in the
+            background, once the clock is due, while the eager rule answers.
         model_rule: ``model_rule(transforms, counts)``, a bound artifact's whole-model rule,
             ``rule(grads, params, states, step) -> (directions, new_states)``.
     """
 
     name: str
     max_elements: int
-    tensor_rules: Callable[[Transform, torch.dtype, torch.dtype, bool], TensorRules]
+    tensor_rules: Callable[[Transform, torch.dtype, torch.dtype, Optional[EagerClock]], TensorRules]
     model_rule: Callable[[List[Transform], List[int]], Callable]
 
 
@@ -114,7 +115,10 @@ def pads(transform: Transform) -> bool:
 
 
 def _eager_rules(
-    transform: Transform, dtype: torch.dtype, stored: torch.dtype, background: bool = False
+    transform: Transform,
+    dtype: torch.dtype,
+    stored: torch.dtype,
+    clock: Optional[EagerClock] = None,
 ) -> TensorRules:
     return TensorRules(
         _eager_single(transform, stored),
@@ -124,7 +128,10 @@ def _eager_rules(
 
 
 def _compiled_rules(
-    transform: Transform, dtype: torch.dtype, stored: torch.dtype, background: bool = False
+    transform: Transform,
+    dtype: torch.dtype,
+    stored: torch.dtype,
+    clock: Optional[EagerClock] = None,
 ) -> TensorRules:
     # Dynamic sizes: the same two or three graphs (matrices, small vectors, large vectors) serve
     # every parameter, so compile time does not grow with the model.
@@ -132,11 +139,11 @@ def _compiled_rules(
     single = rule if rule.state_dtype else StoredStateRule(rule, stored)
     batched = CompiledBatchedRule(transform, stored)
     padded = CompiledBatchedRule(transform, stored, padded=True) if pads(transform) else None
-    if not background:
+    if clock is None:
         return TensorRules(single, batched, padded)
     what = f"FrozenOptimizer: the {type(transform).__name__} rule"
     eager_padded = _eager_padded(transform, stored)
-    clock = EagerClock()  # one patience for the rule's three forms (see runtime.warming)
+    # One clock for the rule's three forms: one patience, one recorded compile time.
     return TensorRules(
         Warming(_eager_single(transform, stored), single, rule.kind, what, clock),
         Warming(_eager_batched(transform, stored), batched, batched.kind, what, clock),

@@ -206,7 +206,8 @@ class FrozenOptimizer(Optimizer):
         why = "chosen by auto" if backend == "auto" else "as asked"
         if self.background:
             why += (
-                f"; compiled in the background once the eager rule has run {warming.PATIENCE_S:g} s"
+                "; compiled in the background once the eager rule has run as long as its "
+                f"compile took here before (at most {warming.PATIENCE_S:g} s)"
             )
         logger.info(
             "FrozenOptimizer: %s artifact %s on the %s backend (%s)",

@@ -32,6 +32,8 @@ from compiledopt.runtime.compiled import StoredStateRule, canonical_shape
 from compiledopt.runtime.distributed import is_distributed, run_rule
 from compiledopt.runtime.rounding import round_state
 from compiledopt.runtime.state import STEP, Expected, check_batch, check_result
+from compiledopt.runtime.timings import compile_key
+from compiledopt.runtime.warming import EagerClock
 from compiledopt.transforms.base import Transform
 
 __all__ = ["Computed", "ModelStrategy", "Result", "Strategy", "TensorStrategy", "make_strategy"]
@@ -240,7 +242,10 @@ class TensorStrategy(Strategy):
             transform = copy.deepcopy(transform).to(device)
         built_in = BUILT_INS.get(self.backend)
         if built_in is not None:
-            return built_in.tensor_rules(transform, self.dtype, self.state_dtype, self.background)
+            clock = None
+            if self.background:  # the patience of this rule here (see runtime.warming)
+                clock = EagerClock(key=compile_key(self.artifact, transform, device))
+            return built_in.tensor_rules(transform, self.dtype, self.state_dtype, clock)
         runner = self.artifact.runner(self.backend)
         return TensorRules(StoredStateRule(runner, self.state_dtype), None)
 

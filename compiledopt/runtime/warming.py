@@ -11,10 +11,14 @@ arithmetic differ (a few float32 ulps a step).
 
 A compile costs one to four minutes of CPU on two cores, and while it traces it holds the
 interpreter lock the training loop needs too, so it only starts once it can pay off: when the
-eager rule has run for :data:`PATIENCE_S` seconds in all (an :class:`EagerClock` shared by an
-optimizer's rules), as one would rent until the rent reaches the price. A run shorter than that
-never compiles and runs as fast as the eager backend; a longer one compiles once its eager
-steps have cost about what the compile will.
+eager rule has run for as long as its compile will take (an :class:`EagerClock` shared by a
+rule's forms), as one would rent until the rent reaches the price. The price is what the rule's
+compiles took the last time on this machine (recorded per rule, artifact, device, instruction
+set and torch version: :func:`~compiledopt.runtime.timings.compile_key`; a later process finds
+Inductor's caches warm and compiles in a fraction of the first time), else :data:`PATIENCE_S`
+seconds, which is also the most it waits. A run shorter than that never compiles and runs as
+fast as the eager backend; a longer one compiles once its eager steps have cost about what the
+compile will.
 
 A compile that fails leaves that kind on the eager rule, with one WARNING. :func:`wait` blocks
 until every compile started so far has finished (for tests and benchmarks that want the
@@ -30,10 +34,12 @@ import torch
 from torch.utils._pytree import tree_map
 
 from compiledopt.runtime.compiled import COMPILE_LOCK
+from compiledopt.runtime.timings import record_compile, recorded_compile
 
 __all__ = ["PATIENCE_S", "EagerClock", "Warming", "wait"]
 
-#: Seconds of eager rule time before the background compiles start (see the module doc).
+#: Seconds of eager rule time before the background compiles start where no compile of the rule
+#: was recorded on this machine, and the most it waits otherwise (see the module doc).
 PATIENCE_S = 120.0
 
 logger = logging.getLogger("compiledopt")
@@ -57,12 +63,34 @@ def _copy(value: Any) -> Any:
 
 
 class EagerClock:
-    """The time the eager rules of one optimizer have run, against ``patience`` seconds
-    (default :data:`PATIENCE_S`, read when the clock is made)."""
+    """The time the eager forms of one rule have run, against ``patience`` seconds.
 
-    def __init__(self, patience: "float | None" = None) -> None:
-        self.patience = PATIENCE_S if patience is None else float(patience)
+    Args:
+        patience (float, optional): the seconds; default: the compile time recorded for
+            ``key`` on this machine, at most :data:`PATIENCE_S` (read when the clock is made),
+            or :data:`PATIENCE_S` where none was recorded.
+        key (str, optional): the rule's :func:`~compiledopt.runtime.timings.compile_key`:
+            the compile times the clock is told of (:meth:`paid`) are recorded under it.
+    """
+
+    def __init__(self, patience: "float | None" = None, key: Optional[str] = None) -> None:
+        if patience is None:
+            price = None if key is None else recorded_compile(key)
+            patience = PATIENCE_S if price is None else min(price, PATIENCE_S)
+        self.patience = float(patience)
+        self.key = key
         self.spent = 0.0
+        self.compile_s = 0.0
+
+    def paid(self, seconds: float) -> None:
+        """One of the rule's compiles finished after ``seconds``: the rule's compile time so far
+        is recorded under :attr:`key` (when given) for later processes' patience."""
+        self.compile_s += seconds
+        if self.key is not None:
+            try:
+                record_compile(self.key, self.compile_s)
+            except OSError as error:  # a read-only cache costs later runs patience, nothing more
+                logger.info("compile time not recorded: %s", error)
 
     @property
     def due(self) -> bool:
@@ -131,7 +159,9 @@ class Warming:
     def _warm(self, kind: Hashable, example: tuple) -> None:
         try:
             with COMPILE_LOCK, torch.no_grad():
+                began = time.perf_counter()
                 self.compiled(*example)
+                seconds = time.perf_counter() - began
         except Exception as error:  # the eager rule keeps running that kind
             logger.warning(
                 "%s: compiling %s failed, its parameters keep the eager rule: %s",
@@ -141,4 +171,7 @@ class Warming:
             )
             return
         self._ready.add(kind)
-        logger.info("%s: compiled %s is ready; later steps run it", self.what, kind)
+        self.clock.paid(seconds)
+        logger.info(
+            "%s: compiled %s is ready after %.1f s; later steps run it", self.what, kind, seconds
+        )
