@@ -102,6 +102,32 @@ def test_benchmark_eager_against_both_adamw(artifact):
     assert "adamw-fused" in table and "roofline" in table and "eager" in table
 
 
+@pytest.mark.parametrize("copy_s, update_s", [(1.0, 0.5), (0.25, 1.0)])
+def test_the_bandwidth_is_the_faster_of_a_copy_and_an_in_place_update(
+    monkeypatch, copy_s, update_s
+):
+    """A copy counts two bytes moved per byte copied and an in-place ``a += b`` three; the
+    roof is the faster of the two (a copy alone understates an optimizer's in-place traffic)."""
+    seconds = iter([0.5, copy_s, update_s])  # the matmul, the copy, the update
+
+    def timed(fn, reps, warmup=1):
+        fn()  # every kernel still runs once: the shapes and the arithmetic are real
+        value = next(seconds)
+        return value, [value] * reps
+
+    monkeypatch.setattr(bench, "median_time", timed)
+    ceilings = bench.measure_ceilings(matmul_n=8, copy_mb=1, reps=3)
+    nbytes = 1 << 20
+    assert (ceilings.copy_bytes, ceilings.update_bytes) == (2 * nbytes, 3 * nbytes)
+    assert (ceilings.copy_ms, ceilings.update_ms) == (1e3 * copy_s, 1e3 * update_s)
+    want = max(2 * nbytes / copy_s, 3 * nbytes / update_s)
+    assert ceilings.bandwidth_bytes_per_s == pytest.approx(want)
+    assert ceilings.peak_flops == pytest.approx(2 * 8**3 / 0.5)
+    # A recording made before the update was measured still loads.
+    old = {k: v for k, v in vars(ceilings).items() if not k.startswith("update")}
+    assert bench.Ceilings(**old).update_bytes == 0
+
+
 def test_the_bandwidth_is_measured_at_the_steps_own_traffic(artifact, monkeypatch):
     """Without ``copy_mb`` the copy moves what the step moves (the larger cost model, at least
     1 MiB): a model that fits in cache is not held to DRAM's bandwidth (which put fused AdamW

@@ -18,7 +18,8 @@ every call, as learn2learn does) — then ``compiled`` (``torch.compile`` of the
 ``onnx`` on onnxruntime, ``aoti``: AOTInductor, built only where affordable, ``--aoti``).
 
 Roofline (:mod:`~benchmarks.step_speed.roofline`): the peak FLOP/s (a large fp32 matmul) and
-bandwidth (a large copy, read + write bytes) are measured in the same run; each rule's FLOPs and
+bandwidth (the faster of a large copy, read + write bytes, and a large in-place ``a += b``,
+two reads and a write) are measured in the same run; each rule's FLOPs and
 bytes come from its own cost model; the *floor* of a step is ``max(flops / peak, bytes /
 bandwidth)`` and the *achieved fraction* is ``floor / measured``.
 

@@ -33,11 +33,11 @@ def notes(settings: Dict[str, Any], skipped: Dict[str, str]) -> List[str]:
         "Eager is the reference: each transform's own `update` in a Python loop over the "
         "parameters (for Kronecker the unfrozen layers, which recompute LᵀL and RᵀR every call, "
         "as learn2learn does); its floor counts those products too.",
-        "Achieved fractions above 100% happen when a model's optimizer data fits in cache, when "
-        "a kernel streams better than the copy the bandwidth ceiling is measured with (read + "
-        "write bytes, as specified; write-allocate makes a copy move a third more, so mostly-"
-        "reading kernels such as AdamW's can beat it), or when other jobs slowed the ceiling "
-        "measurement.",
+        "Achieved fractions above 100% happen when a model's optimizer data fits in cache or "
+        "when other jobs slowed the ceiling measurement. The bandwidth ceiling is the faster of "
+        "a copy (read + write bytes) and an in-place `a += b` (two reads, one write): "
+        "write-allocate makes a copy move a third more than it counts, so an in-place kernel "
+        "such as AdamW's beat a copy-only ceiling.",
     ]
     if "resnet18" in settings["models"]:
         result.append(
@@ -236,7 +236,8 @@ def render_markdown(doc: Dict[str, Any]) -> str:
         "",
         f"Ceilings measured in this run: peak {c['peak_flops'] / 1e9:.1f} GFLOP/s "
         f"(fp32 {c['matmul_n']}³ matmul), bandwidth {c['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
-        f"(copy of {c['copy_bytes'] / 2 / 2**20:.0f} MiB, read + write).",
+        f"(the faster of a copy of {c['copy_bytes'] / 2 / 2**20:.0f} MiB, read + write, and an "
+        "in-place update of that size, two reads and a write).",
         "",
         "Columns: step = median ms of `optimizer.step()` (timed runs); × eager = eager ÷ this "
         "(speed-up); ÷ compiled and ÷ AdamW = this ÷ that (slow-down); floor = max(FLOPs / peak, "
