@@ -161,26 +161,17 @@ class BatchedRule(nn.Module):
         rows, per_slice = grads.shape[0], self.max_elements // grads[0].numel()
         parts = []
         for begin, end in _slices(rows, max(1, per_slice)):
-            if end - begin == 1:  # the rule itself: vmap's dispatch would cost more than it maps
-                extra = () if sides is None else (sides[begin],)
-                one = self._one(
-                    grads[begin],
-                    params[begin],
-                    [s[begin] for s in states],
-                    step,
-                    seeds[begin],
-                    *extra,
-                )
-                parts.append((one[0].unsqueeze(0), [s.unsqueeze(0) for s in one[1]]))
-                continue
+            # A one-member slice calls the rule itself (vmap's dispatch would cost more).
+            compute = self._single if end - begin == 1 else self._mapped
+            cut = slice(begin, end)
             parts.append(
-                self._mapped(
-                    grads[begin:end],
-                    params[begin:end],
-                    [s[begin:end] for s in states],
+                compute(
+                    grads[cut],
+                    params[cut],
+                    [s[cut] for s in states],
                     step,
-                    seeds[begin:end],
-                    None if sides is None else sides[begin:end],
+                    seeds[cut],
+                    None if sides is None else sides[cut],
                 )
             )
         directions = torch.cat([d for d, _ in parts])
@@ -200,6 +191,22 @@ class BatchedRule(nn.Module):
             return mapped(grads, params, states, step, seeds)
         mapped = torch.func.vmap(self._one, in_dims=(0, 0, 0, None, 0, 0))
         return mapped(grads, params, states, step, seeds, sides)
+
+    def _single(
+        self,
+        grads: Tensor,
+        params: Tensor,
+        states: List[Tensor],
+        step: Tensor,
+        seeds: Tensor,
+        sides: Optional[Tensor],
+    ) -> Tuple[Tensor, List[Tensor]]:
+        """:meth:`_mapped` of a batch of one member, without ``vmap``."""
+        extra = () if sides is None else (sides[0],)
+        direction, new_state = self._one(
+            grads[0], params[0], [s[0] for s in states], step, seeds[0], *extra
+        )
+        return direction.unsqueeze(0), [s.unsqueeze(0) for s in new_state]
 
     def _one(self, grad, param, state, step, seed, *sides):
         direction, new_state = self.rule(grad, param, state, step, seed, *sides)
