@@ -481,6 +481,36 @@ def test_script_equals_eager(name: str, rank: int) -> None:
     _assert_runs_close(_run(scripted.update, param, scripted.init_state(param), grads), expected)
 
 
+def _peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """The most bytes torch's CPU allocator held at once during ``fn()`` beyond what it held
+    before (the profiler's allocation events, summed in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+    allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in allocations:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_a_scripted_vector_step_allocates_its_outputs_and_one_temporary() -> None:
+    # The Adam-like rule on a vector, as an exported TorchScript graph runs it: the new state and
+    # the direction (4 values a coordinate) and one temporary at a time at most, so the peak
+    # stays within twice the state (it was 7 values a coordinate).
+    scripted = _script(NormalizedMLP(orthogonalize=True, adam_vectors=True))
+    n = 1_000_000
+    grad, param = torch.randn(n), torch.randn(n)
+    state = [torch.randn(n), torch.randn(n), torch.rand(n)]
+    for _ in range(3):  # the profiling executor's first runs
+        scripted.update(grad, param, state, torch.tensor(4))
+    peak = _peak_allocated_bytes(lambda: scripted.update(grad, param, state, torch.tensor(4)))
+    assert 4 * 4 * n <= peak <= 5 * 4 * n + 4096, peak / (4 * n)
+
+
 @pytest.mark.slow  # an AOTInductor / Inductor compile: tens of seconds
 def test_compiled_graphs_serve_tall_and_wide_matrices() -> None:
     """With dynamic sizes ``torch.compile`` guards on the Gram side (``torch.cond`` cannot run

@@ -41,6 +41,12 @@ def _proc_status_kb(key: str) -> Optional[int]:
     return None
 
 
+def resident_bytes() -> Optional[int]:
+    """This process's resident set (``VmRSS``) in bytes, or ``None`` where it can't be read."""
+    kb = _proc_status_kb("VmRSS")
+    return None if kb is None else 1024 * kb
+
+
 def _reset_peak() -> bool:
     """Reset the kernel's peak-RSS mark (Linux ≥ 4.0); ``False`` where that isn't possible."""
     try:

@@ -16,9 +16,10 @@ the headline shows ratios only:
 2. Many tensors: 1,000 parameters of 1,024 elements against 10 of 102,400 (the same total): time
    per coordinate (target ≤ 1.5×); the 1,000-tensor step over foreach AdamW's (target ≤ 2×); and
    1,000 tensors of mixed ranks and small sizes (no target: generality).
-3. Memory: the peak resident-memory rise of one step (after the first, so the state exists) on
-   one 10M-element parameter, in a fresh child process per optimizer, over the optimizer-state
-   bytes (target ≤ 2×), next to AdamW's.
+3. Memory: the peak resident memory of one step (after the first, so the state exists) beyond
+   the optimizer state, on one 10M-element parameter, in a fresh child process per optimizer:
+   what the optimizer holds between steps besides its state (a runtime's arena, its graphs) plus
+   the rise within the step, over the state bytes (target ≤ 2×), next to AdamW's.
 4. Roofline: the floor of each step from the rule's cost model and the ceilings measured at that
    thread count (:mod:`benchmarks.step_speed.roofline`), and the achieved fraction.
 5. GPU, where ``torch.cuda.is_available()``: ResNet-18 and a 16.8M-parameter MLP stack timed with

@@ -7,6 +7,7 @@ the result written to the file the job names).
   resident-memory rise of a step on one parameter; ``gpu``: ResNet-18 and a large case on the GPU.
 """
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from benchmarks.step_speed.measure import (
     json_default,
     load_1m,
     quiet,
+    resident_bytes,
     time_optimizer,
 )
 
@@ -111,12 +113,7 @@ def child_main() -> None:
     torch.set_num_threads(job["threads"])
     load = load_1m()
     with quiet():
-        result = {
-            "baseline": _baseline_child,
-            "frozen": _frozen_child,
-            "memory": _memory_child,
-            "gpu": _gpu_child,
-        }[job["kind"]](job)
+        result = CHILDREN[job["kind"]](job)
     result["load_1m_start"], result["load_1m_end"] = load, load_1m()
     Path(job["result"]).write_text(json.dumps(result, default=json_default))
 
@@ -183,26 +180,35 @@ def _fix_mmap_threshold() -> bool:
 
 
 def _memory_child(job: Dict[str, Any]) -> Dict[str, Any]:
-    """Peak resident-memory rise of a step on one parameter, state created and warm: three steps
-    each measured on its own; the largest is the result."""
+    """Peak memory of a step on one parameter, state created and warm, beyond the state: what the
+    optimizer holds between steps besides its state (a runtime's memory arena, its graphs), read
+    against the resident set before the optimizer existed, plus the rise within the step (three
+    steps each measured on its own; the largest is the result)."""
     fixed = _fix_mmap_threshold()
     s, name = job["settings"], job["optimizer"]
     generator = torch.Generator().manual_seed(s["seed"])
     param = nn.Parameter(0.02 * torch.randn(s["memory_numel"], generator=generator))
     param.grad = torch.randn(s["memory_numel"], generator=generator)
+    gc.collect()
+    before = resident_bytes()
     if name.startswith("adamw-"):
         optimizer = adamw([param], name.removeprefix("adamw-"))
     else:
         optimizer = frozen([param], name, job["artifact"], True)
     optimizer.step()  # the state
     optimizer.step()  # graphs loaded, caches warm
-    peaks, exact = [], True
+    state = _unique_state_bytes(optimizer)
+    peaks, held, exact = [], [], True
     for _ in range(3):
+        gc.collect()
+        entry = resident_bytes()
         with PeakMemory() as memory:
             optimizer.step()
         peaks.append(memory.peak_bytes or 0)
+        if before is not None and entry is not None:
+            held.append(max(0, entry - before - state))
         exact = exact and memory.exact
-    state = _unique_state_bytes(optimizer)
+    beyond = [h + p for h, p in zip(held, peaks)] if held else None
     return {
         "status": "ok",
         "numel": param.numel(),
@@ -210,6 +216,8 @@ def _memory_child(job: Dict[str, Any]) -> Dict[str, Any]:
         "state_bytes": state,
         "peak_step_bytes": max(peaks),
         "peak_step_bytes_runs": peaks,
+        "held_bytes": max(held) if held else None,
+        "peak_beyond_state_bytes": max(beyond) if beyond else None,
         "peak_exact": exact,
         "mmap_threshold_fixed": fixed,
         "resolved_backend": getattr(optimizer, "backend", None),
@@ -289,3 +297,12 @@ def _gpu_child(job: Dict[str, Any]) -> Dict[str, Any]:
             "rows": rows,
         }
     return result
+
+
+#: What a child process runs, by the job's ``kind``.
+CHILDREN: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
+    "baseline": _baseline_child,
+    "frozen": _frozen_child,
+    "memory": _memory_child,
+    "gpu": _gpu_child,
+}
