@@ -208,6 +208,26 @@ def test_not_differentiable_and_not_scripted() -> None:
     assert "update_blocked" not in scripted.update.code
 
 
+@pytest.mark.parametrize("name", ["default", "harness"])
+@pytest.mark.parametrize("shape", [(BLOCK_SIZE + 5,), (300, 700), (700, 300)], ids=str)
+def test_a_scripted_rule_computes_a_large_tensor_as_update_blocked(name: str, shape) -> None:
+    # An exported TorchScript rule runs the blocked code on a tensor of more than BLOCK_SIZE
+    # coordinates: update_blocked's outputs bit for bit (so the fused update's to rounding),
+    # for vectors, wide and tall matrices (Newton-Schulz on either side).
+    t = _build(name, torch.float32)
+    scripted = torch.jit.script(t)
+    param = torch.zeros(shape)
+    state, blocked_state = t.init_state(param), t.init_state(param)
+    for k, grad in enumerate(_grads(shape, 3, torch.float32)):
+        step = torch.tensor(k)
+        direction, state = scripted.update(grad, param, state, step)
+        expected, blocked_state = t.update_blocked(grad, param, blocked_state, step)
+        torch.testing.assert_close(direction, expected, rtol=0, atol=0)
+        for s, ref in zip(state, blocked_state, strict=True):
+            torch.testing.assert_close(s, ref, rtol=0, atol=0)
+    assert "blocked_rule" in scripted._update.code
+
+
 @pytest.mark.parametrize("block", [0, -3, 2.5, True, "64"], ids=repr)
 def test_bad_block_raises(block) -> None:
     t = NormalizedMLP()

@@ -22,7 +22,7 @@ All state has the gradient's dtype and device.
 import copy
 import itertools
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Final, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from compiledopt._validation import check_flag, check_positive, check_real, check_sizes
 from compiledopt.learned.mlp import check_shapes
-from compiledopt.learned.normalized_blocked import blocked_update
+from compiledopt.learned.normalized_blocked import blocked_rule, blocked_update
 from compiledopt.learned.normalized_ops import (
     BLOCK_SIZE,
     NS_STEPS,
@@ -161,6 +161,8 @@ class NormalizedMLP(Transform):
     view_invariant = True
     fusable = True
     paddable = True
+    #: A TorchScript rule computes a tensor of more coordinates than this in blocks of this size.
+    blocked_from: Final[int] = BLOCK_SIZE
 
     def __init__(
         self,
@@ -263,6 +265,22 @@ class NormalizedMLP(Transform):
     ) -> Tuple[Tensor, List[Tensor]]:
         check_shapes(grad, param, state, 3)
         beta1, beta2, beta3 = self.fast_decay, self.slow_decay, self.abs_decay
+        vectors = self.elementwise or (self.adam_vectors and grad.dim() <= 1)
+        if torch.jit.is_scripting() and count is None and grad.numel() > self.blocked_from:
+            # An exported TorchScript rule computes a large tensor in blocks: its temporaries are
+            # a block's size, not the tensor's (see normalized_blocked). Inference only (the
+            # blocks are written by out= operations), so the weights go in detached.
+            weights: List[Tensor] = []
+            for layer in self.layers:
+                weight = layer.weight
+                assert isinstance(weight, Tensor)  # an nn.Linear's (narrows the type for checkers)
+                weights.append(weight.detach())
+            decays = (beta1, beta2, beta3)
+            clip, eps, head = self.feature_clip, self.eps, self.head.weight.detach()
+            return blocked_rule(
+                grad, state, step, decays, clip, eps, vectors, self.orthogonalize, weights, head,
+                self.skip.detach(), self.blocked_from,
+            )  # fmt: skip
         fast = state[0] * beta1 + grad * (1.0 - beta1)
         slow = state[1] * beta2 + grad * (1.0 - beta2)
         # |g·(1 − β₃)|: bit for bit |g|·(1 − β₃) (β₃ ≤ 1), and measured one tensor lower in a
@@ -272,7 +290,7 @@ class NormalizedMLP(Transform):
 
         scales = bias_scales(step, beta1, beta2, beta3).to(grad.dtype)
         clip = self.feature_clip
-        if self.elementwise or (self.adam_vectors and grad.dim() <= 1):
+        if vectors:
             # One expression, no named intermediates: each temporary is freed at its last use,
             # which keeps an exported graph's peak at the outputs plus one tensor.
             return torch.clamp(fast / (absolute + self.eps) * scales[0], -clip, clip), new_state

@@ -1,4 +1,5 @@
-"""NormalizedMLP's update computed in blocks of coordinates (eager CPU inference).
+"""NormalizedMLP's update computed in blocks of coordinates (CPU inference: the eager backend,
+and an exported TorchScript rule on large tensors).
 
 :meth:`NormalizedMLP.update <compiledopt.learned.normalized.NormalizedMLP.update>` builds whole
 tensor intermediates: the five feature columns, every hidden layer (``(N, 8)`` by default) and
@@ -26,9 +27,16 @@ Memory (``N`` coordinates, contiguous inputs, the gradient in the network's dtyp
 ``4N`` values, plus about ``25·b`` values for a block of ``b`` coordinates with the default
 ``(8, 8)`` network. ``b`` is ``block``, or ``⌈N/16⌉`` (at least 4096) for tensors smaller than
 ``16·block``, so the rise stays within ``6N`` values, twice the state, for ``N ≥ 65536`` (and
-within ``4N`` values plus half a megabyte below that).
+within ``4N`` values plus half a megabyte below that). With ``orthogonalize``, Newton–Schulz
+takes one more matrix of the parameter's size (``5N`` values and the blocks) and two Gram
+matrices of the smaller side ``r`` (``2r²`` values: ``2N`` for a square matrix, less the longer
+its other side).
+
+:func:`blocked_rule` is written for TorchScript as well as Python, so the scripted rule of an
+artifact runs this same code.
 """
 
+import math
 from typing import TYPE_CHECKING, Iterable, List, Tuple, cast
 
 import torch
@@ -36,7 +44,7 @@ from torch import Tensor, nn
 
 from compiledopt._validation import check_int
 from compiledopt.learned.mlp import check_shapes
-from compiledopt.learned.normalized_ops import BLOCK_SIZE, bias_scales, newton_schulz
+from compiledopt.learned.normalized_ops import BLOCK_SIZE, NS_STEPS, bias_scales, ns_cols, ns_rows
 
 if TYPE_CHECKING:  # the transform imports this module: annotations only
     from compiledopt.learned.normalized import NormalizedMLP
@@ -61,8 +69,8 @@ def _root_mean_square(x: Tensor, scale: Tensor, spans: List[Tuple[int, int]]) ->
     """``sqrt(mean((x / scale)²))`` (guarded against 0) with the mean accumulated in float64
     block by block and rounded to ``x``'s dtype, as ``normalize(x, wide=True)`` does."""
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for lo, hi in spans:
-        total += (x[lo:hi] / scale).square().sum(dtype=torch.float64)
+    for span in spans:
+        total += (x[span[0] : span[1]] / scale).square().sum(dtype=torch.float64)
     mean = (total / x.numel()).to(x.dtype)
     return torch.sqrt(_safe(mean))
 
@@ -70,12 +78,12 @@ def _root_mean_square(x: Tensor, scale: Tensor, spans: List[Tuple[int, int]]) ->
 def _unit_rms_in_place(out: Tensor, spans: List[Tuple[int, int]]) -> None:
     """Passes D and E: ``out ← out / max|out| / sqrt(mean(…²))`` in place, block by block."""
     peak = torch.zeros((), dtype=out.dtype, device=out.device)
-    for lo, hi in spans:
-        peak = torch.maximum(peak, out[lo:hi].abs().max())
+    for span in spans:
+        peak = torch.maximum(peak, out[span[0] : span[1]].abs().max())
     scale = _safe(peak)
     root = _root_mean_square(out, scale, spans)
-    for lo, hi in spans:
-        out[lo:hi].div_(scale).div_(root)
+    for span in spans:
+        out[span[0] : span[1]].div_(scale).div_(root)
 
 
 def blocked_update(
@@ -92,9 +100,10 @@ def blocked_update(
     Allocates the direction and the three new state tensors (contiguous) and, besides them, only
     intermediates of ``O(block)`` values. Non-contiguous inputs are first copied to contiguous
     ones (one copy each). With ``orthogonalize`` on a rank ≥ 2 parameter the network's output is
-    computed in blocks, but Newton–Schulz needs the whole matrix: it runs as in ``update``, with
-    its few whole-matrix temporaries (the memory bound does not hold there). Empty tensors give
-    empty outputs (``update`` raises there, on the maximum of an empty tensor).
+    computed in blocks, but Newton–Schulz needs the whole matrix: it runs in the direction and one
+    more matrix of its size (normalised in place, then iterations alternating between the two),
+    so the bound is one tensor more there. Empty tensors give empty outputs (``update`` raises
+    there, on the maximum of an empty tensor).
 
     Not differentiable (runs under ``torch.no_grad()``): use ``update`` for meta-training.
 
@@ -104,14 +113,47 @@ def blocked_update(
     """
     check_shapes(grad, param, state, 3)
     block = check_int(block, "block", 1)
+    t = transform
+    weights = [layer.weight.detach() for layer in cast(Iterable[nn.Linear], t.layers)]
     with torch.no_grad():
-        return _blocked(transform, grad, state, step, block)
+        return blocked_rule(
+            grad,
+            state,
+            step,
+            (t.fast_decay, t.slow_decay, t.abs_decay),
+            t.feature_clip,
+            t.eps,
+            t.elementwise or (t.adam_vectors and grad.dim() <= 1),
+            t.orthogonalize,
+            weights,
+            t.head.weight.detach(),
+            t.skip.detach(),
+            block,
+        )
 
 
-def _blocked(
-    t: "NormalizedMLP", grad: Tensor, state: List[Tensor], step: Tensor, block: int
+def blocked_rule(
+    grad: Tensor,
+    state: List[Tensor],
+    step: Tensor,
+    decays: Tuple[float, float, float],
+    clip: float,
+    eps: float,
+    vectors: bool,
+    orthogonalize: bool,
+    weights: List[Tensor],
+    head: Tensor,
+    skip: Tensor,
+    block: int,
+    pieces: int = PIECES,
+    min_block: int = MIN_BLOCK,
 ) -> Tuple[Tensor, List[Tensor]]:
-    beta1, beta2, beta3 = t.fast_decay, t.slow_decay, t.abs_decay
+    """The five passes of the module doc on ``grad`` and ``state`` (the transform's options and
+    weights given one by one; ``vectors``: the Adam-like rule). Written for TorchScript as well as
+    Python: an exported TorchScript rule computes a large tensor with it. No checks here: the
+    callers check. ``pieces`` and ``min_block``: :data:`PIECES` and :data:`MIN_BLOCK` (arguments
+    because TorchScript reads no global constants)."""
+    beta1, beta2, beta3 = decays
     shape, device = grad.shape, grad.device
     g = grad.reshape(-1)
     old = [s.reshape(-1) for s in state]
@@ -119,20 +161,17 @@ def _blocked(
         torch.empty(shape, dtype=torch.promote_types(s.dtype, grad.dtype), device=device)
         for s in state
     ]
-    fast, slow, absolute = (s.view(-1) for s in new_state)
+    fast, slow, absolute = new_state[0].view(-1), new_state[1].view(-1), new_state[2].view(-1)
     numel = g.numel()
-    spans = _spans(numel, min(block, max(MIN_BLOCK, -(-numel // PIECES))))
+    spans = _spans(numel, min(block, max(min_block, -(-numel // pieces))))
 
-    k1, k2, k3 = bias_scales(step, beta1, beta2, beta3).to(grad.dtype).unbind(0)
-    clip, eps = t.feature_clip, t.eps
-    vectors = t.elementwise or (t.adam_vectors and grad.dim() <= 1)
-    if vectors:
-        direction = torch.empty(shape, dtype=fast.dtype, device=device)
-        flat = direction.view(-1)
+    scales = bias_scales(step, beta1, beta2, beta3).to(grad.dtype)
+    k1, k2, k3 = scales[0], scales[1], scales[2]
 
-    # Pass A: the accumulators (and, for adam_vectors on rank <= 1, the whole direction).
+    # Pass A: the accumulators (and, for the Adam-like rule, the whole direction).
     g_peak = torch.zeros((), dtype=g.dtype, device=device)
     f_peak = torch.zeros((), dtype=fast.dtype, device=device)
+    flat = torch.empty(numel if vectors else 0, dtype=fast.dtype, device=device)
     for lo, hi in spans:
         gb = g[lo:hi]
         fb = torch.mul(old[0][lo:hi], beta1, out=fast[lo:hi]).add_(gb * (1.0 - beta1))
@@ -144,7 +183,7 @@ def _blocked(
             g_peak = torch.maximum(g_peak, gb.abs().max())
             f_peak = torch.maximum(f_peak, fb.abs().max())
     if vectors:
-        return direction, new_state
+        return flat.view(shape), new_state
     if numel == 0:
         return torch.empty(shape, dtype=grad.dtype, device=device), new_state
 
@@ -155,50 +194,57 @@ def _blocked(
 
     # Pass C: features and network per block, out into the direction (or a buffer of the
     # network's dtype when it differs from the gradient's).
-    out = torch.empty(numel, dtype=t.skip.dtype, device=device)
-    network = _BlockNetwork(t, spans[0][1], device)
+    dtype, size = skip.dtype, spans[0][1]
+    out = torch.empty(numel, dtype=dtype, device=device)
+    features = torch.empty(skip.shape[0], size, dtype=dtype, device=device)
+    hidden = [torch.empty(w.shape[0], size, dtype=dtype, device=device) for w in weights]
     for lo, hi in spans:
         gb, fb, sb, ab = g[lo:hi], fast[lo:hi], slow[lo:hi], absolute[lo:hi]
-        x = network.features[:, : hi - lo]
+        x = features[:, : hi - lo]
         den = ab + eps
         _clamp_into(x[0], fb / den * k1, clip)
         _clamp_into(x[1], sb / den * k2, clip)
         _clamp_into(x[2], gb / den * k3, clip)
         _clamp_into(x[3], gb / g_scale / g_root, clip)
         _clamp_into(x[4], fb / f_scale / f_root, clip)
-        network(x, out[lo:hi])
+        _network_into(x, out[lo:hi], weights, hidden, head, skip)
 
-    if t.orthogonalize and grad.dim() >= 2:
-        out = newton_schulz(out.view(shape[0], -1)).reshape(-1)
+    if orthogonalize and grad.dim() >= 2:
+        out = _newton_schulz_in_place(out, shape[0], spans)
     # Passes D and E.
     _unit_rms_in_place(out, spans)
     return out.view(shape).to(grad.dtype), new_state
 
 
-class _BlockNetwork:
-    """The network on one block, as matrix products on feature-major buffers: ``X`` is
-    ``(5, B)``, each hidden layer ``(hᵢ, B)``, so every column write is contiguous."""
+def _newton_schulz_in_place(
+    out: Tensor, rows: int, spans: List[Tuple[int, int]], steps: int = NS_STEPS
+) -> Tensor:
+    """:func:`newton_schulz` of ``out`` viewed as a matrix of ``rows`` rows, computed in ``out``
+    and one spare matrix: normalised in place (``out / max|out|`` over its Frobenius norm, the
+    mean of squares accumulated in float64), then the iterations alternate between the two.
+    Returns the flat result, which is ``out`` or the spare."""
+    _unit_rms_in_place(out, spans)
+    out.div_(math.sqrt(out.numel()))
+    matrix = out.view(rows, -1)
+    spare = torch.empty_like(matrix)
+    if rows > matrix.shape[1]:
+        return ns_cols(matrix, steps, spare).reshape(-1)
+    return ns_rows(matrix, steps, spare).reshape(-1)
 
-    def __init__(self, t: "NormalizedMLP", size: int, device: torch.device) -> None:
-        self.weights = [layer.weight.detach() for layer in cast(Iterable[nn.Linear], t.layers)]
-        self.head = t.head.weight.detach()
-        self.skip = t.skip.detach().reshape(1, -1)
-        dtype = self.skip.dtype
-        self.features = torch.empty(self.skip.shape[1], size, dtype=dtype, device=device)
-        self.hidden = [
-            torch.empty(w.shape[0], size, dtype=dtype, device=device) for w in self.weights
-        ]
 
-    def __call__(self, x: Tensor, out: Tensor) -> None:
-        """``out ← x·skip + head(tanh(… tanh(W₁ x)))`` for the features ``x`` (a ``(5, m)`` view
-        of :attr:`features`)."""
-        m = out.shape[0]
-        h = x
-        for w, buffer in zip(self.weights, self.hidden):
-            h = torch.mm(w, h, out=buffer[:, :m]).tanh_()
-        row = out.view(1, m)
-        torch.mm(self.skip, x, out=row)
-        row.addmm_(self.head, h)
+def _network_into(
+    x: Tensor, out: Tensor, weights: List[Tensor], hidden: List[Tensor], head: Tensor, skip: Tensor
+) -> None:
+    """``out ← x·skip + head(tanh(… tanh(W₁ x)))`` for the features ``x`` (``(5, m)``), as
+    matrix products on feature-major buffers: each hidden layer is ``(hᵢ, B)`` (``hidden``), so
+    every column write is contiguous."""
+    m = out.shape[0]
+    h = x
+    for w, buffer in zip(weights, hidden):
+        h = torch.mm(w, h, out=buffer[:, :m]).tanh_()
+    row = out.view(1, m)
+    torch.mm(skip.view(1, -1), x, out=row)
+    row.addmm_(head, h)
 
 
 def _clamp_into(target: Tensor, value: Tensor, clip: float) -> None:

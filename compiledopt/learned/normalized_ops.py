@@ -78,23 +78,35 @@ def normalize(x: Tensor, wide: bool = False, count: Optional[Tensor] = None) -> 
     return y / torch.sqrt(torch.where(mean > 0, mean, torch.ones_like(mean)))
 
 
-def ns_rows(x: Tensor, steps: int) -> Tensor:
+def ns_rows(x: Tensor, steps: int, spare: Optional[Tensor] = None) -> Tensor:
     """The quintic step ``X ← aX + (bA + cA²)X`` with ``A = XXᵀ`` (the rows side), ``steps``
-    times."""
+    times. Each step writes one new matrix of ``X``'s size (``aX``, the product and their sum
+    in one ``addmm``). With ``spare`` (a contiguous matrix of ``x``'s shape; not differentiable)
+    it allocates none: the steps alternate between ``x`` and ``spare``, overwriting both, and the
+    result is one of them."""
     a, b, c = 3.4445, -4.7750, 2.0315  # locals: TorchScript reads no global floats
     for _ in range(steps):
         gram = torch.mm(x, x.t())
-        x = a * x + torch.mm(b * gram + c * torch.mm(gram, gram), x)
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA²
+        if spare is None:
+            x = torch.addmm(x, poly, x, beta=a)
+        else:
+            x, spare = torch.addmm(x, poly, x, beta=a, out=spare), x
     return x
 
 
-def ns_cols(x: Tensor, steps: int) -> Tensor:
+def ns_cols(x: Tensor, steps: int, spare: Optional[Tensor] = None) -> Tensor:
     """The same polynomial on the columns side, ``X ← aX + X(bB + cB²)`` with ``B = XᵀX``
-    (``A^k X = X B^k``); no transposed result, so both sides give the same memory layout."""
+    (``A^k X = X B^k``); no transposed result, so both sides give the same memory layout.
+    ``spare`` as in :func:`ns_rows`."""
     a, b, c = 3.4445, -4.7750, 2.0315
     for _ in range(steps):
         gram = torch.mm(x.t(), x)
-        x = a * x + torch.mm(x, b * gram + c * torch.mm(gram, gram))
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA²
+        if spare is None:
+            x = torch.addmm(x, x, poly, beta=a)
+        else:
+            x, spare = torch.addmm(x, x, poly, beta=a, out=spare), x
     return x
 
 
