@@ -86,6 +86,8 @@ def test_medians_and_ratios_are_consistent(quick):
         "resnet18_vs_adamw_foreach": ms(eager["resnet18"])
         / ms(base["adamw"]["resnet18"]["foreach"]),
         "resnet18_vs_fwd_bwd": ms(eager["resnet18"]) / ms(base["fwd_bwd"]),
+        "gpt2_tiny_vs_adamw_fused": ms(eager["gpt2-tiny"])
+        / ms(base["adamw"]["gpt2-tiny"]["fused"]),
         "many_per_coordinate": ms(eager["many"]) / ms(eager["few"]),  # same total
         "many_vs_adamw_foreach": ms(eager["many"]) / ms(base["adamw"]["many"]["foreach"]),
         "mixed_per_coordinate": (ms(eager["mixed"]) / cases["mixed"]["params"])
@@ -121,6 +123,7 @@ def test_medians_and_ratios_are_consistent(quick):
     assert set(judged) == {
         "resnet18_vs_adamw_fused",
         "resnet18_vs_fwd_bwd",
+        "gpt2_tiny_vs_adamw_fused",
         "many_per_coordinate",
         "many_vs_adamw_foreach",
         "mixed_vs_adamw_foreach",
@@ -272,6 +275,18 @@ def test_resnet18_module_has_the_hand_written_parameter_list():
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     with pytest.raises(ValueError, match="width=0"):
         models.ResNet18(width=0)
+
+
+def test_gpt2_tiny_is_the_parameter_list_of_transformers_gpt2():
+    # Against the library's own model where it is installed, else against its known total.
+    shapes = models.gpt2_tiny_shapes()
+    assert len(shapes) == 28 and sum(math.prod(shape) for _, shape in shapes) == 109_312
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=80, n_positions=64, n_embd=64, n_layer=2, n_head=4, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    assert [(n, tuple(p.shape)) for n, p in model.named_parameters()] == shapes
 
 
 def test_many_and_mixed_shapes():

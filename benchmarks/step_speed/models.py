@@ -56,6 +56,38 @@ def resnet18_shapes() -> Shapes:
     return [*shapes, ("fc.weight", (1000, 512)), ("fc.bias", (1000,))]
 
 
+def gpt2_tiny_shapes(
+    vocab: int = 80, context: int = 64, width: int = 64, layers: int = 2
+) -> Shapes:
+    """The parameter list of a tiny GPT-2 as ``transformers.GPT2LMHeadModel`` names it, the
+    character-level model people fine-tune in examples (2 layers of width 64, a vocabulary of 80,
+    context 64: 109,312 parameters in 28 tensors), written out by hand: the token and position
+    embeddings, per layer two LayerNorms, the fused query/key/value and output projections and
+    the 4x MLP (``Conv1D`` weights, input by output), a final LayerNorm; the head is tied to the
+    token embedding (no tensor of its own)."""
+    shapes: Shapes = [
+        ("transformer.wte.weight", (vocab, width)),
+        ("transformer.wpe.weight", (context, width)),
+    ]
+    for layer in range(layers):
+        h = f"transformer.h.{layer}"
+        shapes += [
+            (f"{h}.ln_1.weight", (width,)),
+            (f"{h}.ln_1.bias", (width,)),
+            (f"{h}.attn.c_attn.weight", (width, 3 * width)),
+            (f"{h}.attn.c_attn.bias", (3 * width,)),
+            (f"{h}.attn.c_proj.weight", (width, width)),
+            (f"{h}.attn.c_proj.bias", (width,)),
+            (f"{h}.ln_2.weight", (width,)),
+            (f"{h}.ln_2.bias", (width,)),
+            (f"{h}.mlp.c_fc.weight", (width, 4 * width)),
+            (f"{h}.mlp.c_fc.bias", (4 * width,)),
+            (f"{h}.mlp.c_proj.weight", (4 * width, width)),
+            (f"{h}.mlp.c_proj.bias", (width,)),
+        ]
+    return [*shapes, ("transformer.ln_f.weight", (width,)), ("transformer.ln_f.bias", (width,))]
+
+
 def _example(name: str) -> Callable[[], Shapes]:
     return lambda: _module_shapes(example_model(name))
 
@@ -77,6 +109,7 @@ MODELS: Dict[str, Tuple[Callable[[], Shapes], str]] = {
     ),
     "mlp-stack": (_mlp_stack, "16 x Linear(1024, 1024)"),
     "resnet18": (resnet18_shapes, "ResNet-18 parameter list (shapes by hand, no torchvision)"),
+    "gpt2-tiny": (gpt2_tiny_shapes, "tiny GPT-2 parameter list: 2 layers, width 64, tied head"),
 }
 
 

@@ -10,9 +10,10 @@ median of repeated steps after warm-up (:func:`benchmarks.step_speed.measure.tim
 the headline shows ratios only:
 
 1. ResNet-18 (:class:`~benchmarks.step_speed.models.ResNet18`, 11.7M parameters, 62 tensors): the
-   step over fused AdamW's (target ≤ 10×), over foreach AdamW's, and over the model's own
+   step over fused AdamW's (target ≤ 8×), over foreach AdamW's, and over the model's own
    forward + backward (zero_grad, forward, cross-entropy on random labels, backward) at batch
-   8×3×64×64 (target ≤ 1×).
+   8×3×64×64 (target ≤ 1×). A tiny GPT-2 (:func:`~benchmarks.step_speed.models.gpt2_tiny_shapes`,
+   0.11M parameters, 28 tensors): the step over fused AdamW's (target ≤ 5×).
 2. Many tensors: 1,000 parameters of 1,024 elements against 10 of 102,400 (the same total): time
    per coordinate (target ≤ 1.5×); the 1,000-tensor step over foreach AdamW's (target ≤ 2×); and
    1,000 tensors of mixed ranks and small sizes (no target: generality).

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from benchmarks.step_speed.measure import json_default
+from benchmarks.step_speed.models import gpt2_tiny_shapes
 from benchmarks.step_speed.report import loads_text
 
 #: CPU ratios per thread count and backend: key, label (formatted with the settings), target.
 CPU_RATIOS: Tuple[Tuple[str, str, Optional[float]], ...] = (
-    ("resnet18_vs_adamw_fused", "ResNet-18: step / fused AdamW step", 10.0),
+    ("resnet18_vs_adamw_fused", "ResNet-18: step / fused AdamW step", 8.0),
     ("resnet18_vs_adamw_foreach", "ResNet-18: step / foreach AdamW step", None),
     ("resnet18_vs_fwd_bwd", "ResNet-18: step / forward+backward {batch}", 1.0),
+    ("gpt2_tiny_vs_adamw_fused", "GPT-2 tiny ({gpt2} params): step / fused AdamW step", 5.0),
     ("many_per_coordinate", "per coordinate: {many} / {few} tensors", 1.5),
     ("many_vs_adamw_foreach", "{many} tensors: step / foreach AdamW step", 2.0),
     ("mixed_per_coordinate", "per coordinate: {mixed} mixed / {few}", None),
@@ -64,6 +66,7 @@ def _labels(s: Dict[str, Any]) -> Dict[str, str]:
         "many": f"{many[0]:,}×{many[1]:,}",
         "few": f"{few[0]:,}×{few[1]:,}",
         "mixed": f"{mixed[0]:,}",
+        "gpt2": f"{sum(math.prod(shape) for _, shape in gpt2_tiny_shapes()):,}",
     }
     return {key: label.format(**values) for key, label, _ in CPU_RATIOS}
 
@@ -85,6 +88,7 @@ def _frozen_ratios(run: Dict[str, Any], case: Dict[str, Any], info: Dict[str, An
         "resnet18_vs_adamw_fused": _ratio(t["resnet18"], fused["resnet18"]),
         "resnet18_vs_adamw_foreach": _ratio(t["resnet18"], foreach["resnet18"]),
         "resnet18_vs_fwd_bwd": _ratio(t["resnet18"], _ms(base.get("fwd_bwd"))),
+        "gpt2_tiny_vs_adamw_fused": _ratio(t.get("gpt2-tiny"), fused.get("gpt2-tiny")),
         "many_per_coordinate": per_coordinate("many"),
         "many_vs_adamw_foreach": _ratio(t["many"], foreach["many"]),
         "mixed_per_coordinate": per_coordinate("mixed"),
@@ -131,7 +135,9 @@ def _roofline(doc: Dict[str, Any], run: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def derive(doc: Dict[str, Any]) -> None:
     """Add the ratios, the roofline rows and the targets to ``doc``."""
-    info = {c: doc["cases"][c] for c in ("resnet18", "many", "few", "mixed")}
+    from benchmarks.step_speed.targets_runs import CASES
+
+    info = {c: doc["cases"][c] for c in CASES if c in doc["cases"]}
     spec = doc["optimizer"]["spec"]
     from benchmarks.step_speed.plan import FAMILIES
 

@@ -28,7 +28,7 @@ from benchmarks.step_speed.measure import (
 )
 
 ADAMW = ("fused", "foreach")
-CASES = ("resnet18", "many", "few", "mixed")
+CASES = ("resnet18", "gpt2-tiny", "many", "few", "mixed")
 #: glibc's mmap threshold, fixed in the memory children at its default value (which turns off its
 #: dynamic raise): every large temporary of a step is then mapped when allocated and unmapped when
 #: freed, and shows in the resident set of every step, not only of the first one.
@@ -46,6 +46,8 @@ def case_shapes(case: str, settings: Dict[str, Any]) -> models.Shapes:
         return [(name, tuple(p.shape)) for name, p in net.named_parameters()]
     if case == "mixed":
         return models.mixed_shapes(*settings["mixed"], seed=settings["seed"])
+    if case == "gpt2-tiny":
+        return models.gpt2_tiny_shapes()
     return models.many_shapes(*settings[case])
 
 
