@@ -9,6 +9,7 @@ ratios, the GPU ratios and ``targets`` (judged at the largest thread count); :fu
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -105,6 +106,7 @@ def _roofline(doc: Dict[str, Any], run: Dict[str, Any]) -> List[Dict[str, Any]]:
     if "ceilings" not in run["baseline"]:
         return []
     ceilings = Ceilings(**run["baseline"]["ceilings"])
+    by_case = run["baseline"].get("bandwidth_by_case", {})  # absent from older results
     # The frozen rows' cost is the artifact's own (its spec and kwargs), not a catalog default.
     spec = doc["optimizer"]["spec"]
     family = spec.get("name", spec["kind"])
@@ -128,7 +130,10 @@ def _roofline(doc: Dict[str, Any], run: Dict[str, Any]) -> List[Dict[str, Any]]:
                 "step_ms": result["step_ms"],
                 "state_bytes": result["state_bytes"],
             }
-            add_cost(row, rule, shapes, ceilings, rule_spec)
+            bandwidth = by_case.get(case)
+            roofs = replace(ceilings, bandwidth_bytes_per_s=bandwidth) if bandwidth else ceilings
+            row["bandwidth_bytes_per_s"] = roofs.bandwidth_bytes_per_s
+            add_cost(row, rule, shapes, roofs, rule_spec)
             rows.append(row)
     return rows
 
@@ -362,13 +367,22 @@ def render_markdown(doc: Dict[str, Any]) -> str:
                     r["case"],
                     r["optimizer"],
                     f"{r['flops_per_coordinate']:.3g}",
+                    f"{r['bandwidth_bytes_per_s'] / 1e9:.3g}"
+                    if "bandwidth_bytes_per_s" in r
+                    else "",
                     f"{r['floor_ms']:.3g}",
                     f"{r['step_ms']:.3g}",
                     _percent(r.get("achieved_fraction")),
                 ]
             )
-    header = ["threads", "case", "optimizer", "FLOP/coord", "floor ms", "step ms", "achieved"]
-    lines += [*_table(header, rows), ""]
+    header = ["threads", "case", "optimizer", "FLOP/coord", "GB/s", "floor ms", "step ms"]
+    lines += [
+        "Floor: max(FLOPs / peak, bytes / bandwidth), the bandwidth measured on buffers of the",
+        "case's own traffic (where its arrays live: a small model's fit in cache).",
+        "",
+        *_table([*header, "achieved"], rows),
+        "",
+    ]
     lines += _gpu_lines(doc)
     errors = _errors(doc)
     if errors or doc["notes"]:
