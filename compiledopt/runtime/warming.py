@@ -127,6 +127,7 @@ class Warming:
         self.clock = EagerClock(0.0) if clock is None else clock
         self._started: Set[Hashable] = set()
         self._ready: Set[Hashable] = set()
+        self._threads: List[threading.Thread] = []
 
     def __call__(self, *args: Any) -> Any:
         kind = self.kind(*args)
@@ -144,6 +145,7 @@ class Warming:
                 target=self._warm, args=(kind, example), name="compiledopt-compile", daemon=True
             )
             _THREADS.append(thread)
+            self._threads.append(thread)
             logger.info(
                 "%s: compiling %s in the background; the eager rule runs until it is ready",
                 self.what,
@@ -155,6 +157,15 @@ class Warming:
             return self.eager(*args)
         finally:
             self.clock.spent += time.perf_counter() - began
+
+    def wait(self, timeout: "float | None" = None) -> bool:
+        """Wait for this rule's compiles started so far (not other rules'); ``True`` when all
+        have finished (``False``: ``timeout`` seconds passed first, each)."""
+        for thread in self._threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+        return True
 
     def _warm(self, kind: Hashable, example: tuple) -> None:
         try:
