@@ -265,22 +265,11 @@ class NormalizedMLP(Transform):
     ) -> Tuple[Tensor, List[Tensor]]:
         check_shapes(grad, param, state, 3)
         beta1, beta2, beta3 = self.fast_decay, self.slow_decay, self.abs_decay
-        vectors = self.elementwise or (self.adam_vectors and grad.dim() <= 1)
         if torch.jit.is_scripting() and count is None and grad.numel() > self.blocked_from:
             # An exported TorchScript rule computes a large tensor in blocks: its temporaries are
-            # a block's size, not the tensor's (see normalized_blocked). Inference only (the
-            # blocks are written by out= operations), so the weights go in detached.
-            weights: List[Tensor] = []
-            for layer in self.layers:
-                weight = layer.weight
-                assert isinstance(weight, Tensor)  # an nn.Linear's (narrows the type for checkers)
-                weights.append(weight.detach())
-            decays = (beta1, beta2, beta3)
-            clip, eps, head = self.feature_clip, self.eps, self.head.weight.detach()
-            return blocked_rule(
-                grad, state, step, decays, clip, eps, vectors, self.orthogonalize, weights, head,
-                self.skip.detach(), self.blocked_from,
-            )  # fmt: skip
+            # a block's size, not the tensor's (see normalized_blocked).
+            return self.in_blocks(grad, state, step, self.blocked_from)
+        vectors = self.elementwise or (self.adam_vectors and grad.dim() <= 1)
         fast = state[0] * beta1 + grad * (1.0 - beta1)
         slow = state[1] * beta2 + grad * (1.0 - beta2)
         # |g·(1 − β₃)|: bit for bit |g|·(1 − β₃) (β₃ ≤ 1), and measured one tensor lower in a
@@ -338,6 +327,33 @@ class NormalizedMLP(Transform):
         differentiable). Kept out of TorchScript and ``torch.export``.
         """
         return blocked_update(self, grad, param, state, step, block)
+
+    def in_blocks(
+        self, grad: Tensor, state: List[Tensor], step: Tensor, block: int
+    ) -> Tuple[Tensor, List[Tensor]]:
+        """:func:`~compiledopt.learned.normalized_blocked.blocked_rule` with this transform's
+        options and weights, unchecked: the body of :meth:`update_blocked` and of a TorchScript
+        rule's step on a large tensor. Inference only: the blocks are written by ``out=``
+        operations, so the weights go in detached."""
+        weights: List[Tensor] = []
+        for layer in self.layers:
+            weight = layer.weight
+            assert isinstance(weight, Tensor)  # an nn.Linear's (narrows the type for checkers)
+            weights.append(weight.detach())
+        return blocked_rule(
+            grad,
+            state,
+            step,
+            (self.fast_decay, self.slow_decay, self.abs_decay),
+            self.feature_clip,
+            self.eps,
+            self.elementwise or (self.adam_vectors and grad.dim() <= 1),
+            self.orthogonalize,
+            weights,
+            self.head.weight.detach(),
+            self.skip.detach(),
+            block,
+        )
 
     def _network(self, columns: List[Tensor]) -> Tensor:
         """The matmul form: ``(N, 5)`` features through the layers, plus the skip."""

@@ -37,10 +37,10 @@ artifact runs this same code.
 """
 
 import math
-from typing import TYPE_CHECKING, Iterable, List, Tuple, cast
+from typing import TYPE_CHECKING, List, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from compiledopt._validation import check_int
 from compiledopt.learned.mlp import check_shapes
@@ -113,23 +113,8 @@ def blocked_update(
     """
     check_shapes(grad, param, state, 3)
     block = check_int(block, "block", 1)
-    t = transform
-    weights = [layer.weight.detach() for layer in cast(Iterable[nn.Linear], t.layers)]
     with torch.no_grad():
-        return blocked_rule(
-            grad,
-            state,
-            step,
-            (t.fast_decay, t.slow_decay, t.abs_decay),
-            t.feature_clip,
-            t.eps,
-            t.elementwise or (t.adam_vectors and grad.dim() <= 1),
-            t.orthogonalize,
-            weights,
-            t.head.weight.detach(),
-            t.skip.detach(),
-            block,
-        )
+        return transform.in_blocks(grad, state, step, block)
 
 
 def blocked_rule(

@@ -50,11 +50,18 @@ _THREADS: List[threading.Thread] = []
 def wait(timeout: "float | None" = None) -> bool:
     """Wait for every background compile started so far; ``True`` when all have finished
     (``False``: ``timeout`` seconds passed first)."""
-    for thread in list(_THREADS):
+    if not _joined(list(_THREADS), timeout):
+        return False
+    _THREADS[:] = [t for t in _THREADS if t.is_alive()]
+    return True
+
+
+def _joined(threads: List[threading.Thread], timeout: "float | None") -> bool:
+    """Join ``threads`` in turn, each for at most ``timeout`` seconds; ``True`` when all ended."""
+    for thread in threads:
         thread.join(timeout)
         if thread.is_alive():
             return False
-    _THREADS[:] = [t for t in _THREADS if t.is_alive()]
     return True
 
 
@@ -161,11 +168,7 @@ class Warming:
     def wait(self, timeout: "float | None" = None) -> bool:
         """Wait for this rule's compiles started so far (not other rules'); ``True`` when all
         have finished (``False``: ``timeout`` seconds passed first, each)."""
-        for thread in self._threads:
-            thread.join(timeout)
-            if thread.is_alive():
-                return False
-        return True
+        return _joined(self._threads, timeout)
 
     def _warm(self, kind: Hashable, example: tuple) -> None:
         try:
