@@ -4,6 +4,8 @@ a damaged record is ignored with a log line and never trusted."""
 
 import json
 import logging
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -103,6 +105,34 @@ def test_a_finished_background_compile_records_its_time(cache, artifact):
     recorded = timings.recorded_compile(key)
     assert recorded is not None and recorded == clock.compile_s > 0
     assert EagerClock(key=key).patience == recorded
+
+
+def test_compiles_finishing_together_record_the_latest_total(cache, artifact, monkeypatch):
+    """Two kinds' compiles finish on two threads: the record ends at their sum, never at the
+    first one's total written after the second's (the first write is held back here until the
+    second is done, or half a second has passed)."""
+    key = _key(artifact)
+    record, writes, second_written = warming.record_compile, [], threading.Event()
+
+    def held_back(k, seconds):
+        first = not writes
+        writes.append(seconds)
+        if first:
+            second_written.wait(0.5)
+        record(k, seconds)
+        if not first:
+            second_written.set()
+
+    monkeypatch.setattr(warming, "record_compile", held_back)
+    clock = EagerClock(0.0, key=key)
+    threads = [threading.Thread(target=clock.paid, args=(seconds,)) for seconds in (1.0, 2.0)]
+    threads[0].start()
+    while not writes:  # the first compile's write has begun
+        time.sleep(0.001)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    assert clock.compile_s == 3.0 and timings.recorded_compile(key) == 3.0
 
 
 def test_auto_asks_for_the_patience_of_each_rule_it_runs(cache, artifact, monkeypatch):

@@ -88,12 +88,17 @@ class EagerClock:
         self.key = key
         self.spent = 0.0
         self.compile_s = 0.0
+        self._paying = threading.Lock()
 
     def paid(self, seconds: float) -> None:
         """One of the rule's compiles finished after ``seconds``: the rule's compile time so far
-        is recorded under :attr:`key` (when given) for later processes' patience."""
-        self.compile_s += seconds
-        if self.key is not None:
+        is recorded under :attr:`key` (when given) for later processes' patience. Compiles of
+        several kinds finish on their own threads: the sum and its record are taken under one
+        lock, so a later total is never overwritten by an earlier one."""
+        with self._paying:
+            self.compile_s += seconds
+            if self.key is None:
+                return
             try:
                 record_compile(self.key, self.compile_s)
             except OSError as error:  # a read-only cache costs later runs patience, nothing more
