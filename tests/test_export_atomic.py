@@ -166,6 +166,37 @@ def test_concurrent_exports_without_overwrite_one_wins(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
 
 
+def test_torchscript_compiles_one_rule_at_a_time_in_a_process(tmp_path, monkeypatch):
+    """TorchScript's compiler keeps process-wide registries: two exports in threads must not
+    script at once (done concurrently, one could fail inside ``torch.jit.script``)."""
+    script = torch.jit.script
+    inside, most = [0], [0]
+    count = threading.Lock()
+
+    def watched(rule):
+        with count:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.2)  # long enough for the other thread to arrive if nothing holds it back
+        try:
+            return script(rule)
+        finally:
+            with count:
+                inside[0] -= 1
+
+    monkeypatch.setattr(torch.jit, "script", watched)
+    threads = [
+        threading.Thread(target=_export, args=(tmp_path / f"artifact-{seed}", seed))
+        for seed in (1, 2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+    assert [_which(tmp_path / f"artifact-{seed}") for seed in (1, 2)] == [1, 2]
+
+
 def test_an_existing_destination_is_refused_before_any_work(tmp_path, monkeypatch):
     path = _export(tmp_path / "artifact", seed=1)
     monkeypatch.setattr(torchscript_module.BACKEND, "save", lambda *a: pytest.fail("built"))

@@ -7,6 +7,7 @@ one file of a :class:`~compiledopt.export.rule.TensorRule` serves parameters of 
 
 import contextlib
 import io
+import threading
 import warnings
 from typing import Callable, Iterator
 
@@ -20,27 +21,33 @@ __all__ = ["BACKEND", "TorchScriptBackend", "load", "load_bytes", "save"]
 
 def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
     """Script ``rule`` and write it to ``path`` (``example`` and ``dynamic`` are not needed)."""
-    with _quiet_deprecation():
+    with _one_at_a_time():
         torch.jit.save(torch.jit.script(rule), path)
 
 
 def load(path: str) -> Callable:
     """The scripted rule at ``path``, on the CPU."""
-    with _quiet_deprecation():
+    with _one_at_a_time():
         return torch.jit.load(path, map_location="cpu")
 
 
 def load_bytes(data: bytes, where: str) -> Callable:
     """The scripted rule whose file content is ``data``, on the CPU (read from memory)."""
-    with _quiet_deprecation():
+    with _one_at_a_time():
         return torch.jit.load(io.BytesIO(data), map_location="cpu")
 
 
+#: TorchScript's compiler and loader share process-wide type registries that are not safe to use
+#: from two threads at once (two exports in threads could fail inside ``torch.jit.script``), and
+#: ``warnings.catch_warnings`` swaps process-wide state too: one call at a time in this process.
+_TORCHSCRIPT_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
-def _quiet_deprecation() -> Iterator[None]:
-    """TorchScript still works in torch 2.13 but warns that it is deprecated; hide that warning
-    (only that one: every other warning still shows)."""
-    with warnings.catch_warnings():
+def _one_at_a_time() -> Iterator[None]:
+    """Hold the process's TorchScript lock, and hide the warning that TorchScript is deprecated
+    (it still works in torch 2.13; only that warning is hidden: every other one still shows)."""
+    with _TORCHSCRIPT_LOCK, warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r".*torch\.jit\.\w+.* is deprecated", category=DeprecationWarning
         )
