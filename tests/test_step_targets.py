@@ -104,17 +104,22 @@ def test_medians_and_ratios_are_consistent(quick):
     assert resnet["achieved_fraction"] == pytest.approx(resnet["floor_ms"] / ms(eager["resnet18"]))
     assert ratios["roofline_resnet18"] == resnet["achieved_fraction"]
     assert rows[("resnet18", "adamw-fused")]["flops_per_coordinate"] == 14  # AdamW's cost model
-    # Each case's floor uses the bandwidth measured on that case's own traffic.
+    # Each case's floor uses the bandwidth measured on that case's own traffic: the learned
+    # step's for its rows, AdamW's for AdamW's.
     peak = run["baseline"]["ceilings"]["peak_flops"]
-    for case, bandwidth in run["baseline"]["bandwidth_by_case"].items():
-        row = rows[(case, "adamw-fused")]
-        assert bandwidth > 0 and row["bandwidth_bytes_per_s"] == bandwidth
-        n = cases[case]["params"]
-        floor = max(
-            row["flops_per_coordinate"] * n / peak, row["bytes_per_coordinate"] * n / bandwidth
-        )
-        assert row["floor_ms"] == pytest.approx(1e3 * floor, rel=1e-9), case
-    assert set(run["baseline"]["bandwidth_by_case"]) == set(doc["settings"]["cases"])
+    for key, optimizer in (
+        ("bandwidth_by_case", "eager"),
+        ("adamw_bandwidth_by_case", "adamw-fused"),
+    ):
+        assert set(run["baseline"][key]) == set(doc["settings"]["cases"])
+        for case, bandwidth in run["baseline"][key].items():
+            row = rows[(case, optimizer)]
+            assert bandwidth > 0 and row["bandwidth_bytes_per_s"] == bandwidth
+            n = cases[case]["params"]
+            floor = max(
+                row["flops_per_coordinate"] * n / peak, row["bytes_per_coordinate"] * n / bandwidth
+            )
+            assert row["floor_ms"] == pytest.approx(1e3 * floor, rel=1e-9), (key, case)
 
     memory = doc["memory"]["rows"]
     assert set(memory) == {"adamw-fused", "adamw-foreach", "eager"}

@@ -106,7 +106,9 @@ def _roofline(doc: Dict[str, Any], run: Dict[str, Any]) -> List[Dict[str, Any]]:
     if "ceilings" not in run["baseline"]:
         return []
     ceilings = Ceilings(**run["baseline"]["ceilings"])
-    by_case = run["baseline"].get("bandwidth_by_case", {})  # absent from older results
+    # Each absent from older results (the AdamW one from more recent ones only).
+    by_case = run["baseline"].get("bandwidth_by_case", {})
+    adamw_by_case = run["baseline"].get("adamw_bandwidth_by_case", by_case)
     # The frozen rows' cost is the artifact's own (its spec and kwargs), not a catalog default.
     spec = doc["optimizer"]["spec"]
     family = spec.get("name", spec["kind"])
@@ -130,7 +132,7 @@ def _roofline(doc: Dict[str, Any], run: Dict[str, Any]) -> List[Dict[str, Any]]:
                 "step_ms": result["step_ms"],
                 "state_bytes": result["state_bytes"],
             }
-            bandwidth = by_case.get(case)
+            bandwidth = (adamw_by_case if rule == "adamw" else by_case).get(case)
             roofs = replace(ceilings, bandwidth_bytes_per_s=bandwidth) if bandwidth else ceilings
             row["bandwidth_bytes_per_s"] = roofs.bandwidth_bytes_per_s
             add_cost(row, rule, shapes, roofs, rule_spec)
@@ -378,7 +380,8 @@ def render_markdown(doc: Dict[str, Any]) -> str:
     header = ["threads", "case", "optimizer", "FLOP/coord", "GB/s", "floor ms", "step ms"]
     lines += [
         "Floor: max(FLOPs / peak, bytes / bandwidth), the bandwidth measured on buffers of the",
-        "case's own traffic (where its arrays live: a small model's fit in cache).",
+        "step's own traffic in that case, the learned step's or AdamW's (where its arrays live:",
+        "a small model's fit in cache).",
         "",
         *_table([*header, "achieved"], rows),
         "",
