@@ -137,6 +137,19 @@ def test_finiteness_matches_isfinite_at_every_position(dtype) -> None:
     assert distributed.finite_flags([(integers, (0, 1, 2), "x")]) == [[True] * 3]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_finite_values_whose_sum_overflows_are_finite(dtype) -> None:
+    """Slices are first judged by their sums; finite values near the dtype's largest overflow
+    the sum, and such a slice is looked at again, never reported non-finite."""
+    big = torch.finfo(dtype).max
+    tensor = torch.full((3, 4), big, dtype=dtype)
+    tensor[1] = -big
+    tensor[2, 3] = float("inf")
+    assert torch.isinf(tensor[:2].sum(1)).all()  # a sum in the dtype overflows
+    assert distributed.finite_flags([(tensor, (0, 1, 2), "x")]) == [[True, True, False]]
+    assert distributed.all_finite([tensor[0], tensor[1], tensor[2]]) == [True, True, False]
+
+
 def test_backend_problem_with_plain_parameters() -> None:
     named = list(nn.Linear(2, 2).named_parameters())
     for backend in ("auto", "eager", *GRAPH_BACKENDS):
