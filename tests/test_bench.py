@@ -102,13 +102,18 @@ def test_benchmark_eager_against_both_adamw(artifact):
     assert "adamw-fused" in table and "roofline" in table and "eager" in table
 
 
-@pytest.mark.parametrize("copy_s, update_s", [(1.0, 0.5), (0.25, 1.0)])
-def test_the_bandwidth_is_the_faster_of_a_copy_and_an_in_place_update(
-    monkeypatch, copy_s, update_s
+@pytest.mark.parametrize(
+    "copy_s, update_s, adamw_s", [(1.0, 0.5, 2.0), (0.25, 1.0, 2.0), (1.0, 1.0, 0.125)]
+)
+def test_the_bandwidth_is_the_fastest_of_a_copy_an_update_and_fused_adamw(
+    monkeypatch, copy_s, update_s, adamw_s
 ):
-    """A copy counts two bytes moved per byte copied and an in-place ``a += b`` three; the
-    roof is the faster of the two (a copy alone understates an optimizer's in-place traffic)."""
-    seconds = iter([0.5, copy_s, update_s])  # the matmul, the copy, the update
+    """A copy counts two bytes moved per byte copied, an in-place ``a += b`` three and a fused
+    AdamW step seven a coordinate; the roof is the fastest of the three (a copy alone
+    understates an optimizer's in-place traffic, and simple kernels what one core reaches on
+    several streams). The update runs on two thirds of the copy's elements and AdamW on a
+    parameter of a seventh of its bytes, so all three move about the same bytes."""
+    seconds = iter([0.5, copy_s, update_s, adamw_s])  # matmul, copy, update, AdamW
 
     def timed(fn, reps, warmup=1):
         fn()  # every kernel still runs once: the shapes and the arithmetic are real
@@ -118,14 +123,20 @@ def test_the_bandwidth_is_the_faster_of_a_copy_and_an_in_place_update(
     monkeypatch.setattr(bench, "median_time", timed)
     ceilings = bench.measure_ceilings(matmul_n=8, copy_mb=1, reps=3)
     nbytes = 1 << 20
-    assert (ceilings.copy_bytes, ceilings.update_bytes) == (2 * nbytes, 3 * nbytes)
+    updated = 3 * 4 * (2 * (nbytes // 4) // 3)  # three passes over two thirds of the elements
+    stepped = 7 * 4 * (2 * nbytes // 28)  # seven values a coordinate
+    assert (ceilings.copy_bytes, ceilings.update_bytes) == (2 * nbytes, updated)
+    assert ceilings.adamw_bytes == stepped
+    assert updated == pytest.approx(2 * nbytes, rel=1e-5)
+    assert stepped == pytest.approx(2 * nbytes, rel=1e-5)
     assert (ceilings.copy_ms, ceilings.update_ms) == (1e3 * copy_s, 1e3 * update_s)
-    want = max(2 * nbytes / copy_s, 3 * nbytes / update_s)
+    assert ceilings.adamw_ms == 1e3 * adamw_s
+    want = max(2 * nbytes / copy_s, updated / update_s, stepped / adamw_s)
     assert ceilings.bandwidth_bytes_per_s == pytest.approx(want)
     assert ceilings.peak_flops == pytest.approx(2 * 8**3 / 0.5)
     # A recording made before the update was measured still loads.
-    old = {k: v for k, v in vars(ceilings).items() if not k.startswith("update")}
-    assert bench.Ceilings(**old).update_bytes == 0
+    old = {k: v for k, v in vars(ceilings).items() if not k.startswith(("update", "adamw"))}
+    assert bench.Ceilings(**old).update_bytes == bench.Ceilings(**old).adamw_bytes == 0
 
 
 def test_the_bandwidth_is_measured_at_the_steps_own_traffic(artifact, monkeypatch):

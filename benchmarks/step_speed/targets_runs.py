@@ -151,9 +151,9 @@ def _baseline_child(job: Dict[str, Any]) -> Dict[str, Any]:
         params = list(net.parameters()) if case == "resnet18" else case_params(case, s)
         result["adamw"][case] = {v: _timed(lambda v=v, p=params: adamw(p, v), s) for v in ADAMW}
         # The bandwidth a step of this case can reach depends on where its arrays live (a large
-        # L3 holds a small model's state): measured on buffers of the step's own traffic, as
-        # ``compiledopt bench`` sizes its copy, once for the learned step's values a coordinate
-        # and once for AdamW's (which may fit in a cache that the learned step's do not).
+        # L3 holds a small model's state): measured by kernels moving the step's own traffic
+        # (a copy of half of it each way), once for the learned step's values a coordinate and
+        # once for AdamW's (which may fit in a cache that the learned step's do not).
         numel = sum(p.numel() for p in params)
         for key, values in (
             ("bandwidth_by_case", STEP_VALUES),
