@@ -180,7 +180,8 @@ def measure_ceilings(matmul_n: int = 2048, copy_mb: float = 256, reps: int = 5) 
     copied, copy_s, updated, update_s = _copy_and_update_probes(copy_mb, reps)
     adamw_bytes, adamw_s = _adamw_probe(copied // 28, reps)
     peak = 2 * matmul_n**3 / matmul_s
-    bandwidth = max(copied / copy_s, updated / update_s, adamw_bytes / adamw_s)
+    rates = [copied / copy_s, updated / update_s, *([adamw_bytes / adamw_s] if adamw_bytes else [])]
+    bandwidth = max(rates)
     return Ceilings(
         peak,
         matmul_n,
@@ -211,15 +212,15 @@ def _copy_and_update_probes(copy_mb: float, reps: int) -> Tuple[int, float, int,
 
 def _adamw_probe(numel: int, reps: int) -> Tuple[int, float]:
     """Bytes moved and median seconds of a fused ``torch.optim.AdamW`` step on a float32
-    parameter of ``numel`` elements, or ``(0, inf)`` where this torch has no fused AdamW on the
-    CPU (its bytes then count for nothing)."""
+    parameter of ``numel`` elements, or ``(0, 0.0)`` where this torch has no fused AdamW on the
+    CPU (it then counts for nothing)."""
     param = torch.nn.Parameter(torch.zeros(max(1, numel)))
     param.grad = torch.full_like(param, 1e-3)
     try:
         optimizer = torch.optim.AdamW([param], lr=1e-30, fused=True)
         seconds, _ = median_time(optimizer.step, reps)
     except RuntimeError:
-        return 0, math.inf
+        return 0, 0.0
     return 7 * param.nbytes, seconds
 
 

@@ -102,6 +102,21 @@ def test_benchmark_eager_against_both_adamw(artifact):
     assert "adamw-fused" in table and "roofline" in table and "eager" in table
 
 
+def test_without_fused_adamw_the_bandwidth_is_the_simple_kernels(monkeypatch):
+    """A torch without fused AdamW on the CPU (it raises when asked for one) still gets a roof:
+    the copy's and the update's, with AdamW's bytes and time recorded as nothing."""
+
+    def no_fused(params, **options):
+        raise RuntimeError("`fused=True` is not supported on this device")
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    ceilings = bench.measure_ceilings(matmul_n=8, copy_mb=1, reps=2)
+    assert (ceilings.adamw_bytes, ceilings.adamw_ms) == (0, 0.0)
+    json.dumps(vars(ceilings), allow_nan=False)  # plain JSON, no infinity
+    simple = max(ceilings.copy_bytes / ceilings.copy_ms, ceilings.update_bytes / ceilings.update_ms)
+    assert 1e3 * simple == pytest.approx(ceilings.bandwidth_bytes_per_s)
+
+
 @pytest.mark.parametrize(
     "copy_s, update_s, adamw_s", [(1.0, 0.5, 2.0), (0.25, 1.0, 2.0), (1.0, 1.0, 0.125)]
 )
