@@ -56,6 +56,9 @@ __all__ = [
 ADAMW = ("foreach", "fused")
 #: ``torch.optim.AdamW``'s default weight decay, used by the AdamW rows and their cost model.
 ADAMW_WEIGHT_DECAY = 0.01
+#: float32 values a coordinate that a fused AdamW step reads and writes (the parameter, its
+#: gradient and two moments read; the parameter and the moments written).
+ADAMW_STEP_VALUES = 7
 #: A backend name that is the ``compiled`` backend with bfloat16 state (see ``frozen_options``).
 COMPILED_BF16 = "compiled-bf16"
 
@@ -178,10 +181,11 @@ def measure_ceilings(matmul_n: int = 2048, copy_mb: float = 256, reps: int = 5) 
     out = torch.empty(matmul_n, matmul_n)
     matmul_s, _ = median_time(lambda: torch.mm(a, b, out=out), reps)
     copied, copy_s, updated, update_s = _copy_and_update_probes(copy_mb, reps)
-    adamw_bytes, adamw_s = _adamw_probe(copied // 28, reps)
+    adamw_bytes, adamw_s = _adamw_probe(copied // (4 * ADAMW_STEP_VALUES), reps)
     peak = 2 * matmul_n**3 / matmul_s
-    rates = [copied / copy_s, updated / update_s, *([adamw_bytes / adamw_s] if adamw_bytes else [])]
-    bandwidth = max(rates)
+    bandwidth = max(copied / copy_s, updated / update_s)
+    if adamw_bytes:  # 0 where this torch has no fused AdamW on the CPU
+        bandwidth = max(bandwidth, adamw_bytes / adamw_s)
     return Ceilings(
         peak,
         matmul_n,
@@ -221,7 +225,7 @@ def _adamw_probe(numel: int, reps: int) -> Tuple[int, float]:
         seconds, _ = median_time(optimizer.step, reps)
     except RuntimeError:
         return 0, 0.0
-    return 7 * param.nbytes, seconds
+    return ADAMW_STEP_VALUES * param.nbytes, seconds
 
 
 def step_cost(transforms: Sequence[Transform], shapes: Sequence[Sequence[int]]) -> Cost:
