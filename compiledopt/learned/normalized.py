@@ -212,6 +212,11 @@ class NormalizedMLP(Transform):
         """Names of the state tensors, in the order of :meth:`init_state` (see the module doc)."""
         return ["momentum_fast", "momentum_slow", "abs_moment"]
 
+    def pointwise(self, rank: int) -> bool:
+        """The Adam-like rule (``elementwise``, or ``adam_vectors`` on ranks 0 and 1) is pointwise;
+        the network is not (it reads per-tensor mean squares)."""
+        return self.elementwise or (self.adam_vectors and rank <= 1)
+
     def rules(self) -> Tuple[str, ...]:
         """``artifact`` (as constructed), ``learned``, ``orthogonal`` and ``adam`` (see the class
         doc)."""

@@ -127,6 +127,10 @@ class LearnedStepSize(Transform):
             check_grad_shape(grad, list(param.shape))
         return torch.exp(self.log_lr).to(grad.dtype) * grad, state
 
+    def pointwise(self, rank: int) -> bool:
+        """One shared step size is pointwise; a step size per element is bound to its tensor."""
+        return self.shape_agnostic
+
     @torch.jit.export
     def step_size(self, state: List[Tensor]) -> Tensor:
         """The step size α (``exp(log_lr)``); ``state`` is unused (``[]``)."""
@@ -222,6 +226,10 @@ class HypergradientDescent(Transform):
     def _alpha(self, hypergradient_sum: Tensor, dtype: torch.dtype) -> Tensor:
         alpha0 = torch.exp(self.log_lr).to(dtype)
         return alpha0 - torch.exp(self.log_hyper_lr).to(dtype) * hypergradient_sum
+
+    def pointwise(self, rank: int) -> bool:
+        """With a step size per element; one shared α sums ``g·g_prev`` over the tensor."""
+        return self.per_element
 
     @torch.jit.export
     def step_size(self, state: List[Tensor]) -> Tensor:
@@ -326,6 +334,10 @@ class IDBD(Transform):
     def _alpha(self, hypergradient_sum: Tensor, dtype: torch.dtype) -> Tensor:
         meta_lr = torch.exp(self.log_meta_lr).to(dtype)
         return torch.exp(self.log_lr.to(dtype) - meta_lr * hypergradient_sum)
+
+    def pointwise(self, rank: int) -> bool:
+        """Elementwise at every rank."""
+        return True
 
     @torch.jit.export
     def step_size(self, state: List[Tensor]) -> Tensor:

@@ -31,6 +31,7 @@ from compiledopt.runtime.builtins import BUILT_INS, TensorRules, pads
 from compiledopt.runtime.compiled import StoredStateRule, canonical_shape
 from compiledopt.runtime.distributed import is_distributed, run_rule
 from compiledopt.runtime.rounding import round_state
+from compiledopt.runtime.slices import RowSlices
 from compiledopt.runtime.state import STEP, Expected, check_batch, check_result
 from compiledopt.runtime.timings import compile_key
 from compiledopt.runtime.warming import EagerClock
@@ -246,7 +247,8 @@ class TensorStrategy(Strategy):
             if self.background:  # the patience of this rule here (see runtime.warming)
                 clock = EagerClock(key=compile_key(self.artifact, transform, device))
             return built_in.tensor_rules(transform, self.dtype, self.state_dtype, clock)
-        runner = self.artifact.runner(self.backend)
+        # Where the rule is pointwise, a large tensor goes through the graph in slices of rows.
+        runner = RowSlices(self.artifact.runner(self.backend), transform)
         return TensorRules(StoredStateRule(runner, self.state_dtype), None)
 
     def _key(self, param: Tensor, step: int):

@@ -80,7 +80,9 @@ class Transform(nn.Module):
 
     Optional hooks: :meth:`update_blocked`, the update computed a block of coordinates at a time
     (bounded temporary memory), which the eager runtime calls for large tensors (the default is
-    :meth:`update` itself); :meth:`update_padded` for a ``paddable`` transform.
+    :meth:`update` itself); :meth:`update_padded` for a ``paddable`` transform; :meth:`pointwise`,
+    the ranks at which a slice's update is the update's slice (exported graphs then run large
+    tensors a slice at a time).
     """
 
     reads_param: bool = False
@@ -142,6 +144,15 @@ class Transform(nn.Module):
     def state_names(self) -> List[str]:
         """Names of the state tensors, in the order of :meth:`init_state` (the state schema)."""
         return []
+
+    def pointwise(self, rank: int) -> bool:
+        """Whether, on parameters of ``rank``, each coordinate's direction and new state depend
+        only on ``step`` and that coordinate of the gradient, the parameter and every state
+        tensor (each of the parameter's shape): no statistic over the tensor, no matrix product.
+        The update of rows ``a:b`` of a parameter is then rows ``a:b`` of its update, so a
+        runtime may compute a large tensor a slice at a time (with temporaries of a slice's
+        size). ``False`` unless a transform says so (true of Adam and SGD)."""
+        return False
 
     def rules(self) -> Tuple[str, ...]:
         """The names of the update rules this transform can be routed to (see :meth:`routed`).

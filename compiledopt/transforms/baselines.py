@@ -128,6 +128,10 @@ class SGD(Transform):
             return d + self.momentum * buf, [buf]
         return buf, [buf]
 
+    def pointwise(self, rank: int) -> bool:
+        """Elementwise at every rank."""
+        return True
+
     def state_names(self) -> List[str]:
         return [] if self.momentum == 0.0 else ["momentum_buffer"]
 
@@ -240,6 +244,10 @@ class Adam(Transform):
         if self.weight_decay != 0.0 and self.decoupled_weight_decay:
             direction = direction + self.weight_decay * param
         return direction, new_state
+
+    def pointwise(self, rank: int) -> bool:
+        """Elementwise at every rank."""
+        return True
 
     def state_names(self) -> List[str]:
         names = ["exp_avg", "exp_avg_sq"]
