@@ -45,6 +45,20 @@ CANDIDATES: Dict[str, Dict[str, str]] = {
         "head": "learned",
         "input": "learned",
     },
+    "head-learned": {
+        "matrix": "orthogonal",
+        "vector": "adam",
+        "embedding": "orthogonal",
+        "head": "learned",
+        "input": "orthogonal",
+    },
+    "head-adam": {
+        "matrix": "orthogonal",
+        "vector": "adam",
+        "embedding": "orthogonal",
+        "head": "adam",
+        "input": "orthogonal",
+    },
     "all-adam": dict.fromkeys(("matrix", "vector", "embedding", "head", "input"), "adam"),
 }
 WARMUP = 0.05
