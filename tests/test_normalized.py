@@ -555,20 +555,24 @@ def test_a_scripted_step_on_a_large_tensor_stays_within_twice_the_state(
 @pytest.mark.slow  # an AOTInductor / Inductor compile: tens of seconds
 def test_compiled_graphs_serve_tall_and_wide_matrices() -> None:
     """With dynamic sizes ``torch.compile`` guards on the Gram side (``torch.cond`` cannot run
-    under the ``vmap`` of the batched multi-tensor step): one graph per orientation, each reused
-    for other sizes; exported graphs keep ``torch.cond`` (the next test)."""
+    under the ``vmap`` of the batched multi-tensor step) and on whether the matrix is long enough
+    to end on its Gram matrix: one graph per orientation and iteration, each reused for other
+    sizes; exported graphs keep ``torch.cond`` (the next test)."""
     t = _build("orthogonalize")
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(UpdateFunction(t), backend=counter, dynamic=True, fullgraph=True)
     counts = []
-    for shape in [(4, 3), (3, 5), (6, 2), (2, 7)]:  # tall, wide, tall, wide
+    # tall, wide, tall, wide; then the same, long (on the Gram matrix)
+    shapes = [(4, 3), (3, 5), (5, 4), (4, 6), (9, 2), (2, 9), (12, 3), (3, 13)]
+    for shape in shapes:
         param = torch.randn(shape, dtype=torch.float64)
         grads = _grads(shape, 2)
         expected = _run(t.update, param, t.init_state(param), grads)
         _assert_runs_close(_run(compiled, param, t.init_state(param), grads), expected)
         counts.append(counter.frame_count)
-    assert counts[0] < counts[1] == counts[2] == counts[3], counts
+    assert counts[0] < counts[1] == counts[2] == counts[3] < counts[4] < counts[5], counts
+    assert counts[5] == counts[6] == counts[7], counts
     torch._dynamo.reset()
 
 

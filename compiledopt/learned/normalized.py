@@ -35,6 +35,7 @@ from compiledopt.learned.normalized_ops import (
     BLOCK_SIZE,
     NS_STEPS,
     bias_scales,
+    gram_side,
     newton_schulz,
     normalize,
     ns_tall,
@@ -415,7 +416,10 @@ class NormalizedMLP(Transform):
         17. ``orthogonalize`` on rank ≥ 2 (``r ≤ c`` the smaller and larger side of the matrix
         view, the Gram matrix ``r × r``): the Frobenius normalisation 6, and per iteration the
         Gram matrix ``2r``, its square ``2r²/c``, ``bA + cA²`` ``3r/c``, the product with ``X``
-        ``2r`` and ``aX +`` 2.
+        ``2r`` and ``aX +`` 2; for a long matrix (``c ≥ 3r``, see
+        :func:`~compiledopt.learned.normalized_ops.ns_gram`) two such steps, then the Gram
+        matrix and the final product ``4r`` and the ``(8s − 6)r³`` FLOPs of ``r × r`` products
+        for the other ``s = 3`` steps, ``18r²/c``.
         Bytes: ``g``, ``p`` and the three state tensors in, the state and ``p`` out (9 values).
         """
         if self.elementwise or (self.adam_vectors and len(shape) <= 1):
@@ -428,7 +432,11 @@ class NormalizedMLP(Transform):
             rows = shape[0]
             cols = math.prod(shape[1:])
             r, c = min(rows, cols), max(rows, cols)
-            if r > 0:
+            if r > 0 and gram_side(r, c):
+                plain, rest = 2, NS_STEPS - 2
+                flops += 6 + plain * (4 * r + (2 * r * r + 3 * r) / c + 2)
+                flops += 4 * r + (8 * rest - 6) * r * r / c
+            elif r > 0:
                 flops += 6 + NS_STEPS * (4 * r + (2 * r * r + 3 * r) / c + 2)
         return Cost.elementwise(shape, flops, 9, itemsize)
 

@@ -44,7 +44,15 @@ from torch import Tensor
 
 from compiledopt._validation import check_int
 from compiledopt.learned.mlp import check_shapes
-from compiledopt.learned.normalized_ops import BLOCK_SIZE, NS_STEPS, bias_scales, ns_cols, ns_rows
+from compiledopt.learned.normalized_ops import (
+    BLOCK_SIZE,
+    NS_STEPS,
+    bias_scales,
+    gram_side,
+    ns_cols,
+    ns_gram,
+    ns_rows,
+)
 
 if TYPE_CHECKING:  # the transform imports this module: annotations only
     from compiledopt.learned.normalized import NormalizedMLP
@@ -212,6 +220,8 @@ def _newton_schulz_in_place(
     out.div_(math.sqrt(out.numel()))
     matrix = out.view(rows, -1)
     spare = torch.empty_like(matrix)
+    if gram_side(rows, matrix.shape[1]):
+        return ns_gram(matrix, steps, rows > matrix.shape[1], spare).reshape(-1)
     if rows > matrix.shape[1]:
         return ns_cols(matrix, steps, spare).reshape(-1)
     return ns_rows(matrix, steps, spare).reshape(-1)

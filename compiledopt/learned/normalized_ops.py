@@ -110,6 +110,83 @@ def ns_cols(x: Tensor, steps: int, spare: Optional[Tensor] = None) -> Tensor:
     return x
 
 
+def ns_gram(
+    x: Tensor, steps: int, tall: bool, spare: Optional[Tensor] = None, plain: int = 2
+) -> Tensor:
+    """:func:`ns_rows` (``tall`` False) or :func:`ns_cols` (``tall`` True) for a long matrix: the
+    first ``plain`` steps on ``X``, the rest carried out on the Gram matrix of the short side.
+
+    With ``A = XXᵀ`` (``XᵀX`` when ``tall``) every later iterate is ``QX`` (``XQ``) for a
+    polynomial ``Q`` of ``A``: ``P = aI + bA + cA²``, then ``Q ← PQ`` and ``A ← PAP`` (all
+    polynomials of the first ``A``, so they commute), and ``X`` is multiplied once, at the end.
+    For ``r ≤ c`` the short and long side, 5 steps of which 2 plain take ``12r²c + 22r³`` FLOPs
+    against ``20r²c + 10r³``: about half for ``c = 9r`` (a 3×3 convolution's view).
+
+    Why plain steps first: the Gram matrix squares the condition number, so its float32 rounding
+    (``ε·‖A‖``) swamps a squared singular value below ``√ε``. Two plain steps raise the small
+    singular values about twelvefold first. On matrices of condition number 10⁴ the result is then
+    within ``2·10⁻⁵`` of the float64 iteration, like the plain steps (5 Gram steps: ``5·10⁻⁴``).
+
+    ``spare`` (``x``'s shape, contiguous, not differentiable): the steps and the result use it
+    and ``x``, allocating no other matrix of ``x``'s size. Zero stays zero, and so do zero rows
+    or columns: a zero-padded matrix stays zero-padded."""
+    a, b, c = 3.4445, -4.7750, 2.0315  # locals: TorchScript reads no global floats
+    head = min(plain, steps)
+    if head > 0:
+        given = x
+        x = ns_cols(x, head, spare) if tall else ns_rows(x, head, spare)
+        if spare is not None and head % 2 == 1:  # the steps alternate: the result is in spare
+            spare = given
+    if steps == head:
+        return x
+    if spare is not None:
+        return _gram_steps_in_spare(x, steps - head, tall, spare)
+    gram = torch.mm(x.t(), x) if tall else torch.mm(x, x.t())
+    product = gram  # Q, set at the first step
+    for k in range(steps - head):
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA²
+        poly.diagonal().add_(a)  # P
+        product = poly if k == 0 else torch.mm(poly, product)  # PQ
+        if k < steps - head - 1:
+            gram = torch.mm(torch.mm(poly, gram), poly)  # PAP
+    return torch.mm(x, product) if tall else torch.mm(product, x)
+
+
+def _gram_steps_in_spare(x: Tensor, steps: int, tall: bool, spare: Tensor) -> Tensor:
+    """The Gram steps of :func:`ns_gram` with three of their ``r × r`` matrices in ``spare``
+    (free until the final product writes the result into it: ``3r² ≤ rc`` for ``c ≥ 3r``) and
+    one allocated, ``Q``, which the final product reads."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    side = x.shape[1] if tall else x.shape[0]
+    product = torch.empty(side, side, dtype=x.dtype, device=x.device)
+    if 3 * side * side > spare.numel():  # a matrix less than 3 times longer than wide
+        work = torch.empty(3, side, side, dtype=x.dtype, device=x.device)
+    else:
+        work = spare.view(-1).narrow(0, 0, 3 * side * side).view(3, side, side)
+    gram, poly, scratch = work[0], work[1], work[2]
+    if tall:
+        torch.mm(x.t(), x, out=gram)
+    else:
+        torch.mm(x, x.t(), out=gram)
+    for k in range(steps):
+        torch.addmm(gram, gram, gram, beta=b, alpha=c, out=poly)  # bA + cA²
+        poly.diagonal().add_(a)  # P
+        if k == 0:
+            product.copy_(poly)
+        else:
+            product.copy_(torch.mm(poly, product, out=scratch))  # PQ
+        if k < steps - 1:
+            torch.mm(torch.mm(poly, gram, out=scratch), poly, out=gram)  # PAP
+    return torch.mm(x, product, out=spare) if tall else torch.mm(product, x, out=spare)
+
+
+def gram_side(rows: int, cols: int, gram_from: int = 3) -> bool:
+    """Whether Newton–Schulz on a ``rows × cols`` matrix ends on the Gram matrix of its short
+    side (:func:`ns_gram`): when the long side is at least ``gram_from`` times the short one (it
+    takes fewer FLOPs from 1.5 times; measured 1.3 times faster at 4 times on a CPU)."""
+    return max(rows, cols) >= gram_from * min(rows, cols)
+
+
 def unit_frobenius(matrix: Tensor) -> Tensor:
     y = unit_max(matrix)
     norm = torch.sqrt(y.square().sum())
@@ -121,10 +198,15 @@ def newton_schulz(matrix: Tensor, steps: int = NS_STEPS) -> Tensor:
     matrix, after a safe Frobenius normalisation; the Gram matrix is taken on the smaller side.
 
     An odd function of ``matrix``: zero stays zero. The singular values end near 1 (within about
-    [0.7, 1.2]), not exactly at 1: the coefficients trade accuracy for speed.
+    [0.7, 1.2]), not exactly at 1: the coefficients trade accuracy for speed. A long matrix (see
+    :func:`gram_side`) iterates on its Gram matrix (:func:`ns_gram`): the same polynomial, in
+    fewer FLOPs.
     """
     x = unit_frobenius(matrix)
-    if x.shape[0] > x.shape[1]:
+    rows, cols = x.shape[0], x.shape[1]
+    if gram_side(rows, cols):
+        return ns_gram(x, steps, rows > cols)
+    if rows > cols:
         return ns_cols(x, steps)
     return ns_rows(x, steps)
 
