@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from benchmarks.step_speed import newton_schulz as bench  # noqa: E402
+from benchmarks.step_speed import newton_schulz as bench
 
 
 def test_one_small_run_records_both_forms_and_adamw(tmp_path):

@@ -282,6 +282,31 @@ def test_forward_is_first_update_step(entry: Entry, rank: int) -> None:
         torch.testing.assert_close(transform(grad), expected, **TOLERANCE)
 
 
+@by_entry
+@pytest.mark.parametrize("rank", [1, 2, 3], ids=["rank1", "rank2", "rank3"])
+def test_a_pointwise_rule_computes_rows_apart(entry: Entry, rank: int) -> None:
+    """A transform that says it is pointwise at a rank (so exported graphs may run a large
+    tensor in slices of rows) gives rows ``a:b`` of a tensor's update from rows ``a:b`` alone,
+    over several steps with its state carried, whatever the other rows hold."""
+    param, transform = _built(entry.name, rank)
+    if not transform.pointwise(rank):
+        assert not entry.name.startswith(("adam", "sgd")), "Adam and SGD are pointwise"
+        return
+    generator = torch.Generator().manual_seed(3)
+    shape = (7, *param.shape[1:])
+    whole = torch.randn(shape, generator=generator, dtype=DTYPE)
+    rows = slice(2, 5)
+    state, part_state = transform.init_state(whole), None
+    for k, grad in enumerate(_grads(shape)):
+        if part_state is None:
+            part_state = [s[rows] for s in state]
+        direction, state = transform.update(grad, whole, state, _step(k))
+        part, part_state = transform.update(grad[rows], whole[rows], part_state, _step(k))
+        torch.testing.assert_close(part, direction[rows], atol=0, rtol=0)
+        for got, want in zip(part_state, state):
+            torch.testing.assert_close(got, want[rows], atol=0, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # 5. Every transform, layer and factory in the package has a registry entry
 # --------------------------------------------------------------------------------------------
