@@ -395,9 +395,10 @@ class NormalizedMLP(Transform):
     def _traced_newton_schulz(self, matrix: Tensor) -> Tensor:
         """:func:`newton_schulz` for ``torch.compile``/``torch.export``. An exported graph with
         symbolic sizes chooses the Gram side by ``torch.cond``, so it is not specialised to tall or
-        wide. ``torch.compile`` branches in Python instead and guards on the side (at most two
-        graphs): ``torch.cond`` cannot run under ``vmap`` with symbolic sizes, which the batched
-        multi-tensor step needs."""
+        wide, and runs the plain steps whatever the matrix's length. ``torch.compile`` branches
+        in Python instead and guards on the side and on whether the matrix is long enough to end
+        on its Gram matrix (at most four graphs): ``torch.cond`` cannot run under ``vmap`` with
+        symbolic sizes, which the batched multi-tensor step needs."""
         rows, cols = matrix.shape[0], matrix.shape[1]
         tall = rows > cols
         static = statically_known_true(tall) or statically_known_true(rows <= cols)
