@@ -2,6 +2,7 @@
 values as one whole-tensor call, the whole call where the rule is not pointwise, and a rule that
 breaks the promise refused."""
 
+import copy
 from typing import List
 
 import pytest
@@ -11,7 +12,7 @@ import compiledopt
 from compiledopt import pretrained
 from compiledopt.learned import NormalizedMLP
 from compiledopt.learned.step_sizes import IDBD, HypergradientDescent, LearnedStepSize
-from compiledopt.runtime.slices import SLICE_ELEMENTS, RowSlices
+from compiledopt.runtime.slices import SLICE_ELEMENTS, RowSlices, flat_groups
 from compiledopt.transforms.baselines import SGD, Adam, AdamW
 
 
@@ -150,3 +151,125 @@ def test_the_packaged_onnx_graph_runs_a_large_vector_in_slices(monkeypatch):
     optimizer.step()
     assert calls == [(size,)]
     assert torch.isfinite(weight).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Small parameters of one shape whose rule is pointwise share one call of the rank-1 graph
+# --------------------------------------------------------------------------------------------
+
+SHAPES_OF_A_MODEL = [(1024,)] * 9 + [(64,)] * 5 + [(6, 5)] * 3 + [(300,)] + [(70_000,)] * 2
+
+
+def _steps(backend, flat, shapes=SHAPES_OF_A_MODEL, steps=3, bad=None, **options):
+    """Parameters and optimizer after ``steps`` steps on fixed gradients; ``flat`` False runs
+    every parameter in a call of its own (the reference); ``bad`` (index, step) gets a NaN."""
+    from compiledopt.runtime.strategies import TensorStrategy
+
+    original = TensorStrategy._flat_key
+    calls: List[int] = []
+    flat_step = TensorStrategy._flat
+
+    def recording(self, members, *rest):
+        calls.append(len(members))
+        return flat_step(self, members, *rest)
+
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+    groups = [{"params": params[: len(params) // 2]}, {"params": params[len(params) // 2 :]}]
+    try:
+        if not flat:
+            TensorStrategy._flat_key = lambda self, param, step: None
+        TensorStrategy._flat = recording
+        optimizer = compiledopt.FrozenOptimizer(
+            groups, "normalized-mlp", lr=1e-2, backend=backend, **options
+        )
+        for k in range(steps):
+            for j, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=generator)
+                if bad == (j, k):
+                    p.grad.view(-1)[3] = float("nan")
+            optimizer.step()
+    finally:
+        TensorStrategy._flat_key = original
+        TensorStrategy._flat = flat_step
+    return params, optimizer, calls
+
+
+def _assert_same(got, want):
+    (params, optimizer, _), (ref_params, ref_optimizer, _) = got, want
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+        assert optimizer.state[p].keys() == ref_optimizer.state[q].keys()
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(value, ref_optimizer.state[q][key]), key
+            assert value.shape == ref_optimizer.state[q][key].shape
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_small_pointwise_parameters_share_one_call_with_the_same_values(backend):
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    got = _steps(backend, flat=True)
+    # Per step: the nine 1,024-vectors, the five 64-vectors and the two 70,000-vectors (3 fit
+    # a call); the matrices (Newton–Schulz is not pointwise) and the lone 300-vector go alone.
+    assert got[2] == [9, 5, 2] * 3
+    _assert_same(got, _steps(backend, flat=False))
+
+
+def test_a_nonfinite_member_skips_its_own_group_only():
+    pytest.importorskip("onnxruntime")
+    # Member 12 (a 64-vector in the second param group) shares its call with members of the
+    # first group: only the second group skips that step, as with a call each.
+    got = _steps("onnx", flat=True, bad=(12, 1))
+    want = _steps("onnx", flat=False, bad=(12, 1))
+    assert [g.get("skipped_steps", 0) for g in got[1].param_groups] == [0, 1]
+    assert [g.get("skipped_steps", 0) for g in want[1].param_groups] == [0, 1]
+    _assert_same(got, want)
+
+
+def test_a_saved_state_continues_the_same():
+    pytest.importorskip("onnxruntime")
+    params, optimizer, _ = _steps("onnx", flat=True, steps=2)
+    saved = copy.deepcopy(optimizer.state_dict())
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    half = len(copies) // 2
+    again = compiledopt.FrozenOptimizer(
+        [{"params": copies[:half]}, {"params": copies[half:]}],
+        "normalized-mlp",
+        lr=1e-2,
+        backend="onnx",
+    )
+    again.load_state_dict(saved)
+    generator = torch.Generator().manual_seed(5)
+    for p, q in zip(params, copies):
+        p.grad = torch.randn(p.shape, generator=generator)
+        q.grad = p.grad.clone()
+    optimizer.step()
+    again.step()
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+
+
+def test_bfloat16_state_is_not_flattened():
+    """A state stored in bfloat16 is rounded with bits drawn per parameter: no shared call."""
+    pytest.importorskip("onnxruntime")
+    *_, calls = _steps("onnx", flat=True, steps=1, state_dtype=torch.bfloat16)
+    assert calls == []
+
+
+def test_flat_groups_by_key_within_a_slice():
+    keys = {
+        0: (1024, "a"),
+        1: None,
+        2: (1024, "a"),
+        3: (1024, "b"),
+        4: (100_000, "a"),
+        5: (100_000, "a"),
+        6: (100_000, "a"),
+        7: (1024, "a"),
+    }
+    groups, alone = flat_groups(list(keys), keys.__getitem__)
+    # 1,024-element members of key "a" together; 100,000-element ones two to a call (a slice
+    # holds 262,144 elements), the third alone; a key of one member alone.
+    assert groups == [(0, 2, 7), (4, 5)]
+    assert alone == [1, 3, 6]

@@ -31,7 +31,7 @@ from compiledopt.runtime.builtins import BUILT_INS, TensorRules, pads
 from compiledopt.runtime.compiled import StoredStateRule, canonical_shape
 from compiledopt.runtime.distributed import is_distributed, run_rule
 from compiledopt.runtime.rounding import round_state
-from compiledopt.runtime.slices import RowSlices
+from compiledopt.runtime.slices import SLICE_ELEMENTS, RowSlices, flat_groups
 from compiledopt.runtime.state import STEP, Expected, check_batch, check_result
 from compiledopt.runtime.timings import compile_key
 from compiledopt.runtime.warming import EagerClock
@@ -227,6 +227,15 @@ class TensorStrategy(Strategy):
         self._shapes: Dict[torch.Size, Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]]] = {}
         # Per bucket of the last step: its stacked tensors (see bucket_store).
         self._stores: Dict[Tuple[int, ...], BucketStore] = {}
+        # Exported graphs compute small parameters of one size whose rule is pointwise as one
+        # flat vector (the rank-1 graph), where the state is stored as computed (no rounding).
+        self.flat = (
+            backend not in BUILT_INS
+            and state_dtype == self.dtype
+            and transforms[0].pointwise(1)
+            and 1 in artifact.manifest.get("ranks", [])
+        )
+        self._flat_shapes: Dict[torch.Size, bool] = {}
         if backend not in BUILT_INS:  # exported graphs run on the CPU: load them now
             self.rules(torch.device("cpu"))
 
@@ -274,6 +283,10 @@ class TensorStrategy(Strategy):
     def compute(self, params, active, states, labels):
         steps = {i: int(states[i][STEP]) for i in active}
         computed = Computed({}, [], [])
+        if self.flat:
+            groups, active = flat_groups(active, lambda i: self._flat_key(params[i], steps[i]))
+            for members in groups:
+                self._flat(members, params, states, labels, computed)
         buckets = plan(
             params, active, lambda i: self._key(params[i], steps[i]), self.max_elements, self.pad
         )
@@ -284,6 +297,54 @@ class TensorStrategy(Strategy):
             else:
                 self._batched(bucket, params, states, labels, computed, previous)
         return computed
+
+    def _flat_key(self, param: Tensor, step: int):
+        """What parameters computed as one flat vector share (see :meth:`_flat`), or ``None``:
+        a CPU parameter of rank ≥ 1 and at most a slice's size whose rule is pointwise at its
+        rank, every state tensor of its shape."""
+        shape = param.shape
+        fits = self._flat_shapes.get(shape)
+        if fits is None:
+            fits = self._flat_shapes[shape] = (
+                param.dim() > 0
+                and param.numel() <= SLICE_ELEMENTS
+                and self.transforms[0].pointwise(param.dim())
+                and all(e.shape == tuple(shape) for e in self.expected_state(0, param).values())
+            )
+        if not fits or param.device.type != "cpu" or is_distributed(param):
+            return None
+        grad = param.grad
+        assert grad is not None  # an active parameter has a gradient
+        return param.numel(), (shape, step, param.dtype, grad.dtype)
+
+    def _flat(self, members: Tuple[int, ...], params, states, labels, computed) -> None:
+        """One call of the rank-1 graph for ``members`` (parameters of one shape and step
+        count whose rule is pointwise) stacked as one flat vector: the same values as a call
+        each."""
+        first = members[0]
+        keys, _ = self._read(first, states[first])
+        grads = torch.stack([params[i].grad for i in members]).to(self.dtype)
+        inputs = torch.stack([params[i].detach() for i in members]).to(self.dtype)
+        stored = [torch.stack([states[i][k] for i in members]) for k in keys]
+        step = states[first][STEP]
+        flat = [s.view(-1) for s in stored]
+        rule = self.rules(params[first].device).single
+        direction, values = rule(grads.view(-1), inputs.view(-1), flat, step, _seed(step, first))
+        check_batch(direction, grads.view(-1), values, flat, keys, labels[first])
+        directions = direction.view(grads.shape)
+        rows = [v.view(grads.shape) for v in values]
+        # Each member's direction, state and step count are rows of these (unbind: one call
+        # for all rows, as the buckets' step counts are rows of one buffer).
+        counts = (step + 1).expand(len(members)).clone()
+        for i, count, direction_row, *state_rows in zip(
+            members, counts.unbind(0), directions.unbind(0), *(r.unbind(0) for r in rows)
+        ):
+            state = dict(zip(keys, state_rows))
+            state[STEP] = count
+            computed.results[i] = Result(direction_row, state)
+        computed.add(grads, members, "gradient")
+        computed.add(directions, members, "direction")
+        computed.add_state(members, dict(zip(keys, rows)))
 
     def _single(self, i: int, params, states, labels, computed: "Computed") -> None:
         p, state = params[i], states[i]
