@@ -12,7 +12,8 @@ import compiledopt
 from compiledopt import pretrained
 from compiledopt.learned import NormalizedMLP
 from compiledopt.learned.step_sizes import IDBD, HypergradientDescent, LearnedStepSize
-from compiledopt.runtime.slices import SLICE_ELEMENTS, RowSlices, flat_groups
+from compiledopt.runtime.buckets import plan
+from compiledopt.runtime.slices import SLICE_ELEMENTS, RowSlices
 from compiledopt.transforms.baselines import SGD, Adam, AdamW
 
 
@@ -257,18 +258,18 @@ def test_bfloat16_state_is_not_flattened():
     assert calls == []
 
 
-def test_flat_groups_by_key_within_a_slice():
-    keys = {
-        0: (1024, "a"),
-        1: None,
-        2: (1024, "a"),
-        3: (1024, "b"),
-        4: (100_000, "a"),
-        5: (100_000, "a"),
-        6: (100_000, "a"),
-        7: (1024, "a"),
-    }
-    groups, alone = flat_groups(list(keys), keys.__getitem__)
+def test_flat_buckets_by_key_within_a_slice():
+    """The exported backends' buckets (``plan`` with members up to a slice's size)."""
+    sizes = [1024, 1024, 1024, 1024, 100_000, 100_000, 100_000, 1024]
+    params = [torch.zeros(n) for n in sizes]
+    rests = {0: "a", 1: None, 2: "a", 3: "b", 4: "a", 5: "a", 6: "a", 7: "a"}
+
+    def key(i):
+        return None if rests[i] is None else ((sizes[i],), rests[i])
+
+    buckets = plan(params, range(8), key, SLICE_ELEMENTS, max_member=SLICE_ELEMENTS)
+    groups = [b.members for b in buckets if b.view is not None]
+    alone = [b.members[0] for b in buckets if b.view is None]
     # 1,024-element members of key "a" together; 100,000-element ones two to a call (a slice
     # holds 262,144 elements), the third alone; a key of one member alone.
     assert groups == [(0, 2, 7), (4, 5)]

@@ -61,6 +61,7 @@ def plan(
     key: Callable[[int], Optional[Tuple[Tuple[int, ...], Hashable]]],
     max_elements: int,
     pad: bool = False,
+    max_member: int = MAX_MEMBER,
 ) -> List[Bucket]:
     """The buckets of one step.
 
@@ -73,6 +74,8 @@ def plan(
             included) in one call; a bucket that would hold more is split.
         pad: whether computed shapes of one :func:`padding_cell` share buckets (the rule
             computes zero-padded tensors); else only equal shapes do.
+        max_member: the most elements of a parameter that shares a bucket (larger ones are
+            computed on their own).
 
     Single-member buckets have ``view=None``; the order of the buckets follows the first
     appearance of each key, and members keep the optimizer's order. One-element tensors are
@@ -82,7 +85,7 @@ def plan(
     smallest = 1 if pad else 2
     groups: Dict[Hashable, List[Tuple[int, Tuple[int, ...]]]] = {}
     for i in active:
-        found = key(i) if smallest <= params[i].numel() <= MAX_MEMBER else None
+        found = key(i) if smallest <= params[i].numel() <= max_member else None
         if found is None:
             groups[("single", i)] = [(i, ())]
             continue

@@ -10,18 +10,19 @@ elements and writes each result into whole-tensor outputs: the graph's temporari
 size and the results are the same values (each coordinate is computed by the same graph from the
 same inputs).
 
-The same property lets many small parameters share one call: :func:`flat_groups` gathers those
-of one size (and step count), which a runtime stacks into one flat vector for the rank-1 graph,
-so a model's many biases and norm gains cost one graph call instead of one each.
+The same property lets many small parameters of one shape share one call, stacked into one flat
+vector for the rank-1 graph (the exported backends' buckets, see
+:class:`~compiledopt.runtime.strategies.TensorStrategy`), so a model's many biases and norm gains
+cost one graph call instead of one each.
 """
 
-from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from torch import Tensor
 
 from compiledopt.transforms.base import Transform
 
-__all__ = ["SLICE_ELEMENTS", "RowSlices", "flat_groups"]
+__all__ = ["SLICE_ELEMENTS", "RowSlices"]
 
 #: The most elements of one slice: 1 MiB of float32, so a slice's inputs, outputs and
 #: temporaries together stay a few MiB.
@@ -99,33 +100,3 @@ def _write(whole: Tensor, start: int, end: int, value: Tensor, what: str) -> Non
             "pointwise as its transform says"
         )
     target.copy_(value)
-
-
-def flat_groups(
-    active: Sequence[int], key: Callable[[int], Optional[Tuple[int, Hashable]]]
-) -> Tuple[List[Tuple[int, ...]], List[int]]:
-    """The parameters ``active`` that may be computed together as one flat vector: ``key(i)``
-    is ``(numel, what else they must share)``, or ``None`` for one computed on its own.
-
-    Returns the groups, in the order of their first member, each of two or more parameters of
-    one key and at most :data:`SLICE_ELEMENTS` elements in all (a group's stacked inputs and
-    outputs then stay a slice's size), and the other parameters of ``active``, in order."""
-    found: Dict[Tuple[int, Hashable], List[int]] = {}
-    alone: List[int] = []
-    for i in active:
-        k = key(i)
-        if k is None:
-            alone.append(i)
-        else:
-            found.setdefault(k, []).append(i)
-    groups: List[Tuple[int, ...]] = []
-    for (numel, _), members in found.items():
-        per_call = max(1, SLICE_ELEMENTS // max(1, numel))
-        for start in range(0, len(members), per_call):
-            group = tuple(members[start : start + per_call])
-            if len(group) > 1:
-                groups.append(group)
-            else:
-                alone.extend(group)
-    order = {i: n for n, i in enumerate(active)}
-    return groups, sorted(alone, key=order.__getitem__)

@@ -26,12 +26,12 @@ from torch import Tensor
 
 from compiledopt.export.artifact import Artifact
 from compiledopt.runtime.bucket_store import BucketStore
-from compiledopt.runtime.buckets import Bucket, plan
+from compiledopt.runtime.buckets import MAX_MEMBER, Bucket, plan
 from compiledopt.runtime.builtins import BUILT_INS, TensorRules, pads
 from compiledopt.runtime.compiled import StoredStateRule, canonical_shape
 from compiledopt.runtime.distributed import is_distributed, run_rule
 from compiledopt.runtime.rounding import round_state
-from compiledopt.runtime.slices import SLICE_ELEMENTS, RowSlices, flat_groups
+from compiledopt.runtime.slices import SLICE_ELEMENTS, RowSlices
 from compiledopt.runtime.state import STEP, Expected, check_batch, check_result
 from compiledopt.runtime.timings import compile_key
 from compiledopt.runtime.warming import EagerClock
@@ -283,31 +283,30 @@ class TensorStrategy(Strategy):
     def compute(self, params, active, states, labels):
         steps = {i: int(states[i][STEP]) for i in active}
         computed = Computed({}, [], [])
-        if self.flat:
-            groups, active = flat_groups(active, lambda i: self._flat_key(params[i], steps[i]))
-            for members in groups:
-                self._flat(members, params, states, labels, computed)
-        buckets = plan(
-            params, active, lambda i: self._key(params[i], steps[i]), self.max_elements, self.pad
-        )
+        # An exported graph's buckets are of one shape, each one flat vector (see _flat).
+        key = self._flat_key if self.flat else self._key
+        most = SLICE_ELEMENTS if self.flat else self.max_elements
+        member = SLICE_ELEMENTS if self.flat else MAX_MEMBER
+        buckets = plan(params, active, lambda i: key(params[i], steps[i]), most, self.pad, member)
         previous, self._stores = self._stores, {}
         for bucket in buckets:
             if bucket.view is None:
                 self._single(bucket.members[0], params, states, labels, computed)
+            elif self.flat:
+                self._flat(bucket.members, params, states, labels, computed)
             else:
                 self._batched(bucket, params, states, labels, computed, previous)
         return computed
 
     def _flat_key(self, param: Tensor, step: int):
-        """What parameters computed as one flat vector share (see :meth:`_flat`), or ``None``:
-        a CPU parameter of rank ≥ 1 and at most a slice's size whose rule is pointwise at its
-        rank, every state tensor of its shape."""
+        """What parameters computed as one flat vector share (see :meth:`_flat`), in
+        :func:`~compiledopt.runtime.buckets.plan`'s form, or ``None``: a CPU parameter of rank
+        ≥ 1 whose rule is pointwise at its rank, every state tensor of its shape."""
         shape = param.shape
         fits = self._flat_shapes.get(shape)
         if fits is None:
             fits = self._flat_shapes[shape] = (
                 param.dim() > 0
-                and param.numel() <= SLICE_ELEMENTS
                 and self.transforms[0].pointwise(param.dim())
                 and all(e.shape == tuple(shape) for e in self.expected_state(0, param).values())
             )
@@ -315,7 +314,7 @@ class TensorStrategy(Strategy):
             return None
         grad = param.grad
         assert grad is not None  # an active parameter has a gradient
-        return param.numel(), (shape, step, param.dtype, grad.dtype)
+        return tuple(shape), (step, param.dtype, grad.dtype)
 
     def _flat(self, members: Tuple[int, ...], params, states, labels, computed) -> None:
         """One call of the rank-1 graph for ``members`` (parameters of one shape and step
