@@ -11,11 +11,12 @@ final weight)."""
 
 import json
 import os
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
 
+from benchmarks.step_speed.runner import cpu_identity
 from compiledopt.learned.catalog import build_transform
 from compiledopt.meta import MetaConfig, MetaLoop
 from compiledopt.tasks.regression import RegressionFamily
@@ -25,25 +26,8 @@ with open(os.path.join(os.path.dirname(__file__), "data", "meta_recorded_runs.js
 RECORDED = _DATA["runs"]
 
 
-def _this_cpu() -> Dict[str, object]:
-    """This machine's CPU model name and which of the recording's vector flags it has."""
-    cpu, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and not cpu:
-                    cpu = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    wanted = _DATA["recorded_on"]["flags"]
-    return {"cpu": cpu, "flags": [f for f in wanted if f in flags]}
-
-
 #: Whether this is the kind of machine the runs were recorded on (then every value is exact).
-SAME_MACHINE = _this_cpu() == _DATA["recorded_on"]
+SAME_MACHINE = dict(zip(("cpu", "flags"), cpu_identity())) == _DATA["recorded_on"]
 
 
 def _check(got: List[float], want: List[float], rtol: float, what: str) -> None:

@@ -59,7 +59,12 @@ def _code_version() -> Dict[str, Any]:
     }
 
 
-def machine_info() -> Dict[str, Any]:
+#: The vector and matrix instruction sets a recording names (their kernels round differently).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu_identity() -> Tuple[str, List[str]]:
+    """This machine's CPU model name and which of :data:`CPU_FLAGS` it has."""
     cpu = platform.processor() or platform.machine()
     flags: List[str] = []
     try:
@@ -69,10 +74,14 @@ def machine_info() -> Dict[str, Any]:
                     cpu = line.split(":", 1)[1].strip()
                 if line.startswith("flags") and not flags:
                     present = set(line.split(":", 1)[1].split())
-                    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
-                    flags = [f for f in wanted if f in present]
+                    flags = [f for f in CPU_FLAGS if f in present]
     except OSError:
         pass
+    return cpu, flags
+
+
+def machine_info() -> Dict[str, Any]:
+    cpu, flags = cpu_identity()
     memory_kb = None
     try:
         with open("/proc/meminfo") as handle:
