@@ -51,13 +51,11 @@ def plain(matrix: torch.Tensor) -> torch.Tensor:
     return ns_cols(x, NS_STEPS) if x.shape[0] > x.shape[1] else ns_rows(x, NS_STEPS)
 
 
-def _median_ms(fn: Callable[[], object], reps: int) -> List[float]:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+def _ms(fn: Callable[[], object]) -> float:
+    """One call of ``fn``, in milliseconds."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def measure(model: str, threads: int, reps: int) -> Dict[str, object]:
@@ -86,7 +84,7 @@ def measure(model: str, threads: int, reps: int) -> Dict[str, object]:
     times: Dict[str, List[float]] = {name: [] for name in forms}
     for _ in range(reps):  # interleaved: a slow minute of the machine hits every form alike
         for name, fn in forms.items():
-            times[name] += _median_ms(fn, 1)
+            times[name].append(_ms(fn))
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {
         "model": model,
