@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the suite is not installed: it lives in the checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.step_speed import models, targets, targets_report  # noqa: E402
+from benchmarks.step_speed import models, targets, targets_report, targets_runs  # noqa: E402
 
 CASES = ("resnet18", "many", "few", "mixed")
 
@@ -245,6 +245,9 @@ def test_gpu_results_are_judged_and_reported(quick, tmp_path):
         (["--timeout", "-1"], "--timeout: -1"),
         (["--bogus"], "--bogus"),
         (["--cases", "tiny"], "'tiny'"),
+        (["--memory-shape", "0x5"], "'0x5'"),
+        (["--memory-shape", "2x3x4"], "'2x3x4'"),
+        (["--memory-shape", "ten"], "'ten'"),
     ],
 )
 def test_bad_options_stop_with_one_line(argv, named, monkeypatch, capsys):
@@ -346,3 +349,24 @@ def test_plot_draws_panels_with_no_positive_ratio(quick, tmp_path):
         row["peak_over_state"] = (0.0, -1.0, math.inf)[i % 3]
     targets_report.plot(doc, tmp_path / "empty.png")
     assert (tmp_path / "empty.png").stat().st_size > 0
+
+
+def test_the_memory_parameter_can_be_a_matrix():
+    args = targets.parser().parse_args(["--quick", "--memory-shape", "300x200"])
+    settings = targets.settings_of(args, targets.parser())
+    assert settings["memory_shape"] == [300, 200] and settings["memory_numel"] == 60_000
+    assert targets_runs.memory_label(settings) == "300×200 matrix"
+    vector = targets.settings_of(targets.parser().parse_args(["--quick"]), targets.parser())
+    assert targets_runs.memory_label(vector) == "250,000 params"
+    # The child, in a process of its own (it fixes glibc's mmap threshold for its process).
+    import subprocess
+
+    job = {"settings": {**settings, "seed": 0}, "optimizer": "adamw-foreach", "artifact": None}
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); "
+        "from benchmarks.step_speed import targets_runs; "
+        f"print(json.dumps(targets_runs.CHILDREN['memory']({job!r})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["numel"] == 60_000 and row["state_bytes"] == 2 * 4 * 60_000

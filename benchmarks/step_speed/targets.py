@@ -35,6 +35,7 @@ are :mod:`benchmarks.step_speed.targets_runs`'s, the report and the plot
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import signal
@@ -48,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from benchmarks.step_speed.measure import ROOT, quiet
-from benchmarks.step_speed.targets_runs import ADAMW, CASES, case_shapes
+from benchmarks.step_speed.targets_runs import ADAMW, CASES, case_shapes, memory_label
 
 PROG = "python -m benchmarks.step_speed.targets"
 SCHEMA = "compiledopt-bench-step-targets/1"
@@ -140,6 +141,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-memory", action="store_true", help="skip the peak-memory measurement of one step"
     )
+    p.add_argument(
+        "--memory-shape",
+        default=None,
+        help="the parameter of the peak-memory measurement: N (a vector) or ROWSxCOLS (a matrix; "
+        "default: a vector of 10,000,000; 250,000 quick)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of parameters, gradients and data")
     p.add_argument(
         "--out",
@@ -191,6 +198,12 @@ def settings_of(args: argparse.Namespace, p: argparse.ArgumentParser) -> Dict[st
     if out.exists() and not out.is_dir():
         p.error(f"invalid --out: {str(out)!r} is a file, not a folder")
     backends = list(dict.fromkeys(args.backends or DEFAULT_BACKENDS))
+    memory_shape = [sizes["memory_numel"]]
+    if args.memory_shape is not None:
+        parts = args.memory_shape.split("x")
+        if not 1 <= len(parts) <= 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            p.error(f"invalid --memory-shape: {args.memory_shape!r} (N or ROWSxCOLS, positive)")
+        memory_shape = [int(x) for x in parts]
     return {
         "mode": mode,
         "backends": backends,
@@ -206,6 +219,8 @@ def settings_of(args: argparse.Namespace, p: argparse.ArgumentParser) -> Dict[st
         "memory": not args.no_memory,
         "out": str(out),
         **{k: v for k, v in sizes.items() if k not in ("reps", "warmup", "timeout_s")},
+        "memory_shape": memory_shape,
+        "memory_numel": math.prod(memory_shape),
     }
 
 
@@ -428,7 +443,7 @@ def _run_memory(doc: Dict[str, Any], s: Dict[str, Any], sources: Dict[str, Any],
     for job, (result, failure) in zip(jobs, spawn_many(jobs, s["timeout_s"], cores())):
         memory[job["optimizer"]] = result or {"status": "error", "reason": failure}
     doc["memory"] = {"threads": threads, "rows": {n: memory[n] for n in names}}
-    _log(t0, f"memory of one step on {s['memory_numel']:,} parameters done")
+    _log(t0, f"memory of one step on {memory_label(s)} done")
 
 
 def _run_gpu(doc: Dict[str, Any], s: Dict[str, Any], sources: Dict[str, Any], t0: float) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from benchmarks.step_speed.measure import json_default
 from benchmarks.step_speed.models import gpt2_tiny_shapes
 from benchmarks.step_speed.report import loads_text
+from benchmarks.step_speed.targets_runs import memory_label
 
 #: CPU ratios per thread count and backend: key, label (formatted with the settings), target.
 CPU_RATIOS: Tuple[Tuple[str, str, Optional[float]], ...] = (
@@ -56,7 +57,7 @@ def case_info(s: Dict[str, Any]) -> Dict[str, Any]:
         }
     info["resnet18"]["batch"] = s["batch"]
     info["resnet18"]["width"] = s["resnet_width"]
-    info["memory"] = {"params": s["memory_numel"], "tensors": 1}
+    info["memory"] = {"params": s["memory_numel"], "tensors": 1, "shape": memory_label(s)}
     return info
 
 
@@ -218,7 +219,7 @@ def targets(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
     memory = doc["memory"]
     for backend in backends:
         value = memory["rows"].get(backend, {}).get("peak_over_state")
-        what = f"peak memory beyond the state / state bytes ({doc['settings']['memory_numel']:,})"
+        what = f"peak memory beyond the state / state bytes ({memory_label(doc['settings'])})"
         add("memory_peak_over_state", what, MEMORY_TARGET, backend, memory["threads"], value)
     gpu = doc["gpu"]
     if gpu.get("status") == "ok":
@@ -281,7 +282,7 @@ def headline(doc: Dict[str, Any]) -> List[str]:
     memory = doc["memory"]["rows"]
     cells = [_mark(memory.get(b, {}).get("peak_over_state"), MEMORY_TARGET) for b in backends]
     reference = _x(memory.get("adamw-foreach", {}).get("peak_over_state"))
-    label = f"memory: peak beyond the state / state ({s['memory_numel']:,} params)"
+    label = f"memory: peak beyond the state / state ({memory_label(s)})"
     rows.append([label, f"≤ {MEMORY_TARGET:g}×", str(doc["memory"]["threads"]), *cells, reference])
     gpu = doc["gpu"]
     if gpu.get("status") == "ok":
@@ -433,7 +434,7 @@ def plot(doc: Dict[str, Any], path: Path) -> None:
     s = doc["settings"]
     backends, labels = s["backends"], _labels(s)
     panels = [(k, labels[k], limit) for k, _, limit in CPU_RATIOS if limit is not None]
-    panels.append(("memory", f"peak beyond state / state ({s['memory_numel']:,})", MEMORY_TARGET))
+    panels.append(("memory", f"peak beyond state / state ({memory_label(s)})", MEMORY_TARGET))
     panels.append(("roofline_resnet18", "ResNet-18: achieved fraction of the roofline", None))
     gpu = doc["gpu"]
     if gpu.get("status") == "ok":

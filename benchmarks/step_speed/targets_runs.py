@@ -198,6 +198,15 @@ def _fix_mmap_threshold() -> bool:
         return False
 
 
+def memory_label(s: Dict[str, Any]) -> str:
+    """The parameter of the memory measurement in words: ``10,000,000 params`` (a vector) or
+    ``2,000×5,000 matrix``."""
+    shape = s.get("memory_shape") or [s["memory_numel"]]
+    if len(shape) == 1:
+        return f"{shape[0]:,} params"
+    return "×".join(f"{x:,}" for x in shape) + " matrix"
+
+
 def _memory_child(job: Dict[str, Any]) -> Dict[str, Any]:
     """Peak memory of a step on one parameter, state created and warm, beyond the state: what the
     optimizer holds between steps besides its state (a runtime's memory arena, its graphs), read
@@ -206,8 +215,9 @@ def _memory_child(job: Dict[str, Any]) -> Dict[str, Any]:
     fixed = _fix_mmap_threshold()
     s, name = job["settings"], job["optimizer"]
     generator = torch.Generator().manual_seed(s["seed"])
-    param = nn.Parameter(0.02 * torch.randn(s["memory_numel"], generator=generator))
-    param.grad = torch.randn(s["memory_numel"], generator=generator)
+    shape = s.get("memory_shape") or [s["memory_numel"]]
+    param = nn.Parameter(0.02 * torch.randn(*shape, generator=generator))
+    param.grad = torch.randn(*shape, generator=generator)
     gc.collect()
     before = resident_bytes()
     if name.startswith("adamw-"):

@@ -109,6 +109,18 @@ def _exact_optimize(model: Any) -> None:
     onnxscript.optimizer.remove_unused_nodes(model)
 
 
+def _strip_node_metadata(model: Any) -> None:
+    """Drop the exporter's per-node metadata and doc strings in ``model`` (an ``onnx_ir.Model``),
+    in every subgraph too: the Python stack trace, FX node and module path of each node, which
+    name files of the exporting machine and were four fifths of a graph's bytes. The graph's
+    computation and the model's own metadata (its signature) are untouched."""
+    from onnx_ir import traversal
+
+    for node in traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+        node.doc_string = None
+
+
 def _name_io(model: Any, inputs: List[str], outputs: List[str]) -> None:
     """Name the graph's inputs and outputs of ``model`` (an ``onnx_ir.Model``), renaming any
     inner value that holds one of those names, after making every output a value of its own.
@@ -168,6 +180,7 @@ def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
             raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNXProgram")
         model = onnx_program.model
         _exact_optimize(model)
+        _strip_node_metadata(model)
         _name_io(model, signature.input_names, signature.output_names)
         model.metadata_props[SIGNATURE_KEY] = signature.to_json()
         # Serialised here rather than by ONNXProgram.save, so the weights are always embedded.

@@ -9,6 +9,7 @@ import contextlib
 import io
 import threading
 import warnings
+import zipfile
 from typing import Callable, Iterator
 
 import torch
@@ -16,13 +17,31 @@ from torch import nn
 
 from compiledopt.export.backend import Backend
 
-__all__ = ["BACKEND", "TorchScriptBackend", "load", "load_bytes", "save"]
+__all__ = ["BACKEND", "TorchScriptBackend", "load", "load_bytes", "save", "without_debug_records"]
 
 
 def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
-    """Script ``rule`` and write it to ``path`` (``example`` and ``dynamic`` are not needed)."""
+    """Script ``rule`` and write it to ``path`` (``example`` and ``dynamic`` are not needed),
+    without its debug records (:func:`without_debug_records`)."""
+    buffer = io.BytesIO()
     with _one_at_a_time():
-        torch.jit.save(torch.jit.script(rule), path)
+        torch.jit.save(torch.jit.script(rule), buffer)
+    with open(path, "wb") as handle:
+        handle.write(without_debug_records(buffer.getvalue()))
+
+
+def without_debug_records(archive: bytes) -> bytes:
+    """The TorchScript archive ``archive`` without its ``*.debug_pkl`` records: the source
+    ranges of the scripted code, which name the exporting machine's files by absolute path (two
+    thirds of a rule's bytes). Loading and running never read them; an error raised inside the
+    graph then quotes no source line. Every other record is copied as it is."""
+    source = zipfile.ZipFile(io.BytesIO(archive))
+    kept = io.BytesIO()
+    with zipfile.ZipFile(kept, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                target.writestr(info, source.read(info))
+    return kept.getvalue()
 
 
 def load(path: str) -> Callable:

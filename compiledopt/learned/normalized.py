@@ -31,6 +31,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from compiledopt._validation import check_flag, check_positive, check_real, check_sizes
 from compiledopt.learned.mlp import check_shapes
 from compiledopt.learned.normalized_blocked import blocked_rule, blocked_update
+from compiledopt.learned.normalized_export import exported_network
 from compiledopt.learned.normalized_ops import (
     BLOCK_SIZE,
     NS_STEPS,
@@ -290,21 +291,13 @@ class NormalizedMLP(Transform):
             # which keeps an exported graph's peak at the outputs plus one tensor.
             return torch.clamp(fast / (absolute + self.eps) * scales[0], -clip, clip), new_state
 
-        denominator = absolute + self.eps
-        ratio_fast = fast / denominator * scales[0]
-        raw = [
-            ratio_fast,
-            slow / denominator * scales[1],
-            grad / denominator * scales[2],
-            normalize(grad, self.fused, count),
-            normalize(fast, self.fused, count),
-        ]
-        dtype = self.skip.dtype
-        columns = [torch.clamp(x, -clip, clip).to(dtype) for x in raw]
-        if self.fused:
-            out = self._fused_network(columns)
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            out = self._network_out(grad, fast, slow, absolute, scales, count)
+        elif torch.compiler.is_exporting() and not self.fused and count is None:
+            # An ONNX graph: the network of a large tensor in pieces (normalized_export).
+            out = self._exported_network(grad, fast, slow, absolute, scales).reshape(grad.shape)
         else:
-            out = self._network(columns).reshape(grad.shape)
+            out = self._network_out(grad, fast, slow, absolute, scales, count)
         if self.orthogonalize and grad.dim() >= 2:
             matrix = out.reshape(grad.shape[0], -1)
             if torch.jit.is_scripting():
@@ -361,9 +354,47 @@ class NormalizedMLP(Transform):
             block,
         )
 
+    def _network_out(
+        self,
+        grad: Tensor,
+        fast: Tensor,
+        slow: Tensor,
+        absolute: Tensor,
+        scales: Tensor,
+        count: Optional[Tensor],
+    ) -> Tensor:
+        """The network's output (before Newton–Schulz and the normalisation) on the whole
+        tensor: the five clamped feature columns, then the fused or the matmul form."""
+        clip = self.feature_clip
+        denominator = absolute + self.eps
+        raw = [
+            fast / denominator * scales[0],
+            slow / denominator * scales[1],
+            grad / denominator * scales[2],
+            normalize(grad, self.fused, count),
+            normalize(fast, self.fused, count),
+        ]
+        dtype = self.skip.dtype
+        columns = [torch.clamp(x, -clip, clip).to(dtype) for x in raw]
+        if self.fused:
+            return self._fused_network(columns)
+        return self._network(columns).reshape(grad.shape)
+
     def _network(self, columns: List[Tensor]) -> Tensor:
         """The matmul form: ``(N, 5)`` features through the layers, plus the skip."""
-        x = torch.stack([c.reshape(-1) for c in columns], dim=1)
+        return self.network_of(torch.stack([c.reshape(-1) for c in columns], dim=1))
+
+    @torch.jit.unused
+    def _exported_network(
+        self, grad: Tensor, fast: Tensor, slow: Tensor, absolute: Tensor, scales: Tensor
+    ) -> Tensor:
+        """:func:`~compiledopt.learned.normalized_export.exported_network`: the network's output
+        in an exported graph of the matmul form, in pieces on a large tensor."""
+        return exported_network(self, grad, fast, slow, absolute, scales)
+
+    def network_of(self, x: Tensor) -> Tensor:
+        """The network (matmul form) on stacked ``(N, 5)`` feature columns: the flat ``(N,)``
+        output, skip included."""
         h = x
         for layer in self.layers:
             h = torch.tanh(layer(h))

@@ -2,7 +2,7 @@
 whole-tensor update and its blockwise one (:mod:`compiledopt.learned.normalized_blocked`):
 bias corrections, the per-tensor normalisation, the rational ``tanh`` and Newton–Schulz."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -55,6 +55,16 @@ def unit_max(x: Tensor) -> Tensor:
     """``x / max|x|``, or zeros where ``x`` is all zero (no large value is ever squared)."""
     scale = x.abs().max()
     return x / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def scale_and_root(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """The two per-tensor divisors of :func:`normalize` (not ``wide``, no ``count``): ``x /
+    scale / root`` is ``normalize(x)``, operation for operation (``scale = max|x|`` and ``root =
+    sqrt(mean((x / scale)²))``, each 1 where it would be 0)."""
+    peak = x.abs().max()
+    scale = torch.where(peak > 0, peak, torch.ones_like(peak))
+    mean = (x / scale).square().mean()
+    return scale, torch.sqrt(torch.where(mean > 0, mean, torch.ones_like(mean)))
 
 
 def normalize(x: Tensor, wide: bool = False, count: Optional[Tensor] = None) -> Tensor:

@@ -1,0 +1,85 @@
+"""NormalizedMLP's network in an exported graph of the matmul form (ONNX), in pieces.
+
+An exported graph computes a tensor in one call, and onnxruntime materialises every intermediate
+of the matmul form: the five feature columns and the hidden layers, about 30 values a coordinate
+with the default ``(8, 8)`` network, eleven times the optimizer state on a large matrix.
+:func:`exported_network` computes the two normalised features' per-tensor divisors on the whole
+tensor, then the features and the network of a tensor of at least ``PIECES · MIN_BLOCK``
+(65,536) coordinates in ``PIECES`` (16) pieces of ``N // 16`` coordinates and one of the rest,
+one after another, so those intermediates exist a piece at a time; a smaller tensor is one
+piece. The choice is a
+``torch.cond`` on the size, so one dynamic graph serves every size. Each coordinate gets the
+arithmetic of :meth:`NormalizedMLP.update <compiledopt.learned.normalized.NormalizedMLP.update>`
+(``normalize(x)`` is ``x / scale / root``, :func:`scale_and_root`).
+
+Measured (``python -m benchmarks.step_speed.targets --backends onnx --memory-shape 2000x5000``):
+on a 2000 × 5000 parameter the rank-2 graph's peak beyond the state fell from 11.4 times the
+state to 3.84 (the eager and TorchScript steps: 2.3); Newton–Schulz, which needs the whole
+matrix, is most of what remains.
+"""
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from compiledopt.learned.normalized_blocked import MIN_BLOCK, PIECES
+from compiledopt.learned.normalized_ops import scale_and_root
+
+if TYPE_CHECKING:  # the transform imports this module: annotations only
+    from compiledopt.learned.normalized import NormalizedMLP
+
+
+def exported_network(
+    transform: "NormalizedMLP",
+    grad: Tensor,
+    fast: Tensor,
+    slow: Tensor,
+    absolute: Tensor,
+    scales: Tensor,
+) -> Tensor:
+    """The network's flat output (before Newton–Schulz and the normalisation) for the gradient
+    and the new accumulators, in pieces on a large tensor (see the module doc). For tracing by
+    ``torch.export``; eager code gets the same values from ``update``'s whole-tensor path."""
+
+    def piece(g: Tensor, f: Tensor, s: Tensor, a: Tensor, factors: Tensor, norms: Tensor) -> Tensor:
+        clip = transform.feature_clip
+        denominator = a + transform.eps
+        raw = [
+            f / denominator * factors[0],
+            s / denominator * factors[1],
+            g / denominator * factors[2],
+            g / norms[0] / norms[1],
+            f / norms[2] / norms[3],
+        ]
+        dtype = transform.skip.dtype
+        columns = [torch.clamp(x, -clip, clip).to(dtype) for x in raw]
+        return transform.network_of(torch.stack(columns, dim=1))
+
+    def pieces(
+        g: Tensor, f: Tensor, s: Tensor, a: Tensor, factors: Tensor, norms: Tensor
+    ) -> Tensor:
+        # PIECES pieces of N // PIECES coordinates, then the fewer than PIECES left over, by
+        # narrow. Measured against the alternatives: tensor_split of a dynamic size that PIECES
+        # does not divide lost elements in the ONNX exporter (74,996 of 75,000); unbind or
+        # select of a (PIECES, m) view let onnxruntime copy every piece's inputs first (peak 4.2
+        # times the state on a 2000 x 2000 matrix, 3.35 here); ceil-sized slices traced 2x
+        # slower for 2.99 times.
+        size = g.shape[0] // PIECES
+        parts = []
+        for k in range(PIECES + 1):
+            length = size if k < PIECES else g.shape[0] - PIECES * size
+            g_, f_, s_, a_ = (t.narrow(0, k * size, length) for t in (g, f, s, a))
+            parts.append(piece(g_, f_, s_, a_, factors, norms))
+        return torch.cat(parts)
+
+    flat = tuple(t.reshape(-1) for t in (grad, fast, slow, absolute))
+    norms = torch.stack([*scale_and_root(flat[0]), *scale_and_root(flat[1])])
+    operands = (*flat, scales, norms)
+    large = flat[0].shape[0] >= PIECES * MIN_BLOCK
+    if statically_known_true(large):
+        return pieces(*operands)
+    if statically_known_true(torch.sym_not(large)):
+        return piece(*operands)
+    return torch.cond(large, pieces, piece, operands)

@@ -1,0 +1,102 @@
+"""An exported ONNX graph of NormalizedMLP runs the learned network of a large tensor in pieces:
+the same direction as the transform's own update, and a peak memory of a few times the optimizer
+state instead of the whole ``(N, hidden)`` intermediates."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compiledopt import pretrained
+from compiledopt.learned.normalized_blocked import MIN_BLOCK, PIECES
+from compiledopt.learned.normalized_ops import normalize, scale_and_root
+
+#: Run in a child process: the peak is read from the kernel's resident-set high-water mark, with
+#: glibc's mmap threshold fixed at its default (a threshold raised by earlier frees would serve the
+#: graph's temporaries from pages already resident, which the high-water mark does not see).
+_MEASURE = """
+import gc, json, sys
+import torch
+from benchmarks.step_speed.measure import PeakMemory
+from benchmarks.step_speed.targets_runs import _fix_mmap_threshold
+from compiledopt import pretrained
+
+fixed = _fix_mmap_threshold()
+torch.set_num_threads(1)
+rows, cols = int(sys.argv[1]), int(sys.argv[2])
+runner = pretrained.load("normalized-mlp").runner("onnx")
+generator = torch.Generator().manual_seed(0)
+grad = torch.randn(rows, cols, generator=generator)
+param = torch.randn(rows, cols, generator=generator)
+state = [torch.randn(rows, cols, generator=generator) for _ in range(3)]
+state[2] = state[2].abs()
+runner(grad, param, state, torch.tensor(3))  # the session's first run allocates its own buffers
+gc.collect()
+with PeakMemory() as memory:
+    runner(grad, param, state, torch.tensor(3))
+print(json.dumps({"ratio": memory.peak_bytes / (3 * grad.nbytes), "exact": memory.exact and fixed}))
+"""
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e30, 0.0], ids=["plain", "huge", "zero"])
+def test_scale_and_root_are_the_divisors_of_normalize(scale):
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1)) * scale
+    divisor, root = scale_and_root(x)
+    assert torch.equal(x / divisor / root, normalize(x))
+    assert torch.isfinite(x / divisor / root).all()
+
+
+def _inputs(shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    grad = torch.randn(shape, generator=generator)
+    param = torch.randn(shape, generator=generator)
+    state = [torch.randn(shape, generator=generator) for _ in range(3)]
+    state[2] = state[2].abs()
+    return grad, param, state, torch.tensor(3)
+
+
+@pytest.mark.parametrize("shape", [(300, 250), (256, 255)], ids=["pieces", "whole"])
+def test_the_packaged_onnx_graph_equals_the_update_in_pieces_and_whole(shape):
+    """(300, 250) has at least ``PIECES · MIN_BLOCK`` coordinates (the network in pieces),
+    (256, 255) fewer (one piece): both give the transform's direction and state."""
+    pytest.importorskip("onnxruntime")
+    assert (shape[0] * shape[1] >= PIECES * MIN_BLOCK) == (shape == (300, 250))
+    artifact = pretrained.load("normalized-mlp")
+    (transform,) = artifact.transforms()
+    inputs = _inputs(shape)
+    with torch.no_grad():
+        want, want_state = transform.update(*inputs)
+    got, got_state = artifact.runner("onnx")(*inputs)
+    # Newton-Schulz amplifies float32 rounding differences between runtimes.
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for mine, theirs in zip(got_state, want_state):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_the_packaged_onnx_graph_peaks_at_a_few_times_the_state_on_a_large_matrix():
+    """Whole, the features and hidden layers of a 1024 x 1024 matrix took the graph's peak to 11
+    times the optimizer state; in pieces it is the new state, the direction and Newton-Schulz's
+    matrices: about 3 times."""
+    pytest.importorskip("onnxruntime")
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, "1024", "1024"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    if not measured["exact"]:
+        pytest.skip("this system gives no exact peak of the resident set")
+    assert measured["ratio"] < 5.0, measured
+
+
+def test_every_packaged_graph_steps_as_the_eager_rule():
+    """All ranks of the packaged artifact's ONNX graphs (and its TorchScript rule), replayed
+    against the eager transform by ``verify_artifact``."""
+    pytest.importorskip("onnxruntime")
+    from compiledopt.export.verify import verify_artifact
+
+    errors = verify_artifact(pretrained.path("normalized-mlp"), steps=3, trust_code=True)
+    assert sorted(errors) == ["onnx", "torchscript"]
+    assert errors["torchscript"] <= 1e-6 and errors["onnx"] <= 1e-4, errors
