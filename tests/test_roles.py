@@ -268,12 +268,12 @@ def test_bad_roles_and_rules_are_refused(artifact64) -> None:
 def test_exported_graphs_refuse_rules_they_do_not_compute(tmp_path) -> None:
     transform = NormalizedMLP(hidden_sizes=(4,))
     path = tmp_path / "artifact"
-    export_shape_agnostic(  # ranks 1 and 2 only: each ONNX graph takes seconds to export
+    export_shape_agnostic(  # rank 1 only: each ONNX graph of it takes 15-20 s to export
         path,
         SPEC4,
         transform,
         backends=("onnx",),
-        ranks=(1, 2),
+        ranks=(1,),
         lr=1e-3,
         routes={"matrix": "orthogonal"},
     )
