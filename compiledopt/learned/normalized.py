@@ -365,20 +365,38 @@ class NormalizedMLP(Transform):
     ) -> Tensor:
         """The network's output (before Newton–Schulz and the normalisation) on the whole
         tensor: the five clamped feature columns, then the fused or the matmul form."""
+        normalized_grad = normalize(grad, self.fused, count)
+        normalized_fast = normalize(fast, self.fused, count)
+        columns = self.feature_columns(
+            grad, fast, slow, absolute, scales, normalized_grad, normalized_fast
+        )
+        if self.fused:
+            return self._fused_network(columns)
+        return self._network(columns).reshape(grad.shape)
+
+    def feature_columns(
+        self,
+        grad: Tensor,
+        fast: Tensor,
+        slow: Tensor,
+        absolute: Tensor,
+        scales: Tensor,
+        normalized_grad: Tensor,
+        normalized_fast: Tensor,
+    ) -> List[Tensor]:
+        """The five feature columns (:data:`FEATURE_NAMES`) clamped to ``±feature_clip``, in the
+        network's dtype; the caller computes the normalised two (whole, or on a piece)."""
         clip = self.feature_clip
         denominator = absolute + self.eps
         raw = [
             fast / denominator * scales[0],
             slow / denominator * scales[1],
             grad / denominator * scales[2],
-            normalize(grad, self.fused, count),
-            normalize(fast, self.fused, count),
+            normalized_grad,
+            normalized_fast,
         ]
         dtype = self.skip.dtype
-        columns = [torch.clamp(x, -clip, clip).to(dtype) for x in raw]
-        if self.fused:
-            return self._fused_network(columns)
-        return self._network(columns).reshape(grad.shape)
+        return [torch.clamp(x, -clip, clip).to(dtype) for x in raw]
 
     def _network(self, columns: List[Tensor]) -> Tensor:
         """The matmul form: ``(N, 5)`` features through the layers, plus the skip."""
@@ -388,8 +406,7 @@ class NormalizedMLP(Transform):
     def _exported_network(
         self, grad: Tensor, fast: Tensor, slow: Tensor, absolute: Tensor, scales: Tensor
     ) -> Tensor:
-        """:func:`~compiledopt.learned.normalized_export.exported_network`: the network's output
-        in an exported graph of the matmul form, in pieces on a large tensor."""
+        """:func:`~compiledopt.learned.normalized_export.exported_network` (ONNX, in pieces)."""
         return exported_network(self, grad, fast, slow, absolute, scales)
 
     def network_of(self, x: Tensor) -> Tensor:

@@ -44,17 +44,8 @@ def exported_network(
     ``torch.export``; eager code gets the same values from ``update``'s whole-tensor path."""
 
     def piece(g: Tensor, f: Tensor, s: Tensor, a: Tensor, factors: Tensor, norms: Tensor) -> Tensor:
-        clip = transform.feature_clip
-        denominator = a + transform.eps
-        raw = [
-            f / denominator * factors[0],
-            s / denominator * factors[1],
-            g / denominator * factors[2],
-            g / norms[0] / norms[1],
-            f / norms[2] / norms[3],
-        ]
-        dtype = transform.skip.dtype
-        columns = [torch.clamp(x, -clip, clip).to(dtype) for x in raw]
+        normalized = (g / norms[0] / norms[1], f / norms[2] / norms[3])
+        columns = transform.feature_columns(g, f, s, a, factors, *normalized)
         return transform.network_of(torch.stack(columns, dim=1))
 
     def pieces(
