@@ -2,6 +2,7 @@
 and the result equals the rule applied to each parameter on its own."""
 
 import io
+import logging
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import compiledopt as co
 from compiledopt.learned.normalized import NormalizedMLP
 from compiledopt.pretrained import load
 from compiledopt.runtime import strategies
-from compiledopt.runtime.buckets import MAX_MEMBER, Bucket, plan
+from compiledopt.runtime.buckets import MAX_MEMBER, Bucket, finite_rows, plan
+from compiledopt.runtime.skips import groups_to_skip
 
 PACKAGED = "normalized-mlp"
 # Shapes that bucket together (same shape, or the same canonical view: (4, 3, 2) and (4, 6)),
@@ -158,6 +160,49 @@ def test_bfloat16_state_rounds_as_each_parameter_alone(monkeypatch):
                 assert bool(close.all())
 
 
+def test_finite_rows_flag_every_nonfinite_member_as_a_per_member_loop_finds_them():
+    generator = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(6, 3, 4, generator=generator),
+        torch.randn(6, generator=generator),
+        torch.randn(6, 2, generator=generator).to(torch.bfloat16),
+        torch.arange(6),  # not floating point: not checked
+    ]
+    tensors[0][1, 2, 3] = float("inf")
+    tensors[1][3] = float("nan")
+    tensors[2][4, 0] = float("-inf")
+    tensors[0][5, 0, :2] = 3e38  # finite, but its sum overflows: flagged, to be looked at again
+    exact = [
+        all(bool(torch.isfinite(t[j]).all()) for t in tensors if t.is_floating_point())
+        for j in range(6)
+    ]
+    assert exact == [True, False, True, False, False, True]
+    assert finite_rows(tensors).tolist() == [True, False, True, False, False, False]
+
+
+def test_flags_taken_by_a_rule_name_each_members_first_nonfinite_tensor(caplog):
+    grads, directions, state = torch.zeros(4, 4), torch.zeros(4, 4), torch.zeros(4, 4)
+    directions[1, 0] = float("nan")
+    state[1, 2] = float("inf")
+    state[2, 1] = float("inf")
+    grads[3, :2] = 3e38  # flagged by an overflowing sum, all finite: not skipped
+    named = ((grads, "gradient"), (directions, "direction"), (state, "new state 'm'"))
+    flags = finite_rows([grads, directions, state])
+    assert flags.tolist() == [True, False, False, False]
+    checks = [(flags, (4, 5, 6, 7), named)]
+    groups = [({}, (4,)), ({}, (5,)), ({}, (6,)), ({}, (7,))]
+    labels = [f"parameter {i}" for i in range(8)]
+    with caplog.at_level(logging.DEBUG, logger="compiledopt"):
+        skipped, warned = groups_to_skip(groups, checks, labels, "skip", False)
+    assert skipped == {1, 2} and warned
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "parameter 5: non-finite direction" in messages[0]
+    assert "parameter 6: non-finite new state 'm'" in messages[1]
+    with pytest.raises(FloatingPointError, match="non-finite direction for parameter 5"):
+        groups_to_skip(groups, checks, labels, "raise", False)
+
+
 def test_a_nonfinite_member_skips_only_its_group():
     params = _params([(6,)] * 4)
     optimizer = co.FrozenOptimizer(
@@ -182,8 +227,8 @@ def test_a_bad_batched_result_is_refused_before_anything_is_written(monkeypatch)
     rules = optimizer._schema_strategy.rules(torch.device("cpu"))
 
     def truncated(grads, inputs, stored, step, seeds):
-        directions, values = rules.batched(grads, inputs, stored, step, seeds)
-        return directions[:, :5], values
+        directions, values, finite = rules.batched(grads, inputs, stored, step, seeds)
+        return directions[:, :5], values, finite
 
     monkeypatch.setattr(
         optimizer._schema_strategy, "rules", lambda device: rules._replace(batched=truncated)

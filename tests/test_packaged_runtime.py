@@ -183,12 +183,17 @@ def test_compiled_batched_coordinate_mlp_matches_its_eager_batch():
     grads, params = torch.randn(2, 2, 3, generator=generator)
     states = [torch.stack([s, s]) for s in transform.init_state(params[0])]
     step, seeds = torch.tensor(4), torch.arange(2)
-    got, got_states = CompiledBatchedRule(transform, torch.float32)(
+    got, got_states, got_finite = CompiledBatchedRule(transform, torch.float32)(
         grads, params, states, step, seeds
     )
-    want, want_states = BatchedRule(StoredStateRule(transform.update, torch.float32))(
+    want, want_states, want_finite = BatchedRule(StoredStateRule(transform.update, torch.float32))(
         grads, params, states, step, seeds
     )
+    assert got_finite.tolist() == want_finite.tolist() == [True, True]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     for g, w in zip(got_states, want_states):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    # The flags taken in the graph see a member's infinity, as the eager batch's do.
+    grads[1, 2] = float("inf")
+    rule = CompiledBatchedRule(transform, torch.float32)
+    assert rule(grads, params, states, step, seeds)[2].tolist() == [True, False]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import compiledopt as co
-from compiledopt.runtime import warming
+from compiledopt.runtime import compiled, warming
 from compiledopt.runtime.buckets import BatchedRule
 from compiledopt.runtime.compiled import COMPILE_LOCK
 from compiledopt.runtime.warming import Warming
@@ -250,3 +250,29 @@ def test_a_warming_rule_computes_eagerly_in_cache_sized_slices(monkeypatch):
         p.grad = torch.randn_like(p)
     co.FrozenOptimizer(params, "normalized-mlp", backend="auto").step()
     assert sizes == [256 * 200] * 4  # each matrix alone (the eager backend's slice holds one)
+
+
+def test_compiling_nested_sets_and_restores_the_settings_once(monkeypatch):
+    """A step enters the compiled backend's settings once around all its rule calls, each of
+    which enters them again: only the outermost sets and restores them."""
+    writes = []
+
+    class Settings:
+        def __setattr__(self, name, value):
+            writes.append((name, value))
+            object.__setattr__(self, name, value)
+
+    settings = Settings()
+    object.__setattr__(settings, "limit", 8)
+    monkeypatch.setattr(compiled, "_SETTINGS", ((settings, "limit", 512),))
+    with compiled.compiling():
+        assert settings.limit == 512
+        for _ in range(3):
+            with compiled.compiling():
+                assert settings.limit == 512
+        assert settings.limit == 512
+    assert settings.limit == 8
+    assert writes == [("limit", 512), ("limit", 8)]
+    with compiled.compiling():  # and a later step sets them again
+        assert settings.limit == 512
+    assert writes[2:] == [("limit", 512), ("limit", 8)]

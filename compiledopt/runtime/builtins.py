@@ -29,7 +29,8 @@ class TensorRules(NamedTuple):
     ``padded(grads, params, states, step, seeds, counts)`` for a bucket of parameters of
     different shapes, each zero-padded to one shape (``None``: the rule cannot, see
     :attr:`~compiledopt.transforms.Transform.paddable`). All take and return the state in its
-    storage dtype."""
+    storage dtype; the two batched forms also return a flag per member, ``False`` where it may not
+    be all finite (:class:`~compiledopt.runtime.buckets.BatchedRule`)."""
 
     single: Callable
     batched: Optional[Callable]

@@ -57,11 +57,22 @@ def compiling() -> Iterator[None]:
       module's ``forward``), and each frozen transform (its own weights and constants) is
       another entry in Dynamo's cache of it, so a process that builds more than Dynamo's default
       8 optimizers would otherwise fail with "recompile limit exceeded".
+
+    Nested (a step that enters it once around all its rule calls, each of which enters it
+    again), only the outermost sets and restores the settings.
     """
     # Set and restored attribute by attribute: the config modules' patch() builds a context
     # class at every call, a cost paid by every rule call of every step.
     with COMPILE_LOCK:
+        if _DEPTH[0]:  # this thread holds the lock, so it set the settings: nothing to do
+            _DEPTH[0] += 1
+            try:
+                yield
+            finally:
+                _DEPTH[0] -= 1
+            return
         saved = [(module, name, getattr(module, name)) for module, name, _ in _SETTINGS]
+        _DEPTH[0] = 1
         try:
             for module, name, value in _SETTINGS:
                 setattr(module, name, value)
@@ -69,6 +80,12 @@ def compiling() -> Iterator[None]:
         finally:
             for module, name, value in reversed(saved):
                 setattr(module, name, value)
+            _DEPTH[0] = 0
+
+
+#: How deep the thread that holds :data:`COMPILE_LOCK` is in :func:`compiling` (read and written
+#: only under the lock).
+_DEPTH = [0]
 
 
 #: What :func:`compiling` sets: (config module, attribute, value).
@@ -225,11 +242,12 @@ class CompiledBatchedRule:
     tensors (:class:`~compiledopt.runtime.buckets.BatchedRule`), with dynamic sizes: one graph
     per computed rank serves every bucket of every model.
 
-    ``rule(grads, params, states, step, seeds) -> (directions, new_states)``, the state in
-    ``state_dtype`` (converted and rounded inside the graph). With ``padded``, members are
-    zero-padded to a common shape and the rule is the transform's ``update_padded``:
-    ``rule(grads, params, states, step, seeds, sides)``, ``sides[j]`` the sides of member ``j``'s
-    own computed shape.
+    ``rule(grads, params, states, step, seeds) -> (directions, new_states, finite)``, the state
+    in ``state_dtype`` (converted and rounded inside the graph), ``finite`` a flag per member
+    (:func:`~compiledopt.runtime.buckets.finite_rows`, taken in the graph). With ``padded``,
+    members are zero-padded to a common shape and the rule is the transform's
+    ``update_padded``: ``rule(grads, params, states, step, seeds, sides)``, ``sides[j]`` the
+    sides of member ``j``'s own computed shape.
     """
 
     def __init__(
@@ -257,10 +275,12 @@ class CompiledBatchedRule:
         step: Tensor,
         seeds: Tensor,
         *sides: Tensor,
-    ) -> Tuple[Tensor, List[Tensor]]:
+    ) -> Tuple[Tensor, List[Tensor], Tensor]:
         with compiling():
-            directions, new_states = self.compiled(grads, params, states, step, seeds, *sides)
-        return directions, list(new_states)
+            directions, new_states, finite = self.compiled(
+                grads, params, states, step, seeds, *sides
+            )
+        return directions, list(new_states), finite
 
 
 class PaddedRule(nn.Module):

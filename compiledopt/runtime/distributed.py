@@ -241,7 +241,8 @@ def _sums_finite(tensor: Tensor, count: int) -> Tensor:
 def finite_flags(checks: Sequence[Tuple[Tensor, Sequence[Any], Any]]) -> List[List[bool]]:
     """For each ``(tensor, members, what)``: whether each of its ``len(members)`` slices along
     the first dimension is all finite (a tensor with one member is one slice, whatever its
-    shape); for a ``DTensor`` (one member), whether the whole logical tensor is.
+    shape); for a ``DTensor`` (one member), whether the whole logical tensor is. A boolean
+    ``tensor`` is taken as the flags themselves (``len(members)`` of them).
 
     Plain tensors are checked by their slices' sums, and a slice whose sum is not finite is
     checked again exactly (see :func:`_sums_finite`). The flags of a ``DTensor`` are taken
@@ -269,6 +270,8 @@ def finite_flags(checks: Sequence[Tuple[Tensor, Sequence[Any], Any]]) -> List[Li
                 )
             meshes.setdefault(tensor.device_mesh, []).append(k)
             flags.append(_flags(tensor, 1))
+        elif tensor.dtype == torch.bool:  # flags taken already (see BatchedRule)
+            flags.append(tensor.reshape(len(members)))
         else:
             flags.append(_sums_finite(tensor, len(members)))
     if meshes:
@@ -289,7 +292,8 @@ def finite_flags(checks: Sequence[Tuple[Tensor, Sequence[Any], Any]]) -> List[Li
     for tensor, members, _ in checks:
         found = values[start : start + len(members)]
         start += len(members)
-        if not all(found) and not is_distributed(tensor):  # a non-finite sum: look exactly
+        exact = is_distributed(tensor) or tensor.dtype == torch.bool
+        if not all(found) and not exact:  # a non-finite sum: look exactly
             found = _flags(tensor, len(members)).tolist()
         out.append(found)
     return out

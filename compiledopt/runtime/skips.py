@@ -1,7 +1,10 @@
 """Which parameter groups a step skips: those with a non-finite gradient, direction or state."""
 
 import logging
-from typing import Any, Dict, Sequence, Set, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import Tensor
 
 from compiledopt.runtime.distributed import finite_flags
 
@@ -12,7 +15,7 @@ logger = logging.getLogger("compiledopt")
 
 def groups_to_skip(
     groups: Sequence[Tuple[Any, Sequence[int]]],
-    checks: Sequence[Tuple[Any, Sequence[int], str]],
+    checks: Sequence[Tuple[Any, Sequence[int], Any]],
     labels: Sequence[str],
     policy: str,
     warned: bool,
@@ -23,15 +26,20 @@ def groups_to_skip(
     A group is skipped when any of its members has a non-finite tensor in ``checks`` (``(tensor,
     members, what)``, see :func:`~compiledopt.runtime.distributed.finite_flags`: one host
     synchronisation for the step, and for distributed parameters one all-reduce of the flags so
-    that every rank decides alike). With ``policy="raise"`` the first such parameter raises
-    ``FloatingPointError`` instead. The first skip of an optimizer (``warned`` false) is logged at
-    WARNING, later ones at DEBUG.
+    that every rank decides alike; flags taken already, a boolean ``tensor``, come with the
+    ``(tensor, name)`` pairs they cover as ``what``: a member they flag is looked at again
+    exactly, and its first non-finite tensor named). With ``policy="raise"`` the first such
+    parameter raises ``FloatingPointError`` instead. The first skip of an optimizer (``warned``
+    false) is logged at WARNING, later ones at DEBUG.
     """
     bad: Dict[int, str] = {}
     for (_, members, what), flags in zip(checks, finite_flags(checks)):
-        for i, finite in zip(members, flags):
-            if not finite:
-                bad.setdefault(i, what)
+        for j, (i, finite) in enumerate(zip(members, flags)):
+            if finite or i in bad:
+                continue
+            found = what if isinstance(what, str) else _first_nonfinite(what, j)
+            if found is not None:
+                bad[i] = found
     skipped: Set[int] = set()
     for g, (_, members) in enumerate(groups):
         first = next((i for i in members if i in bad), None)
@@ -50,3 +58,13 @@ def groups_to_skip(
         )
         warned = True
     return skipped, warned
+
+
+def _first_nonfinite(named: Sequence[Tuple[Tensor, str]], row: int) -> Optional[str]:
+    """The name of the first of ``named`` (``(tensor, name)`` pairs, stacks of a bucket's
+    members) whose row ``row`` is not all finite, or ``None`` (flags taken on sums, see
+    :func:`~compiledopt.runtime.buckets.finite_rows`, whose finite values overflowed)."""
+    for tensor, name in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor[row]).all()):
+            return name
+    return None

@@ -16,10 +16,11 @@ nothing half-updated.
 """
 
 import abc
+import contextlib
 import copy
 import functools
 import itertools
-from typing import Callable, Container, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -28,7 +29,8 @@ from compiledopt.export.artifact import Artifact
 from compiledopt.runtime.bucket_store import BucketStore
 from compiledopt.runtime.buckets import MAX_MEMBER, Bucket, plan
 from compiledopt.runtime.builtins import BUILT_INS, TensorRules, pads
-from compiledopt.runtime.compiled import StoredStateRule, canonical_shape
+from compiledopt.runtime.compiled import StoredStateRule, canonical_shape, compiling
+from compiledopt.runtime.computed import Computed, Result, State
 from compiledopt.runtime.distributed import is_distributed, run_rule
 from compiledopt.runtime.rounding import round_state
 from compiledopt.runtime.slices import SLICE_ELEMENTS, RowSlices
@@ -44,54 +46,10 @@ __all__ = ["Computed", "ModelStrategy", "Result", "Strategy", "TensorStrategy", 
 STEP_SEED = 1_000_003
 INDEX_SEED = 7_919
 
-State = Dict[str, Tensor]
 #: The most elements of one tensor kind in one batched call of a tensor strategy, per built-in
 #: backend (:data:`~compiledopt.runtime.builtins.BUILT_INS`). The exported graphs (one tensor per
 #: call) are not batched.
 MAX_ELEMENTS = {name: b.max_elements for name, b in BUILT_INS.items()}
-
-
-class Result(NamedTuple):
-    """One parameter's outcome of a step: its direction (in the compute dtype) and its new state
-    (every entry of ``optimizer.state[param]``, ``step`` advanced)."""
-
-    direction: Tensor
-    state: State
-
-
-class Computed(NamedTuple):
-    """A step's outcome before anything is written: each active parameter's checked
-    :class:`Result` by index, what the optimizer must find finite before it writes:
-    ``(tensor, members, what)`` entries, ``tensor`` holding one slice per member along its first
-    dimension (a single parameter's tensor is its own slice), and the writes of batched states
-    (``(members, write)``: ``write(rows)`` stores the new state of ``members[j]`` for each ``j``
-    of ``rows``), left to :meth:`commit` once the optimizer has decided. A batched member's
-    :class:`Result` state is the store's own tensors, whose values change at the commit."""
-
-    results: Dict[int, Result]
-    checks: List[Tuple[Tensor, Tuple[int, ...], str]]
-    commits: List[Tuple[Tuple[int, ...], Callable[[List[int]], None]]]
-
-    def commit(self, written: Container[int]) -> None:
-        """Write the new states held back for the optimizer's decision (a bucket's, see
-        :class:`~compiledopt.runtime.bucket_store.BucketStore`) of the parameters ``written``."""
-        for members, write in self.commits:
-            rows = [j for j, i in enumerate(members) if i in written]
-            if rows:
-                write(rows)
-
-    def extend(self, other: "Computed") -> None:
-        self.results.update(other.results)
-        self.checks.extend(other.checks)
-        self.commits.extend(other.commits)
-
-    def add(self, tensor: Tensor, members: Tuple[int, ...], what: str) -> None:
-        self.checks.append((tensor, tuple(members), what))
-
-    def add_state(self, members: Tuple[int, ...], state: State) -> None:
-        for key, value in state.items():
-            if key != STEP and value.is_floating_point():
-                self.add(value, members, f"new state {key!r}")
 
 
 class Strategy(abc.ABC):
@@ -289,13 +247,17 @@ class TensorStrategy(Strategy):
         member = SLICE_ELEMENTS if self.flat else MAX_MEMBER
         buckets = plan(params, active, lambda i: key(params[i], steps[i]), most, self.pad, member)
         previous, self._stores = self._stores, {}
-        for bucket in buckets:
-            if bucket.view is None:
-                self._single(bucket.members[0], params, states, labels, computed)
-            elif self.flat:
-                self._flat(bucket.members, params, states, labels, computed)
-            else:
-                self._batched(bucket, params, states, labels, computed, previous)
+        # The compiled backend's settings set once for all its calls (a warming rule, whose
+        # compile may hold them in the background, takes them call by call).
+        settings = compiling() if self.backend == "compiled" and not self.background else None
+        with settings or contextlib.nullcontext():
+            for bucket in buckets:
+                if bucket.view is None:
+                    self._single(bucket.members[0], params, states, labels, computed)
+                elif self.flat:
+                    self._flat(bucket.members, params, states, labels, computed)
+                else:
+                    self._batched(bucket, params, states, labels, computed, previous)
         return computed
 
     def _flat_key(self, param: Tensor, step: int):
@@ -391,15 +353,18 @@ class TensorStrategy(Strategy):
         # them: a compiled graph guards on its inputs not aliasing each other.
         inputs = store.load_params([params[i].detach() for i in members])
         step = states[first][STEP]
-        directions, values = rule(grads, inputs, stored, step, _seed(step, store.indices), *sides)
+        directions, values, finite = rule(
+            grads, inputs, stored, step, _seed(step, store.indices), *sides
+        )
         check_batch(directions, grads, values, stored, keys, labels[first])
         store.directions.copy_(directions)
         for j, i in enumerate(members):
             computed.results[i] = Result(store.direction_rows[j], store.results[j])
         computed.commits.append((members, functools.partial(store.commit, list(values))))
-        computed.add(grads, members, "gradient")
-        computed.add(directions, members, "direction")
-        computed.add_state(members, dict(zip(keys, values)))
+        # The rule's own flags, each member's tensors named for a message should one fail.
+        named = [(grads, "gradient"), (directions, "direction")]
+        named += [(v, f"new state {k!r}") for k, v in zip(keys, values) if v.is_floating_point()]
+        computed.add(finite, members, tuple(named))
 
 
 class ModelStrategy(Strategy):
