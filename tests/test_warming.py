@@ -40,8 +40,10 @@ def test_eager_answers_until_the_compile_of_that_kind_is_ready():
     calls, gate = [], threading.Event()
     rule = Warming(_recorder("eager", calls), _recorder("compiled", calls, gate), _kind, "t")
     x = torch.zeros(3)
+    started = warming.compiles_started()
     assert torch.equal(rule(x), x)  # eager while compiling
     assert torch.equal(rule(x), x)  # still compiling: eager again, no second compile
+    assert warming.compiles_started() == started + 1
     gate.set()
     assert rule.wait(WAIT_S)
     assert torch.equal(rule(x), x + 1)  # compiled from now on
@@ -63,7 +65,9 @@ def test_a_rule_waits_for_its_own_compiles_only():
     slow = Warming(_recorder("eager", calls), _recorder("compiled", calls, gate), _kind, "slow")
     never = Warming(lambda x: x, lambda x: x, _kind, "never", warming.EagerClock(1e9))
     slow(torch.zeros(3))
+    started = warming.compiles_started()
     never(torch.zeros(3))  # not due: starts no compile
+    assert warming.compiles_started() == started
     try:
         assert never.wait(0)  # nothing of its own to wait for
         assert not slow.wait(0.05) and not warming.wait(0.05)  # the gated compile runs on

@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_map
 from compiledopt.runtime.compiled import COMPILE_LOCK
 from compiledopt.runtime.timings import record_compile, recorded_compile
 
-__all__ = ["PATIENCE_S", "EagerClock", "Warming", "wait"]
+__all__ = ["PATIENCE_S", "EagerClock", "Warming", "compiles_started", "wait"]
 
 #: Seconds of eager rule time before the background compiles start where no compile of the rule
 #: was recorded on this machine, and the most it waits otherwise (see the module doc).
@@ -45,6 +45,14 @@ PATIENCE_S = 120.0
 logger = logging.getLogger("compiledopt")
 
 _THREADS: List[threading.Thread] = []
+#: How many background compiles this process has started (see :func:`compiles_started`).
+_STARTED = [0]
+
+
+def compiles_started() -> int:
+    """How many background compiles this process has started: 0 for a run whose rules never
+    reached their patience (they ran eager throughout; :func:`wait` is then trivially true)."""
+    return _STARTED[0]
 
 
 def wait(timeout: "float | None" = None) -> bool:
@@ -157,6 +165,7 @@ class Warming:
                 target=self._warm, args=(kind, example), name="compiledopt-compile", daemon=True
             )
             _THREADS.append(thread)
+            _STARTED[0] += 1
             self._threads.append(thread)
             logger.info(
                 "%s: compiling %s in the background; the eager rule runs until it is ready",
