@@ -117,13 +117,12 @@ def _settings(argv: Optional[Sequence[str]]) -> Dict[str, Any]:
 
 
 def _git(*args: str) -> Optional[str]:
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
+    """:func:`~benchmarks.step_speed.runner.git`, its output stripped (a worktree's checkout
+    may take longer than a query)."""
+    from benchmarks.step_speed.runner import git
+
+    out = git(*args, timeout=60.0)
+    return None if out is None else out.strip()
 
 
 def _run(tree: Path, job: Dict[str, Any], timeout: float) -> Dict[str, Any]:

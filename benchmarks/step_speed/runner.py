@@ -39,18 +39,20 @@ PROG = "python -m benchmarks.step_speed"
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
+def git(*args: str, timeout: float = 10.0) -> Optional[str]:
+    """The output of ``git ARGS`` run in the checkout, or ``None`` where it failed (no git, not
+    a repository, an error status, ``timeout`` seconds passed)."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout
+
+
 def _code_version() -> Dict[str, Any]:
     """The git commit of the checkout the benchmark runs from, and its modified tracked files."""
-
-    def git(*args: str) -> Optional[str]:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout
-
     status = git("status", "--porcelain", "--untracked-files=no")
     commit = git("rev-parse", "HEAD")
     return {

@@ -28,6 +28,8 @@ from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequenc
 import torch
 from torch import Tensor, nn
 
+from compiledopt.runtime.distributed import row_sums
+
 __all__ = [
     "MAX_MEMBER",
     "PAD_RATIO",
@@ -252,8 +254,7 @@ def finite_rows(tensors: List[Tensor]) -> Tensor:
     total = torch.zeros(rows, dtype=torch.float32, device=tensors[0].device)
     for tensor in tensors:
         if tensor.is_floating_point():
-            dtype = torch.promote_types(tensor.dtype, torch.float32)
-            total = total + tensor.reshape(rows, -1).sum(1, dtype=dtype)
+            total = total + row_sums(tensor, rows)
     return torch.isfinite(total)
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "local",
     "place_like",
     "replicate_like",
+    "row_sums",
     "run_rule",
 ]
 
@@ -230,12 +231,19 @@ def _sums_finite(tensor: Tensor, count: int) -> Tensor:
     Half-precision values are summed in float32 (65504 · n does not overflow it)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return torch.ones(count, dtype=torch.bool, device=tensor.device)
-    dtype = torch.float32 if tensor.element_size() < 4 else None
     if count == 1:
-        total = tensor.sum(dtype=dtype).reshape(1)
-    else:
-        total = tensor.reshape(count, tensor.numel() // count).sum(1, dtype=dtype)
-    return torch.isfinite(total)
+        return torch.isfinite(tensor.sum(dtype=_sum_dtype(tensor)).reshape(1))
+    return torch.isfinite(row_sums(tensor, count))
+
+
+def row_sums(tensor: Tensor, rows: int) -> Tensor:
+    """The sum of each of the ``rows`` slices of a floating-point ``tensor`` along its first
+    dimension (``rows`` values), half-precision values summed in float32."""
+    return tensor.reshape(rows, -1).sum(1, dtype=_sum_dtype(tensor))
+
+
+def _sum_dtype(tensor: Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def finite_flags(checks: Sequence[Tuple[Tensor, Sequence[Any], Any]]) -> List[List[bool]]:

@@ -3,10 +3,9 @@
 import logging
 from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
-import torch
 from torch import Tensor
 
-from compiledopt.runtime.distributed import finite_flags
+from compiledopt.runtime.distributed import all_finite, finite_flags
 
 __all__ = ["groups_to_skip"]
 
@@ -64,7 +63,5 @@ def _first_nonfinite(named: Sequence[Tuple[Tensor, str]], row: int) -> Optional[
     """The name of the first of ``named`` (``(tensor, name)`` pairs, stacks of a bucket's
     members) whose row ``row`` is not all finite, or ``None`` (flags taken on sums, see
     :func:`~compiledopt.runtime.buckets.finite_rows`, whose finite values overflowed)."""
-    for tensor, name in named:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor[row]).all()):
-            return name
-    return None
+    flags = all_finite([tensor[row] for tensor, _ in named])
+    return next((name for (_, name), finite in zip(named, flags) if not finite), None)
