@@ -1,6 +1,9 @@
 """Test-session settings: the backend timings that ``backend="auto"`` reads are kept in a
 temporary cache, so a developer's recorded timings never change what the tests pick, and the
-tests never write to the developer's cache."""
+tests never write to the developer's cache. Compiled rules are not kept as packages (each would
+be built again in every fresh session's cache, at about the cost of a compile, where
+``torch.compile`` finds Inductor's own caches warm): ``test_packages`` turns them on where it
+tests them."""
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch
 def private_timing_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COMPILEDOPT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        patch.setenv("COMPILEDOPT_PACKAGES", "off")
         yield
 
 

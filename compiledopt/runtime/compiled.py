@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from compiledopt.export.rule import INDUCTOR_OPTIONS, TensorRule, freeze_transform
 from compiledopt.runtime.buckets import BatchedRule
+from compiledopt.runtime.packages import PackagedCompile
 from compiledopt.runtime.rounding import STATE_DTYPES, round_state
 from compiledopt.transforms.base import Transform
 
@@ -110,13 +111,26 @@ class LazyCompile:
     """``torch.compile(module, fullgraph=True, dynamic=True)`` with the rules' Inductor options,
     made at the first call: building a compiled callable imports Dynamo and Inductor (half a
     second in a fresh process), which a rule that answers eagerly until its compile is due
-    (:mod:`~compiledopt.runtime.warming`) must not pay at its first step."""
+    (:mod:`~compiledopt.runtime.warming`) must not pay at its first step.
 
-    def __init__(self, module: nn.Module) -> None:
+    Each graph is kept on this machine as a package (:mod:`~compiledopt.runtime.packages`):
+    a later process loads it in milliseconds instead of compiling again. ``torch.compile``
+    itself runs only for what cannot be packaged."""
+
+    def __init__(self, module: nn.Module, what: str = "a compiled rule") -> None:
         self.module = module
         self._compiled: Optional[Callable] = None
+        self.packaged = PackagedCompile(module, self._compile, INDUCTOR_OPTIONS, what)
 
     def __call__(self, *args: Any) -> Any:
+        return self.packaged(*args)
+
+    def stored(self, *args: Any) -> bool:
+        """Whether a stored package serves this call (see
+        :meth:`~compiledopt.runtime.packages.PackagedCompile.stored`)."""
+        return self.packaged.stored(*args)
+
+    def _compile(self, *args: Any) -> Any:
         if self._compiled is None:
             self._compiled = torch.compile(
                 self.module, fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
@@ -182,6 +196,22 @@ class CompiledTensorRule:
             raise TypeError(
                 "a rounding seed is " + ("required" if self.state_dtype else "not accepted")
             )
+        compiled, args, restore = self._route(grad, param, state, step, *seed)
+        with compiling():
+            direction, new_state = compiled(*args)
+        return restore(direction, new_state)
+
+    def stored(self, grad: Tensor, param: Tensor, state: List[Tensor], *rest: Tensor) -> bool:
+        """Whether a stored package serves this call (nothing compiled or built)."""
+        compiled, args, _ = self._route(grad, param, state, *rest)
+        if not isinstance(compiled, LazyCompile):
+            return False
+        with compiling():
+            return compiled.stored(*args)
+
+    def _route(self, grad: Tensor, param: Tensor, state: List[Tensor], *rest: Tensor):
+        """The callable a call runs, its arguments, and what turns its results back into the
+        parameter's shape."""
         shape = param.shape
         viewed = [s.shape == shape for s in state] if self.view else []
         compiled: Callable = self.compiled
@@ -193,12 +223,14 @@ class CompiledTensorRule:
             # shape and strides), which would compile a graph per base shape.
             grad, param = grad.reshape(view).detach(), param.reshape(view).detach()
             state = [s.reshape(view).detach() if same else s for s, same in zip(state, viewed)]
-        with compiling():
-            direction, new_state = compiled(grad, param, state, step, *seed)
-        if self.view:
-            direction = direction.reshape(shape)
-            new_state = [s.reshape(shape) if same else s for s, same in zip(new_state, viewed)]
-        return direction, list(new_state)
+
+        def restore(direction: Tensor, new_state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+            if self.view:
+                direction = direction.reshape(shape)
+                new_state = [s.reshape(shape) if same else s for s, same in zip(new_state, viewed)]
+            return direction, list(new_state)
+
+        return compiled, (grad, param, state, *rest), restore
 
 
 class StoredStateRule(nn.Module):
@@ -235,6 +267,15 @@ class StoredStateRule(nn.Module):
         else:
             direction, new_state = self.rule(grad, param, state, step, sides.prod())
         return direction, round_state(list(new_state), self.state_dtype, seed, sides)
+
+    def stored(self, grad: Tensor, param: Tensor, state: List[Tensor], *rest: Tensor) -> bool:
+        """Whether the wrapped rule has a stored package for this call (see
+        :class:`CompiledTensorRule`); ``False`` for a rule without packages or a state
+        converted on the way in."""
+        stored = getattr(self.rule, "stored", None)
+        if stored is None or any(s.dtype != grad.dtype for s in state if s.is_floating_point()):
+            return False
+        return stored(grad, param, state, rest[0])
 
 
 class CompiledBatchedRule:
@@ -281,6 +322,11 @@ class CompiledBatchedRule:
                 grads, params, states, step, seeds, *sides
             )
         return directions, list(new_states), finite
+
+    def stored(self, *args: Tensor) -> bool:
+        """Whether a stored package serves this call (nothing compiled or built)."""
+        with compiling():
+            return self.compiled.stored(*args)
 
 
 class PaddedRule(nn.Module):

@@ -148,9 +148,19 @@ class Warming:
         self._started: Set[Hashable] = set()
         self._ready: Set[Hashable] = set()
         self._threads: List[threading.Thread] = []
+        self._looked: Set[Hashable] = set()
+        self._stored: Set[Hashable] = set()
 
     def __call__(self, *args: Any) -> Any:
         kind = self.kind(*args)
+        if kind not in self._looked and kind not in self._started:
+            self._look_up(kind, args)
+        if kind in self._stored and kind not in self._ready and COMPILE_LOCK.acquire(False):
+            try:  # a call whose sizes a stored package serves runs it (a dict look-up)
+                if self.compiled.stored(*args):  # type: ignore[attr-defined]
+                    return self.compiled(*args)
+            finally:
+                COMPILE_LOCK.release()
         # A compile running in the background holds the lock (its settings are global): this
         # call then runs eager rather than wait for it.
         if kind in self._ready and COMPILE_LOCK.acquire(blocking=False):
@@ -178,6 +188,26 @@ class Warming:
             return self.eager(*args)
         finally:
             self.clock.spent += time.perf_counter() - began
+
+    def _look_up(self, kind: Hashable, args: tuple) -> None:
+        """Whether this machine has stored the compiled rule of a kind (a package loads in
+        milliseconds, see :mod:`~compiledopt.runtime.packages`): then every call of the kind
+        whose sizes a stored package serves runs it at once, whatever the patience; the others
+        wait for the kind's compile as before."""
+        stored = getattr(self.compiled, "stored", None)
+        if stored is None or not COMPILE_LOCK.acquire(blocking=False):
+            return  # (a compile in the background holds the lock: looked up at a later call)
+        try:
+            self._looked.add(kind)
+            ready = stored(*args)
+        except Exception as error:  # the eager rule keeps running it
+            logger.warning("%s: its stored compiled %s failed to load: %s", self.what, kind, error)
+            return
+        finally:
+            COMPILE_LOCK.release()
+        if ready:
+            self._stored.add(kind)
+            logger.info("%s: compiled %s was stored on this machine; it runs now", self.what, kind)
 
     def wait(self, timeout: "float | None" = None) -> bool:
         """Wait for this rule's compiles started so far (not other rules'); ``True`` when all
