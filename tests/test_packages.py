@@ -172,6 +172,12 @@ def _corrupt(folder: Path, tmp_path: Path, edit) -> Path:
     return copy
 
 
+def _fifo_records(folder):
+    for record in folder.glob("*/*.json"):
+        record.unlink()
+        os.mkfifo(record)
+
+
 def _flip_a_byte(folder):
     for package in folder.glob("*/*.pt2"):
         data = bytearray(package.read_bytes())
@@ -183,6 +189,7 @@ def _flip_a_byte(folder):
     "edit",
     [
         _flip_a_byte,
+        _fifo_records,
         lambda f: [p.write_bytes(p.read_bytes()[:100]) for p in f.glob("*/*.pt2")],
         lambda f: [p.write_text("{not json") for p in f.glob("*/*.json")],
         lambda f: [
@@ -198,6 +205,7 @@ def _flip_a_byte(folder):
     ],
     ids=[
         "flipped-byte",
+        "fifo-record",
         "truncated",
         "record-not-json",
         "record-without-guards",
@@ -209,7 +217,7 @@ def test_a_corrupted_entry_is_ignored_with_a_log_line_never_loaded(
     built, tmp_path, monkeypatch, caplog, edit
 ):
     folder, _ = built
-    _corrupt(folder, tmp_path, edit)
+    copy = _corrupt(folder, tmp_path, edit)
     monkeypatch.setenv("COMPILEDOPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("COMPILEDOPT_PACKAGES", "read")
     loaded = []
@@ -221,6 +229,7 @@ def test_a_corrupted_entry_is_ignored_with_a_log_line_never_loaded(
     packages.forget()
     assert "ignored" in caplog.text
     assert served == [False, False] and loaded == []
+    assert not list(copy.glob("*/*.pt2"))  # removed: ignored once, then built again
 
 
 def test_a_changed_rule_torch_or_instruction_set_is_another_key(monkeypatch):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, List, NamedTuple, Sequence, Tuple
@@ -26,6 +27,7 @@ __all__ = [
     "RELATIONS",
     "Entry",
     "Guard",
+    "discard",
     "load_entry",
     "open_package",
     "read_entries",
@@ -120,18 +122,25 @@ def read_entries(folder: Path) -> List[Entry]:
     """The packages stored for one form; a malformed record or a package missing is ignored."""
     entries = []
     try:
-        names = sorted(p for p in folder.iterdir() if p.suffix == ".json")
+        # (names starting with a dot are files being written)
+        names = sorted(p for p in folder.iterdir() if p.suffix == ".json" and p.name[0] != ".")
     except OSError:
         return []
     for record in names:
         try:
             entries.append(read_record(record))
         except (OSError, ValueError) as error:
-            logger.warning("compiled package %s ignored: %s", record, error)
+            logger.warning("compiled package %s ignored and removed: %s", record, error)
+            discard(record)
     return entries
 
 
 def read_record(record: Path) -> Entry:
+    """The entry a record describes; ``ValueError`` unless it is a regular file of at most
+    :data:`MAX_RECORD_BYTES` holding exactly the JSON :func:`~compiledopt.runtime.packages.build`
+    writes."""
+    if not stat.S_ISREG(record.stat().st_mode):  # a FIFO would block, a folder cannot be read
+        raise ValueError("not a regular file")
     with open(record, "rb") as file:
         data = file.read(MAX_RECORD_BYTES + 1)
     if len(data) > MAX_RECORD_BYTES:
@@ -155,6 +164,8 @@ def load_entry(entry: Entry) -> Callable[[List[Tensor]], List[Tensor]]:
     (``ValueError`` otherwise). Loaded with AOTInductor's package loader itself: the public
     :func:`torch._inductor.aoti_load_package` first compiles test programs to find this CPU's
     instruction set (a second per process), which the form's key already fixes."""
+    if not stat.S_ISREG(entry.path.stat().st_mode):
+        raise ValueError("not a regular file")
     with open(entry.path, "rb") as file:
         data = file.read()
     if hashlib.sha256(data).hexdigest() != entry.sha256:
@@ -175,6 +186,16 @@ def open_package(path: str) -> Callable[[List[Tensor]], List[Tensor]]:
         from torch._inductor import aoti_load_package
 
         return aoti_load_package(path).loader.boxed_run
+
+
+def discard(package: Path) -> None:
+    """Remove a package that did not check out, and its record (what cannot be removed stays,
+    and is ignored again)."""
+    for path in (package.with_suffix(".pt2"), package.with_suffix(".json")):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def write_json(path: Path, value: Any) -> None:

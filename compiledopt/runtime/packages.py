@@ -20,14 +20,15 @@ compiled by ``torch.compile`` as before, as is anything that fails to build.
 **Keys.** A form is identified (:func:`form_key`) by the rule (its classes, its printed
 configuration, every option attribute and the bytes of every weight and buffer: weights are
 constants of the package), the inputs' structure, dtypes and ranks, the Inductor options, the
-torch, Python and compiledopt versions and the CPU's vector instruction set: a changed rule,
-torch or machine never reuses a package.
+torch, Python and compiledopt versions, the CPU's vector instruction set and the thread count
+(Inductor writes it into its loops): a changed rule, torch or machine never reuses a package.
 
 **Trust.** A package is native code, like the libraries ``torch.compile`` leaves in Inductor's
 cache: the store is this user's own cache folder, written only by this module. Each package is
 stored with the SHA-256 of its bytes, and is loaded from the bytes that were hashed: a truncated,
-corrupted or swapped file is ignored with one log line (and rebuilt), never loaded. The sidecar
-files are only ever parsed as JSON of a fixed shape; nothing in them is evaluated.
+corrupted or swapped file is ignored with one log line and removed (then built again), never
+loaded. The records are only ever parsed as JSON of a fixed shape; nothing in them is
+evaluated.
 
 ``COMPILEDOPT_PACKAGES=0`` turns the store off (``torch.compile`` throughout); ``=read`` loads
 stored packages without building new ones. Only CPU tensors are packaged.
@@ -52,6 +53,7 @@ from compiledopt.runtime.package_store import (
     FORMAT,
     Entry,
     Guard,
+    discard,
     load_entry,
     read_entries,
     rebuild,
@@ -193,6 +195,7 @@ def form_key(module: nn.Module, spec: TreeSpec, leaves: Sequence[Tensor], option
         platform.python_version(),
         VERSION,
         torch.backends.cpu.get_cpu_capability(),
+        torch.get_num_threads(),  # Inductor writes the thread count into its loops
     ]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
@@ -293,7 +296,7 @@ class PackagedCompile:
 
     def __call__(self, *args: Any) -> Any:
         leaves, spec = tree_flatten(args)
-        signature = tuple(_signature(x) for x in leaves)
+        signature = (torch.get_num_threads(), *(_signature(x) for x in leaves))
         call = self._calls.get(signature)
         if call is None:
             call = self._resolve(args, leaves, spec, mode())
@@ -305,7 +308,7 @@ class PackagedCompile:
     def stored(self, *args: Any) -> bool:
         """Whether a stored package serves this call (loaded now if so; nothing is built)."""
         leaves, spec = tree_flatten(args)
-        signature = tuple(_signature(x) for x in leaves)
+        signature = (torch.get_num_threads(), *(_signature(x) for x in leaves))
         if signature in self._calls:
             return self._calls[signature] != self._fall_back
         current = mode()
@@ -335,7 +338,10 @@ class PackagedCompile:
                 try:
                     slot[1] = load_entry(slot[0])
                 except (OSError, ValueError, RuntimeError) as error:
-                    logger.warning("compiled package %s ignored: %s", slot[0].path, error)
+                    logger.warning(
+                        "compiled package %s ignored and removed: %s", slot[0].path, error
+                    )
+                    discard(slot[0].path)
                     slot[1] = False
             if slot[1] is not False:
                 return _runner(slot[1], slot[0].structure)
