@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import compiledopt as co
-from compiledopt.runtime import package_store, packages, warming
+from compiledopt.runtime import package_builder, package_store, packages, warming
 from compiledopt.runtime.buckets import BatchedRule
 from compiledopt.runtime.compiled import CompiledBatchedRule, CompiledTensorRule, StoredStateRule
 from compiledopt.runtime.package_store import Guard
@@ -136,7 +136,7 @@ def test_each_guard_class_gets_its_own_package(built):
     wide, tall = (3, 4, 6), (3, 6, 4)
     served = [
         [
-            all(Guard.from_json(g).holds([s] * 4 + [(), (3,)]) for g in r["guards"])
+            all(Guard.from_json(g).holds([s, s, s, (), (3,)]) for g in r["guards"])
             for s in (wide, tall)
         ]
         for r in records
@@ -178,6 +178,13 @@ def _fifo_records(folder):
         os.mkfifo(record)
 
 
+def _linked_packages(folder):
+    for package in folder.glob("*/*.pt2"):
+        moved = package.with_name("elsewhere.bin")
+        package.rename(moved)
+        package.symlink_to(moved)
+
+
 def _flip_a_byte(folder):
     for package in folder.glob("*/*.pt2"):
         data = bytearray(package.read_bytes())
@@ -190,6 +197,7 @@ def _flip_a_byte(folder):
     [
         _flip_a_byte,
         _fifo_records,
+        _linked_packages,
         lambda f: [p.write_bytes(p.read_bytes()[:100]) for p in f.glob("*/*.pt2")],
         lambda f: [p.write_text("{not json") for p in f.glob("*/*.json")],
         lambda f: [
@@ -206,6 +214,7 @@ def _flip_a_byte(folder):
     ids=[
         "flipped-byte",
         "fifo-record",
+        "linked-package",
         "truncated",
         "record-not-json",
         "record-without-guards",
@@ -329,7 +338,13 @@ def test_a_guard_states_a_linear_relation_between_sizes(guard, sizes, holds):
     assert Guard.from_json(json.loads(json.dumps(parsed.to_json()))) == parsed
 
 
-def test_auto_runs_a_stored_package_from_its_first_step(store, caplog):
+def test_a_run_that_ran_eager_leaves_its_packages_and_the_next_runs_them_at_once(
+    store, caplog, monkeypatch
+):
+    # The builder process imports this module (the pickled rule is one of compiledopt's, the
+    # path is for the session's other tests' classes).
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+
     def run(backend):
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(7)), nn.Parameter(torch.randn(5))]
@@ -341,16 +356,22 @@ def test_auto_runs_a_stored_package_from_its_first_step(store, caplog):
             optimizer.step()
         return [p.detach().clone() for p in params]
 
-    compiled = run("compiled")  # builds the vectors' package
-    assert len(list(store.glob("*/*.pt2"))) == 1
-    packages.forget()  # a new process
     started = warming.compiles_started()
+    eager = run("auto")  # eager throughout (its patience is far off): notes the calls
+    assert warming.compiles_started() == started and not list(store.glob("*/*.pt2"))
+    assert package_builder.BUILDER.start() is not None  # what the process's exit would do
+    assert package_builder.BUILDER.wait(600) and package_builder.wait_for_builders(600)
+    assert len(list(store.glob("*/*.pt2"))) == 1  # the padded bucket of the two vectors
+    packages.forget()  # a new process
     with caplog.at_level(logging.INFO, logger="compiledopt"):
         automatic = run("auto")
     assert "was stored on this machine; it runs now" in caplog.text
     assert warming.compiles_started() == started  # nothing compiled, in the background or not
-    for a, c in zip(automatic, compiled, strict=True):
+    assert package_builder.BUILDER.cancel() == 0  # and nothing left to build
+    compiled = run("compiled")
+    for a, c, e in zip(automatic, compiled, eager, strict=True):
         assert torch.equal(a, c)  # the same package from the first step on
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 def test_the_first_step_of_auto_with_packages_imports_no_compiler(tmp_path):
@@ -361,10 +382,13 @@ def test_the_first_step_of_auto_with_packages_imports_no_compiler(tmp_path):
         "before = set(sys.modules)\n"
         "opt = co.FrozenOptimizer(m.parameters(), backend='auto')\n"
         "opt.step()\n"
-        "print(opt.backend, sorted(n for n in set(sys.modules) - before if 'inductor' in n))\n"
+        "from compiledopt.runtime.package_builder import BUILDER\n"
+        "noted = BUILDER.cancel()  # (no build after this test)\n"
+        "new = sorted(n for n in set(sys.modules) - before if 'inductor' in n)\n"
+        "print(opt.backend, noted > 0, new)\n"
     )
     env = {**os.environ, "COMPILEDOPT_CACHE": str(tmp_path), "COMPILEDOPT_PACKAGES": "build"}
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
     )
-    assert done.stdout.split() == ["compiled", "[]"], done.stdout + done.stderr
+    assert done.stdout.split() == ["compiled", "True", "[]"], done.stdout + done.stderr

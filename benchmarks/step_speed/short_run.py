@@ -4,8 +4,9 @@
 GPT char-LM by default) for a few hundred steps in a fresh process per optimizer: AdamW (fused
 and foreach) and the packaged default learned optimizer on each backend asked for. It times the
 run from building the optimizer to the last step, and the first step on its own. A learned
-optimizer runs twice on each backend: first with an empty Inductor cache (a machine that never
-ran the artifact: ``cold``), then with the cache that run left (``warm``). With ``auto`` the
+optimizer runs twice on each backend: first with empty caches, Inductor's and compiledopt's (its
+compiled packages and compile times: a machine that never ran the artifact, ``cold``), then with
+the caches that run left (``warm``). With ``auto`` the
 first steps run eager while the rule compiles in the background; the run's record says whether
 every compile had finished by its end.
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -134,6 +136,23 @@ def _settings(argv: Optional[Sequence[str]]) -> Dict[str, Any]:
     }
 
 
+def _wait_for_builders(env: Dict[str, str]) -> Optional[float]:
+    """Wait for the packages a run left to build in the background (``auto``'s, see
+    ``compiledopt.runtime.package_builder``), so the next run neither shares the CPU with the
+    build nor misses its result; the seconds waited (``None`` if that could not be told)."""
+    code = (
+        "import time; from compiledopt.runtime.package_builder import wait_for_builders as w\n"
+        "t = time.monotonic(); w(); print(time.monotonic() - t)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600
+    )
+    try:
+        return float(done.stdout.split()[-1])
+    except (IndexError, ValueError):
+        return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run every short run; write and print the results; return the JSON document."""
     from benchmarks.step_speed.runner import machine_info
@@ -147,8 +166,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             plan += [(b, cache_state) for b in s["backends"] for cache_state in ("cold", "warm")]
             for optimizer, cache_state in plan:
                 env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-                if cache_state is not None:  # one Inductor cache per backend: cold, then warm
+                if cache_state is not None:  # one set of caches per backend: cold, then warm
                     env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache) / optimizer)
+                    # compiledopt's: compiled packages, compile times, backend timings
+                    env["COMPILEDOPT_CACHE"] = str(Path(cache) / optimizer / "compiledopt")
                 job = {
                     "task": s["task"],
                     "steps": s["steps"],
@@ -159,7 +180,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 row, failure = in_child(
                     "run_child", job, s["timeout_s"], env, module="benchmarks.step_speed.short_run"
                 )
-                runs.append(row or {**job, "status": "error", "reason": failure})
+                row = row or {**job, "status": "error", "reason": failure}
+                if cache_state is not None:  # packages a run left to build for the next
+                    row["after_run_build_s"] = _wait_for_builders(env)
+                runs.append(row)
                 print(
                     f"[{time.perf_counter() - started:5.0f} s] {threads} thread(s) "
                     f"{optimizer} {cache_state or ''} {failure or 'done'}",
@@ -209,15 +233,15 @@ def markdown(doc: Dict[str, Any]) -> str:
         f"`{doc['command']}` — {doc['machine'].get('cpu')}, torch {doc['torch']}; "
         f"{doc['wall_s']:.0f} s. Target: a learned optimizer's run ≤ {TARGET:g}× fused AdamW's.",
         "",
-        "| threads | optimizer | Inductor cache | run s | first step s | run / fused AdamW run "
-        "| first step / fused AdamW's | background compiles | final loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| threads | optimizer | caches | run s | first step s | run / fused AdamW run "
+        "| first step / fused AdamW's | background compiles | built after the run | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["runs"]:
         if "wall_s" not in r:
             lines.append(
                 f"| {r['threads']} | {r['optimizer']} | {r.get('cache') or '–'} | "
-                f"{r.get('reason')} | | | | | |"
+                f"{r.get('reason')} | | | | | | |"
             )
             continue
         ratio = r.get("wall_over_adamw_fused")
@@ -225,7 +249,7 @@ def markdown(doc: Dict[str, Any]) -> str:
         lines.append(
             f"| {r['threads']} | {r['optimizer']} | {r.get('cache') or '–'} | {r['wall_s']:.1f} | "
             f"{r['first_step_s']:.3f} | {ratio:.2f}×{mark} | "
-            f"{r['first_step_over_adamw_fused']:.1f}× | {_compiles(r)} | "
+            f"{r['first_step_over_adamw_fused']:.1f}× | {_compiles(r)} | {_built(r)} | "
             f"{r['final_loss']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -237,6 +261,12 @@ def _compiles(row: Dict[str, Any]) -> str:
     if not started:
         return "none started" if started == 0 else "–"
     return f"{started} started, {'all' if row.get('compiles_finished') else 'not all'} finished"
+
+
+def _built(row: Dict[str, Any]) -> str:
+    """How long packages left by the run took to build after it (waited for before the next)."""
+    seconds = row.get("after_run_build_s")
+    return "–" if seconds is None else ("none" if seconds < 1.0 else f"{seconds:.0f} s")
 
 
 def plot(doc: Dict[str, Any], path: Path) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from compiledopt.export.rule import INDUCTOR_OPTIONS, TensorRule, freeze_transform
 from compiledopt.runtime.buckets import BatchedRule
+from compiledopt.runtime.package_builder import BUILDER
 from compiledopt.runtime.packages import PackagedCompile
 from compiledopt.runtime.rounding import STATE_DTYPES, round_state
 from compiledopt.transforms.base import Transform
@@ -130,6 +131,11 @@ class LazyCompile:
         :meth:`~compiledopt.runtime.packages.PackagedCompile.stored`)."""
         return self.packaged.stored(*args)
 
+    def prebuild(self, *args: Any) -> None:
+        """Note that this call found no package: built in a background process for later runs
+        (:mod:`~compiledopt.runtime.package_builder`)."""
+        BUILDER.request(self.module, args, INDUCTOR_OPTIONS, self.packaged.what)
+
     def _compile(self, *args: Any) -> Any:
         if self._compiled is None:
             self._compiled = torch.compile(
@@ -209,6 +215,12 @@ class CompiledTensorRule:
         with compiling():
             return compiled.stored(*args)
 
+    def prebuild(self, grad: Tensor, param: Tensor, state: List[Tensor], *rest: Tensor) -> None:
+        """Have this call's package built in the background (see :class:`LazyCompile`)."""
+        compiled, args, _ = self._route(grad, param, state, *rest)
+        if isinstance(compiled, LazyCompile):
+            compiled.prebuild(*args)
+
     def _route(self, grad: Tensor, param: Tensor, state: List[Tensor], *rest: Tensor):
         """The callable a call runs, its arguments, and what turns its results back into the
         parameter's shape."""
@@ -277,6 +289,14 @@ class StoredStateRule(nn.Module):
             return False
         return stored(grad, param, state, rest[0])
 
+    def prebuild(self, grad: Tensor, param: Tensor, state: List[Tensor], *rest: Tensor) -> None:
+        """Have the wrapped rule's package for this call built in the background."""
+        prebuild = getattr(self.rule, "prebuild", None)
+        if prebuild is not None and all(
+            s.dtype == grad.dtype for s in state if s.is_floating_point()
+        ):
+            prebuild(grad, param, state, rest[0])
+
 
 class CompiledBatchedRule:
     """``torch.compile`` of a frozen shape-agnostic transform mapped over a batch of same-shape
@@ -327,6 +347,10 @@ class CompiledBatchedRule:
         """Whether a stored package serves this call (nothing compiled or built)."""
         with compiling():
             return self.compiled.stored(*args)
+
+    def prebuild(self, *args: Tensor) -> None:
+        """Have this call's package built in the background (see :class:`LazyCompile`)."""
+        self.compiled.prebuild(*args)
 
 
 class PaddedRule(nn.Module):

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, List, NamedTuple, Sequence, Tuple
@@ -19,6 +18,7 @@ from typing import Any, Callable, List, NamedTuple, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from compiledopt.export.layout import read_regular
 from compiledopt.export.tracing import quiet
 
 __all__ = [
@@ -40,6 +40,8 @@ logger = logging.getLogger("compiledopt")
 
 #: The version of the store's layout and record format (part of every key).
 FORMAT = 1
+#: The largest package read, in bytes (the packaged default's are about 2 MB).
+MAX_PACKAGE_BYTES = 1 << 30
 #: The largest record file read, in bytes (one is about 1 KB).
 MAX_RECORD_BYTES = 1 << 16
 #: The relations a :class:`Guard` may state.
@@ -139,12 +141,7 @@ def read_record(record: Path) -> Entry:
     """The entry a record describes; ``ValueError`` unless it is a regular file of at most
     :data:`MAX_RECORD_BYTES` holding exactly the JSON :func:`~compiledopt.runtime.packages.build`
     writes."""
-    if not stat.S_ISREG(record.stat().st_mode):  # a FIFO would block, a folder cannot be read
-        raise ValueError("not a regular file")
-    with open(record, "rb") as file:
-        data = file.read(MAX_RECORD_BYTES + 1)
-    if len(data) > MAX_RECORD_BYTES:
-        raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
+    data = _read(record, MAX_RECORD_BYTES)
     try:
         value = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
@@ -164,10 +161,7 @@ def load_entry(entry: Entry) -> Callable[[List[Tensor]], List[Tensor]]:
     (``ValueError`` otherwise). Loaded with AOTInductor's package loader itself: the public
     :func:`torch._inductor.aoti_load_package` first compiles test programs to find this CPU's
     instruction set (a second per process), which the form's key already fixes."""
-    if not stat.S_ISREG(entry.path.stat().st_mode):
-        raise ValueError("not a regular file")
-    with open(entry.path, "rb") as file:
-        data = file.read()
+    data = _read(entry.path, MAX_PACKAGE_BYTES)
     if hashlib.sha256(data).hexdigest() != entry.sha256:
         raise ValueError("its bytes do not match their recorded SHA-256")
     with tempfile.TemporaryDirectory(prefix="compiledopt-package-") as private:
@@ -175,6 +169,15 @@ def load_entry(entry: Entry) -> Callable[[List[Tensor]], List[Tensor]]:
         with open(copy, "wb") as file:
             file.write(data)
         return open_package(copy)
+
+
+def _read(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file (read as an artifact's files are: no link followed, no FIFO
+    opened, at most ``limit`` bytes); ``ValueError`` otherwise, ``FileNotFoundError`` if gone."""
+    data = read_regular(path.parent, path.name, limit)
+    if data is None:
+        raise FileNotFoundError(f"{path} is gone")
+    return data
 
 
 def open_package(path: str) -> Callable[[List[Tensor]], List[Tensor]]:

@@ -41,7 +41,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,7 @@ __all__ = [
     "build",
     "forget",
     "form_key",
+    "found_more",
     "mode",
     "store",
 ]
@@ -99,28 +100,34 @@ class _UnpackableError(Exception):
 
 
 def _guards(gm: torch.fx.GraphModule) -> List[Guard]:
-    """The conditions on input sizes recorded while ``gm`` was traced symbolically, each as a
-    :class:`Guard` (conditions made trivially true by the trace's own size equalities are
-    dropped); :class:`_UnpackableError` if one is not a linear relation between input sizes."""
+    """What the package traced as ``gm`` assumes of its input sizes, each a :class:`Guard`: every
+    size the trace fixed, every size it found equal to another (or to an expression of others),
+    and every condition it recorded while the rule's Python branched on sizes.
+    :class:`_UnpackableError` if one is not a linear relation between input sizes."""
     import sympy  # type: ignore[import-untyped]
 
-    where: Dict[Any, Tuple[int, int]] = {}
-    env = None
-    leaf = 0
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        value = node.meta.get("val")
-        if isinstance(value, Tensor):
-            for dim, size in enumerate(value.shape):
-                if isinstance(size, torch.SymInt):
-                    env = size.node.shape_env
-                    where.setdefault(size.node.expr, (leaf, dim))
-        leaf += 1
-    if env is None:
-        return []
-    conditions = [g.expr for g in env.guards]
-    conditions += [a.expr for asserts in env.deferred_runtime_asserts.values() for a in asserts]
+    sizes = [
+        (leaf, dim, size)
+        for leaf, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
+        if isinstance(node.meta.get("val"), Tensor)
+        for dim, size in enumerate(node.meta["val"].shape)
+    ]
+    env: Any = next((s.node.shape_env for _, _, s in sizes if isinstance(s, torch.SymInt)), None)
+    where: Dict[Any, Tuple[int, int]] = {}  # a symbol: the first input size it stands for
+    equal: List[Tuple[int, int, Any]] = []  # input sizes that equal an expression of others
+    for leaf, dim, size in sizes:
+        expr = sympy.Integer(size) if isinstance(size, int) else env.replace(size.node.expr)
+        if isinstance(expr, sympy.Symbol) and expr not in where:
+            where[expr] = (leaf, dim)
+        else:
+            equal.append((leaf, dim, expr))
+    guards = []
+    for leaf, dim, expr in equal:
+        terms, constant = _linear(-expr, where, expr)
+        guards.append(Guard(_merge([(leaf, dim, 1), *terms]), constant, "=="))
+    conditions = [] if env is None else [g.expr for g in env.guards]
+    if env is not None:
+        conditions += [a.expr for run in env.deferred_runtime_asserts.values() for a in run]
     relations = {
         sympy.Eq: "==",
         sympy.Ne: "!=",
@@ -129,7 +136,6 @@ def _guards(gm: torch.fx.GraphModule) -> List[Guard]:
         sympy.Ge: "<=",
         sympy.Gt: "<",
     }
-    guards = []
     for condition in conditions:
         condition = env.replace(condition)
         if condition is sympy.true:
@@ -140,18 +146,34 @@ def _guards(gm: torch.fx.GraphModule) -> List[Guard]:
         lhs, rhs = condition.args
         if isinstance(condition, (sympy.Ge, sympy.Gt)):
             lhs, rhs = rhs, lhs
-        terms, constant = [], 0
-        for symbol, coefficient in sympy.expand(lhs - rhs).as_coefficients_dict().items():
-            if not coefficient.is_integer:
-                raise _UnpackableError(f"a condition on sizes that is not linear: {condition}")
-            if symbol == 1:
-                constant = int(coefficient)
-            elif symbol in where:
-                terms.append((*where[symbol], int(coefficient)))
-            else:
-                raise _UnpackableError(f"a condition on sizes that is not linear: {condition}")
-        guards.append(Guard(tuple(sorted(terms)), constant, relation))
+        terms, constant = _linear(lhs - rhs, where, condition)
+        guards.append(Guard(_merge(terms), constant, relation))
     return sorted(set(guards))
+
+
+def _linear(expr: Any, where: Dict[Any, Tuple[int, int]], what: Any) -> Tuple[list, int]:
+    """``expr`` as ``(terms, constant)`` over the input sizes ``where`` names."""
+    import sympy
+
+    terms, constant = [], 0
+    for symbol, coefficient in sympy.expand(expr).as_coefficients_dict().items():
+        if not coefficient.is_integer:
+            raise _UnpackableError(f"a condition on sizes that is not linear: {what}")
+        if symbol == 1:
+            constant = int(coefficient)
+        elif symbol in where:
+            terms.append((*where[symbol], int(coefficient)))
+        else:
+            raise _UnpackableError(f"a condition on sizes that is not linear: {what}")
+    return terms, constant
+
+
+def _merge(terms: List[Tuple[int, int, int]]) -> Tuple[Tuple[int, int, int], ...]:
+    """Terms of one size added up, zeros dropped, sorted."""
+    total: Dict[Tuple[int, int], int] = {}
+    for leaf, dim, coefficient in terms:
+        total[leaf, dim] = total.get((leaf, dim), 0) + coefficient
+    return tuple(sorted((*k, c) for k, c in total.items() if c))
 
 
 def _structure(spec: TreeSpec) -> Any:
@@ -182,12 +204,21 @@ def _identity(module: nn.Module) -> List[Any]:
     return [repr(module), parts, digest.hexdigest()]
 
 
-def form_key(module: nn.Module, spec: TreeSpec, leaves: Sequence[Tensor], options: Dict) -> str:
+def form_key(
+    module: nn.Module,
+    spec: TreeSpec,
+    leaves: Sequence[Tensor],
+    options: Dict,
+    rule: Any = None,
+    threads: Optional[int] = None,
+) -> str:
     """The key of the graphs ``module`` needs for inputs of this structure and these dtypes and
-    ranks (their sizes are the guards' business), on this machine."""
+    ranks (their sizes are the guards' business), on this machine, run on ``threads`` threads
+    (default: this process's). ``rule``: the module's identity where already taken (a frozen
+    rule's does not change)."""
     identity = [
         FORMAT,
-        _identity(module),
+        _identity(module) if rule is None else rule,
         str(spec),
         [[str(t.dtype), t.dim()] for t in leaves],
         sorted((k, repr(v)) for k, v in options.items()),
@@ -195,16 +226,17 @@ def form_key(module: nn.Module, spec: TreeSpec, leaves: Sequence[Tensor], option
         platform.python_version(),
         VERSION,
         torch.backends.cpu.get_cpu_capability(),
-        torch.get_num_threads(),  # Inductor writes the thread count into its loops
+        threads or torch.get_num_threads(),  # Inductor writes it into its loops
     ]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 def build(
-    module: nn.Module, args: tuple, folder: Path, options: Dict
+    module: nn.Module, args: tuple, folder: Path, options: Dict, threads: Optional[int] = None
 ) -> Tuple[Entry, Callable[[List[Tensor]], List[Tensor]]]:
     """Trace ``module`` on ``args`` with every size symbolic, compile it into a package with
-    dynamic sizes, and store it (and its record) in ``folder``: the entry and its runner.
+    dynamic sizes for ``threads`` threads (default: this process's), and store it (and its
+    record) in ``folder``: the entry and its runner.
     :class:`_UnpackableError` where the trace's size conditions cannot be stated as guards."""
     from torch._inductor import aoti_compile_and_package
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -218,14 +250,16 @@ def build(
         )
         program = torch.export.export(gm, args, dynamic_shapes=dims, strict=False)
         structure = _structure(program.call_spec.out_spec)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # this user's alone
+        folder.mkdir(exist_ok=True, mode=0o700)
         handle, staging = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=".pt2")
         os.close(handle)
         try:
             aoti_compile_and_package(
                 program,
                 package_path=staging,
-                inductor_configs=dict(options),  # (it adds to it)
+                # (a copy: it adds to it)
+                inductor_configs={**options, "cpp.threads": threads or torch.get_num_threads()},
             )
             with open(staging, "rb") as file:
                 sha = hashlib.sha256(file.read()).hexdigest()
@@ -259,6 +293,8 @@ def _dims(value: Any) -> Any:
 _FORMS: Dict[str, List[list]] = {}
 #: Forms that failed to build in this process (not tried again).
 _FAILED: set = set()
+#: Bumped when packages may have appeared (see :func:`found_more`).
+_GENERATION = [0]
 
 
 def forget() -> None:
@@ -266,6 +302,15 @@ def forget() -> None:
     every form reads the store again, as a new process would."""
     _FORMS.clear()
     _FAILED.clear()
+    found_more()
+
+
+def found_more() -> None:
+    """Packages may have been stored by another process: forms read again at their next call
+    that finds no package (those already loaded stay)."""
+    for key in [k for k, entries in _FORMS.items() if not any(slot[1] for slot in entries)]:
+        del _FORMS[key]
+    _GENERATION[0] += 1
 
 
 class PackagedCompile:
@@ -280,23 +325,33 @@ class PackagedCompile:
         fallback (callable): the compiled rule.
         options (dict): the Inductor options of both.
         what (str): the rule, for log lines.
+        threads (int, optional): the thread count its packages are for (default: this
+            process's at each call; a background builder computes on one thread).
     """
 
     #: Calls of distinct input signatures remembered (a model has a handful).
     MAX_SIGNATURES = 1024
 
     def __init__(
-        self, module: nn.Module, fallback: Callable, options: Dict, what: str = "a rule"
+        self,
+        module: nn.Module,
+        fallback: Callable,
+        options: Dict,
+        what: str = "a rule",
+        threads: Optional[int] = None,
     ) -> None:
         self.module = module
+        self.threads = threads
         self.fallback = fallback
         self.options = dict(options)
         self.what = what
         self._calls: Dict[tuple, Callable] = {}
+        self._missing: Dict[tuple, int] = {}  # signatures no package served, at a generation
+        self._rule: Any = None  # the module's identity, taken once
 
     def __call__(self, *args: Any) -> Any:
         leaves, spec = tree_flatten(args)
-        signature = (torch.get_num_threads(), *(_signature(x) for x in leaves))
+        signature = (self.threads or torch.get_num_threads(), *map(_signature, leaves))
         call = self._calls.get(signature)
         if call is None:
             call = self._resolve(args, leaves, spec, mode())
@@ -308,12 +363,17 @@ class PackagedCompile:
     def stored(self, *args: Any) -> bool:
         """Whether a stored package serves this call (loaded now if so; nothing is built)."""
         leaves, spec = tree_flatten(args)
-        signature = (torch.get_num_threads(), *(_signature(x) for x in leaves))
+        signature = (self.threads or torch.get_num_threads(), *map(_signature, leaves))
         if signature in self._calls:
             return self._calls[signature] != self._fall_back
+        if self._missing.get(signature) == _GENERATION[0]:
+            return False
         current = mode()
         call = self._resolve(args, leaves, spec, "read" if current == "build" else current)
         if call == self._fall_back:
+            if len(self._missing) >= self.MAX_SIGNATURES:
+                self._missing.clear()
+            self._missing[signature] = _GENERATION[0]
             return False
         self._calls[signature] = call
         return True
@@ -326,7 +386,9 @@ class PackagedCompile:
             isinstance(x, Tensor) and x.device.type == "cpu" for x in leaves
         ):
             return self._fall_back
-        key = form_key(self.module, spec, leaves, self.options)
+        if self._rule is None:
+            self._rule = _identity(self.module)
+        key = form_key(self.module, spec, leaves, self.options, self._rule, self.threads)
         entries = _FORMS.get(key)
         if entries is None:
             entries = _FORMS[key] = [[e, None] for e in read_entries(store() / key)]
@@ -354,7 +416,7 @@ class PackagedCompile:
 
         began = time.perf_counter()
         try:
-            entry, runner = build(self.module, args, store() / key, self.options)
+            entry, runner = build(self.module, args, store() / key, self.options, self.threads)
         except _UnpackableError as why:
             logger.info("%s is compiled, not packaged: %s", self.what, why)
         except Exception as error:  # anything that fails to build is compiled as before

@@ -20,6 +20,12 @@ seconds, which is also the most it waits. A run shorter than that never compiles
 fast as the eager backend; a longer one compiles once its eager steps have cost about what the
 compile will.
 
+A compiled rule kept as packages (:mod:`~compiledopt.runtime.packages`) needs no patience where
+this machine has stored them: every call whose sizes a stored package serves runs it from the
+first step on (a package loads in milliseconds). A call that finds none is noted, and the
+packages a run lacked are built after it ends, in a background process
+(:mod:`~compiledopt.runtime.package_builder`), so the next run starts compiled.
+
 A compile that fails leaves that kind on the eager rule, with one WARNING. :func:`wait` blocks
 until every compile started so far has finished (for tests and benchmarks that want the
 compiled rule from a known step on).
@@ -148,24 +154,26 @@ class Warming:
         self._started: Set[Hashable] = set()
         self._ready: Set[Hashable] = set()
         self._threads: List[threading.Thread] = []
-        self._looked: Set[Hashable] = set()
-        self._stored: Set[Hashable] = set()
+        self._stored: Set[Hashable] = set()  # kinds a stored package has served
+        # A compiled rule kept as packages (see runtime.packages): a call whose package is
+        # stored runs it at once, and one whose package is not has it built in the background.
+        self._packaged = hasattr(compiled, "stored") and hasattr(compiled, "prebuild")
 
     def __call__(self, *args: Any) -> Any:
         kind = self.kind(*args)
-        if kind not in self._looked and kind not in self._started:
-            self._look_up(kind, args)
-        if kind in self._stored and kind not in self._ready and COMPILE_LOCK.acquire(False):
-            try:  # a call whose sizes a stored package serves runs it (a dict look-up)
-                if self.compiled.stored(*args):  # type: ignore[attr-defined]
-                    return self.compiled(*args)
-            finally:
-                COMPILE_LOCK.release()
         # A compile running in the background holds the lock (its settings are global): this
         # call then runs eager rather than wait for it.
         if kind in self._ready and COMPILE_LOCK.acquire(blocking=False):
             try:
                 return self.compiled(*args)
+            finally:
+                COMPILE_LOCK.release()
+        if self._packaged and kind not in self._ready and COMPILE_LOCK.acquire(False):
+            try:  # a call whose sizes a stored package serves runs it (a dict look-up)
+                if self.compiled.stored(*args):  # type: ignore[attr-defined]
+                    self._announce(kind)
+                    return self.compiled(*args)
+                self.compiled.prebuild(*args)  # type: ignore[attr-defined]
             finally:
                 COMPILE_LOCK.release()
         if kind not in self._started and self.clock.due:
@@ -189,23 +197,8 @@ class Warming:
         finally:
             self.clock.spent += time.perf_counter() - began
 
-    def _look_up(self, kind: Hashable, args: tuple) -> None:
-        """Whether this machine has stored the compiled rule of a kind (a package loads in
-        milliseconds, see :mod:`~compiledopt.runtime.packages`): then every call of the kind
-        whose sizes a stored package serves runs it at once, whatever the patience; the others
-        wait for the kind's compile as before."""
-        stored = getattr(self.compiled, "stored", None)
-        if stored is None or not COMPILE_LOCK.acquire(blocking=False):
-            return  # (a compile in the background holds the lock: looked up at a later call)
-        try:
-            self._looked.add(kind)
-            ready = stored(*args)
-        except Exception as error:  # the eager rule keeps running it
-            logger.warning("%s: its stored compiled %s failed to load: %s", self.what, kind, error)
-            return
-        finally:
-            COMPILE_LOCK.release()
-        if ready:
+    def _announce(self, kind: Hashable) -> None:
+        if kind not in self._stored:
             self._stored.add(kind)
             logger.info("%s: compiled %s was stored on this machine; it runs now", self.what, kind)
 
