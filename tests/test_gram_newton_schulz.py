@@ -9,12 +9,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from compiledopt.learned import NormalizedMLP
-from compiledopt.learned.normalized_blocked import blocked_update
+from compiledopt.learned.normalized_blocked import IN_PLACE_FROM, blocked_update
 from compiledopt.learned.normalized_ops import (
     NS_STEPS,
     gram_side,
     newton_schulz,
     ns_gram,
+    ns_in_place,
     unit_frobenius,
 )
 
@@ -63,8 +64,11 @@ def test_the_gram_iteration_equals_the_plain_one_in_float64(shape):
         for plain in (0, 1, 2):
             got = ns_gram(x, steps, shape[0] > shape[1], plain=plain)
             torch.testing.assert_close(got, reference(x, steps), rtol=1e-10, atol=1e-12)
-            spare = torch.empty_like(x)
-            got = ns_gram(x.clone(), steps, shape[0] > shape[1], spare, plain)
+        # In place (its own two plain steps), in chunks of a few rows or columns.
+        for chunk in (1, 100, 10_000):
+            matrix = x.clone()
+            got = ns_in_place(matrix, steps, chunk)
+            assert got.data_ptr() == matrix.data_ptr()
             torch.testing.assert_close(got, reference(x, steps), rtol=1e-10, atol=1e-12)
 
 
@@ -100,7 +104,7 @@ def test_zero_oddness_and_zero_padding_are_kept():
 @pytest.mark.parametrize("shape", [(8, 72, 1), (300, 20), (50, 60)])
 def test_the_blocked_and_scripted_updates_agree_with_the_update(shape):
     """The blocked path (eager on large tensors, an exported TorchScript rule) takes the Gram
-    side with its spare matrix too."""
+    side too, in place."""
     torch.manual_seed(0)
     transform = NormalizedMLP(orthogonalize=True, adam_vectors=True)
     param, grad = torch.randn(shape), torch.randn(shape)
@@ -114,3 +118,18 @@ def test_the_blocked_and_scripted_updates_agree_with_the_update(shape):
     scripted = torch.jit.script(transform)
     direction, _ = scripted.update(grad, param, state, step)
     torch.testing.assert_close(direction, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1024, 1100), (1100, 1024)])
+def test_a_large_matrix_iterates_in_place_and_agrees(shape):
+    """From a million coordinates the blocked path iterates in the direction itself (chunks of
+    columns or rows): still the update's direction."""
+    assert shape[0] * shape[1] >= IN_PLACE_FROM
+    generator = torch.Generator().manual_seed(1)
+    transform = NormalizedMLP(orthogonalize=True, adam_vectors=True)
+    param, grad = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    state = [torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)]
+    step = torch.tensor(0)
+    want, _ = transform.update(grad, param, state, step)
+    got, _ = blocked_update(transform, grad, param, state, step)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -88,41 +88,30 @@ def normalize(x: Tensor, wide: bool = False, count: Optional[Tensor] = None) -> 
     return y / torch.sqrt(torch.where(mean > 0, mean, torch.ones_like(mean)))
 
 
-def ns_rows(x: Tensor, steps: int, spare: Optional[Tensor] = None) -> Tensor:
+def ns_rows(x: Tensor, steps: int) -> Tensor:
     """The quintic step ``X ← aX + (bA + cA²)X`` with ``A = XXᵀ`` (the rows side), ``steps``
     times. Each step writes one new matrix of ``X``'s size (``aX``, the product and their sum
-    in one ``addmm``). With ``spare`` (a contiguous matrix of ``x``'s shape; not differentiable)
-    it allocates none: the steps alternate between ``x`` and ``spare``, overwriting both, and the
-    result is one of them."""
+    in one ``addmm``; :func:`ns_in_place` writes none)."""
     a, b, c = 3.4445, -4.7750, 2.0315  # locals: TorchScript reads no global floats
     for _ in range(steps):
         gram = torch.mm(x, x.t())
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA²
-        if spare is None:
-            x = torch.addmm(x, poly, x, beta=a)
-        else:
-            x, spare = torch.addmm(x, poly, x, beta=a, out=spare), x
+        x = torch.addmm(x, poly, x, beta=a)
     return x
 
 
-def ns_cols(x: Tensor, steps: int, spare: Optional[Tensor] = None) -> Tensor:
+def ns_cols(x: Tensor, steps: int) -> Tensor:
     """The same polynomial on the columns side, ``X ← aX + X(bB + cB²)`` with ``B = XᵀX``
-    (``A^k X = X B^k``); no transposed result, so both sides give the same memory layout.
-    ``spare`` as in :func:`ns_rows`."""
+    (``A^k X = X B^k``); no transposed result, so both sides give the same memory layout."""
     a, b, c = 3.4445, -4.7750, 2.0315
     for _ in range(steps):
         gram = torch.mm(x.t(), x)
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA²
-        if spare is None:
-            x = torch.addmm(x, x, poly, beta=a)
-        else:
-            x, spare = torch.addmm(x, x, poly, beta=a, out=spare), x
+        x = torch.addmm(x, x, poly, beta=a)
     return x
 
 
-def ns_gram(
-    x: Tensor, steps: int, tall: bool, spare: Optional[Tensor] = None, plain: int = 2
-) -> Tensor:
+def ns_gram(x: Tensor, steps: int, tall: bool, plain: int = 2) -> Tensor:
     """:func:`ns_rows` (``tall`` False) or :func:`ns_cols` (``tall`` True) for a long matrix: the
     first ``plain`` steps on ``X``, the rest carried out on the Gram matrix of the short side.
 
@@ -136,58 +125,28 @@ def ns_gram(
     (``ε·‖A‖``) swamps a squared singular value below ``√ε``. Two plain steps raise the small
     singular values about twelvefold first. On matrices of condition number 10⁴ the result is then
     within ``2·10⁻⁵`` of the float64 iteration, like the plain steps (5 Gram steps: ``5·10⁻⁴``).
-
-    ``spare`` (``x``'s shape, contiguous, not differentiable): the steps and the result use it
-    and ``x``, allocating no other matrix of ``x``'s size. Zero stays zero, and so do zero rows
-    or columns: a zero-padded matrix stays zero-padded."""
-    a, b, c = 3.4445, -4.7750, 2.0315  # locals: TorchScript reads no global floats
+    Zero stays zero, and so do zero rows or columns: a zero-padded matrix stays zero-padded."""
     head = min(plain, steps)
     if head > 0:
-        given = x
-        x = ns_cols(x, head, spare) if tall else ns_rows(x, head, spare)
-        if spare is not None and head % 2 == 1:  # the steps alternate: the result is in spare
-            spare = given
+        x = ns_cols(x, head) if tall else ns_rows(x, head)
     if steps == head:
         return x
-    if spare is not None:
-        return _gram_steps_in_spare(x, steps - head, tall, spare)
-    gram = torch.mm(x.t(), x) if tall else torch.mm(x, x.t())
-    product = gram  # Q, set at the first step
-    for k in range(steps - head):
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA²
-        poly.diagonal().add_(a)  # P
-        product = poly if k == 0 else torch.mm(poly, product)  # PQ
-        if k < steps - head - 1:
-            gram = torch.mm(torch.mm(poly, gram), poly)  # PAP
+    product = gram_product(torch.mm(x.t(), x) if tall else torch.mm(x, x.t()), steps - head)
     return torch.mm(x, product) if tall else torch.mm(product, x)
 
 
-def _gram_steps_in_spare(x: Tensor, steps: int, tall: bool, spare: Tensor) -> Tensor:
-    """The Gram steps of :func:`ns_gram` with three of their ``r × r`` matrices in ``spare``
-    (free until the final product writes the result into it: ``3r² ≤ rc`` for ``c ≥ 3r``) and
-    one allocated, ``Q``, which the final product reads."""
+def gram_product(gram: Tensor, steps: int) -> Tensor:
+    """``Q`` after ``steps ≥ 1`` Gram steps from ``A`` (see :func:`ns_gram`): ``P = aI + bA +
+    cA²``, ``Q ← PQ``, ``A ← PAP``."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    side = x.shape[1] if tall else x.shape[0]
-    product = torch.empty(side, side, dtype=x.dtype, device=x.device)
-    if 3 * side * side > spare.numel():  # a matrix less than 3 times longer than wide
-        work = torch.empty(3, side, side, dtype=x.dtype, device=x.device)
-    else:
-        work = spare.view(-1).narrow(0, 0, 3 * side * side).view(3, side, side)
-    gram, poly, scratch = work[0], work[1], work[2]
-    if tall:
-        torch.mm(x.t(), x, out=gram)
-    else:
-        torch.mm(x, x.t(), out=gram)
+    product = gram  # Q, set at the first step
     for k in range(steps):
-        torch.addmm(gram, gram, gram, beta=b, alpha=c, out=poly)  # bA + cA²
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA²
         poly.diagonal().add_(a)  # P
-        if k == 0:
-            product.copy_(poly)
-        else:
-            product.copy_(torch.mm(poly, product, out=scratch))  # PQ
+        product = poly if k == 0 else torch.mm(poly, product)  # PQ
         if k < steps - 1:
-            torch.mm(torch.mm(poly, gram, out=scratch), poly, out=gram)  # PAP
-    return torch.mm(x, product, out=spare) if tall else torch.mm(product, x, out=spare)
+            gram = torch.mm(torch.mm(poly, gram), poly)  # PAP
+    return product
 
 
 def gram_side(rows: int, cols: int, gram_from: int = 3) -> bool:
@@ -212,7 +171,12 @@ def newton_schulz(matrix: Tensor, steps: int = NS_STEPS) -> Tensor:
     :func:`gram_side`) iterates on its Gram matrix (:func:`ns_gram`): the same polynomial, in
     fewer FLOPs.
     """
-    x = unit_frobenius(matrix)
+    return ns_iterate(unit_frobenius(matrix), steps)
+
+
+def ns_iterate(x: Tensor, steps: int) -> Tensor:
+    """:func:`newton_schulz`'s iterations from ``x`` (already normalised): on the Gram matrix of
+    a long matrix's short side, else on the rows or the columns side."""
     rows, cols = x.shape[0], x.shape[1]
     if gram_side(rows, cols):
         return ns_gram(x, steps, rows > cols)
@@ -227,3 +191,47 @@ def ns_tall(x: Tensor) -> Tensor:
 
 def ns_wide(x: Tensor) -> Tensor:
     return ns_rows(x, NS_STEPS)
+
+
+def ns_in_place(x: Tensor, steps: int, chunk: int) -> Tensor:
+    """:func:`newton_schulz`'s iterations (``x`` already normalised) computed in ``x`` itself:
+    besides ``x`` only the Gram matrices of its short side ``r`` (``2r²`` values, ``4r²`` for a
+    long matrix) and one chunk of at most ``chunk`` values (at least one row or column). Each
+    step ``X ← aX + PX`` (``XP`` on the columns side) is linear in ``X``'s columns (rows), so
+    it is taken a chunk of columns (rows) at a time, in place. Returns ``x``, which TorchScript
+    and Python alike can then reshape. Same formulations as :func:`newton_schulz` (the Gram
+    side from :func:`gram_side`), so the same values up to the order of float32 sums."""
+    a, b, c = 3.4445, -4.7750, 2.0315  # locals: TorchScript reads no global floats
+    rows, cols = x.shape[0], x.shape[1]
+    tall = rows > cols
+    plain = min(2, steps) if gram_side(rows, cols) else steps
+    for _ in range(plain):
+        gram = torch.mm(x.t(), x) if tall else torch.mm(x, x.t())
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA²
+        _apply_in_place(x, poly, a, tall, chunk)
+    if plain == steps:
+        return x
+    product = gram_product(torch.mm(x.t(), x) if tall else torch.mm(x, x.t()), steps - plain)
+    _apply_in_place(x, product, 0.0, tall, chunk)
+    return x
+
+
+def _apply_in_place(x: Tensor, matrix: Tensor, a: float, tall: bool, chunk: int) -> None:
+    """``x ← a·x + matrix·x`` (``x·matrix`` when ``tall``), a chunk of columns (rows) at a time
+    (every column of the result depends on that column of ``x`` alone)."""
+    side = x.shape[1] if tall else x.shape[0]  # the short side: the matrix is side × side
+    length = x.shape[0] if tall else x.shape[1]
+    width = max(1, chunk // max(1, side))
+    buffer = torch.empty(side * min(width, length), dtype=x.dtype, device=x.device)
+    for lo in range(0, length, width):
+        hi = min(lo + width, length)
+        if tall:
+            part = x[lo:hi]
+            result = torch.mm(part, matrix, out=buffer[: (hi - lo) * side].view(hi - lo, side))
+        else:
+            part = x[:, lo:hi]
+            result = torch.mm(matrix, part, out=buffer[: side * (hi - lo)].view(side, hi - lo))
+        if a == 0.0:
+            part.copy_(result)
+        else:
+            part.mul_(a).add_(result)

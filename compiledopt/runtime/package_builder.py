@@ -35,7 +35,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-import compiledopt
 from compiledopt.runtime.packages import PackagedCompile, found_more, mode, store
 
 __all__ = ["BUILDER", "Builder", "main", "wait_for_builders"]
@@ -83,7 +82,7 @@ class Builder:
         jobs, self._pending = self._pending, []
         folder = tempfile.mkdtemp(prefix="compiledopt-build-")  # this user's only
         torch.save({"jobs": jobs, "threads": torch.get_num_threads()}, Path(folder) / "job")
-        root = str(Path(compiledopt.__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])  # the folder compiledopt is in
         env = dict(os.environ, COMPILEDOPT_PACKAGES="build")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         log = store() / "builder.log"
@@ -209,8 +208,6 @@ BUILDER = Builder()
 
 def main(folder: str) -> int:
     """The child: build the packages of the jobs in ``folder`` (see the module doc)."""
-    from compiledopt.runtime.compiled import compiling
-
     _lowest_priority()
     job = torch.load(Path(folder) / "job", weights_only=False)  # written by our parent, to us
     shutil.rmtree(folder, ignore_errors=True)
@@ -224,6 +221,6 @@ def main(folder: str) -> int:
         for module, described, options, what in job["jobs"]:
             args = tree_map(_make, described)
             rule = PackagedCompile(module, lambda *_: None, options, what, job["threads"])
-            with compiling(), torch.no_grad():
+            with torch.no_grad():
                 rule(*args)
     return 0

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import Tensor, nn
 from torch.utils._pytree import TreeSpec, tree_flatten
 
@@ -241,7 +242,9 @@ def build(
     from torch._inductor import aoti_compile_and_package
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with quiet(), torch.no_grad():
+    # Sizes of 1 and sizes that happen to be equal stay symbolic (as in the compiled rules).
+    patch = fx_config.patch  # type: ignore[attr-defined]
+    with quiet(), torch.no_grad(), patch(backed_size_oblivious=True, use_duck_shape=False):
         gm = make_fx(module, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*args)
         guards = _guards(gm)
         dims = tuple(
