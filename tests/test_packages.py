@@ -359,8 +359,10 @@ def test_a_run_that_ran_eager_leaves_its_packages_and_the_next_runs_them_at_once
     started = warming.compiles_started()
     eager = run("auto")  # eager throughout (its patience is far off): notes the calls
     assert warming.compiles_started() == started and not list(store.glob("*/*.pt2"))
-    assert package_builder.BUILDER.start() is not None  # what the process's exit would do
-    assert package_builder.BUILDER.wait(600) and package_builder.wait_for_builders(600)
+    pid = package_builder.BUILDER.start()  # what the process's exit would do
+    assert pid is not None
+    assert package_builder.wait_for_builders(600)  # it waits for the child (a marker, the lock)
+    assert package_builder.BUILDER.wait(60) and not list(store.glob("builder-*.starting"))
     assert len(list(store.glob("*/*.pt2"))) == 1  # the padded bucket of the two vectors
     packages.forget()  # a new process
     with caplog.at_level(logging.INFO, logger="compiledopt"):

@@ -44,6 +44,8 @@ logger = logging.getLogger("compiledopt")
 #: Integer inputs with at most this many elements are sent with their values (steps, seeds, the
 #: sides of padded members); every other input as its shape and dtype.
 SMALL = 1 << 16
+#: The builder's log is started afresh once it is this large.
+MAX_LOG_BYTES = 1 << 20
 
 
 class Builder:
@@ -87,7 +89,8 @@ class Builder:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         log = store() / "builder.log"
         log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(log, "ab") as output:
+        keep = log.exists() and log.stat().st_size < MAX_LOG_BYTES  # else start it afresh
+        with open(log, "ab" if keep else "wb") as output:
             self._child = subprocess.Popen(
                 [sys.executable, "-c", _CHILD, folder],
                 stdin=subprocess.DEVNULL,
@@ -96,6 +99,8 @@ class Builder:
                 env=env,
                 start_new_session=True,  # outlives this process, and its Ctrl-C
             )
+        # Until the child holds the store's lock, this marker tells wait_for_builders of it.
+        (store() / f"builder-{self._child.pid}.starting").touch()
         logger.info(
             "building %d compiled package(s) for later runs in a background process (pid %d, "
             "output in %s)",
@@ -122,16 +127,32 @@ class Builder:
 
 
 def wait_for_builders(timeout: float = 3600.0) -> bool:
-    """Wait until no child of any process builds packages into this store (they hold its
-    lock); ``True`` if none does within ``timeout`` seconds."""
+    """Wait until no child of any process builds packages into this store or is about to (they
+    hold its lock, or have a marker until they do); ``True`` if none does within ``timeout``
+    seconds."""
     deadline = time.monotonic() + timeout
     while True:
         with _lock(blocking=False) as held:
-            if held:
+            if held and not _starting():
                 return True
         if time.monotonic() > deadline:
             return False
         time.sleep(0.5)
+
+
+def _starting() -> List[int]:
+    """The children started here that do not hold the store's lock yet (live ones only)."""
+    alive = []
+    for marker in store().glob("builder-*.starting"):
+        try:
+            pid = int(marker.name.split("-")[1].split(".")[0])
+            os.kill(pid, 0)  # (signal 0: whether it exists)
+            alive.append(pid)
+        except (ValueError, ProcessLookupError):
+            marker.unlink(missing_ok=True)  # a child that ended before it took the lock
+        except PermissionError:  # another user's process with that id: not ours
+            marker.unlink(missing_ok=True)
+    return alive
 
 
 @contextlib.contextmanager
@@ -218,6 +239,7 @@ def main(folder: str) -> int:
 
     inductor_config.compile_threads = 1
     with _lock(blocking=True):
+        (store() / f"builder-{os.getpid()}.starting").unlink(missing_ok=True)
         for module, described, options, what in job["jobs"]:
             args = tree_map(_make, described)
             rule = PackagedCompile(module, lambda *_: None, options, what, job["threads"])
