@@ -3,6 +3,7 @@ answers until the background compile of that kind of call is ready, and the hand
 optimizer's state exactly (parameters equal a run compiled from the start, within rounding)."""
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -188,10 +189,11 @@ def test_hand_over_equals_a_run_compiled_from_the_start(caplog, monkeypatch):
         torch.testing.assert_close(w, c, rtol=1e-5, atol=1e-6)
 
 
-def test_the_first_step_of_auto_imports_no_compiler(tmp_path):
+@pytest.mark.parametrize("packages", ["off", "build"])
+def test_the_first_step_of_auto_imports_no_compiler(tmp_path, packages):
     """Building a compiled callable imports Dynamo's and Inductor's compiler stack (half a
     second in a fresh process): a rule that answers eagerly must not pay that at its first
-    step."""
+    step, nor does looking for its stored packages (and noting the calls that found none)."""
     script = (
         "import sys, torch, compiledopt as co\n"
         "m = torch.nn.Linear(4, 3)\n"
@@ -199,12 +201,17 @@ def test_the_first_step_of_auto_imports_no_compiler(tmp_path):
         "before = set(sys.modules)\n"
         "opt = co.FrozenOptimizer(m.parameters(), backend='auto')\n"
         "opt.step()\n"
-        "print(opt.backend, sorted(n for n in set(sys.modules) - before if 'inductor' in n))\n"
+        "from compiledopt.runtime.package_builder import BUILDER\n"
+        "noted = BUILDER.cancel()  # (no build after this test)\n"
+        "new = sorted(n for n in set(sys.modules) - before if 'inductor' in n)\n"
+        "print(opt.backend, noted > 0, new)\n"
     )
+    env = {**os.environ, "COMPILEDOPT_CACHE": str(tmp_path), "COMPILEDOPT_PACKAGES": packages}
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
     )
-    assert done.stdout.split() == ["compiled", "[]"], done.stdout + done.stderr
+    noted = str(packages == "build")  # calls without a package are noted only when building
+    assert done.stdout.split() == ["compiled", noted, "[]"], done.stdout + done.stderr
 
 
 def _per_member(rule, grads, params, states, step, seeds, sides=None):

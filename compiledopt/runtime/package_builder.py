@@ -33,9 +33,9 @@ from typing import Any, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
-from compiledopt.runtime.packages import PackagedCompile, found_more, mode, store
+from compiledopt.runtime.packages import PackagedCompile, found_more, mode, signature, store
 
 __all__ = ["BUILDER", "Builder", "main", "wait_for_builders"]
 
@@ -63,10 +63,10 @@ class Builder:
         signature): built when :meth:`start` runs, at the latest as this process exits."""
         if mode() != "build":
             return
-        signature = (id(module), _signature(args))
-        if signature in self._asked:
+        key = (id(module), signature(tree_leaves(args)))
+        if key in self._asked:
             return
-        self._asked.add(signature)
+        self._asked.add(key)
         self._pending.append((module, tree_map(_describe, args), dict(options), what))
         if not self._at_exit:
             self._at_exit = True
@@ -181,11 +181,6 @@ def _lock(blocking: bool) -> Iterator[bool]:
 _CHILD = (
     "import sys; from compiledopt.runtime.package_builder import main; sys.exit(main(sys.argv[1]))"
 )
-
-
-def _signature(args: tuple) -> tuple:
-    leaves = torch.utils._pytree.tree_leaves(args)
-    return tuple((x.dtype, tuple(x.shape)) if isinstance(x, Tensor) else x for x in leaves)
 
 
 class _Described:

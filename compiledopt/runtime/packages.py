@@ -60,6 +60,7 @@ from compiledopt.runtime.package_store import (
     rebuild,
     write_json,
 )
+from compiledopt.runtime.timings import option_attributes
 from compiledopt.version import VERSION
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "form_key",
     "found_more",
     "mode",
+    "signature",
     "store",
 ]
 
@@ -196,11 +198,8 @@ def _identity(module: nn.Module) -> List[Any]:
         digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     parts = []
     for name, sub in module.named_modules():
-        options = sorted(
-            (key, repr(value))
-            for key, value in vars(sub).items()
-            if not key.startswith("_") and isinstance(value, (bool, int, float, str, torch.dtype))
-        )
+        plain = (bool, int, float, str, torch.dtype)
+        options = [(key, repr(value)) for key, value in option_attributes(sub, plain)]
         parts.append([name, type(sub).__module__, type(sub).__qualname__, options])
     return [repr(module), parts, digest.hexdigest()]
 
@@ -353,33 +352,36 @@ class PackagedCompile:
         self._rule: Any = None  # the module's identity, taken once
 
     def __call__(self, *args: Any) -> Any:
-        leaves, spec = tree_flatten(args)
-        signature = (self.threads or torch.get_num_threads(), *map(_signature, leaves))
-        call = self._calls.get(signature)
+        leaves, spec, signed = self._signed(args)
+        call = self._calls.get(signed)
         if call is None:
             call = self._resolve(args, leaves, spec, mode())
             if len(self._calls) >= self.MAX_SIGNATURES:
                 self._calls.clear()
-            self._calls[signature] = call
+            self._calls[signed] = call
         return call(args, leaves)
 
     def stored(self, *args: Any) -> bool:
         """Whether a stored package serves this call (loaded now if so; nothing is built)."""
-        leaves, spec = tree_flatten(args)
-        signature = (self.threads or torch.get_num_threads(), *map(_signature, leaves))
-        if signature in self._calls:
-            return self._calls[signature] != self._fall_back
-        if self._missing.get(signature) == _GENERATION[0]:
+        leaves, spec, signed = self._signed(args)
+        if signed in self._calls:
+            return self._calls[signed] != self._fall_back
+        if self._missing.get(signed) == _GENERATION[0]:
             return False
         current = mode()
         call = self._resolve(args, leaves, spec, "read" if current == "build" else current)
         if call == self._fall_back:
             if len(self._missing) >= self.MAX_SIGNATURES:
                 self._missing.clear()
-            self._missing[signature] = _GENERATION[0]
+            self._missing[signed] = _GENERATION[0]
             return False
-        self._calls[signature] = call
+        self._calls[signed] = call
         return True
+
+    def _signed(self, args: tuple) -> Tuple[List[Any], TreeSpec, tuple]:
+        """The call's inputs flattened, their structure, and what its memo is keyed by."""
+        leaves, spec = tree_flatten(args)
+        return leaves, spec, (self.threads or torch.get_num_threads(), *signature(leaves))
 
     def _fall_back(self, args: tuple, leaves: List[Any]) -> Any:
         return self.fallback(*args)
@@ -439,10 +441,12 @@ class PackagedCompile:
         return self._fall_back
 
 
-def _signature(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.dtype, value.device, value.shape
-    return type(value), value
+def signature(leaves: Sequence[Any]) -> tuple:
+    """What tells calls apart for a compiled rule: each input's dtype, device and shape (other
+    values themselves)."""
+    return tuple(
+        (x.dtype, x.device, x.shape) if isinstance(x, Tensor) else (type(x), x) for x in leaves
+    )
 
 
 def _runner(run: Callable[[List[Tensor]], List[Tensor]], structure: Any) -> Callable:

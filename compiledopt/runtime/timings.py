@@ -18,7 +18,7 @@ import platform
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -30,6 +30,7 @@ __all__ = [
     "compile_key",
     "digest",
     "is_seconds",
+    "option_attributes",
     "read_timings",
     "record_compile",
     "recorded_compile",
@@ -154,6 +155,18 @@ def compile_file() -> Path:
     return cache_root() / "compile-times.json"
 
 
+def option_attributes(
+    module: Any, types: Tuple[type, ...] = (bool, int, float, str)
+) -> List[Tuple[str, Any]]:
+    """A module's own option attributes, sorted by name: its public attributes of the plain
+    ``types`` (a transform's decay rates, flags, epsilons)."""
+    return sorted(
+        (name, value)
+        for name, value in vars(module).items()
+        if not name.startswith("_") and isinstance(value, types)
+    )
+
+
 def compile_key(artifact, transform, device: "torch.device | str") -> str:
     """The identity of one compiled rule on this machine: the artifact (:func:`digest`), the
     rule (the transform's class and its option attributes, so each routed variant is its own),
@@ -167,11 +180,7 @@ def compile_key(artifact, transform, device: "torch.device | str") -> str:
         machine = torch.cuda.get_device_name(device)
     else:
         machine = device.type
-    options = sorted(
-        (name, value)
-        for name, value in vars(transform).items()
-        if not name.startswith("_") and isinstance(value, (bool, int, float, str))
-    )
+    options = option_attributes(transform)
     identity = [
         digest(artifact),
         type(transform).__qualname__,
