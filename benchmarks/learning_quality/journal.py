@@ -45,7 +45,7 @@ def job_key(job: Mapping[str, Any], artifacts: Mapping[str, str]) -> Dict[str, A
     SGD run no artifact and ignore the roles: their roles, backend and artifact are ``None``."""
     kind = job["optimizer"]
     learned = kind in ARTIFACT_KINDS
-    return {
+    key = {
         "task": job["task"],
         "seed": job["seed"],
         "steps": job["steps"],
@@ -58,6 +58,10 @@ def job_key(job: Mapping[str, Any], artifacts: Mapping[str, str]) -> Dict[str, A
         "torch": str(torch.__version__),
         "python": platform.python_version(),
     }
+    scale = job.get("matrix_scale", "none")
+    if learned and scale != "none":  # absent otherwise: the keys of earlier journals still match
+        key["matrix_scale"] = scale
+    return key
 
 
 def canonical(key: Mapping[str, Any]) -> str:

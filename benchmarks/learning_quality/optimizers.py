@@ -33,6 +33,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from benchmarks.learning_quality import scaling
+
 KINDS = ("learned", "old", "adamw", "sgd")
 LABELS = {
     "learned": "learned",
@@ -152,6 +154,7 @@ def build(
     backends: Dict[str, str],
     roles: str = DEFAULT_ROLES,
     weight_decay: float = 0.0,
+    matrix_scale: str = "none",
 ) -> Optimizer:
     """An optimizer of ``kind`` at ``lr`` over ``model``'s parameters.
 
@@ -164,6 +167,8 @@ def build(
             ``none`` (plain parameters) for the learned kinds.
         weight_decay: decoupled (``p ← p − lr·wd·p``) for the learned kinds and AdamW; for SGD
             torch's L2 term added to the gradient.
+        matrix_scale: for the learned kinds, how their matrices' steps are scaled (see
+            :mod:`~benchmarks.learning_quality.scaling`; ``none``: not at all).
     """
     params = model.parameters() if isinstance(model, nn.Module) else model
     if kind == "adamw":
@@ -174,13 +179,14 @@ def build(
         from compiledopt.runtime import FrozenOptimizer
 
         groups = learned_params(model, roles)
-        return FrozenOptimizer(
+        learned = FrozenOptimizer(
             groups,
             artifact(paths[kind]),
             lr=lr,
             backend=backends[kind],
             weight_decay=weight_decay,
         )
+        return scaling.attach(learned, matrix_scale)
     raise ValueError(f"Unknown optimizer kind: {kind!r} (one of {KINDS})")
 
 

@@ -4,7 +4,7 @@ import argparse
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from benchmarks.learning_quality import metrics, optimizers, run
+from benchmarks.learning_quality import metrics, optimizers, run, scaling
 from benchmarks.learning_quality.tasks import DEFAULT_SUITE, SUITES, TASKS, seeds_for
 
 DEFAULT_OUTPUT = "benchmarks/results/learning_quality"
@@ -190,6 +190,14 @@ def parser() -> argparse.ArgumentParser:
         f"model.parameters() (default: {optimizers.DEFAULT_ROLES})",
     )
     parser.add_argument(
+        "--matrix-scale",
+        choices=list(scaling.MODES),
+        default="none",
+        help="scale the learned kinds' step of every parameter of rank >= 2 by the parameter's "
+        "RMS before the step (rms), at its first step (initial-rms) or of a default init of "
+        "its shape (fan-in), each over 0.1: an experiment on lr semantics (default: none)",
+    )
+    parser.add_argument(
         "--output",
         default=None,
         help=f"output prefix: PREFIX.json, PREFIX.md, PREFIX_curves.png, PREFIX_normalized.png "
@@ -255,6 +263,7 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
         "default_lr_only": args.default_lr_only,
         "lrs": dict(args.lrs),
         "weight_decay": args.weight_decay,
+        "matrix_scale": args.matrix_scale,
         "quick": args.quick,
         "suite": None if args.tasks else (args.suite or DEFAULT_SUITE),
         "tasks": names,

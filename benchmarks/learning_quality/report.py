@@ -53,6 +53,12 @@ TOP_KEYS = (
 )
 
 
+def _scaled(settings: Dict[str, Any]) -> str:
+    """``, learned matrix steps scaled: MODE`` where ``--matrix-scale`` was set, else nothing."""
+    mode = settings.get("matrix_scale", "none")
+    return "" if mode == "none" else f", learned matrix steps scaled: {mode}"
+
+
 def strict(value: Any) -> Any:
     """``value`` with non-finite floats as strings and tuple/dict keys made JSON-friendly."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -110,7 +116,7 @@ def plan_text(
         f"{configs} optimizer configurations = {runs} runs, "
         f"{settings['jobs']} worker(s) x {settings['threads']} thread(s), "
         f"roles {settings.get('roles', optimizers.DEFAULT_ROLES)}, "
-        f"weight decay {settings.get('weight_decay', 0.0):g}",
+        f"weight decay {settings.get('weight_decay', 0.0):g}" + _scaled(settings),
     ]
     grids = settings.get("lrs") or {}
     for kind, lrs in sweeps.items():
@@ -174,8 +180,8 @@ def tables(doc: Dict[str, Any]) -> str:
     decay = doc["settings"].get("weight_decay", 0.0)
     lines = [
         "final validation loss (mean over the task's seeds; * = tuned, its lr below; weight decay "
-        f"{decay:g}), and costs: ms = median ms of one optimizer.step() alone, B/p = state bytes "
-        "per parameter",
+        f"{decay:g}{_scaled(doc['settings'])}), and costs: ms = median ms of one optimizer.step() "
+        "alone, B/p = state bytes per parameter",
         f"  {'task':<15} {'steps':>6} {'params':>8} {'seeds':>5} "
         + " ".join(f"{t:>10}" for _, t in columns)
         + " | "

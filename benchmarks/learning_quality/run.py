@@ -184,6 +184,7 @@ def _optimizer(job: Dict[str, Any], model: nn.Module) -> Any:
         job["backends"],
         roles=job.get("roles", optimizers.DEFAULT_ROLES),
         weight_decay=job.get("weight_decay", 0.0),
+        matrix_scale=job.get("matrix_scale", "none"),
     )
 
 
@@ -246,6 +247,7 @@ def stress(
     seed: int = 0,
     roles: str = optimizers.DEFAULT_ROLES,
     weight_decay: float = 0.0,
+    matrix_scale: str = "none",
 ) -> Dict[str, Any]:
     """The stress check of optimizer ``kind`` on ``task_name``: ``steps`` steps at a constant
     ``lr`` with the loss scaled by 1e6, and ``steps`` steps with every gradient rescaled so that
@@ -257,7 +259,14 @@ def stress(
         model = task.model()
         params = list(model.parameters())
         optimizer = optimizers.build(
-            kind, model, lr, paths, backends, roles=roles, weight_decay=weight_decay
+            kind,
+            model,
+            lr,
+            paths,
+            backends,
+            roles=roles,
+            weight_decay=weight_decay,
+            matrix_scale=matrix_scale,
         )
         bad_step: Optional[int] = None
         for step in range(steps):

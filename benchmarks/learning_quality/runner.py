@@ -49,9 +49,11 @@ def make_jobs(
     backends: Dict[str, str],
     roles: str = optimizers.DEFAULT_ROLES,
     weight_decay: float = 0.0,
+    matrix_scale: str = "none",
 ) -> List[Dict[str, Any]]:
     """One job per task, seed (``seeds``: task -> its seeds), kind and lr, all at
-    ``weight_decay``."""
+    ``weight_decay``; the learned kinds' matrix steps scaled by ``matrix_scale``
+    (:mod:`~benchmarks.learning_quality.scaling`)."""
     return [
         {
             "task": name,
@@ -63,6 +65,7 @@ def make_jobs(
             "backends": backends,
             "roles": roles,
             "weight_decay": weight_decay,
+            "matrix_scale": matrix_scale,
         }
         for name in names
         for kind, lrs in sweeps.items()
@@ -271,7 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seeds = {name: settings["task_seeds"][name] for name in names}
     roles = settings["roles"]
     decay = settings["weight_decay"]
-    jobs = make_jobs(names, seeds, sweeps, steps, paths, backends, roles, decay)
+    scale = settings["matrix_scale"]
+    jobs = make_jobs(names, seeds, sweeps, steps, paths, backends, roles, decay, scale)
     journal_path = settings["journal"]
     keys: List[Dict[str, Any]] = []
     reused: Dict[int, Dict[str, Any]] = {}
@@ -375,6 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 settings["stress_steps"],
                 roles=roles,
                 weight_decay=decay,
+                matrix_scale=scale if kind in journal.ARTIFACT_KINDS else "none",
             )
             for name in run.STRESS_TASKS
             if name in tasks.TASKS
