@@ -66,6 +66,9 @@ def test_the_family_is_registered_and_needs_sklearn(monkeypatch):
     family = get_family("image-mlp", seed=2)
     assert isinstance(family, ImageMLPFamily) and family.seed == 2 and family.augment
     assert "augment=True" in repr(family)
+    for bad in ("no", 0, None):  # a truthy string must not turn augmentation on
+        with pytest.raises(ValueError, match=f"Invalid augment: {bad!r}"):
+            ImageMLPFamily(augment=bad)
     assert TASK_FAMILY_MODULES["image-mlp"] == ("sklearn", "tasks")
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)

@@ -15,14 +15,14 @@ are, so evaluation measures the original tasks.
 """
 
 import math
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from compiledopt.tasks.base import Batch, Task, TaskFamily
 
-__all__ = ["AugmentedFamily", "AugmentedTask"]
+__all__ = ["AugmentableFamily", "AugmentedFamily", "AugmentedTask"]
 
 
 def _check_scale(value: float, what: str) -> float:
@@ -148,4 +148,53 @@ class AugmentedFamily(TaskFamily):
         return (
             f"AugmentedFamily({self.family!r}, max_param_scale={self.max_param_scale}, "
             f"max_loss_scale={self.max_loss_scale})"
+        )
+
+
+class AugmentableFamily(TaskFamily):
+    """A family that augments its own training tasks, as :class:`AugmentedFamily` does, unless
+    built with ``augment=False``; held-out tasks are never augmented. A subclass implements
+    :meth:`make` and takes the same constructor arguments.
+
+    Args:
+        seed (int, optional): distinguishes task streams. (default: 0)
+        device (str or torch.device, optional): device of the tasks. (default: "cpu")
+        augment (bool, optional): augment the training tasks. (default: True)
+        max_param_scale (float, optional): limit of the per-tensor scales. (default: 10.0)
+        max_loss_scale (float, optional): limit of the loss scale. (default: 10.0)
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        augment: bool = True,
+        max_param_scale: float = 10.0,
+        max_loss_scale: float = 10.0,
+    ) -> None:
+        super().__init__(seed, device)
+        if not isinstance(augment, bool):
+            raise ValueError(f"Invalid augment: {augment!r} (True or False)")
+        self.augment = augment
+        self.max_param_scale = max_param_scale
+        self.max_loss_scale = max_loss_scale
+        self._augmented: Optional[AugmentedFamily] = None
+        if augment:
+            plain = type(self)(seed, device, augment=False)
+            self._augmented = AugmentedFamily(plain, max_param_scale, max_loss_scale)
+
+    def sample(self, index: int, split: str = "train") -> Task:
+        if self._augmented is not None:
+            return self._augmented.sample(index, split)
+        return super().sample(index, split)
+
+    def __repr__(self) -> str:
+        extra = ""
+        if self.augment:
+            extra = (
+                f", max_param_scale={self.max_param_scale}, max_loss_scale={self.max_loss_scale}"
+            )
+        return (
+            f"{type(self).__name__}(seed={self.seed}, device={str(self.device)!r}, "
+            f"augment={self.augment}{extra})"
         )

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compiledopt.tasks.augment import AugmentedFamily
-from compiledopt.tasks.base import Batch, Task, TaskFamily
+from compiledopt.tasks.augment import AugmentableFamily
+from compiledopt.tasks.base import Batch, Task
 
 __all__ = ["SOURCES", "ImageMLP", "ImageMLPFamily", "ImageMLPTask", "TaskSpec", "task_spec"]
 
@@ -369,7 +369,7 @@ class ImageMLPTask(Task):
         return f"ImageMLPTask(seed={self.seed}: {self.describe()})"
 
 
-class ImageMLPFamily(TaskFamily):
+class ImageMLPFamily(AugmentableFamily):
     """MLPs on 8×8 images from digits or two generators, everything varied per task.
 
     Needs scikit-learn (the digits are part of the distribution): it is imported, and the digits
@@ -397,31 +397,8 @@ class ImageMLPFamily(TaskFamily):
         max_param_scale: float = 10.0,
         max_loss_scale: float = 10.0,
     ) -> None:
-        super().__init__(seed, device)
-        _digits()
-        self.augment = bool(augment)
-        self.max_param_scale = max_param_scale
-        self.max_loss_scale = max_loss_scale
-        self._augmented: Optional[AugmentedFamily] = None
-        if self.augment:
-            plain = ImageMLPFamily(seed, device, augment=False)
-            self._augmented = AugmentedFamily(plain, max_param_scale, max_loss_scale)
+        _digits()  # a missing scikit-learn shows at once
+        super().__init__(seed, device, augment, max_param_scale, max_loss_scale)
 
     def make(self, seed: int) -> ImageMLPTask:
         return ImageMLPTask(seed, self.device)
-
-    def sample(self, index: int, split: str = "train") -> Task:
-        if self._augmented is not None:
-            return self._augmented.sample(index, split)
-        return super().sample(index, split)
-
-    def __repr__(self) -> str:
-        extra = ""
-        if self.augment:
-            extra = (
-                f", max_param_scale={self.max_param_scale}, max_loss_scale={self.max_loss_scale}"
-            )
-        return (
-            f"ImageMLPFamily(seed={self.seed}, device={str(self.device)!r}, "
-            f"augment={self.augment}{extra})"
-        )

@@ -35,14 +35,14 @@ see :mod:`compiledopt.tasks.augment`) unless asked not to; held-out tasks stay a
 import bisect
 import functools
 import math
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compiledopt.tasks.augment import AugmentedFamily
-from compiledopt.tasks.base import Batch, Task, TaskFamily
+from compiledopt.tasks.augment import AugmentableFamily
+from compiledopt.tasks.base import Batch, Task
 
 __all__ = [
     "CHARACTERS",
@@ -440,7 +440,7 @@ class TextLMTask(Task):
         return f"TextLMTask(seed={self.seed}: {self.describe()})"
 
 
-class TextLMFamily(TaskFamily):
+class TextLMFamily(AugmentableFamily):
     """Small causal transformers on generated languages, everything varied per task.
 
     Args:
@@ -454,40 +454,5 @@ class TextLMFamily(TaskFamily):
 
     name = "text-lm"
 
-    def __init__(
-        self,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        augment: bool = True,
-        max_param_scale: float = 10.0,
-        max_loss_scale: float = 10.0,
-    ) -> None:
-        super().__init__(seed, device)
-        if not isinstance(augment, bool):
-            raise ValueError(f"Invalid augment: {augment!r} (True or False)")
-        self.augment = augment
-        self.max_param_scale = max_param_scale
-        self.max_loss_scale = max_loss_scale
-        self._augmented: Optional[AugmentedFamily] = None
-        if augment:
-            plain = TextLMFamily(seed, device, augment=False)
-            self._augmented = AugmentedFamily(plain, max_param_scale, max_loss_scale)
-
     def make(self, seed: int) -> TextLMTask:
         return TextLMTask(seed, self.device)
-
-    def sample(self, index: int, split: str = "train") -> Task:
-        if self._augmented is not None:
-            return self._augmented.sample(index, split)
-        return super().sample(index, split)
-
-    def __repr__(self) -> str:
-        extra = ""
-        if self.augment:
-            extra = (
-                f", max_param_scale={self.max_param_scale}, max_loss_scale={self.max_loss_scale}"
-            )
-        return (
-            f"TextLMFamily(seed={self.seed}, device={str(self.device)!r}, "
-            f"augment={self.augment}{extra})"
-        )
