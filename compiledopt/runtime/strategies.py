@@ -239,8 +239,16 @@ class TensorStrategy(Strategy):
         return view, (param.device, step, others)
 
     def compute(self, params, active, states, labels):
-        steps = {i: int(states[i][STEP]) for i in active}
         computed = Computed({}, [], [])
+        # A parameter without elements has nothing for the rule to compute (and its reductions,
+        # a maximum, a mean, no element to reduce): it steps as torch.optim's optimizers step
+        # one, its state kept and its count advanced.
+        for i in active:
+            if params[i].numel() == 0:
+                direction = torch.zeros(params[i].shape, dtype=self.dtype, device=params[i].device)
+                computed.results[i] = Result(direction, {**states[i], STEP: states[i][STEP] + 1})
+        active = [i for i in active if params[i].numel() > 0]
+        steps = {i: int(states[i][STEP]) for i in active}
         # An exported graph's buckets are of one shape, each one flat vector (see _flat).
         key = self._flat_key if self.flat else self._key
         most = SLICE_ELEMENTS if self.flat else self.max_elements

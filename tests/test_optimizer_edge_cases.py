@@ -1,0 +1,62 @@
+"""Edge cases of the optimizer API that torch.optim.AdamW handles: FrozenOptimizer handles them
+alike or refuses them with a message naming the value."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import compiledopt as co
+
+
+def _model_with_empty_layers(seed=0):
+    torch.manual_seed(seed)
+    # nn.Linear(4, 0): a (0, 4) weight and a (0,) bias, next to ordinary parameters.
+    return nn.ModuleList([nn.Linear(4, 3), nn.Linear(4, 0), nn.Linear(0, 2)])
+
+
+def _loss(model, x):
+    return model[0](x).pow(2).mean() + model[1](x).sum() + model[2](x[:, :0]).pow(2).mean()
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnx"])
+def test_zero_element_parameters_step_as_adamw_steps_them(backend):
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    model, alone, adamw_model = (_model_with_empty_layers() for _ in range(3))
+    optimizer = co.FrozenOptimizer(model.parameters(), "normalized-mlp", backend=backend)
+    # The reference for the other parameters: the same rule without the empty ones.
+    nonempty = [p for p in alone.parameters() if p.numel()]
+    reference = co.FrozenOptimizer(nonempty, "normalized-mlp", backend=backend)
+    adamw = torch.optim.AdamW(adamw_model.parameters())
+    for _ in range(3):
+        for m, opt in ((model, optimizer), (alone, reference), (adamw_model, adamw)):
+            opt.zero_grad()
+            _loss(m, x).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for p, a in zip(model.parameters(), adamw_model.parameters()):
+        assert int(optimizer.state[p]["step"]) == int(adamw.state[a]["step"]) == 3
+        assert all(v.shape == p.shape for k, v in optimizer.state[p].items() if k != "step"), (
+            "the rule's state of these parameters has their shape"
+        )
+
+
+def test_a_zero_element_parameter_round_trips_its_state():
+    model = _model_with_empty_layers()
+    optimizer = co.FrozenOptimizer(model.parameters(), "normalized-mlp", backend="eager")
+    x = torch.randn(8, 4)
+    optimizer.zero_grad()
+    _loss(model, x).backward()
+    optimizer.step()
+    copy_model = copy.deepcopy(model)
+    restored = co.FrozenOptimizer(copy_model.parameters(), "normalized-mlp", backend="eager")
+    restored.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for opt, m in ((optimizer, model), (restored, copy_model)):
+        opt.zero_grad()
+        _loss(m, x).backward()
+        opt.step()
+    for p, q in zip(model.parameters(), copy_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        assert int(restored.state[q]["step"]) == 2
