@@ -2,6 +2,7 @@
 alike or refuses them with a message naming the value."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -60,3 +61,21 @@ def test_a_zero_element_parameter_round_trips_its_state():
     for p, q in zip(model.parameters(), copy_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
         assert int(restored.state[q]["step"]) == 2
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused():
+    w = nn.Parameter(torch.randn(3, 3))
+    # torch.optim only warns (and AdamW then steps it twice a step): a FrozenOptimizer would
+    # apply the one computed update twice and count one step.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.optim.AdamW([w, w])
+    assert any("duplicate parameters" in str(c.message) for c in caught)
+    with pytest.raises(ValueError, match=r"parameter of shape \(3, 3\) is listed more than once"):
+        co.FrozenOptimizer([w, w], "normalized-mlp", backend="eager")
+    with pytest.raises(ValueError, match="parameter 'w' is listed more than once"):
+        co.FrozenOptimizer([("w", w), ("w", w)], "normalized-mlp", backend="eager")
+    optimizer = co.FrozenOptimizer([nn.Parameter(torch.randn(2))], "normalized-mlp")
+    with pytest.raises(ValueError, match="listed more than once"):
+        optimizer.add_param_group({"params": [w, w]})
+    assert len(optimizer.param_groups) == 1

@@ -19,11 +19,13 @@ from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.routing import Router
 from compiledopt.runtime.skips import groups_to_skip
 from compiledopt.runtime.state import (
+    SET_OF_PARAMS,
     check_current,
     check_loaded,
     check_lr,
     check_rates,
     check_steps,
+    checked_params,
     skip_count,
 )
 
@@ -34,10 +36,6 @@ NONFINITE_POLICIES = ("skip", "raise", "ignore")
 #: ``param_groups`` (the strategy is rebuilt from them; the skipped-step counts are in the
 #: groups).
 PICKLED = ("artifact", "backend", "background", "nonfinite", "state_dtype")
-SET_OF_PARAMS = (
-    "optimizer parameters need to be organized in ordered collections, but the ordering of "
-    "tensors in sets will change between runs. Please use a list instead."
-)
 
 
 def _mark(param: Tensor, state: Mapping[str, Any]) -> Tuple:
@@ -258,21 +256,7 @@ class FrozenOptimizer(Optimizer):
         self._router.check_group(param_group.get("role", AUTO), param_group.get("rule"))
         check_flag(param_group.get("maximize", False), "maximize")
         param_group["skipped_steps"] = skip_count(param_group.get("skipped_steps", 0), "a group")
-        params = param_group["params"]
-        if isinstance(params, set):
-            raise TypeError(SET_OF_PARAMS)
-        params = [params] if isinstance(params, Tensor) else list(params)
-        param_group["params"] = params
-        for item in params:
-            name, param = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
-            if not isinstance(param, Tensor):
-                raise TypeError(f"FrozenOptimizer params must be tensors, got {type(param)}")
-            label = repr(name) if name is not None else f"of shape {tuple(param.shape)}"
-            if param.is_complex() or not param.is_floating_point():
-                raise ValueError(
-                    f"FrozenOptimizer supports real floating-point parameters; parameter {label} "
-                    f"has dtype {param.dtype}"
-                )
+        param_group["params"] = checked_params(param_group["params"])
         super().add_param_group(param_group)
 
     def _flat(self) -> List[Tensor]:

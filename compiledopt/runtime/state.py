@@ -7,7 +7,7 @@ written, so a refused ``load_state_dict`` or ``step`` leaves the optimizer as it
 
 import math
 import numbers
-from typing import Any, Collection, Dict, Mapping, NamedTuple, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ from torch import Tensor
 from compiledopt._validation import check_real
 
 __all__ = [
+    "SET_OF_PARAMS",
     "STEP",
     "Expected",
     "check_batch",
@@ -24,6 +25,7 @@ __all__ = [
     "check_rates",
     "check_result",
     "check_steps",
+    "checked_params",
     "skip_count",
     "step_count",
 ]
@@ -32,6 +34,11 @@ __all__ = [
 STEP = "step"
 #: The largest step count accepted (an int64 that ``step + 1`` cannot overflow).
 MAX_STEP = 2**62
+#: torch.optim's refusal of a set of parameters.
+SET_OF_PARAMS = (
+    "optimizer parameters need to be organized in ordered collections, but the ordering of "
+    "tensors in sets will change between runs. Please use a list instead."
+)
 
 
 class Expected(NamedTuple):
@@ -332,3 +339,31 @@ def check_batch(directions, grads, values, stored, keys, where: str) -> None:
                 f"({got}) differs in shape or dtype from the stored one "
                 f"({tuple(before.shape)}, {before.dtype})"
             )
+
+
+def checked_params(params: Any) -> List[Any]:
+    """A param group's ``params`` (a tensor, or an iterable of tensors or ``(name, tensor)``
+    pairs) as a list, each a real floating-point tensor listed once, else ``TypeError`` or
+    ``ValueError`` naming the parameter. A parameter listed twice would have its update applied
+    twice but its state stepped once (torch.optim only warns of it)."""
+    if isinstance(params, set):
+        raise TypeError(SET_OF_PARAMS)
+    params = [params] if isinstance(params, Tensor) else list(params)
+    seen = set()
+    for item in params:
+        name, param = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
+        if not isinstance(param, Tensor):
+            raise TypeError(f"FrozenOptimizer params must be tensors, got {type(param)}")
+        label = repr(name) if name is not None else f"of shape {tuple(param.shape)}"
+        if param.is_complex() or not param.is_floating_point():
+            raise ValueError(
+                f"FrozenOptimizer supports real floating-point parameters; parameter {label} "
+                f"has dtype {param.dtype}"
+            )
+        if id(param) in seen:
+            raise ValueError(
+                f"parameter {label} is listed more than once in a param group (each parameter "
+                "steps once a step: list it once)"
+            )
+        seen.add(id(param))
+    return params
