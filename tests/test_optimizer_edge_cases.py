@@ -79,3 +79,25 @@ def test_a_parameter_listed_twice_in_a_group_is_refused():
     with pytest.raises(ValueError, match="listed more than once"):
         optimizer.add_param_group({"params": [w, w]})
     assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda ps: torch.optim.AdamW(ps, lr=0.5), "betas"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.5), "momentum"),
+        (lambda ps: torch.optim.RMSprop(ps, lr=0.5), "eps"),
+    ],
+)
+@pytest.mark.parametrize("stepped", [False, True])
+def test_another_optimizers_state_dict_is_refused_even_before_its_first_step(make, key, stepped):
+    model = nn.Linear(4, 2)
+    other = make(model.parameters())
+    if stepped:
+        model(torch.randn(3, 4)).sum().backward()
+        other.step()
+    optimizer = co.FrozenOptimizer(model.parameters(), "normalized-mlp", backend="eager")
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=f"param group 0 has '{key}'.*another optimizer"):
+        optimizer.load_state_dict(other.state_dict())
+    assert optimizer.state_dict() == before  # its lr (not the other's 0.5) and no foreign keys

@@ -14,7 +14,7 @@ from compiledopt.export import Artifact
 from compiledopt.roles import AUTO
 from compiledopt.runtime.choice import auto_order, check_backend, choose_backend
 from compiledopt.runtime.distributed import place_like
-from compiledopt.runtime.keywords import artifact_for, backend_for_keywords
+from compiledopt.runtime.keywords import artifact_for, backend_for_keywords, check_own_group
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.routing import Router
 from compiledopt.runtime.skips import groups_to_skip
@@ -427,6 +427,7 @@ class FrozenOptimizer(Optimizer):
         ):
             return {}  # torch.optim refuses it, with its own message
         for g, saved in enumerate(saved_groups):
+            check_own_group(saved, f"the state_dict's param group {g}")
             for key in ("lr", "weight_decay"):
                 if key not in saved:
                     raise ValueError(f"the state_dict's param group {g} has no {key!r}")

@@ -28,9 +28,14 @@ from torch import Tensor
 from compiledopt.export import Artifact
 from compiledopt.pretrained import DEFAULT, open_artifact
 
-__all__ = ["artifact_for", "backend_for_keywords"]
+__all__ = ["FOREIGN_GROUP_KEYS", "artifact_for", "backend_for_keywords", "check_own_group"]
 
 logger = logging.getLogger("compiledopt")
+
+#: Param-group entries that torch.optim's optimizers keep and a FrozenOptimizer never has (the
+#: Adam family, SGD, RMSprop, Adagrad, Adadelta, ASGD, Rprop, LBFGS): a saved group holding one
+#: was saved by another optimizer, even when it holds no state yet (before its first step).
+FOREIGN_GROUP_KEYS = ("betas", "eps", "momentum", "rho", "lr_decay", "lambd", "etas", "max_iter")
 
 
 def artifact_for(
@@ -120,3 +125,16 @@ def _fused_backend(backend: str, fused: Optional[Any]) -> str:
         f"Invalid fused: True with backend {backend!r}: fused=True asks for the compiled "
         "backend (the rule fused by torch.compile); pass one of them, not both"
     )
+
+
+def check_own_group(saved: Any, where: str) -> None:
+    """``ValueError`` naming ``where`` and the entry if the saved param group ``saved`` holds
+    one of :data:`FOREIGN_GROUP_KEYS`: another optimizer's state_dict (its lr and
+    hyperparameters would otherwise load silently, and its betas and eps be ignored)."""
+    found = [key for key in FOREIGN_GROUP_KEYS if key in saved]
+    if found:
+        raise ValueError(
+            f"{where} has {found[0]!r} ({saved[found[0]]!r}), an entry of another optimizer's "
+            "param groups (torch.optim.AdamW's, SGD's, ...): the state_dict was saved by "
+            "another optimizer, which a FrozenOptimizer cannot continue"
+        )
