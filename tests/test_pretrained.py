@@ -17,6 +17,7 @@ from torch import nn
 
 import compiledopt as co
 from compiledopt import pretrained
+from compiledopt.apps.inspect import lr_basis
 from compiledopt.cli import main
 from compiledopt.export import ArtifactError, export_shape_agnostic, load_artifact
 from compiledopt.learned.catalog import build_transform
@@ -140,9 +141,39 @@ def test_inspect_by_name_shows_the_training_block(capsys):
     assert "  training   meta-trained on regression" in out
     assert "CPU time not recorded; recommended lr 10, schedule 0% warmup, constant lr" in out
     assert '"meta_steps"' not in out and "meta_steps" in out  # each field on its own line
+    # Its training block does not say where its lr was chosen: no lr line.
+    assert not [line for line in out.splitlines() if line.startswith("  lr ")]
     # An artifact without a training block prints none.
     assert main(["inspect", str(SHIPPED)]) == 0
     assert "training" not in capsys.readouterr().out
+
+
+def test_inspect_says_where_the_defaults_lr_was_chosen(capsys):
+    assert main(["inspect", pretrained.DEFAULT]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  lr "))
+    selected = pretrained.load(pretrained.DEFAULT).training["packaging"]["selected_on"]
+    assert line.startswith(f"  lr         start at {pretrained.info(pretrained.DEFAULT)['lr']:g}: ")
+    for entry in selected:
+        assert f"{entry['family']} ({entry['split']}, {entry['steps']} steps)" in line
+
+
+@pytest.mark.parametrize(
+    "training",
+    [
+        None,
+        {},
+        {"packaging": "x"},
+        {"packaging": {"selected_on": {"family": "a"}}},
+        {"packaging": {"selected_on": [1, {"family": 2}, {"split": "s"}]}},
+    ],
+)
+def test_an_lr_basis_of_another_shape_is_passed_over(training):
+    assert lr_basis(training) is None
+
+
+def test_an_lr_basis_keeps_what_it_can_read():
+    selected = [{"family": "f", "steps": True, "split": 3}, {"family": "g", "steps": 5}]
+    assert lr_basis({"packaging": {"selected_on": selected}}).endswith("on f; g (5 steps)")
 
 
 def test_commands_take_names_and_refuse_unknown_ones(capsys):

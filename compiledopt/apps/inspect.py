@@ -12,7 +12,7 @@ from typing import IO, Any, Optional
 from compiledopt.apps.text import printable
 from compiledopt.apps.trust import restore_interrupted
 
-__all__ = ["describe_artifact", "list_packaged"]
+__all__ = ["describe_artifact", "list_packaged", "lr_basis"]
 
 
 def describe_artifact(artifact: str, out: Optional[IO[str]] = None) -> None:
@@ -48,6 +48,9 @@ def describe_artifact(artifact: str, out: Optional[IO[str]] = None) -> None:
         print(f"  state      {names} (per parameter)", file=out)
     for backend, files in m["backends"].items():
         print(f"  {show(backend):<10} {', '.join(show(f) for f in files)}", file=out)
+    basis = lr_basis(loaded.training)
+    if basis:
+        print(f"  lr         start at {m['lr']:g}: {show(basis)}", file=out)
     if loaded.training:
         print(f"  training   {show(pretrained.summary(loaded.training, m['lr']))}", file=out)
         for key, value in loaded.training.items():
@@ -55,6 +58,28 @@ def describe_artifact(artifact: str, out: Optional[IO[str]] = None) -> None:
     producer = ", ".join(f"{show(k)} {show(v)}" for k, v in m["producer"].items())
     print(f"  producer   {producer}", file=out)
     print("  checksums  verified (sha256 of every file)", file=out)
+
+
+def lr_basis(training: Any) -> Optional[str]:
+    """Where the artifact's lr was chosen, from its training block's ``packaging.selected_on``
+    (each entry's ``family``, ``split`` and ``steps``), or ``None`` where the block does not say.
+    The block is data from the artifact: anything of another shape is passed over."""
+    packaging = training.get("packaging") if isinstance(training, dict) else None
+    selected = packaging.get("selected_on") if isinstance(packaging, dict) else None
+    if not isinstance(selected, list):
+        return None
+    places = []
+    for entry in selected:
+        if not isinstance(entry, dict) or not isinstance(entry.get("family"), str):
+            continue
+        details = [entry[k] for k in ("split",) if isinstance(entry.get(k), str)]
+        steps = entry.get("steps")
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            details.append(f"{steps} steps")
+        places.append(entry["family"] + (f" ({', '.join(details)})" if details else ""))
+    if not places:
+        return None
+    return "the lr it was selected at, against tuned AdamW, on " + "; ".join(places)
 
 
 def list_packaged(out: Optional[IO[str]] = None) -> None:
