@@ -101,3 +101,18 @@ def test_another_optimizers_state_dict_is_refused_even_before_its_first_step(mak
     with pytest.raises(ValueError, match=f"param group 0 has '{key}'.*another optimizer"):
         optimizer.load_state_dict(other.state_dict())
     assert optimizer.state_dict() == before  # its lr (not the other's 0.5) and no foreign keys
+
+
+@pytest.mark.parametrize("key, value", [("role", "bogus"), ("role", ["matrix"]), ("rule", "bogus")])
+def test_a_role_or_rule_set_in_a_group_after_construction_is_refused_by_name(key, value):
+    p = nn.Parameter(torch.randn(3, 3))
+    optimizer = co.FrozenOptimizer([p], "normalized-mlp", backend="eager")
+    # The same refusal as for a group given so (add_param_group), and nothing written.
+    with pytest.raises(ValueError, match=f"Invalid {key}.*{value!r}".replace("[", r"\[")):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.randn(2))], key: value})
+    optimizer.param_groups[0][key] = value
+    before = p.detach().clone()
+    p.grad = torch.randn(3, 3)
+    with pytest.raises(ValueError, match=f"Invalid {key}.*{value!r}".replace("[", r"\[")):
+        optimizer.step()
+    assert torch.equal(p, before) and not optimizer.state[p]

@@ -65,6 +65,8 @@ class Router:
         rules = []
         for group in groups:
             role, rule = group.get("role", AUTO), group.get("rule")
+            if rule is None and role != AUTO:  # a role set in the group after it was checked
+                check_role(role, "role in a param group")
             for param in group["params"]:
                 if rule is not None:
                     rules.append(rule)
