@@ -245,7 +245,7 @@ class TensorStrategy(Strategy):
         # one, its state kept and its count advanced.
         for i in active:
             if params[i].numel() == 0:
-                direction = torch.zeros(params[i].shape, dtype=self.dtype, device=params[i].device)
+                direction = torch.zeros_like(params[i], dtype=self.dtype)  # a DTensor's too
                 computed.results[i] = Result(direction, {**states[i], STEP: states[i][STEP] + 1})
         active = [i for i in active if params[i].numel() > 0]
         steps = {i: int(states[i][STEP]) for i in active}
