@@ -9,6 +9,8 @@ Every candidate routing (:data:`CANDIDATES`) runs the artifact through ``FrozenO
 AdamW runs over the same lrs, all on a linear warm-up (5% of the steps) then a cosine decay to 0.
 Reported: the mean final evaluation loss over the tasks per candidate and lr, each candidate's
 best lr, and its mean loss over tuned AdamW's (per task, AdamW at its best lr over the tasks).
+``--matrix-scale`` scales the candidates' matrix steps as the learning-quality benchmark's option
+of that name does (:mod:`benchmarks.learning_quality.scaling`); AdamW is never scaled.
 """
 
 import argparse
@@ -20,6 +22,8 @@ import time
 from typing import Dict, List, Optional
 
 import torch
+
+from benchmarks.learning_quality import scaling
 
 #: Candidate routings (role -> rule); a role left out runs the artifact as configured.
 CANDIDATES: Dict[str, Dict[str, str]] = {
@@ -109,6 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--lrs", default="0.001,0.003,0.01")
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--backend", default="eager")
+    parser.add_argument("--matrix-scale", choices=scaling.MODES, default="none")
     parser.add_argument("--output", required=True, help="the JSON file to write")
     args = parser.parse_args(argv)
 
@@ -140,9 +145,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     groups = compiledopt.param_groups(model)
                     for group in groups:
                         group["rule"] = CANDIDATES[name].get(group["role"], "artifact")
-                    return compiledopt.FrozenOptimizer(
+                    optimizer = compiledopt.FrozenOptimizer(
                         groups, args.artifact, lr=lr, backend=args.backend
                     )
+                    return scaling.attach(optimizer, args.matrix_scale)
 
                 loss = run(task, initial, learned, args.steps)
                 losses.setdefault(name, {}).setdefault(f"{lr:g}", []).append(loss)
@@ -177,6 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "steps": args.steps,
         "schedule": "warm-up 5% + cosine to 0",
         "candidates": {n: CANDIDATES[n] for n in names},
+        "matrix_scale": args.matrix_scale,
         "torch": torch.__version__,
         "threads": 1,
         "wall_time_s": round(time.time() - started, 1),
