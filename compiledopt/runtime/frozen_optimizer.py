@@ -427,7 +427,6 @@ class FrozenOptimizer(Optimizer):
         ):
             return {}  # torch.optim refuses it, with its own message
         for g, saved in enumerate(saved_groups):
-            check_own_group(saved, f"the state_dict's param group {g}")
             for key in ("lr", "weight_decay"):
                 if key not in saved:
                     raise ValueError(f"the state_dict's param group {g} has no {key!r}")
@@ -452,6 +451,8 @@ class FrozenOptimizer(Optimizer):
             values = check_loaded(saved, expected, labels[i], self.state_dtype, flat[i].device)
             # A whole-tensor state (saved by one process) is sharded like a DTensor parameter.
             checked[i] = {k: place_like(v, flat[i]) for k, v in values.items()}
+        for g, saved in enumerate(saved_groups):  # another optimizer's, with no state to refuse
+            check_own_group(saved, f"the state_dict's param group {g}")
         return checked
 
     # -- copy and pickle --------------------------------------------------------------------
