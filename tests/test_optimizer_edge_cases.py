@@ -119,3 +119,26 @@ def test_a_role_or_rule_set_in_a_group_after_construction_is_refused_by_name(key
     with pytest.raises(ValueError, match=f"Invalid {key}.*{value!r}".replace("[", r"\[")):
         optimizer.step()
     assert torch.equal(p, before) and not optimizer.state[p]
+
+
+def test_a_group_routed_to_a_rule_the_backend_cannot_compute_is_refused_when_added():
+    p, q = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4, 3))
+    # The constructor refuses such a group on an exported backend (its graphs compute the rule
+    # as configured); add_param_group and load_state_dict refuse it alike, rather than leave an
+    # optimizer whose every step raises.
+    refusal = "the onnx backend runs the graphs .*, not the rules? .*'adam'"
+    with pytest.raises(ValueError, match=refusal):
+        co.FrozenOptimizer([{"params": [q], "rule": "adam"}], "normalized-mlp", backend="onnx")
+    optimizer = co.FrozenOptimizer([p], "normalized-mlp", backend="onnx")
+    with pytest.raises(ValueError, match=refusal):
+        optimizer.add_param_group({"params": [q], "rule": "adam"})
+    assert len(optimizer.param_groups) == 1
+    eager = co.FrozenOptimizer([{"params": [q], "rule": "adam"}], "normalized-mlp", backend="eager")
+    loading = co.FrozenOptimizer([q], "normalized-mlp", backend="onnx")
+    with pytest.raises(ValueError, match=refusal):
+        loading.load_state_dict(eager.state_dict())
+    assert loading.param_groups[0]["rule"] is None
+    before = p.detach().clone()
+    p.grad = torch.randn(4, 3)
+    optimizer.step()  # the optimizer still steps
+    assert not torch.equal(p, before)

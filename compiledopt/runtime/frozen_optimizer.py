@@ -257,6 +257,8 @@ class FrozenOptimizer(Optimizer):
         check_flag(param_group.get("maximize", False), "maximize")
         param_group["skipped_steps"] = skip_count(param_group.get("skipped_steps", 0), "a group")
         param_group["params"] = checked_params(param_group["params"])
+        tensors = [p[1] if isinstance(p, tuple) else p for p in param_group["params"]]
+        self._router.check_runs([{**param_group, "params": tensors}])  # as the constructor does
         super().add_param_group(param_group)
 
     def _flat(self) -> List[Tensor]:
@@ -437,6 +439,7 @@ class FrozenOptimizer(Optimizer):
             self._router.check_group(
                 saved.get("role", AUTO), saved.get("rule"), f"state_dict's param group {g}"
             )
+            self._router.check_runs([{**saved, "params": self.param_groups[g]["params"]}])
         index = {pid: i for i, pid in enumerate(p for s in saved_groups for p in s["params"])}
         flat, labels = self._flat(), self._labels()
         checked = {}

@@ -81,6 +81,14 @@ class Router:
         used = set(self.rules_of(groups)) - {"artifact"}
         return sorted(r for r in used if base.routed(r) is not base)
 
+    def check_runs(self, groups: Sequence[Mapping[str, Any]]) -> None:
+        """``ValueError`` unless the bound backend computes every rule ``groups`` use (the
+        exported graphs compute only the transform as configured); nothing is checked before a
+        backend is bound (the backend is chosen for the groups then)."""
+        if self.backend:
+            for rule in sorted(set(self.rules_of(groups))):
+                self._routed(rule)
+
     def bind(self, backend: str, background: bool = False) -> None:
         """Compute on ``backend`` from now on (strategies are built again at first use); with
         ``background``, a compiled rule compiles in the background while the eager one runs."""
