@@ -106,6 +106,23 @@ def test_another_optimizers_state_dict_is_refused_even_before_its_first_step(mak
     assert optimizer.state_dict() == before  # its lr (not the other's 0.5) and no foreign keys
 
 
+@pytest.mark.parametrize("key, value", [("momentum", 0.9), ("eps", 1e-8), ("betas", (0.9, 0.99))])
+def test_a_group_with_another_optimizers_setting_is_refused_and_own_entries_round_trip(key, value):
+    weight, bias = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=f"Invalid param group entry '{key}'"):
+        co.FrozenOptimizer([{"params": [weight], key: value}], backend="eager")
+    optimizer = co.FrozenOptimizer([weight], backend="eager")
+    with pytest.raises(ValueError, match=f"Invalid param group entry '{key}'"):
+        optimizer.add_param_group({"params": [bias], key: value})
+    assert len(optimizer.param_groups) == 1
+    # An entry of the user's own (torch.optim keeps any) goes through state_dict and back.
+    optimizer.add_param_group({"params": [bias], "name": "decoder bias"})
+    fresh = co.FrozenOptimizer([weight], backend="eager")
+    fresh.add_param_group({"params": [bias]})
+    fresh.load_state_dict(optimizer.state_dict())
+    assert fresh.param_groups[1]["name"] == "decoder bias"
+
+
 @pytest.mark.parametrize("key, value", [("role", "bogus"), ("role", ["matrix"]), ("rule", "bogus")])
 def test_a_role_or_rule_set_in_a_group_after_construction_is_refused_by_name(key, value):
     p = nn.Parameter(torch.randn(3, 3))

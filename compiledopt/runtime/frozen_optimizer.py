@@ -14,7 +14,12 @@ from compiledopt.export import Artifact
 from compiledopt.roles import AUTO
 from compiledopt.runtime.choice import auto_order, check_backend, choose_backend
 from compiledopt.runtime.distributed import place_like
-from compiledopt.runtime.keywords import artifact_for, backend_for_keywords, check_own_group
+from compiledopt.runtime.keywords import (
+    artifact_for,
+    backend_for_keywords,
+    check_new_group,
+    check_own_group,
+)
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.routing import Router
 from compiledopt.runtime.skips import groups_to_skip
@@ -249,6 +254,7 @@ class FrozenOptimizer(Optimizer):
             )
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        check_new_group(param_group)
         if "lr" in param_group:
             check_lr(param_group["lr"])
         if "weight_decay" in param_group:

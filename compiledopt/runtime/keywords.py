@@ -28,7 +28,13 @@ from torch import Tensor
 from compiledopt.export import Artifact
 from compiledopt.pretrained import DEFAULT, open_artifact
 
-__all__ = ["FOREIGN_GROUP_KEYS", "artifact_for", "backend_for_keywords", "check_own_group"]
+__all__ = [
+    "FOREIGN_GROUP_KEYS",
+    "artifact_for",
+    "backend_for_keywords",
+    "check_new_group",
+    "check_own_group",
+]
 
 logger = logging.getLogger("compiledopt")
 
@@ -125,6 +131,19 @@ def _fused_backend(backend: str, fused: Optional[Any]) -> str:
         f"Invalid fused: True with backend {backend!r}: fused=True asks for the compiled "
         "backend (the rule fused by torch.compile); pass one of them, not both"
     )
+
+
+def check_new_group(group: Any) -> None:
+    """``ValueError`` naming the entry if the param group ``group`` given to a FrozenOptimizer
+    holds one of :data:`FOREIGN_GROUP_KEYS`: a setting it does not have (it would be ignored,
+    and its own state_dict then refused as another optimizer's)."""
+    found = [key for key in FOREIGN_GROUP_KEYS if key in group]
+    if found:
+        raise ValueError(
+            f"Invalid param group entry {found[0]!r} ({group[found[0]]!r}): a setting of other "
+            "optimizers (torch.optim.AdamW's, SGD's, ...), which a FrozenOptimizer does not "
+            "have: its rule's decays and epsilon are part of the artifact"
+        )
 
 
 def check_own_group(saved: Any, where: str) -> None:
