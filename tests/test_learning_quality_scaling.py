@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.learning_quality import journal, runner, scaling
+from benchmarks.learning_quality import journal, lr_semantics, runner, scaling
 
 
 def _params():
@@ -114,3 +114,52 @@ def test_the_journal_key_names_a_scale_for_the_learned_kinds_only():
         assert "matrix_scale" not in keys["adamw"]
         if scale != "none":
             assert keys["learned"]["matrix_scale"] == scale
+
+
+def _doc(scale, finals, tuned_lrs, spread, beats, diverged):
+    """A learning-quality result reduced to what the comparison reads: per task the learned
+    kind's loss at its default and tuned lr and tuned AdamW's."""
+    tasks = {
+        name: {
+            "summary_of_runs": {
+                "default_lr": {"learned": 0.003},
+                "tuned_lr": {"learned": tuned_lrs[name]},
+                "final_val_loss": {
+                    "learned@default": at_default,
+                    "learned@tuned": at_tuned,
+                    "adamw@tuned": adamw,
+                },
+            }
+        }
+        for name, (at_default, at_tuned, adamw) in finals.items()
+    }
+    return {
+        "settings": {"matrix_scale": scale} if scale != "none" else {},
+        "tasks": tasks,
+        "lr_spread": {
+            "learned": {"max_over_min": spread[0], "log10_std": spread[1]},
+            "adamw": {"max_over_min": 10.0, "log10_std": 0.3},
+        },
+        "aggregates": {
+            "learned": {
+                "fraction_tuned_beats_or_ties_adamw_tuned": beats,
+                "runs": 30,
+                "diverged_runs": diverged,
+            }
+        },
+    }
+
+
+def test_the_lr_semantics_comparison_counts_each_scaling_from_its_file():
+    finals = {"a": (1.04, 0.9, 1.0), "b": (2.2, 1.1, 2.0), "c": (0.5, 0.5, 1.0)}
+    doc = _doc("initial-rms", finals, {"a": 0.01, "b": 0.003, "c": 0.003}, (3.0, 0.2), 2 / 3, 4)
+    figures = lr_semantics.aggregate(doc)
+    assert figures["scale"] == "initial-rms" and figures["tasks"] == 3
+    assert figures["within"] == 2  # 1.04 and 0.5 are within 5% of tuned AdamW; 1.1 is not
+    assert figures["beats_or_ties"] == 2 and figures["diverged"] == "4/30"
+    assert figures["tuned_geomean"] == pytest.approx((0.9 * 0.55 * 0.5) ** (1 / 3))
+    plain = _doc("none", finals, dict.fromkeys(finals, 0.003), (1, 0), 1, 0)
+    text = lr_semantics.render([plain, doc])
+    assert "| a | 1.04 / 0.9 (0.003) | 1.04 / 0.9 (0.01) |" in text
+    assert "| initial-rms | 0.003 | 3x | 0.200 | 2/3 | 2/3 | 0.628 | 4/30 |" in text
+    assert "AdamW's best lr over the same tasks spreads 10x" in text
