@@ -172,6 +172,7 @@ class AugmentableFamily(TaskFamily):
         max_param_scale: float = 10.0,
         max_loss_scale: float = 10.0,
     ) -> None:
+        self.prepare()
         super().__init__(seed, device)
         if not isinstance(augment, bool):
             raise ValueError(f"Invalid augment: {augment!r} (True or False)")
@@ -182,6 +183,10 @@ class AugmentableFamily(TaskFamily):
         if augment:
             plain = type(self)(seed, device, augment=False)
             self._augmented = AugmentedFamily(plain, max_param_scale, max_loss_scale)
+
+    def prepare(self) -> None:
+        """Called first by the constructor: where a subclass loads what all its tasks need (a
+        missing dependency then shows when the family is built). Nothing here."""
 
     def sample(self, index: int, split: str = "train") -> Task:
         if self._augmented is not None:

@@ -389,16 +389,8 @@ class ImageMLPFamily(AugmentableFamily):
 
     name = "image-mlp"
 
-    def __init__(
-        self,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        augment: bool = True,
-        max_param_scale: float = 10.0,
-        max_loss_scale: float = 10.0,
-    ) -> None:
+    def prepare(self) -> None:
         _digits()  # a missing scikit-learn shows at once
-        super().__init__(seed, device, augment, max_param_scale, max_loss_scale)
 
     def make(self, seed: int) -> ImageMLPTask:
         return ImageMLPTask(seed, self.device)
