@@ -307,6 +307,8 @@ def test_bad_task_names_and_seed_counts_are_refused_clearly(capsys):
     assert "not allowed with" in _parse_error([*base, "--suite", "all", "--tasks", "vit"], capsys)
     assert "invalid choice" in _parse_error([*base, "--roles", "some"], capsys)
     assert "unknown optimizer kind" in _parse_error([*base, "--kinds", "adam"], capsys)
+    # Every result is normalised by tuned AdamW: a run without it failed after all its runs.
+    assert "'learned' leaves out adamw" in _parse_error([*base, "--kinds", "learned"], capsys)
     with pytest.raises(ValueError, match="Unknown task: 'nope'"):
         tasks.make("nope", 0, 10)
     with pytest.raises(ValueError, match="seed count must be a positive integer"):

@@ -32,6 +32,11 @@ def _kind_list(text: str) -> List[str]:
             f"unknown optimizer kind(s) {', '.join(unknown) or text!r}: choose from "
             f"{', '.join(optimizers.KINDS)}"
         )
+    if "adamw" not in names:  # refused here, not after every run has finished
+        raise argparse.ArgumentTypeError(
+            f"{text!r} leaves out adamw, which every result is normalised by (its runs are "
+            "reused from --journal where recorded there)"
+        )
     return [kind for kind in optimizers.KINDS if kind in names]
 
 
@@ -143,7 +148,8 @@ def parser() -> argparse.ArgumentParser:
         "--kinds",
         type=_kind_list,
         default=list(optimizers.KINDS),
-        help="comma-separated optimizer kinds to run, of learned, old, adamw, sgd (default: all; "
+        help="comma-separated optimizer kinds to run, of learned, old, adamw, sgd, adamw always "
+        "among them (default: all; "
         "the learned optimizer's lr still comes from --optimizer)",
     )
     parser.add_argument(
