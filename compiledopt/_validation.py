@@ -1,8 +1,9 @@
 """Argument checks shared by the public constructors: ``ValueError("Invalid <name>: <value>")``."""
 
+import json
 import math
 import numbers
-from typing import SupportsInt, cast
+from typing import Any, SupportsInt, cast
 
 
 def is_real(value: object) -> bool:
@@ -90,3 +91,33 @@ def check_lr(lr: object, owner: str) -> float:
         return check_positive(lr, "lr")
     except ValueError:
         raise ValueError(f"Invalid lr: {lr!r} ({owner} needs a positive finite number)") from None
+
+
+def strict_json(data: "str | bytes", constants: bool = False) -> Any:
+    """``data`` parsed as strict JSON (RFC 8259), or a ``ValueError`` naming what breaks it:
+    bytes must be UTF-8 without a byte-order mark (not UTF-16 or UTF-32, which ``json.loads``
+    would guess), ``NaN`` and ``Infinity`` are refused (unless ``constants``: settings whose
+    checks name the key that holds one), and so is an object that names a key twice
+    (``json.loads`` keeps the last value and drops the others without a word; a reader in
+    another language may keep the first)."""
+
+    def refuse_constant(constant: str) -> float:
+        if constants:
+            return float(constant)
+        raise ValueError(f"{constant} is not JSON")
+
+    def refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        seen: dict[str, object] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key[:80]!r} in an object")
+            seen[key] = value
+        return seen
+
+    text = data.decode("utf-8") if isinstance(data, bytes) else data  # UnicodeDecodeError
+    if text.startswith("\ufeff"):
+        raise ValueError("it starts with a byte-order mark (JSON is UTF-8 without one)")
+    try:
+        return json.loads(text, parse_constant=refuse_constant, object_pairs_hook=refuse_duplicates)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None

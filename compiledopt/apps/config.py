@@ -6,8 +6,9 @@ ignored); its values are checked by the caller's ``check``. Layered over the def
 given directly wins over the file's, and the file's over the default (:func:`layered`).
 """
 
-import json
 from typing import Any, Callable, Collection, Dict, FrozenSet, Mapping, Set, Tuple
+
+from compiledopt._validation import strict_json
 
 __all__ = ["layered", "read_config"]
 
@@ -21,14 +22,14 @@ def read_config(
     source = f"--config {path}"
     try:
         with open(path, encoding="utf-8") as handle:
-            loaded = json.load(handle)
+            loaded = strict_json(handle.read(), constants=True)
     except FileNotFoundError:
         raise ValueError(f"--config {path}: No such file or directory") from None
     except IsADirectoryError:
         raise ValueError(f"{source}: is a directory, not a JSON file") from None
     except UnicodeDecodeError:
         raise ValueError(f"{source}: not JSON (not UTF-8 text)") from None
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # json.JSONDecodeError, a key given twice
         raise ValueError(f"{source}: not JSON ({error})") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(loaded).__name__}")

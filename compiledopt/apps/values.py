@@ -5,10 +5,11 @@ them as argparse types (:func:`compiledopt.cli.arguments.argtype`); ``compiledop
 its ``--config`` values with the same parsers.
 """
 
-import json
 import math
 import os
 from typing import Callable, Dict, List, Optional, Sequence
+
+from compiledopt._validation import strict_json
 
 __all__ = [
     "SEED_LIMIT",
@@ -92,8 +93,8 @@ def fraction(text: str) -> float:
 def json_object(text: str) -> dict:
     """A JSON object."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
+        value = strict_json(text, constants=True)
+    except ValueError as error:  # json.JSONDecodeError, a key given twice
         raise ValueError(f"not valid JSON ({error}): {text!r}") from None
     if not isinstance(value, dict):
         raise ValueError(f"must be a JSON object, got {text!r}")

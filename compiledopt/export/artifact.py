@@ -46,6 +46,7 @@ from safetensors.torch import load
 from torch import Tensor, nn
 
 from compiledopt._identity import unique_by_identity
+from compiledopt._validation import strict_json
 from compiledopt.export import backend as registry
 from compiledopt.export import signatures
 from compiledopt.export import spec as specs
@@ -435,12 +436,8 @@ def _brief(text: str, limit: int = 300) -> str:
 
 
 def _parse_json(data: bytes, where: Path) -> Any:
-    def refuse(constant: str) -> None:
-        raise ValueError(f"{constant} is not JSON")
-
     try:
-        return json.loads(data, parse_constant=refuse)
-    except (ValueError, UnicodeDecodeError, RecursionError) as error:
-        raise ArtifactError(
-            f"{where}: {MANIFEST} is not valid JSON (truncated?): {error}"
-        ) from None
+        return strict_json(data)
+    except ValueError as error:  # UnicodeDecodeError and json.JSONDecodeError included
+        hint = " (truncated?)" if isinstance(error, json.JSONDecodeError) else ""
+        raise ArtifactError(f"{where}: {MANIFEST} is not valid JSON{hint}: {error}") from None

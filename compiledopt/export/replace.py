@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any, List, NamedTuple, Optional
 
+from compiledopt._validation import strict_json
 from compiledopt.export.layout import (
     FORMAT,
     MANIFEST,
@@ -77,12 +77,9 @@ def _listed(folder: Path) -> Optional[set]:
     if len(data) > _MAX_MANIFEST_BYTES:
         return None
 
-    def refuse(constant: str) -> None:
-        raise ValueError(constant)
-
     try:
-        parsed = json.loads(data, parse_constant=refuse)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        parsed = strict_json(data)
+    except ValueError:
         return None
     if not isinstance(parsed, dict) or parsed.get("format") != FORMAT:
         return None

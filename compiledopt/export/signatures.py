@@ -8,11 +8,11 @@ inside the file says which key signed, never whom to trust. Making keys and sign
 (``pip install compiledopt[signing]``).
 """
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence, Union
 
+from compiledopt._validation import strict_json
 from compiledopt.export.layout import MANIFEST, SIGNATURE, sha256
 from compiledopt.export.manifest import ArtifactError
 
@@ -115,8 +115,8 @@ def _parse_signature(data: bytes, where: str) -> dict:
     if len(data) > _MAX_SIGNATURE_BYTES:
         raise bad(f"{len(data)} bytes")
     try:
-        record: Any = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as error:
+        record: Any = strict_json(data)
+    except ValueError as error:
         raise bad(f"not JSON: {error}") from None
     expected = {"format", "version", "algorithm", "public_key", "signature"}
     if not isinstance(record, dict) or set(record) != expected:

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from compiledopt._validation import strict_json
 from compiledopt.export.artifact import MAX_MANIFEST_BYTES, Artifact
 from compiledopt.export.layout import MANIFEST, SIGNATURE
 from compiledopt.export.manifest import ArtifactError, check_manifest
@@ -153,12 +154,9 @@ def _check_files(directory: Path, data: bytes) -> None:
     """Check the manifest ``data`` as the loader does (strict JSON, the schema) and every file
     it lists against the digest it gives; :class:`ArtifactError` names the problem."""
 
-    def refuse(constant: str) -> None:
-        raise ValueError(f"{constant} is not JSON")
-
     try:
-        parsed = json.loads(data, parse_constant=refuse)
-    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        parsed = strict_json(data)
+    except ValueError as error:
         raise ArtifactError(f"{directory}: {MANIFEST} is not valid JSON: {error}") from None
     manifest = check_manifest(parsed, str(directory))
     artifact = Artifact(directory, manifest)

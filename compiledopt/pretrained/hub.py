@@ -26,7 +26,6 @@ call reuses the copy when the snapshot's manifest and signature are byte for byt
 """
 
 import itertools
-import json
 import os
 import re
 import shutil
@@ -37,6 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
+from compiledopt._validation import strict_json
 from compiledopt.cache import cache_root
 from compiledopt.export import Artifact, ArtifactError, load_artifact
 from compiledopt.export.artifact import MAX_FILE_BYTES, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
@@ -197,12 +197,9 @@ def _read_cached(snapshot: Path, name: str, limit: int) -> Optional[bytes]:
 
 
 def _parse_json(data: bytes, where: str) -> Any:
-    def refuse(constant: str) -> None:
-        raise ValueError(f"{constant} is not JSON")
-
     try:
-        return json.loads(data, parse_constant=refuse)
-    except (ValueError, RecursionError) as error:
+        return strict_json(data)
+    except ValueError as error:
         raise ArtifactError(f"{where}: {MANIFEST} is not valid JSON ({error})") from error
 
 

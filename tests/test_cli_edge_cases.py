@@ -1,0 +1,174 @@
+"""Edge cases a demanding user hits on the command line and when opening an artifact: each is
+refused with one message naming the offending value (on the command line: one line on stderr,
+exit status 2), before any long work and without changing a file."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import compiledopt.apps.finetune
+import compiledopt.bench
+import compiledopt.meta.launch
+from compiledopt import pretrained
+from compiledopt.cli import main
+from compiledopt.export import ArtifactError, load_artifact
+from compiledopt.export.replace import replaceable
+from compiledopt.meta import MetaLoop
+
+
+@pytest.fixture
+def artifact(tmp_path) -> Path:
+    """A copy of the packaged default optimizer (TorchScript and ONNX graphs)."""
+    return Path(shutil.copytree(pretrained.path(pretrained.DEFAULT), tmp_path / "artifact"))
+
+
+@pytest.fixture
+def no_long_work(monkeypatch, tmp_path):
+    """Meta-training, fine-tuning and timing fail the test: a refusal must come before them."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("long work started before the bad input was refused")
+
+    monkeypatch.setenv("COMPILEDOPT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(MetaLoop, "train", refuse)
+    monkeypatch.setattr(compiledopt.meta.launch, "run_meta", refuse)
+    monkeypatch.setattr(compiledopt.apps.finetune, "pretrain", refuse)
+    monkeypatch.setattr(compiledopt.bench, "benchmark", refuse)
+
+
+def _run(argv, capsys):
+    """``main(argv)``: status and stderr (argparse refusals give their exit status)."""
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as exit_info:
+        status = exit_info.code
+    return status, capsys.readouterr().err
+
+
+def _one_line(status, err, command: str) -> str:
+    assert status == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"compiledopt {command}: "), err
+    return lines[0]
+
+
+def _argparse_line(status, err, command: str) -> str:
+    assert status == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"compiledopt {command}: error: "), err
+    return last
+
+
+def _files(folder: Path):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# -- manifest.json must be strict JSON --------------------------------------------------------
+
+
+def _with_lr_twice(artifact: Path) -> bytes:
+    """The artifact's manifest with ``"lr": 0.5`` before its own ``lr`` (json.loads keeps the
+    last; a reader that keeps the first sees another artifact)."""
+    data = (artifact / "manifest.json").read_bytes()
+    assert data.startswith(b"{")
+    return b'{"lr": 0.5, ' + data[1:]
+
+
+def test_manifest_with_a_key_twice_is_refused(artifact):
+    (artifact / "manifest.json").write_bytes(_with_lr_twice(artifact))
+    with pytest.raises(
+        ArtifactError, match=r"manifest\.json is not valid JSON: duplicate key 'lr'"
+    ):
+        load_artifact(artifact)
+
+
+def test_inspect_refuses_a_manifest_with_a_key_twice(artifact, capsys):
+    (artifact / "manifest.json").write_bytes(_with_lr_twice(artifact))
+    line = _one_line(*_run(["inspect", artifact], capsys), "inspect")
+    assert "duplicate key 'lr'" in line and str(artifact) in line
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda text: text.encode("utf-16"),
+        lambda text: text.encode("utf-32"),
+        lambda text: b"\xef\xbb\xbf" + text.encode(),
+    ],
+    ids=["utf-16", "utf-32", "utf-8-bom"],
+)
+def test_manifest_that_is_not_plain_utf8_is_refused(artifact, encode):
+    text = (artifact / "manifest.json").read_text()
+    (artifact / "manifest.json").write_bytes(encode(text))
+    with pytest.raises(
+        ArtifactError, match=r"manifest\.json is not valid JSON: .*(utf-8|byte-order)"
+    ):
+        load_artifact(artifact)
+
+
+def test_signature_with_a_field_twice_is_refused(artifact, tmp_path):
+    pytest.importorskip("cryptography")
+    from compiledopt.export import signing
+
+    signing.generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub.pem")
+    signing.sign_artifact(artifact, tmp_path / "k.pem")
+    record = (artifact / "signature.json").read_bytes()
+    (artifact / "signature.json").write_bytes(b'{"algorithm": "rsa", ' + record.lstrip()[1:])
+    with pytest.raises(
+        ArtifactError, match=r"signature\.json is malformed.*duplicate key 'algorithm'"
+    ):
+        load_artifact(artifact, trusted_keys=[tmp_path / "k.pub.pem"])
+
+
+def test_sign_refuses_a_manifest_with_a_key_twice(artifact, tmp_path, capsys):
+    pytest.importorskip("cryptography")
+    assert (
+        _run(["keygen", "--private", tmp_path / "k.pem", "--public", tmp_path / "p"], capsys)[0]
+        == 0
+    )
+    (artifact / "manifest.json").write_bytes(_with_lr_twice(artifact))
+    before = _files(artifact)
+    line = _one_line(*_run(["sign", artifact, "--key", tmp_path / "k.pem"], capsys), "sign")
+    assert "duplicate key 'lr'" in line
+    assert _files(artifact) == before
+
+
+def test_overwrite_treats_a_manifest_with_a_key_twice_as_not_an_artifact(artifact):
+    (artifact / "manifest.json").write_bytes(_with_lr_twice(artifact))
+    assert replaceable(artifact) is not None
+
+
+# -- JSON given on the command line or in --config --------------------------------------------
+
+
+def test_train_config_with_a_key_twice_is_refused(tmp_path, no_long_work, capsys):
+    config = tmp_path / "run.json"
+    config.write_text('{"meta_steps": 1, "unroll": 2, "meta_steps": 1000}')
+    argv = ["train", "--config", config, "--output", tmp_path / "out.pt"]
+    line = _one_line(*_run(argv, capsys), "train")
+    assert f"--config {config}" in line and "duplicate key 'meta_steps'" in line
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_train_kwargs_with_a_key_twice_are_refused(tmp_path, no_long_work, capsys):
+    kwargs = '{"init": 0.1, "init": 0.2}'
+    argv = ["train", "--transform", "learned-step-size", "--transform-kwargs", kwargs]
+    line = _argparse_line(*_run([*argv, "--output", tmp_path / "out.pt"], capsys), "train")
+    assert "duplicate key 'init'" in line
+
+
+def test_strict_json_still_reads_what_json_reads(artifact):
+    # The strict parser refuses only what the checks above name: a real manifest, nested
+    # objects with the same key at different levels, and unicode all load as before.
+    loaded = load_artifact(artifact)
+    assert loaded.manifest == json.loads((artifact / "manifest.json").read_text())
+    from compiledopt._validation import strict_json
+
+    assert strict_json('{"a": {"a": 1}, "b": ["é", {"a": 2}]}') == {
+        "a": {"a": 1},
+        "b": ["é", {"a": 2}],
+    }
