@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import compiledopt.apps.finetune
 import compiledopt.bench
 import compiledopt.meta.launch
-from compiledopt import pretrained
+from compiledopt import FrozenOptimizer, pretrained
 from compiledopt.cli import main
 from compiledopt.export import ArtifactError, load_artifact
 from compiledopt.export.replace import replaceable
@@ -159,6 +160,45 @@ def test_train_kwargs_with_a_key_twice_are_refused(tmp_path, no_long_work, capsy
     argv = ["train", "--transform", "learned-step-size", "--transform-kwargs", kwargs]
     line = _argparse_line(*_run([*argv, "--output", tmp_path / "out.pt"], capsys), "train")
     assert "duplicate key 'init'" in line
+
+
+# -- trust_code is a bool ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["no", "False", 0.0, 1, None])
+def test_load_artifact_refuses_a_trust_code_that_is_not_a_bool(artifact, value):
+    with pytest.raises(ValueError, match=f"Invalid trust_code: {value!r} \\(expected a bool\\)"):
+        load_artifact(artifact, trust_code=value)
+
+
+def test_trusting_refuses_a_code_that_is_not_a_bool(artifact):
+    with pytest.raises(ValueError, match="Invalid trust_code: 'no'"):
+        load_artifact(artifact).trusting("no")
+    assert load_artifact(artifact).trusting(False).code_trusted is False
+
+
+# -- an empty path is not the working directory -----------------------------------------------
+
+
+def test_an_empty_path_does_not_open_the_working_directory(artifact, monkeypatch):
+    monkeypatch.chdir(artifact)  # an artifact that "" would silently open
+    for open_it in (
+        load_artifact,
+        pretrained.resolve,
+        pretrained.open_artifact,
+        lambda p: FrozenOptimizer(torch.nn.Linear(2, 2).parameters(), p),
+    ):
+        with pytest.raises(ArtifactError, match=r"artifact not found: the path is empty \(''\)"):
+            open_it("")
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify", "finetune", "bench"])
+def test_commands_refuse_an_empty_artifact_path(
+    command, artifact, monkeypatch, no_long_work, capsys
+):
+    monkeypatch.chdir(artifact)
+    line = _one_line(*_run([command, ""], capsys), command)
+    assert line.endswith("artifact not found: the path is empty ('')")
 
 
 def test_strict_json_still_reads_what_json_reads(artifact):

@@ -46,7 +46,7 @@ from safetensors.torch import load
 from torch import Tensor, nn
 
 from compiledopt._identity import unique_by_identity
-from compiledopt._validation import strict_json
+from compiledopt._validation import check_flag, strict_json
 from compiledopt.export import backend as registry
 from compiledopt.export import signatures
 from compiledopt.export import spec as specs
@@ -148,8 +148,9 @@ class Artifact:
         return self.manifest.get("bindings", [])
 
     def trusting(self, code: bool = True) -> "Artifact":
-        """This artifact with :attr:`code_trusted` set to ``code`` (the user vouches for it)."""
-        return dataclasses.replace(self, code_trusted=bool(code))
+        """This artifact with :attr:`code_trusted` set to ``code`` (the user vouches for it); a
+        ``code`` that is not a bool (``"no"`` is truthy) is a ``ValueError``."""
+        return dataclasses.replace(self, code_trusted=check_flag(code, "trust_code"))
 
     def may_load(self, backend: str) -> bool:
         """Whether ``backend``'s graphs may be loaded from this artifact: always for graphs that
@@ -400,7 +401,8 @@ def load_artifact(
             carry a valid signature (``signature.json``) by one of them, checked before anything
             else is read; a valid signature trusts its code. Needs ``cryptography``.
     """
-    path = Path(path)
+    check_flag(trust_code, "trust_code")
+    path = _artifact_path(path)
     keys = None
     if trusted_keys is not None:
         if isinstance(trusted_keys, (str, bytes, os.PathLike)):
@@ -418,10 +420,17 @@ def load_artifact(
         signature = read_regular(path, SIGNATURE, MAX_SIGNATURE_BYTES)
         signed_by = signatures.verify_manifest(data, signature, keys, str(path))
     manifest = check_manifest(_parse_json(data, path), str(path))
-    artifact = Artifact(path, manifest, bool(trust_code) or signed_by is not None, signed_by)
+    artifact = Artifact(path, manifest, trust_code or signed_by is not None, signed_by)
     for name in manifest["files"]:
         artifact.read(name)
     return artifact
+
+
+def _artifact_path(path: "str | os.PathLike") -> Path:
+    """``path`` as a ``Path``, refusing an empty one (``Path("")`` is the working directory)."""
+    if isinstance(path, str) and not path:
+        raise ArtifactError(f"artifact not found: the path is empty ({path!r})")
+    return Path(path)
 
 
 def _few(names: List[str]) -> str:

@@ -113,8 +113,10 @@ def resolve(path_or_name: "str | os.PathLike") -> Path:
 
     Raises:
         ArtifactError: neither an existing path nor a packaged name (the message names it and
-            lists the packaged ones).
+            lists the packaged ones); an empty string is neither, not the working directory.
     """
+    if isinstance(path_or_name, str) and not path_or_name:  # Path("") is the working directory
+        raise ArtifactError("artifact not found: the path is empty ('')")
     given = Path(path_or_name)
     if given.exists():
         return given
