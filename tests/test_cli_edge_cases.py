@@ -201,6 +201,29 @@ def test_commands_refuse_an_empty_artifact_path(
     assert line.endswith("artifact not found: the path is empty ('')")
 
 
+# -- a backend or a thread count named twice --------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["finetune", "demo"])
+def test_backends_named_twice_are_refused(command, artifact, tmp_path, no_long_work, capsys):
+    argv = [command, artifact] if command == "finetune" else [command, "--workdir", tmp_path / "w"]
+    line = _one_line(*_run([*argv, "--backends", "onnx,eager,onnx"], capsys), command)
+    assert line.endswith("--backends 'onnx,eager,onnx': backend 'onnx' repeated")
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--backends", "onnx, onnx", "backend 'onnx' repeated in 'onnx, onnx'"),
+        ("--threads", "1,01", "thread count 1 repeated in '1,01'"),
+    ],
+)
+def test_bench_refuses_a_repeated_item(option, value, message, artifact, no_long_work, capsys):
+    line = _argparse_line(*_run(["bench", artifact, option, value], capsys), "bench")
+    assert line.endswith(f"argument {option}: {message}")
+
+
 def test_strict_json_still_reads_what_json_reads(artifact):
     # The strict parser refuses only what the checks above name: a real manifest, nested
     # objects with the same key at different levels, and unicode all load as before.

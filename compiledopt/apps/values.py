@@ -153,10 +153,13 @@ def rank_list(limit: int) -> Callable[[str], List[int]]:
 
 
 def thread_counts(text: str) -> List[int]:
-    """Comma-separated positive thread counts, at most the machine's cores."""
+    """Comma-separated distinct positive thread counts, at most the machine's cores."""
     counts = [positive_int(item) for item in comma_list(text)]
     if not counts:
         raise ValueError(f"needs at least one thread count, got {text!r}")
+    repeated = [count for i, count in enumerate(counts) if count in counts[:i]]
+    if repeated:
+        raise ValueError(f"thread count {repeated[0]} repeated in {text!r}")
     cores = os.cpu_count() or 1
     above = [count for count in counts if count > cores]
     if above:

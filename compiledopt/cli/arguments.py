@@ -78,10 +78,14 @@ def rank_list(limit: int) -> Callable[[str], List[int]]:
 
 def backend_list(text: str, option: str = "--backends") -> List[str]:
     """The backends of a comma-separated ``option`` (checked against the artifact later), or a
-    ``ValueError`` if it names none."""
+    ``ValueError`` if it names none or one twice (which would run it twice, or export its
+    graphs twice, for one result)."""
     names = comma_list(text)
     if not names:
         raise ValueError(f"{option} {text!r}: needs at least one backend")
+    repeated = [name for i, name in enumerate(names) if name in names[:i]]
+    if repeated:
+        raise ValueError(f"{option} {text!r}: backend {repeated[0]!r} repeated")
     return names
 
 

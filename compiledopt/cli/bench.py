@@ -27,10 +27,14 @@ MAX_REPEATS = 100_000
 
 
 def _backend_names(text: str) -> List[str]:
-    """argparse type: comma-separated backend names (checked against the artifact later)."""
+    """argparse type: comma-separated distinct backend names (checked against the artifact
+    later)."""
     names = comma_list(text)
     if not names:
         raise argparse.ArgumentTypeError(f"needs at least one backend, got {text!r}")
+    repeated = [name for i, name in enumerate(names) if name in names[:i]]
+    if repeated:
+        raise argparse.ArgumentTypeError(f"backend {repeated[0]!r} repeated in {text!r}")
     return names
 
 
