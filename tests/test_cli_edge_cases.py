@@ -235,3 +235,28 @@ def test_strict_json_still_reads_what_json_reads(artifact):
         "a": {"a": 1},
         "b": ["é", {"a": 2}],
     }
+
+
+# -- bench's output files -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "plot, message",
+    [
+        ("{json}", "the same file as --json {json}"),
+        ("result.out", "ends in .out; name the image format by its extension (one of "),
+        ("result", "has no extension; name the image format by its extension (one of "),
+    ],
+    ids=["same-as-json", "unknown-format", "no-extension"],
+)
+def test_bench_refuses_a_plot_it_cannot_write_before_timing(
+    plot, message, artifact, tmp_path, no_long_work, monkeypatch, capsys
+):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    json_path = str(tmp_path / "result.png")
+    plot = plot.format(json=json_path)
+    argv = ["bench", artifact, "--json", json_path, "--plot", plot]
+    line = _one_line(*_run(argv, capsys), "bench")
+    assert f"--plot {plot}: {message.format(json=json_path)}" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]

@@ -4,7 +4,9 @@ result written, as asked, as JSON and as a bar chart (which needs matplotlib, th
 extra). Everything (matplotlib, the output paths, the artifact and its backends) is checked
 before the minutes of timing."""
 
+import io
 import json
+import os
 from pathlib import Path
 from typing import IO, Any, List, Optional, Sequence
 
@@ -20,13 +22,49 @@ MODELS = ("mlp", "convnet", "transformer")
 
 
 def check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
-    """Refuse, before any work, a plot without matplotlib or an output file that cannot be
-    written (named by its option, ``--json`` or ``--plot``)."""
+    """Refuse, before any work, a plot without matplotlib, a plot whose file name does not end
+    in an image format matplotlib writes here (``.png``, ``.svg``, ``.pdf``...: the format is
+    the extension's, and without one matplotlib would add ``.png`` to the name), both outputs
+    to one file, or an output file that cannot be written (named by its option, ``--json`` or
+    ``--plot``)."""
     if plot_path:
         require("matplotlib", "bench")
+        _check_plot_format(plot_path)
+        if json_path and os.path.abspath(json_path) == os.path.abspath(plot_path):
+            raise ValueError(f"--plot {plot_path}: the same file as --json {json_path}")
     for option, path in (("--json", json_path), ("--plot", plot_path)):
         if path is not None:
             check_output_file(path, option)
+
+
+def _check_plot_format(path: str) -> None:
+    """Refuse ``path`` unless matplotlib can write a figure in the format its extension names
+    (tried on a figure of one word, in memory: a format may need Pillow, or LaTeX for text)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suffix = Path(path).suffix.lstrip(".").lower()
+    figure = plt.figure()
+    try:
+        formats = figure.canvas.get_supported_filetypes()
+        if suffix not in formats:
+            given = f"ends in .{suffix}" if suffix else "has no extension"
+            raise ValueError(
+                f"--plot {path}: {given}; name the image format by its extension (one of "
+                f"{', '.join('.' + f for f in sorted(formats))})"
+            )
+        figure.text(0.5, 0.5, "ms")
+        try:
+            figure.savefig(io.BytesIO(), format=suffix)
+        except Exception as error:  # the format's own dependencies (Pillow, LaTeX)
+            raise ValueError(
+                f"--plot {path}: matplotlib cannot write .{suffix} here ({type(error).__name__}: "
+                f"{str(error)[:200]})"
+            ) from None
+    finally:
+        plt.close(figure)
 
 
 def run_bench(

@@ -92,8 +92,9 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
         "--plot",
         metavar="PATH",
         default=None,
-        help="write a bar chart of step times to PATH (PNG; needs matplotlib: "
-        "compiledopt[bench]) (default: no file is written)",
+        help="write a bar chart of step times to PATH, in the image format its extension names "
+        "(.png, .svg, .pdf...; needs matplotlib: compiledopt[bench]) (default: no file is "
+        "written)",
     )
     add_trust_options(parser)
     return parser
