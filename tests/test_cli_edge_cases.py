@@ -260,3 +260,27 @@ def test_bench_refuses_a_plot_it_cannot_write_before_timing(
     line = _one_line(*_run(argv, capsys), "bench")
     assert f"--plot {plot}: {message.format(json=json_path)}" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+
+
+# -- an output file named with a trailing separator -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["train", "--transform", "learned-step-size", "--output", "{dir}/run.pt/"], "--output"),
+        (["bench", "{artifact}", "--json", "{dir}/result.json/"], "--json"),
+        (["keygen", "--private", "{dir}/key.pem/", "--public", "{dir}/key.pub"], "--private"),
+        (["keygen", "--private", "{dir}/key.pem", "--public", "{dir}/key.pub/"], "--public"),
+    ],
+    ids=["train-output", "bench-json", "keygen-private", "keygen-public"],
+)
+def test_an_output_file_ending_in_a_separator_is_refused_before_any_work(
+    argv, option, artifact, tmp_path, no_long_work, capsys
+):
+    folder = tmp_path / "out"
+    argv = [a.format(dir=folder, artifact=artifact) for a in argv]
+    path = argv[argv.index(option) + 1]
+    line = _one_line(*_run(argv, capsys), argv[0])
+    assert line.endswith(f"{option} {path}: ends in '/', a folder's name, not a file")
+    assert not folder.exists()

@@ -119,13 +119,19 @@ def _check_writable_location(path: str, option: str, folder: Optional[str] = Non
 
 
 def check_output_file(path: str, option: str, exists_ok: bool = True) -> str:
-    """``path`` if a file can be written there: not a directory, in a folder that exists or can
-    be created and is writable (checked now, before any work); else an error naming ``option``.
-    With ``exists_ok=False`` an existing file is refused too."""
+    """``path`` if a file can be written there: not a directory, nor a name ending in a path
+    separator (a folder's: torch refused to save there after the work, other writers dropped
+    the separator), in a folder that exists or can be created and is writable (checked now,
+    before any work); else an error naming ``option``. With ``exists_ok=False`` an existing file
+    is refused too."""
     if not isinstance(path, str) or not path:
         raise ValueError(f"{option}: needs a file path, got {path!r}")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{option} {path}: is a directory, not a file")
+    if path.endswith(tuple(s for s in (os.sep, os.altsep) if s)):
+        raise IsADirectoryError(
+            f"{option} {path}: ends in {path[-1]!r}, a folder's name, not a file"
+        )
     if os.path.exists(path) and not exists_ok:
         raise FileExistsError(f"{option} {path}: exists")
     _check_writable_location(path, option)
