@@ -284,3 +284,26 @@ def test_an_output_file_ending_in_a_separator_is_refused_before_any_work(
     line = _one_line(*_run(argv, capsys), argv[0])
     assert line.endswith(f"{option} {path}: ends in '/', a folder's name, not a file")
     assert not folder.exists()
+
+
+# -- a training block that JSON cannot hold names the value -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "training, where",
+    [
+        (
+            {"deep": {"x": [1, float("inf")]}},
+            "training['deep']['x'][1] is inf, not a finite number",
+        ),
+        ({"a": float("nan")}, "training['a'] is nan, not a finite number"),
+        ({"a": [torch.zeros(1)]}, "training['a'][0] is a Tensor, not a JSON value"),
+    ],
+    ids=["inf", "nan", "tensor"],
+)
+def test_check_training_names_the_value_json_cannot_hold(training, where):
+    from compiledopt.export.manifest import check_training
+
+    with pytest.raises(ValueError) as raised:
+        check_training(training)
+    assert str(raised.value) == f"'training' must hold only JSON values: {where}"

@@ -7,6 +7,7 @@ allocated. Every problem is an :class:`ArtifactError` naming the field.
 
 import inspect
 import json
+import math
 import typing
 from typing import Any, Dict, List, Mapping, Sequence
 
@@ -149,9 +150,35 @@ def check_training(training: Any) -> Dict[str, Any]:
     try:
         return json.loads(json.dumps(dict(training), allow_nan=False))
     except (TypeError, ValueError) as error:
-        raise ValueError(f"'training' must hold only JSON values: {error}") from None
+        bad = _not_json(dict(training), "training")
+        raise ValueError(f"'training' must hold only JSON values: {bad or error}") from None
     except RecursionError:
         raise ValueError("'training' must hold only JSON values: it nests too deeply") from None
+
+
+def _not_json(value: Any, where: str, depth: int = 0) -> str:
+    """Where in ``value`` the first value JSON cannot hold is, and what it is (``training['a']
+    [1] is nan, not a finite number``); ``""`` if none is found within a depth of 64."""
+    if depth > 64:
+        return ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} is {value}, not a finite number"
+    if isinstance(value, (list, tuple)):
+        items: Any = enumerate(value)
+    elif isinstance(value, dict):
+        items = value.items()
+        for key in value:
+            if not isinstance(key, str):
+                return f"{where} has the key {_show(key)}, not a string"
+    elif value is None or isinstance(value, (str, int, float)):
+        return ""
+    else:
+        return f"{where} is a {type(value).__name__}, not a JSON value"
+    for key, item in items:
+        found = _not_json(item, f"{where}[{key!r}]", depth + 1)
+        if found:
+            return found
+    return ""
 
 
 # -- messages ---------------------------------------------------------------------------------
