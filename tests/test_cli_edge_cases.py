@@ -307,3 +307,34 @@ def test_check_training_names_the_value_json_cannot_hold(training, where):
     with pytest.raises(ValueError) as raised:
         check_training(training)
     assert str(raised.value) == f"'training' must hold only JSON values: {where}"
+
+
+# -- sign leaves nothing behind when it cannot write signature.json ---------------------------
+
+
+def test_sign_refuses_a_signature_path_that_is_a_directory(artifact, tmp_path, capsys):
+    pytest.importorskip("cryptography")
+    from compiledopt.export import signing
+
+    signing.generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub.pem")
+    (artifact / "signature.json").mkdir()
+    before = sorted(p.name for p in artifact.iterdir())
+    line = _one_line(*_run(["sign", artifact, "--key", tmp_path / "k.pem"], capsys), "sign")
+    assert line.endswith(f"{artifact}: signature.json is a directory, not a signature file")
+    assert sorted(p.name for p in artifact.iterdir()) == before
+
+
+def test_sign_interrupted_while_writing_leaves_no_temporary_file(artifact, tmp_path, monkeypatch):
+    pytest.importorskip("cryptography")
+    from compiledopt.export import signing
+
+    signing.generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub.pem")
+    before = _files(artifact)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(signing.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        signing.sign_artifact(artifact, tmp_path / "k.pem")
+    assert _files(artifact) == before

@@ -121,11 +121,19 @@ def sign_artifact(directory: "str | os.PathLike", private_key: "str | os.PathLik
         "public_key": raw_public_key(key.public_key()).hex(),
         "signature": signature.hex(),
     }
+    target = directory / SIGNATURE
+    if target.is_dir() and not target.is_symlink():  # os.replace would name the temporary file
+        raise ArtifactError(f"{directory}: {SIGNATURE} is a directory, not a signature file")
     handle, temporary = tempfile.mkstemp(prefix=f".{SIGNATURE}.", dir=directory)
-    with os.fdopen(handle, "w") as file:
-        file.write(json.dumps(record, indent=2) + "\n")
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, directory / SIGNATURE)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(json.dumps(record, indent=2) + "\n")
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:  # never leave the temporary file in the artifact (nor Ctrl-C's)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
     if _read_manifest(directory) != data:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(directory / SIGNATURE)
