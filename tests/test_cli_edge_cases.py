@@ -338,3 +338,22 @@ def test_sign_interrupted_while_writing_leaves_no_temporary_file(artifact, tmp_p
     with pytest.raises(KeyboardInterrupt):
         signing.sign_artifact(artifact, tmp_path / "k.pem")
     assert _files(artifact) == before
+
+
+def test_generate_keypair_refuses_one_path_for_both_keys(tmp_path, monkeypatch):
+    pytest.importorskip("cryptography")
+    from compiledopt.export import signing
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^k\.pem: the same path as the private key k\.pem$"):
+        signing.generate_keypair("k.pem", "./k.pem")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_keypair_leaves_no_private_key_without_its_public_key(tmp_path):
+    pytest.importorskip("cryptography")
+    from compiledopt.export import signing
+
+    with pytest.raises(FileNotFoundError):
+        signing.generate_keypair(tmp_path / "k.pem", tmp_path / "missing" / "k.pub.pem")
+    assert list(tmp_path.iterdir()) == []

@@ -52,12 +52,16 @@ __all__ = [
 
 def generate_keypair(private_path: "str | os.PathLike", public_path: "str | os.PathLike") -> str:
     """Write a new Ed25519 key pair as PEM files and return the public key's fingerprint. The
-    private key file is created readable by its owner only; neither file may exist already."""
+    private key file is created readable by its owner only; neither file may exist already, nor
+    may they be one path (the public key would replace the private one). If the public key
+    cannot be written, the private key file just created is removed (and the error raised)."""
     require()
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     private_path, public_path = Path(private_path), Path(public_path)
+    if os.path.abspath(private_path) == os.path.abspath(public_path):
+        raise ValueError(f"{public_path}: the same path as the private key {private_path}")
     for path in (private_path, public_path):
         if path.exists():
             raise FileExistsError(f"{path} exists: refusing to overwrite a key")
@@ -70,10 +74,18 @@ def generate_keypair(private_path: "str | os.PathLike", public_path: "str | os.P
     public = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(private)
-    public_path.write_bytes(public)
+    written = []
+    try:
+        for path, data, mode in ((private_path, private, 0o600), (public_path, public, 0o644)):
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            written.append(path)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+    except BaseException:  # no half pair: a private key whose public key was never written
+        for path in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
     return fingerprint(raw_public_key(key.public_key()))
 
 
