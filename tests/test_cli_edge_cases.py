@@ -357,3 +357,19 @@ def test_generate_keypair_leaves_no_private_key_without_its_public_key(tmp_path)
     with pytest.raises(FileNotFoundError):
         signing.generate_keypair(tmp_path / "k.pem", tmp_path / "missing" / "k.pub.pem")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- train --processes beyond the task slots --------------------------------------------------
+
+
+def test_train_refuses_more_processes_than_task_slots_before_spawning(
+    tmp_path, no_long_work, capsys
+):
+    argv = ["train", "--transform", "learned-step-size", "--meta-steps", "1", "--no-progress"]
+    argv += ["--tasks-per-step", "2", "--processes", "9999", "--output", tmp_path / "run.pt"]
+    line = _one_line(*_run(argv, capsys), "train")
+    assert line.endswith(
+        "--processes 9999: more than the 2 task slots (--tasks-per-step) to spread over them; a "
+        "rank without a slot would be an idle process"
+    )
+    assert not (tmp_path / "run.pt").exists()

@@ -147,6 +147,12 @@ def _train(s: TrainSettings, plan: _Plan) -> Tuple[List[float], List[Tuple[int, 
     from compiledopt.meta.launch import run_meta
 
     config = plan.config
+    if s.processes > config.tasks_per_step:  # the ranks past the slots would only idle
+        raise ValueError(
+            f"--processes {s.processes}: more than the {config.tasks_per_step} task slots "
+            "(--tasks-per-step) to spread over them; a rank without a slot would be an idle "
+            "process"
+        )
     fields = {f.name for f in dataclasses.fields(config)}
     run_settings = {
         "transform": s.transform,
