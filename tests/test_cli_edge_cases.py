@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import one_line
 
 import compiledopt.apps.finetune
 import compiledopt.bench
@@ -48,14 +49,6 @@ def _run(argv, capsys):
     return status, capsys.readouterr().err
 
 
-def _one_line(status, err, command: str) -> str:
-    assert status == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"compiledopt {command}: "), err
-    return lines[0]
-
-
 def _argparse_line(status, err, command: str) -> str:
     assert status == 2, err
     assert "Traceback" not in err
@@ -89,7 +82,7 @@ def test_manifest_with_a_key_twice_is_refused(artifact):
 
 def test_inspect_refuses_a_manifest_with_a_key_twice(artifact, capsys):
     (artifact / "manifest.json").write_bytes(_with_lr_twice(artifact))
-    line = _one_line(*_run(["inspect", artifact], capsys), "inspect")
+    line = one_line(*_run(["inspect", artifact], capsys), "inspect")
     assert "duplicate key 'lr'" in line and str(artifact) in line
 
 
@@ -133,7 +126,7 @@ def test_sign_refuses_a_manifest_with_a_key_twice(artifact, tmp_path, capsys):
     )
     (artifact / "manifest.json").write_bytes(_with_lr_twice(artifact))
     before = _files(artifact)
-    line = _one_line(*_run(["sign", artifact, "--key", tmp_path / "k.pem"], capsys), "sign")
+    line = one_line(*_run(["sign", artifact, "--key", tmp_path / "k.pem"], capsys), "sign")
     assert "duplicate key 'lr'" in line
     assert _files(artifact) == before
 
@@ -150,7 +143,7 @@ def test_train_config_with_a_key_twice_is_refused(tmp_path, no_long_work, capsys
     config = tmp_path / "run.json"
     config.write_text('{"meta_steps": 1, "unroll": 2, "meta_steps": 1000}')
     argv = ["train", "--config", config, "--output", tmp_path / "out.pt"]
-    line = _one_line(*_run(argv, capsys), "train")
+    line = one_line(*_run(argv, capsys), "train")
     assert f"--config {config}" in line and "duplicate key 'meta_steps'" in line
     assert not (tmp_path / "out.pt").exists()
 
@@ -197,7 +190,7 @@ def test_commands_refuse_an_empty_artifact_path(
     command, artifact, monkeypatch, no_long_work, capsys
 ):
     monkeypatch.chdir(artifact)
-    line = _one_line(*_run([command, ""], capsys), command)
+    line = one_line(*_run([command, ""], capsys), command)
     assert line.endswith("artifact not found: the path is empty ('')")
 
 
@@ -207,7 +200,7 @@ def test_commands_refuse_an_empty_artifact_path(
 @pytest.mark.parametrize("command", ["finetune", "demo"])
 def test_backends_named_twice_are_refused(command, artifact, tmp_path, no_long_work, capsys):
     argv = [command, artifact] if command == "finetune" else [command, "--workdir", tmp_path / "w"]
-    line = _one_line(*_run([*argv, "--backends", "onnx,eager,onnx"], capsys), command)
+    line = one_line(*_run([*argv, "--backends", "onnx,eager,onnx"], capsys), command)
     assert line.endswith("--backends 'onnx,eager,onnx': backend 'onnx' repeated")
     assert not (tmp_path / "w").exists()
 
@@ -257,7 +250,7 @@ def test_bench_refuses_a_plot_it_cannot_write_before_timing(
     json_path = str(tmp_path / "result.png")
     plot = plot.format(json=json_path)
     argv = ["bench", artifact, "--json", json_path, "--plot", plot]
-    line = _one_line(*_run(argv, capsys), "bench")
+    line = one_line(*_run(argv, capsys), "bench")
     assert f"--plot {plot}: {message.format(json=json_path)}" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
 
@@ -281,7 +274,7 @@ def test_an_output_file_ending_in_a_separator_is_refused_before_any_work(
     folder = tmp_path / "out"
     argv = [a.format(dir=folder, artifact=artifact) for a in argv]
     path = argv[argv.index(option) + 1]
-    line = _one_line(*_run(argv, capsys), argv[0])
+    line = one_line(*_run(argv, capsys), argv[0])
     assert line.endswith(f"{option} {path}: ends in '/', a folder's name, not a file")
     assert not folder.exists()
 
@@ -319,7 +312,7 @@ def test_sign_refuses_a_signature_path_that_is_a_directory(artifact, tmp_path, c
     signing.generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub.pem")
     (artifact / "signature.json").mkdir()
     before = sorted(p.name for p in artifact.iterdir())
-    line = _one_line(*_run(["sign", artifact, "--key", tmp_path / "k.pem"], capsys), "sign")
+    line = one_line(*_run(["sign", artifact, "--key", tmp_path / "k.pem"], capsys), "sign")
     assert line.endswith(f"{artifact}: signature.json is a directory, not a signature file")
     assert sorted(p.name for p in artifact.iterdir()) == before
 
@@ -367,7 +360,7 @@ def test_train_refuses_more_processes_than_task_slots_before_spawning(
 ):
     argv = ["train", "--transform", "learned-step-size", "--meta-steps", "1", "--no-progress"]
     argv += ["--tasks-per-step", "2", "--processes", "9999", "--output", tmp_path / "run.pt"]
-    line = _one_line(*_run(argv, capsys), "train")
+    line = one_line(*_run(argv, capsys), "train")
     assert line.endswith(
         "--processes 9999: more than the 2 task slots (--tasks-per-step) to spread over them; a "
         "rank without a slot would be an idle process"

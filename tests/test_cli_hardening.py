@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import one_line
 
 from compiledopt.cli import main
 from compiledopt.export import (
@@ -97,14 +98,6 @@ def _run(argv, capsys):
     return status, captured.out, captured.err
 
 
-def _one_line(status, err, command: str) -> str:
-    assert status == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"compiledopt {command}: "), err
-    return lines[0]
-
-
 # -- verify: NaN is never ok ----------------------------------------------------------------------
 
 
@@ -152,7 +145,7 @@ def test_verify_refuses_bindings_too_large_to_allocate(tmp_path, capsys):
     _edit_manifest(path, enlarge)
     load_artifact(path)  # the manifest is valid: only what replaying it needs is too large
     status, out, err = _run(["verify", path, "--steps", "2"], capsys)
-    line = _one_line(status, err, "verify")
+    line = one_line(status, err, "verify")
     assert "(1048576, 1048576)" in line and "'w'" in line, line
     assert out == ""
 
@@ -165,7 +158,7 @@ def test_verify_names_a_corrupt_onnx_graph(built, tmp_path, capsys):
     data = (path / "rule_rank1.onnx").read_bytes()
     _replace_file(path, "rule_rank1.onnx", data[: len(data) // 3] + b"\xff" * 64)
     status, _, err = _run(["verify", path, "--steps", "2"], capsys)
-    line = _one_line(status, err, "verify")
+    line = one_line(status, err, "verify")
     assert str(path) in line and "rule_rank1.onnx" in line, line
 
 
@@ -173,25 +166,25 @@ def test_verify_names_junk_weights(built, tmp_path, capsys):
     path = _copy(built, "good", tmp_path)
     _replace_file(path, "weights.safetensors", b"\x10" + bytes(7) + b"junk junk junk j")
     status, _, err = _run(["verify", path, "--steps", "2"], capsys)
-    line = _one_line(status, err, "verify")
+    line = one_line(status, err, "verify")
     assert str(path) in line and "weights.safetensors" in line, line
 
 
-def test_a_corrupt_torchscript_graph_is_one_line(built, tmp_path, capsys):
+def test_a_corrupt_torchscript_graph_isone_line(built, tmp_path, capsys):
     path = _copy(built, "good", tmp_path)
     _replace_file(path, "rule.pt", b"PK\x03\x04" + bytes(200))
     status, _, err = _run(["verify", path, "--steps", "2", "--trust-code"], capsys)
-    line = _one_line(status, err, "verify")
+    line = one_line(status, err, "verify")
     assert str(path) in line, line
 
 
-def test_bench_reports_junk_weights_in_one_line(built, tmp_path, capsys):
+def test_bench_reports_junk_weights_inone_line(built, tmp_path, capsys):
     # bench loads through the optimizer, not through verify: the CLI's boundary catches it
     path = _copy(built, "good", tmp_path)
     _replace_file(path, "weights.safetensors", b"\x10" + bytes(7) + b"junk junk junk j")
     argv = ["bench", path, "--backends", "eager", "--repeats", "1", "--warmup", "1"]
     status, _, err = _run(argv, capsys)
-    line = _one_line(status, err, "bench")
+    line = one_line(status, err, "bench")
     assert str(path) in line, line
 
 
@@ -233,7 +226,7 @@ def _torchscript_junk():
 @pytest.mark.parametrize(
     "read", [_safetensors_junk, _onnxruntime_junk, _torchscript_junk], ids=lambda f: f.__name__
 )
-def test_the_boundary_reports_a_loader_library_error_in_one_line(read, monkeypatch, capsys):
+def test_the_boundary_reports_a_loader_library_error_inone_line(read, monkeypatch, capsys):
     """Whatever path reaches them, the real errors of safetensors, onnxruntime and torch's
     TorchScript reader on junk bytes are one line naming the command's input, status 2."""
     import compiledopt.cli.inspect as inspect_command
@@ -246,7 +239,7 @@ def test_the_boundary_reports_a_loader_library_error_in_one_line(read, monkeypat
 
     monkeypatch.setattr(inspect_command, "run", reading)
     status, _, err = _run(["inspect", "/the/input/artifact"], capsys)
-    line = _one_line(status, err, "inspect")
+    line = one_line(status, err, "inspect")
     assert "/the/input/artifact" in line, line
 
 
@@ -264,7 +257,7 @@ def test_programming_errors_still_show_a_traceback(monkeypatch):
             main(["inspect", "--list"])
 
 
-def test_an_os_error_naming_its_file_is_one_line(monkeypatch, capsys):
+def test_an_os_error_naming_its_file_isone_line(monkeypatch, capsys):
     import errno
 
     import compiledopt.cli.inspect as inspect_command
@@ -274,7 +267,7 @@ def test_an_os_error_naming_its_file_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(inspect_command, "run", full)
     status, _, err = _run(["inspect", "--list"], capsys)
-    line = _one_line(status, err, "inspect")
+    line = one_line(status, err, "inspect")
     assert "/some/where/rule.pt" in line and "No space left" in line
 
 
@@ -310,7 +303,7 @@ def test_an_error_quoting_the_artifact_is_escaped(built, tmp_path, capsys):
 
     _edit_manifest(path, poison)
     status, _, err = _run(["inspect", path], capsys)
-    _one_line(status, err, "inspect")
+    one_line(status, err, "inspect")
     assert not UNSAFE & set(err.rstrip("\n")), err
 
 
@@ -401,7 +394,7 @@ def test_sign_signs_the_manifest_it_verified(built, keys, tmp_path, monkeypatch,
         signed = load_artifact(path, trusted_keys=[keys / "public.pem"])
         assert signed.signed_by is not None
     else:
-        line = _one_line(status, err, "sign")
+        line = one_line(status, err, "sign")
         assert "manifest.json" in line, line
 
 
