@@ -4,7 +4,6 @@ result written, as asked, as JSON and as a bar chart (which needs matplotlib, th
 extra). Everything (matplotlib, the output paths, the artifact and its backends) is checked
 before the minutes of timing."""
 
-import io
 import json
 import os
 from pathlib import Path
@@ -40,6 +39,8 @@ def check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
 def _check_plot_format(path: str) -> None:
     """Refuse ``path`` unless matplotlib can write a figure in the format its extension names
     (tried on a figure of one word, in memory: a format may need Pillow, or LaTeX for text)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
