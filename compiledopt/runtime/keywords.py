@@ -133,14 +133,19 @@ def _fused_backend(backend: str, fused: Optional[Any]) -> str:
     )
 
 
+def _foreign_entry(group: Any) -> Optional[str]:
+    """The first of :data:`FOREIGN_GROUP_KEYS` the param group ``group`` holds, or ``None``."""
+    return next((key for key in FOREIGN_GROUP_KEYS if key in group), None)
+
+
 def check_new_group(group: Any) -> None:
     """``ValueError`` naming the entry if the param group ``group`` given to a FrozenOptimizer
     holds one of :data:`FOREIGN_GROUP_KEYS`: a setting it does not have (it would be ignored,
     and its own state_dict then refused as another optimizer's)."""
-    found = [key for key in FOREIGN_GROUP_KEYS if key in group]
-    if found:
+    key = _foreign_entry(group)
+    if key is not None:
         raise ValueError(
-            f"Invalid param group entry {found[0]!r} ({group[found[0]]!r}): a setting of other "
+            f"Invalid param group entry {key!r} ({group[key]!r}): a setting of other "
             "optimizers (torch.optim.AdamW's, SGD's, ...), which a FrozenOptimizer does not "
             "have: its rule's decays and epsilon are part of the artifact"
         )
@@ -150,10 +155,10 @@ def check_own_group(saved: Any, where: str) -> None:
     """``ValueError`` naming ``where`` and the entry if the saved param group ``saved`` holds
     one of :data:`FOREIGN_GROUP_KEYS`: another optimizer's state_dict (its lr and
     hyperparameters would otherwise load silently, and its betas and eps be ignored)."""
-    found = [key for key in FOREIGN_GROUP_KEYS if key in saved]
-    if found:
+    key = _foreign_entry(saved)
+    if key is not None:
         raise ValueError(
-            f"{where} has {found[0]!r} ({saved[found[0]]!r}), an entry of another optimizer's "
+            f"{where} has {key!r} ({saved[key]!r}), an entry of another optimizer's "
             "param groups (torch.optim.AdamW's, SGD's, ...): the state_dict was saved by "
             "another optimizer, which a FrozenOptimizer cannot continue"
         )
