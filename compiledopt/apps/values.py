@@ -7,13 +7,16 @@ its ``--config`` values with the same parsers.
 
 import math
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 from compiledopt._validation import strict_json
+
+T = TypeVar("T")
 
 __all__ = [
     "SEED_LIMIT",
     "comma_list",
+    "first_repeated",
     "fraction",
     "json_object",
     "names_of",
@@ -106,6 +109,11 @@ def comma_list(text: str) -> List[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def first_repeated(items: Sequence[T]) -> Optional[T]:
+    """The first item of ``items`` that an earlier one equals, or ``None``."""
+    return next((item for i, item in enumerate(items) if item in items[:i]), None)
+
+
 def _items(text: str, what: str) -> List[str]:
     items = comma_list(text)
     if not items:
@@ -157,9 +165,9 @@ def thread_counts(text: str) -> List[int]:
     counts = [positive_int(item) for item in comma_list(text)]
     if not counts:
         raise ValueError(f"needs at least one thread count, got {text!r}")
-    repeated = [count for i, count in enumerate(counts) if count in counts[:i]]
-    if repeated:
-        raise ValueError(f"thread count {repeated[0]} repeated in {text!r}")
+    repeated = first_repeated(counts)
+    if repeated is not None:
+        raise ValueError(f"thread count {repeated} repeated in {text!r}")
     cores = os.cpu_count() or 1
     above = [count for count in counts if count > cores]
     if above:

@@ -12,7 +12,7 @@ import argparse
 from typing import Callable, List, Optional, Sequence, TypeAlias, TypeVar
 
 import compiledopt.apps.values as values
-from compiledopt.apps.values import comma_list
+from compiledopt.apps.values import comma_list, first_repeated
 
 __all__ = [
     "Commands",
@@ -21,6 +21,7 @@ __all__ = [
     "argtype",
     "backend_list",
     "comma_list",
+    "first_repeated",
     "json_object",
     "names_of",
     "non_negative_int",
@@ -83,9 +84,9 @@ def backend_list(text: str, option: str = "--backends") -> List[str]:
     names = comma_list(text)
     if not names:
         raise ValueError(f"{option} {text!r}: needs at least one backend")
-    repeated = [name for i, name in enumerate(names) if name in names[:i]]
-    if repeated:
-        raise ValueError(f"{option} {text!r}: backend {repeated[0]!r} repeated")
+    repeated = first_repeated(names)
+    if repeated is not None:
+        raise ValueError(f"{option} {text!r}: backend {repeated!r} repeated")
     return names
 
 

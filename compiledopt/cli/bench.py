@@ -16,6 +16,7 @@ from compiledopt.cli.arguments import (
     Commands,
     add_trust_options,
     comma_list,
+    first_repeated,
     positive_int_up_to,
     thread_counts,
 )
@@ -32,9 +33,9 @@ def _backend_names(text: str) -> List[str]:
     names = comma_list(text)
     if not names:
         raise argparse.ArgumentTypeError(f"needs at least one backend, got {text!r}")
-    repeated = [name for i, name in enumerate(names) if name in names[:i]]
-    if repeated:
-        raise argparse.ArgumentTypeError(f"backend {repeated[0]!r} repeated in {text!r}")
+    repeated = first_repeated(names)
+    if repeated is not None:
+        raise argparse.ArgumentTypeError(f"backend {repeated!r} repeated in {text!r}")
     return names
 
 
