@@ -71,6 +71,7 @@ __all__ = [
     "Artifact",
     "ArtifactError",
     "UntrustedCodeError",
+    "artifact_path",
     "check_training",
     "load_artifact",
 ]
@@ -402,7 +403,7 @@ def load_artifact(
             else is read; a valid signature trusts its code. Needs ``cryptography``.
     """
     check_flag(trust_code, "trust_code")
-    path = _artifact_path(path)
+    path = artifact_path(path)
     keys = None
     if trusted_keys is not None:
         if isinstance(trusted_keys, (str, bytes, os.PathLike)):
@@ -426,7 +427,7 @@ def load_artifact(
     return artifact
 
 
-def _artifact_path(path: "str | os.PathLike") -> Path:
+def artifact_path(path: "str | os.PathLike") -> Path:
     """``path`` as a ``Path``, refusing an empty one (``Path("")`` is the working directory)."""
     if isinstance(path, str) and not path:
         raise ArtifactError(f"artifact not found: the path is empty ({path!r})")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeGuard, Union
 
 from compiledopt.export import Artifact, ArtifactError, load_artifact
+from compiledopt.export.artifact import artifact_path
 from compiledopt.export.layout import MANIFEST
 from compiledopt.pretrained.hub import from_hub, push_to_hub
 
@@ -115,9 +116,7 @@ def resolve(path_or_name: "str | os.PathLike") -> Path:
         ArtifactError: neither an existing path nor a packaged name (the message names it and
             lists the packaged ones); an empty string is neither, not the working directory.
     """
-    if isinstance(path_or_name, str) and not path_or_name:  # Path("") is the working directory
-        raise ArtifactError("artifact not found: the path is empty ('')")
-    given = Path(path_or_name)
+    given = artifact_path(path_or_name)  # an empty one refused: Path("") is the working directory
     if given.exists():
         return given
     text = os.fspath(path_or_name)
