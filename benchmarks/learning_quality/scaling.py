@@ -11,7 +11,11 @@ parameter of rank ≥ 2 (weight decay included) by
 * ``initial-rms``: ``max(RMS(p₀), FLOOR) / REFERENCE``, ``p₀`` the parameter before its first
   step (a constant per parameter, so the step does not grow with the weight);
 * ``fan-in``: ``(1 / √(3·fan_in)) / REFERENCE``, the RMS of a default-initialised ``nn.Linear``
-  or ``nn.Conv`` weight of that shape (``fan_in`` = the product of all but the first dimension).
+  or ``nn.Conv`` weight of that shape (``fan_in`` = the product of all but the first dimension);
+* ``grown``: ``max(1, RMS(p₀) / (1 / √(3·fan_in)))``: a weight that starts larger than a
+  default-initialised one of its shape (a pre-trained weight, typically) takes a step that much
+  larger, any other keeps the optimizer's own step; embeddings (a parameter group whose
+  ``role`` is ``embedding``: their default initialisation is N(0, 1)) are left alone.
 
 ``REFERENCE`` (0.1) is near the RMS of a default-initialised 64-wide layer, so for the small
 MLPs of the classic suite the lr keeps about its usual size; ``rms`` and the other modes differ
@@ -28,7 +32,7 @@ import torch
 from torch.optim import Optimizer
 
 #: ``none`` leaves the optimizer as it is.
-MODES = ("none", "rms", "initial-rms", "fan-in")
+MODES = ("none", "rms", "initial-rms", "fan-in", "grown")
 REFERENCE = 0.1
 FLOOR = 1e-2
 
@@ -56,6 +60,8 @@ def attach(optimizer: Optimizer, mode: str) -> Optimizer:
     def scale(param: torch.Tensor, before: torch.Tensor) -> float:
         if mode == "fan-in":
             return fan_in_rms(param.shape) / REFERENCE
+        if mode == "grown":
+            return initial.setdefault(id(param), max(1.0, rms(before) / fan_in_rms(param.shape)))
         if mode == "initial-rms":
             size = initial.setdefault(id(param), max(rms(before), FLOOR))
         else:
@@ -65,6 +71,8 @@ def attach(optimizer: Optimizer, mode: str) -> Optimizer:
     def before_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
         held.clear()
         for group in opt.param_groups:
+            if mode == "grown" and group.get("role") == "embedding":
+                continue
             for param in group["params"]:
                 if param.dim() >= 2 and param.grad is not None:
                     held.append((param, param.detach().clone()))
