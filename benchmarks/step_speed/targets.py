@@ -26,7 +26,10 @@ the headline shows ratios only:
 5. GPU, where ``torch.cuda.is_available()``: ResNet-18 and a 16.8M-parameter MLP stack timed with
    CUDA events (target: step ≤ 3× fused AdamW's on the same card); skipped with a note otherwise.
 
-Targets are judged at the largest thread count run (all cores by default). Outputs under
+``--matmul-precision medium`` runs every child under ``torch.set_float32_matmul_precision``
+(the learned step's matrix products, Newton–Schulz's among them, the model's forward + backward
+and the measured peak alike; AdamW has none). Targets are judged at the largest thread count
+run (all cores by default). Outputs under
 ``--out``: ``targets.json``, ``targets.md``, ``targets.png``. The cases and the child processes
 are :mod:`benchmarks.step_speed.targets_runs`'s, the report and the plot
 :mod:`benchmarks.step_speed.targets_report`'s.
@@ -55,6 +58,7 @@ PROG = "python -m benchmarks.step_speed.targets"
 SCHEMA = "compiledopt-bench-step-targets/1"
 BACKENDS = ("eager", "compiled", "torchscript", "onnx", "aoti", "auto")
 DEFAULT_BACKENDS = ("eager", "compiled", "torchscript", "onnx", "auto")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 #: Sizes of the full and the quick run.
@@ -149,6 +153,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of parameters, gradients and data")
     p.add_argument(
+        "--matmul-precision",
+        choices=MATMUL_PRECISIONS,
+        default="highest",
+        help="torch.set_float32_matmul_precision in every child, for the optimizers and the "
+        "model alike: medium lets float32 matrix products run in bfloat16 where the hardware "
+        "has it (AMX, tensor cores), and the measured peak FLOP/s follows (default: highest)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         help="output folder (default: benchmarks/results/targets, or "
@@ -215,6 +227,7 @@ def settings_of(args: argparse.Namespace, p: argparse.ArgumentParser) -> Dict[st
         "min_timed_s": 0.0 if args.quick else 0.25,
         "timeout_s": args.timeout or sizes["timeout_s"],
         "seed": args.seed,
+        "matmul_precision": args.matmul_precision,
         "cases": list(dict.fromkeys(args.cases or CASES)),
         "memory": not args.no_memory,
         "out": str(out),

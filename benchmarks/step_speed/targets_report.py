@@ -314,7 +314,8 @@ def render_markdown(doc: Dict[str, Any]) -> str:
         f"# Production targets of `{doc['optimizer']['name']}` ({doc['mode']} run)",
         "",
         f"`{doc['command']}` — {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), "
-        f"threads {', '.join(map(str, s['threads']))}; torch {m['torch']}, onnxruntime "
+        f"threads {', '.join(map(str, s['threads']))}; float32 matmul precision "
+        f"{s.get('matmul_precision', 'highest')}; torch {m['torch']}, onnxruntime "
         f"{m['onnxruntime']}, compiledopt {m['compiledopt']}; {m['timestamp']}; load average "
         f"{loads_text(m.get('load_average_start'))} at start, "
         f"{loads_text(m.get('load_average_end'))} at end; {doc['wall_s']:.0f} s.",

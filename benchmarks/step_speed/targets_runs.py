@@ -117,6 +117,7 @@ def child_main() -> None:
     the job names."""
     job = child_job()
     torch.set_num_threads(job["threads"])
+    torch.set_float32_matmul_precision(job["settings"].get("matmul_precision", "highest"))
     load = load_1m()
     with quiet():
         result = CHILDREN[job["kind"]](job)
