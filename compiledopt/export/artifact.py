@@ -428,10 +428,22 @@ def load_artifact(
 
 
 def artifact_path(path: "str | os.PathLike") -> Path:
-    """``path`` as a ``Path``, refusing an empty one (``Path("")`` is the working directory)."""
+    """``path`` as a ``Path``, refusing an empty one (``Path("")`` is the working directory) and
+    one the operating system cannot look up for another reason than that it does not exist (a
+    name too long for the file system, a folder on the way that cannot be searched): what does
+    not exist is left to the caller, which says what it looked for."""
     if isinstance(path, str) and not path:
         raise ArtifactError(f"artifact not found: the path is empty ({path!r})")
-    return Path(path)
+    given = Path(path)
+    try:
+        os.stat(given)
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in it
+        pass
+    except OSError as error:
+        raise ArtifactError(
+            f"artifact not found: {given} cannot be looked up ({error.strerror})"
+        ) from error
+    return given
 
 
 def _few(names: List[str]) -> str:

@@ -1,0 +1,52 @@
+"""The artifact loader against malformed input found by hand: paths the operating system cannot
+look up, manifests whose fields disagree with what the artifact's transform is, and listed files
+that do not hold what their name says. Each case must raise ``ArtifactError`` (a ``ValueError``)
+whose message names the offending value or path, never a raw ``OSError``, ``KeyError`` or
+``TypeError`` from deep inside, and never be accepted.
+
+Each artifact test edits a copy of a packaged artifact and re-computes the manifest's
+checksums, as an attacker would (checksums prove integrity, not origin)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_loader_hardening import _copy_packaged, _rehash
+
+from compiledopt import FrozenOptimizer, pretrained
+from compiledopt.export import ArtifactError, load_artifact
+
+OPENERS = {
+    "load_artifact": load_artifact,
+    "resolve": pretrained.resolve,
+    "open_artifact": pretrained.open_artifact,
+    "FrozenOptimizer": lambda p: FrozenOptimizer(torch.nn.Linear(2, 2).parameters(), p),
+}
+
+
+@pytest.fixture()
+def artifact(tmp_path):
+    """A copy of the packaged artifact."""
+    return _copy_packaged(tmp_path / "artifact")
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    _rehash(path)
+
+
+# -- paths ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opener", OPENERS.values(), ids=OPENERS.keys())
+@pytest.mark.parametrize("tail", ["a" * 300, "a" * 300 + "/artifact"], ids=["last", "inner"])
+def test_a_path_with_a_name_too_long_for_the_os_is_refused_naming_it(tmp_path, opener, tail):
+    path = f"{tmp_path}/{tail}"
+    with pytest.raises(ArtifactError) as caught:
+        opener(path)
+    assert (
+        str(caught.value) == f"artifact not found: {path} cannot be looked up (File name too long)"
+    )
