@@ -248,6 +248,7 @@ def test_gpu_results_are_judged_and_reported(quick, tmp_path):
         (["--memory-shape", "0x5"], "'0x5'"),
         (["--memory-shape", "2x3x4"], "'2x3x4'"),
         (["--memory-shape", "ten"], "'ten'"),
+        (["--matmul-precision", "low"], "'low'"),
     ],
 )
 def test_bad_options_stop_with_one_line(argv, named, monkeypatch, capsys):
@@ -349,6 +350,29 @@ def test_plot_draws_panels_with_no_positive_ratio(quick, tmp_path):
         row["peak_over_state"] = (0.0, -1.0, math.inf)[i % 3]
     targets_report.plot(doc, tmp_path / "empty.png")
     assert (tmp_path / "empty.png").stat().st_size > 0
+
+
+def test_every_child_runs_under_the_matmul_precision_asked_for(tmp_path, monkeypatch):
+    args = targets.parser().parse_args(["--quick", "--matmul-precision", "medium"])
+    settings = targets.settings_of(args, targets.parser())
+    assert settings["matmul_precision"] == "medium"
+    job = {"kind": "probe", "threads": 1, "settings": settings, "result": str(tmp_path / "r")}
+    monkeypatch.setattr(targets_runs, "child_job", lambda: job)
+    seen = {}
+    monkeypatch.setitem(
+        targets_runs.CHILDREN,
+        "probe",
+        lambda job: seen.setdefault("precision", torch.get_float32_matmul_precision()) and {},
+    )
+    before = torch.get_float32_matmul_precision()
+    threads = torch.get_num_threads()
+    try:
+        targets_runs.child_main()
+    finally:
+        torch.set_float32_matmul_precision(before)
+        torch.set_num_threads(threads)
+    assert seen == {"precision": "medium"} and before == "highest"
+    assert "load_1m_start" in json.loads((tmp_path / "r").read_text())
 
 
 def test_the_memory_parameter_can_be_a_matrix():
