@@ -274,9 +274,15 @@ CASES = [
     ("train-export-to-file", ["train", *TINY, "--export", "{in}/object.json"], False, "--export"),
     (
         "train-export-to-folder",
-        ["train", *TINY, "--export", "{in}/folder"],
+        ["train", *TINY, "--export", "{in}/folder", "--overwrite"],
         False,
         "not an artifact",
+    ),
+    (
+        "train-export-exists",
+        ["train", *TINY, "--export", "{in}/artifact"],
+        False,
+        "--export {in}/artifact: exists (pass --overwrite to replace it)",
     ),
     # -- export --------------------------------------------------------------------------------
     (
@@ -559,7 +565,7 @@ def test_bad_invocation(argv, by_argparse, needle, files, no_long_work, tmp_path
     places = {"in": str(files), "out": str(out)}
     if any("{ro}" in a for a in argv):
         places["ro"] = request.getfixturevalue("unwritable")
-    argv = [_fill(a, places) for a in argv]
+    argv, needle = [_fill(a, places) for a in argv], _fill(needle, places)
     before, kept = sorted(os.listdir(files)), _kept(files)
     status, by_parser, err = _invoke(argv, capsys)
     assert status == 2, err

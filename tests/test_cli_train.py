@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from cli_checks import one_line
 
 from compiledopt import cli
 from compiledopt.cli import train
@@ -204,6 +205,29 @@ def test_es_resume_refuses_a_changed_setting_before_any_work(tmp_path, capsys):
     kwargs = ["--transform-kwargs", '{"hidden_sizes": [8]}']
     assert cli.main(["train", "--meta-steps", "2", "--resume", *base, *kwargs]) == 2
     assert "transform_kwargs is" in capsys.readouterr().err
+
+
+# -- --export: an existing artifact is replaced only with --overwrite ------------------------------
+
+
+def test_export_refuses_an_existing_artifact_unless_overwrite(tmp_path, capsys):
+    artifact = tmp_path / "artifact"
+    base = ["--transform", "learned-step-size", *SMALL, "--export-backends", "onnx"]
+    _train([*base, "--output", str(tmp_path / "a.pt"), "--export", str(artifact)])
+    manifest = (artifact / "manifest.json").read_bytes()
+    argv = ["train", *base, "--output", str(tmp_path / "b.pt"), "--export", str(artifact)]
+    line = one_line(cli.main(argv), capsys.readouterr().err, "train")
+    assert f"--export {artifact}: exists (pass --overwrite to replace it)" in line
+    assert not (tmp_path / "b.pt").exists()  # refused before any work
+    assert (artifact / "manifest.json").read_bytes() == manifest
+    _train([*argv[1:], "--overwrite"])
+    assert (tmp_path / "b.pt").exists() and (artifact / "manifest.json").exists()
+
+
+def test_overwrite_is_documented_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "--overwrite" in capsys.readouterr().out
 
 
 # -- the application the command calls --------------------------------------------------------

@@ -180,14 +180,19 @@ def _train(s: TrainSettings, plan: _Plan) -> Tuple[List[float], List[Tuple[int, 
 
 def _export(s: TrainSettings) -> str:
     """Export the checkpoint just written to ``s.export``, as ``compiledopt export`` does
-    (:func:`~compiledopt.apps.export.export_checkpoint`, with ``export_lr``); returns the
-    artifact's path."""
+    (:func:`~compiledopt.apps.export.export_checkpoint`, with ``export_lr``), replacing an
+    existing artifact only with ``overwrite``; returns the artifact's path."""
     from compiledopt.apps.export import export_checkpoint
     from compiledopt.apps.paths import check_output_directory
 
-    check_output_directory(str(s.export), "--output", True)
+    check_output_directory(str(s.export), "--export", s.overwrite)
     path = export_checkpoint(
-        str(s.output), str(s.export), s.export_backends, EXPORT_RANKS, s.export_lr, None, True
+        str(s.output),
+        str(s.export),
+        s.export_backends,
+        EXPORT_RANKS,
+        s.export_lr,
+        overwrite=s.overwrite,
     )
     return str(path)
 

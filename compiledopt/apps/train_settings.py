@@ -43,6 +43,9 @@ class TrainSettings:
     ``given`` names the settings set explicitly (``compiledopt train``: on the command line or
     in its ``--config`` file); ``None``: those that differ from their defaults. A setting that
     only another estimator reads, or an export setting without ``export``, is refused when given.
+    ``overwrite`` lets the export replace an existing artifact folder at ``export`` (only a
+    compiledopt artifact: :func:`~compiledopt.apps.paths.check_output_directory`); without it an
+    existing ``export`` is refused before any work.
     """
 
     transform: str = "coordinate-mlp"
@@ -75,6 +78,7 @@ class TrainSettings:
     export_backends: Sequence[str] = ("torchscript", "onnx")
     export_lr: Optional[float] = None
     resume: bool = False
+    overwrite: bool = False
     allow_changes: Sequence[str] = ()
     progress: bool = True
     config_file: Optional[str] = None  # recorded in an evolution-strategies run's metadata
@@ -103,7 +107,8 @@ def _default(field: "dataclasses.Field[Any]") -> Any:
 DEFAULTS: Dict[str, Any] = {
     field.name: _default(field)
     for field in dataclasses.fields(TrainSettings)
-    if field.name not in ("resume", "allow_changes", "progress", "config_file", "given")
+    if field.name
+    not in ("resume", "overwrite", "allow_changes", "progress", "config_file", "given")
 }
 
 
@@ -249,7 +254,7 @@ def check_settings(settings: TrainSettings) -> None:
         if unused:
             raise ValueError(f"{option(unused[0])}: needs --export (the artifact's folder)")
     else:
-        check_output_directory(settings.export, "--export", overwrite=True)
+        check_output_directory(settings.export, "--export", settings.overwrite)
         if os.path.abspath(settings.export) == os.path.abspath(output):
             raise ValueError(f"--export {settings.export}: the same path as --output")
 

@@ -111,6 +111,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     _number(parser, "processes", "torch.distributed ranks the task slots are spread over")
     add("--export", default=None, help="also export the result as an artifact to this folder")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace the --export folder if it exists (only a compiledopt artifact); without "
+        "it an existing one is refused before any work",
+    )
     add("--export-backends", default=None, help="(default: torchscript,onnx)")
     _number(parser, "export_lr", "the artifact's recommended lr (default: the inner lr)")
     add("--resume", action="store_true", help="continue from --output")
@@ -149,6 +155,7 @@ def settings(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(
         **given_values,
         resume=args.resume,
+        overwrite=args.overwrite,
         allow_changes=args.allow_changes,
         progress=not args.no_progress,
         config_file=args.config,
