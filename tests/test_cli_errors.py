@@ -195,6 +195,13 @@ CASES = [
     ),
     ("train-output-empty", ["train", *TINY, "--output", ""], False, "--output"),
     (
+        "train-output-exists",
+        ["train", *TINY, "--output", "{in}/object.json"],
+        False,
+        "--output {in}/object.json: exists (pass --resume to continue it, or --overwrite to "
+        "replace it)",
+    ),
+    (
         "train-output-unwritable",
         ["train", *TINY, "--output", "{ro}/x/learned.pt"],
         False,

@@ -224,6 +224,18 @@ def test_export_refuses_an_existing_artifact_unless_overwrite(tmp_path, capsys):
     assert (tmp_path / "b.pt").exists() and (artifact / "manifest.json").exists()
 
 
+def test_an_existing_checkpoint_is_replaced_only_with_overwrite(tmp_path, capsys):
+    path = tmp_path / "run.pt"
+    base = ["--transform", "learned-step-size", *SMALL, "--output", str(path)]
+    _train(base)
+    saved = path.read_bytes()
+    line = one_line(cli.main(["train", *base, "--seed", "1"]), capsys.readouterr().err, "train")
+    assert f"--output {path}: exists (pass --resume to continue it, or --overwrite" in line
+    assert path.read_bytes() == saved
+    _train([*base, "--seed", "1", "--overwrite"])
+    assert torch.load(path, weights_only=True)["family"]["seed"] == 1
+
+
 def test_overwrite_is_documented_in_the_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

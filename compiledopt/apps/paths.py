@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 __all__ = [
     "ENVIRONMENT_VARIABLE",
+    "OVERWRITE_HINT",
     "check_input_file",
     "check_output_directory",
     "check_output_file",
@@ -35,6 +36,8 @@ __all__ = [
 
 #: The environment variable that sets the output root.
 ENVIRONMENT_VARIABLE = "COMPILEDOPT_HOME"
+#: What a refusal of an existing output says to do, in the commands that take ``--overwrite``.
+OVERWRITE_HINT = "pass --overwrite to replace it"
 
 
 def _resolve() -> Tuple[Path, str]:
@@ -118,12 +121,14 @@ def _check_writable_location(path: str, option: str, folder: Optional[str] = Non
     os.unlink(probe)
 
 
-def check_output_file(path: str, option: str, exists_ok: bool = True) -> str:
+def check_output_file(
+    path: str, option: str, exists_ok: bool = True, hint: Optional[str] = None
+) -> str:
     """``path`` if a file can be written there: not a directory, nor a name ending in a path
     separator (a folder's: torch refused to save there after the work, other writers dropped
     the separator), in a folder that exists or can be created and is writable (checked now,
     before any work); else an error naming ``option``. With ``exists_ok=False`` an existing file
-    is refused too."""
+    is refused too, the message ending in ``hint`` when given (e.g. :data:`OVERWRITE_HINT`)."""
     if not isinstance(path, str) or not path:
         raise ValueError(f"{option}: needs a file path, got {path!r}")
     if os.path.isdir(path):
@@ -133,7 +138,7 @@ def check_output_file(path: str, option: str, exists_ok: bool = True) -> str:
             f"{option} {path}: ends in {path[-1]!r}, a folder's name, not a file"
         )
     if os.path.exists(path) and not exists_ok:
-        raise FileExistsError(f"{option} {path}: exists")
+        raise FileExistsError(f"{option} {path}: exists" + (f" ({hint})" if hint else ""))
     _check_writable_location(path, option)
     return path
 
@@ -156,7 +161,7 @@ def check_output_directory(path: str, option: str, overwrite: bool) -> str:
     recover(path)
     if os.path.isdir(path):
         if not overwrite:
-            raise FileExistsError(f"{option} {path}: exists (pass --overwrite to replace it)")
+            raise FileExistsError(f"{option} {path}: exists ({OVERWRITE_HINT})")
         reason = replaceable(path)
         if reason is not None:
             raise FileExistsError(f"{option} {path}: {reason}; refusing to replace it")

@@ -43,9 +43,10 @@ class TrainSettings:
     ``given`` names the settings set explicitly (``compiledopt train``: on the command line or
     in its ``--config`` file); ``None``: those that differ from their defaults. A setting that
     only another estimator reads, or an export setting without ``export``, is refused when given.
-    ``overwrite`` lets the export replace an existing artifact folder at ``export`` (only a
-    compiledopt artifact: :func:`~compiledopt.apps.paths.check_output_directory`); without it an
-    existing ``export`` is refused before any work.
+    ``overwrite`` lets the run replace an existing checkpoint at ``output`` (which ``resume``
+    continues instead) and an existing artifact folder at ``export`` (only a compiledopt
+    artifact: :func:`~compiledopt.apps.paths.check_output_directory`); without it either is
+    refused before any work.
     """
 
     transform: str = "coordinate-mlp"
@@ -240,7 +241,9 @@ def check_settings(settings: TrainSettings) -> None:
     given = settings.explicit()
     _check_estimator_options(settings, given)
     check_device(settings.device)
-    output = check_output_file(str(settings.output), "--output")
+    hint = "pass --resume to continue it, or --overwrite to replace it"
+    replace = settings.resume or settings.overwrite
+    output = check_output_file(str(settings.output), "--output", replace, hint)
     if settings.resume and not os.path.exists(output):
         raise ValueError(f"--resume: no checkpoint at {output}")
     unknown = [name for name in settings.export_backends if name not in BACKENDS]

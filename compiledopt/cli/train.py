@@ -114,8 +114,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     add(
         "--overwrite",
         action="store_true",
-        help="replace the --export folder if it exists (only a compiledopt artifact); without "
-        "it an existing one is refused before any work",
+        help="replace the --output checkpoint (unless --resume) and the --export folder (only a "
+        "compiledopt artifact) if they exist; without it an existing one is refused before any "
+        "work",
     )
     add("--export-backends", default=None, help="(default: torchscript,onnx)")
     _number(parser, "export_lr", "the artifact's recommended lr (default: the inner lr)")
