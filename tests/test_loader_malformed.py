@@ -50,3 +50,38 @@ def test_a_path_with_a_name_too_long_for_the_os_is_refused_naming_it(tmp_path, o
     assert (
         str(caught.value) == f"artifact not found: {path} cannot be looked up (File name too long)"
     )
+
+
+# -- state_names --------------------------------------------------------------------------------
+
+MLP_STATE = [
+    "momentum_0.5",
+    "momentum_0.9",
+    "momentum_0.99",
+    "second_moment",
+    "factored_row",
+    "factored_col",
+]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [[], MLP_STATE[:5], [*MLP_STATE, "extra"], MLP_STATE[::-1], ["m", *MLP_STATE[1:]]],
+    ids=["none", "one-short", "one-extra", "reordered", "renamed"],
+)
+def test_state_names_that_are_not_the_transforms_state_are_refused(artifact, names):
+    _edit_manifest(artifact, lambda m: m.update(state_names=names))
+    loaded = load_artifact(artifact)  # the schema holds: a list of distinct non-empty strings
+    with pytest.raises(ArtifactError) as caught:
+        loaded.transforms()
+    assert str(caught.value) == (
+        f"{artifact}: invalid state_names: {names!r} (the 'coordinate-mlp' transform keeps 6 "
+        f"state tensors: {MLP_STATE})"
+    )
+    with pytest.raises(ArtifactError, match="invalid state_names"):
+        FrozenOptimizer(torch.nn.Linear(2, 2).parameters(), artifact)
+
+
+def test_the_packaged_state_names_are_their_transforms(artifact):
+    assert load_artifact(artifact).manifest["state_names"] == MLP_STATE
+    assert load_artifact(artifact).transforms()[0].state_names() == MLP_STATE

@@ -203,7 +203,8 @@ class Artifact:
         ``meta`` device under a budget of the weights' tensor and element counts, stopped as
         soon as it registers more (so a spec of a million layers costs as much as the weights'
         handful of tensors). Every tensor it implies is then checked against the weights' names
-        and shapes before the real transform is allocated.
+        and shapes, and a shape-agnostic manifest's ``state_names`` against the names of the
+        state it keeps, before the real transform is allocated.
 
         The global random number generators (CPU, and CUDA where initialised) are left as they
         were: building a transform draws its initial weights, which the artifact's weights replace.
@@ -221,7 +222,9 @@ class Artifact:
         elements = sum(math.prod(shape) for shape in held.values())
         with untouched_rng():
             with torch.device("meta"), BuildBudget(len(held), elements, where):
-                implied = nn.ModuleList(unique_by_identity(self._build("meta"))[0]).state_dict()
+                implied_transforms = self._build("meta")
+                implied = nn.ModuleList(unique_by_identity(implied_transforms)[0]).state_dict()
+            self._check_state_names(implied_transforms)
             if set(implied) != set(held):
                 missing, extra = sorted(set(implied) - set(held)), sorted(set(held) - set(implied))
                 raise ArtifactError(
@@ -251,6 +254,20 @@ class Artifact:
                     f"{self.path}: weights do not fit the transform spec: {str(error)[:500]}"
                 ) from error
         return built
+
+    def _check_state_names(self, built: List[Transform]) -> None:
+        """Raise :class:`ArtifactError` unless a shape-agnostic manifest's ``state_names`` are
+        the names of the state the transform ``built`` from its spec keeps (its
+        :meth:`~Transform.state_names`, as the exporter writes them): the schema checks their
+        type, but how many there are and what they are is known only once the spec is built."""
+        if self.kind == "bound":
+            return
+        listed, names = self.manifest["state_names"], built[0].state_names()
+        if listed != names:
+            raise ArtifactError(
+                f"{self.path}: invalid state_names: {_brief(repr(listed), 200)} (the "
+                f"{self.spec['name']!r} transform keeps {len(names)} state tensors: {names})"
+            )
 
     def _build(self, device: str = "cpu") -> List[Transform]:
         try:
