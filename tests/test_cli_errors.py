@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from cli_checks import one_line
 
 from compiledopt import cli
 from compiledopt.cli import main
@@ -427,6 +428,12 @@ CASES = [
         False,
         "--json",
     ),
+    (
+        "bench-json-exists",
+        ["bench", "coordinate-mlp", "--json", "{in}/object.json"],
+        False,
+        "--json {in}/object.json: exists (pass --overwrite to replace it)",
+    ),
     ("bench-unknown-model", ["bench", "coordinate-mlp", "--model", "resnet"], True, "resnet"),
     # -- demo, meta-descent, the command itself ------------------------------------------------
     (
@@ -722,6 +729,24 @@ def test_finetune_and_bench_load_with_the_trust_given(command, files, monkeypatc
     signed, vouched = seen
     assert signed.signed_by is not None and signed.may_load("torchscript")
     assert vouched.code_trusted and vouched.signed_by is None
+
+
+def test_bench_replaces_its_json_only_with_overwrite(files, tmp_path, monkeypatch, capsys):
+    import compiledopt.bench
+
+    class Result:
+        def to_dict(self):
+            return {"rows": []}
+
+    monkeypatch.setattr(compiledopt.bench, "benchmark", lambda *args, **kwargs: Result())
+    path = tmp_path / "result.json"
+    path.write_text("mine")
+    argv = ["bench", str(files / "artifact"), "--backends", "onnx", "--json", str(path)]
+    line = one_line(main(argv), capsys.readouterr().err, "bench")
+    assert line.endswith(f"--json {path}: exists (pass --overwrite to replace it)")
+    assert path.read_text() == "mine"
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads(path.read_text()) == {"rows": []}
 
 
 def test_finetune_runs_by_default_the_backends_the_artifact_may_load(files):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any, List, Optional, Sequence
 
 from compiledopt.apps.backends import check_loadable
-from compiledopt.apps.paths import check_output_file
+from compiledopt.apps.paths import OVERWRITE_HINT, check_output_file
 from compiledopt.apps.requirements import require
 from compiledopt.apps.trust import open_trusted
 
@@ -20,12 +20,14 @@ __all__ = ["MODELS", "check_outputs", "plot", "run_bench"]
 MODELS = ("mlp", "convnet", "transformer")
 
 
-def check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
+def check_outputs(
+    json_path: Optional[str], plot_path: Optional[str], overwrite: bool = False
+) -> None:
     """Refuse, before any work, a plot without matplotlib, a plot whose file name does not end
     in an image format matplotlib writes here (``.png``, ``.svg``, ``.pdf``...: the format is
     the extension's, and without one matplotlib would add ``.png`` to the name), both outputs
-    to one file, or an output file that cannot be written (named by its option, ``--json`` or
-    ``--plot``)."""
+    to one file, or an output file that cannot be written, or that exists unless ``overwrite``
+    (named by its option, ``--json`` or ``--plot``)."""
     if plot_path:
         require("matplotlib", "bench")
         _check_plot_format(plot_path)
@@ -33,7 +35,7 @@ def check_outputs(json_path: Optional[str], plot_path: Optional[str]) -> None:
             raise ValueError(f"--plot {plot_path}: the same file as --json {json_path}")
     for option, path in (("--json", json_path), ("--plot", plot_path)):
         if path is not None:
-            check_output_file(path, option)
+            check_output_file(path, option, overwrite, OVERWRITE_HINT)
 
 
 def _check_plot_format(path: str) -> None:
@@ -80,14 +82,16 @@ def run_bench(
     trust_code: bool = False,
     trusted_keys: Optional[Sequence[str]] = None,
     out: Optional[IO[str]] = None,
+    overwrite: bool = False,
 ) -> Any:
     """Benchmark ``artifact`` (a directory or a packaged name, opened with the trust given:
     :func:`~compiledopt.apps.trust.open_trusted`) on the built-in ``model``
     (:func:`compiledopt.bench.benchmark`), print its table to ``out`` and write ``json_path``
-    and ``plot_path`` when given; returns the :class:`~compiledopt.bench.BenchResult`."""
+    and ``plot_path`` when given (an existing file replaced only with ``overwrite``); returns
+    the :class:`~compiledopt.bench.BenchResult`."""
     from compiledopt import bench
 
-    check_outputs(json_path, plot_path)
+    check_outputs(json_path, plot_path, overwrite)
     opened = open_trusted(artifact, trust_code, trusted_keys)
     check_loadable(opened, backends or (), "--backends")
     result = bench.benchmark(

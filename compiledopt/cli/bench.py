@@ -97,6 +97,9 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
         "(.png, .svg, .pdf...; needs matplotlib: compiledopt[bench]) (default: no file is "
         "written)",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --json and --plot if they exist"
+    )
     add_trust_options(parser)
     return parser
 
@@ -119,5 +122,6 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         trust_code=args.trust_code,
         trusted_keys=args.trusted_keys,
         out=out,
+        overwrite=args.overwrite,
     )
     return 0
