@@ -83,6 +83,13 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
         default=3,
         help=f"warm-up steps before timing, at most {MAX_REPEATS:,} (default: 3)",
     )
+    _add_output_options(parser)
+    add_trust_options(parser)
+    return parser
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` options on the files it writes: ``--json``, ``--plot``, ``--overwrite``."""
     parser.add_argument(
         "--json",
         metavar="PATH",
@@ -100,8 +107,6 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --json and --plot if they exist"
     )
-    add_trust_options(parser)
-    return parser
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
