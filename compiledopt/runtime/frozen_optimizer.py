@@ -32,6 +32,7 @@ from compiledopt.runtime.state import (
     check_steps,
     checked_params,
     skip_count,
+    written_mark,
 )
 
 logger = logging.getLogger("compiledopt")
@@ -41,13 +42,6 @@ NONFINITE_POLICIES = ("skip", "raise", "ignore")
 #: ``param_groups`` (the strategy is rebuilt from them; the skipped-step counts are in the
 #: groups).
 PICKLED = ("artifact", "backend", "background", "nonfinite", "state_dtype")
-
-
-def _mark(param: Tensor, state: Mapping[str, Any]) -> Tuple:
-    """What identifies a state as the one a step wrote: the parameter's shape and the identity
-    of every state entry. A replaced or added entry, a resized parameter or a state loaded since
-    no longer matches, and is checked again before the next step."""
-    return (param.shape, tuple(map(id, state.values())))
 
 
 class FrozenOptimizer(Optimizer):
@@ -192,7 +186,7 @@ class FrozenOptimizer(Optimizer):
         check_backend(backend)
         self.nonfinite = nonfinite
         self._warned_skip = False  # the first skipped step is logged at WARNING
-        # Per parameter, the state the last step wrote (see _mark): not checked again.
+        # Per parameter, the state the last step wrote (see written_mark): not checked again.
         self._written: Dict[int, Tuple] = {}
         self._initialised = False
         self._router = Router(self.artifact, self.artifact.transforms(), self.state_dtype)
@@ -367,7 +361,7 @@ class FrozenOptimizer(Optimizer):
             for i, p in zip(members, params):
                 state = self.state[p]
                 state.update(results[i].state)  # in place, as torch.optim does
-                self._written[id(p)] = _mark(p, state)
+                self._written[id(p)] = written_mark(p, state)
             if decay:
                 torch._foreach_mul_(params, 1.0 - lr * decay)
             directions = [results[i].direction.to(p.dtype) for i, p in zip(members, params)]
@@ -379,9 +373,10 @@ class FrozenOptimizer(Optimizer):
         checked against the rule (see :func:`~compiledopt.runtime.state.check_current`)."""
         if not state:
             return self._schema_strategy.initial_state(index, param)
-        if self._written.get(id(param)) == _mark(param, state):
+        if self._written.get(id(param)) == written_mark(param, state):
             return state  # exactly what the last step wrote: checked then
-        return check_current(state, self._schema_strategy.expected_state(index, param), where)
+        expected = self._schema_strategy.expected_state(index, param)
+        return check_current(state, expected, param.device, where)
 
     # -- state_dict -------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ __all__ = [
     "checked_params",
     "skip_count",
     "step_count",
+    "written_mark",
 ]
 
 #: The key of the step count in every parameter's state.
@@ -157,19 +158,42 @@ def check_loaded(
     return converted
 
 
+def written_mark(param: Tensor, state: Mapping[str, Any]) -> Tuple:
+    """What identifies ``state`` as the one a step wrote for ``param``, so that the next step
+    need not check it again (:func:`check_current`): the parameter's shape and device, and every
+    entry's key, identity, shape, dtype and device. Identities alone do not do: an ``id()`` is
+    reused once its tensor is freed (a state tensor replaced by hand by one of another dtype may
+    get the old one's), and a tensor keeps it when resized or moved in place (``resize_``,
+    ``.data =``). A replaced, renamed, resized or retyped entry, a resized parameter or a state
+    loaded since no longer matches, and is checked again before the next step."""
+    entries = tuple(
+        (key, id(value), *(_layout(value) if isinstance(value, Tensor) else (type(value),)))
+        for key, value in state.items()
+    )
+    return (*_layout(param), entries)
+
+
+def _layout(tensor: Tensor) -> Tuple:
+    return (tensor.shape, tensor.dtype, tensor.device)
+
+
 def check_current(
-    state: Mapping[str, Any], expected: Mapping[str, Expected], where: str
+    state: Mapping[str, Any], expected: Mapping[str, Expected], device: torch.device, where: str
 ) -> Mapping[str, Any]:
     """The stored ``state`` of a parameter about to step, checked against the rule's schema for
-    the parameter's current shape (keys, each tensor's shape and storage dtype): a parameter
-    resized after its first step, or a state edited by hand, is refused (``ValueError`` naming
-    ``where`` and the key) before the rule runs. Returned as it is, or copied with its step
-    count made a 0-d int64 tensor."""
+    the parameter's current shape (keys, each tensor's shape and storage dtype) and its
+    ``device``: a parameter resized after its first step, or a state edited by hand, is refused
+    (``ValueError`` naming ``where``, the key and the value) before the rule runs. Returned as
+    it is, or copied with its step count made a 0-d int64 tensor."""
     _check_keys(state, expected, where)
     for key, (shape, dtype) in expected.items():
         value = _check_tensor(state[key], key, shape, where)
         if value.dtype != dtype:
             raise ValueError(f"{where}: state {key!r} has dtype {value.dtype}, expected {dtype}")
+        if value.device != device:
+            raise ValueError(
+                f"{where}: state {key!r} is on {value.device}, the parameter on {device}"
+            )
     step = state[STEP]
     if _is_count(step):
         return state
