@@ -11,6 +11,8 @@ Reported: the mean final evaluation loss over the tasks per candidate and lr, ea
 best lr, and its mean loss over tuned AdamW's (per task, AdamW at its best lr over the tasks).
 ``--matrix-scale`` scales the candidates' matrix steps as the learning-quality benchmark's option
 of that name does (:mod:`benchmarks.learning_quality.scaling`); AdamW is never scaled.
+``--vector-scales 0.3,1`` runs each candidate again with the lr of its ``vector`` groups (biases,
+normalisation gains) multiplied by each factor other than 1, reported as ``NAME@vF``.
 """
 
 import argparse
@@ -114,6 +116,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--backend", default="eager")
     parser.add_argument("--matrix-scale", choices=scaling.MODES, default="none")
+    parser.add_argument(
+        "--vector-scales", default="1", help="comma-separated factors of the vector groups' lr"
+    )
     parser.add_argument("--output", required=True, help="the JSON file to write")
     args = parser.parse_args(argv)
 
@@ -126,6 +131,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in names:
         if name not in CANDIDATES:
             parser.error(f"unknown candidate {name!r} (one of {sorted(CANDIDATES)})")
+    try:
+        factors = [float(x) for x in args.vector_scales.split(",")]
+    except ValueError:
+        parser.error(f"invalid --vector-scales: {args.vector_scales!r} (comma-separated numbers)")
+    if not all(math.isfinite(f) and f > 0 for f in factors):
+        parser.error(f"invalid --vector-scales: {args.vector_scales!r} (positive numbers)")
+    configs = [(n, f) for n in names for f in dict.fromkeys(factors)]
     family = get_family(args.family)
     losses: Dict[str, Dict[str, List[float]]] = {}
     started = time.time()
@@ -139,19 +151,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             loss = run(task, initial, adamw, args.steps)
             losses.setdefault("adamw", {}).setdefault(f"{lr:g}", []).append(loss)
-            for name in names:
+            for name, factor in configs:
 
-                def learned(model, lr=lr, name=name):
+                def learned(model, lr=lr, name=name, factor=factor):
                     groups = compiledopt.param_groups(model)
                     for group in groups:
                         group["rule"] = CANDIDATES[name].get(group["role"], "artifact")
+                        if group["role"] == "vector":
+                            group["lr"] = lr * factor
                     optimizer = compiledopt.FrozenOptimizer(
                         groups, args.artifact, lr=lr, backend=args.backend
                     )
                     return scaling.attach(optimizer, args.matrix_scale)
 
                 loss = run(task, initial, learned, args.steps)
-                losses.setdefault(name, {}).setdefault(f"{lr:g}", []).append(loss)
+                label = name if factor == 1 else f"{name}@v{factor:g}"
+                losses.setdefault(label, {}).setdefault(f"{lr:g}", []).append(loss)
         print(f"task {index} done ({time.time() - started:.0f} s)", flush=True)
 
     def mean(values: List[float]) -> float:
@@ -184,6 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "schedule": "warm-up 5% + cosine to 0",
         "candidates": {n: CANDIDATES[n] for n in names},
         "matrix_scale": args.matrix_scale,
+        "vector_scales": factors,
         "torch": torch.__version__,
         "threads": 1,
         "wall_time_s": round(time.time() - started, 1),
