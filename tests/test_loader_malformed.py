@@ -14,8 +14,9 @@ import pytest
 import torch
 from test_loader_hardening import _copy_packaged, _rehash
 
+import compiledopt as co
 from compiledopt import FrozenOptimizer, pretrained
-from compiledopt.export import ArtifactError, load_artifact
+from compiledopt.export import ArtifactError, export_bound, load_artifact
 
 OPENERS = {
     "load_artifact": load_artifact,
@@ -85,3 +86,44 @@ def test_state_names_that_are_not_the_transforms_state_are_refused(artifact, nam
 def test_the_packaged_state_names_are_their_transforms(artifact):
     assert load_artifact(artifact).manifest["state_names"] == MLP_STATE
     assert load_artifact(artifact).transforms()[0].state_names() == MLP_STATE
+
+
+# -- bindings[i].state --------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def bound(tmp_path):
+    """A bound Kronecker artifact of two parameters (shapes (3,) and (4, 3)), each with a state
+    tensor ``hidden`` (of shapes (3, 1) and (4, 3))."""
+    spec = {"kind": "kronecker", "layer": "KroneckerRNN", "bias": True, "psd": True}
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, 3))]
+    transforms = co.export.build_bound(spec, [p.shape for p in params])
+    named = [("layer0.weight", params[0]), ("layer1.weight", params[1])]
+    return export_bound(tmp_path / "bound", spec, transforms, named, backends=())
+
+
+@pytest.mark.parametrize(
+    ("state", "shown"),
+    [
+        ([], "[]"),
+        ([{"name": "cell", "shape": [4, 3]}], "[{'name': 'cell', 'shape': [4, 3]}]"),
+        ([{"name": "hidden", "shape": [10**12]}], "[{'name': 'hidden', 'shape': [1000000000000]}]"),
+        (
+            [{"name": "hidden", "shape": [4, 3]}] * 2,
+            "[{'name': 'hidden', 'shape': [4, 3]}, {'name': 'hidden', 'shape': [4, 3]}]",
+        ),
+    ],
+    ids=["none", "renamed", "huge", "twice"],
+)
+def test_a_binding_state_that_is_not_the_transforms_state_is_refused(bound, state, shown):
+    assert json.loads((bound / "manifest.json").read_text())["bindings"][1]["state"] == [
+        {"name": "hidden", "shape": [4, 3]}
+    ]
+    _edit_manifest(bound, lambda m: m["bindings"][1].update(state=state))
+    loaded = load_artifact(bound)  # the schema holds: a list of {name, shape} objects
+    with pytest.raises(ArtifactError) as caught:
+        loaded.transforms()
+    assert str(caught.value) == (
+        f"{bound}: invalid bindings[1].state: {shown} (the transform keeps "
+        "[{'name': 'hidden', 'shape': [4, 3]}] for 'layer1.weight' of shape (4, 3))"
+    )

@@ -60,6 +60,7 @@ from compiledopt.export.layout import (
     file_rank,
     read_regular,
     sha256,
+    state_entries,
     weights_header,
 )
 from compiledopt.export.manifest import ArtifactError, check_manifest, check_training
@@ -203,8 +204,8 @@ class Artifact:
         ``meta`` device under a budget of the weights' tensor and element counts, stopped as
         soon as it registers more (so a spec of a million layers costs as much as the weights'
         handful of tensors). Every tensor it implies is then checked against the weights' names
-        and shapes, and a shape-agnostic manifest's ``state_names`` against the names of the
-        state it keeps, before the real transform is allocated.
+        and shapes, and the state the manifest lists against the state the transform keeps
+        (:meth:`_check_state`), before the real transform is allocated.
 
         The global random number generators (CPU, and CUDA where initialised) are left as they
         were: building a transform draws its initial weights, which the artifact's weights replace.
@@ -224,7 +225,6 @@ class Artifact:
             with torch.device("meta"), BuildBudget(len(held), elements, where):
                 implied_transforms = self._build("meta")
                 implied = nn.ModuleList(unique_by_identity(implied_transforms)[0]).state_dict()
-            self._check_state_names(implied_transforms)
             if set(implied) != set(held):
                 missing, extra = sorted(set(implied) - set(held)), sorted(set(held) - set(implied))
                 raise ArtifactError(
@@ -238,6 +238,8 @@ class Artifact:
                         f"{self.path}: weights do not fit the transform spec: {key!r} has shape "
                         f"{held[key]} in {where}, the spec makes it {tuple(tensor.shape)}"
                     )
+            with torch.device("meta"):
+                self._check_state(implied_transforms)
             try:
                 weights = load(data)
             except Exception as error:  # safetensors' own error types
@@ -255,19 +257,32 @@ class Artifact:
                 ) from error
         return built
 
-    def _check_state_names(self, built: List[Transform]) -> None:
-        """Raise :class:`ArtifactError` unless a shape-agnostic manifest's ``state_names`` are
-        the names of the state the transform ``built`` from its spec keeps (its
-        :meth:`~Transform.state_names`, as the exporter writes them): the schema checks their
-        type, but how many there are and what they are is known only once the spec is built."""
-        if self.kind == "bound":
+    def _check_state(self, built: List[Transform]) -> None:
+        """Raise :class:`ArtifactError` unless the state the manifest lists is the state the
+        transforms ``built`` from its spec (on the ``meta`` device) keep, as the exporter writes
+        it: a shape-agnostic manifest's ``state_names`` are the transform's
+        :meth:`~Transform.state_names`, and a bound manifest's ``bindings[i].state`` the names
+        and shapes of the state its transform makes for the binding's shape (see
+        :func:`~compiledopt.export.layout.state_entries`). The schema checks their types; what
+        they are is known only once the spec is built."""
+        if self.kind != "bound":
+            listed, names = self.manifest["state_names"], built[0].state_names()
+            if listed != names:
+                raise ArtifactError(
+                    f"{self.path}: invalid state_names: {_brief(repr(listed), 200)} (the "
+                    f"{self.spec['name']!r} transform keeps {len(names)} state tensors: {names})"
+                )
             return
-        listed, names = self.manifest["state_names"], built[0].state_names()
-        if listed != names:
-            raise ArtifactError(
-                f"{self.path}: invalid state_names: {_brief(repr(listed), 200)} (the "
-                f"{self.spec['name']!r} transform keeps {len(names)} state tensors: {names})"
-            )
+        for index, (binding, transform) in enumerate(zip(self.bindings, built)):
+            param = torch.empty(binding["shape"], dtype=self.dtype, device="meta")
+            state = state_entries(transform.state_names(), transform.init_state(param))
+            if binding["state"] != state:
+                raise ArtifactError(
+                    f"{self.path}: invalid bindings[{index}].state: "
+                    f"{_brief(repr(binding['state']), 200)} (the transform keeps "
+                    f"{_brief(repr(state), 200)} for {_brief(repr(binding['name']), 100)} of shape "
+                    f"{tuple(binding['shape'])})"
+                )
 
     def _build(self, device: str = "cpu") -> List[Transform]:
         try:

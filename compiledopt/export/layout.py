@@ -8,9 +8,10 @@ import math
 import os
 import stat
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
 from compiledopt.export.backend import Backend
 from compiledopt.export.manifest import FORMAT, FORMAT_VERSION, WEIGHTS, ArtifactError
@@ -27,6 +28,7 @@ __all__ = [
     "graph_file",
     "read_regular",
     "sha256",
+    "state_entries",
     "weights_header",
 ]
 
@@ -47,6 +49,13 @@ def dtype_name(dtype: torch.dtype) -> str:
         if value == dtype:
             return name
     raise ValueError(f"artifacts support float32 and float64, got {dtype}")
+
+
+def state_entries(names: Sequence[str], state: Sequence[Tensor]) -> List[Dict[str, Any]]:
+    """A bound manifest's ``bindings[i].state``: the name and shape of each state tensor a
+    transform keeps, from its :meth:`~compiledopt.transforms.base.Transform.state_names` and
+    ``init_state`` (a state tensor it leaves unnamed is not listed)."""
+    return [{"name": name, "shape": list(tensor.shape)} for name, tensor in zip(names, state)]
 
 
 def graph_file(backend: Backend, rank: Optional[int] = None) -> str:

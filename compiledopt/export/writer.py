@@ -37,6 +37,7 @@ from compiledopt.export.layout import (
     dtype_name,
     graph_file,
     sha256,
+    state_entries,
 )
 from compiledopt.export.manifest import check_manifest, check_training
 from compiledopt.export.rule import ModelRule, TensorRule
@@ -184,13 +185,12 @@ def export_bound(
     for (name, param), transform, state in zip(named_params, transforms, states):
         if param.dtype != dtype:
             raise ValueError(f"parameter {name!r} is {param.dtype}, the others {dtype}")
-        names = transform.state_names()
         bindings.append(
             {
                 "name": name,
                 "shape": list(param.shape),
                 "dtype": dtype_name(param.dtype),
-                "state": [{"name": n, "shape": list(s.shape)} for n, s in zip(names, state)],
+                "state": state_entries(transform.state_names(), state),
             }
         )
     counts = [len(s) for s in states]
