@@ -28,15 +28,17 @@ def _expected_scale(mode, weight, first):
     before its first step was ``first``."""
     if weight.dim() < 2:
         return 1.0
+    default_init = 1.0 / math.sqrt(3.0 * math.prod(weight.shape[1:]))
     if mode == "fan-in":
-        fan_in = math.prod(weight.shape[1:])
-        return (1.0 / math.sqrt(3.0 * fan_in)) / 0.1
-    source = first if mode == "initial-rms" else weight
+        return default_init / 0.1
+    source = first if mode in ("initial-rms", "grown") else weight
     root_mean_square = math.sqrt(sum(float(x) ** 2 for x in source.flatten()) / source.numel())
+    if mode == "grown":
+        return max(1.0, root_mean_square / default_init)
     return max(root_mean_square, 0.01) / 0.1
 
 
-@pytest.mark.parametrize("mode", ["rms", "initial-rms", "fan-in"])
+@pytest.mark.parametrize("mode", ["rms", "initial-rms", "fan-in", "grown"])
 def test_each_mode_scales_a_matrix_step_by_its_definition_and_leaves_vectors(mode):
     lr, decay = 0.05, 0.1
     params = _params()
@@ -74,6 +76,22 @@ def test_initial_rms_keeps_the_first_steps_scale_as_the_weight_grows():
         optimizer.step()
         deltas.append(float((weight.detach() - before).mean()))
     assert deltas == pytest.approx([5.0, 5.0, 5.0])  # 0.5 / 0.1 each time, not the new RMS
+
+
+def test_grown_leaves_a_default_sized_weight_and_an_embedding_group_alone():
+    g = torch.Generator().manual_seed(1)
+    small = torch.nn.Parameter(torch.randn(8, 16, generator=g, dtype=torch.float64) * 0.01)
+    large = torch.nn.Parameter(torch.randn(8, 16, generator=g, dtype=torch.float64))
+    table = torch.nn.Parameter(torch.randn(8, 16, generator=g, dtype=torch.float64))
+    groups = [{"params": [small, large]}, {"params": [table], "role": "embedding"}]
+    optimizer = scaling.attach(torch.optim.SGD(groups, lr=0.1), "grown")
+    before = [p.detach().clone() for p in (small, large, table)]
+    for p in (small, large, table):
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    moved = [float((b - p.detach()).mean()) for b, p in zip(before, (small, large, table))]
+    grown = math.sqrt(float(before[1].pow(2).mean())) * math.sqrt(3.0 * 16)  # RMS / 1/√(3·16)
+    assert moved == pytest.approx([0.1, 0.1 * grown, 0.1]) and grown > 5
 
 
 def test_a_parameter_without_a_gradient_is_left_alone():
