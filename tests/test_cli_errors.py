@@ -41,6 +41,8 @@ TINY = [
     "2",
     "--no-progress",
 ]
+#: A file name longer than any file system allows (255 bytes on most).
+LONG = "n" * 300
 PES = [
     "--estimator",
     "pes",
@@ -456,6 +458,19 @@ CASES = [
     ("meta-descent-negative-seed", ["meta-descent", "--seed", "-5"], True, "-5"),
     ("meta-descent-transform", ["meta-descent", "--transform", "adam"], True, "adam"),
     ("unknown-command", ["fly"], True, "fly"),
+    # -- a name longer than the file system allows: refused before any work ---------------------
+    *[
+        (f"{argv[0]}-{argv[-2][2:]}-long-name", argv, False, "a name 300 bytes long, above the")
+        for argv in (
+            ["train", *TINY, "--output", "{out}/" + LONG],
+            ["train", *TINY, "--export", "{out}/" + LONG],
+            ["export", "{in}/run.pt", "--output", "{out}/" + LONG],
+            ["convert", "{in}/random.bin", "--output", "{out}/" + LONG],
+            ["bench", "coordinate-mlp", "--json", "{out}/" + LONG],
+            ["keygen", "--private", "{out}/k.pem", "--public", "{out}/" + LONG],
+            ["demo", "--workdir", "{out}/" + LONG + "/d"],
+        )
+    ],
     # -- trust: keys, signatures, code graphs --------------------------------------------------
     (
         "keygen-exists",

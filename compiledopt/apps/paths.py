@@ -102,15 +102,39 @@ def check_input_file(path: str, option: str) -> str:
     return path
 
 
+def _check_name_lengths(path: str, option: str, folder: str) -> None:
+    """Refuse ``path`` if a name in it, or the whole of it, is longer than the file system of
+    ``folder`` (its nearest existing folder) allows: the write would fail after the work."""
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+        path_max = os.pathconf(folder, "PC_PATH_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no such limit
+        name_max, path_max = 255, 4096
+    absolute = os.fsencode(os.path.abspath(path))
+    longest = max((len(name) for name in absolute.split(os.fsencode(os.sep))), default=0)
+    if longest > name_max:
+        raise ValueError(
+            f"{option} {path}: a name {longest} bytes long, above the {name_max} bytes this "
+            "file system allows"
+        )
+    if len(absolute) >= path_max:
+        raise ValueError(
+            f"{option} {path}: {len(absolute)} bytes long, above the {path_max - 1} bytes this "
+            "file system allows"
+        )
+
+
 def _check_writable_location(path: str, option: str, folder: Optional[str] = None) -> None:
-    """Refuse ``path`` unless it can be created: the nearest existing one of ``folder`` (default:
-    the folder of ``path``) and its ancestors must be a directory in which a file can be created
+    """Refuse ``path`` unless it can be created: no name in it too long
+    (:func:`_check_name_lengths`), and the nearest existing one of ``folder`` (default: the
+    folder of ``path``) and its ancestors must be a directory in which a file can be created
     (tried with a probe file, removed at once)."""
     folder = os.path.abspath(folder if folder is not None else os.path.dirname(path) or ".")
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"{option} {path}: {folder} is a file, not a directory")
+    _check_name_lengths(path, option, folder)
     probe = os.path.join(folder, f".compiledopt-write-probe-{os.getpid()}")
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
