@@ -159,3 +159,68 @@ def test_a_group_routed_to_a_rule_the_backend_cannot_compute_is_refused_when_add
     p.grad = torch.randn(4, 3)
     optimizer.step()  # the optimizer still steps
     assert not torch.equal(p, before)
+
+
+@pytest.fixture(scope="module")
+def kronecker_without_empty_layers(tmp_path_factory):
+    """A bound (Kronecker) artifact exported for the parameters of
+    :func:`_model_with_empty_layers` that have elements: no bound family but a per-element one
+    can be built for a zero-element parameter."""
+    from compiledopt.export import build_bound, export_bound
+
+    spec = {"kind": "kronecker", "layer": "KroneckerRNN", "bias": True, "psd": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
+        named = [(n, p) for n, p in _model_with_empty_layers().named_parameters() if p.numel()]
+    path = tmp_path_factory.mktemp("bound") / "kronecker"
+    transforms = build_bound(spec, [p.shape for _, p in named])
+    return export_bound(path, spec, transforms, named, ("torchscript",), lr=0.1)
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+def test_zero_element_parameters_step_with_a_bound_artifact_as_with_a_shape_agnostic_one(
+    kronecker_without_empty_layers, backend
+):
+    # A bound artifact binds the parameters with elements; the zero-element ones step as a
+    # shape-agnostic rule (and AdamW) steps them: the count advanced, nothing else (they were
+    # refused: "bound to 3 parameters, got 6").
+    artifact = kronecker_without_empty_layers
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, alone = _model_with_empty_layers(), _model_with_empty_layers()
+    optimizer = co.FrozenOptimizer(
+        model.named_parameters(), artifact, backend=backend, trust_code=True
+    )
+    nonempty = [(n, p) for n, p in alone.named_parameters() if p.numel()]
+    reference = co.FrozenOptimizer(nonempty, artifact, backend=backend, trust_code=True)
+    for _ in range(3):
+        for m, opt in ((model, optimizer), (alone, reference)):
+            opt.zero_grad()
+            _loss(m, x).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        assert int(optimizer.state[p]["step"]) == 3
+        if p.numel():
+            assert optimizer.state[p].keys() == reference.state[q].keys()
+        else:
+            assert list(optimizer.state[p]) == ["step"]
+    # Saved and loaded into a fresh optimizer, it goes on as the uninterrupted one.
+    resumed_model = copy.deepcopy(model)
+    resumed = co.FrozenOptimizer(
+        resumed_model.named_parameters(), artifact, backend=backend, trust_code=True
+    )
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for m, opt in ((model, optimizer), (resumed_model, resumed), (alone, reference)):
+        opt.zero_grad()
+        _loss(m, x).backward()
+        opt.step()
+    for p, q, r in zip(model.parameters(), resumed_model.parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        torch.testing.assert_close(p, r, rtol=0, atol=0)
+    # A state for a zero-element parameter it leaves out is refused as another rule's.
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["state"][2]["extra"] = torch.zeros(0, 4)
+    with pytest.raises(ValueError, match=r"parameter 1.weight: .*unexpected \['extra'\]"):
+        resumed.load_state_dict(saved)

@@ -59,9 +59,10 @@ class FrozenOptimizer(Optimizer):
             ``docs/artifact-format.md``), or the name of an optimizer packaged with compiledopt
             (``compiledopt.pretrained.names()``; an existing path of that name comes first).
             (default: the packaged default, ``compiledopt.pretrained.DEFAULT``)
-            A ``bound`` artifact binds to the parameters by name
-            (when named) and shape, in order, and refuses a mismatch naming the parameter; a
-            ``shape_agnostic`` one applies to any parameters.
+            A ``bound`` artifact binds to the parameters by name (when named) and shape, in
+            order, and refuses a mismatch naming the parameter (zero-element parameters it does
+            not bind step as with any rule: count advanced); a ``shape_agnostic`` one applies
+            to any parameters.
             A path is opened with ``trust_code`` and ``trusted_keys``; a packaged optimizer is
             always trusted (it ships with the installed code).
         lr (float or Tensor, optional): learning rate, a number or a 1-element tensor (kept as
@@ -194,7 +195,9 @@ class FrozenOptimizer(Optimizer):
         super().__init__(params, {**defaults, "role": AUTO, "rule": None})
         if self.artifact.kind == "bound":
             named = all(group.get("param_names") for group in self.param_groups)
-            self.artifact.check_bindings(self._named(), check_dtype=False, check_names=named)
+            pairs = self._named()
+            bound = [pairs[i] for i in self._router.leave_out(self._flat())]
+            self.artifact.check_bindings(bound, check_dtype=False, check_names=named)
         self.backend = self._choose(backend)
         # A compile the user did not ask for never holds up a step (see runtime.warming).
         self.background = backend == "auto" and self.backend == "compiled"
@@ -475,6 +478,8 @@ class FrozenOptimizer(Optimizer):
         self._warned_skip = getattr(self, "_warned_skip", False)
         if "artifact" in state:
             self._router = Router(self.artifact, self.artifact.transforms(), self.state_dtype)
+            if self.artifact.kind == "bound":
+                self._router.leave_out(self._flat())
             self._router.bind(self.backend, getattr(self, "background", False))
             self._initialised = True
 

@@ -8,7 +8,7 @@ share one). A step computes each rule's parameters in one call of its strategy, 
 still batches its parameters.
 """
 
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -41,6 +41,18 @@ class Router:
         where = f"{artifact.path}: routes"
         self.routes = check_routes(artifact.manifest.get("routes", {}), self.rules(), where)
         self._strategies: Dict[str, Strategy] = {}
+        self.unbound: FrozenSet[int] = frozenset()
+
+    def leave_out(self, params: Sequence[torch.Tensor]) -> List[int]:
+        """The indices of ``params`` (every parameter of the optimizer, in order) that a bound
+        artifact binds, in order: all of them where it binds a zero-element parameter (a
+        per-element family), else every parameter with elements. The zero-element ones left
+        out (:attr:`unbound`) step without its rule, as a shape-agnostic rule steps them."""
+        binds_empty = any(0 in b["shape"] for b in self.artifact.bindings)
+        empty = {i for i, p in enumerate(params) if p.numel() == 0 and not binds_empty}
+        self.unbound = frozenset(empty)
+        self._strategies = {}
+        return [i for i in range(len(params)) if i not in empty]
 
     def rules(self) -> Tuple[str, ...]:
         """The rules the artifact's transform can be routed to."""
@@ -125,7 +137,7 @@ class Router:
 
     def _make(self, transforms: List[Transform]) -> Strategy:
         return make_strategy(
-            self.artifact, self.backend, self.state_dtype, transforms, self.background
+            self.artifact, self.backend, self.state_dtype, transforms, self.background, self.unbound
         )
 
     def compute(self, groups, flat, active, states, labels) -> Computed:

@@ -20,7 +20,7 @@ import contextlib
 import copy
 import functools
 import itertools
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -382,6 +382,10 @@ class ModelStrategy(Strategy):
     missed steps) are computed in separate calls; parameters outside a call still feed the graph
     (a zero gradient and their state, or a throw-away initial state) and their results are
     discarded.
+
+    Zero-element parameters the artifact does not bind (:attr:`unbound`, by index; no bound
+    family but a per-element one can be built for one) step as a shape-agnostic rule steps
+    them: nothing to compute, the count advanced, no other state.
     """
 
     def __init__(self, artifact, transforms, backend, state_dtype, background=False) -> None:
@@ -391,6 +395,7 @@ class ModelStrategy(Strategy):
             for t, b in zip(transforms, artifact.bindings)
         ]
         self._devices: Dict[torch.device, Callable] = {}
+        self.unbound: FrozenSet[int] = frozenset()
 
     def rule(self, device: torch.device) -> Callable:
         """The whole-model rule computing on ``device`` (built at its first use)."""
@@ -409,27 +414,43 @@ class ModelStrategy(Strategy):
         return self.artifact.runner(self.backend)
 
     def _transform(self, index: int) -> Transform:
-        return self.transforms[index]
+        return self.transforms[index - sum(1 for i in self.unbound if i < index)]
+
+    def initial_state(self, index: int, param: Tensor) -> State:
+        if index in self.unbound:
+            return {STEP: torch.zeros((), dtype=torch.int64)}
+        return super().initial_state(index, param)
+
+    def expected_state(self, index: int, param: Tensor) -> Dict[str, Expected]:
+        return {} if index in self.unbound else super().expected_state(index, param)
 
     def compute(self, params, active, states, labels):
         by_step: Dict[int, List[int]] = {}
-        for i in active:
-            by_step.setdefault(int(states[i][STEP]), []).append(i)
         computed = Computed({}, [], [])
+        for i in active:
+            if i in self.unbound:
+                direction = torch.zeros_like(params[i], dtype=self.dtype)
+                computed.results[i] = Result(direction, {**states[i], STEP: states[i][STEP] + 1})
+            else:
+                by_step.setdefault(int(states[i][STEP]), []).append(i)
+        bound = [i for i in range(len(params)) if i not in self.unbound]
+        position = {i: b for b, i in enumerate(bound)}
         rule = self.rule(params[0].device)
         for step, members in by_step.items():
             grads, values, counts = [], [], []
-            for i, p in enumerate(params):
+            for i in bound:
+                p = params[i]
                 _, stored = self._read(i, states[i] or self.initial_state(i, p))
                 values.extend(self._computed(stored))
                 counts.append(len(stored))
                 grads.append((p.grad if p.grad is not None else torch.zeros_like(p)).to(self.dtype))
-            inputs = [p.detach().to(self.dtype) for p in params]
+            inputs = [params[i].detach().to(self.dtype) for i in bound]
             directions, new_values = rule(grads, inputs, values, torch.tensor(step))
             offsets = [0, *itertools.accumulate(counts)]
             for i in members:
-                own = list(new_values[offsets[i] : offsets[i] + counts[i]])
-                result = Result(directions[i], self._advanced(states[i], own, i))
+                b = position[i]
+                own = list(new_values[offsets[b] : offsets[b] + counts[b]])
+                result = Result(directions[b], self._advanced(states[i], own, i))
                 check_result(params[i], states[i], *result, labels[i])
                 computed.results[i] = result
                 computed.add(params[i].grad, (i,), "gradient")
@@ -460,6 +481,11 @@ def make_strategy(
     state_dtype: torch.dtype,
     transforms: List[Transform],
     background: bool = False,
+    unbound: FrozenSet[int] = frozenset(),
 ) -> Strategy:
-    """The strategy of ``artifact``'s kind, running on ``backend`` (see :class:`Strategy`)."""
-    return STRATEGIES[artifact.kind](artifact, transforms, backend, state_dtype, background)
+    """The strategy of ``artifact``'s kind, running on ``backend`` (see :class:`Strategy`),
+    leaving ``unbound`` out of a bound artifact's bindings (see :class:`ModelStrategy`)."""
+    strategy = STRATEGIES[artifact.kind](artifact, transforms, backend, state_dtype, background)
+    if isinstance(strategy, ModelStrategy):
+        strategy.unbound = unbound
+    return strategy
