@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from test_loader_hardening import _copy_packaged, _rehash
 
 import compiledopt as co
 from compiledopt import FrozenOptimizer, pretrained
 from compiledopt.export import ArtifactError, export_bound, load_artifact
+from compiledopt.export.layout import WEIGHTS
 
 OPENERS = {
     "load_artifact": load_artifact,
@@ -126,4 +128,28 @@ def test_a_binding_state_that_is_not_the_transforms_state_is_refused(bound, stat
     assert str(caught.value) == (
         f"{bound}: invalid bindings[1].state: {shown} (the transform keeps "
         "[{'name': 'hidden', 'shape': [4, 3]}] for 'layer1.weight' of shape (4, 3))"
+    )
+
+
+# -- the weights' dtypes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "name"),
+    [(torch.float64, "F64"), (torch.float16, "F16"), (torch.int32, "I32"), (torch.bool, "BOOL")],
+)
+def test_weights_of_another_dtype_than_the_spec_are_refused(artifact, dtype, name):
+    """load_state_dict would cast them silently (a float32 optimizer of float16-rounded weights,
+    or of weights that were integers)."""
+    weights = safetensors.torch.load((artifact / WEIGHTS).read_bytes())
+    first = sorted(weights)[0]
+    weights[first] = weights[first].to(dtype)
+    (artifact / WEIGHTS).write_bytes(safetensors.torch.save(weights))
+    _rehash(artifact)
+    loaded = load_artifact(artifact)
+    with pytest.raises(ArtifactError) as caught:
+        loaded.transforms()
+    assert str(caught.value) == (
+        f"{artifact}: weights do not fit the transform spec: {first!r} is {name} in "
+        f"{artifact / WEIGHTS}, the spec makes it F32 (torch.float32)"
     )

@@ -57,6 +57,7 @@ from compiledopt.export.layout import (
     MANIFEST,
     SIGNATURE,
     WEIGHTS,
+    check_weights_fit,
     file_rank,
     read_regular,
     sha256,
@@ -198,13 +199,14 @@ class Artifact:
         bound artifact; the one shared transform for a shape-agnostic artifact).
 
         The weights are read and verified first, and what they hold (how many tensors, of
-        which shapes) is read from their header, checked against the file's size. Nothing the
-        spec implies may exceed that: a bound artifact of a per-parameter spec needs a tensor
-        per binding at least (checked before anything is built), and the spec is built on the
-        ``meta`` device under a budget of the weights' tensor and element counts, stopped as
-        soon as it registers more (so a spec of a million layers costs as much as the weights'
-        handful of tensors). Every tensor it implies is then checked against the weights' names
-        and shapes, and the state the manifest lists against the state the transform keeps
+        which dtypes and shapes) is read from their header, checked against the file's size.
+        Nothing the spec implies may exceed that: a bound artifact of a per-parameter spec needs
+        a tensor per binding at least (checked before anything is built), and the spec is built
+        on the ``meta`` device under a budget of the weights' tensor and element counts, stopped
+        as soon as it registers more (so a spec of a million layers costs as much as the
+        weights' handful of tensors). Every tensor it implies is then checked against the
+        weights' names, dtypes and shapes (:func:`~compiledopt.export.layout.check_weights_fit`),
+        and the state the manifest lists against the state the transform keeps
         (:meth:`_check_state`), before the real transform is allocated.
 
         The global random number generators (CPU, and CUDA where initialised) are left as they
@@ -220,24 +222,12 @@ class Artifact:
                 f"bindings of a {self.spec['kind']!r} spec need a tensor each, {where} holds "
                 f"{len(held)} tensors"
             )
-        elements = sum(math.prod(shape) for shape in held.values())
+        elements = sum(math.prod(shape) for _, shape in held.values())
         with untouched_rng():
             with torch.device("meta"), BuildBudget(len(held), elements, where):
                 implied_transforms = self._build("meta")
                 implied = nn.ModuleList(unique_by_identity(implied_transforms)[0]).state_dict()
-            if set(implied) != set(held):
-                missing, extra = sorted(set(implied) - set(held)), sorted(set(held) - set(implied))
-                raise ArtifactError(
-                    f"{self.path}: weights do not fit the transform spec ({where} lacks "
-                    f"{len(missing)} tensors: {_few(missing)}; has {len(extra)} unexpected: "
-                    f"{_few(extra)})"
-                )
-            for key, tensor in implied.items():
-                if tuple(tensor.shape) != held[key]:
-                    raise ArtifactError(
-                        f"{self.path}: weights do not fit the transform spec: {key!r} has shape "
-                        f"{held[key]} in {where}, the spec makes it {tuple(tensor.shape)}"
-                    )
+            check_weights_fit(implied, held, str(self.path), str(where))
             with torch.device("meta"):
                 self._check_state(implied_transforms)
             try:
@@ -476,12 +466,6 @@ def artifact_path(path: "str | os.PathLike") -> Path:
             f"artifact not found: {given} cannot be looked up ({error.strerror})"
         ) from error
     return given
-
-
-def _few(names: List[str]) -> str:
-    """At most five names, then how many more."""
-    shown = ", ".join(repr(n[:80]) for n in names[:5])
-    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "none"
 
 
 def _brief(text: str, limit: int = 300) -> str:

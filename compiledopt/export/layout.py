@@ -8,7 +8,7 @@ import math
 import os
 import stat
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -21,8 +21,10 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
+    "SAFETENSORS_DTYPES",
     "SIGNATURE",
     "WEIGHTS",
+    "check_weights_fit",
     "dtype_name",
     "file_rank",
     "graph_file",
@@ -157,8 +159,17 @@ _ITEMSIZES = {
 }  # fmt: skip
 
 
-def weights_header(data: bytes, where: str) -> Dict[str, Tuple[int, ...]]:
-    """The tensors a safetensors file holds (name -> shape), read from its header alone and
+#: torch dtypes -> their safetensors names (the dtypes a transform's weights may have).
+SAFETENSORS_DTYPES: Dict[torch.dtype, str] = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32",
+    torch.int64: "I64", torch.float64: "F64",
+}  # fmt: skip
+
+
+def weights_header(data: bytes, where: str) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """The tensors a safetensors file holds (name -> its safetensors dtype name, such as
+    ``"F32"``, and its shape), read from its header alone and
     checked against its size: every tensor's bytes lie inside the file and match its dtype and
     shape, so the counts and sizes returned are what the file can really hold.
 
@@ -179,7 +190,7 @@ def weights_header(data: bytes, where: str) -> Dict[str, Tuple[int, ...]]:
     if not isinstance(header, dict):
         raise ArtifactError(f"{where}: its safetensors header is not a JSON object")
     room = len(data) - 8 - length
-    shapes: Dict[str, Tuple[int, ...]] = {}
+    tensors: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -198,5 +209,43 @@ def weights_header(data: bytes, where: str) -> Dict[str, Tuple[int, ...]]:
                 f"{where}: safetensors entry {name!r} ({dtype}, shape {shape}) does not fit "
                 f"bytes {begin}..{end} of the {room} it has"
             )
-        shapes[name] = tuple(shape)
-    return shapes
+        tensors[name] = (dtype, tuple(shape))
+    return tensors
+
+
+def check_weights_fit(
+    implied: Mapping[str, Tensor],
+    held: Mapping[str, Tuple[str, Tuple[int, ...]]],
+    artifact: str,
+    where: str,
+) -> None:
+    """Raise :class:`ArtifactError` unless the weights file ``where`` of ``artifact`` holds
+    (``held``, from :func:`weights_header`) exactly the tensors a transform's spec implies
+    (``implied``: its state dict, built on the ``meta`` device): the same names, and each of the
+    same dtype and shape (loading a state dict would cast a tensor of another dtype silently)."""
+    if set(implied) != set(held):
+        missing, extra = sorted(set(implied) - set(held)), sorted(set(held) - set(implied))
+        raise ArtifactError(
+            f"{artifact}: weights do not fit the transform spec ({where} lacks "
+            f"{len(missing)} tensors: {_few(missing)}; has {len(extra)} unexpected: "
+            f"{_few(extra)})"
+        )
+    for key, tensor in implied.items():
+        dtype, shape = held[key]
+        if tuple(tensor.shape) != shape:
+            raise ArtifactError(
+                f"{artifact}: weights do not fit the transform spec: {key!r} has shape "
+                f"{shape} in {where}, the spec makes it {tuple(tensor.shape)}"
+            )
+        expected = SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype))
+        if dtype != expected:
+            raise ArtifactError(
+                f"{artifact}: weights do not fit the transform spec: {key!r} is {dtype} in "
+                f"{where}, the spec makes it {expected} ({tensor.dtype})"
+            )
+
+
+def _few(names: List[str]) -> str:
+    """At most five names, then how many more."""
+    shown = ", ".join(repr(n[:80]) for n in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "none"
