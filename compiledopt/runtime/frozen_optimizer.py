@@ -20,6 +20,7 @@ from compiledopt.runtime.keywords import (
     check_new_group,
     check_own_group,
 )
+from compiledopt.runtime.loading import check_saved_groups
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.routing import Router
 from compiledopt.runtime.skips import groups_to_skip
@@ -432,18 +433,7 @@ class FrozenOptimizer(Optimizer):
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
         ):
             return {}  # torch.optim refuses it, with its own message
-        for g, saved in enumerate(saved_groups):
-            for key in ("lr", "weight_decay"):
-                if key not in saved:
-                    raise ValueError(f"the state_dict's param group {g} has no {key!r}")
-            check_lr(saved["lr"])
-            check_real(saved["weight_decay"], "weight_decay", 0.0)
-            skip_count(saved.get("skipped_steps", 0), f"the state_dict's param group {g}")
-            check_flag(saved.get("maximize", False), "maximize")
-            self._router.check_group(
-                saved.get("role", AUTO), saved.get("rule"), f"state_dict's param group {g}"
-            )
-            self._router.check_runs([{**saved, "params": self.param_groups[g]["params"]}])
+        check_saved_groups(saved_groups, self.param_groups, self._router)
         index = {pid: i for i, pid in enumerate(p for s in saved_groups for p in s["params"])}
         flat, labels = self._flat(), self._labels()
         checked = {}
