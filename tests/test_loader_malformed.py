@@ -153,3 +153,32 @@ def test_weights_of_another_dtype_than_the_spec_are_refused(artifact, dtype, nam
         f"{artifact}: weights do not fit the transform spec: {first!r} is {name} in "
         f"{artifact / WEIGHTS}, the spec makes it F32 (torch.float32)"
     )
+
+
+def _with_header(path: Path, edit) -> None:
+    """Replace the weights' safetensors header by ``edit(header text)``, keeping the data."""
+    data = (path / WEIGHTS).read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = edit(data[8 : 8 + length].decode()).encode()
+    (path / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header + data[8 + length :])
+    _rehash(path)
+
+
+def test_a_weights_header_naming_a_tensor_twice_is_refused(artifact):
+    """Which of the two entries a reader keeps is its choice: the loader's check and
+    safetensors' load could read different tensors."""
+    header = json.loads(_header_text(artifact))
+    name = sorted(k for k in header if k != "__metadata__")[0]
+    entry = json.dumps({name: header[name]})[1:-1]
+    _with_header(artifact, lambda text: text.rstrip()[:-1] + ", " + entry + "}")
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(artifact).transforms()
+    assert str(caught.value) == (
+        f"{artifact / WEIGHTS}: its safetensors header is not JSON (duplicate key {name!r} in "
+        "an object)"
+    )
+
+
+def _header_text(path: Path) -> str:
+    data = (path / WEIGHTS).read_bytes()
+    return data[8 : 8 + int.from_bytes(data[:8], "little")].decode()

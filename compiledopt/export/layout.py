@@ -3,7 +3,6 @@ how the loader reads a listed file and a weights file's header."""
 
 import errno
 import hashlib
-import json
 import math
 import os
 import stat
@@ -13,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from compiledopt._validation import strict_json
 from compiledopt.export.backend import Backend
 from compiledopt.export.manifest import FORMAT, FORMAT_VERSION, WEIGHTS, ArtifactError
 
@@ -169,9 +169,11 @@ SAFETENSORS_DTYPES: Dict[torch.dtype, str] = {
 
 def weights_header(data: bytes, where: str) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
     """The tensors a safetensors file holds (name -> its safetensors dtype name, such as
-    ``"F32"``, and its shape), read from its header alone and
-    checked against its size: every tensor's bytes lie inside the file and match its dtype and
-    shape, so the counts and sizes returned are what the file can really hold.
+    ``"F32"``, and its shape), read from its header alone and checked against its size: every
+    tensor's bytes lie inside the file and match its dtype and shape, so the counts and sizes
+    returned are what the file can really hold. The header is strict JSON (UTF-8, no tensor
+    named twice: see :func:`~compiledopt._validation.strict_json`), so what is checked here is
+    what safetensors loads.
 
     Raises:
         ArtifactError: ``f"{where}: ..."`` naming what is malformed.
@@ -183,9 +185,9 @@ def weights_header(data: bytes, where: str) -> Dict[str, Tuple[str, Tuple[int, .
         raise ArtifactError(
             f"{where}: not a safetensors file (a header of {length} bytes in a file of {len(data)})"
         )
-    try:
-        header = json.loads(data[8 : 8 + length])
-    except (ValueError, RecursionError) as error:
+    try:  # strict: a tensor named twice is refused (which entry a reader keeps is its choice)
+        header = strict_json(data[8 : 8 + length])
+    except ValueError as error:
         raise ArtifactError(f"{where}: its safetensors header is not JSON ({error})") from error
     if not isinstance(header, dict):
         raise ArtifactError(f"{where}: its safetensors header is not a JSON object")
