@@ -3,6 +3,7 @@
 import json
 import math
 import numbers
+import re
 from typing import Any, SupportsInt, cast
 
 
@@ -99,7 +100,9 @@ def strict_json(data: "str | bytes", constants: bool = False) -> Any:
     would guess), ``NaN`` and ``Infinity`` are refused (unless ``constants``: settings whose
     checks name the key that holds one), and so is an object that names a key twice
     (``json.loads`` keeps the last value and drops the others without a word; a reader in
-    another language may keep the first)."""
+    another language may keep the first), and so is a string holding half of a UTF-16
+    surrogate pair (``"\\ud800"``: an escape can write one, but it is no Unicode text, and
+    printing or encoding the string fails wherever it goes next)."""
 
     def refuse_constant(constant: str) -> float:
         if constants:
@@ -118,6 +121,35 @@ def strict_json(data: "str | bytes", constants: bool = False) -> Any:
     if text.startswith("\ufeff"):
         raise ValueError("it starts with a byte-order mark (JSON is UTF-8 without one)")
     try:
-        return json.loads(text, parse_constant=refuse_constant, object_pairs_hook=refuse_duplicates)
+        parsed = json.loads(
+            text, parse_constant=refuse_constant, object_pairs_hook=refuse_duplicates
+        )
     except RecursionError:
         raise ValueError("nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text):  # only an escape writes one (UTF-8 cannot)
+        _refuse_surrogates(parsed)
+    return parsed
+
+
+#: A ``\u`` escape of a UTF-16 surrogate (paired or not), case-insensitive.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_surrogates(value: Any) -> None:
+    """Raise ``ValueError`` quoting the first string (a key or a value) anywhere in the parsed
+    JSON ``value`` that holds an unpaired surrogate (walked without recursion)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"the string {item[:80]!r} holds an unpaired surrogate (not Unicode text)"
+                ) from None

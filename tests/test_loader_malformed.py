@@ -182,3 +182,40 @@ def test_a_weights_header_naming_a_tensor_twice_is_refused(artifact):
 def _header_text(path: Path) -> str:
     data = (path / WEIGHTS).read_bytes()
     return data[8 : 8 + int.from_bytes(data[:8], "little")].decode()
+
+
+# -- the manifest's JSON ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("escaped", "shown"),
+    [
+        ("\\ud800", "'\\ud800'"),
+        ("a\\uDFFFb", "'a\\udfffb'"),
+        ("\\ude00\\ud83d", "'\\ude00\\ud83d'"),
+    ],
+    ids=["high", "low", "reversed"],
+)
+def test_a_manifest_string_with_an_unpaired_surrogate_is_refused(artifact, escaped, shown):
+    """JSON's \\u escapes can write half of a UTF-16 pair, which is no text: the manifest
+    loaded, and printing it (compiledopt inspect) failed with a UnicodeEncodeError."""
+    text = (artifact / "manifest.json").read_text()
+    version = json.loads(text)["producer"]["python"]
+    (artifact / "manifest.json").write_text(
+        text.replace(f'"python": "{version}"', f'"python": "{escaped}"')
+    )
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(artifact)
+    assert str(caught.value) == (
+        f"{artifact}: manifest.json is not valid JSON: the string {shown} holds an unpaired "
+        "surrogate (not Unicode text)"
+    )
+
+
+def test_a_surrogate_pair_is_text(artifact):
+    text = (artifact / "manifest.json").read_text()
+    version = json.loads(text)["producer"]["python"]
+    (artifact / "manifest.json").write_text(
+        text.replace(f'"python": "{version}"', '"python": "\\ud83d\\ude00"')
+    )
+    assert load_artifact(artifact).manifest["producer"]["python"] == "\U0001f600"
