@@ -27,9 +27,11 @@ from compiledopt.runtime.skips import groups_to_skip
 from compiledopt.runtime.state import (
     SET_OF_PARAMS,
     check_current,
+    check_listed_once,
     check_loaded,
     check_lr,
     check_rates,
+    check_stepping,
     check_steps,
     checked_params,
     skip_count,
@@ -312,15 +314,12 @@ class FrozenOptimizer(Optimizer):
                 loss = closure()
         flat, labels = self._flat(), self._labels()
         position = {id(p): i for i, p in enumerate(flat)}
+        check_listed_once(flat, labels, len(position))  # param groups may be edited by hand
         groups = []
         for group in self.param_groups:
             members = [position[id(p)] for p in group["params"] if p.grad is not None]
             for i in members:
-                grad = flat[i].grad
-                if grad is not None and grad.is_sparse:
-                    raise RuntimeError(
-                        f"FrozenOptimizer does not support sparse gradients ({labels[i]})"
-                    )
+                check_stepping(flat[i], labels[i])
             if members:
                 groups.append((group, members))
         if not groups:

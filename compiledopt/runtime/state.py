@@ -20,10 +20,13 @@ __all__ = [
     "Expected",
     "check_batch",
     "check_current",
+    "check_listed_once",
     "check_loaded",
     "check_lr",
+    "check_param",
     "check_rates",
     "check_result",
+    "check_stepping",
     "check_steps",
     "checked_params",
     "skip_count",
@@ -379,11 +382,7 @@ def checked_params(params: Any) -> List[Any]:
         if not isinstance(param, Tensor):
             raise TypeError(f"FrozenOptimizer params must be tensors, got {type(param)}")
         label = repr(name) if name is not None else f"of shape {tuple(param.shape)}"
-        if param.is_complex() or not param.is_floating_point():
-            raise ValueError(
-                f"FrozenOptimizer supports real floating-point parameters; parameter {label} "
-                f"has dtype {param.dtype}"
-            )
+        check_param(param, f"parameter {label}")
         if id(param) in seen:
             raise ValueError(
                 f"parameter {label} is listed more than once in a param group (each parameter "
@@ -391,3 +390,59 @@ def checked_params(params: Any) -> List[Any]:
             )
         seen.add(id(param))
     return params
+
+
+def check_param(param: Tensor, label: str) -> None:
+    """``ValueError`` naming ``label`` unless ``param`` is a real floating-point tensor whose
+    elements do not share memory (an ``expand()``-ed tensor's do: an update cannot be written to
+    them, and torch would raise while writing the parameters, after others were written)."""
+    if param.is_complex() or not param.is_floating_point():
+        raise ValueError(
+            f"FrozenOptimizer supports real floating-point parameters; {label} has dtype "
+            f"{param.dtype}"
+        )
+    if any(stride == 0 and size > 1 for stride, size in zip(param.stride(), param.shape)):
+        raise ValueError(
+            f"{label} has elements that share memory (shape {tuple(param.shape)}, strides "
+            f"{tuple(param.stride())}: an expand()-ed tensor?), which no update can be written "
+            "to: clone() it"
+        )
+
+
+def check_stepping(param: Tensor, label: str) -> None:
+    """``param`` about to step, checked (as a param group edited by hand, a tensor resized or
+    retyped in place since it was given, may hold anything): :func:`check_param`, and a dense
+    gradient (else ``RuntimeError``) of its shape and device and of a real floating-point dtype
+    (else ``ValueError`` naming ``label`` and the gradient)."""
+    check_param(param, label)
+    grad = param.grad
+    assert grad is not None  # only a parameter with a gradient steps
+    if grad.is_sparse:
+        raise RuntimeError(f"FrozenOptimizer does not support sparse gradients ({label})")
+    if (
+        grad.shape != param.shape
+        or grad.device != param.device
+        or grad.is_complex()
+        or not grad.is_floating_point()
+    ):
+        raise ValueError(
+            f"{label}: its gradient has shape {tuple(grad.shape)} and dtype {grad.dtype} on "
+            f"{grad.device}, the parameter shape {tuple(param.shape)} on {param.device} (a "
+            "gradient needs the parameter's shape and device and a real floating-point dtype)"
+        )
+
+
+def check_listed_once(params: Sequence[Tensor], labels: Sequence[str], distinct: int) -> None:
+    """``ValueError`` naming the first parameter ``params`` (every parameter of the param groups,
+    ``distinct`` of them distinct) lists twice: a param group edited by hand to list one twice,
+    or in two groups, would have its one computed update applied twice."""
+    if distinct == len(params):
+        return
+    seen = set()
+    for param, label in zip(params, labels):
+        if id(param) in seen:
+            raise ValueError(
+                f"{label} is listed more than once in the param groups (each parameter steps "
+                "once a step: list it once)"
+            )
+        seen.add(id(param))
