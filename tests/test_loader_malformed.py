@@ -219,3 +219,33 @@ def test_a_surrogate_pair_is_text(artifact):
         text.replace(f'"python": "{version}"', '"python": "\\ud83d\\ude00"')
     )
     assert load_artifact(artifact).manifest["producer"]["python"] == "\U0001f600"
+
+
+# -- the training block -------------------------------------------------------------------------
+
+
+def test_a_training_number_too_large_for_a_float_is_refused(artifact):
+    """JSON holds ints of any size; compiledopt inspect divided this one by 3600 and failed
+    with an OverflowError."""
+    _edit_manifest(artifact, lambda m: m["training"].update(cpu_time_s=10**400))
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(artifact)
+    assert str(caught.value) == (
+        f"{artifact}: 'training' must hold only JSON values: training['cpu_time_s'] is an int "
+        "of 1329 bits, not a finite number"
+    )
+
+
+@pytest.mark.parametrize(
+    ("training", "hours"),
+    [
+        ({"cpu_time_s": 10**400}, "CPU time not recorded"),
+        ({"wall_time_s": 10**300, "cpu_count": 10**300}, "inf CPU-hours"),
+        ({"wall_time_s": 7200, "cpu_count": 3}, "6 CPU-hours"),
+    ],
+    ids=["huge", "product-of-ints", "ints"],
+)
+def test_the_summary_of_huge_numbers_does_not_overflow(training, hours):
+    assert pretrained.summary(training, 1.0) == (
+        f"meta-trained on ?, ? steps, {hours}; recommended lr 1, schedule ?"
+    )

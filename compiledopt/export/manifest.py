@@ -144,16 +144,25 @@ def check_manifest(manifest: Any, where: str) -> Dict[str, Any]:
 
 def check_training(training: Any) -> Dict[str, Any]:
     """``training`` as a manifest's ``training`` block: a dict of JSON values (str keys; finite
-    numbers), copied; ``ValueError`` naming the field otherwise."""
+    numbers: no NaN or infinity, and no int too large for a float), copied; ``ValueError``
+    naming the field otherwise."""
     if not isinstance(training, Mapping):
         raise ValueError(f"'training' must be a JSON object, got {type(training).__name__}")
     try:
-        return json.loads(json.dumps(dict(training), allow_nan=False))
+        return json.loads(json.dumps(dict(training), allow_nan=False), parse_int=_finite_int)
     except (TypeError, ValueError) as error:
         bad = _not_json(dict(training), "training")
         raise ValueError(f"'training' must hold only JSON values: {bad or error}") from None
     except RecursionError:
         raise ValueError("'training' must hold only JSON values: it nests too deeply") from None
+
+
+def _finite_int(text: str) -> int:
+    """A JSON int, refused (``ValueError``) if too large for a float (``is_real``)."""
+    value = int(text)
+    if not is_real(value):
+        raise ValueError(f"an int of {value.bit_length()} bits is not a finite number")
+    return value
 
 
 def _not_json(value: Any, where: str, depth: int = 0) -> str:
@@ -163,6 +172,8 @@ def _not_json(value: Any, where: str, depth: int = 0) -> str:
         return ""
     if isinstance(value, float) and not math.isfinite(value):
         return f"{where} is {value}, not a finite number"
+    if isinstance(value, int) and not isinstance(value, bool) and not is_real(value):
+        return f"{where} is an int of {value.bit_length()} bits, not a finite number"
     if isinstance(value, (list, tuple)):
         items: Any = enumerate(value)
     elif isinstance(value, dict):

@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeGuard, Union
 
+from compiledopt._validation import is_real
 from compiledopt.export import Artifact, ArtifactError, load_artifact
 from compiledopt.export.artifact import artifact_path
 from compiledopt.export.layout import MANIFEST
@@ -163,9 +164,9 @@ def summary(training: Mapping[str, Any], lr: float) -> str:
     wall, cpus, cpu_time = (training.get(k) for k in ("wall_time_s", "cpu_count", "cpu_time_s"))
     hours = "CPU time not recorded"
     if _number(cpu_time):
-        hours = f"{cpu_time / 3600:.2g} CPU-hours"
-    elif _number(wall) and _number(cpus):
-        hours = f"{wall * cpus / 3600:.2g} CPU-hours"
+        hours = f"{float(cpu_time) / 3600:.2g} CPU-hours"
+    elif _number(wall) and _number(cpus):  # as floats: a product of ints may exceed one
+        hours = f"{float(wall) * float(cpus) / 3600:.2g} CPU-hours"
     return (
         f"meta-trained on {training.get('task_family', '?')}, {steps} steps, {hours}; "
         f"recommended lr {lr:g}, "
@@ -174,7 +175,8 @@ def summary(training: Mapping[str, Any], lr: float) -> str:
 
 
 def _number(value: Any) -> TypeGuard[Union[int, float]]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number (not a bool, nor an int too large for a float)."""
+    return is_real(value)
 
 
 def _schedule(schedule: Any) -> str:
