@@ -142,3 +142,27 @@ def test_a_gradient_of_another_floating_dtype_steps_as_the_parameters_own():
     reference.step()
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_maximize_set_in_a_group_by_hand_must_be_a_bool(value):
+    # The constructor and add_param_group refuse a maximize that is not a bool; set in
+    # param_groups after construction, a truthy "no" ascended (AdamW reads it as truthy too).
+    params = _params()
+    optimizer = _frozen(params)
+    optimizer.param_groups[0]["maximize"] = value
+    _grads(params)
+    _refused(
+        optimizer,
+        params,
+        ValueError,
+        rf"Invalid maximize in the group of parameter 0: {value!r} \(expected a bool\)",
+    )
+    optimizer.param_groups[0]["maximize"] = True
+    ascended = _params()
+    reference = _frozen(ascended, maximize=True)
+    _grads(ascended)
+    optimizer.step()
+    reference.step()
+    for p, q in zip(params, ascended):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -12,7 +12,7 @@ from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Sequence, T
 import torch
 from torch import Tensor
 
-from compiledopt._validation import check_real
+from compiledopt._validation import check_flag, check_real
 
 __all__ = [
     "SET_OF_PARAMS",
@@ -325,9 +325,11 @@ def check_rates(
     require, and ``lr``, ``lr·weight_decay`` and ``1 − lr·weight_decay`` are at most the largest
     value of each of ``dtypes`` (its parameters'): ``p.add_(d, alpha=-lr)`` raises for an ``lr``
     the parameter's dtype cannot hold, and would do so after other parameters were written.
-    Plain floats are checked on the host."""
+    ``maximize``, where set, must be a bool (a truthy string, ``"no"``, would ascend). Plain
+    floats are checked on the host."""
     lr = _number(group["lr"], "lr", where)
     decay = _number(group["weight_decay"], "weight_decay", where)
+    check_flag(group.get("maximize", False), f"maximize in {where}")
     for dtype in dtypes:
         largest = torch.finfo(dtype).max
         values = (lr, lr * decay, 1.0 - lr * decay)
