@@ -249,3 +249,25 @@ def test_the_summary_of_huge_numbers_does_not_overflow(training, hours):
     assert pretrained.summary(training, 1.0) == (
         f"meta-trained on ?, ? steps, {hours}; recommended lr 1, schedule ?"
     )
+
+
+# -- graphs -------------------------------------------------------------------------------------
+
+
+def test_a_graph_saved_under_another_ranks_name_is_refused_naming_its_file(artifact):
+    (artifact / "rule_rank2.onnx").write_bytes((artifact / "rule_rank1.onnx").read_bytes())
+    _rehash(artifact)
+    runner = load_artifact(artifact).runner("onnx")
+    transform = load_artifact(artifact).transforms()[0]
+    param = torch.randn(3, 4)
+    with pytest.raises(ArtifactError) as caught:
+        runner(torch.randn(3, 4), param, transform.init_state(param), torch.tensor(0))
+    assert str(caught.value) == (
+        f"{artifact / 'rule_rank2.onnx'}: the graph takes rank-1 tensors, not the rank-2 tensors "
+        "its name says"
+    )
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    optimizer = FrozenOptimizer([weight], artifact, backend="onnx")
+    weight.grad = torch.randn(3, 4)
+    with pytest.raises(ArtifactError, match=r"rule_rank2\.onnx: the graph takes rank-1 tensors"):
+        optimizer.step()

@@ -131,6 +131,7 @@ def load(path: str) -> Runner:
             outputs = loader.boxed_run([t.detach().contiguous() for t in flat])
         return signature.unflatten(outputs)
 
+    runner.signature = signature  # type: ignore[attr-defined]  # what the package takes
     return runner
 
 

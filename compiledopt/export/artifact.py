@@ -65,6 +65,7 @@ from compiledopt.export.layout import (
     weights_header,
 )
 from compiledopt.export.manifest import ArtifactError, check_manifest, check_training
+from compiledopt.export.signature import Signature
 from compiledopt.transforms.base import Transform
 
 __all__ = [
@@ -400,8 +401,24 @@ class _RankDispatch:
                 runner = self.loaded.get(rank)
                 if runner is None:
                     runner = self.artifact._load(self.backend, self.files[rank])
+                    self._check_rank(runner, rank)
                     self.loaded[rank] = runner
         return runner(grad, param, state, step)
+
+    def _check_rank(self, runner: Callable, rank: int) -> None:
+        """Refuse the graph loaded for rank ``rank`` unless its signature (where its runner
+        has one) takes a tensor of that rank: a graph under another rank's name is refused
+        naming its file, not at its first call naming an input."""
+        signature = getattr(runner, "signature", None)
+        if not isinstance(signature, Signature):
+            return
+        took = len(signature.shapes[0]) if signature.tensor_rule else None
+        if took != rank:
+            what = "a bound rule's lists" if took is None else f"rank-{took} tensors"
+            raise ArtifactError(
+                f"{self.artifact.path / self.files[rank]}: the graph takes {what}, not the "
+                f"rank-{rank} tensors its name says"
+            )
 
 
 def load_artifact(

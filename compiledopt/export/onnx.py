@@ -306,6 +306,7 @@ def _runner(model: bytes, where: str) -> Runner:
         feed = {name: t.detach().contiguous().numpy() for name, t in zip(inputs, flat)}
         return signature.unflatten([torch.from_numpy(a) for a in session.run(outputs, feed)])
 
+    runner.signature = signature  # type: ignore[attr-defined]  # what the graph takes
     return runner
 
 
