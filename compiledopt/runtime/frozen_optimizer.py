@@ -34,6 +34,7 @@ from compiledopt.runtime.state import (
     check_stepping,
     check_steps,
     checked_params,
+    lr_of,
     skip_count,
     written_mark,
 )
@@ -257,6 +258,8 @@ class FrozenOptimizer(Optimizer):
         check_new_group(param_group)
         if "lr" in param_group:
             check_lr(param_group["lr"])
+        elif any(g["lr"] is self.defaults["lr"] for g in self.param_groups):  # see lr_of
+            param_group["lr"] = lr_of(self.defaults["lr"])
         if "weight_decay" in param_group:
             check_real(param_group["weight_decay"], "weight_decay", 0.0)
         self._router.check_group(param_group.get("role", AUTO), param_group.get("rule"))

@@ -29,6 +29,7 @@ __all__ = [
     "check_stepping",
     "check_steps",
     "checked_params",
+    "lr_of",
     "skip_count",
     "step_count",
     "written_mark",
@@ -301,6 +302,15 @@ def check_lr(lr: Any) -> None:
             raise ValueError(f"Invalid lr: {lr!r} (expected a real number)")
         lr = lr.item()
     check_real(lr, "lr", 0.0)
+
+
+def lr_of(default: Any) -> Any:
+    """The ``lr`` of a param group that takes the optimizer's ``default`` after another group took
+    it: a tensor copied (not shared: an LR scheduler writes each group's tensor in place, and
+    would write one shared by two groups twice, ``ReduceLROnPlateau`` halving it twice, say,
+    and a per-group schedule the last group's into both; torch.optim shares it), a number as
+    it is."""
+    return default.detach().clone() if isinstance(default, Tensor) else default
 
 
 def _number(value: Any, what: str, where: str) -> float:
