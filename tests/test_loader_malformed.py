@@ -271,3 +271,22 @@ def test_a_graph_saved_under_another_ranks_name_is_refused_naming_its_file(artif
     weight.grad = torch.randn(3, 4)
     with pytest.raises(ArtifactError, match=r"rule_rank2\.onnx: the graph takes rank-1 tensors"):
         optimizer.step()
+
+
+# -- signature.json -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("version", "shown"), [(1.0, "1.0"), (True, "True"), ("1", "'1'")])
+def test_a_signature_version_that_is_not_the_int_1_is_refused(artifact, tmp_path, version, shown):
+    pytest.importorskip("cryptography")
+    from compiledopt.export.signing import generate_keypair, sign_artifact
+
+    generate_keypair(tmp_path / "private.pem", tmp_path / "public.pem")
+    sign_artifact(artifact, tmp_path / "private.pem")
+    record = json.loads((artifact / "signature.json").read_text())
+    (artifact / "signature.json").write_text(json.dumps({**record, "version": version}))
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(artifact, trusted_keys=[tmp_path / "public.pem"])
+    assert str(caught.value) == (
+        f"{artifact}: signature.json is malformed (format 'compiledopt-signature' version {shown})"
+    )

@@ -121,7 +121,7 @@ def _parse_signature(data: bytes, where: str) -> dict:
     expected = {"format", "version", "algorithm", "public_key", "signature"}
     if not isinstance(record, dict) or set(record) != expected:
         raise bad(f"fields must be {sorted(expected)}")
-    if record["format"] != FORMAT or record["version"] != 1 or record["version"] is True:
+    if record["format"] != FORMAT or type(record["version"]) is not int or record["version"] != 1:
         raise bad(f"format {record['format']!r} version {record['version']!r}")
     if record["algorithm"] != "ed25519":
         raise bad(f"algorithm {record['algorithm']!r}; only 'ed25519' is read")
