@@ -89,3 +89,30 @@ def test_names_on_one_side_only_load_by_position_as_torch_optim_does():
     unnamed = _frozen([a, b])
     unnamed.load_state_dict(saved)
     assert int(unnamed.state[a]["step"]) == 1
+
+
+def _tampered(optimizer):
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["param_groups"][0]["params"] = [0, 0]
+    return saved
+
+
+def test_adamw_loads_a_state_dict_listing_an_id_twice_onto_the_wrong_parameter():
+    a, b = _pair()
+    original = _stepped(torch.optim.AdamW, a, b)
+    fresh = torch.optim.AdamW([("a", a), ("b", b)])
+    fresh.load_state_dict(_tampered(original))
+    assert a not in fresh.state and torch.equal(
+        fresh.state[b]["exp_avg"], original.state[a]["exp_avg"]
+    )
+
+
+def test_a_state_dict_listing_an_id_twice_is_refused():
+    a, b = _pair()
+    original = _stepped(_frozen, a, b)
+    fresh = _frozen([("a", a), ("b", b)])
+    with pytest.raises(
+        ValueError, match="the state_dict's param group 0 lists parameter id 0, which an earlier"
+    ):
+        fresh.load_state_dict(_tampered(original))
+    assert len(fresh.state) == 0

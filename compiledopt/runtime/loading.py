@@ -28,7 +28,18 @@ def check_saved_groups(
     ``saved_groups`` (as many as ``groups``, the optimizer's, each with as many parameters) has
     a valid ``lr``, ``weight_decay``, ``skipped_steps``, ``maximize``, ``role`` and ``rule``
     (one ``router``'s backend computes), and, where it and the optimizer's group both name their
-    parameters, the same names in the same order."""
+    parameters, the same names in the same order; and that no parameter id is listed twice
+    (torch.optim would load its state onto the last parameter listed so, and none onto the
+    first)."""
+    listed: set = set()
+    for g, saved in enumerate(saved_groups):
+        for pid in saved["params"]:
+            if pid in listed:
+                raise ValueError(
+                    f"the state_dict's param group {g} lists parameter id {pid!r}, which an "
+                    "earlier position lists too: each parameter's state would not load onto it"
+                )
+            listed.add(pid)
     for g, (saved, group) in enumerate(zip(saved_groups, groups)):
         where = f"the state_dict's param group {g}"
         for key in ("lr", "weight_decay"):
