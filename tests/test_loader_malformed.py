@@ -290,3 +290,11 @@ def test_a_signature_version_that_is_not_the_int_1_is_refused(artifact, tmp_path
     assert str(caught.value) == (
         f"{artifact}: signature.json is malformed (format 'compiledopt-signature' version {shown})"
     )
+
+
+def test_a_key_path_with_a_name_too_long_for_the_os_is_refused_naming_it(artifact, tmp_path):
+    pytest.importorskip("cryptography")
+    key = tmp_path / ("k" * 300 + ".pem")
+    with pytest.raises(ValueError) as caught:
+        load_artifact(artifact, trusted_keys=[key])
+    assert str(caught.value) == f"{key} cannot be read as a key file (File name too long)"

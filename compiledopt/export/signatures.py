@@ -144,9 +144,14 @@ def raw_public_key(public_key: Any) -> bytes:
 
 
 def read_key_file(path: "str | os.PathLike") -> bytes:
-    """The bytes of a key file (refusing a missing or implausibly large one)."""
+    """The bytes of a key file (refusing a missing or implausibly large one, and one whose path
+    the operating system cannot look up: ``ValueError`` naming it and why)."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as error:  # a name too long: is_file passes over only a missing path
+        raise ValueError(f"{path} cannot be read as a key file ({error.strerror})") from error
+    if not found:
         raise FileNotFoundError(f"key file not found: {path}")
     if path.stat().st_size > 64 * 1024:
         raise ValueError(f"{path} is not a key file (too large)")
