@@ -43,6 +43,8 @@ TINY = [
 ]
 #: A file name longer than any file system allows (255 bytes on most).
 LONG = "n" * 300
+#: A count no run could reach, nor allocate memory for.
+HUGE = str(10**30)
 PES = [
     "--estimator",
     "pes",
@@ -80,6 +82,7 @@ def files(tmp_path_factory):
     (root / "text-seed.json").write_text('{"seed": "x"}')
     (root / "list-kwargs.json").write_text('{"transform_kwargs": [1]}')
     (root / "nan-lr.json").write_text('{"inner_lr": NaN}')
+    (root / "huge-eval-steps.json").write_text(json.dumps({"eval_steps": int(HUGE)}))
     torch.save([1, 2], root / "list.pt")
     torch.save({"metadata": {"transform_spec": {"name": "learned-step-size"}}}, root / "bare.pt")
     (root / "folder").mkdir()
@@ -170,6 +173,11 @@ CASES = [
     ("train-inf-meta-lr", ["train", *TINY, "--meta-lr", "inf"], True, "--meta-lr"),
     ("train-negative-clip", ["train", *TINY, "--clip-norm", "-1"], True, "--clip-norm"),
     ("train-warmup-fraction", ["train", *PES, "--warmup-fraction", "2"], True, "--warmup"),
+    ("train-huge-steps", ["train", *TINY, "--meta-steps", HUGE], True, "[1, 10,000,000]"),
+    ("train-huge-eval-steps", ["train", *TINY, "--eval-steps", HUGE], True, "[1, 1,000,000]"),
+    ("train-huge-horizon", ["train", *TINY, "--horizon", HUGE], True, "--horizon"),
+    ("train-huge-tasks", ["train", *TINY, "--tasks-per-step", HUGE], True, "[1, 10,000]"),
+    ("train-huge-eval-tasks", ["train", *TINY, "--eval-tasks", HUGE], True, "--eval-tasks"),
     ("train-negative-seed", ["train", *TINY, "--seed", "-1"], True, "--seed"),
     ("train-huge-seed", ["train", *TINY, "--seed", str(2**40)], True, str(2**40)),
     ("train-unknown-device", ["train", *TINY, "--device", "nope"], False, "--device 'nope'"),
@@ -188,6 +196,12 @@ CASES = [
     ("train-config-zero", ["train", "--config", "{in}/zero-steps.json"], False, "meta_steps"),
     ("train-config-text-seed", ["train", "--config", "{in}/text-seed.json"], False, '"x"'),
     ("train-config-kwargs", ["train", "--config", "{in}/list-kwargs.json"], False, "[1]"),
+    (
+        "train-config-huge",
+        ["train", "--config", "{in}/huge-eval-steps.json"],
+        False,
+        f"eval_steps must be an integer in [1, 1,000,000], got {HUGE}",
+    ),
     ("train-config-nan", ["train", "--config", "{in}/nan-lr.json"], False, "inner_lr"),
     ("train-output-folder", ["train", *TINY, "--output", "{in}/folder"], False, "is a directory"),
     (
@@ -417,6 +431,7 @@ CASES = [
         False,
         "'nope'",
     ),
+    ("finetune-huge-steps", ["finetune", "coordinate-mlp", "--steps", HUGE], True, "100,000"),
     ("finetune-inf-lr", ["finetune", "coordinate-mlp", "--lr", "inf"], True, "--lr"),
     ("finetune-negative-steps", ["finetune", "coordinate-mlp", "--steps", "-3"], True, "-3"),
     ("bench-missing", ["bench", "{out}/art"], False, "art"),
@@ -453,6 +468,8 @@ CASES = [
         True,
         "--meta-steps",
     ),
+    ("demo-huge-steps", ["demo", "--meta-steps", HUGE], True, "[1, 10,000,000]"),
+    ("demo-huge-finetune", ["demo", "--finetune-steps", HUGE], True, "[1, 100,000]"),
     ("demo-text-seed", ["demo", "--workdir", "{out}/d", "--seed", "x"], True, "--seed"),
     ("meta-descent-zero-steps", ["meta-descent", "--steps", "0"], True, "--steps"),
     ("meta-descent-negative-seed", ["meta-descent", "--seed", "-5"], True, "-5"),

@@ -80,7 +80,7 @@ def test_resume_continues_exactly(tmp_path):
     [
         (["--transform", "kronecker"], "invalid choice"),
         (["--family", "imagenet"], "invalid choice"),
-        (["--meta-steps", "0"], "positive integer"),
+        (["--meta-steps", "0"], "must be an integer in [1, 10,000,000], got 0"),
         (["--inner-lr", "nan"], "positive finite"),
         (["--transform-kwargs", "{not json"], "not valid JSON"),
         (["--transform-kwargs", "[1]"], "must be a JSON object"),

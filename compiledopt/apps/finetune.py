@@ -31,10 +31,13 @@ if TYPE_CHECKING:
 
     from compiledopt.export import Artifact
 
-__all__ = ["ADAMW_SWEEP", "BATCH", "pretrain", "run_finetune"]
+__all__ = ["ADAMW_SWEEP", "BATCH", "MAX_STEPS", "pretrain", "run_finetune"]
 
 ADAMW_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 BATCH = 64
+#: The most fine-tuning ``steps``: a run's minibatches are drawn before its first step, 16 KiB
+#: each, so 100,000 steps already hold 1.6 GB.
+MAX_STEPS = 100_000
 
 
 def _model(seed: int) -> nn.Module:
@@ -128,8 +131,9 @@ def run_finetune(
     Raises:
         MissingDependencyError: scikit-learn is not installed (checked first).
         ArtifactError: ``artifact`` does not load.
-        ValueError: ``steps`` is not a positive integer, ``seed`` not an integer, ``lr`` not a
-            positive number, or a backend is unknown or not trusted (each named).
+        ValueError: ``steps`` is not an integer in ``[1, MAX_STEPS]``, ``seed`` not an
+            integer, ``lr`` not a positive number, or a backend is unknown or not trusted (each
+            named).
     """
     require("sklearn", "tasks")  # before the artifact is loaded or anything trained
     import torch
@@ -141,8 +145,8 @@ def run_finetune(
 
     out = out or sys.stdout
     artifact = artifact if isinstance(artifact, Artifact) else load_artifact(resolve(artifact))
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"Invalid steps: {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"Invalid steps: {steps!r} (an integer in [1, {MAX_STEPS:,}])")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"Invalid seed: {seed!r} (needs an integer)")
     lr = None if lr is None else check_lr(lr, "run_finetune")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, TextIO, Union
 
 from compiledopt._validation import check_flag, check_int
+from compiledopt.apps.finetune import MAX_STEPS
 from compiledopt.apps.paths import default_output
 from compiledopt.apps.requirements import require, require_task_family
 
@@ -52,12 +53,14 @@ def run_pipeline(
     defaults to every export backend. Before writing anything, raises
     :class:`~compiledopt.apps.requirements.MissingDependencyError` if scikit-learn (which the
     fine-tuning job and the 8×8 tasks need) is not installed, and ``ValueError`` naming the
-    value for an unknown backend, a step count that is not a positive integer, a seed that is
+    value for an unknown backend, a step count that is not a positive integer (fine-tuning: at
+    most :data:`~compiledopt.apps.finetune.MAX_STEPS`), a seed that is
     not an integer >= 0 or a ``progress`` that is not a bool, and ``TypeError`` for a
     ``workdir`` that is neither a path nor ``None``.
     """
     check_int(meta_steps, "meta_steps", 1)
-    check_int(finetune_steps, "finetune_steps", 1)
+    if check_int(finetune_steps, "finetune_steps", 1) > MAX_STEPS:
+        raise ValueError(f"Invalid finetune_steps: {finetune_steps!r} (at most {MAX_STEPS:,})")
     check_int(seed, "seed")
     check_flag(progress, "progress")
     if workdir is not None and not isinstance(workdir, (str, os.PathLike)):

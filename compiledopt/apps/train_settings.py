@@ -17,6 +17,9 @@ from compiledopt.apps.paths import check_output_directory, check_output_file
 __all__ = [
     "DEFAULTS",
     "DEFAULT_CHECKPOINT",
+    "MAX_INNER_STEPS",
+    "MAX_META_STEPS",
+    "MAX_TASKS",
     "PARSERS",
     "TrainSettings",
     "build_config",
@@ -113,20 +116,32 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 
+#: The most meta-steps a run takes: a run of more would not finish.
+MAX_META_STEPS = 10_000_000
+#: The most inner steps (``unroll``, ``horizon``, ``min_horizon``, ``eval_steps``): an evaluation
+#: keeps a curve of ``eval_steps + 1`` losses per task, allocated before its first step.
+MAX_INNER_STEPS = 1_000_000
+#: The most tasks (``tasks_per_step``, ``eval_tasks``), antithetic ``pairs`` and ``processes``:
+#: each task slot holds a model, all built before the first step.
+MAX_TASKS = 10_000
+
+_steps = parse.positive_int_up_to(MAX_INNER_STEPS)
+_tasks = parse.positive_int_up_to(MAX_TASKS)
+
 #: The parser of each numeric setting's text (:mod:`compiledopt.apps.values`): the type of its
 #: command-line option, also applied to the values of a ``--config`` file.
 PARSERS: Dict[str, Callable[[str], Any]] = {
-    "meta_steps": parse.positive_int,
-    "unroll": parse.positive_int,
-    "horizon": parse.positive_int,
-    "min_horizon": parse.positive_int,
-    "tasks_per_step": parse.positive_int,
+    "meta_steps": parse.positive_int_up_to(MAX_META_STEPS),
+    "unroll": _steps,
+    "horizon": _steps,
+    "min_horizon": _steps,
+    "tasks_per_step": _tasks,
     "eval_every": parse.non_negative_int,
-    "eval_tasks": parse.positive_int,
-    "eval_steps": parse.positive_int,
+    "eval_tasks": _tasks,
+    "eval_steps": _steps,
     "checkpoint_every": parse.non_negative_int,
-    "pairs": parse.positive_int,
-    "processes": parse.positive_int,
+    "pairs": _tasks,
+    "processes": _tasks,
     "seed": parse.random_seed,
     "inner_lr": parse.positive_float,
     "meta_lr": parse.positive_float,

@@ -9,9 +9,11 @@ optimizer against AdamW. The checkpoint and the artifact go to ``--workdir``, by
 import argparse
 from typing import TextIO
 
+from compiledopt.apps.finetune import MAX_STEPS
 from compiledopt.apps.paths import check_work_directory, default_output
 from compiledopt.apps.pipeline import run_pipeline
-from compiledopt.cli.arguments import Commands, backend_list, positive_int, random_seed
+from compiledopt.apps.train_settings import MAX_META_STEPS
+from compiledopt.cli.arguments import Commands, backend_list, positive_int_up_to, random_seed
 
 __all__ = ["add_parser", "run"]
 
@@ -35,8 +37,18 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
         "being $COMPILEDOPT_HOME, else $XDG_DATA_HOME/compiledopt, else "
         "~/.local/share/compiledopt)",
     )
-    parser.add_argument("--meta-steps", type=positive_int, default=20)
-    parser.add_argument("--finetune-steps", type=positive_int, default=300)
+    parser.add_argument(
+        "--meta-steps",
+        type=positive_int_up_to(MAX_META_STEPS),
+        default=20,
+        help=f"at most {MAX_META_STEPS:,} (default: 20)",
+    )
+    parser.add_argument(
+        "--finetune-steps",
+        type=positive_int_up_to(MAX_STEPS),
+        default=300,
+        help=f"at most {MAX_STEPS:,} (default: 300)",
+    )
     parser.add_argument(
         "--backends",
         default=",".join(BACKENDS),

@@ -9,7 +9,7 @@ extra), checked before the artifact is loaded.
 import argparse
 from typing import TextIO
 
-from compiledopt.apps.finetune import run_finetune
+from compiledopt.apps.finetune import MAX_STEPS, run_finetune
 from compiledopt.apps.requirements import require
 from compiledopt.apps.trust import open_trusted
 from compiledopt.cli.arguments import (
@@ -17,7 +17,7 @@ from compiledopt.cli.arguments import (
     add_trust_options,
     backend_list,
     positive_float,
-    positive_int,
+    positive_int_up_to,
     random_seed,
 )
 
@@ -34,7 +34,12 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
         "loss, accuracy and step time.",
     )
     parser.add_argument("artifact", help="an artifact directory or a packaged optimizer's name")
-    parser.add_argument("--steps", type=positive_int, default=200)
+    parser.add_argument(
+        "--steps",
+        type=positive_int_up_to(MAX_STEPS),
+        default=200,
+        help=f"fine-tuning steps of each run, at most {MAX_STEPS:,} (default: 200)",
+    )
     parser.add_argument(
         "--backends",
         default=None,
