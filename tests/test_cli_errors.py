@@ -281,6 +281,13 @@ CASES = [
         False,
         "seed",
     ),
+    ("train-allow-empty", ["train", *TINY, "--allow-changes", ","], True, "needs at least one"),
+    (
+        "train-allow-twice",
+        ["train", *TINY, "--output", "{in}/run.pt", "--resume", "--allow-changes", "seed,seed"],
+        True,
+        "--allow-changes: setting 'seed' repeated in 'seed,seed'",
+    ),
     ("train-allow-es", ["train", *PES, "--allow-changes", "sigma"], False, "--allow-changes"),
     ("train-export-lr-alone", ["train", *TINY, "--export-lr", "0.1"], False, "--export-lr"),
     (

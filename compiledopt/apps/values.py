@@ -16,6 +16,7 @@ T = TypeVar("T")
 __all__ = [
     "SEED_LIMIT",
     "comma_list",
+    "distinct_names",
     "first_repeated",
     "fraction",
     "json_object",
@@ -122,6 +123,17 @@ def _items(text: str, what: str) -> List[str]:
     if repeated:
         raise ValueError(f"{what} {repeated[0]!r} repeated in {text!r}")
     return items
+
+
+def distinct_names(what: str) -> Callable[[str], List[str]]:
+    """A parser of non-empty comma-separated lists of distinct names (checked against what they
+    name later)."""
+
+    def names(text: str) -> List[str]:
+        return _items(text, what)
+
+    names.__name__ = f"{what} list"  # what argparse calls the type in its messages
+    return names
 
 
 def names_of(choices: Sequence[str], what: str) -> Callable[[str], List[str]]:

@@ -17,7 +17,7 @@ from compiledopt.apps.train_settings import (
     TrainSettings,
     config_value,
 )
-from compiledopt.cli.arguments import Commands, argtype, comma_list, json_object
+from compiledopt.cli.arguments import Commands, argtype, json_object
 from compiledopt.cli.text import wrote_artifact
 
 __all__ = ["add_parser", "run", "settings"]
@@ -123,7 +123,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     add("--resume", action="store_true", help="continue from --output")
     add(
         "--allow-changes",
-        type=comma_list,
+        type=argtype(values.distinct_names("setting")),
         default=[],
         metavar="SETTING[,SETTING...]",
         help="--resume: settings that may differ from the checkpoint's (e.g. meta_lr); "
