@@ -134,3 +134,48 @@ def test_weight_decay_is_decoupled_like_adamw() -> None:
     optimizer.step()
     adamw.step()
     torch.testing.assert_close(param.detach(), reference.detach())
+
+
+def _decayed(make, weight_decay, where):
+    param = nn.Parameter(torch.full((3,), 2.0))
+    if where == "constructor":
+        optimizer = make([param], weight_decay)
+    else:  # a group added later, or loaded from a state_dict
+        optimizer = make([nn.Parameter(torch.zeros(1))], 0.0)
+        optimizer.add_param_group({"params": [param], "weight_decay": weight_decay})
+        if where == "loaded":
+            again = make([nn.Parameter(torch.zeros(1))], 0.0)
+            again.add_param_group({"params": [param], "weight_decay": 0.0})
+            again.load_state_dict(optimizer.state_dict())
+            optimizer = again
+    param.grad = torch.zeros(3)
+    optimizer.step()
+    return param.detach()
+
+
+@pytest.mark.parametrize("where", ["constructor", "add_param_group", "loaded"])
+def test_a_tensor_weight_decay_is_taken_as_adamw_takes_it(where) -> None:
+    # It was refused by the constructor, add_param_group and load_state_dict (a step took one
+    # set in param_groups, whose state_dict then failed to load).
+    def frozen(params, wd):
+        return co.FrozenOptimizer(params, lr=0.1, weight_decay=wd, backend="eager")
+
+    def adamw(params, wd):
+        return torch.optim.AdamW(params, lr=0.1, weight_decay=wd)
+
+    expected = _decayed(adamw, torch.tensor(0.5), where)
+    torch.testing.assert_close(_decayed(frozen, torch.tensor(0.5), where), expected)
+    torch.testing.assert_close(_decayed(frozen, 0.5, where), expected)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (torch.tensor([0.1, 0.2]), "Tensor weight_decay must be 1-element"),
+        (torch.tensor(-0.1), r"Invalid weight_decay: -0.1\d* \(expected a finite number"),
+        (torch.tensor(True), r"Invalid weight_decay: tensor\(True\) \(expected a real number\)"),
+    ],
+)
+def test_a_bad_tensor_weight_decay_is_refused_naming_it(value, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        co.FrozenOptimizer([nn.Parameter(torch.zeros(2))], weight_decay=value, backend="eager")

@@ -11,7 +11,7 @@ match; a ``register_load_state_dict_pre_hook`` can reorder a state_dict first.
 
 from typing import Any, Mapping, Sequence
 
-from compiledopt._validation import check_flag, check_real
+from compiledopt._validation import check_flag
 from compiledopt.roles import AUTO
 from compiledopt.runtime.routing import Router
 from compiledopt.runtime.state import check_lr, skip_count
@@ -46,7 +46,7 @@ def check_saved_groups(
             if key not in saved:
                 raise ValueError(f"{where} has no {key!r}")
         check_lr(saved["lr"])
-        check_real(saved["weight_decay"], "weight_decay", 0.0)
+        check_lr(saved["weight_decay"], "weight_decay")
         skip_count(saved.get("skipped_steps", 0), where)
         check_flag(saved.get("maximize", False), "maximize")
         router.check_group(

@@ -292,16 +292,16 @@ def check_result(
             )
 
 
-def check_lr(lr: Any) -> None:
+def check_lr(lr: Any, what: str = "lr") -> None:
     """``ValueError`` unless ``lr`` is a finite number ``>= 0`` or, as torch.optim accepts, a
-    1-element real tensor holding one."""
+    1-element real tensor holding one (``what`` names it: ``weight_decay`` is checked so too)."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+            raise ValueError(f"Tensor {what} must be 1-element")
         if lr.is_complex() or lr.dtype == torch.bool:
-            raise ValueError(f"Invalid lr: {lr!r} (expected a real number)")
+            raise ValueError(f"Invalid {what}: {lr!r} (expected a real number)")
         lr = lr.item()
-    check_real(lr, "lr", 0.0)
+    check_real(lr, what, 0.0)
 
 
 def lr_of(default: Any) -> Any:
