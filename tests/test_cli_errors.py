@@ -97,16 +97,21 @@ def files(tmp_path_factory):
     (root / "webapp" / "manifest.json").write_text('{"name": "My App", "start_url": "/"}')
     (root / "webapp" / "index.html").write_text("<html></html>")
     shutil.copytree(root / "artifact", root / "annotated")  # an artifact a user added to
+    (root / "earlier-demo" / "artifact").mkdir(parents=True)  # not a demo's artifact
+    (root / "earlier-demo" / "artifact" / "keep.txt").write_text("mine")
+    (root / "earlier-demo" / "checkpoint.pt").write_bytes(b"an earlier run's")
     (root / "annotated" / "notes.txt").write_text("mine")
     return root
 
 
 def _kept(files):
     """The files of the folders that are not (only) artifacts, which nothing may delete."""
+    folders = ("folder", "webapp", "annotated", "earlier-demo", "earlier-demo/artifact")
     return {
         str(p.relative_to(files)): p.read_bytes()
-        for folder in ("folder", "webapp", "annotated")
+        for folder in folders
         for p in sorted((files / folder).iterdir())
+        if p.is_file()
     }
 
 
@@ -477,6 +482,18 @@ CASES = [
     ),
     ("demo-huge-steps", ["demo", "--meta-steps", HUGE], True, "[1, 10,000,000]"),
     ("demo-huge-finetune", ["demo", "--finetune-steps", HUGE], True, "[1, 100,000]"),
+    (
+        "demo-earlier-run",
+        ["demo", "--workdir", "{in}/earlier-demo"],
+        False,
+        "--workdir {in}/earlier-demo/checkpoint.pt: exists (pass --overwrite to replace it)",
+    ),
+    (
+        "demo-overwrite-not-an-artifact",
+        ["demo", "--workdir", "{in}/earlier-demo", "--overwrite"],
+        False,
+        "--workdir {in}/earlier-demo/artifact: exists and is not an artifact directory",
+    ),
     ("demo-text-seed", ["demo", "--workdir", "{out}/d", "--seed", "x"], True, "--seed"),
     ("meta-descent-zero-steps", ["meta-descent", "--steps", "0"], True, "--steps"),
     ("meta-descent-negative-seed", ["meta-descent", "--seed", "-5"], True, "-5"),
@@ -786,6 +803,24 @@ def test_bench_replaces_its_json_only_with_overwrite(files, tmp_path, monkeypatc
     assert path.read_text() == "mine"
     assert main([*argv, "--overwrite"]) == 0
     assert json.loads(path.read_text()) == {"rows": []}
+
+
+def test_demo_overwrite_replaces_an_earlier_run(files, tmp_path, monkeypatch):
+    from compiledopt.meta import MetaLoop
+
+    class ReachedError(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise ReachedError
+
+    monkeypatch.setattr(MetaLoop, "train", reached)
+    workdir = tmp_path / "demo"
+    workdir.mkdir()
+    (workdir / "checkpoint.pt").write_bytes(b"an earlier run's")
+    shutil.copytree(files / "artifact", workdir / "artifact")
+    with pytest.raises(ReachedError):  # checked, then meta-training started
+        main(["demo", "--workdir", str(workdir), "--overwrite", "--no-progress"])
 
 
 def test_finetune_runs_by_default_the_backends_the_artifact_may_load(files):

@@ -27,13 +27,28 @@ from typing import Any, Dict, Optional, Sequence, TextIO, Union
 
 from compiledopt._validation import check_flag, check_int
 from compiledopt.apps.finetune import MAX_STEPS
-from compiledopt.apps.paths import default_output
+from compiledopt.apps.paths import (
+    OVERWRITE_HINT,
+    check_output_directory,
+    check_output_file,
+    default_output,
+)
 from compiledopt.apps.requirements import require, require_task_family
 
-__all__ = ["KWARGS", "TRANSFORM", "run_pipeline"]
+__all__ = ["ARTIFACT", "CHECKPOINT", "KWARGS", "TRANSFORM", "check_outputs", "run_pipeline"]
 
 TRANSFORM = "normalized-mlp"
 KWARGS: Dict[str, Any] = {}
+#: The names of the checkpoint and the artifact the pipeline writes in its folder.
+CHECKPOINT, ARTIFACT = "checkpoint.pt", "artifact"
+
+
+def check_outputs(root: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a checkpoint or an artifact of an earlier run in ``root`` unless
+    ``overwrite`` (and then an ``artifact`` folder that is not one), each error naming
+    ``--workdir`` and the file."""
+    check_output_file(str(root / CHECKPOINT), "--workdir", overwrite, OVERWRITE_HINT)
+    check_output_directory(str(root / ARTIFACT), "--workdir", overwrite)
 
 
 def run_pipeline(
@@ -45,11 +60,13 @@ def run_pipeline(
     seed: int = 0,
     out: Optional[TextIO] = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Run the four stages; returns their results (meta-training, verification, fine-tuning).
 
     The checkpoint and the artifact are written in ``workdir``, by default ``<output root>/demo``
-    (:func:`compiledopt.apps.paths.default_output`, checked before any work). ``backends``
+    (:func:`compiledopt.apps.paths.default_output`, checked before any work); those of an earlier
+    run there are replaced only with ``overwrite`` (:func:`check_outputs`). ``backends``
     defaults to every export backend. Before writing anything, raises
     :class:`~compiledopt.apps.requirements.MissingDependencyError` if scikit-learn (which the
     fine-tuning job and the 8×8 tasks need) is not installed, and ``ValueError`` naming the
@@ -63,6 +80,7 @@ def run_pipeline(
         raise ValueError(f"Invalid finetune_steps: {finetune_steps!r} (at most {MAX_STEPS:,})")
     check_int(seed, "seed")
     check_flag(progress, "progress")
+    check_flag(overwrite, "overwrite")
     if workdir is not None and not isinstance(workdir, (str, os.PathLike)):
         raise TypeError(f"Invalid workdir: {workdir!r} (expected a path or None)")
     require_task_family(family)
@@ -86,6 +104,7 @@ def run_pipeline(
     shipped = pretrained.load(pretrained.DEFAULT)  # before any work: it must load
     out = out or sys.stdout
     root = default_output("demo") if workdir is None else Path(workdir)
+    check_outputs(root, overwrite)
     root.mkdir(parents=True, exist_ok=True)
     print(f"outputs (checkpoint, artifact) go to {root.resolve()}", file=out, flush=True)
     timings: Dict[str, float] = {}
@@ -123,7 +142,7 @@ def run_pipeline(
         "training": {"task_family": family, "estimator": "pes", "meta_steps": meta_steps},
     }
     loop = MetaLoop(transform, make_family(family, seed, "cpu"), config, metadata=metadata)
-    result = loop.train(checkpoint=str(root / "checkpoint.pt"), progress=progress)
+    result = loop.train(checkpoint=str(root / CHECKPOINT), progress=progress)
     heldout = loop.evaluate()
     timings["meta-train"] = time.perf_counter() - begin
     history = [r["loss"] for r in result.history]
@@ -138,13 +157,13 @@ def run_pipeline(
 
     begin = stage("2/4 export", f"backends {', '.join(backends)}, ranks 1 and 2 (the MLP's)")
     artifact = export_shape_agnostic(
-        root / "artifact",
+        root / ARTIFACT,
         {"kind": "shape_agnostic", **spec},
         transform,
         backends=backends,
         ranks=(1, 2),
         lr=CATALOG[TRANSFORM].inner_lr,
-        overwrite=True,
+        overwrite=overwrite,
         training={**metadata["training"], "config": dataclasses.asdict(config)},
     )
     timings["export"] = time.perf_counter() - begin

@@ -55,6 +55,12 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(BACKENDS)} (default: all)",
     )
     parser.add_argument("--seed", type=random_seed, default=0, help="in [0, 2**31) (default: 0)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the checkpoint and artifact of an earlier run in --workdir (without it they "
+        "are refused before any work)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -74,5 +80,6 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         seed=args.seed,
         out=out,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     return 0
