@@ -225,6 +225,17 @@ def test_a_hyper_parameter_edited_after_construction_is_refused(key, value):
     _assert_unchanged(model, optimizer, snapshot)
 
 
+@pytest.mark.parametrize("key", ["lr", "weight_decay"])
+def test_a_hyper_parameter_deleted_after_construction_is_refused_naming_it(key):
+    # It was a KeyError (AdamW's too).
+    model, optimizer = _stepped()
+    del optimizer.param_groups[0][key]
+    snapshot = _snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=rf"^the group of parameter 0.weight has no '{key}'$"):
+        optimizer.step()
+    _assert_unchanged(model, optimizer, snapshot)
+
+
 def test_a_step_reads_the_host_once_and_ignore_never(host_reads):
     _, optimizer = _stepped()
     _, ignoring = _stepped(nonfinite="ignore")

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 from compiledopt._validation import check_flag
 from compiledopt.roles import AUTO
 from compiledopt.runtime.routing import Router
-from compiledopt.runtime.state import check_lr, skip_count
+from compiledopt.runtime.state import check_lr, group_entry, skip_count
 
 __all__ = ["check_saved_groups"]
 
@@ -42,11 +42,8 @@ def check_saved_groups(
             listed.add(pid)
     for g, (saved, group) in enumerate(zip(saved_groups, groups)):
         where = f"the state_dict's param group {g}"
-        for key in ("lr", "weight_decay"):
-            if key not in saved:
-                raise ValueError(f"{where} has no {key!r}")
-        check_lr(saved["lr"])
-        check_lr(saved["weight_decay"], "weight_decay")
+        check_lr(group_entry(saved, "lr", where))
+        check_lr(group_entry(saved, "weight_decay", where), "weight_decay")
         skip_count(saved.get("skipped_steps", 0), where)
         check_flag(saved.get("maximize", False), "maximize")
         router.check_group(

@@ -29,6 +29,7 @@ __all__ = [
     "check_stepping",
     "check_steps",
     "checked_params",
+    "group_entry",
     "lr_of",
     "skip_count",
     "step_count",
@@ -325,6 +326,14 @@ def _number(value: Any, what: str, where: str) -> float:
         ) from None
 
 
+def group_entry(group: Mapping[str, Any], key: str, where: str) -> Any:
+    """``group[key]``, or ``ValueError`` saying that ``where`` (a param group) has no ``key``
+    (deleted from ``param_groups`` by hand, or missing from a saved one)."""
+    if key not in group:
+        raise ValueError(f"{where} has no {key!r}")
+    return group[key]
+
+
 def check_rates(
     group: Mapping[str, Any], dtypes: Collection[torch.dtype], where: str = "a param group"
 ) -> Tuple[float, float]:
@@ -337,8 +346,8 @@ def check_rates(
     the parameter's dtype cannot hold, and would do so after other parameters were written.
     ``maximize``, where set, must be a bool (a truthy string, ``"no"``, would ascend). Plain
     floats are checked on the host."""
-    lr = _number(group["lr"], "lr", where)
-    decay = _number(group["weight_decay"], "weight_decay", where)
+    lr = _number(group_entry(group, "lr", where), "lr", where)
+    decay = _number(group_entry(group, "weight_decay", where), "weight_decay", where)
     check_flag(group.get("maximize", False), f"maximize in {where}")
     for dtype in dtypes:
         largest = torch.finfo(dtype).max
