@@ -298,3 +298,60 @@ def test_a_key_path_with_a_name_too_long_for_the_os_is_refused_naming_it(artifac
     with pytest.raises(ValueError) as caught:
         load_artifact(artifact, trusted_keys=[key])
     assert str(caught.value) == f"{key} cannot be read as a key file (File name too long)"
+
+
+@pytest.fixture()
+def bound_onnx(tmp_path):
+    """A bound ONNX artifact of Adam (a shape-agnostic spec: weights shared, none stored) over
+    two parameters of shapes (3,) and (4, 3)."""
+    spec = {"kind": "shape_agnostic", "name": "adam", "kwargs": {}}
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, 3))]
+    transforms = co.export.build_bound(spec, [p.shape for p in params])
+    named = [("layer0.weight", params[0]), ("layer1.weight", params[1])]
+    return export_bound(tmp_path / "bound", spec, transforms, named, backends=["onnx"])
+
+
+def _add_binding(manifest) -> None:
+    manifest["bindings"].append({**manifest["bindings"][1], "name": "layer2.weight"})
+
+
+def _resize_binding(manifest) -> None:
+    manifest["bindings"][0]["shape"] = [5]
+    for entry in manifest["bindings"][0]["state"]:
+        entry["shape"] = [5]
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (_add_binding, "the graph takes 2 parameters, the manifest binds 3"),
+        (
+            _resize_binding,
+            "the graph takes parameter 0 of shape [3], the manifest binds 'layer0.weight' of "
+            "shape [5]",
+        ),
+    ],
+    ids=["one-more-binding", "another-shape"],
+)
+def test_bindings_that_the_bound_graph_does_not_take_are_refused_naming_it(
+    bound_onnx, edit, problem
+):
+    """The weights are shared (a shape-agnostic spec), so they fit any bindings: only the graph
+    tells, and it failed at the first step ('this graph takes 2 grads, got 3')."""
+    _edit_manifest(bound_onnx, edit)
+    loaded = load_artifact(bound_onnx)
+    loaded.transforms()  # the eager reference fits any bindings
+    with pytest.raises(ArtifactError) as caught:
+        loaded.runner("onnx")
+    assert str(caught.value) == f"{bound_onnx / 'rule.onnx'}: {problem}"
+
+
+def test_a_per_tensor_graph_in_a_bound_artifact_is_refused_naming_it(bound_onnx, artifact):
+    (bound_onnx / "rule.onnx").write_bytes((artifact / "rule_rank1.onnx").read_bytes())
+    _rehash(bound_onnx)
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(bound_onnx).runner("onnx")
+    assert str(caught.value) == (
+        f"{bound_onnx / 'rule.onnx'}: the graph is a per-tensor rule, not a bound rule over the "
+        "bound parameters"
+    )

@@ -52,6 +52,7 @@ from compiledopt.export import signatures
 from compiledopt.export import spec as specs
 from compiledopt.export.backend import Backend
 from compiledopt.export.budget import BuildBudget, OverBudgetError, untouched_rng
+from compiledopt.export.fit import graph_misfit
 from compiledopt.export.layout import (
     DTYPES,
     MANIFEST,
@@ -315,6 +316,20 @@ class Artifact:
         return _RankDispatch(self, {file_rank(f): f for f in files}, chosen)
 
     def _load(self, backend: Backend, name: str) -> Callable:
+        """The graph ``name`` of ``backend``, loaded from freshly verified bytes, and refused
+        unless its stored signature (ONNX, AOTInductor) fits the manifest (:func:`~compiledopt.
+        export.fit.graph_misfit`)."""
+        runner = self._load_graph(backend, name)
+        signature = getattr(runner, "signature", None)
+        if isinstance(signature, Signature):
+            per_rank = self.kind != "bound" and backend.per_rank
+            bindings = self.bindings if self.kind == "bound" else None
+            problem = graph_misfit(signature, bindings, file_rank(name) if per_rank else None)
+            if problem is not None:
+                raise ArtifactError(f"{self.path / name}: {problem}")
+        return runner
+
+    def _load_graph(self, backend: Backend, name: str) -> Callable:
         data = self.read(name)
         where = self.path / name
         try:
@@ -401,24 +416,8 @@ class _RankDispatch:
                 runner = self.loaded.get(rank)
                 if runner is None:
                     runner = self.artifact._load(self.backend, self.files[rank])
-                    self._check_rank(runner, rank)
                     self.loaded[rank] = runner
         return runner(grad, param, state, step)
-
-    def _check_rank(self, runner: Callable, rank: int) -> None:
-        """Refuse the graph loaded for rank ``rank`` unless its signature (where its runner
-        has one) takes a tensor of that rank: a graph under another rank's name is refused
-        naming its file, not at its first call naming an input."""
-        signature = getattr(runner, "signature", None)
-        if not isinstance(signature, Signature):
-            return
-        took = len(signature.shapes[0]) if signature.tensor_rule else None
-        if took != rank:
-            what = "a bound rule's lists" if took is None else f"rank-{took} tensors"
-            raise ArtifactError(
-                f"{self.artifact.path / self.files[rank]}: the graph takes {what}, not the "
-                f"rank-{rank} tensors its name says"
-            )
 
 
 def load_artifact(
