@@ -341,3 +341,21 @@ def test_the_first_skipped_step_is_a_warning_and_later_ones_debug(caplog):
     assert [r.levelno for r in skips] == [logging.WARNING, logging.DEBUG]
     assert "parameter 4: non-finite gradient" in skips[0].getMessage()  # model[2].weight
     assert optimizer.skipped_steps == 2
+
+
+@pytest.mark.parametrize("value", ["x", -1, 1.5, True])
+def test_a_skip_count_edited_by_hand_is_refused_before_any_group_is_written(value):
+    # A skipped group adds to its count after the other groups are written: a count that cannot
+    # be added to raised a TypeError there, with the first group already stepped.
+    first, second = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    optimizer = co.FrozenOptimizer(
+        [{"params": [first]}, {"params": [second]}], PACKAGED, backend="eager"
+    )
+    optimizer.param_groups[1]["skipped_steps"] = value
+    first.grad, second.grad = torch.ones(3), torch.tensor([1.0, float("nan"), 1.0])
+    before = first.detach().clone()
+    with pytest.raises(
+        ValueError, match=rf"Invalid skipped_steps in the group of parameter 1: {value!r}"
+    ):
+        optimizer.step()
+    assert torch.equal(first.detach(), before) and not optimizer.state[first]

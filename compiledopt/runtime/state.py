@@ -344,11 +344,12 @@ def check_rates(
     require, and ``lr``, ``lr·weight_decay`` and ``1 − lr·weight_decay`` are at most the largest
     value of each of ``dtypes`` (its parameters'): ``p.add_(d, alpha=-lr)`` raises for an ``lr``
     the parameter's dtype cannot hold, and would do so after other parameters were written.
-    ``maximize``, where set, must be a bool (a truthy string, ``"no"``, would ascend). Plain
-    floats are checked on the host."""
+    ``maximize``, where set, must be a bool (a truthy string, ``"no"``, would ascend), and
+    ``skipped_steps`` an int ``>= 0``. Plain floats are checked on the host."""
     lr = _number(group_entry(group, "lr", where), "lr", where)
     decay = _number(group_entry(group, "weight_decay", where), "weight_decay", where)
     check_flag(group.get("maximize", False), f"maximize in {where}")
+    skip_count(group.get("skipped_steps", 0), where)  # a skip adds to it after others are written
     for dtype in dtypes:
         largest = torch.finfo(dtype).max
         values = (lr, lr * decay, 1.0 - lr * decay)
