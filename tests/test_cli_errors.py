@@ -550,6 +550,12 @@ CASES = [
     ("sign-key-public", ["sign", "{in}/artifact", "--key", "{in}/public.pem"], False, "--key"),
     ("sign-no-key", ["sign", "{in}/artifact"], True, "--key"),
     (
+        "sign-signed-already",
+        ["sign", "{in}/signed", "--key", "{in}/other-private.pem"],
+        False,
+        "{in}/signed: signed already (signature.json exists; pass --overwrite to replace it)",
+    ),
+    (
         "export-sign-key-missing",
         ["export", "{in}/run.pt", "--output", "{out}/a", "--sign-key", "{in}/none.pem"],
         False,
@@ -758,6 +764,16 @@ def test_sign_signs_an_artifact_and_refuses_a_modified_one(files, tmp_path, caps
     assert main(["sign", str(copy), "--key", str(files / "other-private.pem")]) == 0
     trusted = load_artifact(copy, trusted_keys=[files / "other-public.pem"])
     assert trusted.may_load("torchscript")
+    signature = (copy / "signature.json").read_bytes()
+    line = one_line(
+        main(["sign", str(copy), "--key", str(files / "private.pem")]),
+        capsys.readouterr().err,
+        "sign",
+    )
+    assert line.endswith("signed already (signature.json exists; pass --overwrite to replace it)")
+    assert (copy / "signature.json").read_bytes() == signature
+    assert main(["sign", str(copy), "--key", str(files / "private.pem"), "--overwrite"]) == 0
+    assert load_artifact(copy, trusted_keys=[files / "public.pem"]).may_load("torchscript")
     capsys.readouterr()
     tampered = tmp_path / "tampered"
     shutil.copytree(files / "artifact", tampered)

@@ -11,7 +11,12 @@ naming the option (``--trusted-key``, ``--sign-key``, ...) and the file.
 import os
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
-from compiledopt.apps.paths import check_input_file, check_output_file, check_work_directory
+from compiledopt.apps.paths import (
+    OVERWRITE_HINT,
+    check_input_file,
+    check_output_file,
+    check_work_directory,
+)
 from compiledopt.apps.requirements import require
 
 if TYPE_CHECKING:
@@ -79,9 +84,10 @@ def check_private_key(path: str, option: str) -> str:
     return path
 
 
-def sign(artifact: str, key: str, option: str = "--key") -> str:
+def sign(artifact: str, key: str, option: str = "--key", overwrite: bool = False) -> str:
     """Sign the artifact directory ``artifact`` with the private key ``key`` (named ``option``);
-    returns the key's fingerprint. The key is checked, then the artifact: its manifest read
+    returns the key's fingerprint. An artifact signed already is refused unless ``overwrite``
+    (which replaces its signature). The key is checked, then the artifact: its manifest read
     once, every file's checksum checked against those bytes, and those same bytes signed
     (:func:`compiledopt.export.signing.sign_artifact`), so a file changed since the export, or
     while signing, is never signed."""
@@ -91,6 +97,12 @@ def sign(artifact: str, key: str, option: str = "--key") -> str:
     check_private_key(key, option)
     check_work_directory(artifact, "artifact")
     from compiledopt.export import signing
+
+    signature = os.path.join(artifact, signing.SIGNATURE)
+    if os.path.lexists(signature) and not os.path.isdir(signature) and not overwrite:
+        raise FileExistsError(
+            f"{artifact}: signed already ({signing.SIGNATURE} exists; {OVERWRITE_HINT})"
+        )
 
     return signing.sign_artifact(artifact, key)
 

@@ -21,12 +21,17 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
     )
     parser.add_argument("artifact", help="an artifact directory (`compiledopt export`)")
     parser.add_argument("--key", required=True, metavar="PRIVATE_PEM", help="the private key")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the signature of an artifact signed already (without it, refused)",
+    )
     return parser
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``sign`` command: the key checked, then the artifact's files, and the very bytes
     checked signed (:func:`compiledopt.apps.trust.sign`)."""
-    key = sign(args.artifact, args.key, "--key")
+    key = sign(args.artifact, args.key, "--key", args.overwrite)
     print(f"signed {args.artifact} with key {key} (signature.json)", file=out)
     return 0
