@@ -307,6 +307,12 @@ CASES = [
         False,
         "--export-backends",
     ),
+    (
+        "train-export-holds-output",
+        ["train", *TINY, "--output", "{out}/run/learned.pt", "--export", "{out}/run"],
+        False,
+        "--export {out}/run: holds the --output checkpoint {out}/run/learned.pt",
+    ),
     ("train-export-to-file", ["train", *TINY, "--export", "{in}/object.json"], False, "--export"),
     (
         "train-export-to-folder",

@@ -273,8 +273,11 @@ def check_settings(settings: TrainSettings) -> None:
             raise ValueError(f"{option(unused[0])}: needs --export (the artifact's folder)")
     else:
         check_output_directory(settings.export, "--export", settings.overwrite)
-        if os.path.abspath(settings.export) == os.path.abspath(output):
+        export, checkpoint = os.path.abspath(settings.export), os.path.abspath(output)
+        if export == checkpoint:
             raise ValueError(f"--export {settings.export}: the same path as --output")
+        if checkpoint.startswith(os.path.join(export, "")):  # the export would replace it
+            raise ValueError(f"--export {settings.export}: holds the --output checkpoint {output}")
 
 
 def _in_option_names(message: str) -> str:
