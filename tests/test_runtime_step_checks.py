@@ -166,3 +166,27 @@ def test_maximize_set_in_a_group_by_hand_must_be_a_bool(value):
     reference.step()
     for p, q in zip(params, ascended):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_a_parameter_appended_by_hand_to_a_named_group_steps_and_round_trips():
+    # torch.optim.AdamW steps a parameter appended to a named group's params (its param_names
+    # then one short); every step raised an IndexError (the messages' labels ran out).
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    extra = nn.Parameter(torch.randn(3))
+    optimizer = _frozen(model.named_parameters(), nonfinite="raise")
+    optimizer.param_groups[0]["params"].append(extra)
+    adamw = torch.optim.AdamW(nn.Linear(3, 2).named_parameters())
+    adamw.param_groups[0]["params"].append(nn.Parameter(torch.randn(3)))
+    for opt in (optimizer, adamw):
+        for p in opt.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert int(opt.state[opt.param_groups[0]["params"][2]]["step"]) == 1
+    resumed = _frozen(list(model.named_parameters()))
+    resumed.param_groups[0]["params"].append(extra)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert int(resumed.state[extra]["step"]) == 1
+    extra.grad = torch.full((3,), float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite gradient for parameter 2"):
+        optimizer.step()

@@ -35,6 +35,7 @@ from compiledopt.runtime.state import (
     check_steps,
     checked_params,
     lr_of,
+    names_of,
     skip_count,
     written_mark,
 )
@@ -277,7 +278,7 @@ class FrozenOptimizer(Optimizer):
     def _named(self) -> List[Tuple[str, Tensor]]:
         named = []
         for group in self.param_groups:
-            names = group.get("param_names") or [None] * len(group["params"])
+            names = names_of(group)
             for i, (param, name) in enumerate(zip(group["params"], names)):
                 named.append((name if name is not None else f"params[{i}]", param))
         return named
@@ -287,8 +288,7 @@ class FrozenOptimizer(Optimizer):
         (its index in ``state_dict()``) when unnamed."""
         labels: List[str] = []
         for group in self.param_groups:
-            names = group.get("param_names") or [None] * len(group["params"])
-            for name in names:
+            for name in names_of(group):
                 labels.append(f"parameter {name if name is not None else len(labels)}")
         return labels
 

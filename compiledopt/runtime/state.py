@@ -7,7 +7,7 @@ written, so a refused ``load_state_dict`` or ``step`` leaves the optimizer as it
 
 import math
 import numbers
-from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ __all__ = [
     "checked_params",
     "group_entry",
     "lr_of",
+    "names_of",
     "skip_count",
     "step_count",
     "written_mark",
@@ -303,6 +304,15 @@ def check_lr(lr: Any, what: str = "lr") -> None:
             raise ValueError(f"Invalid {what}: {lr!r} (expected a real number)")
         lr = lr.item()
     check_real(lr, what, 0.0)
+
+
+def names_of(group: Mapping[str, Any]) -> List[Optional[str]]:
+    """The name of each parameter of a param group, in order: its ``param_names``, ``None``
+    for a parameter without one (an unnamed group, or a parameter appended to ``params`` by
+    hand, which torch.optim allows)."""
+    names = list(group.get("param_names") or ())
+    count = len(group["params"])
+    return names[:count] + [None] * (count - len(names))
 
 
 def lr_of(default: Any) -> Any:
