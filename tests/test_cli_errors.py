@@ -845,6 +845,34 @@ def test_demo_overwrite_replaces_an_earlier_run(files, tmp_path, monkeypatch):
         main(["demo", "--workdir", str(workdir), "--overwrite", "--no-progress"])
 
 
+def test_bench_writes_its_json_in_a_folder_it_creates_and_whole(files, tmp_path, monkeypatch):
+    import compiledopt.apps.bench
+    import compiledopt.bench
+
+    class Result:
+        def to_dict(self):
+            return {"rows": []}
+
+    monkeypatch.setattr(compiledopt.bench, "benchmark", lambda *args, **kwargs: Result())
+    path = tmp_path / "new" / "deeper" / "result.json"  # accepted by the check: can be created
+    argv = ["bench", str(files / "artifact"), "--backends", "onnx", "--json", str(path)]
+    assert main(argv) == 0  # it was written after the timing into a folder never created
+    assert json.loads(path.read_text()) == {"rows": []}
+
+    pytest.importorskip("matplotlib")  # --plot needs it
+
+    def fail(result, model, target):
+        target.write_bytes(b"half a pic")
+        raise OSError(28, "No space left on device", str(target))
+
+    monkeypatch.setattr(compiledopt.apps.bench, "plot", fail)
+    plot = tmp_path / "new" / "plot.png"
+    plot.write_bytes(b"an earlier plot")
+    assert main([*argv, "--overwrite", "--plot", str(plot)]) == 2
+    assert plot.read_bytes() == b"an earlier plot"
+    assert sorted(p.name for p in plot.parent.iterdir()) == ["deeper", "plot.png"]
+
+
 def test_finetune_runs_by_default_the_backends_the_artifact_may_load(files):
     from compiledopt.apps.backends import default_backends
 

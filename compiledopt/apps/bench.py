@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any, List, Optional, Sequence
 
 from compiledopt.apps.backends import check_loadable
-from compiledopt.apps.paths import OVERWRITE_HINT, check_output_file
+from compiledopt.apps.paths import OVERWRITE_HINT, check_output_file, write_whole
 from compiledopt.apps.requirements import require
 from compiledopt.apps.trust import open_trusted
 
@@ -105,10 +105,11 @@ def run_bench(
     print(f"compiledopt bench: {model} model", file=out)
     print(result, file=out)
     if json_path:
-        Path(json_path).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        text = json.dumps(result.to_dict(), indent=1) + "\n"
+        write_whole(json_path, lambda staging: Path(staging).write_text(text))
         print(f"wrote {json_path}", file=out)
     if plot_path:
-        plot(result, model, Path(plot_path))
+        write_whole(plot_path, lambda staging: plot(result, model, Path(staging)))
         print(f"wrote {plot_path}", file=out)
     return result
 

@@ -21,7 +21,7 @@ The checks (:func:`check_input_file`, :func:`check_output_file`, :func:`check_ou
 
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 __all__ = [
     "ENVIRONMENT_VARIABLE",
@@ -32,6 +32,7 @@ __all__ = [
     "check_work_directory",
     "default_output",
     "output_root",
+    "write_whole",
 ]
 
 #: The environment variable that sets the output root.
@@ -201,3 +202,23 @@ def check_work_directory(path: str, option: str) -> str:
         raise NotADirectoryError(f"{option} {path}: is a file, not a directory")
     _check_writable_location(path, option, folder=path)
     return path
+
+
+def write_whole(path: str, write: Callable[[str], object]) -> None:
+    """Write the file ``path`` whole or not at all: ``write(staging)`` writes a temporary file of
+    the same extension in its folder (created if need be, as :func:`check_output_file` allows),
+    which then replaces ``path`` in one rename; on any error the temporary file is removed and
+    ``path`` left as it was."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=folder, prefix=".compiledopt-", suffix=Path(path).suffix)
+    os.close(handle)
+    try:
+        write(staging)
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.lexists(staging):
+            os.unlink(staging)
+        raise
