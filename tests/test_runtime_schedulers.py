@@ -86,3 +86,20 @@ def test_the_first_group_keeps_the_given_tensor_and_later_ones_a_copy():
     given = torch.tensor(0.5)
     optimizer.add_param_group({"params": [nn.Parameter(torch.randn(2))], "lr": given})
     assert optimizer.param_groups[3]["lr"] is given, "an lr given with the group is kept"
+
+
+def test_a_state_dict_whose_groups_share_an_lr_tensor_loads_them_apart():
+    # Saved by an optimizer whose groups shared the default tensor (AdamW's do, and did here),
+    # the state_dict (deep-copied on load) keeps them shared: loaded so, a scheduler would write
+    # it once per group.
+    model = _model()
+    saved = _frozen(_groups(model), torch.tensor(0.01)).state_dict()
+    saved["param_groups"][1]["lr"] = saved["param_groups"][0]["lr"]
+    optimizer = _frozen(_groups(model), 0.01)
+    optimizer.load_state_dict(saved)
+    first, second = (group["lr"] for group in optimizer.param_groups)
+    assert first is not second and torch.equal(first, second)
+    scheduler = _plateau(optimizer)
+    for _ in range(3):
+        scheduler.step(1.0)
+    assert [float(g["lr"]) for g in optimizer.param_groups] == pytest.approx([0.0025] * 2)

@@ -36,6 +36,7 @@ from compiledopt.runtime.state import (
     checked_params,
     lr_of,
     names_of,
+    separate_lrs,
     skip_count,
     written_mark,
 )
@@ -412,6 +413,7 @@ class FrozenOptimizer(Optimizer):
                 group.setdefault("rule", None)
                 group.setdefault("maximize", False)
                 group.setdefault("skipped_steps", 0)  # saved before they were counted by group
+            separate_lrs(self.param_groups)  # saved sharing one (see lr_of)
             flat = self._flat()
             for index, values in checked.items():
                 self.state[flat[index]].update(values)

@@ -32,6 +32,7 @@ __all__ = [
     "group_entry",
     "lr_of",
     "names_of",
+    "separate_lrs",
     "skip_count",
     "step_count",
     "written_mark",
@@ -322,6 +323,19 @@ def lr_of(default: Any) -> Any:
     and a per-group schedule the last group's into both; torch.optim shares it), a number as
     it is."""
     return default.detach().clone() if isinstance(default, Tensor) else default
+
+
+def separate_lrs(groups: Sequence[Dict[str, Any]]) -> None:
+    """Give each param group of ``groups`` that shares its ``lr`` tensor with an earlier one a
+    copy (see :func:`lr_of`): a state_dict saved by torch.optim, or before groups had their own,
+    loads them shared."""
+    seen = set()
+    for group in groups:
+        lr = group.get("lr")
+        if isinstance(lr, Tensor):
+            if id(lr) in seen:
+                group["lr"] = lr = lr_of(lr)
+            seen.add(id(lr))
 
 
 def _number(value: Any, what: str, where: str) -> float:
