@@ -224,3 +224,19 @@ def test_zero_element_parameters_step_with_a_bound_artifact_as_with_a_shape_agno
     saved["state"][2]["extra"] = torch.zeros(0, 4)
     with pytest.raises(ValueError, match=r"parameter 1.weight: .*unexpected \['extra'\]"):
         resumed.load_state_dict(saved)
+
+
+def test_a_param_group_without_params_or_with_none_is_refused_naming_it():
+    # AdamW raises a KeyError 'params' and "'NoneType' object is not iterable".
+    with pytest.raises(KeyError):
+        torch.optim.AdamW([{"lr": 0.1}])
+    with pytest.raises(ValueError, match=r"^a param group has no 'params'$"):
+        co.FrozenOptimizer([{"lr": 0.1}], "normalized-mlp", backend="eager")
+    with pytest.raises(
+        TypeError,
+        match="a param group's params must be a tensor or an iterable of tensors, got NoneType",
+    ):
+        co.FrozenOptimizer([{"params": None}], "normalized-mlp", backend="eager")
+    optimizer = co.FrozenOptimizer([nn.Parameter(torch.zeros(2))], "normalized-mlp")
+    with pytest.raises(TypeError, match="got int"):
+        optimizer.add_param_group({"params": 3})

@@ -34,6 +34,7 @@ from compiledopt.runtime.state import (
     check_stepping,
     check_steps,
     checked_params,
+    group_entry,
     lr_of,
     names_of,
     separate_lrs,
@@ -268,7 +269,7 @@ class FrozenOptimizer(Optimizer):
         self._router.check_group(param_group.get("role", AUTO), param_group.get("rule"))
         check_flag(param_group.get("maximize", False), "maximize")
         param_group["skipped_steps"] = skip_count(param_group.get("skipped_steps", 0), "a group")
-        param_group["params"] = checked_params(param_group["params"])
+        param_group["params"] = checked_params(group_entry(param_group, "params", "a param group"))
         tensors = [p[1] if isinstance(p, tuple) else p for p in param_group["params"]]
         self._router.check_runs([{**param_group, "params": tensors}])  # as the constructor does
         super().add_param_group(param_group)

@@ -421,7 +421,16 @@ def checked_params(params: Any) -> List[Any]:
     twice but its state stepped once (torch.optim only warns of it)."""
     if isinstance(params, set):
         raise TypeError(SET_OF_PARAMS)
-    params = [params] if isinstance(params, Tensor) else list(params)
+    if isinstance(params, Tensor):
+        params = [params]
+    else:
+        try:
+            params = list(params)
+        except TypeError:
+            raise TypeError(
+                "a param group's params must be a tensor or an iterable of tensors, got "
+                f"{type(params).__name__}"
+            ) from None
     seen = set()
     for item in params:
         name, param = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
