@@ -197,6 +197,12 @@ CASES = [
     ("train-config-binary", ["train", *TINY, "--config", "{in}/random.bin"], False, "random.bin"),
     ("train-config-a-list", ["train", *TINY, "--config", "{in}/list.json"], False, "list.json"),
     ("train-config-folder", ["train", *TINY, "--config", "{in}/folder"], False, "folder"),
+    (
+        "train-config-long-name",
+        ["train", *TINY, "--config", "{in}/" + LONG],
+        False,
+        "--config {in}/" + LONG + ": File name too long",
+    ),
     ("train-config-unknown-key", ["train", "--config", "{in}/unknown.json"], False, "bogus_key"),
     ("train-config-zero", ["train", "--config", "{in}/zero-steps.json"], False, "meta_steps"),
     ("train-config-text-seed", ["train", "--config", "{in}/text-seed.json"], False, '"x"'),

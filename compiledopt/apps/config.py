@@ -27,6 +27,8 @@ def read_config(
         raise ValueError(f"--config {path}: No such file or directory") from None
     except IsADirectoryError:
         raise ValueError(f"{source}: is a directory, not a JSON file") from None
+    except OSError as error:  # a name too long, a folder that cannot be read...
+        raise ValueError(f"{source}: {error.strerror or error}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{source}: not JSON (not UTF-8 text)") from None
     except ValueError as error:  # json.JSONDecodeError, a key given twice
