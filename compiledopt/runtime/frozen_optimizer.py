@@ -21,22 +21,24 @@ from compiledopt.runtime.keywords import (
     check_own_group,
 )
 from compiledopt.runtime.loading import check_saved_groups
+from compiledopt.runtime.params import (
+    SET_OF_PARAMS,
+    check_listed_once,
+    check_stepping,
+    checked_params,
+    names_of,
+)
 from compiledopt.runtime.rounding import STATE_DTYPES
 from compiledopt.runtime.routing import Router
 from compiledopt.runtime.skips import groups_to_skip
 from compiledopt.runtime.state import (
-    SET_OF_PARAMS,
     check_current,
-    check_listed_once,
     check_loaded,
     check_lr,
     check_rates,
-    check_stepping,
     check_steps,
-    checked_params,
     group_entry,
     lr_of,
-    names_of,
     separate_lrs,
     skip_count,
     written_mark,
