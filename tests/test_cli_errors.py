@@ -574,6 +574,12 @@ CASES = [
         "--sign-key",
     ),
     (
+        "export-sign-key-long-name",
+        ["export", "{in}/run.pt", "--output", "{out}/a", "--sign-key", "{in}/" + LONG],
+        False,
+        "--sign-key {in}/" + LONG + ": a name 300 bytes long, above the",
+    ),
+    (
         "export-sign-key-random",
         ["export", "{in}/run.pt", "--output", "{out}/a", "--sign-key", "{in}/random.bin"],
         False,

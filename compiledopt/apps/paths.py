@@ -95,12 +95,21 @@ def check_input_file(path: str, option: str) -> str:
     if not isinstance(path, str) or not path:
         raise ValueError(f"{option}: needs a file path, got {path!r}")
     if not os.path.exists(path):
+        _check_name_lengths(path, option, _nearest_folder(os.path.dirname(path) or "."))
         raise FileNotFoundError(f"{option} {path}: No such file or directory")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{option} {path}: is a directory, not a file")
     if not os.access(path, os.R_OK):
         raise PermissionError(f"{option} {path}: not readable")
     return path
+
+
+def _nearest_folder(path: str) -> str:
+    """``path`` made absolute, or its nearest ancestor that exists (a file, perhaps)."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder
 
 
 def _check_name_lengths(path: str, option: str, folder: str) -> None:
@@ -130,9 +139,7 @@ def _check_writable_location(path: str, option: str, folder: Optional[str] = Non
     (:func:`_check_name_lengths`), and the nearest existing one of ``folder`` (default: the
     folder of ``path``) and its ancestors must be a directory in which a file can be created
     (tried with a probe file, removed at once)."""
-    folder = os.path.abspath(folder if folder is not None else os.path.dirname(path) or ".")
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+    folder = _nearest_folder(folder if folder is not None else os.path.dirname(path) or ".")
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"{option} {path}: {folder} is a file, not a directory")
     _check_name_lengths(path, option, folder)
