@@ -93,15 +93,20 @@ def test_the_packaged_state_names_are_their_transforms(artifact):
 # -- bindings[i].state --------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def bound(tmp_path):
-    """A bound Kronecker artifact of two parameters (shapes (3,) and (4, 3)), each with a state
-    tensor ``hidden`` (of shapes (3, 1) and (4, 3))."""
+def _bound_parts():
+    """The spec, transforms and named parameters of a bound Kronecker artifact of two
+    parameters (shapes (3,) and (4, 3)), each with a state tensor ``hidden`` (of shapes (3, 1)
+    and (4, 3))."""
     spec = {"kind": "kronecker", "layer": "KroneckerRNN", "bias": True, "psd": True}
     params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, 3))]
     transforms = co.export.build_bound(spec, [p.shape for p in params])
-    named = [("layer0.weight", params[0]), ("layer1.weight", params[1])]
-    return export_bound(tmp_path / "bound", spec, transforms, named, backends=())
+    return spec, transforms, [("layer0.weight", params[0]), ("layer1.weight", params[1])]
+
+
+@pytest.fixture()
+def bound(tmp_path):
+    """A bound Kronecker artifact (see :func:`_bound_parts`), with no graphs."""
+    return export_bound(tmp_path / "bound", *_bound_parts(), backends=())
 
 
 @pytest.mark.parametrize(
@@ -354,4 +359,43 @@ def test_a_per_tensor_graph_in_a_bound_artifact_is_refused_naming_it(bound_onnx,
     assert str(caught.value) == (
         f"{bound_onnx / 'rule.onnx'}: the graph is a per-tensor rule, not a bound rule over the "
         "bound parameters"
+    )
+
+
+def test_a_torchscript_rule_of_another_kind_is_refused_naming_it(artifact, bound):
+    """The packaged (shape-agnostic) program in a bound artifact and the reverse: TorchScript
+    failed at the first step with its interpreter's 'Expected a value of type List[Tensor]'."""
+    torchscript = export_bound(bound.parent / "scripted", *_bound_parts(), backends=["torchscript"])
+    packaged = (artifact / "rule.pt").read_bytes()
+    (artifact / "rule.pt").write_bytes((torchscript / "rule.pt").read_bytes())
+    (torchscript / "rule.pt").write_bytes(packaged)
+    _rehash(artifact)
+    _rehash(torchscript)
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(artifact, trust_code=True).runner("torchscript")
+    assert str(caught.value) == (
+        f"{artifact / 'rule.pt'}: the program scripts 'ModelRule', not a TensorRule"
+    )
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(torchscript, trust_code=True).runner("torchscript")
+    assert str(caught.value) == (
+        f"{torchscript / 'rule.pt'}: the program scripts 'TensorRule', not a ModelRule"
+    )
+
+
+def test_a_torchscript_rule_of_other_state_counts_is_refused_naming_it(tmp_path):
+    """Adam's bound program (two state tensors a parameter) in a Kronecker artifact's place
+    (one): TorchScript failed at the first step inside the interpreter."""
+    kronecker = export_bound(tmp_path / "kronecker", *_bound_parts(), backends=["torchscript"])
+    spec = {"kind": "shape_agnostic", "name": "adam", "kwargs": {}}
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, 3))]
+    transforms = co.export.build_bound(spec, [p.shape for p in params])
+    named = [("layer0.weight", params[0]), ("layer1.weight", params[1])]
+    adam = export_bound(tmp_path / "adam", spec, transforms, named, backends=["torchscript"])
+    (kronecker / "rule.pt").write_bytes((adam / "rule.pt").read_bytes())
+    _rehash(kronecker)
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(kronecker, trust_code=True).runner("torchscript")
+    assert str(caught.value) == (
+        f"{kronecker / 'rule.pt'}: the program's state counts are [2, 2], the bindings' [1, 1]"
     )

@@ -52,7 +52,7 @@ from compiledopt.export import signatures
 from compiledopt.export import spec as specs
 from compiledopt.export.backend import Backend
 from compiledopt.export.budget import BuildBudget, OverBudgetError, untouched_rng
-from compiledopt.export.fit import graph_misfit
+from compiledopt.export.fit import misfit
 from compiledopt.export.layout import (
     DTYPES,
     MANIFEST,
@@ -66,7 +66,6 @@ from compiledopt.export.layout import (
     weights_header,
 )
 from compiledopt.export.manifest import ArtifactError, check_manifest, check_training
-from compiledopt.export.signature import Signature
 from compiledopt.transforms.base import Transform
 
 __all__ = [
@@ -317,16 +316,13 @@ class Artifact:
 
     def _load(self, backend: Backend, name: str) -> Callable:
         """The graph ``name`` of ``backend``, loaded from freshly verified bytes, and refused
-        unless its stored signature (ONNX, AOTInductor) fits the manifest (:func:`~compiledopt.
-        export.fit.graph_misfit`)."""
+        unless it fits the manifest (:func:`~compiledopt.export.fit.misfit`)."""
         runner = self._load_graph(backend, name)
-        signature = getattr(runner, "signature", None)
-        if isinstance(signature, Signature):
-            per_rank = self.kind != "bound" and backend.per_rank
-            bindings = self.bindings if self.kind == "bound" else None
-            problem = graph_misfit(signature, bindings, file_rank(name) if per_rank else None)
-            if problem is not None:
-                raise ArtifactError(f"{self.path / name}: {problem}")
+        per_rank = self.kind != "bound" and backend.per_rank
+        bindings = self.bindings if self.kind == "bound" else None
+        problem = misfit(runner, bindings, file_rank(name) if per_rank else None)
+        if problem is not None:
+            raise ArtifactError(f"{self.path / name}: {problem}")
         return runner
 
     def _load_graph(self, backend: Backend, name: str) -> Callable:
