@@ -116,3 +116,45 @@ def test_a_state_dict_listing_an_id_twice_is_refused():
     ):
         fresh.load_state_dict(_tampered(original))
     assert len(fresh.state) == 0
+
+
+def _edited(edit):
+    a, b = _pair()
+    saved = copy.deepcopy(_stepped(_frozen, a, b).state_dict())
+    edit(saved)
+    return saved, _frozen([("a", a), ("b", b)])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.update(state=[1]), "the state_dict's 'state' must be a dict, got list"),
+        (
+            lambda s: s.update(param_groups=None),
+            "the state_dict's 'param_groups' must be a list, got NoneType",
+        ),
+        (
+            lambda s: s.update(param_groups=[1]),
+            "the state_dict's param group 0 must be a dict, got int",
+        ),
+        (
+            lambda s: s["param_groups"][0].pop("params"),
+            "the state_dict's param group 0 must list its parameter ids in 'params', got None",
+        ),
+        (
+            lambda s: s["param_groups"][0].update(params=[[0], 1]),
+            r"the state_dict's param group 0 lists \[0\] as a parameter id",
+        ),
+        (
+            lambda s: s["param_groups"][0].update(param_names=["a"]),
+            r"the state_dict's param group 0 has param_names \['a'\] for 2 parameters",
+        ),
+    ],
+)
+def test_a_malformed_state_dict_is_refused_naming_the_entry(edit, message):
+    # torch.optim's loader (AdamW's) fails on these with an AttributeError, a TypeError or a
+    # KeyError, or (param_names of another length) loads them.
+    saved, fresh = _edited(edit)
+    with pytest.raises(ValueError, match=message):
+        fresh.load_state_dict(saved)
+    assert len(fresh.state) == 0 and fresh.param_groups[0]["param_names"] == ["a", "b"]

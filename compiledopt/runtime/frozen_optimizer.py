@@ -2,7 +2,7 @@
 
 import logging
 import os
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from compiledopt.runtime.keywords import (
     check_new_group,
     check_own_group,
 )
-from compiledopt.runtime.loading import check_saved_groups
+from compiledopt.runtime.loading import check_layout, check_saved_groups
 from compiledopt.runtime.params import (
     SET_OF_PARAMS,
     check_listed_once,
@@ -434,8 +434,7 @@ class FrozenOptimizer(Optimizer):
     def _checked(self, loaded: Any) -> Dict[int, Dict[str, Tensor]]:
         """Each saved state of ``loaded`` (a state_dict), checked and converted, by the index of
         its parameter (see :meth:`load_state_dict`)."""
-        if not isinstance(loaded, Mapping) or not {"state", "param_groups"} <= set(loaded):
-            raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups'")
+        check_layout(loaded)
         saved_groups = loaded["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)

@@ -9,6 +9,7 @@ rename the parameters after it, silently. Where both name their parameters, the 
 match; a ``register_load_state_dict_pre_hook`` can reorder a state_dict first.
 """
 
+from collections.abc import Hashable
 from typing import Any, Mapping, Sequence
 
 from compiledopt._validation import check_flag
@@ -16,7 +17,43 @@ from compiledopt.roles import AUTO
 from compiledopt.runtime.routing import Router
 from compiledopt.runtime.state import check_lr, group_entry, skip_count
 
-__all__ = ["check_saved_groups"]
+__all__ = ["check_layout", "check_saved_groups"]
+
+
+def check_layout(loaded: Any) -> None:
+    """``ValueError`` naming the entry unless ``loaded`` has an optimizer state_dict's layout: a
+    mapping with a ``state`` mapping and ``param_groups``, a list of mappings, each with
+    ``params`` a list of parameter ids (and ``param_names``, if any, one name per id), which
+    torch.optim's loader reads before anything can say what is wrong."""
+    if not isinstance(loaded, Mapping) or not {"state", "param_groups"} <= set(loaded):
+        raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups'")
+    if not isinstance(loaded["state"], Mapping):
+        raise ValueError(
+            f"the state_dict's 'state' must be a dict, got {type(loaded['state']).__name__}"
+        )
+    groups = loaded["param_groups"]
+    if not isinstance(groups, (list, tuple)):
+        raise ValueError(
+            f"the state_dict's 'param_groups' must be a list, got {type(groups).__name__}"
+        )
+    for g, group in enumerate(groups):
+        where = f"the state_dict's param group {g}"
+        if not isinstance(group, Mapping):
+            raise ValueError(f"{where} must be a dict, got {type(group).__name__}")
+        if not isinstance(group.get("params"), (list, tuple)):
+            raise ValueError(
+                f"{where} must list its parameter ids in 'params', got {group.get('params')!r}"
+            )
+        for pid in group["params"]:
+            if not isinstance(pid, Hashable):
+                raise ValueError(f"{where} lists {pid!r} as a parameter id")
+        names = group.get("param_names")
+        if names is not None and (
+            not isinstance(names, (list, tuple)) or len(names) != len(group["params"])
+        ):
+            raise ValueError(
+                f"{where} has param_names {names!r} for {len(group['params'])} parameters"
+            )
 
 
 def check_saved_groups(
