@@ -857,6 +857,25 @@ def test_demo_overwrite_replaces_an_earlier_run(files, tmp_path, monkeypatch):
         main(["demo", "--workdir", str(workdir), "--overwrite", "--no-progress"])
 
 
+def test_demo_replaces_an_earlier_run_in_its_default_folder(files, tmp_path, monkeypatch):
+    from compiledopt.meta import MetaLoop
+
+    class ReachedError(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise ReachedError
+
+    monkeypatch.setattr(MetaLoop, "train", reached)
+    monkeypatch.setenv("COMPILEDOPT_HOME", str(tmp_path / "home"))
+    workdir = tmp_path / "home" / "demo"  # the default --workdir under that root
+    workdir.mkdir(parents=True)
+    (workdir / "checkpoint.pt").write_bytes(b"an earlier run's")
+    shutil.copytree(files / "artifact", workdir / "artifact")
+    with pytest.raises(ReachedError):  # the README's command runs again as it is
+        main(["demo", "--no-progress"])
+
+
 def test_bench_writes_its_json_in_a_folder_it_creates_and_whole(files, tmp_path, monkeypatch):
     import compiledopt.apps.bench
     import compiledopt.bench

@@ -3,7 +3,9 @@
 The pipeline itself is :func:`compiledopt.apps.pipeline.run_pipeline`: meta-train a NormalizedMLP
 briefly, export it, verify every backend, and fine-tune a pre-trained MLP with the shipped default
 optimizer against AdamW. The checkpoint and the artifact go to ``--workdir``, by default
-``<output root>/demo`` (:func:`compiledopt.apps.paths.output_root`), checked before any work.
+``<output root>/demo`` (:func:`compiledopt.apps.paths.output_root`), checked before any work. The
+default folder is the demo's own: a run replaces the previous run's files there, so the demo can
+be run again as it is; a folder named by ``--workdir`` keeps them unless ``--overwrite``.
 """
 
 import argparse
@@ -58,8 +60,9 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the checkpoint and artifact of an earlier run in --workdir (without it they "
-        "are refused before any work)",
+        help="replace the checkpoint and artifact of an earlier run in the --workdir given "
+        "(without it they are refused before any work; the default folder is the demo's own, "
+        "replaced at every run)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
@@ -68,6 +71,8 @@ def add_parser(commands: Commands) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """The ``demo`` command: :func:`run_pipeline` with the command's options (checked first)."""
     backends = backend_list(args.backends)
+    # The default folder holds nothing but earlier demo runs: each run replaces the last.
+    overwrite = args.overwrite or args.workdir is None
     if args.workdir is None:
         workdir = str(default_output("demo", "--workdir"))
     else:
@@ -80,6 +85,6 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         seed=args.seed,
         out=out,
         progress=not args.no_progress,
-        overwrite=args.overwrite,
+        overwrite=overwrite,
     )
     return 0
