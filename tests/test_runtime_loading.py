@@ -146,14 +146,14 @@ def _edited(edit):
             r"the state_dict's param group 0 lists \[0\] as a parameter id",
         ),
         (
-            lambda s: s["param_groups"][0].update(param_names=["a"]),
-            r"the state_dict's param group 0 has param_names \['a'\] for 2 parameters",
+            lambda s: s["param_groups"][0].update(param_names=["a", "b", "c"]),
+            r"the state_dict's param group 0 has param_names \['a', 'b', 'c'\] for 2 parameters",
         ),
     ],
 )
 def test_a_malformed_state_dict_is_refused_naming_the_entry(edit, message):
     # torch.optim's loader (AdamW's) fails on these with an AttributeError, a TypeError or a
-    # KeyError, or (param_names of another length) loads them.
+    # KeyError, or (more param_names than params) loads them.
     saved, fresh = _edited(edit)
     with pytest.raises(ValueError, match=message):
         fresh.load_state_dict(saved)

@@ -23,7 +23,7 @@ __all__ = ["check_layout", "check_saved_groups"]
 def check_layout(loaded: Any) -> None:
     """``ValueError`` naming the entry unless ``loaded`` has an optimizer state_dict's layout: a
     mapping with a ``state`` mapping and ``param_groups``, a list of mappings, each with
-    ``params`` a list of parameter ids (and ``param_names``, if any, one name per id), which
+    ``params`` a list of parameter ids (and ``param_names``, if any, at most one name per id), which
     torch.optim's loader reads before anything can say what is wrong."""
     if not isinstance(loaded, Mapping) or not {"state", "param_groups"} <= set(loaded):
         raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups'")
@@ -49,8 +49,8 @@ def check_layout(loaded: Any) -> None:
                 raise ValueError(f"{where} lists {pid!r} as a parameter id")
         names = group.get("param_names")
         if names is not None and (
-            not isinstance(names, (list, tuple)) or len(names) != len(group["params"])
-        ):
+            not isinstance(names, (list, tuple)) or len(names) > len(group["params"])
+        ):  # fewer where parameters were appended to a named group by hand (torch.optim saves so)
             raise ValueError(
                 f"{where} has param_names {names!r} for {len(group['params'])} parameters"
             )
