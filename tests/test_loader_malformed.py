@@ -17,8 +17,9 @@ from test_loader_hardening import _copy_packaged, _rehash
 
 import compiledopt as co
 from compiledopt import FrozenOptimizer, pretrained
-from compiledopt.export import ArtifactError, export_bound, load_artifact
+from compiledopt.export import ArtifactError, export_bound, export_shape_agnostic, load_artifact
 from compiledopt.export.layout import WEIGHTS
+from compiledopt.learned.catalog import build_transform
 
 OPENERS = {
     "load_artifact": load_artifact,
@@ -398,4 +399,34 @@ def test_a_torchscript_rule_of_other_state_counts_is_refused_naming_it(tmp_path)
         load_artifact(kronecker, trust_code=True).runner("torchscript")
     assert str(caught.value) == (
         f"{kronecker / 'rule.pt'}: the program's state counts are [2, 2], the bindings' [1, 1]"
+    )
+
+
+def test_a_graph_of_another_state_count_is_refused_naming_it(artifact, tmp_path):
+    """Adam's rank-1 graph (two state tensors) in the packaged coordinate-mlp artifact's place
+    (six): it failed at the first step with 'this graph takes 2 state tensors, got 6'."""
+    spec = {"kind": "shape_agnostic", "name": "adam", "kwargs": {}}
+    transform = build_transform("adam", {})
+    adam = export_shape_agnostic(tmp_path / "adam", spec, transform, ["onnx"], ranks=(1,))
+    (artifact / "rule_rank1.onnx").write_bytes((adam / "rule_rank1.onnx").read_bytes())
+    _rehash(artifact)
+    runner = load_artifact(artifact).runner("onnx")
+    param = torch.randn(5)
+    with pytest.raises(ArtifactError) as caught:
+        runner(torch.randn(5), param, [torch.zeros(5)] * 6, torch.tensor(0))
+    assert str(caught.value) == (
+        f"{artifact / 'rule_rank1.onnx'}: the graph takes 2 state tensors, state_names lists 6"
+    )
+
+
+def test_a_bound_graph_of_another_state_count_is_refused_naming_it(bound_onnx, tmp_path):
+    """The Kronecker graph (a state tensor a parameter) in Adam's place (two), over the same
+    parameter shapes."""
+    kronecker = export_bound(tmp_path / "kronecker", *_bound_parts(), backends=["onnx"])
+    (bound_onnx / "rule.onnx").write_bytes((kronecker / "rule.onnx").read_bytes())
+    _rehash(bound_onnx)
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(bound_onnx).runner("onnx")
+    assert str(caught.value) == (
+        f"{bound_onnx / 'rule.onnx'}: the graph takes 2 state tensors, the bindings list 4"
     )

@@ -318,9 +318,8 @@ class Artifact:
         """The graph ``name`` of ``backend``, loaded from freshly verified bytes, and refused
         unless it fits the manifest (:func:`~compiledopt.export.fit.misfit`)."""
         runner = self._load_graph(backend, name)
-        per_rank = self.kind != "bound" and backend.per_rank
-        bindings = self.bindings if self.kind == "bound" else None
-        problem = misfit(runner, bindings, file_rank(name) if per_rank else None)
+        rank = file_rank(name) if self.kind != "bound" and backend.per_rank else None
+        problem = misfit(runner, self.manifest, rank)
         if problem is not None:
             raise ArtifactError(f"{self.path / name}: {problem}")
         return runner

@@ -22,17 +22,21 @@ from compiledopt.export.signature import Signature
 __all__ = ["graph_misfit", "misfit"]
 
 
-def misfit(
-    runner: Callable, bindings: Optional[List[Dict[str, Any]]], rank: Optional[int]
-) -> Optional[str]:
-    """What about the loaded graph ``runner`` does not fit its artifact, or ``None``: its
-    stored signature (:func:`graph_misfit`) or its scripted rule (:func:`script_misfit`); a
-    runner with neither is not checked. ``bindings`` and ``rank`` as for :func:`graph_misfit`."""
+def misfit(runner: Callable, manifest: Dict[str, Any], rank: Optional[int]) -> Optional[str]:
+    """What about the loaded graph ``runner`` does not fit the artifact of the (schema-checked)
+    ``manifest``, or ``None``: its stored signature (:func:`graph_misfit`) or its scripted rule
+    (:func:`script_misfit`); a runner with neither is not checked. ``rank``: the rank a
+    shape-agnostic per-rank graph's file name says (``rule_rank2.onnx``: 2), or ``None``."""
+    bindings = manifest["bindings"] if manifest["kind"] == "bound" else None
     if isinstance(runner, torch.jit.ScriptModule):
         return script_misfit(runner, bindings)
     signature = getattr(runner, "signature", None)
     if isinstance(signature, Signature):
-        return graph_misfit(signature, bindings, rank)
+        if bindings is None:
+            states = len(manifest["state_names"])
+        else:
+            states = sum(len(binding["state"]) for binding in bindings)
+        return graph_misfit(signature, bindings, rank, states)
     return None
 
 
@@ -67,7 +71,10 @@ def _count(index: Any) -> str:
 
 
 def graph_misfit(
-    signature: Signature, bindings: Optional[List[Dict[str, Any]]], rank: Optional[int]
+    signature: Signature,
+    bindings: Optional[List[Dict[str, Any]]],
+    rank: Optional[int],
+    states: int,
 ) -> Optional[str]:
     """What about the graph of ``signature`` does not fit its artifact, or ``None``.
 
@@ -77,6 +84,9 @@ def graph_misfit(
             ``None`` for a shape-agnostic artifact (its graphs are per-tensor rules).
         rank: the rank a shape-agnostic per-rank graph's file name says (``rule_rank2.onnx``:
             2), or ``None``.
+        states: how many state tensors the manifest names (a shape-agnostic artifact's
+            ``state_names``, a bound one's bindings' ``state`` together): as many as the
+            graph takes (a transform names every state tensor it keeps).
     """
     if bindings is None:
         if not signature.tensor_rule:
@@ -84,6 +94,8 @@ def graph_misfit(
         took = len(signature.shapes[0])
         if rank is not None and took != rank:
             return f"the graph takes rank-{took} tensors, not the rank-{rank} tensors its name says"
+        if signature.states != states:
+            return f"the graph takes {signature.states} state tensors, state_names lists {states}"
         return None
     if signature.tensor_rule:
         return "the graph is a per-tensor rule, not a bound rule over the bound parameters"
@@ -100,4 +112,6 @@ def graph_misfit(
                 f"the graph takes parameter {index} of shape {sizes}, the manifest binds "
                 f"{binding['name'][:100]!r} of shape {shape}"
             )
+    if signature.states != states:
+        return f"the graph takes {signature.states} state tensors, the bindings list {states}"
     return None
