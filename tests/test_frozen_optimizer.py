@@ -276,6 +276,32 @@ def test_add_param_group(artifacts):
         bound.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
 
 
+@pytest.mark.parametrize("edit", ["appended", "removed"])
+def test_a_bound_artifacts_parameters_edited_by_hand_are_refused_before_anything_is_written(
+    artifacts, edit
+):
+    # add_param_group refuses a new group; a parameter appended to a group's params by hand
+    # raised an IndexError, and one removed stepped the others through a rule missing one
+    # binding (the eager rule silently).
+    model = _model()
+    optimizer = co.FrozenOptimizer(model.parameters(), artifacts["kronecker"], backend="eager")
+    params = optimizer.param_groups[0]["params"]
+    if edit == "appended":
+        params.append(nn.Parameter(torch.zeros(2)))
+    else:
+        params.pop()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    count = 5 if edit == "appended" else 3
+    with pytest.raises(
+        ValueError, match=f"bound to 4 parameters; the param groups now list {count}"
+    ):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not optimizer.state
+
+
 def test_bad_input(artifacts, tmp_path):
     model = _model()
     params = list(model.parameters())

@@ -321,6 +321,7 @@ class FrozenOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         flat, labels = self._flat(), self._labels()
+        self._router.check_params(flat)
         position = {id(p): i for i, p in enumerate(flat)}
         check_listed_once(flat, labels, len(position))  # param groups may be edited by hand
         groups = []

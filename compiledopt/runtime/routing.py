@@ -54,6 +54,17 @@ class Router:
         self._strategies = {}
         return [i for i in range(len(params)) if i not in empty]
 
+    def check_params(self, params: Sequence[torch.Tensor]) -> None:
+        """``ValueError`` unless a bound artifact still has one parameter of ``params`` (every
+        parameter of the optimizer) for each of its bindings (it takes no new param group, but
+        ``param_groups`` can be edited by hand)."""
+        bound = len(params) - len(self.unbound)
+        if self.artifact.kind == "bound" and bound != len(self.artifact.bindings):
+            raise ValueError(
+                f"{self.artifact.path} is bound to {len(self.artifact.bindings)} parameters; the "
+                f"param groups now list {bound} (were parameters added or removed by hand?)"
+            )
+
     def rules(self) -> Tuple[str, ...]:
         """The rules the artifact's transform can be routed to."""
         return self.transforms[0].rules()
