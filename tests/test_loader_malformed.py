@@ -430,3 +430,22 @@ def test_a_bound_graph_of_another_state_count_is_refused_naming_it(bound_onnx, t
     assert str(caught.value) == (
         f"{bound_onnx / 'rule.onnx'}: the graph takes 2 state tensors, the bindings list 4"
     )
+
+
+# -- transform kwargs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [(10**400, "<an int of 1329 bits>"), (2**63, "9223372036854775808")],
+    ids=["huge", "int64-max-plus-one"],
+)
+def test_an_int_kwarg_outside_the_int64_range_is_refused_naming_it(artifact, size, shown):
+    """JSON holds ints of any size; building the transform failed with torch's 'Overflow when
+    unpacking long long' and a C++ frame, naming no field."""
+    _edit_manifest(artifact, lambda m: m["transform"]["kwargs"].update(hidden_sizes=[size]))
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(artifact)
+    assert str(caught.value) == (
+        f"{artifact}: invalid transform.kwargs['hidden_sizes'][0]: {shown} (expected a 64-bit int)"
+    )

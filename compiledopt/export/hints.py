@@ -15,10 +15,15 @@ _SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequ
 _MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
 
 
+#: The ints an ``int`` annotation takes: those torch takes (a size, a seed), not JSON's any size.
+_INT64 = (-(1 << 63), 1 << 63)
+
 #: Whether a JSON value fits a scalar annotation.
 _SCALARS: Dict[Any, Callable[[Any], bool]] = {
     bool: lambda value: isinstance(value, bool),
-    int: lambda value: isinstance(value, int) and not isinstance(value, bool),
+    int: lambda value: (
+        isinstance(value, int) and not isinstance(value, bool) and _INT64[0] <= value < _INT64[1]
+    ),
     float: lambda value: is_real(value),
     str: lambda value: isinstance(value, str),
     type(None): lambda value: value is None,
@@ -77,7 +82,7 @@ def describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union or origin is types.UnionType:
         return " or ".join(describe(arm) for arm in args)
-    names = {bool: "a bool", int: "an int", float: "a finite number", str: "a string"}
+    names = {bool: "a bool", int: "a 64-bit int", float: "a finite number", str: "a string"}
     if hint in names:
         return names[hint]
     if hint is type(None):

@@ -72,9 +72,9 @@ def check_manifest(manifest: Any, where: str) -> Dict[str, Any]:
       ``"shape_agnostic"`` in a shape-agnostic artifact. Each field of a bound kind is of the
       type its catalog entry states (Kronecker ``bias`` and ``psd`` bools, metacurvature ``lr`` a
       finite number, ``step_size`` a finite number > 0), and every ``kwargs`` key a parameter of
-      the catalog transform ``name``, its value of that parameter's annotated type (``int``,
-      ``float``: a finite number, ``bool``, ``str``, a sequence: a list of those, ``Optional``:
-      also ``null``).
+      the catalog transform ``name``, its value of that parameter's annotated type (``int``: a
+      64-bit int, ``float``: a finite number, ``bool``, ``str``, a sequence: a list of those,
+      ``Optional``: also ``null``).
     * ``dtype``: ``"float32"`` or ``"float64"``.
     * ``lr``: a finite number > 0 (an int or a float, not a bool).
     * bound only: ``bindings``, a non-empty list of ``{"name": str, "shape": [int >= 0, ...],
