@@ -162,15 +162,13 @@ def written_mark(param: Tensor, state: Mapping[str, Any]) -> Tuple:
     get the old one's), and a tensor keeps it when resized or moved in place (``resize_``,
     ``.data =``). A replaced, renamed, resized or retyped entry, a resized parameter or a state
     loaded since no longer matches, and is checked again before the next step."""
-    entries = tuple(
-        (key, id(value), *(_layout(value) if isinstance(value, Tensor) else (type(value),)))
+    entries = [
+        (key, id(value), value.shape, value.dtype, value.device)
+        if isinstance(value, Tensor)
+        else (key, id(value), type(value))
         for key, value in state.items()
-    )
-    return (*_layout(param), entries)
-
-
-def _layout(tensor: Tensor) -> Tuple:
-    return (tensor.shape, tensor.dtype, tensor.device)
+    ]
+    return (param.shape, param.dtype, param.device, *entries)
 
 
 def check_current(
