@@ -449,3 +449,23 @@ def test_an_int_kwarg_outside_the_int64_range_is_refused_naming_it(artifact, siz
     assert str(caught.value) == (
         f"{artifact}: invalid transform.kwargs['hidden_sizes'][0]: {shown} (expected a 64-bit int)"
     )
+
+
+@pytest.mark.parametrize(
+    ("place", "shown"),
+    [("shape", "bindings[1].shape[0]"), ("state", "bindings[1].state[0].shape[0]")],
+)
+def test_a_binding_size_outside_the_int64_range_is_refused_naming_it(bound, place, shown):
+    """The binding's shape failed to build with torch's 'Overflow when unpacking long long'."""
+
+    def edit(manifest):
+        binding = manifest["bindings"][1]
+        target = binding if place == "shape" else binding["state"][0]
+        target["shape"] = [2**70, 3]
+
+    _edit_manifest(bound, edit)
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(bound)
+    assert str(caught.value) == (
+        f"{bound}: invalid {shown}: 1180591620717411303424 (expected an int from 0 to 2**63 - 1)"
+    )

@@ -79,7 +79,7 @@ def check_manifest(manifest: Any, where: str) -> Dict[str, Any]:
     * ``lr``: a finite number > 0 (an int or a float, not a bool).
     * bound only: ``bindings``, a non-empty list of ``{"name": str, "shape": [int >= 0, ...],
       "dtype": the manifest's dtype, "state": [{"name": str, "shape": [int >= 0, ...]}, ...]}``
-      with distinct names.
+      with distinct names (each size below 2**63).
     * shape-agnostic only: ``ranks``, a non-empty increasing list of ints in 0..5, and
       ``state_names``, a list of distinct non-empty strings.
     * ``backends``: registered backend name -> a list of its graph files, each once: exactly
@@ -350,11 +350,12 @@ def _check_kwargs(name: str, kwargs: Dict[str, Any], where: str) -> None:
 
 
 def _check_shape(shape: Any, path: str, where: str) -> None:
+    """A list of sizes torch takes: ints from 0 to 2**63 - 1 (JSON's ints have any size)."""
     if not isinstance(shape, list):
         _fail(where, path, shape, "a list of ints >= 0")
     for index, size in enumerate(shape):
-        if not _is_int(size, 0):
-            _fail(where, f"{path}[{index}]", size, "an int >= 0")
+        if not _is_int(size, 0) or size >= 1 << 63:
+            _fail(where, f"{path}[{index}]", size, "an int from 0 to 2**63 - 1")
 
 
 def _check_bindings(bindings: Any, dtype: str, where: str) -> None:
