@@ -190,3 +190,16 @@ def test_a_parameter_appended_by_hand_to_a_named_group_steps_and_round_trips():
     extra.grad = torch.full((3,), float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite gradient for parameter 2"):
         optimizer.step()
+
+
+def test_a_sparse_parameter_is_refused_naming_its_layout():
+    # AdamW takes one and refuses its sparse gradient at the step; a FrozenOptimizer refuses it
+    # when given (it took it as a tensor whose elements share memory: its strides read 0).
+    sparse = nn.Parameter(torch.randn(3, 4).to_sparse())
+    torch.optim.AdamW([sparse])
+    with pytest.raises(
+        ValueError,
+        match=r"supports dense parameters; parameter of shape \(3, 4\) has layout "
+        r"torch.sparse_coo",
+    ):
+        _frozen([sparse])

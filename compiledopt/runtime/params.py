@@ -5,6 +5,7 @@ be edited by hand, tensors resized or retyped in place), and named in messages
 
 from typing import Any, List, Mapping, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -74,6 +75,10 @@ def check_param(param: Tensor, label: str) -> None:
             f"FrozenOptimizer supports real floating-point parameters; {label} has dtype "
             f"{param.dtype}"
         )
+    if param.layout != torch.strided:
+        raise ValueError(
+            f"FrozenOptimizer supports dense parameters; {label} has layout {param.layout}"
+        )
     if any(stride == 0 and size > 1 for stride, size in zip(param.stride(), param.shape)):
         raise ValueError(
             f"{label} has elements that share memory (shape {tuple(param.shape)}, strides "
@@ -90,7 +95,7 @@ def check_stepping(param: Tensor, label: str) -> None:
     check_param(param, label)
     grad = param.grad
     assert grad is not None  # only a parameter with a gradient steps
-    if grad.is_sparse:
+    if grad.layout != torch.strided:
         raise RuntimeError(f"FrozenOptimizer does not support sparse gradients ({label})")
     if (
         grad.shape != param.shape
