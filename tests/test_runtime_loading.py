@@ -47,7 +47,7 @@ def test_a_state_dict_saved_with_the_parameters_in_another_order_is_refused_nami
     with pytest.raises(
         ValueError,
         match="the state_dict's param group 0 lists parameter 'a' at position 0, where this "
-        "optimizer has 'b'",
+        "optimizer has 'b' and lists it at position 1",
     ):
         swapped.load_state_dict(saved)
     assert len(swapped.state) == 0, "nothing is loaded"
@@ -89,6 +89,33 @@ def test_names_on_one_side_only_load_by_position_as_torch_optim_does():
     unnamed = _frozen([a, b])
     unnamed.load_state_dict(saved)
     assert int(unnamed.state[a]["step"]) == 1
+
+
+@pytest.mark.parametrize(
+    "saved_names, names",
+    [
+        (["a", "b"], ["module.a", "module.b"]),  # saved before DistributedDataParallel wrapped it
+        (["_orig_mod.a", "_orig_mod.b"], ["a", "b"]),  # saved from a torch.compile'd model
+        (["a", "b"], ["encoder.x", "encoder.y"]),  # a model renamed since: loads by position
+    ],
+)
+def test_names_changed_by_a_wrapper_or_a_rename_load_by_position(saved_names, names):
+    a, b = _pair()
+    saved = _stepped(_frozen, a, b).state_dict()
+    saved["param_groups"][0]["param_names"] = saved_names
+    a2, b2 = copy.deepcopy(a), copy.deepcopy(b)
+    resumed = _frozen(list(zip(names, (a2, b2))))
+    resumed.load_state_dict(saved)
+    for p, q in ((a, a2), (b, b2)):
+        assert int(resumed.state[q]["step"]) == 1
+
+
+def test_a_swap_behind_a_wrapper_prefix_is_refused():
+    a, b = _pair()
+    saved = _stepped(_frozen, a, b).state_dict()
+    swapped = _frozen([("module.b", b), ("module.a", a)])
+    with pytest.raises(ValueError, match="lists parameter 'a' at position 0, where this optimizer"):
+        swapped.load_state_dict(saved)
 
 
 def _tampered(optimizer):

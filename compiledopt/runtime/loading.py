@@ -5,8 +5,12 @@ given to it, and that the saved groups list the same parameters, by name, as the
 torch.optim matches saved states to parameters by position alone, and a saved group's
 ``param_names`` replace the optimizer's: a state_dict saved with the parameters in another
 order (two of one shape swapped, say) would load each state onto the wrong parameter and
-rename the parameters after it, silently. Where both name their parameters, the names must
-match; a ``register_load_state_dict_pre_hook`` can reorder a state_dict first.
+rename the parameters after it, silently. Where both name their parameters, a name the
+optimizer has at another position is refused (a ``register_load_state_dict_pre_hook`` can
+reorder a state_dict first); names compare without the modules that wrappers insert
+(``module.`` of DDP, ``_orig_mod.`` of ``torch.compile``, FSDP's and activation checkpointing's),
+and a name the optimizer does not have at all loads by position, as torch.optim loads it (a
+model renamed since it was saved).
 """
 
 from collections.abc import Hashable
@@ -17,7 +21,11 @@ from compiledopt.roles import AUTO
 from compiledopt.runtime.routing import Router
 from compiledopt.runtime.state import check_lr, group_entry, skip_count
 
-__all__ = ["check_layout", "check_saved_groups"]
+__all__ = ["check_layout", "check_saved_groups", "plain_name"]
+
+#: Module names that wrappers insert into parameter names: DDP's, ``torch.compile``'s, FSDP's
+#: and activation checkpointing's.
+WRAPPERS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 def check_layout(loaded: Any) -> None:
@@ -88,13 +96,33 @@ def check_saved_groups(
         )
         router.check_runs([{**saved, "params": group["params"]}])
         saved_names, names = saved.get("param_names"), group.get("param_names")
-        if saved_names is None or names is None or list(saved_names) == list(names):
-            continue
-        for i, (was, now) in enumerate(zip(saved_names, names)):
-            if was != now:
-                raise ValueError(
-                    f"{where} lists parameter {was!r} at position {i}, where this optimizer "
-                    f"has {now!r}: it was saved with other parameters or in another order, and "
-                    "its states would load onto the wrong parameters (reorder it in a "
-                    "register_load_state_dict_pre_hook, or build the optimizer as it was)"
-                )
+        if saved_names is not None and names is not None:
+            check_same_order(list(saved_names), list(names), where)
+
+
+def plain_name(name: Any) -> Any:
+    """``name`` without the modules wrappers insert (:data:`WRAPPERS`): ``module._orig_mod.fc.w``
+    is ``fc.w``; anything but a string is itself."""
+    if not isinstance(name, str):
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPERS)
+
+
+def check_same_order(saved: Sequence[Any], names: Sequence[Any], where: str) -> None:
+    """``ValueError`` naming both names where ``saved`` (a saved group's ``param_names``) has at
+    some position a name that ``names`` (the optimizer's group's) has at another: the states
+    would load onto the wrong parameters. Compared by :func:`plain_name`; a saved name the
+    optimizer does not have loads by position (a renamed model), as torch.optim loads it."""
+    was, now = [plain_name(n) for n in saved], [plain_name(n) for n in names]
+    if was == now:
+        return
+    position = {name: i for i, name in enumerate(now) if isinstance(name, Hashable)}
+    for i, name in enumerate(was):
+        moved = position.get(name) if isinstance(name, Hashable) else None
+        if moved is not None and moved != i:
+            raise ValueError(
+                f"{where} lists parameter {saved[i]!r} at position {i}, where this optimizer "
+                f"has {names[i]!r} and lists it at position {moved}: it was saved in another "
+                "order, and its states would load onto the wrong parameters (reorder it in a "
+                "register_load_state_dict_pre_hook, or build the optimizer as it was)"
+            )
