@@ -839,40 +839,35 @@ def test_bench_replaces_its_json_only_with_overwrite(files, tmp_path, monkeypatc
     assert json.loads(path.read_text()) == {"rows": []}
 
 
-def test_demo_overwrite_replaces_an_earlier_run(files, tmp_path, monkeypatch):
+class ReachedMetaTrainingError(Exception):
+    """Raised in place of the demo's meta-training: its checks all passed."""
+
+
+def _earlier_demo_run(files, workdir, monkeypatch):
+    """``workdir`` holding an earlier demo run's checkpoint and artifact, and the demo stopped
+    with :class:`ReachedMetaTrainingError` where its work would begin."""
     from compiledopt.meta import MetaLoop
 
-    class ReachedError(Exception):
-        pass
-
     def reached(*args, **kwargs):
-        raise ReachedError
+        raise ReachedMetaTrainingError
 
     monkeypatch.setattr(MetaLoop, "train", reached)
-    workdir = tmp_path / "demo"
-    workdir.mkdir()
-    (workdir / "checkpoint.pt").write_bytes(b"an earlier run's")
-    shutil.copytree(files / "artifact", workdir / "artifact")
-    with pytest.raises(ReachedError):  # checked, then meta-training started
-        main(["demo", "--workdir", str(workdir), "--overwrite", "--no-progress"])
-
-
-def test_demo_replaces_an_earlier_run_in_its_default_folder(files, tmp_path, monkeypatch):
-    from compiledopt.meta import MetaLoop
-
-    class ReachedError(Exception):
-        pass
-
-    def reached(*args, **kwargs):
-        raise ReachedError
-
-    monkeypatch.setattr(MetaLoop, "train", reached)
-    monkeypatch.setenv("COMPILEDOPT_HOME", str(tmp_path / "home"))
-    workdir = tmp_path / "home" / "demo"  # the default --workdir under that root
     workdir.mkdir(parents=True)
     (workdir / "checkpoint.pt").write_bytes(b"an earlier run's")
     shutil.copytree(files / "artifact", workdir / "artifact")
-    with pytest.raises(ReachedError):  # the README's command runs again as it is
+
+
+def test_demo_overwrite_replaces_an_earlier_run(files, tmp_path, monkeypatch):
+    _earlier_demo_run(files, tmp_path / "demo", monkeypatch)
+    with pytest.raises(ReachedMetaTrainingError):  # checked, then meta-training started
+        main(["demo", "--workdir", str(tmp_path / "demo"), "--overwrite", "--no-progress"])
+
+
+def test_demo_replaces_an_earlier_run_in_its_default_folder(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPILEDOPT_HOME", str(tmp_path / "home"))
+    # The default --workdir under that root.
+    _earlier_demo_run(files, tmp_path / "home" / "demo", monkeypatch)
+    with pytest.raises(ReachedMetaTrainingError):  # the README's command runs again as it is
         main(["demo", "--no-progress"])
 
 
