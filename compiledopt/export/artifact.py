@@ -33,7 +33,6 @@ Graphs that are code (TorchScript, AOTInductor) load only from an artifact trust
 """
 
 import dataclasses
-import json
 import math
 import os
 import threading
@@ -46,7 +45,7 @@ from safetensors.torch import load
 from torch import Tensor, nn
 
 from compiledopt._identity import unique_by_identity
-from compiledopt._validation import check_flag, strict_json
+from compiledopt._validation import check_flag
 from compiledopt.export import backend as registry
 from compiledopt.export import signatures
 from compiledopt.export import spec as specs
@@ -60,6 +59,7 @@ from compiledopt.export.layout import (
     WEIGHTS,
     check_weights_fit,
     file_rank,
+    parse_manifest,
     read_regular,
     sha256,
     state_entries,
@@ -453,7 +453,7 @@ def load_artifact(
     if keys is not None:
         signature = read_regular(path, SIGNATURE, MAX_SIGNATURE_BYTES)
         signed_by = signatures.verify_manifest(data, signature, keys, str(path))
-    manifest = check_manifest(_parse_json(data, path), str(path))
+    manifest = check_manifest(parse_manifest(data, path), str(path))
     artifact = Artifact(path, manifest, trust_code or signed_by is not None, signed_by)
     for name in manifest["files"]:
         artifact.read(name)
@@ -482,11 +482,3 @@ def artifact_path(path: "str | os.PathLike") -> Path:
 def _brief(text: str, limit: int = 300) -> str:
     """``text`` cut to ``limit`` characters (an argument's repr can be megabytes)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _parse_json(data: bytes, where: Path) -> Any:
-    try:
-        return strict_json(data)
-    except ValueError as error:  # UnicodeDecodeError and json.JSONDecodeError included
-        hint = " (truncated?)" if isinstance(error, json.JSONDecodeError) else ""
-        raise ArtifactError(f"{where}: {MANIFEST} is not valid JSON{hint}: {error}") from None

@@ -3,6 +3,7 @@ how the loader reads a listed file and a weights file's header."""
 
 import errno
 import hashlib
+import json
 import math
 import os
 import stat
@@ -28,6 +29,7 @@ __all__ = [
     "dtype_name",
     "file_rank",
     "graph_file",
+    "parse_manifest",
     "read_regular",
     "sha256",
     "state_entries",
@@ -88,6 +90,18 @@ _OPEN_FLAGS = (
     | getattr(os, "O_CLOEXEC", 0)
     | getattr(os, "O_BINARY", 0)
 )
+
+
+def parse_manifest(data: bytes, where: "str | os.PathLike[str]") -> Any:
+    """A manifest's bytes ``data`` parsed as strict JSON (UTF-8, no NaN, no key named twice:
+    :func:`~compiledopt._validation.strict_json`), or :class:`ArtifactError` naming ``where``
+    (the artifact) and what breaks it. The schema is
+    :func:`~compiledopt.export.manifest.check_manifest`'s."""
+    try:
+        return strict_json(data)
+    except ValueError as error:  # UnicodeDecodeError and json.JSONDecodeError included
+        hint = " (truncated?)" if isinstance(error, json.JSONDecodeError) else ""
+        raise ArtifactError(f"{where}: {MANIFEST} is not valid JSON{hint}: {error}") from None
 
 
 def read_regular(folder: Path, name: str, limit: int) -> Optional[bytes]:

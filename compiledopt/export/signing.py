@@ -22,9 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from compiledopt._validation import strict_json
 from compiledopt.export.artifact import MAX_MANIFEST_BYTES, Artifact
-from compiledopt.export.layout import MANIFEST, SIGNATURE
+from compiledopt.export.layout import MANIFEST, SIGNATURE, parse_manifest
 from compiledopt.export.manifest import ArtifactError, check_manifest
 from compiledopt.export.signatures import (
     DOMAIN,
@@ -174,11 +173,7 @@ def _check_files(directory: Path, data: bytes) -> None:
     """Check the manifest ``data`` as the loader does (strict JSON, the schema) and every file
     it lists against the digest it gives; :class:`ArtifactError` names the problem."""
 
-    try:
-        parsed = strict_json(data)
-    except ValueError as error:
-        raise ArtifactError(f"{directory}: {MANIFEST} is not valid JSON: {error}") from None
-    manifest = check_manifest(parsed, str(directory))
+    manifest = check_manifest(parse_manifest(data, directory), str(directory))
     artifact = Artifact(directory, manifest)
     for name in manifest["files"]:
         artifact.read(name)  # hashes the file against the digest in ``data``

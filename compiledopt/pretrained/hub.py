@@ -36,11 +36,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
-from compiledopt._validation import strict_json
 from compiledopt.cache import cache_root
 from compiledopt.export import Artifact, ArtifactError, load_artifact
 from compiledopt.export.artifact import MAX_FILE_BYTES, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
-from compiledopt.export.layout import MANIFEST, SIGNATURE, read_regular, sha256
+from compiledopt.export.layout import MANIFEST, SIGNATURE, parse_manifest, read_regular, sha256
 from compiledopt.export.manifest import check_manifest
 
 __all__ = ["copies_folder", "from_hub", "push_to_hub"]
@@ -139,7 +138,7 @@ def from_hub(
     manifest = _read_cached(snapshot, MANIFEST, MAX_MANIFEST_BYTES)
     if manifest is None:
         raise ArtifactError(f"{where} holds no {MANIFEST}: it is not a compiledopt artifact")
-    digests = check_manifest(_parse_json(manifest, where), where)["files"]
+    digests = check_manifest(parse_manifest(manifest, where), where)["files"]
     # The same commit: the files are the ones this manifest lists, whatever the branch does now.
     snapshot = Path(
         hub.snapshot_download(revision=commit, allow_patterns=sorted(digests), **common)
@@ -194,13 +193,6 @@ def _read_cached(snapshot: Path, name: str, limit: int) -> Optional[bytes]:
     if not real.is_relative_to(cache):
         raise ArtifactError(f"{entry} leads outside the Hugging Face cache {cache} (to {real})")
     return read_regular(real.parent, real.name, limit)
-
-
-def _parse_json(data: bytes, where: str) -> Any:
-    try:
-        return strict_json(data)
-    except ValueError as error:
-        raise ArtifactError(f"{where}: {MANIFEST} is not valid JSON ({error})") from error
 
 
 def _holds(target: Path, firsts: Dict[str, bytes]) -> bool:
@@ -291,7 +283,7 @@ def push_to_hub(
     artifact = load_artifact(artifact_dir)
     folder = artifact.path
     manifest = read_regular(folder, MANIFEST, MAX_MANIFEST_BYTES)
-    if manifest is None or _parse_json(manifest, str(folder)) != artifact.manifest:
+    if manifest is None or parse_manifest(manifest, str(folder)) != artifact.manifest:
         raise ArtifactError(f"{folder}: {MANIFEST} changed while it was read")
     uploads = {MANIFEST: manifest}
     for name in sorted(artifact.manifest["files"]):
