@@ -7,6 +7,12 @@ import re
 from typing import Any, SupportsInt, cast
 
 
+def is_int64(value: object) -> bool:
+    """An int, not a bool, that torch can hold (a size, a seed): from ``-2**63`` to
+    ``2**63 - 1`` (JSON's ints have any size)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < 1 << 63
+
+
 def is_real(value: object) -> bool:
     """A finite int or float, not a bool (ints too large for a float are not finite)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

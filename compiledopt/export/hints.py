@@ -6,7 +6,7 @@ import types
 import typing
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from compiledopt._validation import is_real
+from compiledopt._validation import is_int64, is_real
 
 __all__ = ["describe", "hint_problem", "is_real"]
 
@@ -15,15 +15,10 @@ _SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequ
 _MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
 
 
-#: The ints an ``int`` annotation takes: those torch takes (a size, a seed), not JSON's any size.
-_INT64 = (-(1 << 63), 1 << 63)
-
 #: Whether a JSON value fits a scalar annotation.
 _SCALARS: Dict[Any, Callable[[Any], bool]] = {
     bool: lambda value: isinstance(value, bool),
-    int: lambda value: (
-        isinstance(value, int) and not isinstance(value, bool) and _INT64[0] <= value < _INT64[1]
-    ),
+    int: is_int64,  # the ints torch takes, not JSON's any size
     float: lambda value: is_real(value),
     str: lambda value: isinstance(value, str),
     type(None): lambda value: value is None,

@@ -11,7 +11,7 @@ import math
 import typing
 from typing import Any, Dict, List, Mapping, Sequence
 
-from compiledopt._validation import is_real
+from compiledopt._validation import is_int64, is_real
 from compiledopt.export import backend as registry
 from compiledopt.export import spec as specs
 from compiledopt.export.hints import hint_problem
@@ -354,7 +354,7 @@ def _check_shape(shape: Any, path: str, where: str) -> None:
     if not isinstance(shape, list):
         _fail(where, path, shape, "a list of ints >= 0")
     for index, size in enumerate(shape):
-        if not _is_int(size, 0) or size >= 1 << 63:
+        if not _is_int(size, 0) or not is_int64(size):
             _fail(where, f"{path}[{index}]", size, "an int from 0 to 2**63 - 1")
 
 
