@@ -77,18 +77,57 @@ def test_the_packaged_onnx_graph_equals_the_update_in_pieces_and_whole(shape):
 
 @pytest.mark.slow
 def test_the_packaged_onnx_graph_peaks_at_a_few_times_the_state_on_a_large_matrix():
-    """Whole, the features and hidden layers of a 1024 x 1024 matrix took the graph's peak to 11
-    times the optimizer state; in pieces it is the new state, the direction and Newton-Schulz's
-    matrices: about 3 times."""
+    """Whole, the features and hidden layers of a large matrix took the graph's peak to 11 times
+    the optimizer state; in pieces it is the new state, the direction and Newton-Schulz's
+    matrices: 2.6 times on a 400 x 2500 matrix (3.34 while the graph flattened its inputs and
+    new state before the pieces, which onnxruntime copied)."""
     pytest.importorskip("onnxruntime")
     done = subprocess.run(
-        [sys.executable, "-c", _MEASURE, "1024", "1024"], capture_output=True, text=True
+        [sys.executable, "-c", _MEASURE, "400", "2500"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     if not measured["exact"]:
         pytest.skip("this system gives no exact peak of the resident set")
-    assert measured["ratio"] < 5.0, measured
+    assert measured["ratio"] < 3.0, measured
+
+
+def _graphs():
+    onnx = pytest.importorskip("onnx")
+    files = pretrained.load("normalized-mlp").manifest["backends"]["onnx"]
+    return onnx, [onnx.load(str(pretrained.path("normalized-mlp") / f)) for f in files]
+
+
+def test_no_packaged_graph_multiplies_by_a_vector():
+    """onnxruntime runs a MatMul whose operand is 1-D about 45 times slower than the same
+    product by a one-column matrix (68 ms against 1.5 ms on 588,000 x 5): the network's skip
+    connection, a matrix-vector product, was a third of the ONNX step on large tensors."""
+    onnx, graphs = _graphs()
+
+    def by_vector(graph, ranks):
+        ranks = {**ranks, **{i.name: len(i.dims) for i in graph.initializer}}
+        found = []
+        for node in graph.node:
+            for attribute in node.attribute:
+                if node.op_type == "Constant" and attribute.name == "value":
+                    ranks[node.output[0]] = len(attribute.t.dims)
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    found += by_vector(attribute.g, ranks)
+            if node.op_type == "MatMul" and any(ranks.get(i) == 1 for i in node.input):
+                found.append(node.name)
+        return found
+
+    assert [by_vector(g.graph, {}) for g in graphs] == [[] for _ in graphs]
+
+
+def test_no_packaged_graph_reshapes_its_inputs_or_outputs():
+    """A Reshape of a graph input or output cannot share its buffer in onnxruntime, so each
+    one is a copy of the whole tensor: the pieces are cut from the tensors as given."""
+    _, graphs = _graphs()
+    for graph in (g.graph for g in graphs):
+        ends = {v.name for v in graph.input} | {v.name for v in graph.output}
+        copied = [n.input[0] for n in graph.node if n.op_type == "Reshape" and n.input[0] in ends]
+        assert copied == [], (graph.name, copied)
 
 
 def test_every_packaged_graph_steps_as_the_eager_rule():

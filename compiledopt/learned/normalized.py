@@ -410,12 +410,14 @@ class NormalizedMLP(Transform):
         return exported_network(self, grad, fast, slow, absolute, scales)
 
     def network_of(self, x: Tensor) -> Tensor:
-        """The network (matmul form) on stacked ``(N, 5)`` feature columns: the flat ``(N,)``
-        output, skip included."""
+        """The network (matmul form) on stacked ``(..., 5)`` feature columns: the flat output,
+        skip included."""
         h = x
         for layer in self.layers:
             h = torch.tanh(layer(h))
-        return self.head(h).reshape(-1) + torch.mv(x, self.skip)
+        # The skip as a one-column product, not a matrix-vector one: the same values in torch,
+        # and onnxruntime runs a MatMul by a 1-D operand about 45 times slower (a naive loop).
+        return (self.head(h) + torch.matmul(x, self.skip.unsqueeze(1))).reshape(-1)
 
     def _fused_network(self, columns: List[Tensor]) -> Tensor:
         """The same network with every hidden unit unrolled into elementwise multiply-adds on

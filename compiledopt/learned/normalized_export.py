@@ -5,17 +5,22 @@ of the matmul form: the five feature columns and the hidden layers, about 30 val
 with the default ``(8, 8)`` network, eleven times the optimizer state on a large matrix.
 :func:`exported_network` computes the two normalised features' per-tensor divisors on the whole
 tensor, then the features and the network of a tensor of at least ``PIECES · MIN_BLOCK``
-(65,536) coordinates in ``PIECES`` (16) pieces of ``N // 16`` coordinates and one of the rest,
+(65,536) coordinates in ``PIECES`` (16) pieces of ``shape[0] // 16`` rows and one of the rest,
 one after another, so those intermediates exist a piece at a time; a smaller tensor is one
-piece. The choice is a
-``torch.cond`` on the size, so one dynamic graph serves every size. Each coordinate gets the
+piece, and so is one of fewer than 16 rows (a few long rows, rare at that size). The choice is
+a ``torch.cond`` on the size, so one dynamic graph serves every size. Each coordinate gets the
 arithmetic of :meth:`NormalizedMLP.update <compiledopt.learned.normalized.NormalizedMLP.update>`
 (``normalize(x)`` is ``x / scale / root``, :func:`scale_and_root`).
 
+The pieces are cut from the tensors as the graph gets them (the gradient) and makes them (the
+new accumulators, which are outputs): flattened first, onnxruntime copied all four, since a
+Reshape of a graph input or output cannot share its buffer. A piece is flattened after the cut.
+
 Measured (``python -m benchmarks.step_speed.targets --backends onnx --memory-shape 2000x5000``):
 on a 2000 × 5000 parameter the rank-2 graph's peak beyond the state fell from 11.4 times the
-state to 3.84 (the eager and TorchScript steps: 2.3); Newton–Schulz, which needs the whole
-matrix, is most of what remains.
+state to 3.84 with the pieces, and to 3.1 with the cut from the unflattened tensors (the eager
+and TorchScript steps: 1.92); Newton–Schulz, which needs the whole matrix and cannot iterate in
+place in a graph, is most of what remains.
 """
 
 from typing import TYPE_CHECKING
@@ -44,6 +49,9 @@ def exported_network(
     ``torch.export``; eager code gets the same values from ``update``'s whole-tensor path."""
 
     def piece(g: Tensor, f: Tensor, s: Tensor, a: Tensor, factors: Tensor, norms: Tensor) -> Tensor:
+        # contiguous(): a cond branch's operands have unknown strides, and a reshape would ask
+        # for them (an aten.sym_stride the ONNX exporter cannot translate).
+        g, f, s, a = (t.contiguous().reshape(-1) for t in (g, f, s, a))
         normalized = (g / norms[0] / norms[1], f / norms[2] / norms[3])
         columns = transform.feature_columns(g, f, s, a, factors, *normalized)
         return transform.network_of(torch.stack(columns, dim=1))
@@ -51,26 +59,26 @@ def exported_network(
     def pieces(
         g: Tensor, f: Tensor, s: Tensor, a: Tensor, factors: Tensor, norms: Tensor
     ) -> Tensor:
-        # PIECES pieces of N // PIECES coordinates, then the fewer than PIECES left over, by
-        # narrow. Measured against the alternatives: tensor_split of a dynamic size that PIECES
-        # does not divide lost elements in the ONNX exporter (74,996 of 75,000); unbind or
-        # select of a (PIECES, m) view let onnxruntime copy every piece's inputs first (peak 4.2
-        # times the state on a 2000 x 2000 matrix, 3.35 here); ceil-sized slices traced 2x
-        # slower for 2.99 times.
+        # PIECES pieces of shape[0] // PIECES rows, then the rows left over, by narrow (a
+        # tensor of fewer rows than pieces is one piece: cutting it otherwise asks for its
+        # strides, which the ONNX exporter cannot translate in a branch). Measured against the
+        # alternatives: tensor_split of a dynamic size that PIECES does not divide lost
+        # elements in the ONNX exporter (74,996 of 75,000); unbind or select of a (PIECES, m)
+        # view let onnxruntime copy every piece's inputs first; ceil-sized slices traced 2x
+        # slower.
         size = g.shape[0] // PIECES
         parts = []
         for k in range(PIECES + 1):
             length = size if k < PIECES else g.shape[0] - PIECES * size
-            g_, f_, s_, a_ = (t.narrow(0, k * size, length) for t in (g, f, s, a))
-            parts.append(piece(g_, f_, s_, a_, factors, norms))
+            cuts = (t.narrow(0, k * size, length) for t in (g, f, s, a))
+            parts.append(piece(*cuts, factors, norms))
         return torch.cat(parts)
 
-    flat = tuple(t.reshape(-1) for t in (grad, fast, slow, absolute))
-    norms = torch.stack([*scale_and_root(flat[0]), *scale_and_root(flat[1])])
-    operands = (*flat, scales, norms)
-    large = flat[0].shape[0] >= PIECES * MIN_BLOCK
-    if statically_known_true(large):
+    norms = torch.stack([*scale_and_root(grad), *scale_and_root(fast)])
+    operands = (grad, fast, slow, absolute, scales, norms)
+    many = grad.numel() >= PIECES * MIN_BLOCK
+    if statically_known_true(many):
         return pieces(*operands)
-    if statically_known_true(torch.sym_not(large)):
+    if statically_known_true(torch.sym_not(many)):
         return piece(*operands)
-    return torch.cond(large, pieces, piece, operands)
+    return torch.cond(many, pieces, piece, operands)
