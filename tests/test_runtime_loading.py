@@ -106,7 +106,7 @@ def test_names_changed_by_a_wrapper_or_a_rename_load_by_position(saved_names, na
     a2, b2 = copy.deepcopy(a), copy.deepcopy(b)
     resumed = _frozen(list(zip(names, (a2, b2))))
     resumed.load_state_dict(saved)
-    for p, q in ((a, a2), (b, b2)):
+    for q in (a2, b2):
         assert int(resumed.state[q]["step"]) == 1
 
 
