@@ -18,7 +18,7 @@ Reshape of a graph input or output cannot share its buffer. A piece is flattened
 
 Measured (``python -m benchmarks.step_speed.targets --backends onnx --memory-shape 2000x5000``):
 on a 2000 × 5000 parameter the rank-2 graph's peak beyond the state fell from 11.4 times the
-state to 3.84 with the pieces, and to 3.1 with the cut from the unflattened tensors (the eager
+state to 3.84 with the pieces, and to 3.13 with the cut from the unflattened tensors (the eager
 and TorchScript steps: 1.92); Newton–Schulz, which needs the whole matrix and cannot iterate in
 place in a graph, is most of what remains.
 """
