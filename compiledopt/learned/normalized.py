@@ -415,8 +415,7 @@ class NormalizedMLP(Transform):
         h = x
         for layer in self.layers:
             h = torch.tanh(layer(h))
-        # The skip as a one-column product, not a matrix-vector one: the same values in torch,
-        # and onnxruntime runs a MatMul by a 1-D operand about 45 times slower (a naive loop).
+        # A one-column product, not torch.mv: onnxruntime runs a 1-D MatMul ~45x slower.
         return (self.head(h) + torch.matmul(x, self.skip.unsqueeze(1))).reshape(-1)
 
     def _fused_network(self, columns: List[Tensor]) -> Tensor:

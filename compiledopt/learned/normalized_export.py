@@ -70,8 +70,8 @@ def exported_network(
         parts = []
         for k in range(PIECES + 1):
             length = size if k < PIECES else g.shape[0] - PIECES * size
-            cuts = (t.narrow(0, k * size, length) for t in (g, f, s, a))
-            parts.append(piece(*cuts, factors, norms))
+            g_, f_, s_, a_ = (t.narrow(0, k * size, length) for t in (g, f, s, a))
+            parts.append(piece(g_, f_, s_, a_, factors, norms))
         return torch.cat(parts)
 
     norms = torch.stack([*scale_and_root(grad), *scale_and_root(fast)])
