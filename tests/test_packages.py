@@ -268,6 +268,32 @@ def test_a_changed_rule_torch_or_instruction_set_is_another_key(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert key() != first
+    monkeypatch.undo()
+    # compiledopt's own code edited (the version number unchanged)
+    monkeypatch.setattr(packages, "source_digest", lambda: "0" * 64)
+    assert key() != first
+
+
+def test_the_source_digest_follows_every_python_file_and_only_those(tmp_path):
+    from compiledopt.version import source_digest
+
+    def digest():
+        source_digest.cache_clear()
+        return source_digest(tmp_path)
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    first = digest()
+    assert digest() == first and len(first) == 64
+    (tmp_path / "notes.txt").write_text("not code")
+    assert digest() == first
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    edited = digest()
+    assert edited != first
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "b.py")
+    assert digest() not in (first, edited)  # the same bytes under another name
+    source_digest.cache_clear()
 
 
 def test_read_mode_never_builds_and_off_never_reads(store, monkeypatch):

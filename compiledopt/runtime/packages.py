@@ -20,8 +20,10 @@ compiled by ``torch.compile`` as before, as is anything that fails to build.
 **Keys.** A form is identified (:func:`form_key`) by the rule (its classes, its printed
 configuration, every option attribute and the bytes of every weight and buffer: weights are
 constants of the package), the inputs' structure, dtypes and ranks, the Inductor options, the
-torch, Python and compiledopt versions, the CPU's vector instruction set and the thread count
-(Inductor writes it into its loops): a changed rule, torch or machine never reuses a package.
+torch, Python and compiledopt versions and the digest of compiledopt's own code (an edited
+checkout keeps its version number), the CPU's vector instruction set and the thread count
+(Inductor writes it into its loops): a changed rule, code, torch or machine never reuses a
+package.
 
 **Trust.** A package is native code, like the libraries ``torch.compile`` leaves in Inductor's
 cache: the store is this user's own cache folder, written only by this module. Each package is
@@ -61,7 +63,7 @@ from compiledopt.runtime.package_store import (
     write_json,
 )
 from compiledopt.runtime.timings import option_attributes
-from compiledopt.version import VERSION
+from compiledopt.version import VERSION, source_digest
 
 __all__ = [
     "MODES",
@@ -225,6 +227,7 @@ def form_key(
         torch.__version__,
         platform.python_version(),
         VERSION,
+        source_digest(),
         torch.backends.cpu.get_cpu_capability(),
         threads or torch.get_num_threads(),  # Inductor writes it into its loops
     ]
