@@ -25,6 +25,9 @@ def source_digest(root: Path = PACKAGE) -> str:
     for path in sorted(root.rglob("*.py")):
         name = path.relative_to(root).as_posix().encode()
         digest.update(len(name).to_bytes(8, "little") + name)
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as error:  # unreadable: its name and the error stand for its bytes
+            data = f"unreadable: {type(error).__name__}".encode()
         digest.update(len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()

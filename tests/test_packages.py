@@ -293,6 +293,8 @@ def test_the_source_digest_follows_every_python_file_and_only_those(tmp_path):
     assert edited != first
     (tmp_path / "sub" / "b.py").rename(tmp_path / "b.py")
     assert digest() not in (first, edited)  # the same bytes under another name
+    (tmp_path / "odd.py").mkdir()  # a name that is no readable file: counted, no error
+    assert len(digest()) == 64
     source_digest.cache_clear()
 
 
