@@ -89,6 +89,41 @@ def test_a_long_matrix_costs_the_gram_flops(shape):
     assert counter.get_total_flops() < (20 * r * r * c + 10 * r**3) / 1.4
 
 
+class _Orthogonalized(torch.nn.Module):
+    """The packaged rule's Newton–Schulz as the exporters trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transform = NormalizedMLP(orthogonalize=True)
+
+    def forward(self, matrix: torch.Tensor) -> torch.Tensor:
+        return self.transform._traced_newton_schulz(matrix)
+
+
+def test_an_exported_graph_of_symbolic_sizes_takes_the_gram_side_of_a_long_matrix():
+    """One exported program serves tall, wide, long and square matrices with the formulation
+    the eager rule takes: the same FLOPs as ``newton_schulz`` on each (it ran the five plain
+    steps on every shape) and its values."""
+    dims = {0: torch.export.Dim("rows", min=2), 1: torch.export.Dim("cols", min=2)}
+    program = torch.export.export(_Orthogonalized(), (torch.randn(8, 12),), dynamic_shapes=(dims,))
+    for shape in [(64, 576), (576, 64), (40, 41), (96, 40)]:
+        x = _matrix(*shape, condition=100.0).float()
+        got, exported = _products(program.module(), x)
+        want, eager = _products(newton_schulz, x)
+        assert exported == eager and len(eager) > 0, shape
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+
+
+def _products(fn, x):
+    """``fn(x)`` and the operand shapes of every matrix product it ran, in order (read by the
+    profiler: FlopCounterMode counts a ``torch.cond`` by its branches' traced graphs, not by
+    the branch taken, and a dispatch mode does not see inside one)."""
+    with torch.profiler.profile(record_shapes=True) as profile:
+        out = fn(x)
+    products = [e.input_shapes for e in profile.events() if e.name in ("aten::mm", "aten::addmm")]
+    return out, products
+
+
 def test_zero_oddness_and_zero_padding_are_kept():
     matrix = _matrix(12, 100, 10.0)
     assert torch.equal(newton_schulz(torch.zeros(12, 100)), torch.zeros(12, 100))

@@ -31,7 +31,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from compiledopt._validation import check_flag, check_positive, check_real, check_sizes
 from compiledopt.learned.mlp import check_shapes
 from compiledopt.learned.normalized_blocked import blocked_rule, blocked_update
-from compiledopt.learned.normalized_export import exported_network
+from compiledopt.learned.normalized_export import exported_network, exported_newton_schulz
 from compiledopt.learned.normalized_ops import (
     BLOCK_SIZE,
     NS_STEPS,
@@ -39,10 +39,7 @@ from compiledopt.learned.normalized_ops import (
     gram_side,
     newton_schulz,
     normalize,
-    ns_tall,
-    ns_wide,
     rational_tanh,
-    unit_frobenius,
 )
 from compiledopt.transforms.base import Cost, Transform
 
@@ -443,17 +440,18 @@ class NormalizedMLP(Transform):
     @torch.jit.unused
     def _traced_newton_schulz(self, matrix: Tensor) -> Tensor:
         """:func:`newton_schulz` for ``torch.compile``/``torch.export``. An exported graph with
-        symbolic sizes chooses the Gram side by ``torch.cond``, so it is not specialised to tall or
-        wide, and runs the plain steps whatever the matrix's length. ``torch.compile`` branches
-        in Python instead and guards on the side and on whether the matrix is long enough to end
-        on its Gram matrix (at most four graphs): ``torch.cond`` cannot run under ``vmap`` with
-        symbolic sizes, which the batched multi-tensor step needs."""
+        symbolic sizes chooses the side and the Gram steps by ``torch.cond``
+        (:func:`~compiledopt.learned.normalized_export.exported_newton_schulz`), so it is not
+        specialised to a shape. ``torch.compile`` branches in Python instead and guards on the
+        side and on whether the matrix is long enough to end on its Gram matrix (at most four
+        graphs): ``torch.cond`` cannot run under ``vmap`` with symbolic sizes, which the batched
+        multi-tensor step needs."""
         rows, cols = matrix.shape[0], matrix.shape[1]
         tall = rows > cols
         static = statically_known_true(tall) or statically_known_true(rows <= cols)
         if static or not torch.compiler.is_exporting():
             return newton_schulz(matrix)
-        return torch.cond(tall, ns_tall, ns_wide, (unit_frobenius(matrix),))
+        return exported_newton_schulz(matrix)
 
     def cost(self, shape: Sequence[int], itemsize: int = 4) -> Cost:
         """FLOPs and bytes of one fused step, per coordinate: accumulators 10 (three averages of 3,

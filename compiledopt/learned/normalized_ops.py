@@ -139,10 +139,12 @@ def gram_product(gram: Tensor, steps: int) -> Tensor:
     """``Q`` after ``steps ≥ 1`` Gram steps from ``A`` (see :func:`ns_gram`): ``P = aI + bA +
     cA²``, ``Q ← PQ``, ``A ← PAP``."""
     a, b, c = 3.4445, -4.7750, 2.0315
+    # aI added whole (exact: a zero off the diagonal), not in place on a diagonal view, which an
+    # exported graph would have to scatter.
+    identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) * a
     product = gram  # Q, set at the first step
     for k in range(steps):
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA²
-        poly.diagonal().add_(a)  # P
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c) + identity  # P = aI + bA + cA²
         product = poly if k == 0 else torch.mm(poly, product)  # PQ
         if k < steps - 1:
             gram = torch.mm(torch.mm(poly, gram), poly)  # PAP
@@ -183,14 +185,6 @@ def ns_iterate(x: Tensor, steps: int) -> Tensor:
     if rows > cols:
         return ns_cols(x, steps)
     return ns_rows(x, steps)
-
-
-def ns_tall(x: Tensor) -> Tensor:
-    return ns_cols(x, NS_STEPS)
-
-
-def ns_wide(x: Tensor) -> Tensor:
-    return ns_rows(x, NS_STEPS)
 
 
 def ns_in_place(x: Tensor, steps: int, chunk: int) -> Tensor:
