@@ -352,12 +352,18 @@ def test_bindings_that_the_bound_graph_does_not_take_are_refused_naming_it(
     assert str(caught.value) == f"{bound_onnx / 'rule.onnx'}: {problem}"
 
 
-def test_a_per_tensor_graph_in_a_bound_artifact_is_refused_naming_it(bound_onnx, artifact):
-    (bound_onnx / "rule.onnx").write_bytes((artifact / "rule_rank1.onnx").read_bytes())
-    _rehash(bound_onnx)
+def _refusal_of_graph(bound: Path, graph: Path) -> str:
+    """The message loading ``bound``'s ONNX rule is refused with once its ``rule.onnx`` is
+    ``graph``'s bytes (the checksums made to match)."""
+    (bound / "rule.onnx").write_bytes(graph.read_bytes())
+    _rehash(bound)
     with pytest.raises(ArtifactError) as caught:
-        load_artifact(bound_onnx).runner("onnx")
-    assert str(caught.value) == (
+        load_artifact(bound).runner("onnx")
+    return str(caught.value)
+
+
+def test_a_per_tensor_graph_in_a_bound_artifact_is_refused_naming_it(bound_onnx, artifact):
+    assert _refusal_of_graph(bound_onnx, artifact / "rule_rank1.onnx") == (
         f"{bound_onnx / 'rule.onnx'}: the graph is a per-tensor rule, not a bound rule over the "
         "bound parameters"
     )
@@ -423,11 +429,7 @@ def test_a_bound_graph_of_another_state_count_is_refused_naming_it(bound_onnx, t
     """The Kronecker graph (a state tensor a parameter) in Adam's place (two), over the same
     parameter shapes."""
     kronecker = export_bound(tmp_path / "kronecker", *_bound_parts(), backends=["onnx"])
-    (bound_onnx / "rule.onnx").write_bytes((kronecker / "rule.onnx").read_bytes())
-    _rehash(bound_onnx)
-    with pytest.raises(ArtifactError) as caught:
-        load_artifact(bound_onnx).runner("onnx")
-    assert str(caught.value) == (
+    assert _refusal_of_graph(bound_onnx, kronecker / "rule.onnx") == (
         f"{bound_onnx / 'rule.onnx'}: the graph takes 2 state tensors, the bindings list 4"
     )
 
