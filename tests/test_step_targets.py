@@ -286,6 +286,43 @@ def test_bad_options_stop_with_one_line(argv, named, monkeypatch, capsys):
     assert len(err.strip().splitlines()) == 1 and named in err, err
 
 
+def test_gpu_only_without_a_cuda_device_stops_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(targets, "spawn", lambda *a: pytest.fail("ran before the check"))
+    with pytest.raises(SystemExit) as stopped:
+        targets.main(["--quick", "--gpu-only"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--gpu-only" in err, err
+
+
+def test_gpu_only_times_the_gpu_section_alone(monkeypatch, tmp_path):
+    # With a (faked) CUDA device, --gpu-only spawns the GPU child and nothing else, and judges it.
+    def row(ms):
+        return {"status": "ok", "step_ms": ms, "step_ms_runs": [ms], "reps": 1}
+
+    rows = {"adamw-fused": row(2.0), "adamw-foreach": row(4.0), "eager": row(3.0)}
+    gpu = {
+        "device": "Test GPU",
+        "fwd_bwd": row(10.0),
+        "cases": {"resnet18": {"params": 11_689_512, "tensors": 62, "rows": rows}},
+    }
+    kinds = []
+
+    def spawn(job, timeout):
+        kinds.append(job["kind"])
+        return (gpu, None) if job["kind"] == "gpu" else pytest.fail(f"spawned {job['kind']}")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(targets, "spawn", spawn)
+    doc = targets.main(["--quick", "--gpu-only", "--backends", "eager", "--out", str(tmp_path)])
+    assert kinds == ["gpu"] and doc["runs"] == [] and doc["memory"]["rows"] == {}
+    assert doc["settings"]["gpu_only"] is True
+    (judged,) = [t for t in doc["targets"] if t["met"] is not None]
+    assert judged["name"] == "gpu_resnet18_vs_adamw_fused" and judged["measured"] == 1.5
+    assert "Test GPU" in (tmp_path / "targets.md").read_text()
+
+
 def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
     path = tmp_path / "file"
     path.write_text("")

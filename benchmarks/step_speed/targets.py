@@ -146,6 +146,11 @@ def parser() -> argparse.ArgumentParser:
         "--no-memory", action="store_true", help="skip the peak-memory measurement of one step"
     )
     p.add_argument(
+        "--gpu-only",
+        action="store_true",
+        help="time the GPU section only (no CPU runs, no memory measurement); needs a CUDA device",
+    )
+    p.add_argument(
         "--memory-shape",
         default=None,
         help="the parameter of the peak-memory measurement: N (a vector) or ROWSxCOLS (a matrix; "
@@ -209,6 +214,8 @@ def settings_of(args: argparse.Namespace, p: argparse.ArgumentParser) -> Dict[st
     out = Path(args.out) if args.out else RESULTS / ("quick/targets" if args.quick else "targets")
     if out.exists() and not out.is_dir():
         p.error(f"invalid --out: {str(out)!r} is a file, not a folder")
+    if args.gpu_only and not torch.cuda.is_available():
+        p.error("invalid --gpu-only: no CUDA device here (torch.cuda.is_available() is False)")
     backends = list(dict.fromkeys(args.backends or DEFAULT_BACKENDS))
     memory_shape = [sizes["memory_numel"]]
     if args.memory_shape is not None:
@@ -229,7 +236,8 @@ def settings_of(args: argparse.Namespace, p: argparse.ArgumentParser) -> Dict[st
         "seed": args.seed,
         "matmul_precision": args.matmul_precision,
         "cases": list(dict.fromkeys(args.cases or CASES)),
-        "memory": not args.no_memory,
+        "memory": not (args.no_memory or args.gpu_only),
+        "gpu_only": args.gpu_only,
         "out": str(out),
         **{k: v for k, v in sizes.items() if k not in ("reps", "warmup", "timeout_s")},
         "memory_shape": memory_shape,
@@ -363,7 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if "aoti" in s["backends"]:
             _log(started, "exporting AOTInductor graphs (minutes)")
             sources["aoti"], doc["builds"]["aoti"] = _aoti_artifact(s, Path(work.name))
-        _run_cpu(doc, s, sources, started)
+        if not s["gpu_only"]:
+            _run_cpu(doc, s, sources, started)
         _run_memory(doc, s, sources, started)
         _run_gpu(doc, s, sources, started)
     finally:
