@@ -16,15 +16,18 @@ the headline shows ratios only:
    0.11M parameters, 28 tensors): the step over fused AdamW's (target ≤ 5×).
 2. Many tensors: 1,000 parameters of 1,024 elements against 10 of 102,400 (the same total): time
    per coordinate (target ≤ 1.5×); the 1,000-tensor step over foreach AdamW's (target ≤ 2×); and
-   1,000 tensors of mixed ranks and small sizes (no target: generality).
+   1,000 tensors of mixed ranks and small sizes (their step over foreach AdamW's: target ≤ 3×).
 3. Memory: the peak resident memory of one step (after the first, so the state exists) beyond
    the optimizer state, on one 10M-element parameter, in a fresh child process per optimizer:
    what the optimizer holds between steps besides its state (a runtime's arena, its graphs) plus
    the rise within the step, over the state bytes (target ≤ 2×), next to AdamW's.
-4. Roofline: the floor of each step from the rule's cost model and the ceilings measured at that
-   thread count (:mod:`benchmarks.step_speed.roofline`), and the achieved fraction.
+4. Roofline: the floor of each step from the artifact's own cost model and the ceilings measured
+   at that thread count (:mod:`benchmarks.step_speed.roofline`), and the achieved fraction (on
+   ResNet-18, target ≥ 30%).
 5. GPU, where ``torch.cuda.is_available()``: ResNet-18 and a 16.8M-parameter MLP stack timed with
-   CUDA events (target: step ≤ 3× fused AdamW's on the same card); skipped with a note otherwise.
+   CUDA events (target: step ≤ 2× fused AdamW's on the same card); skipped with a note otherwise.
+   ``--gpu-only`` times this section alone (``scripts/gpu_check.sh`` runs it after the GPU
+   tests).
 
 ``--matmul-precision medium`` runs every child under ``torch.set_float32_matmul_precision``
 (the learned step's matrix products, Newton–Schulz's among them, the model's forward + backward
