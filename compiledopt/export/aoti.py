@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from compiledopt.export.backend import Backend
-from compiledopt.export.rule import INDUCTOR_OPTIONS
+from compiledopt.export.rule import INDUCTOR_OPTIONS, inductor_configs
 from compiledopt.export.signature import SIGNATURE_KEY, Runner, Signature
 from compiledopt.export.tracing import quiet, trace
 
@@ -61,7 +61,7 @@ def save(rule: nn.Module, example: tuple, path: str, dynamic: bool) -> None:
             program,
             package_path=os.fspath(path),
             inductor_configs={
-                **INDUCTOR_OPTIONS,
+                **inductor_configs(INDUCTOR_OPTIONS),
                 "aot_inductor.metadata": {SIGNATURE_KEY: signature.to_json()},
             },
         )

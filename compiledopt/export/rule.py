@@ -12,7 +12,9 @@ call. The caller applies ``p <- p - lr · direction``.
 """
 
 import copy
-from typing import List, Sequence, Tuple, TypeVar
+import functools
+import logging
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +24,8 @@ from compiledopt.nn.kronecker import KroneckerLinear
 from compiledopt.transforms.base import Transform
 
 M = TypeVar("M", bound=nn.Module)
+
+logger = logging.getLogger(__name__)
 
 #: Inductor settings of every graph this library compiles itself (the runtime's ``compiled``
 #: backend and AOTInductor packages). Inductor's defaults materialise a pointwise expression into a
@@ -35,6 +39,45 @@ INDUCTOR_OPTIONS = {
     "realize_cpu_acc_reads_threshold": 100_000,
     "max_fusion_size": 100_000,
 }
+
+#: The names an older Inductor knows a setting of :data:`INDUCTOR_OPTIONS` by: before the
+#: CPU-specific thresholds (torch 2.11 has them for every device).
+_OLDER_NAMES = {
+    "realize_cpu_opcount_threshold": "realize_opcount_threshold",
+    "realize_cpu_acc_reads_threshold": "realize_acc_reads_threshold",
+}
+
+
+def inductor_configs(
+    options: Mapping[str, Any], known: Optional[FrozenSet[str]] = None
+) -> Dict[str, Any]:
+    """``options`` as the installed Inductor names its settings (``known``: its setting names,
+    read from ``torch._inductor.config`` by default), for ``torch.compile(options=...)`` and
+    AOTInductor's ``inductor_configs``.
+
+    A setting it does not know takes its older name where it has one, and is otherwise left out
+    with a DEBUG log line: a tuning setting that a torch release renames or drops then changes
+    how a rule's loops are fused, not whether it compiles (``torch.compile`` refuses an option
+    it does not know). Everything else passes unchanged.
+    """
+    names = _inductor_setting_names() if known is None else known
+    result: Dict[str, Any] = {}
+    for name, value in options.items():
+        older = _OLDER_NAMES.get(name)
+        if name in names:
+            result[name] = value
+        elif older is not None and older in names:
+            result[older] = value
+        else:
+            logger.debug("Inductor has no setting %r here; compiling without it", name)
+    return result
+
+
+@functools.lru_cache(maxsize=1)
+def _inductor_setting_names() -> FrozenSet[str]:
+    from torch._inductor import config  # imported when a rule is compiled, not before
+
+    return frozenset(config.get_config_copy())
 
 
 def freeze_transform(transform: M, fused: bool = False) -> M:

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
-from compiledopt.export.rule import INDUCTOR_OPTIONS, ModelRule
+from compiledopt.export.rule import INDUCTOR_OPTIONS, ModelRule, inductor_configs
 from compiledopt.runtime.buckets import MAX_MEMBER, BatchedRule
 from compiledopt.runtime.compiled import CompiledBatchedRule, CompiledTensorRule, StoredStateRule
 from compiledopt.runtime.distributed import is_distributed
@@ -156,7 +156,7 @@ def _compiled_rules(
 
 def _compiled_model_rule(transforms: List[Transform], counts: List[int]) -> Callable:
     rule = ModelRule(transforms, counts, fused=True)
-    return torch.compile(rule, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
+    return torch.compile(rule, fullgraph=True, options=inductor_configs(INDUCTOR_OPTIONS))
 
 
 #: The built-in backends by name, in the order ``FrozenOptimizer`` lists them: eager calls work in

@@ -15,7 +15,12 @@ import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as fx_config
 from torch import Tensor, nn
 
-from compiledopt.export.rule import INDUCTOR_OPTIONS, TensorRule, freeze_transform
+from compiledopt.export.rule import (
+    INDUCTOR_OPTIONS,
+    TensorRule,
+    freeze_transform,
+    inductor_configs,
+)
 from compiledopt.runtime.buckets import BatchedRule
 from compiledopt.runtime.package_builder import BUILDER
 from compiledopt.runtime.packages import PackagedCompile
@@ -139,7 +144,10 @@ class LazyCompile:
     def _compile(self, *args: Any) -> Any:
         if self._compiled is None:
             self._compiled = torch.compile(
-                self.module, fullgraph=True, dynamic=True, options=dict(INDUCTOR_OPTIONS)
+                self.module,
+                fullgraph=True,
+                dynamic=True,
+                options=inductor_configs(INDUCTOR_OPTIONS),
             )
         return self._compiled(*args)
 

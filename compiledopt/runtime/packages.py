@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import TreeSpec, tree_flatten
 
 from compiledopt.cache import cache_root
+from compiledopt.export.rule import inductor_configs
 from compiledopt.export.tracing import quiet
 from compiledopt.runtime.package_store import (
     FORMAT,
@@ -264,7 +265,10 @@ def build(
                 program,
                 package_path=staging,
                 # (a copy: it adds to it)
-                inductor_configs={**options, "cpp.threads": threads or torch.get_num_threads()},
+                inductor_configs={
+                    **inductor_configs(options),
+                    "cpp.threads": threads or torch.get_num_threads(),
+                },
             )
             with open(staging, "rb") as file:
                 sha = hashlib.sha256(file.read()).hexdigest()

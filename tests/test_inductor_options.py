@@ -1,0 +1,47 @@
+"""The Inductor settings the library compiles with, named as the installed torch names them: a
+torch that knows a tuning setting by another name, or not at all, still compiles every rule."""
+
+import logging
+
+import torch
+
+from compiledopt.export.rule import INDUCTOR_OPTIONS, inductor_configs
+
+#: The setting names of an Inductor from before the CPU-specific realize thresholds (as torch
+#: 2.11's ``torch._inductor.config`` has them), plus one dotted setting.
+OLDER_INDUCTOR = frozenset(
+    {"realize_opcount_threshold", "realize_acc_reads_threshold", "max_fusion_size", "cpp.threads"}
+)
+
+
+def test_the_installed_inductor_knows_every_setting_by_one_of_its_names():
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    given = inductor_configs(INDUCTOR_OPTIONS)
+    assert len(given) == len(INDUCTOR_OPTIONS) and set(given) <= set(known)
+    assert sorted(given.values()) == sorted(INDUCTOR_OPTIONS.values())
+    if "realize_cpu_opcount_threshold" in known:  # the pinned torch: the names as given
+        assert given == INDUCTOR_OPTIONS
+
+
+def test_an_older_inductor_gets_the_older_names():
+    assert inductor_configs(INDUCTOR_OPTIONS, OLDER_INDUCTOR) == {
+        "realize_opcount_threshold": 100_000,
+        "realize_acc_reads_threshold": 100_000,
+        "max_fusion_size": 100_000,
+    }
+
+
+def test_a_setting_it_does_not_know_is_left_out_with_a_log_line(caplog):
+    options = {"max_fusion_size": 7, "cpp.threads": 2, "no_such_setting": 1}
+    with caplog.at_level(logging.DEBUG, logger="compiledopt.export.rule"):
+        assert inductor_configs(options, OLDER_INDUCTOR) == {"max_fusion_size": 7, "cpp.threads": 2}
+    assert "'no_such_setting'" in caplog.text
+
+
+def test_torch_compile_accepts_them():
+    # torch.compile refuses an option its Inductor does not know ("Unexpected optimization
+    # option"), before any tracing.
+    compiled = torch.compile(lambda x: x * 2 + 1, options=inductor_configs(INDUCTOR_OPTIONS))
+    torch.testing.assert_close(compiled(torch.arange(4.0)), torch.arange(4.0) * 2 + 1)
