@@ -49,7 +49,7 @@ from compiledopt.learned.celo2_ops import (
     without_axis,
 )
 from compiledopt.learned.mlp import check_shapes
-from compiledopt.transforms.base import Cost, Transform
+from compiledopt.transforms.base import Cost, Transform, is_exporting
 
 __all__ = ["ACTIVATIONS", "FEATURE_GROUPS", "Celo2", "feature_widths"]
 
@@ -254,7 +254,7 @@ class Celo2(Transform):
             d1, d0 = factored_axes(list(grad.shape))
             tall = grad.shape[-2] > grad.shape[-1]
             return self._learned(grad, param, state, d1, d0, tall)
-        if torch.compiler.is_exporting():
+        if is_exporting():
             return self._traced(grad, param, state)
         d1, d0 = factored_axes(list(grad.shape))
         return self._learned(grad, param, state, d1, d0, grad.shape[-2] > grad.shape[-1])

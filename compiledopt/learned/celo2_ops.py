@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from compiledopt.transforms.base import is_exporting
+
 __all__ = [
     "FEATURE_GROUPS",
     "NS_COEFFS",
@@ -142,7 +144,7 @@ def check_exportable(shape: List[int]) -> None:
     """``ValueError`` when ``torch.export`` traces a rank ≥ 3 tensor with symbolic sizes: which
     two axes are the largest would be fixed by the example, and the graph wrong for other sizes.
     (``torch.compile`` guards on the sizes instead, and recompiles when they order otherwise.)"""
-    if len(shape) >= 3 and torch.compiler.is_exporting():
+    if len(shape) >= 3 and is_exporting():
         if not all(is_concrete_int(s) for s in shape):
             raise ValueError(
                 f"Celo2 cannot export a rank-{len(shape)} graph with dynamic sizes: its factored "

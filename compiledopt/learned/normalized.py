@@ -41,7 +41,7 @@ from compiledopt.learned.normalized_ops import (
     normalize,
     rational_tanh,
 )
-from compiledopt.transforms.base import Cost, Transform
+from compiledopt.transforms.base import Cost, Transform, is_exporting
 
 INITS = ("small_mlp", "zero_mlp")
 #: Feature columns, in the order the first layer and the skip weights read them.
@@ -290,7 +290,7 @@ class NormalizedMLP(Transform):
 
         if torch.jit.is_scripting():  # TorchScript compiles this branch only
             out = self._network_out(grad, fast, slow, absolute, scales, count)
-        elif torch.compiler.is_exporting() and not self.fused and count is None:
+        elif is_exporting() and not self.fused and count is None:
             # An ONNX graph: the network of a large tensor in pieces (normalized_export).
             out = self._exported_network(grad, fast, slow, absolute, scales).reshape(grad.shape)
         else:
@@ -449,7 +449,7 @@ class NormalizedMLP(Transform):
         rows, cols = matrix.shape[0], matrix.shape[1]
         tall = rows > cols
         static = statically_known_true(tall) or statically_known_true(rows <= cols)
-        if static or not torch.compiler.is_exporting():
+        if static or not is_exporting():
             return newton_schulz(matrix)
         return exported_newton_schulz(matrix)
 

@@ -29,6 +29,18 @@ def check_grad_shape(grad: Tensor, expected: List[int]) -> None:
         )
 
 
+@torch.jit.unused
+def is_exporting() -> bool:
+    """Whether ``torch.export`` is tracing (an exported graph with symbolic sizes), as
+    :func:`torch.compiler.is_exporting` answers on the pinned torch: never under
+    ``torch.compile``. torch 2.11's Dynamo folds ``is_exporting()`` itself to ``True`` while it
+    compiles, which would send a compiled rule down the exported graph's paths (``torch.cond``
+    over symbolic sizes, which that Dynamo refuses); the flag behind it is read instead, where
+    torch has one. Not for TorchScript (its branches test ``torch.jit.is_scripting()`` first)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 class Cost(NamedTuple):
     """FLOPs and bytes of one optimizer step on one parameter, ``p ← p − lr·d`` included.
 

@@ -1,11 +1,14 @@
-"""The Inductor settings the library compiles with, named as the installed torch names them: a
-torch that knows a tuning setting by another name, or not at all, still compiles every rule."""
+"""What differs between torch releases, answered the same way: the Inductor settings the library
+compiles with, named as the installed torch names them (a torch that knows a tuning setting by
+another name, or not at all, still compiles every rule), and whether a rule is being exported
+(never under ``torch.compile``, which torch 2.11's Dynamo answered otherwise)."""
 
 import logging
 
 import torch
 
 from compiledopt.export.rule import INDUCTOR_OPTIONS, inductor_configs
+from compiledopt.transforms.base import is_exporting
 
 #: The setting names of an Inductor from before the CPU-specific realize thresholds (as torch
 #: 2.11's ``torch._inductor.config`` has them), plus one dotted setting.
@@ -45,3 +48,18 @@ def test_torch_compile_accepts_them():
     # option"), before any tracing.
     compiled = torch.compile(lambda x: x * 2 + 1, options=inductor_configs(INDUCTOR_OPTIONS))
     torch.testing.assert_close(compiled(torch.arange(4.0)), torch.arange(4.0) * 2 + 1)
+
+
+class _Probe(torch.nn.Module):
+    def forward(self, x):
+        return x + 1 if is_exporting() else x - 1
+
+
+def test_is_exporting_only_under_torch_export():
+    probe, x = _Probe(), torch.zeros(3)
+    assert torch.equal(probe(x), x - 1)
+    compiled = torch.compile(probe, fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(x), x - 1)  # torch 2.11's Dynamo took the export branch here
+    program = torch.export.export(probe, (x,), strict=False)
+    assert torch.equal(program.module()(x), x + 1)
+    assert not is_exporting()
