@@ -8,7 +8,8 @@
 #   PYTHON=.venv/bin/python bash scripts/gpu_check.sh
 #
 # It runs the checkout in place (PYTHONPATH), with whatever torch the interpreter holds: a GPU
-# machine's image may carry another torch than the pinned one, which the logs name.
+# machine's image may carry another torch than the pinned one (torch 2.11 on the lent machines,
+# whose differences from the pinned torch tests/test_torch_versions.py covers); the logs name it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu_check}
