@@ -4,7 +4,7 @@
 # against fused AdamW, the card's name recorded). Logs and results go to $OUT (default
 # runs/gpu_check): tests.log, targets.log and targets/targets.{json,md,png}.
 #
-#   bash scripts/gpu_check.sh            # about 5 minutes on one GPU
+#   bash scripts/gpu_check.sh            # minutes: the compiled rules build their kernels first
 #   PYTHON=.venv/bin/python bash scripts/gpu_check.sh
 #
 # It runs the checkout in place (PYTHONPATH), with whatever torch the interpreter holds: a GPU
