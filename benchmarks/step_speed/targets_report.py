@@ -205,12 +205,13 @@ def targets(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
     top = max(doc["runs"], key=lambda run: run["threads"]) if doc["runs"] else None
 
     def add(name: str, what: str, limit: float, backend: str, threads: Any, value: Any) -> None:
-        met = None if value is None else bool(value <= limit)
+        met = None if value is None else is_met(name, value, limit)
         result.append(
             {
                 "name": name,
                 "what": what,
                 "limit": limit,
+                "at_least": name in AT_LEAST,
                 "backend": backend,
                 "threads": threads,
                 "measured": value,
@@ -224,9 +225,6 @@ def targets(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
         for backend in backends:
             value = top["ratios"].get(backend, {}).get(key)
             add(key, labels[key], limit, backend, top["threads"], value)
-            result[-1]["at_least"] = key in AT_LEAST
-            if value is not None:
-                result[-1]["met"] = is_met(key, value, limit)
     memory = doc["memory"]
     for backend in backends:
         value = memory["rows"].get(backend, {}).get("peak_over_state")
