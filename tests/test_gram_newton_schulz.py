@@ -14,6 +14,7 @@ from compiledopt.learned.normalized_ops import (
     NS_STEPS,
     gram_side,
     newton_schulz,
+    newton_schulz_flops,
     ns_gram,
     ns_in_place,
     unit_frobenius,
@@ -87,6 +88,22 @@ def test_a_long_matrix_costs_the_gram_flops(shape):
         newton_schulz(x)
     assert counter.get_total_flops() == 12 * r * r * c + 22 * r**3
     assert counter.get_total_flops() < (20 * r * r * c + 10 * r**3) / 1.4
+
+
+@pytest.mark.parametrize("shape", [(64, 576), (576, 64), (40, 41), (96, 40), (1, 7)])
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_the_cost_model_counts_the_products_newton_schulz_runs(shape, steps):
+    """:func:`newton_schulz_flops` (per coordinate) against the products torch counts, with its
+    elementwise terms (6 for the normalisation, ``3r²/c + 2`` a plain step) added back."""
+    r, c = min(shape), max(shape)
+    with FlopCounterMode(display=False) as counter:
+        newton_schulz(torch.randn(shape), steps)
+    plain = min(2, steps) if gram_side(r, c) else steps
+    elementwise = 6 * r * c + plain * (3 * r * r + 2 * r * c)
+    assert newton_schulz_flops(*shape, steps) * r * c == pytest.approx(
+        counter.get_total_flops() + elementwise, rel=1e-12
+    )
+    assert newton_schulz_flops(0, 5) == 0.0
 
 
 class _Orthogonalized(torch.nn.Module):

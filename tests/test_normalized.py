@@ -494,6 +494,36 @@ def test_fused_equals_matmul_form(name: str, rank: int, dtype: torch.dtype) -> N
     _assert_runs_close(actual, expected, **tolerance)
 
 
+@pytest.mark.parametrize("hidden", [(8, 8), (3,), (4, 3, 5)])
+def test_the_whole_tensor_network_equals_a_loop_over_coordinates(hidden) -> None:
+    """The inference form on feature rows (an eager or TorchScript step) against the network
+    written out for one coordinate at a time in float64, and against the ``(N, 5)`` form."""
+    torch.manual_seed(0)
+    t = NormalizedMLP(hidden_sizes=hidden).double()
+    with torch.no_grad():
+        t.head.weight.normal_()
+        t.skip.normal_()
+    columns = [torch.randn(7, 3, dtype=torch.float64) * 3 for _ in range(5)]
+    with torch.no_grad():
+        got = t._network(columns)
+        rows = t.network_of(torch.stack([c.reshape(-1) for c in columns], dim=1))
+    expected = []
+    for n in range(21):
+        x = [float(c.reshape(-1)[n]) for c in columns]
+        h = x
+        for layer in t.layers:
+            w = layer.weight.tolist()
+            h = [math.tanh(sum(wi * hi for wi, hi in zip(row, h))) for row in w]
+        out = sum(w * v for w, v in zip(t.head.weight[0].tolist(), h))
+        expected.append(out + sum(s * v for s, v in zip(t.skip.tolist(), x)))
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(got, rows)
+    # With gradients (meta-training) and under vmap: the (N, 5) form's own arithmetic.
+    assert torch.equal(t._network(columns), rows)
+    batched = torch.func.vmap(lambda *c: t._network(list(c)))(*[c[None] for c in columns])
+    assert torch.equal(batched[0], rows)
+
+
 def _script(t: NormalizedMLP) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from compiledopt.export.rule import INDUCTOR_OPTIONS, inductor_configs
-from compiledopt.transforms.base import is_exporting
+from compiledopt.transforms.base import is_exporting, is_vmapped
 
 #: The setting names of an Inductor from before the CPU-specific realize thresholds (as torch
 #: 2.11's ``torch._inductor.config`` has them), plus one dotted setting.
@@ -63,3 +63,21 @@ def test_is_exporting_only_under_torch_export():
     program = torch.export.export(probe, (x,), strict=False)
     assert torch.equal(program.module()(x), x + 1)
     assert not is_exporting()
+
+
+def test_is_vmapped_only_inside_vmap(monkeypatch):
+    seen = []
+
+    def probe(x):
+        seen.append(is_vmapped(x))
+        return x * 2
+
+    x = torch.ones(3, 4)
+    probe(x)
+    torch.func.vmap(probe)(x)
+    torch.func.grad(lambda v: probe(v).sum())(x)
+    assert seen == [False, True, False]
+    # A torch without the check: the unbatched answer, which every formulation computes right.
+    monkeypatch.delattr(torch._C._functorch, "is_batchedtensor")
+    torch.func.vmap(probe)(x)
+    assert seen[-1] is False

@@ -34,14 +34,13 @@ from compiledopt.learned.normalized_blocked import blocked_rule, blocked_update
 from compiledopt.learned.normalized_export import exported_network, exported_newton_schulz
 from compiledopt.learned.normalized_ops import (
     BLOCK_SIZE,
-    NS_STEPS,
     bias_scales,
-    gram_side,
     newton_schulz,
+    newton_schulz_flops,
     normalize,
     rational_tanh,
 )
-from compiledopt.transforms.base import Cost, Transform, is_exporting
+from compiledopt.transforms.base import Cost, Transform, is_exporting, is_vmapped
 
 INITS = ("small_mlp", "zero_mlp")
 #: Feature columns, in the order the first layer and the skip weights read them.
@@ -396,8 +395,23 @@ class NormalizedMLP(Transform):
         return [torch.clamp(x, -clip, clip).to(dtype) for x in raw]
 
     def _network(self, columns: List[Tensor]) -> Tensor:
-        """The matmul form: ``(N, 5)`` features through the layers, plus the skip."""
-        return self.network_of(torch.stack([c.reshape(-1) for c in columns], dim=1))
+        """The matmul form on whole columns, the flat output. Inference outside ``vmap`` (an
+        optimizer's step) takes :meth:`network_of`'s products transposed: the features as the
+        rows of a ``(5, N)`` matrix, each layer ``W @ X``, no strided ``N × 5`` stack (a fifth
+        of an eager step on a 1M-parameter GPT). Under ``vmap`` (whose batching folds the batch
+        into :meth:`network_of`'s rows) and with gradients enabled (meta-training, whose
+        recorded runs reproduce its arithmetic bit for bit) :meth:`network_of` itself."""
+        rows = torch.is_grad_enabled()
+        if not torch.jit.is_scripting():
+            rows = rows or is_vmapped(columns[0])
+        if rows:
+            return self.network_of(torch.stack([c.reshape(-1) for c in columns], dim=1))
+        h = x = torch.stack([c.reshape(-1) for c in columns])
+        for layer in self.layers:
+            weight = layer.weight
+            assert isinstance(weight, Tensor)  # an nn.Linear's (narrows the type for checkers)
+            h = torch.tanh(torch.mm(weight, h))
+        return (torch.mm(self.head.weight, h) + torch.mm(self.skip.unsqueeze(0), x)).reshape(-1)
 
     @torch.jit.unused
     def _exported_network(
@@ -461,13 +475,8 @@ class NormalizedMLP(Transform):
         skip 10; output normalisation 6; update 2. Defaults ``(8, 8)``: 297.
 
         ``adam_vectors`` on rank ≤ 1: accumulators 10, ``a + ε`` 1, ``r₁`` 2, clamp 2, update 2:
-        17. ``orthogonalize`` on rank ≥ 2 (``r ≤ c`` the smaller and larger side of the matrix
-        view, the Gram matrix ``r × r``): the Frobenius normalisation 6, and per iteration the
-        Gram matrix ``2r``, its square ``2r²/c``, ``bA + cA²`` ``3r/c``, the product with ``X``
-        ``2r`` and ``aX +`` 2; for a long matrix (``c ≥ 3r``, see
-        :func:`~compiledopt.learned.normalized_ops.ns_gram`) two such steps, then the Gram
-        matrix and the final product ``4r`` and the ``(8s − 6)r³`` FLOPs of ``r × r`` products
-        for the other ``s = 3`` steps, ``18r²/c``.
+        17. ``orthogonalize`` on rank ≥ 2 adds Newton–Schulz on the matrix view
+        (:func:`~compiledopt.learned.normalized_ops.newton_schulz_flops`).
         Bytes: ``g``, ``p`` and the three state tensors in, the state and ``p`` out (9 values).
         """
         if self.elementwise or (self.adam_vectors and len(shape) <= 1):
@@ -477,15 +486,7 @@ class NormalizedMLP(Transform):
         network += 2 * widths[-1] + 2 * len(FEATURE_NAMES)
         flops: float = 10 + 7 + 12 + 2 * len(FEATURE_NAMES) + network + 6 + 2
         if self.orthogonalize and len(shape) >= 2:
-            rows = shape[0]
-            cols = math.prod(shape[1:])
-            r, c = min(rows, cols), max(rows, cols)
-            if r > 0 and gram_side(r, c):
-                plain, rest = 2, NS_STEPS - 2
-                flops += 6 + plain * (4 * r + (2 * r * r + 3 * r) / c + 2)
-                flops += 4 * r + (8 * rest - 6) * r * r / c
-            elif r > 0:
-                flops += 6 + NS_STEPS * (4 * r + (2 * r * r + 3 * r) / c + 2)
+            flops += newton_schulz_flops(shape[0], math.prod(shape[1:]))
         return Cost.elementwise(shape, flops, 9, itemsize)
 
     def extra_repr(self) -> str:

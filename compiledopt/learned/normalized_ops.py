@@ -158,6 +158,23 @@ def gram_side(rows: int, cols: int, gram_from: int = 3) -> bool:
     return max(rows, cols) >= gram_from * min(rows, cols)
 
 
+def newton_schulz_flops(rows: int, cols: int, steps: int = NS_STEPS) -> float:
+    """FLOPs a coordinate of :func:`newton_schulz` on a ``rows × cols`` matrix (``r ≤ c`` its
+    sides, the Gram matrix ``r × r``): the Frobenius normalisation 6, and per plain iteration
+    the Gram matrix ``2r``, its square ``2r²/c``, ``bA + cA²`` ``3r/c``, the product with ``X``
+    ``2r`` and ``aX +`` 2; a long matrix (:func:`gram_side`) takes two such steps, then the Gram
+    matrix and the final product ``4r`` and ``(8s − 6)r³`` FLOPs of ``r × r`` products for the
+    other ``s`` steps. 0 for an empty matrix."""
+    r, c = min(rows, cols), max(rows, cols)
+    if r == 0:
+        return 0.0
+    plain = min(2, steps) if gram_side(r, c) else steps
+    flops = 6 + plain * (4 * r + (2 * r * r + 3 * r) / c + 2)
+    if plain < steps:
+        flops += 4 * r + (8 * (steps - plain) - 6) * r * r / c
+    return flops
+
+
 def unit_frobenius(matrix: Tensor) -> Tensor:
     y = unit_max(matrix)
     norm = torch.sqrt(y.square().sum())

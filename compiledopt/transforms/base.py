@@ -41,6 +41,18 @@ def is_exporting() -> bool:
     return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
+@torch.jit.unused
+def is_vmapped(x: Tensor) -> bool:
+    """Whether ``x`` is a tensor batched by ``torch.func.vmap`` (a rule may then pick the
+    formulation whose batching rule folds the batch into its matmuls). ``False`` under
+    ``torch.compile`` (a formulation choice for eager speed) and where the installed torch cannot
+    say. Not for TorchScript."""
+    check = getattr(torch._C._functorch, "is_batchedtensor", None)
+    if check is None or torch.compiler.is_compiling():
+        return False
+    return bool(check(x))
+
+
 class Cost(NamedTuple):
     """FLOPs and bytes of one optimizer step on one parameter, ``p ← p − lr·d`` included.
 
