@@ -50,6 +50,8 @@ class TrainResult:
         changes: the settings a resumed run changed, ``{"setting", "from", "to"}`` each.
         artifact: the exported artifact's path, or ``None``.
         export_seconds: the export's wall time.
+        stopped_by: the signal that ended the run early (``"SIGTERM"``), checkpointed at a
+            meta-step boundary for ``resume`` (nothing exported), or ``None``.
     """
 
     settings: TrainSettings
@@ -61,6 +63,18 @@ class TrainResult:
     changes: List[Dict[str, Any]]
     artifact: Optional[str] = None
     export_seconds: float = 0.0
+    stopped_by: Optional[str] = None
+
+    @property
+    def exit_status(self) -> int:
+        """0, or for a run a signal ended early ``128 +`` its number (as a shell reports a
+        process the signal ended; 143 for ``SIGTERM``, 130 for ``SIGINT``, 1 if unnamed)."""
+        import signal
+
+        if self.stopped_by is None:
+            return 0
+        known = self.stopped_by in signal.Signals.__members__
+        return 128 + int(signal.Signals[self.stopped_by]) if known else 1
 
     def summary(self) -> List[Tuple[str, str]]:
         """The summary's ``(name, value)`` rows."""
@@ -83,6 +97,8 @@ class TrainResult:
                 rows.append(("changed", f"{change['setting']}: {change['from']} -> {change['to']}"))
         if self.artifact is not None:
             rows.append(("artifact", str(s.export)))
+        if self.stopped_by is not None:
+            rows.append(("stopped", f"by {self.stopped_by}; --resume continues the run"))
         return rows
 
 
@@ -140,8 +156,11 @@ def _prepare(settings: TrainSettings) -> _Plan:
     return _Plan(inner_lr, config, changes)
 
 
-def _train(s: TrainSettings, plan: _Plan) -> Tuple[List[float], List[Tuple[int, float]], str]:
-    """Meta-train (in ``s.processes`` processes): ``(meta-losses, evaluations, steps text)``."""
+def _train(
+    s: TrainSettings, plan: _Plan
+) -> Tuple[List[float], List[Tuple[int, float]], str, Optional[str]]:
+    """Meta-train (in ``s.processes`` processes): ``(meta-losses, evaluations, steps text, the
+    signal that stopped it early or None)``."""
     import torch
 
     from compiledopt.meta.launch import run_meta
@@ -175,7 +194,10 @@ def _train(s: TrainSettings, plan: _Plan) -> Tuple[List[float], List[Tuple[int, 
     steps = f"{saved['meta_step']} x {config.tasks_per_step} tasks x unroll {config.unroll}"
     if config.pairs is not None:
         steps += f" x {config.pairs} pairs, tasks of {config.min_horizon}-{config.horizon} steps"
-    return history, evaluations, steps
+    stopped = saved.get("metadata", {}).get("training", {}).get("stopped_by")
+    if stopped is not None:
+        steps = f"{saved['meta_step']} of {config.meta_steps} meta-steps, then stopped: {steps}"
+    return history, evaluations, steps, stopped
 
 
 def _export(s: TrainSettings) -> str:
@@ -215,12 +237,13 @@ def meta_train(settings: TrainSettings) -> TrainResult:
     plan = _prepare(settings)
     os.makedirs(os.path.dirname(os.path.abspath(str(settings.output))), exist_ok=True)
     start = time.perf_counter()
-    history, evaluations, steps = _train(settings, plan)
+    history, evaluations, steps, stopped = _train(settings, plan)
     seconds = time.perf_counter() - start
     result = TrainResult(
         settings, history, evaluations, steps, plan.inner_lr, seconds, plan.changes
     )
-    if settings.export is not None:
+    result.stopped_by = stopped
+    if settings.export is not None and stopped is None:
         start = time.perf_counter()
         result.artifact = _export(settings)
         result.export_seconds = time.perf_counter() - start

@@ -182,4 +182,4 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         backends = result.settings.export_backends
         print(wrote_artifact(result.artifact, backends, result.export_seconds), file=out)
     _print_summary(result.summary(), result.evaluations, out)
-    return 0
+    return result.exit_status  # 128 + the signal's number when one ended the run early

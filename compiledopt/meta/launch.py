@@ -16,6 +16,7 @@ from compiledopt.learned.catalog import build_transform
 from compiledopt.meta.estimator import MetaConfig
 from compiledopt.meta.loop import MetaLoop
 from compiledopt.meta.processes import run_processes
+from compiledopt.meta.stopping import StopRequest
 from compiledopt.tasks.families import FAMILIES
 
 
@@ -80,15 +81,20 @@ def train_run(settings: Dict[str, Any], progress: bool = True) -> None:
             loop.metadata["config_changes"] = loop.metadata.get("config_changes", []) + [
                 {"meta_step": loop.meta_step, **change} for change in changes
             ]
-    result = loop.train(checkpoint=settings["output"], progress=progress)
-    if not result.evaluations or result.evaluations[-1]["step"] != result.meta_step:
+    # SIGTERM or Ctrl-C ends the run at a meta-step boundary, checkpointed (see meta.stopping).
+    with StopRequest() as stop:
+        result = loop.train(checkpoint=settings["output"], progress=progress, stop=stop)
+    if result.stopped:  # what the summary says, and no final evaluation: asked to end
+        training["stopped_by"] = stop.received or "another rank"
+    elif not result.evaluations or result.evaluations[-1]["step"] != result.meta_step:
         loop.evaluate()  # the summary reports the trained weights' held-out loss
     # Wall time of the training loop summed over resumed runs; CPU time as wall time x the cores
     # the ranks were given (processes x threads each), an upper bound of the CPU time used.
     training["wall_time_s"] = round(loop.elapsed, 1)
     training["cpu_time_s"] = round(loop.elapsed * torch.get_num_threads() * loop.world, 3)
     training["meta_steps_done"] = loop.meta_step
-    training["heldout_final_loss"] = loop.evaluations[-1]["final_loss"]
+    if loop.evaluations:
+        training["heldout_final_loss"] = loop.evaluations[-1]["final_loss"]
     loop.save(settings["output"])
 
 

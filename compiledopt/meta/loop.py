@@ -52,6 +52,7 @@ class MetaResult:
         skipped_tasks, skipped_steps: non-finite tasks and meta-steps, over the whole run.
         meta_step: meta-steps done.
         elapsed: seconds spent training and evaluating, summed over resumed runs.
+        stopped: whether the run stopped early, when ``train``'s ``stop`` asked.
     """
 
     history: List[Dict[str, float]]
@@ -60,6 +61,7 @@ class MetaResult:
     skipped_steps: int
     meta_step: int
     elapsed: float
+    stopped: bool = False
 
 
 class MetaLoop:
@@ -166,11 +168,22 @@ class MetaLoop:
         finally:
             self.elapsed += time.perf_counter() - started
 
-    def train(self, checkpoint: Optional[str] = None, progress: bool = True) -> MetaResult:
+    def train(
+        self,
+        checkpoint: Optional[str] = None,
+        progress: bool = True,
+        stop: Optional[Callable[[], bool]] = None,
+    ) -> MetaResult:
         """Run until ``config.meta_steps`` meta-steps are done (a resumed run counts those done),
         evaluating at the start and every ``eval_every`` steps and saving to ``checkpoint`` every
-        ``checkpoint_every`` steps and at the end; the transform then holds the trained weights."""
+        ``checkpoint_every`` steps and at the end; the transform then holds the trained weights.
+
+        ``stop`` (e.g. a :class:`~compiledopt.meta.stopping.StopRequest`) is asked after every
+        meta-step; once it answers ``True`` the run ends there, checkpointed, as if that were
+        its last step (``stopped`` in the result). Under ``torch.distributed`` the ranks agree
+        (any rank's request stops all at the same step), so every rank must pass one."""
         cfg = self.config
+        stopped = False
         assert cfg.meta_steps is not None
         bar = tqdm(
             total=cfg.meta_steps,
@@ -191,6 +204,9 @@ class MetaLoop:
                 if checkpoint and cfg.checkpoint_every:
                     if self.meta_step % cfg.checkpoint_every == 0:
                         self.save(checkpoint)
+                if stop is not None and self._agreed(stop()):
+                    stopped = self.meta_step < cfg.meta_steps
+                    break
         self.estimator.write_weights()
         if checkpoint:
             self.save(checkpoint)
@@ -201,7 +217,16 @@ class MetaLoop:
             self.skipped_steps,
             self.meta_step,
             self.elapsed,
+            stopped,
         )
+
+    def _agreed(self, request: bool) -> bool:
+        """``request``, or any rank's under ``torch.distributed``."""
+        if self.world == 1:
+            return bool(request)
+        flag = torch.tensor([1.0 if request else 0.0], device=self.family.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     # -- checkpoints ----------------------------------------------------------------------------
 

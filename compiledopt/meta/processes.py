@@ -6,9 +6,13 @@ through a file in a fresh temporary folder (no port to pick) and each gets
 meta-trainer's checkpoint), not through return values.
 """
 
+import contextlib
 import os
+import signal
 import tempfile
-from typing import Any, Callable, Tuple
+import threading
+from types import FrameType
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,6 +32,9 @@ def _worker(
     target: Callable[..., Any],
     args: Tuple[Any, ...],
 ) -> None:
+    # Its own process group: a terminal's Ctrl-C reaches the parent alone, which forwards it
+    # once to every rank (see _forwarding).
+    os.setpgrp()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -54,4 +61,38 @@ def run_processes(
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     with tempfile.TemporaryDirectory(prefix="compiledopt-dist-") as folder:
         init_file = os.path.join(folder, "init")
-        mp.spawn(_worker, args=(processes, backend, init_file, target, args), nprocs=processes)
+        context = mp.start_processes(
+            _worker,
+            args=(processes, backend, init_file, target, args),
+            nprocs=processes,
+            join=False,
+            start_method="spawn",
+        )
+        assert context is not None  # join=False returns the processes' context
+        with _forwarding([p.pid for p in context.processes]):
+            while not context.join():
+                pass
+
+
+@contextlib.contextmanager
+def _forwarding(pids: List[int]) -> Iterator[None]:
+    """While open (in the main thread), ``SIGTERM`` and ``SIGINT`` sent to this process are
+    sent on to ``pids``, the ranks, whose meta-training stops at its next step boundary
+    (:class:`~compiledopt.meta.stopping.StopRequest`), instead of ending this process alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(number: int, frame: Optional[FrameType]) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, number)
+            except ProcessLookupError:  # that rank has already ended
+                pass
+
+    previous = {n: signal.signal(n, forward) for n in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

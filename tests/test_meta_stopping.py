@@ -1,0 +1,131 @@
+"""A meta-training run asked to stop (SIGTERM, Ctrl-C) ends at a meta-step boundary with a
+checkpoint that ``--resume`` continues exactly, in one process or several."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from compiledopt import cli
+from compiledopt.cli import train
+from compiledopt.meta.loop import MetaLoop
+from compiledopt.meta.stopping import StopRequest
+
+ARGS = [
+    "--transform", "learned-step-size", "--unroll", "2", "--horizon", "4",
+    "--tasks-per-step", "2", "--eval-every", "2", "--eval-tasks", "1", "--eval-steps", "3",
+    "--checkpoint-every", "100", "--no-progress",
+]  # fmt: skip
+
+
+def test_the_first_signal_asks_the_second_acts():
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        assert not stop() and stop.received is None
+        signal.raise_signal(signal.SIGTERM)
+        assert stop() and stop.received == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # asked twice: Ctrl-C as without the handler
+            signal.raise_signal(signal.SIGINT)
+        assert stop.received == "SIGTERM"
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_outside_the_main_thread_it_catches_nothing():
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def work():
+        with StopRequest() as stop:
+            seen.append((signal.getsignal(signal.SIGTERM) is before, stop()))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == [(True, False)]
+
+
+def _run(argv):
+    out = io.StringIO()
+    status = train.run(cli.build_parser().parse_args(["train", *argv]), out)
+    return status, out.getvalue()
+
+
+def test_a_signal_stops_the_run_checkpointed_and_resume_finishes_it_exactly(tmp_path, monkeypatch):
+    full, part = tmp_path / "full.pt", tmp_path / "part.pt"
+    assert _run([*ARGS, "--meta-steps", "5", "--output", str(full)])[0] == 0
+
+    step = MetaLoop.step
+
+    def step_then_signal(loop):
+        record = step(loop)
+        if loop.meta_step == 2:  # SIGTERM arrives during the second meta-step
+            signal.raise_signal(signal.SIGTERM)
+        return record
+
+    monkeypatch.setattr(MetaLoop, "step", step_then_signal)
+    status, text = _run([*ARGS, "--meta-steps", "5", "--output", str(part), "--export",
+                         str(tmp_path / "artifact")])  # fmt: skip
+    assert status == 128 + signal.SIGTERM
+    assert "stopped" in text and "SIGTERM" in text and "2 of 5 meta-steps" in text
+    assert not (tmp_path / "artifact").exists()  # nothing exported from a stopped run
+    saved = torch.load(part, weights_only=True)
+    assert saved["meta_step"] == 2 and saved["metadata"]["training"]["stopped_by"] == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone
+
+    monkeypatch.setattr(MetaLoop, "step", step)
+    assert _run([*ARGS, "--meta-steps", "5", "--output", str(part), "--resume"])[0] == 0
+    a, b = torch.load(full, weights_only=True), torch.load(part, weights_only=True)
+    assert b["meta_step"] == 5 and "stopped_by" not in b["metadata"]["training"]
+    assert a["history"] == b["history"]
+    assert torch.equal(a["transform"]["log_lr"], b["transform"]["log_lr"])
+
+
+def test_a_stop_on_the_last_step_is_a_finished_run(tmp_path, monkeypatch):
+    step = MetaLoop.step
+
+    def step_then_signal(loop):
+        record = step(loop)
+        if loop.meta_step == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return record
+
+    monkeypatch.setattr(MetaLoop, "step", step_then_signal)
+    status, text = _run([*ARGS, "--meta-steps", "2", "--output", str(tmp_path / "a.pt")])
+    assert status == 0 and "stopped" not in text
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step(tmp_path):
+    """Two ranks in their own processes: SIGTERM sent to the command's process reaches both,
+    they agree on the step, and both checkpoints stop there."""
+    path = tmp_path / "run.pt"
+    argv = [*ARGS, "--meta-steps", "100000", "--checkpoint-every", "1", "--eval-every", "0"]
+    argv += ["--processes", "2", "--output", str(path)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "compiledopt", "train", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not path.exists():  # the first checkpoint: both ranks are training
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM received" in err and "stopped" in out
+    ranks = [torch.load(f"{path}.rank{r}", weights_only=True) for r in (0, 1)]
+    assert 1 <= ranks[0]["meta_step"] == ranks[1]["meta_step"] < 100000
+    assert torch.load(path, weights_only=True)["meta_step"] == ranks[0]["meta_step"]
