@@ -325,3 +325,25 @@ def test_demo_help_documents_the_default(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "<output root>/demo" in help_text and "$COMPILEDOPT_HOME" in help_text
     assert "~/.local/share/compiledopt" in help_text
+
+
+def test_the_finetune_table_explains_a_first_step_that_compiled():
+    import io
+
+    from compiledopt.apps.finetune import _print_table
+
+    row = {"train_loss": 0.1, "heldout_loss": 0.2, "accuracy": 0.9, "step_ms": 1.0}
+    results = {
+        "frozen/eager": {**row, "first_step_ms": 4.0},
+        "frozen/compiled": {**row, "first_step_ms": 45_000.0},
+        "AdamW (best lr)": {**row, "first_step_ms": 2_000.0},
+    }
+    out = io.StringIO()
+    _print_table(results, 300, "normalized-mlp artifact, lr 0.003", 0.03, out)
+    note = out.getvalue().splitlines()[-1]
+    assert "frozen/compiled: the first step built the compiled rule" in note
+    assert "eager" not in note and "AdamW" not in note
+    results["frozen/compiled"]["first_step_ms"] = 900.0
+    out = io.StringIO()
+    _print_table(results, 300, "normalized-mlp artifact, lr 0.003", 0.03, out)
+    assert "first step built" not in out.getvalue()
