@@ -457,3 +457,34 @@ def test_the_memory_parameter_can_be_a_matrix():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["numel"] == 60_000 and row["state_bytes"] == 2 * 4 * 60_000
+
+
+def test_a_child_is_timed_only_after_the_package_builds_the_previous_one_left(monkeypatch):
+    """`auto` leaves a background package build as its child exits; `spawn` waits for it before
+    it returns, so the next child never shares the CPU with that build."""
+    import compiledopt.runtime.package_builder as builder
+
+    events = []
+
+    class Child:
+        returncode = 0
+        pid = 0
+
+        def __init__(self, argv, **kwargs):
+            pass
+
+        def communicate(self, text=None, timeout=None):
+            job = json.loads(text)
+            Path(job["result"]).write_text(json.dumps({"status": "ok"}))
+            events.append("child ran")
+            return "", ""
+
+    def waited():
+        events.append("builds waited for")
+        return True
+
+    monkeypatch.setattr(targets.subprocess, "Popen", Child)
+    monkeypatch.setattr(builder, "wait_for_builders", waited)
+    result, failure = targets.spawn({"threads": 1}, timeout=10)
+    assert failure is None and result["status"] == "ok" and result["builders_waited_s"] >= 0
+    assert events == ["child ran", "builds waited for"]
