@@ -129,3 +129,61 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step(tmp_path):
     ranks = [torch.load(f"{path}.rank{r}", weights_only=True) for r in (0, 1)]
     assert 1 <= ranks[0]["meta_step"] == ranks[1]["meta_step"] < 100000
     assert torch.load(path, weights_only=True)["meta_step"] == ranks[0]["meta_step"]
+
+
+def _children(pid):
+    """The ids of the live processes whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+def test_a_hangup_of_the_launcher_ends_the_ranks_too(tmp_path):
+    """The ranks run in a process group of their own (so that Ctrl-C reaches them once, through
+    the launcher): a closed terminal's SIGHUP is forwarded, and no rank outlives the command."""
+    path = tmp_path / "run.pt"
+    argv = [*ARGS, "--meta-steps", "100000", "--checkpoint-every", "1", "--eval-every", "0"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "compiledopt", "train", *argv, "--processes", "2",
+         "--output", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not path.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        ranks = _children(process.pid)
+        assert len(ranks) >= 2
+        process.send_signal(signal.SIGHUP)
+        process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    deadline = time.monotonic() + 30
+    while any(map(_alive, ranks)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in ranks if _alive(pid)]
+
+
+def _alive(pid):
+    """Whether ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

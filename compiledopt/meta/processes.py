@@ -78,7 +78,9 @@ def run_processes(
 def _forwarding(pids: List[int]) -> Iterator[None]:
     """While open (in the main thread), ``SIGTERM`` and ``SIGINT`` sent to this process are
     sent on to ``pids``, the ranks, whose meta-training stops at its next step boundary
-    (:class:`~compiledopt.meta.stopping.StopRequest`), instead of ending this process alone."""
+    (:class:`~compiledopt.meta.stopping.StopRequest`), instead of ending this process alone;
+    ``SIGHUP`` too (a closed terminal ends the ranks, which are in a process group of their
+    own, as it ends this process)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -90,7 +92,8 @@ def _forwarding(pids: List[int]) -> Iterator[None]:
             except ProcessLookupError:  # that rank has already ended
                 pass
 
-    previous = {n: signal.signal(n, forward) for n in (signal.SIGTERM, signal.SIGINT)}
+    numbers = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {n: signal.signal(n, forward) for n in numbers}
     try:
         yield
     finally:
