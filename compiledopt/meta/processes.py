@@ -3,7 +3,9 @@
 ``gloo`` on the CPU, ``nccl`` when the device is CUDA (one GPU per rank). The processes meet
 through a file in a fresh temporary folder (no port to pick) and each gets
 ``cpu_count // processes`` threads. Results travel through files the target writes (the
-meta-trainer's checkpoint), not through return values.
+meta-trainer's checkpoint), not through return values. The ranks run in a process group of
+their own; ``SIGTERM``, ``SIGINT`` and ``SIGHUP`` sent to the launching process are forwarded to
+each (meta-training then stops at a step boundary: :mod:`compiledopt.meta.stopping`).
 """
 
 import contextlib
@@ -34,7 +36,8 @@ def _worker(
 ) -> None:
     # Its own process group: a terminal's Ctrl-C reaches the parent alone, which forwards it
     # once to every rank (see _forwarding).
-    os.setpgrp()
+    if hasattr(os, "setpgrp"):  # POSIX
+        os.setpgrp()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -92,8 +95,8 @@ def _forwarding(pids: List[int]) -> Iterator[None]:
             except ProcessLookupError:  # that rank has already ended
                 pass
 
-    numbers = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    previous = {n: signal.signal(n, forward) for n in numbers}
+    numbers = [signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)]  # no SIGHUP: Windows
+    previous = {n: signal.signal(n, forward) for n in numbers if n is not None}
     try:
         yield
     finally:
