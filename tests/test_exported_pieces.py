@@ -138,4 +138,6 @@ def test_every_packaged_graph_steps_as_the_eager_rule():
 
     errors = verify_artifact(pretrained.path("normalized-mlp"), steps=3, trust_code=True)
     assert sorted(errors) == ["onnx", "torchscript"]
-    assert errors["torchscript"] <= 1e-6 and errors["onnx"] <= 1e-4, errors
+    # TorchScript: float32 rounding (its graph, scripted before the eager rule's inference
+    # network was transposed, sums the network's products in another order).
+    assert errors["torchscript"] <= 1e-5 and errors["onnx"] <= 1e-4, errors

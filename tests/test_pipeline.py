@@ -2,6 +2,8 @@
 
 import io
 
+import pytest
+
 from compiledopt import cli
 from compiledopt.apps.finetune import run_finetune
 from compiledopt.apps.pipeline import run_pipeline
@@ -34,8 +36,10 @@ def test_pipeline_runs_every_stage(tmp_path):
     assert runs["AdamW (lr 1e-3)"]["lr"] == 1e-3
     for name, run in runs.items():
         assert 0.0 <= run["accuracy"] <= 1.0 and run["step_ms"] > 0, name
-    # eager and TorchScript run the same kernels: identical fine-tuning
-    assert runs["frozen/eager"]["heldout_loss"] == runs["frozen/torchscript"]["heldout_loss"]
+    # The shipped artifact's TorchScript graph was scripted when the eager rule's inference
+    # network still summed its products in the (N, 5) order: the same fine-tuning up to rounding.
+    eager, scripted = runs["frozen/eager"], runs["frozen/torchscript"]
+    assert eager["heldout_loss"] == pytest.approx(scripted["heldout_loss"], rel=1e-5)
     assert (tmp_path / "artifact" / "manifest.json").is_file()
 
     out = io.StringIO()
