@@ -398,7 +398,7 @@ class NormalizedMLP(Transform):
         """The matmul form on whole columns, the flat output. Inference outside ``vmap`` (an
         optimizer's step) takes :meth:`network_of`'s products transposed: the features as the
         rows of a ``(5, N)`` matrix, each layer ``W @ X``, no strided ``N × 5`` stack (10–20%
-        of an eager step on a 1M-parameter GPT). Under ``vmap`` (whose batching folds the batch
+        of an eager step on a 0.35M-parameter GPT). Under ``vmap`` (whose batching folds the batch
         into :meth:`network_of`'s rows) and with gradients enabled (meta-training, whose
         recorded runs reproduce its arithmetic bit for bit) :meth:`network_of` itself."""
         rows = torch.is_grad_enabled()
