@@ -36,6 +36,17 @@ def test_the_first_signal_asks_the_second_acts():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_signal_the_process_ignores_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequest() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            assert not stop()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_outside_the_main_thread_it_catches_nothing():
     before = signal.getsignal(signal.SIGTERM)
     seen = []

@@ -2,11 +2,12 @@
 meta-step boundary, with a checkpoint that ``--resume`` continues, instead of losing the
 meta-steps since the last periodic checkpoint.
 
-:class:`StopRequest` is a context manager that catches those signals while it is open (in the
-main thread; elsewhere it catches nothing and never asks to stop) and a callable that says
-whether one arrived. The first signal only sets the request and logs a WARNING; the next one
-does what it would have done without the handler (``SIGINT`` raises ``KeyboardInterrupt``,
-``SIGTERM`` ends the process), for a run that must end at once.
+:class:`StopRequest` is a context manager that catches those signals while it is open and a
+callable that says whether one arrived. It catches them in the main thread only, and not one the
+process ignores (``nohup``, a background job); elsewhere it never asks to stop. The first signal
+only sets the request and logs a WARNING; the next one does what it would have done without the
+handler (``SIGINT`` raises ``KeyboardInterrupt``, ``SIGTERM`` ends the process), for a run that
+must end at once.
 """
 
 import logging
@@ -50,7 +51,8 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for number in self.signals:
-                self._previous[number] = signal.signal(number, self._handle)
+                if signal.getsignal(number) is not signal.SIG_IGN:  # (nohup, a background job)
+                    self._previous[number] = signal.signal(number, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
