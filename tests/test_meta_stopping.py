@@ -67,19 +67,25 @@ def _run(argv):
     return status, out.getvalue()
 
 
-def test_a_signal_stops_the_run_checkpointed_and_resume_finishes_it_exactly(tmp_path, monkeypatch):
-    full, part = tmp_path / "full.pt", tmp_path / "part.pt"
-    assert _run([*ARGS, "--meta-steps", "5", "--output", str(full)])[0] == 0
-
+def _sigterm_during(monkeypatch, meta_step):
+    """SIGTERM arrives while meta-step ``meta_step`` runs; returns the original ``step``."""
     step = MetaLoop.step
 
     def step_then_signal(loop):
         record = step(loop)
-        if loop.meta_step == 2:  # SIGTERM arrives during the second meta-step
+        if loop.meta_step == meta_step:
             signal.raise_signal(signal.SIGTERM)
         return record
 
     monkeypatch.setattr(MetaLoop, "step", step_then_signal)
+    return step
+
+
+def test_a_signal_stops_the_run_checkpointed_and_resume_finishes_it_exactly(tmp_path, monkeypatch):
+    full, part = tmp_path / "full.pt", tmp_path / "part.pt"
+    assert _run([*ARGS, "--meta-steps", "5", "--output", str(full)])[0] == 0
+
+    step = _sigterm_during(monkeypatch, 2)
     status, text = _run([*ARGS, "--meta-steps", "5", "--output", str(part), "--export",
                          str(tmp_path / "artifact")])  # fmt: skip
     assert status == 128 + signal.SIGTERM
@@ -98,38 +104,41 @@ def test_a_signal_stops_the_run_checkpointed_and_resume_finishes_it_exactly(tmp_
 
 
 def test_a_stop_on_the_last_step_is_a_finished_run(tmp_path, monkeypatch):
-    step = MetaLoop.step
-
-    def step_then_signal(loop):
-        record = step(loop)
-        if loop.meta_step == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return record
-
-    monkeypatch.setattr(MetaLoop, "step", step_then_signal)
+    _sigterm_during(monkeypatch, 2)
     status, text = _run([*ARGS, "--meta-steps", "2", "--output", str(tmp_path / "a.pt")])
     assert status == 0 and "stopped" not in text
+
+
+def _launch_two_ranks(path, stdout):
+    """``compiledopt train`` in 2 ranks for ever, returned once its first checkpoint exists
+    (both ranks are training)."""
+    argv = [*ARGS, "--meta-steps", "100000", "--checkpoint-every", "1", "--eval-every", "0"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "compiledopt", "train", *argv, "--processes", "2",
+         "--output", str(path)],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not path.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+    except BaseException:
+        process.kill()
+        raise
+    return process
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_at_one_step(tmp_path):
     """Two ranks in their own processes: SIGTERM sent to the command's process reaches both,
     they agree on the step, and both checkpoints stop there."""
     path = tmp_path / "run.pt"
-    argv = [*ARGS, "--meta-steps", "100000", "--checkpoint-every", "1", "--eval-every", "0"]
-    argv += ["--processes", "2", "--output", str(path)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "compiledopt", "train", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    process = _launch_two_ranks(path, subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 240
-        while not path.exists():  # the first checkpoint: both ranks are training
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=120)
     finally:
@@ -142,18 +151,29 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step(tmp_path):
     assert torch.load(path, weights_only=True)["meta_step"] == ranks[0]["meta_step"]
 
 
+def _stat(pid):
+    """The fields of ``/proc/<pid>/stat`` after the command's name (state first, then the
+    parent's id), or ``None`` for a process that is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _alive(pid):
+    """Whether ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
 def _children(pid):
-    """The ids of the live processes whose parent is ``pid`` (read from /proc)."""
+    """The ids of the live processes whose parent is ``pid``."""
     found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = _stat(entry)
+        if fields is not None and int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
     return found
 
 
@@ -161,22 +181,8 @@ def _children(pid):
 def test_a_hangup_of_the_launcher_ends_the_ranks_too(tmp_path):
     """The ranks run in a process group of their own (so that Ctrl-C reaches them once, through
     the launcher): a closed terminal's SIGHUP is forwarded, and no rank outlives the command."""
-    path = tmp_path / "run.pt"
-    argv = [*ARGS, "--meta-steps", "100000", "--checkpoint-every", "1", "--eval-every", "0"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "compiledopt", "train", *argv, "--processes", "2",
-         "--output", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+    process = _launch_two_ranks(tmp_path / "run.pt", subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
-        while not path.exists():
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.2)
         ranks = _children(process.pid)
         assert len(ranks) >= 2
         process.send_signal(signal.SIGHUP)
@@ -189,12 +195,3 @@ def test_a_hangup_of_the_launcher_ends_the_ranks_too(tmp_path):
     while any(map(_alive, ranks)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in ranks if _alive(pid)]
-
-
-def _alive(pid):
-    """Whether ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

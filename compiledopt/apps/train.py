@@ -240,9 +240,15 @@ def meta_train(settings: TrainSettings) -> TrainResult:
     history, evaluations, steps, stopped = _train(settings, plan)
     seconds = time.perf_counter() - start
     result = TrainResult(
-        settings, history, evaluations, steps, plan.inner_lr, seconds, plan.changes
+        settings,
+        history,
+        evaluations,
+        steps,
+        plan.inner_lr,
+        seconds,
+        plan.changes,
+        stopped_by=stopped,
     )
-    result.stopped_by = stopped
     if settings.export is not None and stopped is None:
         start = time.perf_counter()
         result.artifact = _export(settings)
